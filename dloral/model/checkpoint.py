@@ -1,0 +1,277 @@
+"""Checkpoints: our format (safetensors + JSON config) and the official DLoRAL `model.pkl`.
+
+Our checkpoint is a folder holding `dloral.safetensors` (both LoRAs, the widened conv_in, CFR)
+and `dloral_config.json` (the model config, the LoRA target lists, what backbone was used).
+
+The official release is a `torch.save` dict (see `save_model` in the reference's
+src/DLoRAL_model.py): ranks and target lists for six adapters
+(`default_{encoder,decoder,others}_{quality,consistency}`; "quality" is the Detail-LoRA), the
+whole UNet state dict with peft keys (`state_dict_unet`), and the CFR state dict
+(`state_dict_bpp`). It is loaded with `weights_only=True` and mapped key by key; every key that
+does not map is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dloral.model.dloral import DLoRAL, DLoRALConfig
+from dloral.model.lora import LoRAConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "dloral.safetensors"
+CONFIG_FILE = "dloral_config.json"
+FORMAT = "dloral-checkpoint/1"
+
+OFFICIAL_LORA = {"quality": "detail", "consistency": "consistency"}
+OFFICIAL_GROUPS = ("encoder", "decoder", "others")
+# CFR_model modules that the reference builds but never uses in its forward pass.
+OFFICIAL_UNUSED_CFR = (
+    "feat_extract.", "weight_predict.", "weight_predict_final.", "reconstruction_feat.",
+    "conv_hr.", "conv_last.",
+)  # fmt: skip
+OFFICIAL_USED_CFR = ("spynet.", "cross_attn_module.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and keys."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did with each key: nothing is dropped silently."""
+
+    source: str
+    missing: list[str] = field(default_factory=list)  # model keys the file did not provide
+    unexpected: list[str] = field(default_factory=list)  # file keys with no place in the model
+    ignored: list[str] = field(default_factory=list)  # file keys skipped on purpose (see reason)
+    ignored_reason: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return not self.missing and not self.unexpected
+
+    def summary(self) -> str:
+        parts = [f"{self.source}:"]
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {label} key(s) (e.g. {', '.join(keys[:3])})")
+        if self.ignored:
+            parts.append(f"{len(self.ignored)} ignored key(s): {self.ignored_reason}")
+        return " ".join(parts) if len(parts) > 1 else f"{self.source}: all keys matched"
+
+
+def _trained_state(model: DLoRAL) -> dict[str, torch.Tensor]:
+    """The tensors training changes: LoRA A/B of both adapters, conv_in, CFR."""
+    state = {}
+    for name, tensor in model.unet.state_dict().items():
+        if ".lora_A." in name or ".lora_B." in name or name.startswith("conv_in.base_layer."):
+            state[f"unet.{name}"] = tensor
+    for name, tensor in model.cfr.state_dict().items():
+        state[f"cfr.{name}"] = tensor
+    return state
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: DLoRAL, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write `folder/dloral.safetensors` and `folder/dloral_config.json` atomically."""
+    folder = Path(folder)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in _trained_state(model).items()}
+    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, {"format": FORMAT}))
+    meta = {
+        "format": FORMAT,
+        "model": model.cfg.to_dict(),
+        "lora_targets": model.lora_targets,
+        "backbone_weights": model.weights,
+        **(extra or {}),
+    }
+    _atomic_write(
+        folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2))
+    )
+    return folder
+
+
+def _resolve(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        return path / WEIGHTS_FILE, path / CONFIG_FILE
+    return path, path.with_name(CONFIG_FILE)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, overrides: dict | None = None, strict: bool = True
+) -> tuple[DLoRAL, LoadReport]:
+    """Build the model a checkpoint describes and load it. `overrides` patch the stored config
+    (e.g. {"sd21_path": ...}); strict=True raises on any missing or unexpected key."""
+    path = Path(path)
+    if path.suffix in (".pkl", ".pt", ".pth"):
+        return import_official(path, overrides=overrides, strict=strict)
+    weights, config = _resolve(path)
+    for f in (weights, config):
+        if not f.is_file():
+            raise CheckpointError(
+                f"{f}: not found (a dloral checkpoint is a folder with "
+                f"{WEIGHTS_FILE} and {CONFIG_FILE}, or an official model.pkl)"
+            )
+    meta = json.loads(config.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{config}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    model_cfg = {**meta["model"], **(overrides or {})}
+    for name in ("consistency", "detail"):
+        model_cfg[name] = {**model_cfg[name], "targets": meta["lora_targets"][name]}
+    model = DLoRAL(DLoRALConfig.from_dict(model_cfg))
+    report = _load_into(model, load_file(weights), str(weights))
+    if strict and not report.clean:
+        raise CheckpointError(report.summary())
+    return model, report
+
+
+def _load_into(model: DLoRAL, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+    expected = _trained_state(model)
+    report = LoadReport(source)
+    report.missing = sorted(set(expected) - set(state))
+    report.unexpected = sorted(set(state) - set(expected))
+    bad_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if bad_shape:
+        raise CheckpointError(f"{source}: shape mismatch for {', '.join(sorted(bad_shape)[:5])}")
+    unet = {k[5:]: v for k, v in state.items() if k.startswith("unet.") and k in expected}
+    cfr = {k[4:]: v for k, v in state.items() if k.startswith("cfr.") and k in expected}
+    model.unet.load_state_dict(unet, strict=False)
+    model.cfr.load_state_dict(cfr, strict=False)
+    return report
+
+
+# ----- the official release ------------------------------------------------------------------
+def _official_group(module: str) -> str:
+    """Which of the reference's three adapters a module belongs to (its grep order)."""
+    if "down_blocks" in module or "conv_in" in module:
+        return "encoder"
+    if "up_blocks" in module or "conv_out" in module:
+        return "decoder"
+    return "others"
+
+
+_OFFICIAL_ADAPTER = re.compile(r"\.default_(encoder|decoder|others)_(quality|consistency)\.")
+
+
+def import_official(
+    path: str | os.PathLike,
+    profile: str = "sd21",
+    overrides: dict | None = None,
+    strict: bool = False,
+) -> tuple[DLoRAL, LoadReport]:
+    """Load the official `model.pkl` (weights_only) into a DLoRAL model, reporting every key
+    that does not map. The whole UNet is taken from the file, as the reference does."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: official DLoRAL checkpoint not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, non-weights objects
+        raise CheckpointError(f"{path}: not loadable with weights_only=True ({err})") from err
+    required = (
+        ["state_dict_unet", "state_dict_bpp"]
+        + [f"lora_rank_unet_{k}" for k in OFFICIAL_LORA]
+        + [f"unet_lora_{g}_modules_{k}" for k in OFFICIAL_LORA for g in OFFICIAL_GROUPS]
+    )
+    missing_top = [k for k in required if k not in sd]
+    if missing_top:
+        raise CheckpointError(
+            f"{path}: not an official DLoRAL checkpoint, missing {', '.join(missing_top)}"
+        )
+    lora_cfgs = {}
+    for theirs, ours in OFFICIAL_LORA.items():
+        targets = [m for g in OFFICIAL_GROUPS for m in sd[f"unet_lora_{g}_modules_{theirs}"]]
+        lora_cfgs[ours] = LoRAConfig(rank=int(sd[f"lora_rank_unet_{theirs}"]), targets=targets)
+    cfg = DLoRALConfig.from_dict({"profile": profile, **(overrides or {})})
+    cfg.consistency, cfg.detail = lora_cfgs["consistency"], lora_cfgs["detail"]
+    model = DLoRAL(cfg)
+
+    report = LoadReport(
+        str(path),
+        ignored_reason="CFR modules the reference builds but never "
+        "uses (" + ", ".join(p.rstrip(".") for p in OFFICIAL_UNUSED_CFR) + ")",
+    )
+    unet_state = {}
+    for key, tensor in sd["state_dict_unet"].items():
+        mapped = _OFFICIAL_ADAPTER.sub(lambda m: f".{OFFICIAL_LORA[m.group(2)]}.", key)
+        unet_state[mapped] = tensor
+    model_unet = model.unet.state_dict()
+    report.unexpected += [f"state_dict_unet.{k}" for k in unet_state if k not in model_unet]
+    report.missing += [f"unet.{k}" for k in model_unet if k not in unet_state]
+    _check_shapes(path, unet_state, model_unet)
+    model.unet.load_state_dict(
+        {k: v for k, v in unet_state.items() if k in model_unet}, strict=False
+    )
+
+    cfr_state, model_cfr = {}, model.cfr.state_dict()
+    for key, tensor in sd["state_dict_bpp"].items():
+        if key.startswith(OFFICIAL_UNUSED_CFR):
+            report.ignored.append(f"state_dict_bpp.{key}")
+        elif key.startswith(OFFICIAL_USED_CFR) and key in model_cfr:
+            cfr_state[key] = tensor
+        else:
+            report.unexpected.append(f"state_dict_bpp.{key}")
+    report.missing += [f"cfr.{k}" for k in model_cfr if k not in cfr_state]
+    _check_shapes(path, cfr_state, model_cfr)
+    model.cfr.load_state_dict(cfr_state, strict=False)
+    model.weights = f"{model.weights} + official DLoRAL {path}"
+    if report.missing or report.unexpected:
+        log.warning(report.summary())
+    if strict and not report.clean:
+        raise CheckpointError(report.summary())
+    return model, report
+
+
+def _check_shapes(path, state: dict, model_state: dict) -> None:
+    bad = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
+    if bad:
+        raise CheckpointError(
+            f"{path}: shape mismatch for {', '.join(bad[:5])} (was it made for another profile?)"
+        )
+
+
+def export_official(model: DLoRAL, path: str | os.PathLike) -> Path:
+    """Write a model in the official `model.pkl` layout (the reference's unused CFR modules are
+    not written). Used to test the importer and to hand weights to the reference scripts."""
+    path = Path(path)
+    theirs = {v: k for k, v in OFFICIAL_LORA.items()}
+    sd: dict = {}
+    for ours, name in theirs.items():
+        sd[f"lora_rank_unet_{name}"] = getattr(model.cfg, ours).rank
+        for g in OFFICIAL_GROUPS:
+            sd[f"unet_lora_{g}_modules_{name}"] = [
+                m for m in model.lora_targets[ours] if _official_group(m) == g
+            ]
+    unet_state = {}
+    for key, tensor in model.unet.state_dict().items():
+        m = re.search(r"\.(lora_[AB])\.(consistency|detail)\.", key)
+        if m:
+            module = key[: m.start()]
+            adapter = f"default_{_official_group(module)}_{theirs[m.group(2)]}"
+            key = f"{module}.{m.group(1)}.{adapter}.{key[m.end() :]}"
+        unet_state[key] = tensor.detach().cpu().clone()
+    sd["state_dict_unet"] = unet_state
+    sd["state_dict_bpp"] = {k: v.detach().cpu().clone() for k, v in model.cfr.state_dict().items()}
+    _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    return path

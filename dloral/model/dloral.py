@@ -1,0 +1,213 @@
+"""The DLoRAL restorer: SD-2.1 UNet with an 8-channel conv_in, CFR and two LoRAs, one step.
+
+For frame t with previous frame t-1 (the reference's pair), in latent space:
+    aligned_prev = warp(z[t-1], flow(t -> t-1))              # CFR step 1
+    fused        = CFR(z[t], aligned_prev)                    # CFR retrieval + gate
+    eps          = UNet(cat[aligned_prev, fused], t=1, text)  # one step, both LoRAs active
+    z_hat[t]     = fused - eps
+With CFR `off` the UNet sees cat[z[t], z[t]]: no information crosses frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dloral.model import lora
+from dloral.model.backbone import PROFILES, Backbone, build_backbone
+from dloral.model.cfr import CFRConfig, CrossFrameRetrieval
+from dloral.model.lora import ADAPTERS, LoRAConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("consistency", "detail", "inference")
+
+
+@dataclass
+class DLoRALConfig:
+    profile: str = "tiny"
+    random_init: bool = False  # sd21 only: full-size architecture with random weights
+    sd21_path: str | None = None
+    seed: int = 0  # initialisation of everything built at random (tiny backbone, CFR, LoRA A)
+    timestep: int = 1  # the reference's fixed one-step timestep
+    train_conv_in: bool = True  # the reference trains the widened conv_in in both stages
+    cfr: CFRConfig = field(default_factory=CFRConfig)
+    consistency: LoRAConfig = field(default_factory=LoRAConfig)
+    detail: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self):
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}; got {self.profile!r}")
+        if self.random_init and self.profile != "sd21":
+            raise ValueError("random_init is for the sd21 profile (tiny is always random-init)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DLoRALConfig:
+        return _build_dataclass(cls, data, "model")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _build_dataclass(cls, data: dict[str, Any], where: str):
+    """Typed construction from a dict; unknown keys are an error naming the key."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise KeyError(
+            f"unknown key(s) {', '.join(where + '.' + k for k in unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = _build_dataclass(type(default), value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def widen_conv_in(unet: nn.Module, frames: int = 2) -> None:
+    """conv_in takes [previous, current] latents: the pretrained kernel copied to both halves."""
+    old = unet.conv_in
+    new = nn.Conv2d(
+        old.in_channels * frames, old.out_channels, old.kernel_size, old.stride, old.padding
+    )
+    with torch.no_grad():
+        new.weight.copy_(torch.cat([old.weight] * frames, dim=1))
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
+
+
+class DLoRAL(nn.Module):
+    """UNet (+C-LoRA, D-LoRA), frozen VAE and text encoder, and the CFR module."""
+
+    def __init__(self, cfg: DLoRALConfig | None = None, backbone: Backbone | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or DLoRALConfig()
+        bb = backbone or build_backbone(cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed)
+        self.profile, self.weights = bb.profile, bb.weights
+        self.tokenizer = bb.tokenizer
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            widen_conv_in(bb.unet)
+            self.lora_targets = lora.add_adapters(
+                bb.unet, {"consistency": cfg.consistency, "detail": cfg.detail}
+            )
+            self.cfr = CrossFrameRetrieval(cfg.cfr)
+        self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        self.register_buffer(
+            "timestep", torch.tensor([cfg.timestep], dtype=torch.long), persistent=False
+        )
+        self.set_stage("inference")
+
+    # ----- stages and adapters ------------------------------------------------------------
+    def set_stage(self, stage: str) -> None:
+        """consistency: CFR + C-LoRA train, D-LoRA off. detail: both LoRAs on, D-LoRA trains,
+        CFR and C-LoRA frozen. inference: both on, nothing trains."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}; got {stage!r}")
+        if lora.is_merged(self.unet) and stage != "inference":
+            raise RuntimeError("LoRAs are merged into the UNet; unmerge before training")
+        self.stage = stage
+        self.requires_grad_(False)
+        lora.set_active(self.unet, ["consistency"] if stage == "consistency" else ADAPTERS)
+        if stage == "consistency":
+            lora.set_trainable(self.unet, "consistency", True)
+            self.cfr.requires_grad_(True)
+        elif stage == "detail":
+            lora.set_trainable(self.unet, "detail", True)
+        if stage != "inference" and self.cfg.train_conv_in:
+            self.unet.conv_in.base_layer.requires_grad_(True)
+        self.train(stage != "inference")
+        self.vae.eval()
+        self.text_encoder.eval()
+
+    def merge_lora(self) -> None:
+        """Fold both LoRAs into the UNet for inference; output unchanged, cost of a plain UNet."""
+        self.set_stage("inference")
+        lora.merge(self.unet, ADAPTERS)
+
+    def unmerge_lora(self) -> None:
+        lora.unmerge(self.unet)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----- the method's steps -----------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, texts: list[str]) -> torch.Tensor:
+        """Text -> (B, 77, D) embeddings; done once per clip by the pipeline."""
+        ids = self.tokenizer(texts).to(self.text_encoder.device)
+        return self.text_encoder(ids)[0].to(self.unet.dtype)
+
+    def encode(
+        self, frames: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> torch.Tensor:
+        """frames (N, 3, H, W) in [0, 1] -> scaled latents (N, 4, H/8, W/8).
+
+        sample=True draws from the posterior as the reference does (seeded by generator)."""
+        dist = self.vae.encode((frames * 2 - 1).to(self.vae.dtype)).latent_dist
+        if sample:
+            noise = torch.randn(
+                dist.mean.shape,
+                generator=generator,
+                dtype=dist.mean.dtype,
+                device=generator.device if generator is not None else "cpu",
+            )
+            z = dist.mean + dist.std * noise.to(dist.mean.device)
+        else:
+            z = dist.mean
+        return z * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> frames in [0, 1]."""
+        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return (x.clamp(-1, 1) + 1) / 2
+
+    def restore_latent(
+        self,
+        current: torch.Tensor,
+        previous: torch.Tensor,
+        current_lq: torch.Tensor,
+        previous_lq: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """One diffusion step for a batch of (previous, current) pairs -> restored latents.
+
+        current/previous: (B, 4, h, w) latents; *_lq: (B, 3, 8h, 8w) upsampled LQ in [0, 1]."""
+        if self.cfg.cfr.variant == "off":
+            fused, first = current, current
+        else:
+            fused, first = self.cfr(current, previous, current_lq, previous_lq)
+        if prompt_embeds.shape[0] != current.shape[0]:
+            prompt_embeds = prompt_embeds.expand(current.shape[0], -1, -1)
+        eps = self.unet(
+            torch.cat([first, fused], dim=1),
+            self.timestep.expand(current.shape[0]),
+            encoder_hidden_states=prompt_embeds,
+        ).sample
+        return fused - eps
+
+    def describe(self) -> dict[str, Any]:
+        """What this model is made of, for provenance in results."""
+        return {
+            "profile": self.profile,
+            "backbone_weights": self.weights,
+            "cfr_variant": self.cfg.cfr.variant,
+            "cfr_topk": self.cfg.cfr.topk,
+            "lora_rank": {a: getattr(self.cfg, a).rank for a in ADAPTERS},
+            "timestep": self.cfg.timestep,
+        }

@@ -1,0 +1,27 @@
+"""nox sessions run inside the uv-managed environment (`uv run nox -s ...`): no second install.
+
+venv_backend="none" makes every session use the interpreter and tools of `.venv`, which `uv run`
+has already synced from uv.lock.
+"""
+
+import nox
+
+nox.options.default_venv_backend = "none"
+nox.options.sessions = ["lint", "tests"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (CPU, tiny profile, packaged real clips)."""
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.run("ruff", "check", "dloral", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks on this machine; results land in benchmarks/results/."""
+    session.run("python", "benchmarks/latency.py", *(session.posargs or ["--profile", "tiny"]))

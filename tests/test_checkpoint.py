@@ -1,0 +1,130 @@
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dloral.model import lora
+from dloral.model.checkpoint import (
+    CheckpointError,
+    export_official,
+    import_official,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dloral.model.dloral import DLoRAL, DLoRALConfig
+
+
+def _trained_model(seed=0, **cfg):
+    model = DLoRAL(DLoRALConfig.from_dict({"seed": seed, **cfg}))
+    g = torch.Generator().manual_seed(seed + 100)
+    lora.randomize_lora_b(model.unet, generator=g)
+    with torch.no_grad():  # stand-ins for trained CFR and conv_in values
+        for p in model.cfr.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        model.unet.conv_in.base_layer.weight.add_(0.01)
+    return model
+
+
+def _restore(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lq = torch.rand(2, 3, 64, 80, generator=g)
+    with torch.no_grad():
+        z = model.encode(lq, sample=False)
+        return model.restore_latent(z[1:], z[:1], lq[1:], lq[:1], model.encode_prompt(["a bike"]))
+
+
+def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path):
+    model = _trained_model(4, cfr={"topk": 8})
+    save_checkpoint(model, tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "dloral.safetensors",
+        "dloral_config.json",
+    ]
+    meta = json.loads((tmp_path / "ck" / "dloral_config.json").read_text())
+    assert meta["model"]["cfr"]["topk"] == 8 and meta["backbone_weights"] == "random-init"
+    loaded, report = load_checkpoint(tmp_path / "ck")
+    assert report.clean
+    assert loaded.cfg.cfr.topk == 8
+    assert torch.equal(_restore(model), _restore(loaded))
+    # a model that was not loaded differs, so the equality above is not trivial
+    assert not torch.allclose(_restore(model), _restore(DLoRAL(DLoRALConfig(seed=4))))
+
+
+def test_checkpoint_with_unknown_or_missing_keys_is_reported(tmp_path):
+    save_checkpoint(_trained_model(), tmp_path / "ck")
+    weights = tmp_path / "ck" / "dloral.safetensors"
+    state = load_file(weights)
+    dropped = next(k for k in state if ".lora_B.detail." in k)
+    del state[dropped]
+    state["cfr.surprise.weight"] = torch.zeros(2)
+    save_file(state, weights, {"format": "dloral-checkpoint/1"})
+    with pytest.raises(CheckpointError, match="missing.*unexpected"):
+        load_checkpoint(tmp_path / "ck")
+    _, report = load_checkpoint(tmp_path / "ck", strict=False)
+    assert report.missing == [dropped]
+    assert report.unexpected == ["cfr.surprise.weight"]
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="dloral_config.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_official_layout_roundtrip(tmp_path):
+    model = _trained_model(7)
+    pkl = export_official(model, tmp_path / "model.pkl")
+    sd = torch.load(pkl, weights_only=True)
+    # the reference's layout: six adapters, ranks, module lists, whole UNet, CFR
+    assert sd["lora_rank_unet_quality"] == 4 and sd["lora_rank_unet_consistency"] == 4
+    keys = list(sd["state_dict_unet"])
+    assert any(".lora_A.default_encoder_quality." in k for k in keys)
+    assert any(".lora_B.default_decoder_consistency." in k for k in keys)
+    assert any(".lora_A.default_others_quality." in k for k in keys)
+    assert "conv_in.base_layer.weight" in sd["state_dict_unet"]
+    assert sd["unet_lora_encoder_modules_quality"][0].startswith(("conv_in", "down_blocks"))
+    assert "cross_attn_module.threshold_fc.weight" in sd["state_dict_bpp"]
+
+    # the reference also stores CFR modules its forward never uses: those are reported ignored
+    sd["state_dict_bpp"]["feat_extract.main.0.weight"] = torch.zeros(64, 4, 3, 3)
+    sd["state_dict_unet"]["not_a_layer.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "model_extra.pkl")
+    imported, report = import_official(
+        tmp_path / "model_extra.pkl", profile="tiny", overrides={"seed": 7}
+    )
+    assert report.ignored == ["state_dict_bpp.feat_extract.main.0.weight"]
+    assert report.unexpected == ["state_dict_unet.not_a_layer.weight"]
+    assert report.missing == []
+    assert torch.equal(_restore(model), _restore(imported))
+
+
+def test_official_import_reports_missing_keys(tmp_path):
+    model = _trained_model(1)
+    pkl = export_official(model, tmp_path / "model.pkl")
+    sd = torch.load(pkl, weights_only=True)
+    gone = "cross_attn_module.query_conv.weight"
+    del sd["state_dict_bpp"][gone]
+    torch.save(sd, pkl)
+    _, report = import_official(pkl, profile="tiny", overrides={"seed": 1})
+    assert report.missing == [f"cfr.{gone}"]
+    with pytest.raises(CheckpointError, match="missing"):
+        import_official(pkl, profile="tiny", overrides={"seed": 1}, strict=True)
+
+
+class _Payload:  # an arbitrary object: weights_only loading must refuse it
+    pass
+
+
+def test_official_import_uses_weights_only(tmp_path):
+    bad = tmp_path / "model.pkl"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict_unet": _Payload()}, f)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        import_official(bad, profile="tiny")
+
+
+def test_not_an_official_checkpoint_names_missing_entries(tmp_path):
+    torch.save({"state_dict_unet": {}}, tmp_path / "model.pkl")
+    with pytest.raises(CheckpointError, match="state_dict_bpp"):
+        import_official(tmp_path / "model.pkl", profile="tiny")

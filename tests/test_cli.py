@@ -1,0 +1,116 @@
+import json
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dloral.cli import app
+from dloral.data.frames import to_uint8
+
+runner = CliRunner()
+FAST = ["--process-size", "64", "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.fixture()
+def bikes_folder(tmp_path, bikes_lq):
+    folder = tmp_path / "bikes_lq"
+    folder.mkdir()
+    for i, frame in enumerate(bikes_lq[:4]):
+        Image.fromarray(to_uint8(frame)).save(folder / f"im{i + 1}.png")
+    return folder
+
+
+@pytest.fixture()
+def bikes_video(tmp_path, bikes_lq):
+    path = tmp_path / "bikes_lq.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in bikes_lq[:3]:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(to_uint8(frame), format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def test_upscale_folder_names_frames_like_the_input(bikes_folder, tmp_path):
+    out = tmp_path / "sr"
+    result = runner.invoke(app, ["upscale", str(bikes_folder), str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["im1.png", "im2.png", "im3.png", "im4.png"]
+    assert Image.open(out / "im1.png").size == (256, 192)
+    meta = json.loads((out / "upscale.json").read_text())
+    assert meta["frames"] == 4 and meta["sr_size"] == [192, 256]
+    assert meta["model"]["backbone_weights"] == "random-init"
+    assert meta["model"]["cfr_variant"] == "full" and meta["device"] == "cpu"
+    assert "4 frames 64x48 -> 256x192" in " ".join(result.output.split())
+
+
+def test_upscale_video_file(bikes_video, tmp_path):
+    out = tmp_path / "sr"
+    result = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(bikes_video),
+            str(out),
+            *FAST,
+            "--scale",
+            "2",
+            "--color-fix",
+            "wavelet",
+            "--cfr",
+            "no_gate",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["bikes_lq_0000.png", "bikes_lq_0001.png", "bikes_lq_0002.png"]
+    img = np.asarray(Image.open(out / pngs[0]))
+    assert img.shape == (96, 128, 3)
+
+
+def test_upscale_with_a_checkpoint(bikes_folder, tmp_path):
+    from dloral.model.checkpoint import save_checkpoint
+    from dloral.model.dloral import DLoRAL, DLoRALConfig
+
+    save_checkpoint(DLoRAL(DLoRALConfig.from_dict({"cfr": {"variant": "off"}})), tmp_path / "ck")
+    out = tmp_path / "sr"
+    result = runner.invoke(
+        app, ["upscale", str(bikes_folder), str(out), *FAST, "--checkpoint", str(tmp_path / "ck")]
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "upscale.json").read_text())
+    assert meta["model"]["cfr_variant"] == "off"  # taken from the checkpoint's config
+    assert meta["checkpoint"] == str(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "mixed"])
+def test_bad_input_exits_nonzero_naming_the_file(case, tmp_path, bikes_folder):
+    if case == "missing":
+        src, named = tmp_path / "no_such_clip", "no_such_clip"
+    elif case == "empty":
+        src, named = tmp_path / "empty", "holds no frames"
+        src.mkdir()
+    elif case == "unreadable":
+        (bikes_folder / "im9.png").write_bytes(b"garbage")
+        src, named = bikes_folder, "im9.png"
+    else:
+        Image.new("RGB", (10, 10)).save(bikes_folder / "im5.png")
+        src, named = bikes_folder, "im5.png"
+    result = runner.invoke(app, ["upscale", str(src), str(tmp_path / "out"), *FAST])
+    assert result.exit_code == 2
+    assert named in " ".join(result.output.split())
+
+
+def test_sd21_without_weights_says_where_to_put_them(bikes_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("DLORAL_SD21_PATH", raising=False)
+    result = runner.invoke(
+        app, ["upscale", str(bikes_folder), str(tmp_path / "o"), *FAST, "--profile", "sd21"]
+    )
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "Stable Diffusion 2.1-base weights not found" in text and "DLORAL_SD21_PATH" in text

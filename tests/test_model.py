@@ -1,0 +1,169 @@
+import pytest
+import torch
+
+from dloral.model import lora
+from dloral.model.dloral import DLoRAL, DLoRALConfig
+from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
+
+CPU = torch.device("cpu")
+
+
+def _model(seed=0, **cfg) -> DLoRAL:
+    model = DLoRAL(DLoRALConfig.from_dict({"seed": seed, **cfg}))
+    lora.randomize_lora_b(model.unet, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def _upscale(model, frames, **opts):
+    opts = {"process_size": 64, **opts}
+    up = VideoUpscaler(model, CPU, options=UpscaleOptions(**opts))
+    return torch.stack([f for _, f in up.upscale((f"{i}", f) for i, f in enumerate(frames))])
+
+
+@pytest.mark.parametrize("scale,size", [(4, (48, 64)), (2, (30, 44)), (4, (13, 21))])
+def test_output_is_scale_times_input(scale, size):
+    frames = torch.rand(3, 3, *size, generator=torch.Generator().manual_seed(0))
+    out = _upscale(_model(), frames, scale=scale)
+    assert out.shape == (3, 3, size[0] * scale, size[1] * scale)
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def test_small_inputs_are_processed_at_process_size_and_resized_back():
+    up = VideoUpscaler(_model(), CPU, options=UpscaleOptions(scale=4, process_size=512))
+    assert up.geometry((48, 64)) == ((512, 683), (192, 256))
+    assert up.geometry((180, 320)) == ((720, 1280), (720, 1280))
+
+
+def test_seeded_runs_are_identical_and_seeds_matter(bikes_lq):
+    a = _upscale(_model(seed=3), bikes_lq[:3], seed=7)
+    b = _upscale(_model(seed=3), bikes_lq[:3], seed=7)
+    c = _upscale(_model(seed=3), bikes_lq[:3], seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_batching_does_not_change_results(bikes_lq):
+    model = _model()
+    one = _upscale(model, bikes_lq[:5], batch_size=1, sample_latent=False)
+    three = _upscale(model, bikes_lq[:5], batch_size=3, sample_latent=False)
+    assert torch.allclose(one, three, atol=5e-4)  # batched GEMMs round differently
+
+
+def test_merged_model_equals_unmerged(bikes_lq):
+    model = _model()
+    args = _pair_inputs(model, bikes_lq)
+    with torch.no_grad():
+        before = model.restore_latent(*args)
+        model.merge_lora()
+        assert lora.is_merged(model.unet)
+        after = model.restore_latent(*args)
+    assert (after - before).abs().max() < 1e-4 * before.abs().max()
+    assert not torch.allclose(before, args[0], atol=1e-3)  # the step does something
+
+
+def _pair_inputs(model, frames):
+    lq = frames[:2]
+    lq = torch.nn.functional.interpolate(lq, scale_factor=4, mode="bicubic").clamp(0, 1)
+    with torch.no_grad():
+        z = model.encode(lq, sample=False)
+        embeds = model.encode_prompt([""])
+    return z[1:], z[:1], lq[1:], lq[:1], embeds
+
+
+def test_lora_adapters_change_the_output(bikes_lq):
+    model = _model()
+    args = _pair_inputs(model, bikes_lq)
+    with torch.no_grad():
+        both = model.restore_latent(*args)
+        lora.set_active(model.unet, ["consistency"])
+        consistency_only = model.restore_latent(*args)
+        lora.set_active(model.unet, [])
+        plain = model.restore_latent(*args)
+    assert not torch.allclose(both, consistency_only, atol=1e-4)
+    assert not torch.allclose(consistency_only, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["full", "no_gate", "off"])
+def test_each_cfr_variant_runs(variant, bikes_lq):
+    out = _upscale(_model(cfr={"variant": variant}), bikes_lq[:3], sample_latent=False)
+    assert out.shape == (3, 3, 192, 256) and torch.isfinite(out).all()
+
+
+def test_off_bypasses_cfr_and_frames_stay_independent(bikes_lq, monkeypatch):
+    off = _model(cfr={"variant": "off"})
+    monkeypatch.setattr(off.cfr, "forward", lambda *a, **k: pytest.fail("CFR called when off"))
+    frames = bikes_lq[:2].clone()
+    other = frames.clone()
+    other[0] = bikes_lq[5]  # change only the previous frame
+    a = _upscale(off, frames, sample_latent=False, color_fix="none")
+    b = _upscale(off, other, sample_latent=False, color_fix="none")
+    assert torch.allclose(a[1], b[1], atol=1e-6)
+
+    full = _model(cfr={"variant": "full"})
+    with torch.no_grad():  # make retrieval strong enough to matter for this check
+        full.cfr.cross_attn_module.proj_out.weight.mul_(1e3)
+    a = _upscale(full, frames, sample_latent=False, color_fix="none")
+    b = _upscale(full, other, sample_latent=False, color_fix="none")
+    assert not torch.allclose(a[1], b[1], atol=1e-4)
+
+
+def _grads_after_step(model, bikes_lq, stage):
+    model.set_stage(stage)
+    model.zero_grad(set_to_none=True)
+    args = _pair_inputs(model, bikes_lq)
+    model.restore_latent(*args).square().mean().backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "stage,trained,frozen",
+    [
+        ("consistency", "consistency", "detail"),
+        ("detail", "detail", "consistency"),
+    ],
+)
+def test_gradients_reach_only_the_trained_adapter(stage, trained, frozen, bikes_lq):
+    model = _model()
+    grads = _grads_after_step(model, bikes_lq, stage)
+    lora_t = [n for n in grads if f".{trained}." in n and "lora_" in n]
+    lora_f = [n for n in grads if f".{frozen}." in n and "lora_" in n]
+    assert lora_t and lora_f
+    assert all(grads[n] is not None for n in lora_t)
+    assert sum(float(grads[n].abs().sum()) for n in lora_t) > 0
+    assert all(grads[n] is None for n in lora_f)
+    cfr = [n for n in grads if n.startswith("cfr.cross_attn_module.")]
+    if stage == "consistency":
+        assert all(grads[n] is not None for n in cfr)
+    else:
+        assert all(grads[n] is None for n in cfr)
+    assert all(grads[n] is None for n in grads if n.startswith(("vae.", "text_encoder.")))
+    base = [n for n in grads if n.startswith("unet.") and "lora_" not in n and "conv_in" not in n]
+    assert all(grads[n] is None for n in base)
+
+
+def test_training_after_merge_is_refused():
+    model = _model()
+    model.merge_lora()
+    with pytest.raises(RuntimeError, match="merged"):
+        model.set_stage("detail")
+
+
+def test_pipeline_streams_frames(bikes_lq):
+    pulled = []
+
+    def source():
+        for i, f in enumerate(bikes_lq):
+            pulled.append(i)
+            yield f"{i}", f
+
+    up = VideoUpscaler(_model(), CPU, options=UpscaleOptions(process_size=64, batch_size=2))
+    it = up.upscale(source())
+    next(it)
+    assert len(pulled) == 2  # the first output came after one batch, not the whole clip
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(KeyError, match="model.cfr.topkk"):
+        DLoRALConfig.from_dict({"cfr": {"topkk": 3}})
+    with pytest.raises(KeyError, match="model.rank"):
+        DLoRALConfig.from_dict({"rank": 3})
