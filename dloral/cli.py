@@ -5,6 +5,7 @@ Heavy imports (torch, diffusers) happen inside commands so that `--help` stays f
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -85,7 +86,13 @@ def upscale(
             "Default: outputs/upscale/<input name>."
         ),
     ] = None,
-    profile: Annotated[Profile, typer.Option(help="Backbone profile.")] = Profile.tiny,
+    profile: Annotated[
+        Profile | None,
+        typer.Option(
+            help="Backbone profile [default: the checkpoint's; tiny without one; "
+            "sd21 for an official model.pkl]."
+        ),
+    ] = None,
     checkpoint: Annotated[
         Path | None,
         typer.Option(help="dloral checkpoint folder, or the official model.pkl."),
@@ -120,6 +127,9 @@ def upscale(
         bool, typer.Option(help="sd21 architecture with random weights (benchmarks only).")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and latent sampling.")] = 0,
+    frames: Annotated[
+        int | None, typer.Option(min=1, help="Only the first N frames (a quick look).")
+    ] = None,
 ) -> None:
     """Upscale a video with DLoRAL: one diffusion step per frame."""
     from dloral.data.frames import FrameError, open_frames, output_name, packaged_clip, write_png
@@ -155,18 +165,20 @@ def upscale(
             process_size=process_size,
             seed=seed,
         )
-        overrides = {
-            "profile": profile.value,
-            "random_init": random_init,
-            "seed": seed,
-            "sd21_path": str(sd21_path) if sd21_path else None,
-        }
+        # Where the backbone comes from may be overridden; what the checkpoint was trained with
+        # (its init seed, LoRA and CFR settings) may not.
+        overrides = {"random_init": random_init} if random_init else {}
+        if profile is not None:
+            overrides["profile"] = profile.value
+        if sd21_path is not None:
+            overrides["sd21_path"] = str(sd21_path)
         if checkpoint is not None:
             model, report = ckpt.load_checkpoint(checkpoint, overrides=overrides, strict=False)
             if not report.clean or report.ignored:
                 console.print(f"[yellow]checkpoint:[/] {report.summary()}")
         else:
-            model = DLoRAL(DLoRALConfig.from_dict({**overrides, "cfr": {"variant": cfr.value}}))
+            cfg = {"seed": seed, **overrides, "cfr": {"variant": cfr.value}}
+            model = DLoRAL(DLoRALConfig.from_dict(cfg))
         tag = load_tagger(tagger, dev) if tagger else None
         prompts = PromptSource(prompt_source.value, prompt, tag)
     except (BackboneNotFound, ckpt.CheckpointError, ValueError, KeyError) as err:
@@ -193,17 +205,19 @@ def upscale(
             TimeRemainingColumn(),
             console=console,
         ) as bar:
-            task = bar.add_task(f"upscale {input.name}", total=len(source))
-            for name, frame in upscaler.upscale(source.frames()):
+            total = min(frames or len(source), len(source))
+            task = bar.add_task(f"upscale {input.name}", total=total)
+            for name, frame in upscaler.upscale(itertools.islice(source.frames(), total)):
                 write_png(frame, output / output_name(name))
                 written += 1
                 bar.advance(task)
-    except FrameError as err:
+    except (FrameError, ValueError) as err:
         _fail(f"{err} ({written} frames already written to {output})")
     seconds = time.perf_counter() - start
     provenance = {
         "input": str(input),
         "frames": written,
+        "frames_in_input": len(source),
         "lq_size": list(source.size),
         "sr_size": list(out_size),
         "seconds": round(seconds, 3),

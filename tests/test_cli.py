@@ -114,3 +114,28 @@ def test_sd21_without_weights_says_where_to_put_them(bikes_folder, tmp_path, mon
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert "Stable Diffusion 2.1-base weights not found" in text and "DLORAL_SD21_PATH" in text
+
+
+def test_upscale_with_the_official_checkpoint_layout(bikes_folder, tmp_path):
+    from dloral.model.checkpoint import export_official
+    from dloral.model.dloral import DLoRAL, DLoRALConfig
+
+    export_official(DLoRAL(DLoRALConfig()), tmp_path / "model.pkl")
+    out = tmp_path / "sr"
+    result = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(bikes_folder),
+            str(out),
+            *FAST,
+            "--profile",
+            "tiny",
+            "--checkpoint",
+            str(tmp_path / "model.pkl"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "upscale.json").read_text())
+    assert "official DLoRAL" in meta["model"]["backbone_weights"]
+    assert len(list(out.glob("*.png"))) == 4

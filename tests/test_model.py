@@ -167,3 +167,42 @@ def test_config_rejects_unknown_keys():
         DLoRALConfig.from_dict({"cfr": {"topkk": 3}})
     with pytest.raises(KeyError, match="model.rank"):
         DLoRALConfig.from_dict({"rank": 3})
+
+
+def make_counting_tagger(device):
+    """A tagger factory as users write one for RAM; counts its calls."""
+
+    def tag(frame):
+        tag.calls += 1
+        assert frame.shape[0] == 3 and float(frame.max()) <= 1.0
+        return "bike, street"
+
+    tag.calls = 0
+    return tag
+
+
+def test_tagger_prompt_is_built_once_per_clip(bikes_lq):
+    from dloral.model.prompts import PromptSource, load_tagger
+
+    tagger = load_tagger("test_model:make_counting_tagger", CPU)
+    source = PromptSource("tagger", "high quality", tagger)
+    model = _model()
+    seen = []
+    original = model.encode_prompt
+    model.encode_prompt = lambda texts: seen.append(texts) or original(texts)
+    up = VideoUpscaler(
+        model, CPU, options=UpscaleOptions(process_size=64, batch_size=2), prompt=source
+    )
+    list(up.upscale((f"{i}", f) for i, f in enumerate(bikes_lq[:5])))
+    assert tagger.calls == 1
+    assert seen == [["bike, street, high quality,"]]
+
+
+def test_tiled_vae_decodes_in_tiles(bikes_lq):
+    model = _model()
+    calls = []
+    decoder_forward = model.vae.decoder.forward
+    model.vae.decoder.forward = lambda *a, **k: calls.append(a[0].shape) or decoder_forward(*a, **k)
+    out = _upscale(model, bikes_lq[:2], tile=64, batch_size=2)
+    assert out.shape == (2, 3, 192, 256) and torch.isfinite(out).all()
+    assert len(calls) > 1 and all(s[-1] <= 64 // 8 for s in calls)  # tiles, not the full frame

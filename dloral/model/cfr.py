@@ -44,7 +44,7 @@ class CFRConfig:
     embed_dim: int = 64
     temperature: float = 3000.0
     latent_channels: int = 4
-    max_block_elems: int = 2**25  # similarity entries computed at once (memory bound)
+    max_block_elems: int = 2**23  # similarity entries computed at once (memory bound)
 
     def __post_init__(self):
         if self.variant not in CFR_VARIANTS:
@@ -79,32 +79,40 @@ class CrossFrameAttention(nn.Module):
         v = self.value_conv(aligned_prev).view(b, heads, d, n).transpose(2, 3)
         topk = None if self.cfg.topk is None or self.cfg.topk >= n else self.cfg.topk
         block = max(1, self.cfg.max_block_elems // max(1, b * heads * n))
-        out = torch.empty_like(q)
+        gated, temp = self.cfg.variant != "no_gate", self.cfg.temperature
+        q3, k3, v3 = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B*heads, ., .)
+        pieces = []
         for start in range(0, n, block):
-            qb = q[:, :, start : start + block]
-            sim = torch.matmul(qb, k) / math.sqrt(d)  # (B, heads, nb, N)
+            qb = q3[:, start : start + block]
+            if gated and topk is None:
+                # relu((qk/sqrt(d) - tau) / T) with the scales folded into q: one GEMM, one pass
+                tau = self.threshold_fc(qb) / temp  # (B*heads, nb, 1)
+                weights = torch.relu_(torch.bmm(qb / (math.sqrt(d) * temp), k3) - tau)
+                pieces.append(torch.bmm(weights, v3))
+                continue
+            sim = torch.bmm(qb, k3) / math.sqrt(d)  # (B*heads, nb, N)
             if topk is not None:
-                sim, idx = sim.topk(topk, dim=-1)  # (B, heads, nb, k)
-            if self.cfg.variant == "no_gate":
+                sim, idx = sim.topk(topk, dim=-1)  # (B*heads, nb, k)
+            if gated:
+                weights = F.relu((sim - self.threshold_fc(qb)) / temp)
+            else:
                 weights = sim.softmax(dim=-1)
-            else:
-                tau = self.threshold_fc(qb)  # (B, heads, nb, 1)
-                weights = F.relu((sim - tau) / self.cfg.temperature)
             if topk is None:
-                out[:, :, start : start + block] = torch.matmul(weights, v)
+                pieces.append(torch.bmm(weights, v3))
             else:
-                picked = _gather_rows(v, idx)  # (B, heads, nb, k, d)
-                out[:, :, start : start + block] = (weights.unsqueeze(-1) * picked).sum(-2)
+                picked = _gather_rows(v3, idx)  # (B*heads, nb, k, d)
+                pieces.append((weights.unsqueeze(-1) * picked).sum(-2))
+        out = torch.cat(pieces, dim=1).view(b, heads, n, d)
         out = out.transpose(2, 3).reshape(b, heads * d, h, w)
         return current + self.proj_out(out)
 
 
 def _gather_rows(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """v (B, H, N, d), idx (B, H, q, k) -> v rows (B, H, q, k, d) without expanding v."""
-    b, heads, n, d = v.shape
-    offset = (torch.arange(b * heads, device=v.device) * n).view(b, heads, 1, 1)
+    """v (G, N, d), idx (G, q, k) -> v rows (G, q, k, d) without expanding v."""
+    g, n, d = v.shape
+    offset = (torch.arange(g, device=v.device) * n).view(g, 1, 1)
     flat = (idx + offset).reshape(-1)
-    return v.reshape(b * heads * n, d).index_select(0, flat).view(*idx.shape, d)
+    return v.reshape(g * n, d).index_select(0, flat).view(*idx.shape, d)
 
 
 class CrossFrameRetrieval(nn.Module):
@@ -119,9 +127,11 @@ class CrossFrameRetrieval(nn.Module):
     def flow(self, current_lq: torch.Tensor, prev_lq: torch.Tensor, size: tuple[int, int]):
         """Flow current -> previous at latent size, from upsampled LQ frames in [0, 1]."""
         # The reference feeds SPyNet the [-1, 1] frames bicubically resized by 1/8.
+        # Flow runs in SPyNet's own dtype (kept fp32 under bf16 inference) and comes back fp32.
+        dtype = self.spynet.mean.dtype
         cur = F.interpolate(current_lq * 2 - 1, size=size, mode="bicubic", align_corners=False)
         prev = F.interpolate(prev_lq * 2 - 1, size=size, mode="bicubic", align_corners=False)
-        return self.spynet(cur, prev)
+        return self.spynet(cur.to(dtype), prev.to(dtype)).float()
 
     def forward(
         self,
@@ -134,5 +144,6 @@ class CrossFrameRetrieval(nn.Module):
         if self.cfg.variant == "off":
             raise RuntimeError("CFR variant 'off' bypasses this module; it must not be called")
         flow = self.flow(current_lq, prev_lq, tuple(current_latent.shape[-2:]))
-        aligned_prev = flow_warp(prev_latent, flow.to(prev_latent.dtype))
+        # Sampling coordinates in fp32: bf16 cannot address pixels of a wide latent exactly.
+        aligned_prev = flow_warp(prev_latent.float(), flow).to(prev_latent.dtype)
         return self.cross_attn_module(current_latent, aligned_prev), aligned_prev

@@ -125,7 +125,8 @@ def load_checkpoint(
     (e.g. {"sd21_path": ...}); strict=True raises on any missing or unexpected key."""
     path = Path(path)
     if path.suffix in (".pkl", ".pt", ".pth"):
-        return import_official(path, overrides=overrides, strict=strict)
+        overrides = dict(overrides or {})
+        return import_official(path, overrides.pop("profile", "sd21"), overrides, strict)
     weights, config = _resolve(path)
     for f in (weights, config):
         if not f.is_file():
@@ -203,7 +204,7 @@ def import_official(
     for theirs, ours in OFFICIAL_LORA.items():
         targets = [m for g in OFFICIAL_GROUPS for m in sd[f"unet_lora_{g}_modules_{theirs}"]]
         lora_cfgs[ours] = LoRAConfig(rank=int(sd[f"lora_rank_unet_{theirs}"]), targets=targets)
-    cfg = DLoRALConfig.from_dict({"profile": profile, **(overrides or {})})
+    cfg = DLoRALConfig.from_dict({**(overrides or {}), "profile": profile})
     cfg.consistency, cfg.detail = lora_cfgs["consistency"], lora_cfgs["detail"]
     model = DLoRAL(cfg)
 

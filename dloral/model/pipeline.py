@@ -57,6 +57,7 @@ class VideoUpscaler:
         prompt: PromptSource | None = None,
     ):
         self.model = model.to(device=device, dtype=dtype).eval()
+        self.model.cfr.spynet.float()  # flow estimation stays fp32 (see CrossFrameRetrieval.flow)
         self.device, self.dtype = device, dtype
         self.opt = options or UpscaleOptions()
         self.prompt = prompt or PromptSource()
@@ -106,7 +107,9 @@ class VideoUpscaler:
         proc, out_size = self.geometry(size)
         if state is not None and state[3] != (proc, out_size):
             raise ValueError(f"frame {names[0]}: size changed inside the clip")
-        lq = torch.stack([resize_bicubic(f, proc) for _, f in batch]).to(self.device, self.dtype)
+        # Bicubic overshoots; the reference's LQ is a uint8 image, i.e. clipped to [0, 1].
+        lq = torch.stack([resize_bicubic(f, proc) for _, f in batch]).clamp_(0, 1)
+        lq = lq.to(self.device, self.dtype)
         ph, pw = -proc[0] % 8, -proc[1] % 8
         lq_pad = F.pad(lq, (0, pw, 0, ph), mode="replicate") if ph or pw else lq
         model = self.model

@@ -1,0 +1,1 @@
+"""DLoRAL model: backbone profiles, CFR, dual LoRA, the one-step video pipeline, checkpoints."""
