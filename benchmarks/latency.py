@@ -127,6 +127,13 @@ def environment(device: torch.device) -> dict:
         env["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        env["git_dirty"] = bool(status.strip())  # numbers from uncommitted code say so
     except (OSError, subprocess.CalledProcessError):
         env["git_commit"] = "unknown"
     return env

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dloral.model.colorfix import COLOR_FIXES, color_fix
 from dloral.model.dloral import DLoRAL
 from dloral.model.prompts import PromptSource
-from dloral.model.resize import resize_bicubic
+from dloral.resize import resize_bicubic
 
 log = logging.getLogger(__name__)
 
