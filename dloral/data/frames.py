@@ -38,7 +38,8 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 def to_uint8(frame: torch.Tensor) -> np.ndarray:
     """float (3, H, W) in [0, 1] -> uint8 HxWx3, rounded as image writers do."""
-    return frame.detach().clamp(0, 1).mul(255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+    out = frame.detach().cpu().clamp(0, 1).mul_(255.0).round_().to(torch.uint8)
+    return out.permute(1, 2, 0).contiguous().numpy()
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,12 @@ def open_frames(path: str | os.PathLike) -> FrameSource:
         raise FrameError(f"{path}: no such file or folder")
     if path.is_dir():
         names = sorted(
-            (p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+            (
+                p.name
+                for p in path.iterdir()
+                # dot files are OS metadata (macOS "._0001.png"), not frames
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+            ),
             key=natural_key,
         )
         if not names:

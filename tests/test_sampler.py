@@ -1,0 +1,72 @@
+import pytest
+import torch
+from conftest import read_clip as real_clip
+from torch.utils.data import DataLoader
+
+from dloral.data.frames import write_png
+from dloral.data.readers import read_dataset
+from dloral.data.sampler import SamplerConfig, TrainingClips
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory, bikes_path):
+    root = tmp_path_factory.mktemp("train")
+    frames = real_clip(bikes_path, 6, (0, 100, 96, 128), (96, 128))
+    for i, f in enumerate(frames):
+        write_png(f, root / "bikes" / f"{i:05d}.png")
+    still = frames[0]
+    for i in range(2):  # a static clip: identical frames
+        write_png(still, root / "still" / f"{i:05d}.png")
+    return root
+
+
+def _dataset(root, **cfg):
+    clips = read_dataset("youhq", root).clips
+    return TrainingClips(clips, SamplerConfig(**{"crop": 64, "samples": 8, **cfg}))
+
+
+def test_sample_shapes_and_ranges(train_root):
+    item = _dataset(train_root)[0]
+    assert item["gt"].shape == (3, 3, 64, 64) and item["lq"].shape == (3, 3, 16, 16)
+    for key in ("gt", "lq"):
+        assert 0 <= float(item[key].min()) and float(item[key].max()) <= 1
+
+
+def test_same_seed_same_sample_and_indices_differ(train_root):
+    a, b = _dataset(train_root, seed=3), _dataset(train_root, seed=3)
+    assert torch.equal(a[2]["gt"], b[2]["gt"]) and torch.equal(a[2]["lq"], b[2]["lq"])
+    assert not torch.equal(a[2]["lq"], a[3]["lq"])
+    assert not torch.equal(a[2]["lq"], _dataset(train_root, seed=4)[2]["lq"])
+
+
+def test_workers_give_the_same_batches(train_root):
+    ds = _dataset(train_root, seed=1)
+    plain = [b["lq"] for b in DataLoader(ds, batch_size=4, num_workers=0)]
+    workers = [b["lq"] for b in DataLoader(ds, batch_size=4, num_workers=2)]
+    assert all(torch.equal(x, y) for x, y in zip(plain, workers, strict=True))
+
+
+def test_transforms_and_degradation_are_shared_by_all_frames(train_root):
+    still = [c for c in read_dataset("youhq", train_root).clips if c.name == "still"]
+    ds = TrainingClips(still, SamplerConfig(crop=64, samples=6, frames=3))
+    for i in range(len(ds)):
+        item = ds[i]  # 2 identical frames, padded to 3 by repeating the last
+        assert all(torch.equal(item["gt"][0], f) for f in item["gt"])
+        assert all(torch.equal(item["lq"][0], f) for f in item["lq"])
+
+
+def test_frames_are_consecutive_ground_truth(train_root):
+    ds = _dataset(train_root, flip=False, transpose=False, crop=96)
+    item = ds[0]
+    clip = next(c for c in ds.clips if c.name == item["clip"])
+    frames = [f for _, f in clip.gt.frames()]
+    start = item["start"]
+    for k in range(3):  # a 96-high clip: the crop spans the full height, offset only in x
+        full = frames[start + k]
+        matches = [torch.equal(item["gt"][k], full[:, :, x : x + 96]) for x in range(33)]
+        assert any(matches)
+
+
+def test_crop_larger_than_clips_is_an_error(train_root):
+    with pytest.raises(ValueError, match="smaller than the 128px crop"):
+        _dataset(train_root, crop=128)
