@@ -136,6 +136,7 @@ def test_gradients_reach_only_the_trained_adapter(stage, trained, frozen, bikes_
         assert all(grads[n] is not None for n in cfr)
     else:
         assert all(grads[n] is None for n in cfr)
+    assert all(grads[n] is None for n in grads if n.startswith("cfr.spynet."))  # as the reference
     assert all(grads[n] is None for n in grads if n.startswith(("vae.", "text_encoder.")))
     base = [n for n in grads if n.startswith("unet.") and "lora_" not in n and "conv_in" not in n]
     assert all(grads[n] is None for n in base)

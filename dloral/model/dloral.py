@@ -115,18 +115,19 @@ class DLoRAL(nn.Module):
 
     # ----- stages and adapters ------------------------------------------------------------
     def set_stage(self, stage: str) -> None:
-        """consistency: CFR + C-LoRA train, D-LoRA off. detail: both LoRAs on, D-LoRA trains,
-        CFR and C-LoRA frozen. inference: both on, nothing trains."""
+        """Which parameters train. As the reference's training loop: both LoRAs are active in
+        every stage; `consistency` trains C-LoRA and CFR (SPyNet stays frozen), `detail` trains
+        D-LoRA only; the widened conv_in trains in both (`train_conv_in`). `inference`: none."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}; got {stage!r}")
         if lora.is_merged(self.unet) and stage != "inference":
             raise RuntimeError("LoRAs are merged into the UNet; unmerge before training")
         self.stage = stage
         self.requires_grad_(False)
-        lora.set_active(self.unet, ["consistency"] if stage == "consistency" else ADAPTERS)
+        lora.set_active(self.unet, ADAPTERS)
         if stage == "consistency":
             lora.set_trainable(self.unet, "consistency", True)
-            self.cfr.requires_grad_(True)
+            self.cfr.cross_attn_module.requires_grad_(True)
         elif stage == "detail":
             lora.set_trainable(self.unet, "detail", True)
         if stage != "inference" and self.cfg.train_conv_in:
