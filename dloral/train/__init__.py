@@ -1,0 +1,1 @@
+"""Training: configs, the stage schedule, losses and the alternating C/D recipe."""
