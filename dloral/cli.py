@@ -239,6 +239,79 @@ def upscale(
     )
 
 
+@app.command()
+def train(
+    experiment: Annotated[
+        Path | None, typer.Argument(help="Experiment TOML [default: experiments/default.toml].")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: --set optim.lr=1e-4 (repeatable)."),
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Run folder to resume from its latest checkpoint.")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder [default: <run.output_dir>/<run.name>].")
+    ] = None,
+    tracking: Annotated[bool, typer.Option(help="Log to MLflow ($MLFLOW_TRACKING_URI).")] = True,
+) -> None:
+    """Train DLoRAL (alternating consistency and detail stages) without Ray."""
+    from dloral.train.config import load_config
+
+    try:
+        if resume is not None:
+            cfg = load_config(resume / "config.toml", set_ or [])
+        else:
+            cfg = load_config(experiment, set_ or [])
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        _fail(str(err).strip("'\""))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from dloral.train.recipe import TrainingDiverged
+    from dloral.train.recipe import train as run_training
+    from dloral.train.tracking import MlflowTracker, NullTracker, tracking_uri
+
+    tracker = MlflowTracker(cfg.run.mlflow_experiment) if tracking else NullTracker()
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stage]:>11} {task.fields[losses]} {task.fields[rate]}"),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(
+            f"train {cfg.run.name}", total=cfg.run.max_steps, stage="", losses="", rate=""
+        )
+        origin: list[tuple[int, float]] = []  # (step, time) of the first report
+
+        def report(step, plan, losses):
+            if not origin:
+                origin.append((step, time.perf_counter()))
+            text = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+            rate = (step - origin[0][0]) / max(time.perf_counter() - origin[0][1], 1e-9)
+            bar.update(task, completed=step, stage=plan.stage, losses=text, rate=f"{rate:.2f} it/s")
+
+        try:
+            result = run_training(
+                cfg,
+                run_dir=resume or run_dir,
+                resume=resume is not None,
+                tracker=tracker,
+                progress=report,
+            )
+        except TrainingDiverged as err:
+            _fail(str(err))
+        except (FileExistsError, FileNotFoundError) as err:
+            _fail(str(err))
+    where = f"; MLflow run {result.mlflow_run_id} at {tracking_uri()}" if tracking else ""
+    console.print(
+        f"[green]done:[/] {result.step} steps, checkpoint {result.last_checkpoint}, "
+        f"val {json.dumps({k: round(v, 4) for k, v in result.metrics.items()})}{where}"
+    )
+
+
 data_app = typer.Typer(help="Datasets: prepare the embedded real-clip sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

@@ -1,0 +1,332 @@
+"""Training losses of DLoRAL: reconstruction (L2, LPIPS), temporal consistency, CSD.
+
+Reference: yjsunnn/DLoRAL `src/train_DLoRAL.py`, `src/DLoRAL_model.py` (`CSDLoss`) and
+`src/my_utils/training_utils.py` (`batch_calculate_optical_flow`). Images are in [-1, 1]
+throughout, latents are SD 2.1-base VAE latents (already scaled by 0.18215).
+
+The reference's temporal "consistency" loss (weight `lambda_consistency` = 10) is
+`L1(farneback(pred_prev, pred_cur), farneback(gt_prev, gt_cur))` with OpenCV Farneback flow
+(pyr_scale 0.5, levels 3, winsize 15, iterations 3, poly_n 5, poly_sigma 1.2) on uint8
+grayscale frames made by `(x * 255).astype(uint8)` of the [-1, 1] frames (negative values, half
+the range, are cast out of range; numpy wraps them), and the flow divided by (W, H). It runs on
+detached numpy arrays, so it carries NO gradient: in the reference it only adds a constant to the
+logged loss. `temporal_consistency_loss` is the differentiable replacement used here. A
+gradient-free `reference_flow_loss` reproducing the Farneback version is not provided because
+OpenCV (`cv2`) is not a dependency of this project.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dloral.model.spynet import flow_warp
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CSDLoss",
+    "SD21_BASE_SCHEDULER_CONFIG",
+    "VGG16_ENV",
+    "VGG16_FILE",
+    "WeightsMissing",
+    "l2_loss",
+    "load_lpips",
+    "locate_vgg16",
+    "sd21_ddpm_scheduler",
+    "temporal_consistency_loss",
+    "vgg16_features_to_lpips",
+]
+
+
+def l2_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, as `F.mse_loss(pred, gt)` in the reference."""
+    return F.mse_loss(pred, gt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporal consistency
+# ---------------------------------------------------------------------------------------------
+
+
+def _in_frame_mask(flow: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+    """(N, 1, H, W) float mask: 1 where p + flow[p] lies inside the frame (align_corners=True)."""
+    _, _, h, w = flow.shape
+    gy, gx = torch.meshgrid(
+        torch.arange(h, device=flow.device, dtype=flow.dtype),
+        torch.arange(w, device=flow.device, dtype=flow.dtype),
+        indexing="ij",
+    )
+    px = gx + flow[:, 0]
+    py = gy + flow[:, 1]
+    inside = (px >= -tol) & (px <= w - 1 + tol) & (py >= -tol) & (py <= h - 1 + tol)
+    return inside.unsqueeze(1).to(flow.dtype)
+
+
+def temporal_consistency_loss(
+    pred_prev: torch.Tensor,
+    pred_cur: torch.Tensor,
+    gt_prev: torch.Tensor,
+    gt_cur: torch.Tensor,
+    flow: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Differentiable temporal loss: mean |(pred_cur - W pred_prev) - (gt_cur - W gt_prev)|.
+
+    Frames are (N, C, H, W) (any range, [-1, 1] in training). `flow` (N, 2, H, W) is the
+    backward flow from the current to the previous frame in pixels (x, y), computed by the caller
+    on the GT frames; W is `flow_warp` by it, which brings the previous frame onto the current
+    one. Pixels whose warp samples outside the frame are left out of the mean. flow=None means
+    zero motion. GT and flow are targets: no gradient flows into them.
+
+    Unlike the reference's Farneback-flow L1 (see the module docstring), this has a gradient
+    w.r.t. both predicted frames.
+    """
+    shape = pred_cur.shape
+    for name, t in (("pred_prev", pred_prev), ("gt_prev", gt_prev), ("gt_cur", gt_cur)):
+        if t.shape != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} differs from pred_cur {tuple(shape)}")
+    gt_prev, gt_cur = gt_prev.detach(), gt_cur.detach()
+    if flow is None:
+        diff = (pred_cur - pred_prev) - (gt_cur - gt_prev)
+        return diff.abs().mean()
+    if flow.shape != (shape[0], 2, *shape[-2:]):
+        raise ValueError(f"flow shape {tuple(flow.shape)}, expected {(shape[0], 2, *shape[-2:])}")
+    flow = flow.detach().float()  # float32 pixel grid even for half-precision frames
+    mask = _in_frame_mask(flow).to(pred_cur.dtype)
+    diff = (pred_cur - flow_warp(pred_prev, flow)) - (gt_cur - flow_warp(gt_prev, flow))
+    denom = (mask.sum() * shape[1]).clamp_min(1.0)
+    return (diff.abs() * mask).sum() / denom
+
+
+# ---------------------------------------------------------------------------------------------
+# CSD (classifier score distillation)
+# ---------------------------------------------------------------------------------------------
+
+# stabilityai/stable-diffusion-2-1-base scheduler/scheduler_config.json (a PNDMScheduler config;
+# the reference loads it with `DDPMScheduler.from_pretrained(..., subfolder="scheduler")`).
+# 2.1-base is epsilon-prediction; the 768 px stable-diffusion-2-1 is v-prediction.
+SD21_BASE_SCHEDULER_CONFIG: dict = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.10.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+def sd21_ddpm_scheduler():
+    """`DDPMScheduler` from SD 2.1-base's scheduler config, as the reference builds it.
+
+    `set_alpha_to_one` and `skip_prk_steps` are DDIM/PNDM options that DDPM ignores (kept in its
+    config, as with `from_pretrained`); `steps_offset` only affects inference timesteps.
+    """
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(dict(SD21_BASE_SCHEDULER_CONFIG))
+
+
+class CSDLoss(nn.Module):
+    """Classifier score distillation against a frozen SD 2.1-base UNet (epsilon-prediction).
+
+    For latents z: t ~ U{int(1000 min_step_ratio), ..., int(1000 max_step_ratio) - 1},
+    z_t = add_noise(z, eps, t); with CFG scale s and the frozen UNet's eps_u (negative prompt),
+    eps_c (positive prompt):
+        x0_real = x0(eps_u + s (eps_c - eps_u)),  x0_fake = x0(eps_u),
+        w = mean_{C,H,W} |z - x0_real|,  g = (x0_fake - x0_real) / w,
+        loss = mse(z, stopgrad(z - g))  (value mean(g^2), d loss / d z = 2 g / z.numel()).
+    Only `latents` get a gradient. The UNet must be the original 4-channel SD UNet (not the
+    LoRA'd 8-channel generator); it is set to eval with requires_grad False here and runs in its
+    own dtype (the reference runs it in fp16); the x0 algebra is done in the latents' dtype.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler=None,
+        cfg_scale: float = 7.5,
+        min_step_ratio: float = 0.02,
+        max_step_ratio: float = 0.5,
+    ):
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler = scheduler if scheduler is not None else sd21_ddpm_scheduler()
+        pred_type = self.scheduler.config.prediction_type
+        if pred_type != "epsilon":
+            raise ValueError(
+                f"CSDLoss needs an epsilon-prediction scheduler (SD 2.1-base), got {pred_type!r}"
+            )
+        self.cfg_scale = float(cfg_scale)
+        steps = int(self.scheduler.config.num_train_timesteps)
+        self.min_step = int(steps * min_step_ratio)
+        self.max_step = int(steps * max_step_ratio)
+        if not 0 <= self.min_step < self.max_step <= steps:
+            raise ValueError(
+                f"timestep range [{self.min_step}, {self.max_step}) is empty or not in [0, {steps})"
+            )
+        self.last_timesteps: torch.Tensor | None = None
+
+    def train(self, mode: bool = True) -> CSDLoss:
+        super().train(mode)
+        self.unet.eval()  # the teacher stays frozen when a parent module is put in train mode
+        return self
+
+    def sample_timesteps(
+        self, n: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(n,) int64 timesteps in [min_step, max_step), like `torch.randint` in the reference."""
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(
+            self.min_step, self.max_step, (n,), generator=generator, device=gen_device
+        )
+        return t.to(device)
+
+    def _x0(self, noisy: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = self.scheduler.alphas_cumprod.to(device=noisy.device, dtype=noisy.dtype)[t]
+        abar = abar.view(-1, *([1] * (noisy.dim() - 1)))
+        return (noisy - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        pos_embeds: torch.Tensor,
+        neg_embeds: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar CSD loss for latents (B, 4, h, w); embeds (B or 1, 77, D) text states.
+
+        `generator` drives the timestep draw and, when `noise` is None, the noise.
+        The drawn timesteps are kept in `self.last_timesteps`.
+        """
+        b = latents.shape[0]
+        if noise is None:
+            gen_device = generator.device if generator is not None else latents.device
+            noise = torch.randn(
+                latents.shape, generator=generator, device=gen_device, dtype=latents.dtype
+            ).to(latents.device)
+        t = self.sample_timesteps(b, latents.device, generator)
+        self.last_timesteps = t
+        pos = pos_embeds.expand(b, *pos_embeds.shape[1:])
+        neg = neg_embeds.expand(b, *neg_embeds.shape[1:])
+        unet_dtype = next(self.unet.parameters()).dtype
+
+        with torch.no_grad():
+            z = latents.detach()
+            noisy = self.scheduler.add_noise(z, noise.to(z.dtype), t)
+            eps = self.unet(
+                torch.cat([noisy, noisy]).to(unet_dtype),
+                torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([neg, pos]).to(unet_dtype),
+            ).sample.to(z.dtype)
+            eps_uncond, eps_text = eps.chunk(2)
+            eps_cfg = eps_uncond + self.cfg_scale * (eps_text - eps_uncond)
+            x0_real = self._x0(noisy, eps_cfg, t)
+            x0_fake = self._x0(noisy, eps_uncond, t)
+            w = (z - x0_real).abs().mean(dim=list(range(1, z.dim())), keepdim=True)
+            grad = (x0_fake - x0_real) / w
+        return F.mse_loss(latents, (latents - grad).detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS (VGG) without network access
+# ---------------------------------------------------------------------------------------------
+
+VGG16_FILE = "vgg16-397923af.pth"
+VGG16_ENV = "DLORAL_VGG16_WEIGHTS"
+# lpips.pretrained_networks.vgg16 splits torchvision's vgg16.features at these indices (end
+# exclusive; the last max-pool, index 30, is not used) and keeps the original indices as names.
+_VGG16_SLICE_ENDS = (4, 9, 16, 23, 30)
+
+
+class WeightsMissing(FileNotFoundError):
+    """Pretrained weights are not on this machine; the message says where to put them."""
+
+
+def _hub_vgg16_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def locate_vgg16(vgg_weights: str | os.PathLike | None = None) -> Path:
+    """ImageNet VGG16 weights: explicit path (file or folder), $DLORAL_VGG16_WEIGHTS, torch hub."""
+    looked: list[str] = []
+    candidates = (
+        (vgg_weights, "vgg_weights argument"),
+        (os.environ.get(VGG16_ENV), f"${VGG16_ENV}"),
+        (_hub_vgg16_path(), "torch hub cache, torch.hub.get_dir()/checkpoints"),
+    )
+    for candidate, origin in candidates:
+        if not candidate:
+            continue
+        path = Path(candidate).expanduser()
+        if path.is_dir():
+            path = path / VGG16_FILE
+        if path.is_file():
+            return path
+        looked.append(f"{path} ({origin}): not found")
+    raise WeightsMissing(
+        f"VGG16 ImageNet weights ({VGG16_FILE}) for LPIPS not found. Looked in:\n  - "
+        + "\n  - ".join(looked)
+        + f"\nThis machine cannot download them. Copy {VGG16_FILE} from a connected machine's "
+        f'~/.cache/torch/hub/checkpoints/ (created by `python -c "import torchvision; '
+        f'torchvision.models.vgg16(weights="IMAGENET1K_V1")"`) into {_hub_vgg16_path().parent}, '
+        f"or set {VGG16_ENV}=/path/to/{VGG16_FILE}."
+    )
+
+
+def vgg16_features_to_lpips(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map torchvision vgg16 keys `features.N.{weight,bias}` to lpips' `sliceK.N.*` (K 1..5).
+
+    Keys outside `features` (the classifier) are dropped.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "features":
+            continue
+        idx = int(parts[1])
+        slice_no = next((k + 1 for k, end in enumerate(_VGG16_SLICE_ENDS) if idx < end), None)
+        if slice_no is not None:
+            out[f"slice{slice_no}.{idx}.{parts[2]}"] = value
+    return out
+
+
+def load_lpips(
+    device: torch.device | str = "cpu", vgg_weights: str | os.PathLike | None = None
+) -> nn.Module:
+    """LPIPS(net='vgg') as in the reference, built without any download.
+
+    The linear layers come from the lpips wheel (`lpips/weights/v0.1/vgg.pth`); the VGG16 trunk
+    is loaded from `vgg_weights`, else $DLORAL_VGG16_WEIGHTS, else the torch hub cache
+    (`vgg16-397923af.pth`), else `WeightsMissing` is raised. The module is frozen and in eval
+    mode; call it as `lpips(pred, gt)` on (N, 3, H, W) images in [-1, 1] -> (N, 1, 1, 1).
+    `weights_source` holds the path of the VGG16 file loaded.
+    """
+    import lpips
+
+    path = locate_vgg16(vgg_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation
+        # pnet_rand=True: random trunk, so torchvision downloads nothing.
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    mapped = vgg16_features_to_lpips(state)
+    try:
+        model.net.load_state_dict(mapped, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not a torchvision vgg16 state dict: {err}") from err
+    log.info("LPIPS(vgg): trunk from %s", path)
+    model.weights_source = str(path)
+    return model.to(device).eval().requires_grad_(False)

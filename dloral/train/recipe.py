@@ -1,0 +1,457 @@
+"""The DLoRAL training recipe: one readable loop that alternates the two stages.
+
+    consistency stage: C-LoRA + CFR train (D-LoRA active, frozen): L2 + LPIPS + temporal loss
+    detail stage:      D-LoRA trains (C-LoRA, CFR frozen):          L2 + LPIPS + CSD + temporal
+
+Per step: the schedule (dloral.train.schedule) says the stage and every loss weight, smoothly
+interpolated around a switch as the reference does. A batch holds clips of N consecutive frames;
+the model restores every frame t >= 1 from the pair (t-1, t), as the reference's two pairs of a
+3-frame clip. All randomness of a step (VAE posterior samples, CSD noise and timesteps) comes from
+a generator seeded by (seed, step) and the data is a pure function of (seed, sample index), so a
+resumed run follows the same trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dloral.data.embedded import default_dir
+from dloral.data.readers import read_dataset
+from dloral.data.sampler import TrainingClips
+from dloral.devices import resolve_device
+from dloral.model.checkpoint import save_checkpoint
+from dloral.model.dloral import DLoRAL
+from dloral.resize import resize_bicubic
+from dloral.train import losses
+from dloral.train.config import TrainConfig
+from dloral.train.schedule import StepPlan, plan
+from dloral.train.validation import psnr, ssim, temporal_change_error
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN/inf; the message names the step; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # "finished" | "diverged"
+    step: int
+    last_checkpoint: Path | None
+    metrics: dict = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+
+# ----- setup ------------------------------------------------------------------------------
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _dataset_root(root: str | None, name: str) -> Path:
+    if root:
+        return Path(root)
+    from dloral.data.embedded import prepare_embedded
+
+    return prepare_embedded(default_dir()) / name
+
+
+def _upsample(lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., 3, h, w) LQ -> (..., 3, H, W) with the pipeline's PIL bicubic, clipped to [0, 1]."""
+    flat = lq.reshape(-1, *lq.shape[-3:])
+    up = torch.stack([resize_bicubic(f, size) for f in flat]).clamp_(0, 1)
+    return up.reshape(*lq.shape[:-2], *size)
+
+
+def _frozen_pretrained_unet(model: DLoRAL) -> torch.nn.Module:
+    """The original 4-channel UNet that CSD distils from (the reference loads SD 2.1 again)."""
+    from dloral.model.backbone import build_backbone
+
+    cfg = model.cfg
+    unet = build_backbone(cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed).unet
+    return unet.requires_grad_(False).eval()
+
+
+# ----- one step -----------------------------------------------------------------------------
+def restore_clip(model: DLoRAL, lq_up: torch.Tensor, embeds: torch.Tensor, gen) -> tuple:
+    """lq_up (B, N, 3, H, W) -> (restored frames 1..N-1 (B, N-1, 3, H, W), their latents)."""
+    b, n = lq_up.shape[:2]
+    z = model.encode(lq_up.flatten(0, 1), gen)
+    z = z.view(b, n, *z.shape[1:])
+    cur, prev = z[:, 1:].flatten(0, 1), z[:, :-1].flatten(0, 1)
+    lq_cur, lq_prev = lq_up[:, 1:].flatten(0, 1), lq_up[:, :-1].flatten(0, 1)
+    latents = model.restore_latent(cur, prev, lq_cur, lq_prev, embeds.expand(cur.shape[0], -1, -1))
+    frames = model.decode(latents)
+    return frames.view(b, n - 1, *frames.shape[1:]), latents
+
+
+def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
+    """Every loss term of one micro-batch, already weighted; key "total" is their sum."""
+    gt, lq = batch["gt"].to(ctx["device"]), batch["lq"].to(ctx["device"])
+    lq_up = _upsample(lq, tuple(gt.shape[-2:]))
+    pred, latents = restore_clip(model, lq_up, ctx["pos"], gen)
+    target = gt[:, 1:]
+    out: dict[str, torch.Tensor] = {}
+    # the reference compares images in [-1, 1]
+    out["l2"] = p.l2 * F.mse_loss(pred * 2 - 1, target * 2 - 1)
+    if ctx["lpips"] is not None and p.lpips > 0:
+        out["lpips"] = (
+            p.lpips * ctx["lpips"](pred.flatten(0, 1) * 2 - 1, target.flatten(0, 1) * 2 - 1).mean()
+        )
+    if p.consistency > 0 and pred.shape[1] >= 2:
+        prev_p, cur_p = pred[:, :-1].flatten(0, 1), pred[:, 1:].flatten(0, 1)
+        prev_g, cur_g = target[:, :-1].flatten(0, 1), target[:, 1:].flatten(0, 1)
+        with torch.no_grad():  # motion of the ground truth, by the model's own (frozen) SPyNet
+            flow = model.cfr.spynet(cur_g * 2 - 1, prev_g * 2 - 1).float()
+        out["consistency"] = p.consistency * losses.temporal_consistency_loss(
+            prev_p, cur_p, prev_g, cur_g, flow
+        )
+    if p.stage == "detail" and p.csd > 0 and ctx["csd"] is not None:
+        b = latents.shape[0]
+        out["csd"] = p.csd * ctx["csd"](
+            latents, ctx["pos"].expand(b, -1, -1), ctx["neg"].expand(b, -1, -1), generator=gen
+        )
+    out["total"] = sum(out.values())
+    return out
+
+
+# ----- checkpoints -------------------------------------------------------------------------
+def _save_state(run_dir: Path, model, optimizer, scheduler, step: int, keep: int, extra: dict):
+    """checkpoints/step-XXXXXX/ = model checkpoint + optimizer/scheduler/step; then `latest`."""
+    ckpt_root = run_dir / "checkpoints"
+    folder = ckpt_root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".step-"))
+    try:
+        save_checkpoint(model, tmp, extra={"step": step, **extra})
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            },
+            tmp / STATE_FILE,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _atomic_write_text(ckpt_root / "latest", folder.name)
+    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    folder = run_dir / "checkpoints" / pointer.read_text().strip()
+    return folder if (folder / STATE_FILE).is_file() else None
+
+
+def _load_state(folder: Path, model, optimizer, scheduler) -> int:
+    from safetensors.torch import load_file
+
+    from dloral.model.checkpoint import _load_into
+
+    report = _load_into(model, load_file(folder / "dloral.safetensors"), str(folder))
+    if not report.clean:
+        raise RuntimeError(f"cannot resume from {folder}: {report.summary()}")
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+# ----- validation ------------------------------------------------------------------------
+@torch.no_grad()
+def validate(model: DLoRAL, cfg: TrainConfig, ctx) -> tuple[dict[str, float], torch.Tensor]:
+    """PSNR/SSIM/temporal error on the first frames of a few validation clips; returns the
+    metrics and one LQ | output | GT strip for logging."""
+    from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
+
+    stage = model.stage
+    model.set_stage("inference")
+    up = VideoUpscaler(
+        model,
+        ctx["device"],
+        torch.float32,
+        UpscaleOptions(
+            scale=cfg.data.sampler.scale,
+            process_size=0,
+            batch_size=cfg.data.val_frames,
+            seed=cfg.run.seed,
+        ),
+    )
+    scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "temporal_change": []}
+    strip = None
+    for clip in ctx["val_clips"]:
+        pairs = [
+            (n, lq, gt)
+            for (n, lq, gt), _ in zip(clip.frame_pairs(), range(cfg.data.val_frames), strict=False)
+        ]
+        outs = torch.stack([o for _, o in up.upscale((n, lq) for n, lq, _ in pairs)])
+        gts = torch.stack([g for _, _, g in pairs])
+        scores["psnr"].append(psnr(outs, gts))
+        scores["ssim"].append(ssim(outs, gts))
+        scores["temporal_change"].append(temporal_change_error(outs, gts))
+        if strip is None:
+            lq_up = _upsample(pairs[0][1][None], tuple(gts.shape[-2:]))[0]
+            strip = torch.cat([lq_up, outs[0], gts[0]], dim=-1)
+    model.set_stage(stage)
+    return {k: sum(v) / len(v) for k, v in scores.items()}, strip
+
+
+# ----- the loop ------------------------------------------------------------------------------
+def train(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    tracker: Callable | None = None,
+    progress: Callable[[int, StepPlan, dict], None] | None = None,
+) -> RunResult:
+    """Run (or resume) one training run in `run_dir`. `tracker` is a logging sink (see
+    dloral.train.tracking); `progress(step, plan, losses)` is called after every step."""
+    from dloral.train.tracking import NullTracker
+
+    tracker = tracker or NullTracker()
+    if cfg.loss.temporal != "warped":
+        raise ValueError(
+            f"loss.temporal={cfg.loss.temporal!r} is not implemented: the reference's Farneback "
+            "flow L1 carries no gradient and needs OpenCV; use 'warped'"
+        )
+    device = resolve_device(cfg.run.device)
+    run_dir = Path(run_dir or Path(cfg.run.output_dir) / cfg.run.name)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another dir")
+    _atomic_write_text(run_dir / "config.toml", cfg.to_toml_str())
+    torch.manual_seed(cfg.run.seed)
+
+    model = DLoRAL(cfg.model).to(device)
+    if cfg.optim.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    trainable = _all_trainable(model)
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(
+        cfg.optim.lr_schedule,
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps,
+        num_training_steps=cfg.run.max_steps,
+    )
+    start = 0
+    if resume:
+        folder = latest_checkpoint(run_dir)
+        if folder is None:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+        start = _load_state(folder, model, optimizer, scheduler)
+        log.info("resumed %s at step %d", run_dir, start)
+
+    ctx = {"device": device, "lpips": None, "csd": None, "lpips_source": "not used"}
+    ctx["lpips"], ctx["lpips_source"] = _lpips(cfg, device)
+    with torch.no_grad():
+        ctx["pos"] = model.encode_prompt([cfg.loss.pos_prompt]).to(device)
+        ctx["neg"] = model.encode_prompt([cfg.loss.neg_prompt]).to(device)
+    if cfg.loss.weights.csd > 0:
+        ctx["csd"] = losses.CSDLoss(
+            _frozen_pretrained_unet(model).to(device),
+            cfg_scale=cfg.loss.cfg_csd,
+            min_step_ratio=cfg.loss.min_dm_step_ratio,
+            max_step_ratio=cfg.loss.max_dm_step_ratio,
+        )
+    data = cfg.data
+    train_clips = read_dataset(data.train_kind, _dataset_root(data.train_root, "embedded-train"))
+    val = read_dataset(
+        data.val_kind, _dataset_root(data.val_root, "embedded-udm10"), lq=data.val_lq
+    )
+    ctx["val_clips"] = val.clips[: data.val_clips]
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum
+    sampler_cfg = data.sampler
+    sampler_cfg.samples = max(sampler_cfg.samples, cfg.run.max_steps * per_step)
+    sampler_cfg.seed = cfg.run.seed
+    dataset = TrainingClips(train_clips.clips, sampler_cfg)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.optim.batch_size,
+        num_workers=data.workers,
+        sampler=range(start * per_step, cfg.run.max_steps * per_step),
+    )
+    batches = iter(loader)
+
+    tracker.start(
+        cfg,
+        run_dir,
+        resume,
+        {
+            "lpips_weights": ctx["lpips_source"],
+            "backbone_weights": model.weights,
+            "device": str(device),
+        },
+    )
+    try:
+        return _loop(
+            cfg,
+            run_dir,
+            model,
+            optimizer,
+            scheduler,
+            trainable,
+            ctx,
+            batches,
+            start,
+            tracker,
+            progress,
+        )
+    except TrainingDiverged:
+        raise  # already marked FAILED with its reason
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", "interrupted by the user")
+        raise
+    except BaseException as err:
+        tracker.finish("FAILED", f"{type(err).__name__}: {err}")
+        raise
+
+
+def _loop(
+    cfg, run_dir, model, optimizer, scheduler, trainable, ctx, batches, start, tracker, progress
+) -> RunResult:
+    status, last_ckpt, metrics = "finished", latest_checkpoint(run_dir), {}
+    # fp16 needs loss scaling; bf16 and fp32 do not
+    fp16 = ctx["device"].type == "cuda" and cfg.optim.mixed_precision == "fp16"
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    stage = None
+    t_last = time.perf_counter()
+    for step in range(start, cfg.run.max_steps):
+        p = plan(step, cfg.schedule, cfg.loss.weights)
+        if p.stage != stage:
+            model.set_stage(p.stage)
+            tracker.log_metrics({"stage_is_detail": float(p.stage == "detail")}, step)
+            stage = p.stage
+        totals: dict[str, float] = {}
+        for micro in range(cfg.optim.grad_accum):
+            gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 101 + micro)
+            with _autocast(cfg, ctx["device"]):
+                terms = step_losses(model, next(batches), p, ctx, gen)
+            if not torch.isfinite(terms["total"]):
+                bad = {k: float(v.detach()) for k, v in terms.items()}
+                tracker.log_metrics({"diverged_at_step": float(step)}, step)
+                tracker.finish("FAILED", f"non-finite loss at step {step}: {bad}")
+                raise TrainingDiverged(
+                    f"loss became non-finite at step {step} ({bad}); "
+                    f"last good checkpoint: {last_ckpt}"
+                )
+            scaler.scale(terms["total"] / cfg.optim.grad_accum).backward()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
+        scaler.unscale_(optimizer)
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [q for q in trainable if q.grad is not None], cfg.optim.grad_clip
+            )
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if progress:
+            progress(done, p, totals)
+        if done % cfg.run.log_every == 0 or done == cfg.run.max_steps:
+            now = time.perf_counter()
+            rate = cfg.run.log_every / max(now - t_last, 1e-9)
+            t_last = now
+            tracker.log_metrics(
+                {f"train/{p.stage}/{k}": v for k, v in totals.items()}
+                | {"lr": scheduler.get_last_lr()[0], "it_per_s": rate, "transition": p.transition},
+                done,
+            )
+        if done % cfg.run.validate_every == 0 or done == cfg.run.max_steps:
+            metrics, strip = validate(model, cfg, ctx)
+            tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, done)
+            if strip is not None:
+                tracker.log_image(strip, f"samples/step-{done:06d}.png")
+        if done % cfg.run.checkpoint_every == 0 or done == cfg.run.max_steps:
+            last_ckpt = _save_state(
+                run_dir,
+                model,
+                optimizer,
+                scheduler,
+                done,
+                cfg.run.keep_checkpoints,
+                {"stage": p.stage},
+            )
+    tracker.log_checkpoint(last_ckpt)
+    tracker.finish("FINISHED")
+    _atomic_write_text(
+        run_dir / "result.json",
+        json.dumps(
+            {
+                "status": status,
+                "step": cfg.run.max_steps,
+                "checkpoint": str(last_ckpt),
+                "metrics": metrics,
+            },
+            indent=2,
+        ),
+    )
+    return RunResult(
+        run_dir, status, cfg.run.max_steps, last_ckpt, metrics, getattr(tracker, "run_id", None)
+    )
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """Mixed precision on CUDA only (bf16 for auto); CPU trains in fp32."""
+    mode = cfg.optim.mixed_precision
+    if device.type != "cuda" or mode == "no":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _all_trainable(model: DLoRAL) -> list[torch.nn.Parameter]:
+    """Parameters trained in either stage (one optimizer; a frozen stage just gives no grad)."""
+    params = {}
+    for stage in ("consistency", "detail"):
+        model.set_stage(stage)
+        params.update({id(q): q for q in model.trainable_parameters()})
+    model.set_stage("inference")
+    return list(params.values())
+
+
+def _lpips(cfg: TrainConfig, device):
+    if cfg.loss.weights.lpips <= 0:
+        return None, "not used (weight 0)"
+    try:
+        net = losses.load_lpips(device)
+        return net, str(net.weights_source)
+    except losses.WeightsMissing as err:
+        if cfg.loss.lpips == "required":
+            raise
+        log.warning("LPIPS terms dropped: %s", err)
+        return None, f"missing: {str(err).splitlines()[0]}"

@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+from conftest import read_clip
+
+from dloral.data.frames import write_png
+from dloral.data.sampler import TrainingClips
+from dloral.model.checkpoint import _trained_state
+from dloral.resize import bi_downsample
+from dloral.train import recipe
+from dloral.train.config import load_config
+from dloral.train.recipe import TrainingDiverged, latest_checkpoint, train
+from dloral.train.tracking import MlflowTracker
+
+
+@pytest.fixture(scope="module")
+def data_roots(tmp_path_factory, bikes_path):
+    """A youhq-layout training clip and a udm10-layout validation clip from real bikes frames."""
+    root = tmp_path_factory.mktemp("data")
+    frames = read_clip(bikes_path, 6, (0, 100, 96, 128), (96, 128))
+    for i, f in enumerate(frames):
+        write_png(f, root / "train" / "bikes" / f"{i:05d}.png")
+    val = read_clip(bikes_path, 3, (100, 300, 64, 64), (64, 64))
+    for i, (gt, lq) in enumerate(zip(val, bi_downsample(val, 4), strict=True)):
+        write_png(gt, root / "val" / "GT" / "bikes" / f"{i:05d}.png")
+        write_png(lq, root / "val" / "BIx4" / "bikes" / f"{i:05d}.png")
+    return root
+
+
+def _cfg(roots, **extra):
+    sets = {
+        "data.train_root": str(roots / "train"),
+        "data.val_root": str(roots / "val"),
+        "data.val_clips": 1,
+        "data.val_frames": 2,
+        "data.sampler.crop": 64,
+        "optim.grad_accum": 1,
+        "optim.lr": 1e-3,
+        "run.max_steps": 4,
+        "run.checkpoint_every": 2,
+        "run.validate_every": 4,
+        "run.log_every": 1,
+        "schedule.kind": "periodic",
+        "schedule.alternation_period": 2,
+        "schedule.transition_steps": 0,
+        "loss.lpips": "optional",
+        **extra,
+    }
+    return load_config(None, [f"{k}={_toml(v)}" for k, v in sets.items()])
+
+
+def _toml(v):
+    return f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _state(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(latest_checkpoint(run_dir) / "dloral.safetensors")
+
+
+def test_resume_follows_the_uninterrupted_trajectory(data_roots, tmp_path):
+    straight = train(_cfg(data_roots), run_dir=tmp_path / "a")
+    assert straight.step == 4 and straight.status == "finished"
+    train(_cfg(data_roots, **{"run.max_steps": 2}), run_dir=tmp_path / "b")
+    resumed = train(_cfg(data_roots), run_dir=tmp_path / "b", resume=True)
+    assert resumed.step == 4
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stages_follow_the_schedule_and_freeze(data_roots, tmp_path):
+    seen = []
+    cfg = _cfg(data_roots, **{"run.max_steps": 2, "run.validate_every": 100})
+    initial = _trained_state(recipe.DLoRAL(cfg.model))
+    train(cfg, run_dir=tmp_path / "r", progress=lambda s, p, _: seen.append((s, p.stage)))
+    assert seen == [(1, "consistency"), (2, "consistency")]
+    after = _state(tmp_path / "r")
+    changed = {k for k in after if not torch.equal(after[k], initial[k])}
+    assert any(".consistency." in k for k in changed)
+    assert any(k.startswith("cfr.cross_attn_module.") for k in changed)
+    assert not any(".detail." in k for k in changed)  # D-LoRA frozen in the consistency stage
+    assert not any(k.startswith("cfr.spynet.") for k in changed)
+
+
+def test_loss_decreases_when_overfitting(data_roots, tmp_path, monkeypatch):
+    one_sample = TrainingClips.__getitem__
+    monkeypatch.setattr(TrainingClips, "__getitem__", lambda self, i: one_sample(self, 0))
+    l2 = []
+    cfg = _cfg(
+        data_roots,
+        **{
+            "run.max_steps": 12,
+            "schedule.alternation_period": 100,
+            "run.validate_every": 100,
+            "run.checkpoint_every": 100,
+            "optim.lr": 1e-2,
+        },
+    )
+    train(cfg, run_dir=tmp_path / "o", progress=lambda s, p, losses: l2.append(losses["l2"]))
+    assert sum(l2[-3:]) / 3 < 0.85 * sum(l2[:3]) / 3  # measured: 0.094 vs 0.128
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    data_roots, tmp_path, monkeypatch
+):
+    real = recipe.losses.temporal_consistency_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        value = real(*args, **kwargs)
+        return value * math.nan if len(calls) == 3 else value
+
+    monkeypatch.setattr(recipe.losses, "temporal_consistency_loss", poisoned)
+    tracker = MlflowTracker("t", uri=f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(TrainingDiverged, match="step 2"):
+        train(_cfg(data_roots), run_dir=tmp_path / "n", tracker=tracker)
+    assert latest_checkpoint(tmp_path / "n").name == "step-000002"
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and "step 2" in run.data.tags["dloral.status_reason"]
+
+
+def test_mlflow_run_records_params_metrics_samples_and_checkpoint(data_roots, tmp_path):
+    tracker = MlflowTracker("t", uri=f"sqlite:///{tmp_path}/mlflow.db")
+    train(_cfg(data_roots), run_dir=tmp_path / "m", tracker=tracker)
+    client, rid = tracker.client, tracker.run_id
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["model.profile"] == "tiny"
+    history = client.get_metric_history(rid, "train/consistency/l2")
+    # periodic, period 2: steps 0..2 are consistency (step 0 joins the first stage), 3 detail
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(rid, "train/detail/l2")] == [4]
+    assert "train/detail/csd" in run.data.metrics
+    assert "val/psnr" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(rid)}
+    assert {"checkpoint", "samples", "config.toml"} <= artifacts
+    assert run.data.tags["dloral.lpips_weights"].startswith(("missing", "not used", "/"))
