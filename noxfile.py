@@ -24,4 +24,10 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks on this machine; results land in benchmarks/results/."""
-    session.run("python", "benchmarks/latency.py", *(session.posargs or ["--profile", "tiny"]))
+    if session.posargs:  # e.g. nox -s bench -- --profile tiny --lq 144x176
+        session.run("python", "benchmarks/latency.py", *session.posargs)
+        return
+    session.run("python", "benchmarks/latency.py", "--profile", "tiny")
+    session.run(
+        "python", "benchmarks/train_speed.py", "--profile", "tiny", "--checkpointing", "both"
+    )

@@ -139,3 +139,56 @@ def test_mlflow_run_records_params_metrics_samples_and_checkpoint(data_roots, tm
     artifacts = {a.path for a in client.list_artifacts(rid)}
     assert {"checkpoint", "samples", "config.toml"} <= artifacts
     assert run.data.tags["dloral.lpips_weights"].startswith(("missing", "not used", "/"))
+
+
+def test_gradient_checkpointing_gives_the_same_step(data_roots, tmp_path):
+    for flag in ("false", "true"):
+        train(
+            _cfg(
+                data_roots, **{"run.max_steps": 1, "optim.gradient_checkpointing": flag == "true"}
+            ),
+            run_dir=tmp_path / flag,
+        )
+    a, b = _state(tmp_path / "false"), _state(tmp_path / "true")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_train_cli_runs_resumes_and_rejects_unknown_keys(data_roots, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dloral.cli import app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    runner = CliRunner()
+    bad = runner.invoke(app, ["train", "--set", "optim.lrr=1"])
+    assert bad.exit_code == 2 and "optim.lrr" in bad.output
+    sets = [
+        f"{k}={_toml(v)}"
+        for k, v in {
+            "data.train_root": str(data_roots / "train"),
+            "data.val_root": str(data_roots / "val"),
+            "data.val_clips": 1,
+            "data.val_frames": 2,
+            "data.sampler.crop": 64,
+            "run.max_steps": 2,
+            "run.checkpoint_every": 1,
+            "run.validate_every": 2,
+        }.items()
+    ]
+    args = ["train", "--run-dir", str(tmp_path / "run")]
+    for s in sets:
+        args += ["--set", s]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, args)  # the folder holds a run: refuse to overwrite it
+    assert again.exit_code == 2 and "resume" in again.output
+    resumed = runner.invoke(
+        app, ["train", "--resume", str(tmp_path / "run"), "--set", "run.max_steps=3"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert latest_checkpoint(tmp_path / "run").name == "step-000003"
+    from mlflow.tracking import MlflowClient
+
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text()
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert run.info.status == "FINISHED"  # the resumed run continued the same MLflow run
