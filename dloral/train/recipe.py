@@ -109,12 +109,17 @@ def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
     lq_up = _upsample(lq, tuple(gt.shape[-2:]))
     pred, latents = restore_clip(model, lq_up, ctx["pos"], gen)
     target = gt[:, 1:]
+    # The reference adds the losses of its frame pairs (loss_l2 + loss_l2_2, ...): the sum over
+    # pairs of per-pair means, i.e. the mean over equal-sized pairs times their count.
+    pairs = pred.shape[1]
     out: dict[str, torch.Tensor] = {}
     # the reference compares images in [-1, 1]
-    out["l2"] = p.l2 * F.mse_loss(pred * 2 - 1, target * 2 - 1)
+    out["l2"] = p.l2 * pairs * F.mse_loss(pred * 2 - 1, target * 2 - 1)
     if ctx["lpips"] is not None and p.lpips > 0:
         out["lpips"] = (
-            p.lpips * ctx["lpips"](pred.flatten(0, 1) * 2 - 1, target.flatten(0, 1) * 2 - 1).mean()
+            p.lpips
+            * pairs
+            * ctx["lpips"](pred.flatten(0, 1) * 2 - 1, target.flatten(0, 1) * 2 - 1).mean()
         )
     if p.consistency > 0 and pred.shape[1] >= 2:
         prev_p, cur_p = pred[:, :-1].flatten(0, 1), pred[:, 1:].flatten(0, 1)
@@ -126,8 +131,12 @@ def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
         )
     if p.stage == "detail" and p.csd > 0 and ctx["csd"] is not None:
         b = latents.shape[0]
-        out["csd"] = p.csd * ctx["csd"](
-            latents, ctx["pos"].expand(b, -1, -1), ctx["neg"].expand(b, -1, -1), generator=gen
+        out["csd"] = (
+            p.csd
+            * pairs
+            * ctx["csd"](
+                latents, ctx["pos"].expand(b, -1, -1), ctx["neg"].expand(b, -1, -1), generator=gen
+            )
         )
     out["total"] = sum(out.values())
     return out
