@@ -139,6 +139,15 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def write_result(record: dict, out: Path) -> None:
+    """Results are written atomically: a reader never sees half a JSON file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--profile", default="tiny", choices=["tiny", "sd21"])
@@ -168,11 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     name = f"latency-{args.profile}-{device.type}-{args.lq[0]}x{args.lq[1]}.json"
     out = Path(args.out) if args.out else RESULTS / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".latency.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, out)
+    write_result(record, out)
     for r in runs:
         mem = r.get("peak_gpu_memory_gib", r["peak_rss_gib_process"])
         print(

@@ -12,8 +12,6 @@ peak CUDA memory (or the process's peak RSS on CPU). Results go to benchmarks/re
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import sys
 import tempfile
@@ -29,7 +27,7 @@ from dloral.train.config import load_config  # noqa: E402
 from dloral.train.recipe import train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from latency import environment  # noqa: E402
+from latency import environment, write_result  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -105,11 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
     }
     out = RESULTS / f"train-{args.profile}-{device.type}-crop{args.crop}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".train.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, out)
+    write_result(record, out)
     for r in runs:
         print(
             f"checkpointing={r['gradient_checkpointing']}: {r['it_per_s']} it/s, "
