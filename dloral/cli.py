@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 import warnings
 from enum import StrEnum
@@ -56,6 +57,10 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False)],
     )
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    if not verbose:  # MLflow's and alembic's own start-up chatter
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(message: str) -> None:
@@ -252,7 +257,8 @@ def train(
         Path | None, typer.Option(help="Run folder to resume from its latest checkpoint.")
     ] = None,
     run_dir: Annotated[
-        Path | None, typer.Option(help="Run folder [default: <run.output_dir>/<run.name>].")
+        Path | None,
+        typer.Option(help="Run folder [default: <run.output_dir>/<run.name>-<date-time>]."),
     ] = None,
     tracking: Annotated[bool, typer.Option(help="Log to MLflow ($MLFLOW_TRACKING_URI).")] = True,
 ) -> None:
@@ -307,7 +313,8 @@ def train(
             _fail(str(err))
     where = f"; MLflow run {result.mlflow_run_id} at {tracking_uri()}" if tracking else ""
     console.print(
-        f"[green]done:[/] {result.step} steps, checkpoint {result.last_checkpoint}, "
+        f"[green]done:[/] {result.step} steps in {result.run_dir} (resume: --resume "
+        f"{result.run_dir}), checkpoint {result.last_checkpoint}, "
         f"val {json.dumps({k: round(v, 4) for k, v in result.metrics.items()})}{where}"
     )
 

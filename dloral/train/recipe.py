@@ -249,7 +249,9 @@ def train(
             "flow L1 carries no gradient and needs OpenCV; use 'warped'"
         )
     device = resolve_device(cfg.run.device)
-    run_dir = Path(run_dir or Path(cfg.run.output_dir) / cfg.run.name)
+    if run_dir is None:  # a new folder per run: rerunning an experiment never clobbers one
+        run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another dir")
