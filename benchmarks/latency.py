@@ -14,14 +14,12 @@ inference. Results (with the command, device, versions) go to benchmarks/results
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*kernels-community.*")
 
+from dloral.atomic import atomic_write_json  # noqa: E402
 from dloral.data.frames import open_frames, packaged_clip  # noqa: E402
 from dloral.devices import resolve_device, resolve_dtype, synchronize  # noqa: E402
 from dloral.model import lora  # noqa: E402
@@ -141,11 +140,7 @@ def environment(device: torch.device) -> dict:
 
 def write_result(record: dict, out: Path) -> None:
     """Results are written atomically: a reader never sees half a JSON file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_json(out, record)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dloral.atomic import atomic_write_json
 from dloral.data.frames import open_frames, packaged_clip, write_png
 from dloral.resize import bd_downsample, bi_downsample
 
@@ -231,8 +232,5 @@ def prepare_embedded(out: str | os.PathLike | None = None, force: bool = False) 
         "sets": sets,
         "files": files,
     }
-    fd, tmp_manifest = tempfile.mkstemp(dir=out, prefix=".manifest.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp_manifest, manifest_path)
+    atomic_write_json(manifest_path, manifest, sort_keys=True)
     return out

@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from dloral.atomic import atomic_write
 from dloral.model.dloral import DLoRAL, DLoRALConfig
 from dloral.model.lora import LoRAConfig
 
@@ -82,23 +82,11 @@ def _trained_state(model: DLoRAL) -> dict[str, torch.Tensor]:
     return state
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(model: DLoRAL, folder: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `folder/dloral.safetensors` and `folder/dloral_config.json` atomically."""
     folder = Path(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in _trained_state(model).items()}
-    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, {"format": FORMAT}))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, {"format": FORMAT}))
     meta = {
         "format": FORMAT,
         "model": model.cfg.to_dict(),
@@ -106,9 +94,7 @@ def save_checkpoint(model: DLoRAL, folder: str | os.PathLike, extra: dict | None
         "backbone_weights": model.weights,
         **(extra or {}),
     }
-    _atomic_write(
-        folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2))
-    )
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return folder
 
 
@@ -274,5 +260,5 @@ def export_official(model: DLoRAL, path: str | os.PathLike) -> Path:
         unet_state[key] = tensor.detach().cpu().clone()
     sd["state_dict_unet"] = unet_state
     sd["state_dict_bpp"] = {k: v.detach().cpu().clone() for k, v in model.cfr.state_dict().items()}
-    _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    atomic_write(path, lambda tmp: torch.save(sd, tmp))
     return path

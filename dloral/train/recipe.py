@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dloral.data.embedded import default_dir
+from dloral.atomic import atomic_write_text
+from dloral.data.embedded import prepare_embedded
 from dloral.data.readers import read_dataset
 from dloral.data.sampler import TrainingClips
 from dloral.devices import resolve_device
@@ -59,19 +60,11 @@ class RunResult:
 
 
 # ----- setup ------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _dataset_root(root: str | None, name: str) -> Path:
-    if root:
-        return Path(root)
-    from dloral.data.embedded import prepare_embedded
-
-    return prepare_embedded(default_dir()) / name
+def _prepared(path: Path, given: str | None) -> Path:
+    """A root the user gave is used as it is; the embedded default is prepared on first use."""
+    if not given:
+        prepare_embedded(path.parent)
+    return path
 
 
 def _upsample(lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -162,7 +155,7 @@ def _save_state(run_dir: Path, model, optimizer, scheduler, step: int, keep: int
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _atomic_write_text(ckpt_root / "latest", folder.name)
+    atomic_write_text(ckpt_root / "latest", folder.name)
     done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -255,7 +248,7 @@ def train(
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another dir")
-    _atomic_write_text(run_dir / "config.toml", cfg.to_toml_str())
+    atomic_write_text(run_dir / "config.toml", cfg.to_toml_str())
     torch.manual_seed(cfg.run.seed)
 
     model = DLoRAL(cfg.model).to(device)
@@ -298,10 +291,8 @@ def train(
             max_step_ratio=cfg.loss.max_dm_step_ratio,
         )
     data = cfg.data
-    train_clips = read_dataset(data.train_kind, _dataset_root(data.train_root, "embedded-train"))
-    val = read_dataset(
-        data.val_kind, _dataset_root(data.val_root, "embedded-udm10"), lq=data.val_lq
-    )
+    train_clips = read_dataset(data.train_kind, _prepared(data.train_path(), data.train_root))
+    val = read_dataset(data.val_kind, _prepared(data.val_path(), data.val_root), lq=data.val_lq)
     ctx["val_clips"] = val.clips[: data.val_clips]
     per_step = cfg.optim.batch_size * cfg.optim.grad_accum
     sampler_cfg = data.sampler
@@ -419,7 +410,7 @@ def _loop(
             )
     tracker.log_checkpoint(last_ckpt)
     tracker.finish("FINISHED")
-    _atomic_write_text(
+    atomic_write_text(
         run_dir / "result.json",
         json.dumps(
             {
