@@ -91,14 +91,16 @@ def temporal_consistency_loss(
     for name, t in (("pred_prev", pred_prev), ("gt_prev", gt_prev), ("gt_cur", gt_cur)):
         if t.shape != shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} differs from pred_cur {tuple(shape)}")
-    gt_prev, gt_cur = gt_prev.detach(), gt_cur.detach()
+    # computed in float32: a bf16 sampling grid cannot address the pixels of a 512 px frame
+    pred_prev, pred_cur = pred_prev.float(), pred_cur.float()
+    gt_prev, gt_cur = gt_prev.detach().float(), gt_cur.detach().float()
     if flow is None:
         diff = (pred_cur - pred_prev) - (gt_cur - gt_prev)
         return diff.abs().mean()
     if flow.shape != (shape[0], 2, *shape[-2:]):
         raise ValueError(f"flow shape {tuple(flow.shape)}, expected {(shape[0], 2, *shape[-2:])}")
     flow = flow.detach().float()  # float32 pixel grid even for half-precision frames
-    mask = _in_frame_mask(flow).to(pred_cur.dtype)
+    mask = _in_frame_mask(flow)
     diff = (pred_cur - flow_warp(pred_prev, flow)) - (gt_cur - flow_warp(gt_prev, flow))
     denom = (mask.sum() * shape[1]).clamp_min(1.0)
     return (diff.abs() * mask).sum() / denom
