@@ -36,13 +36,20 @@ def resize_bicubic(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(out).to(frame.device)
 
 
+def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., C, H, W) -> (..., C, size[0], size[1]) by PIL bicubic per frame, clipped to [0, 1]
+    (what a uint8 image would hold: bicubic overshoots)."""
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    out = torch.stack([resize_bicubic(f, size) for f in flat]).clamp_(0, 1)
+    return out.reshape(*frames.shape[:-2], *size)
+
+
 def bi_downsample(frames: torch.Tensor, scale: int) -> torch.Tensor:
     """BI: (T, C, H, W) -> (T, C, H/scale, W/scale), antialiased PIL bicubic, clipped to [0, 1]."""
     h, w = frames.shape[-2:]
     if h % scale or w % scale:
         raise ValueError(f"frame size {w}x{h} is not a multiple of the scale {scale}")
-    size = (h // scale, w // scale)
-    return torch.stack([resize_bicubic(f, size) for f in frames]).clamp_(0, 1)
+    return resize_frames(frames, (h // scale, w // scale))
 
 
 def _gaussian_taps(size: int, sigma: float) -> torch.Tensor:

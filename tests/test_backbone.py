@@ -32,6 +32,14 @@ def test_tiny_build_is_deterministic():
     assert all(torch.equal(p, q) for p, q in pairs)
 
 
+def test_pretrained_unet_alone_equals_the_backbones_unet():
+    from dloral.model.backbone import pretrained_unet
+
+    full, alone = build_backbone("tiny", seed=3).unet, pretrained_unet("tiny", seed=3)
+    pairs = zip(full.state_dict().items(), alone.state_dict().items(), strict=True)
+    assert all(ka == kb and torch.equal(a, b) for (ka, a), (kb, b) in pairs)
+
+
 def test_hash_tokenizer_is_stable_and_padded():
     tok = HashTokenizer(1000)
     ids = tok(["a red bike", ""])

@@ -219,6 +219,27 @@ def load_sd21(path: str | os.PathLike | None = None) -> Backbone:
     return Backbone(unet, vae, text, tok, "sd21", str(folder))
 
 
+def pretrained_unet(
+    profile: str = "tiny",
+    sd21_path: str | os.PathLike | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """The UNet alone, as `build_backbone(...).unet` (same weights), without loading the VAE and
+    text encoder again: the frozen teacher that training distils from."""
+    from diffusers import UNet2DConditionModel
+
+    if profile == "sd21" and not random_init:
+        return UNet2DConditionModel.from_pretrained(
+            locate_sd21(sd21_path), subfolder="unet", local_files_only=True
+        )
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # build_random creates the UNet first from this seed
+        return UNet2DConditionModel(**(TINY_UNET if profile == "tiny" else SD21_UNET))
+
+
 def build_backbone(
     profile: str = "tiny",
     sd21_path: str | os.PathLike | None = None,

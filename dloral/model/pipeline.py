@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dloral.model.colorfix import COLOR_FIXES, color_fix
 from dloral.model.dloral import DLoRAL
 from dloral.model.prompts import PromptSource
-from dloral.resize import resize_bicubic
+from dloral.resize import resize_frames
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class VideoUpscaler:
         if state is not None and state[3] != (proc, out_size):
             raise ValueError(f"frame {names[0]}: size changed inside the clip")
         # Bicubic overshoots; the reference's LQ is a uint8 image, i.e. clipped to [0, 1].
-        lq = torch.stack([resize_bicubic(f, proc) for _, f in batch]).clamp_(0, 1)
+        lq = resize_frames(torch.stack([f for _, f in batch]), proc)
         lq = lq.to(self.device, self.dtype)
         ph, pw = -proc[0] % 8, -proc[1] % 8
         lq_pad = F.pad(lq, (0, pw, 0, ph), mode="replicate") if ph or pw else lq
@@ -130,6 +130,6 @@ class VideoUpscaler:
         sr = model.decode(restored)[..., : proc[0], : proc[1]].float()
         sr = color_fix(sr, lq.float(), self.opt.color_fix)
         if proc != out_size:
-            sr = torch.stack([resize_bicubic(f, out_size) for f in sr]).clamp_(0, 1)
+            sr = resize_frames(sr, out_size)
         new_state = (embeds, latents[-1:], lq_pad[-1:], (proc, out_size))
         return new_state, list(zip(names, sr.cpu(), strict=True))

@@ -11,6 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def flow_coords(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each pixel p samples from: (x, y) = p + flow[p], each (N, H, W), in pixels."""
+    h, w = flow.shape[-2:]
+    gy, gx = torch.meshgrid(
+        torch.arange(h, device=flow.device, dtype=flow.dtype),
+        torch.arange(w, device=flow.device, dtype=flow.dtype),
+        indexing="ij",
+    )
+    return gx + flow[:, 0], gy + flow[:, 1]
+
+
 def flow_warp(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
     """Backward-warp x (N, C, H, W) by flow (N, 2, H, W) in pixels (x, y); align_corners=True.
 
@@ -19,13 +30,7 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros") 
     n, _, h, w = x.shape
     if flow.shape[-2:] != (h, w):
         raise ValueError(f"flow size {tuple(flow.shape[-2:])} differs from input size {(h, w)}")
-    gy, gx = torch.meshgrid(
-        torch.arange(h, device=x.device, dtype=flow.dtype),
-        torch.arange(w, device=x.device, dtype=flow.dtype),
-        indexing="ij",
-    )
-    px = gx + flow[:, 0]
-    py = gy + flow[:, 1]
+    px, py = flow_coords(flow)
     grid = torch.stack((2.0 * px / max(w - 1, 1) - 1.0, 2.0 * py / max(h - 1, 1) - 1.0), dim=-1)
     return F.grid_sample(
         x, grid.to(x.dtype), mode="bilinear", padding_mode=padding_mode, align_corners=True

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dloral.model.spynet import flow_warp
+from dloral.model.spynet import flow_coords, flow_warp
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,8 @@ def l2_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 def _in_frame_mask(flow: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
     """(N, 1, H, W) float mask: 1 where p + flow[p] lies inside the frame (align_corners=True)."""
-    _, _, h, w = flow.shape
-    gy, gx = torch.meshgrid(
-        torch.arange(h, device=flow.device, dtype=flow.dtype),
-        torch.arange(w, device=flow.device, dtype=flow.dtype),
-        indexing="ij",
-    )
-    px = gx + flow[:, 0]
-    py = gy + flow[:, 1]
+    h, w = flow.shape[-2:]
+    px, py = flow_coords(flow)
     inside = (px >= -tol) & (px <= w - 1 + tol) & (py >= -tol) & (py <= h - 1 + tol)
     return inside.unsqueeze(1).to(flow.dtype)
 

@@ -34,7 +34,7 @@ from dloral.data.sampler import TrainingClips
 from dloral.devices import resolve_device
 from dloral.model.checkpoint import save_checkpoint
 from dloral.model.dloral import DLoRAL
-from dloral.resize import resize_bicubic
+from dloral.resize import resize_frames
 from dloral.train import losses
 from dloral.train.config import TrainConfig
 from dloral.train.schedule import StepPlan, plan
@@ -67,19 +67,12 @@ def _prepared(path: Path, given: str | None) -> Path:
     return path
 
 
-def _upsample(lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(..., 3, h, w) LQ -> (..., 3, H, W) with the pipeline's PIL bicubic, clipped to [0, 1]."""
-    flat = lq.reshape(-1, *lq.shape[-3:])
-    up = torch.stack([resize_bicubic(f, size) for f in flat]).clamp_(0, 1)
-    return up.reshape(*lq.shape[:-2], *size)
-
-
 def _frozen_pretrained_unet(model: DLoRAL) -> torch.nn.Module:
     """The original 4-channel UNet that CSD distils from (the reference loads SD 2.1 again)."""
-    from dloral.model.backbone import build_backbone
+    from dloral.model.backbone import pretrained_unet
 
     cfg = model.cfg
-    unet = build_backbone(cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed).unet
+    unet = pretrained_unet(cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed)
     return unet.requires_grad_(False).eval()
 
 
@@ -99,7 +92,7 @@ def restore_clip(model: DLoRAL, lq_up: torch.Tensor, embeds: torch.Tensor, gen) 
 def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
     """Every loss term of one micro-batch, already weighted; key "total" is their sum."""
     gt, lq = batch["gt"].to(ctx["device"]), batch["lq"].to(ctx["device"])
-    lq_up = _upsample(lq, tuple(gt.shape[-2:]))
+    lq_up = resize_frames(lq, tuple(gt.shape[-2:]))
     pred, latents = restore_clip(model, lq_up, ctx["pos"], gen)
     target = gt[:, 1:]
     # The reference adds the losses of its frame pairs (loss_l2 + loss_l2_2, ...): the sum over
@@ -217,7 +210,7 @@ def validate(model: DLoRAL, cfg: TrainConfig, ctx) -> tuple[dict[str, float], to
         scores["ssim"].append(ssim(outs, gts))
         scores["temporal_change"].append(temporal_change_error(outs, gts))
         if strip is None:
-            lq_up = _upsample(pairs[0][1][None], tuple(gts.shape[-2:]))[0]
+            lq_up = resize_frames(pairs[0][1][None], tuple(gts.shape[-2:]))[0]
             strip = torch.cat([lq_up, outs[0], gts[0]], dim=-1)
     model.set_stage(stage)
     return {k: sum(v) / len(v) for k, v in scores.items()}, strip
