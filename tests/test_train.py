@@ -2,30 +2,13 @@ import math
 
 import pytest
 import torch
-from conftest import read_clip
 
-from dloral.data.frames import write_png
 from dloral.data.sampler import TrainingClips
 from dloral.model.checkpoint import _trained_state
-from dloral.resize import bi_downsample
 from dloral.train import recipe
 from dloral.train.config import load_config
 from dloral.train.recipe import TrainingDiverged, latest_checkpoint, train
 from dloral.train.tracking import MlflowTracker
-
-
-@pytest.fixture(scope="module")
-def data_roots(tmp_path_factory, bikes_path):
-    """A youhq-layout training clip and a udm10-layout validation clip from real bikes frames."""
-    root = tmp_path_factory.mktemp("data")
-    frames = read_clip(bikes_path, 6, (0, 100, 96, 128), (96, 128))
-    for i, f in enumerate(frames):
-        write_png(f, root / "train" / "bikes" / f"{i:05d}.png")
-    val = read_clip(bikes_path, 3, (100, 300, 64, 64), (64, 64))
-    for i, (gt, lq) in enumerate(zip(val, bi_downsample(val, 4), strict=True)):
-        write_png(gt, root / "val" / "GT" / "bikes" / f"{i:05d}.png")
-        write_png(lq, root / "val" / "BIx4" / "bikes" / f"{i:05d}.png")
-    return root
 
 
 def _cfg(roots, **extra):

@@ -22,7 +22,7 @@ def test_default_toml_is_the_fast_cpu_run():
     assert cfg.schedule.kind == "periodic"
     assert (cfg.schedule.alternation_period, cfg.schedule.transition_steps) == (50, 10)
     assert (cfg.data.sampler.crop, cfg.data.sampler.frames) == (64, 3)
-    assert (cfg.run.max_steps, cfg.run.checkpoint_every, cfg.run.validate_every) == (300, 100, 100)
+    assert (cfg.run.max_steps, cfg.run.checkpoint_every, cfg.run.validate_every) == (400, 100, 100)
     assert cfg.optim.lr == 1e-4 and cfg.optim.grad_accum == 1
     assert cfg.loss.lpips == "optional"
     assert cfg.data.train_root is None and cfg.data.val_root is None

@@ -208,6 +208,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: invalid TOML: {e}") from e
+    data.pop("sweep", None)  # the search space of `dloral-exp sweep`, not a training key
     for item in overrides:
         apply_override(data, item)
     return TrainConfig.from_dict(data)
@@ -219,6 +220,13 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key, text = key.strip(), text.strip()
     if not sep or not key:
         raise ValueError(f"override must look like section.key=value; got {item!r}")
+    set_key(data, key, text, parse=True)
+
+
+def set_key(data: dict[str, Any], key: str, value: Any, parse: bool = False) -> None:
+    """Set dotted `key` in the raw config dict (KeyError naming the valid keys if it does not
+    exist); `parse`: value is override text. Types are checked later by TrainConfig.from_dict."""
+    text = value
     parts = key.split(".")
     fields: dict[str, Any] | None = SECTIONS
     node = data
@@ -240,7 +248,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ValueError(f"{'.'.join(parts[: depth + 1])} is not a table")
         node = child
-    node[parts[-1]] = _parse_value(text, hint)
+    node[parts[-1]] = _parse_value(text, hint) if parse else value
 
 
 # ----- typing ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +164,31 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder if (folder / STATE_FILE).is_file() else None
 
 
+def install_checkpoint(folder: str | os.PathLike, run_dir: str | os.PathLike) -> int:
+    """Copy a saved step folder (e.g. one a sweep restored from its storage) into `run_dir` as
+    its latest checkpoint, so `train(..., resume=True)` continues from it; returns its step."""
+    folder, run_dir = Path(folder), Path(run_dir)
+    state = folder / STATE_FILE
+    if not state.is_file():
+        raise FileNotFoundError(f"{folder}: not a training checkpoint (no {STATE_FILE})")
+    step = int(torch.load(state, map_location="cpu", weights_only=True)["step"])
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    target = ckpt_root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".step-"))
+    try:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for newer in ckpt_root.glob("step-*"):  # states past the installed one are not trusted
+        if newer.is_dir() and newer.name > target.name:
+            shutil.rmtree(newer, ignore_errors=True)
+    atomic_write_text(ckpt_root / "latest", target.name)
+    return step
+
+
 def _load_state(folder: Path, model, optimizer, scheduler) -> int:
     from safetensors.torch import load_file
 
@@ -223,9 +249,12 @@ def train(
     resume: bool = False,
     tracker: Callable | None = None,
     progress: Callable[[int, StepPlan, dict], None] | None = None,
+    on_validation: Callable[[int, dict[str, float], Path | None], None] | None = None,
 ) -> RunResult:
     """Run (or resume) one training run in `run_dir`. `tracker` is a logging sink (see
-    dloral.train.tracking); `progress(step, plan, losses)` is called after every step."""
+    dloral.train.tracking); `progress(step, plan, losses)` is called after every step;
+    `on_validation(step, val_metrics, checkpoint)` after each validation, with the checkpoint
+    folder saved at that step (None if the cadences differ) - the hook a sweep reports through."""
     from dloral.train.tracking import NullTracker
 
     tracker = tracker or NullTracker()
@@ -310,33 +339,33 @@ def train(
             "device": str(device),
         },
     )
+    hooks = _Hooks(tracker, progress, on_validation)
     try:
         return _loop(
-            cfg,
-            run_dir,
-            model,
-            optimizer,
-            scheduler,
-            trainable,
-            ctx,
-            batches,
-            start,
-            tracker,
-            progress,
+            cfg, run_dir, model, optimizer, scheduler, trainable, ctx, batches, start, hooks
         )
     except TrainingDiverged:
         raise  # already marked FAILED with its reason
     except KeyboardInterrupt:
         tracker.finish("KILLED", "interrupted by the user")
         raise
+    except SystemExit:
+        raise  # the host ends this process (Ray Tune stopping a trial) and owns the run's status
     except BaseException as err:
         tracker.finish("FAILED", f"{type(err).__name__}: {err}")
         raise
 
 
+class _Hooks(NamedTuple):
+    tracker: Any
+    progress: Callable | None
+    on_validation: Callable | None
+
+
 def _loop(
-    cfg, run_dir, model, optimizer, scheduler, trainable, ctx, batches, start, tracker, progress
+    cfg, run_dir, model, optimizer, scheduler, trainable, ctx, batches, start, hooks: _Hooks
 ) -> RunResult:
+    tracker, progress, on_validation = hooks
     status, last_ckpt, metrics = "finished", latest_checkpoint(run_dir), {}
     # fp16 needs loss scaling; bf16 and fp32 do not
     fp16 = ctx["device"].type == "cuda" and cfg.optim.mixed_precision == "fp16"
@@ -386,13 +415,15 @@ def _loop(
                 | {"lr": scheduler.get_last_lr()[0], "it_per_s": rate, "transition": p.transition},
                 done,
             )
-        if done % cfg.run.validate_every == 0 or done == cfg.run.max_steps:
+        validated = done % cfg.run.validate_every == 0 or done == cfg.run.max_steps
+        if validated:
             metrics, strip = validate(model, cfg, ctx)
             tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, done)
             if strip is not None:
                 tracker.log_image(strip, f"samples/step-{done:06d}.png")
+        saved = None
         if done % cfg.run.checkpoint_every == 0 or done == cfg.run.max_steps:
-            last_ckpt = _save_state(
+            saved = last_ckpt = _save_state(
                 run_dir,
                 model,
                 optimizer,
@@ -401,6 +432,8 @@ def _loop(
                 cfg.run.keep_checkpoints,
                 {"stage": p.stage},
             )
+        if validated and on_validation:
+            on_validation(done, metrics, saved)
     tracker.log_checkpoint(last_ckpt)
     tracker.finish("FINISHED")
     atomic_write_text(

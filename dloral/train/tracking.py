@@ -52,21 +52,24 @@ class MlflowTracker(NullTracker):
         uri: str | None = None,
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
+        run_id: str | None = None,
     ):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(self.uri)
         self.experiment, self.parent, self.tags = experiment, parent_run_id, tags or {}
-        self.run_id: str | None = None
+        self.run_id: str | None = run_id  # given: continue that run (a retried sweep trial)
 
     def start(self, cfg, run_dir: Path, resume: bool, info: dict) -> None:
         from mlflow.entities import Param
 
         id_file = run_dir / RUN_ID_FILE
-        if resume and id_file.is_file():
+        if resume and id_file.is_file() and self.run_id is None:
             self.run_id = id_file.read_text().strip()
+        if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
+            id_file.write_text(self.run_id)
             return
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps around the training recipe (dloral.train), logged to MLflow."""

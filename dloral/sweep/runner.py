@@ -1,0 +1,722 @@
+"""The sweep driver: a Ray Tune Tuner around the training recipe, logged to MLflow.
+
+    start (or join) Ray -> resolve paths the trials need -> MLflow parent run -> Tuner.fit
+    -> close every trial's MLflow run -> score the best trial(s) per ablation arm -> summary
+
+Durable state lives in the sweep folder (`<sweep.storage>/<name>-<date-time>/`): Tune's own
+experiment state and trial checkpoints, plus `sweep.json` (the resolved definition and MLflow ids)
+and `summary.json` (trials, best per arm, evaluation), all written atomically. `--resume` reads
+`sweep.json` back and calls `Tuner.restore`, so finished trials are not run again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dloral.sweep.spec import METRICS, Experiment, SweepError
+from dloral.sweep.trial import SWEEP_TAG, TRIAL_TAG
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    values: dict[str, Any]
+    status: str  # finished | stopped (early, by ASHA) | failed | unfinished
+    step: int
+    metrics: dict[str, float]
+    checkpoint: str | None
+    mlflow_run_id: str | None
+    error: str | None = None
+    train_time_s: float = 0.0
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: str
+    status: str  # finished | interrupted | failed
+    trials: list[TrialRow] = field(default_factory=list)
+    best: list[dict[str, Any]] = field(default_factory=list)  # per arm: trial, metric, eval
+    parent_run_id: str | None = None
+    wall_s: float = 0.0
+
+
+# ----- storage (a local folder or any pyarrow filesystem URI) --------------------------------
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts]) if _is_uri(base) else str(Path(base, *parts))
+
+
+def _write_text(path: str, text: str) -> None:
+    if _is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(path)
+        with fs.open_output_stream(inner) as f:  # object stores replace whole objects
+            f.write(text.encode())
+        return
+    from dloral.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), text)
+
+
+def _read_text(path: str) -> str | None:
+    if _is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(path)
+        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(inner) as f:
+            return f.read().decode()
+    p = Path(path)
+    return p.read_text() if p.is_file() else None
+
+
+def _list_dirs(base: str, prefix: str) -> list[str]:
+    if _is_uri(base):
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(base)
+        infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+        names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+    else:
+        names = [p.name for p in Path(base).glob("*") if p.is_dir()] if Path(base).is_dir() else []
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def find_sweep_dir(exp: Experiment) -> str:
+    """The most recent sweep folder of this experiment (for --resume)."""
+    storage = _storage(exp)
+    names = [
+        n for n in _list_dirs(storage, f"{exp.name}-") if _read_text(_join(storage, n, SWEEP_FILE))
+    ]
+    if not names:
+        raise SweepError(f"no sweep of {exp.name!r} to resume under {storage}")
+    return _join(storage, names[-1])
+
+
+def _storage(exp: Experiment) -> str:
+    s = exp.sweep.storage
+    return s if _is_uri(s) else str(Path(s).resolve())
+
+
+# ----- what the trials need, resolved once on the driver --------------------------------------
+def _absolute_tracking_uri(uri: str) -> str:
+    """Trials run in their own working folders: a relative SQLite/file URI is made absolute."""
+    for scheme in ("sqlite:///", "file:"):
+        if uri.startswith(scheme):
+            rest = uri[len(scheme) :]
+            if scheme == "sqlite:///" and not rest.startswith("/"):
+                return scheme + str(Path(rest).resolve())
+            if scheme == "file:" and not rest.startswith("/"):
+                return scheme + str(Path(rest).resolve())
+    if "://" not in uri and not uri.startswith("databricks"):
+        return str(Path(uri).resolve())
+    return uri
+
+
+def _resolve_data(exp: Experiment) -> None:
+    """Prepare the embedded sets once, here (trials would race), and pin absolute roots."""
+    from dloral.data.embedded import prepare_embedded
+
+    cfg = exp.train_config({})
+    data = exp.base.setdefault("data", {})
+    if not cfg.data.train_root or not cfg.data.val_root:
+        prepare_embedded(cfg.data.train_path().parent)
+    data["train_root"] = str(cfg.data.train_path().resolve())
+    data["val_root"] = str(cfg.data.val_path().resolve())
+
+
+def _preflight(exp: Experiment) -> None:
+    """Fail in a second, not after every trial's retries: weights a trial requires must exist."""
+    from dloral.train.losses import WeightsMissing, locate_vgg16
+
+    cfg = exp.train_config({})
+    searched = {d.key for d in exp.dims}
+    may_use_lpips = cfg.loss.weights.lpips > 0 or "loss.weights.lpips" in searched
+    if cfg.loss.lpips == "required" and may_use_lpips and "loss.lpips" not in searched:
+        try:
+            locate_vgg16()
+        except WeightsMissing as err:
+            raise SweepError(f"{exp.path}: loss.lpips = 'required', but {err}") from err
+
+
+# ----- Ray ---------------------------------------------------------------------------------
+def start_ray(address: str | None, verbose: bool = False) -> bool:
+    """Join `address` (or $RAY_ADDRESS), else start Ray on this machine. True if started here."""
+    # Under `uv run`, Ray would otherwise rebuild the project's environment for every worker from
+    # a copy of the working folder; our workers use this interpreter (and on a cluster, the
+    # environment each node was set up with). Set it to 1 to get Ray's uv behaviour back.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # small trials report checkpoints often; Tune's "snapshotting may become a bottleneck"
+    # warning is noise at this scale
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+    )
+    return address is None
+
+
+# ----- MLflow --------------------------------------------------------------------------------
+class Tracking:
+    """The sweep's parent MLflow run and the clean-up of its trials' runs."""
+
+    def __init__(self, uri: str, experiment: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.client = uri, MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (
+            found.experiment_id if found else self.client.create_experiment(experiment)
+        )
+
+    def start_parent(self, exp: Experiment, sweep_id: str, sweep_dir: str) -> str:
+        from mlflow.entities import Param
+
+        from dloral.train.tracking import flatten
+
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=sweep_id,
+            tags={
+                SWEEP_TAG: sweep_id,
+                "dloral.family": exp.sweep.family,
+                "dloral.sweep_dir": sweep_dir,
+                "dloral.experiment_file": str(exp.path),
+                "dloral.scheduler": exp.sweep.scheduler,
+                "mlflow.note.content": exp.sweep.description or f"sweep {exp.name}",
+            },
+        )
+        params = {f"space.{d.key}": d.describe() for d in exp.dims}
+        params |= {
+            f"sweep.{k}": v
+            for k, v in flatten(exp.to_dict()["sweep"]).items()
+            if not k.startswith("space")
+        }
+        params |= {f"base.{k}": v for k, v in flatten(exp.train_config({}).to_dict()).items()}
+        batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(batch), 100):
+            self.client.log_batch(run.info.run_id, params=batch[i : i + 100])
+        return run.info.run_id
+
+    def trial_runs(self, parent: str) -> dict[str, Any]:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+        )
+        return {r.data.tags.get(TRIAL_TAG, r.info.run_id): r for r in runs}
+
+    def record_failed(self, parent: str, trial_id: str, values: dict, reason: str) -> None:
+        """A trial that failed before its recipe opened a run still gets one, FAILED, with
+        its values and the reason, so the sweep's tree in MLflow lists every trial."""
+        from mlflow.entities import Param
+
+        from dloral.sweep.trial import trial_run_name
+
+        sweep_id = self.client.get_run(parent).data.tags.get(SWEEP_TAG, "")
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=trial_run_name(trial_id, values),
+            tags={"mlflow.parentRunId": parent, TRIAL_TAG: trial_id, SWEEP_TAG: sweep_id},
+        )
+        params = [Param(k, str(v)[:6000]) for k, v in values.items()]
+        if params:
+            self.client.log_batch(run.info.run_id, params=params)
+        self.client.set_tag(run.info.run_id, "dloral.status_reason", reason[:5000])
+        self.client.set_terminated(run.info.run_id, status="FAILED")
+
+    def close(self, run, status: str, reason: str | None = None) -> None:
+        """End a run that is still RUNNING (a trial stopped by ASHA or killed never ends its
+        own run); runs that already ended keep their status."""
+        if run.info.status != "RUNNING":
+            return
+        if reason:
+            self.client.set_tag(run.info.run_id, "dloral.status_reason", reason[:5000])
+        self.client.set_terminated(run.info.run_id, status=status)
+
+
+def _trial_callback(spec: dict[str, Any], max_steps: int):
+    from ray.tune import Callback
+
+    class TrialEvents(Callback):
+        """Lines on the console as trials start, report and end; a trial's MLflow run is
+        closed as soon as Tune ends the trial (early stop, error)."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log.info("trial %s started: %s", trial.trial_id, _values(trial.config, spec))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            metric = spec["metric"]
+            if metric in result:
+                log.info(
+                    "trial %s step %d: %s=%.4f",
+                    trial.trial_id,
+                    result.get("step", 0),
+                    metric,
+                    result[metric],
+                )
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            step = int((trial.last_result or {}).get("step", 0))
+            early = step < max_steps
+            log.info(
+                "trial %s %s at step %d",
+                trial.trial_id,
+                "stopped early (ASHA)" if early else "finished",
+                step,
+            )
+            reason = f"stopped by ASHA at step {step}" if early else None
+            self._close(trial, "FINISHED", reason)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            reason = _error_text(trial)
+            log.warning("trial %s failed: %s", trial.trial_id, reason)
+            self._close(trial, "FAILED", reason)
+
+        def _close(self, trial, status: str, reason: str | None) -> None:
+            if not spec.get("tracking_uri"):
+                return
+            tracking = Tracking(spec["tracking_uri"], spec["mlflow_experiment"])
+            run = tracking.trial_runs(spec["parent_run_id"]).get(trial.trial_id)
+            if run is not None:
+                tracking.close(run, status, reason)
+            elif status == "FAILED":
+                values = _values(trial.config, spec)
+                tracking.record_failed(spec["parent_run_id"], trial.trial_id, values, reason)
+
+    return TrialEvents()
+
+
+def _values(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: config[k] for k in spec["keys"] if k in config}
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "the trial failed (no error file)"
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+# ----- the sweep -------------------------------------------------------------------------
+def run_sweep(
+    exp: Experiment,
+    *,
+    address: str | None = None,
+    resume: bool | str = False,
+    max_concurrent: int | None = None,
+    tracking: bool = True,
+    evaluate: bool = True,
+    verbose: bool = False,
+    on_table: Callable[[list[dict[str, Any]], Experiment], None] | None = None,
+) -> SweepResult:
+    """Run a sweep (or resume one: resume=True for the latest of this experiment, or a folder).
+    Returns the trials, the best per arm and their evaluation."""
+    t_start = time.perf_counter()
+    from dloral.train.tracking import tracking_uri
+
+    if resume:
+        sweep_dir = resume if isinstance(resume, str) else find_sweep_dir(exp)
+        saved = _read_text(_join(sweep_dir, SWEEP_FILE))
+        if saved is None:
+            raise SweepError(f"{sweep_dir}: no {SWEEP_FILE}, not a dloral sweep folder")
+        spec = json.loads(saved)
+        exp = _experiment_from_spec(spec)
+    else:
+        storage = _storage(exp)
+        sweep_id = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = _join(storage, sweep_id)
+        if _read_text(_join(sweep_dir, SWEEP_FILE)) is not None:
+            raise SweepError(f"{sweep_dir} already exists; resume it with --resume")
+        if not (address or os.environ.get("RAY_ADDRESS")):
+            _preflight(exp)  # on a cluster the weights live on the workers, not the driver
+        _resolve_data(exp)
+        spec = {
+            "path": str(exp.path),
+            "sweep": exp.to_dict()["sweep"],
+            "base": exp.base,
+            "keys": [d.key for d in exp.dims],
+            "dims": [[d.key, d.kind, d.args] for d in exp.dims],
+            "sweep_id": sweep_id,
+            "sweep_dir": sweep_dir,
+            "threads": max(1, math.floor(exp.sweep.resources.cpu)),
+            "metric": exp.sweep.metric,
+            "mlflow_experiment": exp.sweep.mlflow_experiment,
+            "tracking_uri": _absolute_tracking_uri(tracking_uri()) if tracking else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "status": "running",
+        }
+        if tracking:
+            t = Tracking(spec["tracking_uri"], exp.sweep.mlflow_experiment)
+            spec["experiment_id"] = t.experiment_id
+            spec["parent_run_id"] = t.start_parent(exp, sweep_id, sweep_dir)
+        _write_text(_join(sweep_dir, SWEEP_FILE), json.dumps(spec, indent=2))
+
+    tracker = (
+        Tracking(spec["tracking_uri"], spec["mlflow_experiment"])
+        if spec.get("tracking_uri")
+        else None
+    )
+    parent = spec.get("parent_run_id")
+    if tracker and resume:
+        tracker.client.update_run(parent, status="RUNNING")
+
+    started_here = start_ray(address, verbose)
+    result = SweepResult(sweep_dir, "failed", parent_run_id=parent)
+    try:
+        grid = _fit(exp, spec, sweep_dir, bool(resume), max_concurrent)
+        result.trials = _rows(grid, spec, exp)
+        # Tune turns Ctrl-C into a saved, resumable state and returns: trials left unfinished,
+        # or fewer trials than the space holds, mean the driver was stopped.
+        unfinished = any(t.status == "unfinished" for t in result.trials)
+        if unfinished or len(result.trials) < exp.trial_count():
+            raise KeyboardInterrupt
+        result.status = "finished"
+        _close_all(tracker, parent, result.trials)
+        result.best = best_per_arm(result.trials, exp)
+        if evaluate and result.best:
+            evaluate_best(result.best, exp, spec, in_process=started_here)
+        if on_table:
+            on_table(result.best, exp)
+        if tracker:
+            _log_summary(tracker, parent, result, exp)
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+        if tracker:
+            _close_all(tracker, parent, result.trials)
+            tracker.close(tracker.client.get_run(parent), "KILLED", "driver interrupted")
+        raise
+    except BaseException as err:
+        if tracker:
+            _close_all(tracker, parent, [])
+            tracker.close(tracker.client.get_run(parent), "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        result.wall_s = time.perf_counter() - t_start
+        spec["status"] = result.status
+        _write_text(_join(sweep_dir, SWEEP_FILE), json.dumps(spec, indent=2))
+        if result.trials:  # also when interrupted: which trials are done, which will resume
+            _write_text(_join(sweep_dir, SUMMARY_FILE), json.dumps(_summary(result), indent=2))
+        if started_here:
+            import ray
+
+            ray.shutdown()
+    return result
+
+
+def _experiment_from_spec(spec: dict[str, Any]) -> Experiment:
+    from dloral.sweep.spec import Dimension, SweepConfig
+    from dloral.train.config import _build_dataclass
+
+    sweep = _build_dataclass(SweepConfig, copy.deepcopy(spec["sweep"]), "sweep")
+    dims = [Dimension(k, kind, args) for k, kind, args in spec["dims"]]
+    return Experiment(Path(spec["path"]), sweep, spec["base"], dims)
+
+
+def _fit(exp: Experiment, spec: dict[str, Any], sweep_dir: str, resume: bool, max_concurrent):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from dloral.sweep.trial import run_trial
+
+    s = exp.sweep
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec),
+        {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
+    )
+    if resume:
+        if not tune.Tuner.can_restore(sweep_dir):
+            raise SweepError(f"{sweep_dir}: Tune has no experiment state to resume")
+        tuner = tune.Tuner.restore(
+            sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False
+        )
+        return tuner.fit()
+    max_steps = exp.train_config({}).run.max_steps
+    if s.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=max_steps,
+            grace_period=s.asha.grace_period,
+            reduction_factor=s.asha.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    storage, name = sweep_dir.rsplit("/", 1)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={d.key: d.domain() for d in exp.dims},
+        tune_config=tune.TuneConfig(
+            metric=s.metric,
+            mode=s.mode,
+            scheduler=scheduler,
+            num_samples=s.num_samples,
+            max_concurrent_trials=(max_concurrent or s.max_concurrent) or None,
+            trial_dirname_creator=_trial_dirname,
+            reuse_actors=True,  # later trials skip the worker start-up and imports
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints),
+            callbacks=[_trial_callback(spec, max_steps)],
+            verbose=0,
+        ),
+    )
+    return tuner.fit()
+
+
+def _rows(grid, spec: dict[str, Any], exp: Experiment) -> list[TrialRow]:
+    from ray.tune.experiment import Trial
+
+    max_steps = exp.train_config({}).run.max_steps
+    analysis = getattr(grid, "_experiment_analysis", None)  # Tune's own trial states
+    states = {t.trial_id: t.status for t in getattr(analysis, "trials", [])}
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        step = int(m.get("step", 0))
+        trial_id = str(m.get("trial_id") or r.path.rsplit("/", 1)[-1])
+        state = states.get(trial_id, Trial.TERMINATED)
+        if r.error is not None or state == Trial.ERROR:
+            status = "failed"
+        elif state != Trial.TERMINATED:
+            status = "unfinished"
+        elif step >= max_steps:
+            status = "finished"
+        else:
+            status = "stopped"
+        rows.append(
+            TrialRow(
+                trial_id=trial_id,
+                values=_values(r.config, spec),
+                status=status,
+                step=step,
+                metrics={k: float(v) for k, v in m.items() if k in METRICS},
+                checkpoint=_checkpoint_uri(r.checkpoint),
+                mlflow_run_id=m.get("mlflow_run_id"),
+                error=_short(r.error),
+                train_time_s=float(m.get("time_total_s", 0.0)),
+            )
+        )
+    return rows
+
+
+def _checkpoint_uri(ckpt) -> str | None:
+    """A local path, or scheme://path for remote storage (what ray's Checkpoint(path) takes)."""
+    if ckpt is None:
+        return None
+    kind = getattr(ckpt.filesystem, "type_name", "local")
+    return ckpt.path if kind == "local" else f"{kind}://{ckpt.path}"
+
+
+def _short(err) -> str | None:
+    if err is None:
+        return None
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _close_all(tracker: Tracking | None, parent, rows: list[TrialRow]) -> None:
+    """Nothing stays RUNNING: finished/stopped trials FINISHED, failed ones FAILED with the
+    reason, and trials the driver left unfinished (or does not know) KILLED (resumable)."""
+    if tracker is None or parent is None:
+        return
+    by_id = {r.trial_id: r for r in rows}
+    runs = tracker.trial_runs(parent)
+    for row in rows:
+        if row.status == "failed" and row.trial_id not in runs:
+            tracker.record_failed(parent, row.trial_id, row.values, row.error or "failed")
+    for trial_id, run in runs.items():
+        row = by_id.get(trial_id)
+        if row is None or row.status == "unfinished":
+            tracker.close(run, "KILLED", "sweep driver stopped; continue with --resume")
+        elif row.status == "failed":
+            tracker.close(run, "FAILED", row.error)
+        else:
+            reason = f"stopped by ASHA at step {row.step}" if row.status == "stopped" else None
+            tracker.close(run, "FINISHED", reason)
+
+
+# ----- best per arm and their evaluation -------------------------------------------------
+def arm_label(values: dict[str, Any], arms: list[str]) -> str:
+    if not arms:
+        return "all"
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={values.get(k)}" for k in arms)
+
+
+def best_per_arm(rows: list[TrialRow], exp: Experiment) -> list[dict[str, Any]]:
+    """The top `evaluate.top` trials of each arm by the sweep metric, preferring trials that
+    ran to the end (a trial stopped early is compared at an earlier step)."""
+    metric, sign = exp.sweep.metric, 1 if exp.sweep.mode == "max" else -1
+    arms: dict[str, list[TrialRow]] = {}
+    for row in rows:
+        if row.status in ("finished", "stopped") and metric in row.metrics:
+            arms.setdefault(arm_label(row.values, exp.arms), []).append(row)
+    best = []
+    for label, members in sorted(arms.items()):
+        members.sort(key=lambda r: (r.status == "finished", sign * r.metrics[metric]), reverse=True)
+        for rank, row in enumerate(members[: exp.sweep.evaluate.top], 1):
+            best.append({"arm": label, "rank": rank, "trial": row, "eval": {}})
+    return best
+
+
+def evaluate_best(
+    best: list[dict[str, Any]], exp: Experiment, spec: dict[str, Any], in_process: bool = False
+) -> None:
+    """Score each best trial's last checkpoint on the validation set (more clips and frames
+    than the in-training validation): as Ray tasks with the trials' resources on a cluster, or
+    here, one after the other, when Ray runs on this machine (no worker start-up to pay)."""
+    import ray
+
+    from dloral.sweep.evaluate import score_checkpoint
+
+    s = exp.sweep
+    if in_process:
+        task = _Local(score_checkpoint)
+    else:
+        task = ray.remote(num_cpus=s.resources.cpu, num_gpus=s.resources.gpu)(score_checkpoint)
+    refs = []
+    for item in best:
+        row: TrialRow = item["trial"]
+        if row.checkpoint is None:
+            item["eval"] = {"error": "no checkpoint"}
+            refs.append(None)
+            continue
+        cfg = exp.train_config(row.values).to_dict()
+        refs.append(
+            task.remote(
+                row.checkpoint,
+                cfg,
+                s.evaluate.clips,
+                s.evaluate.frames,
+                0 if in_process else spec["threads"],
+            )
+        )
+    for item, ref in zip(best, refs, strict=True):
+        if ref is None:
+            continue
+        try:
+            item["eval"] = ref() if in_process else ray.get(ref)
+        except Exception as err:  # one bad checkpoint does not lose the others' scores
+            item["eval"] = {"error": _short(err)}
+
+
+class _Local:
+    """`.remote(...)` that defers the call to this process (same interface as a Ray task)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return lambda: self.fn(*args)
+
+
+def _summary(result: SweepResult) -> dict[str, Any]:
+    def row(r: TrialRow) -> dict[str, Any]:
+        return r.__dict__.copy()
+
+    return {
+        "sweep_dir": result.sweep_dir,
+        "status": result.status,
+        "wall_s": result.wall_s,
+        "trials": [row(r) for r in result.trials],
+        "best": [{**b, "trial": row(b["trial"])} for b in result.best],
+    }
+
+
+def _log_summary(tracker: Tracking, parent: str, result: SweepResult, exp: Experiment) -> None:
+    """Best-trial summary on the parent run: metrics per arm, tags, the table as artifacts."""
+    import re
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for item in result.best:
+        if item["rank"] != 1:
+            continue
+        label = re.sub(r"[^0-9A-Za-z_\-. /]", "_", item["arm"].replace(", ", "/"))
+        row: TrialRow = item["trial"]
+        for k, v in row.metrics.items():
+            metrics.append(Metric(f"best/{label}/{k}", v, now, row.step))
+        for k, v in item["eval"].items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                metrics.append(Metric(f"eval/{label}/{k}", float(v), now, 0))
+    counts: dict[str, int] = {}
+    for r in result.trials:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    metrics += [Metric(f"trials/{k}", float(v), now, 0) for k, v in counts.items()]
+    for i in range(0, len(metrics), 500):
+        tracker.client.log_batch(parent, metrics=metrics[i : i + 500])
+    done = [r for r in result.trials if exp.sweep.metric in r.metrics]
+    if done:
+        sign = 1 if exp.sweep.mode == "max" else -1
+        top = max(done, key=lambda r: (r.status == "finished", sign * r.metrics[exp.sweep.metric]))
+        tracker.client.set_tag(parent, "dloral.best_trial", top.trial_id)
+        tracker.client.set_tag(parent, "dloral.best_values", json.dumps(top.values))
+    tracker.client.log_text(parent, evaluation_markdown(result.best, exp), "evaluation.md")
+    tracker.client.log_dict(parent, _summary(result), "summary.json")
+    tracker.client.set_terminated(parent, "FINISHED")
+
+
+EVAL_COLUMNS = ("psnr", "ssim", "temporal_change", "s_per_frame")
+
+
+def evaluation_markdown(best: list[dict[str, Any]], exp: Experiment) -> str:
+    """The evaluation table as Markdown (what the parent run and the summary show)."""
+    metric = exp.sweep.metric
+    head = ["arm", "rank", "trial", "status", "step", metric, *EVAL_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for item in best:
+        row: TrialRow = item["trial"]
+        ev = item["eval"]
+        cells = [
+            item["arm"],
+            str(item["rank"]),
+            row.trial_id,
+            row.status,
+            str(row.step),
+            f"{row.metrics.get(metric, float('nan')):.4f}",
+            *(_fmt(ev.get(c)) for c in EVAL_COLUMNS),
+        ]
+        if "error" in ev:
+            cells[-1] += f" (error: {ev['error']})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, int | float) else "-"

@@ -1,0 +1,174 @@
+"""Real sweeps on a local Ray: tiny model, real bikes frames, a few steps per trial."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dloral.sweep.runner import run_sweep, start_ray
+from dloral.sweep.spec import load_experiment
+
+BASE = """
+[model]
+profile = "tiny"
+[data]
+train_root = "{root}/train"
+val_root = "{root}/val"
+val_clips = 1
+val_frames = 2
+[data.sampler]
+crop = 32
+[schedule]
+kind = "periodic"
+alternation_period = 2
+transition_steps = 0
+[loss]
+lpips = "optional"
+[optim]
+lr = 1e-3
+grad_accum = 1
+[run]
+max_steps = 4
+validate_every = 2
+log_every = 1
+[sweep]
+family = "test"
+scheduler = "fifo"
+storage = "{storage}"
+max_failures = 1
+[sweep.evaluate]
+frames = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    start_ray(None)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def _experiment(tmp_path, data_roots, space: str, extra: str = "", name="exp"):
+    path = tmp_path / f"{name}.toml"
+    text = BASE.format(root=data_roots, storage=tmp_path / "sweeps") + extra
+    path.write_text(text + "\n[sweep.space]\n" + space)
+    return load_experiment(path)
+
+
+def _runs(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("dloral-sweeps")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_two_trial_sweep_reports_checkpoints_and_an_mlflow_tree(
+    ray_local, mlflow_uri, tmp_path, data_roots
+):
+    exp = _experiment(tmp_path, data_roots, '"model.cfr.variant" = ["full", "off"]\n')
+    shown = []
+    result = run_sweep(exp, on_table=lambda best, e: shown.append(best))
+
+    assert result.status == "finished"
+    assert sorted(t.values["model.cfr.variant"] for t in result.trials) == ["full", "off"]
+    for t in result.trials:
+        assert t.status == "finished" and t.step == 4
+        assert math.isfinite(t.metrics["val/psnr"]) and 0 < t.metrics["val/ssim"] <= 1
+        assert (Path(t.checkpoint) / "dloral.safetensors").is_file()  # in the sweep storage
+    # best per arm, scored on the validation set
+    assert shown and sorted(b["arm"] for b in result.best) == ["variant=full", "variant=off"]
+    for b in result.best:
+        assert math.isfinite(b["eval"]["psnr"]) and b["eval"]["s_per_frame"] > 0
+        assert b["eval"]["frames"] == 2
+    summary = json.loads((Path(result.sweep_dir) / "summary.json").read_text())
+    assert summary["status"] == "finished" and len(summary["trials"]) == 2
+    assert json.loads((Path(result.sweep_dir) / "sweep.json").read_text())["status"] == "finished"
+
+    client, parents, children = _runs(mlflow_uri)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    parent = parents[0]
+    assert parent.data.tags["dloral.family"] == "test"
+    assert parent.data.tags["dloral.best_trial"] in {t.trial_id for t in result.trials}
+    assert parent.data.params["space.model.cfr.variant"] == "grid['full', 'off']"
+    assert any(
+        k.startswith("eval/variant=") or k.startswith("eval/variant_") for k in parent.data.metrics
+    )
+    assert len(children) == 2
+    for run in children:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["dloral.family"] == "test"
+        assert tags["dloral.stage_schedule"].startswith("periodic P=2")
+        trial = next(t for t in result.trials if t.trial_id == tags["dloral.trial_id"])
+        assert run.data.params["model.cfr.variant"] == trial.values["model.cfr.variant"]
+        history = client.get_metric_history(run.info.run_id, "val/psnr")
+        assert sorted(m.step for m in history) == [2, 4]
+        assert trial.mlflow_run_id == run.info.run_id
+
+
+def test_crashed_trial_resumes_from_its_checkpoint_on_the_same_trajectory(
+    ray_local, mlflow_uri, tmp_path, data_roots
+):
+    space = '"model.cfr.variant" = ["full"]\n'
+    plain = run_sweep(_experiment(tmp_path, data_roots, space, name="plain"), evaluate=False)
+    drill = "\n[sweep.chaos]\ncrash_once_at_step = 2\n"
+    crashed = run_sweep(_experiment(tmp_path, data_roots, space, drill), evaluate=False)
+
+    (a,), (b,) = plain.trials, crashed.trials
+    assert b.status == "finished" and b.step == 4
+    # resumed at step 2 from the reported checkpoint, it ends where the plain run ended
+    assert b.metrics["val/psnr"] == pytest.approx(a.metrics["val/psnr"], abs=1e-5)
+    client, _, children = _runs(mlflow_uri)
+    run = next(r for r in children if r.data.tags["dloral.trial_id"] == b.trial_id)
+    assert run.info.status == "FINISHED"  # the retry continued the same MLflow run
+    assert run.data.tags["dloral.restored_from_step"] == "2"
+    assert run.data.tags["dloral.attempts"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")] == [2, 4]
+
+
+def test_trial_failing_past_its_retries_is_marked_failed_and_the_sweep_goes_on(
+    ray_local, mlflow_uri, tmp_path, data_roots
+):
+    space = f'"data.train_root" = ["{data_roots}/train", "{tmp_path}/missing-train"]\n'
+    result = run_sweep(_experiment(tmp_path, data_roots, space), evaluate=False)
+
+    by_root = {t.values["data.train_root"]: t for t in result.trials}
+    assert by_root[f"{data_roots}/train"].status == "finished"
+    failed = by_root[f"{tmp_path}/missing-train"]
+    assert failed.status == "failed" and "missing-train" in failed.error
+    _, parents, children = _runs(mlflow_uri)
+    assert parents[0].info.status == "FINISHED"
+    status = {r.data.tags["dloral.trial_id"]: r for r in children}
+    assert status[failed.trial_id].info.status == "FAILED"
+    assert "missing-train" in status[failed.trial_id].data.tags["dloral.status_reason"]
+    assert not [r for r in children if r.info.status == "RUNNING"]
+
+
+def test_killed_trial_process_is_retried_from_its_checkpoint(
+    ray_local, mlflow_uri, tmp_path, data_roots
+):
+    drill = "\n[sweep.chaos]\nkill_once_at_step = 2\n"
+    space = '"model.cfr.variant" = ["off"]\n'
+    result = run_sweep(_experiment(tmp_path, data_roots, space, drill), evaluate=False)
+
+    (trial,) = result.trials
+    assert trial.status == "finished" and trial.step == 4
+    client, _, (run,) = _runs(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dloral.restored_from_step"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")] == [2, 4]

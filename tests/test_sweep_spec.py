@@ -1,0 +1,128 @@
+"""Sweep definitions: every key and value checked before Ray starts."""
+
+import pytest
+
+from dloral.sweep.spec import SweepError, available_experiments, load_experiment
+from dloral.train.config import load_config
+
+
+def test_shipped_experiments_load_and_name_their_families():
+    names = available_experiments()
+    assert {"default", "alternation", "loss_weights", "cfr_variants"} <= set(names)
+    for name in names:
+        exp = load_experiment(name)
+        assert exp.dims and exp.sweep.family
+        # every grid value makes a valid training config
+        grid = {d.key: d.args for d in exp.dims if d.is_grid}
+        for key, values in grid.items():
+            for v in values:
+                cfg = exp.train_config({key: v})
+                assert cfg.run.checkpoint_every == cfg.run.validate_every
+
+
+def test_training_reads_an_experiment_file_without_its_sweep_table():
+    cfg = load_config(None)
+    assert cfg.model.profile == "tiny"  # [sweep] is skipped, not an unknown key
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    with pytest.raises(SweepError, match="unknown experiment 'nope'.*alternation.*cfr_variants"):
+        load_experiment("nope")
+
+
+def test_a_training_config_without_sweep_table_is_refused(tmp_path):
+    with pytest.raises(SweepError, match=r"has no \[sweep\] table"):
+        load_experiment("reference")
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_space_key_names_the_valid_keys(tmp_path):
+    path = _write(tmp_path, '[sweep.space]\n"model.cfr.varient" = ["full"]\n')
+    with pytest.raises(SweepError, match=r"sweep.space.model.cfr.varient.*valid under model.cfr"):
+        load_experiment(path)
+
+
+def test_bad_space_values_are_rejected_with_the_value(tmp_path):
+    path = _write(tmp_path, '[sweep.space]\n"model.cfr.variant" = ["full", "sideways"]\n')
+    with pytest.raises(SweepError, match="'sideways'"):
+        load_experiment(path)
+    path = _write(tmp_path, '[sweep.space]\n"loss.weights.lpips" = { loguniform = [0, 2] }\n')
+    with pytest.raises(SweepError, match="0 < lo < hi"):
+        load_experiment(path)
+    path = _write(tmp_path, '[sweep.space]\n"loss.weights.lpips" = { gaussian = [0, 2] }\n')
+    with pytest.raises(SweepError, match="unknown kind 'gaussian'"):
+        load_experiment(path)
+
+
+def test_unknown_sweep_key_and_wrong_metric_direction(tmp_path):
+    with pytest.raises(SweepError, match="unknown key.*sweep.shceduler"):
+        load_experiment(
+            _write(tmp_path, '[sweep]\nshceduler = "asha"\n[sweep.space]\n"run.seed"=[1]')
+        )
+    text = '[sweep]\nmetric = "val/temporal_change"\nmode = "max"\n[sweep.space]\n"run.seed"=[1]'
+    with pytest.raises(SweepError, match="must be 'min' for val/temporal_change"):
+        load_experiment(_write(tmp_path, text))
+
+
+def test_overrides_reach_training_and_sweep_keys():
+    exp = load_experiment(
+        "default",
+        [
+            "optim.lr=3e-4",
+            "sweep.scheduler=fifo",
+            "sweep.space.run.seed=[1, 2]",
+            "sweep.evaluate.top=2",
+        ],
+    )
+    assert exp.sweep.scheduler == "fifo" and exp.sweep.evaluate.top == 2
+    assert exp.train_config({}).optim.lr == 3e-4
+    assert [d.key for d in exp.dims][-1] == "run.seed"
+    assert "run.seed" not in exp.arms  # seeds spread an arm, they are not one
+    with pytest.raises(SweepError, match="unknown key sweep.bogus"):
+        load_experiment("default", ["sweep.bogus=1"])
+    with pytest.raises(SweepError, match="unknown key optim.lrr"):
+        load_experiment("default", ["optim.lrr=1"])
+
+
+def test_asha_grace_period_must_cover_a_validation(tmp_path):
+    text = (
+        '[run]\nvalidate_every = 50\n[sweep.asha]\ngrace_period = 10\n[sweep.space]\n"run.seed"=[1]'
+    )
+    with pytest.raises(SweepError, match="grace_period.*validate_every"):
+        load_experiment(_write(tmp_path, text))
+
+
+def test_sampled_kinds_and_nested_space_tables(tmp_path):
+    text = (
+        "[sweep.space.loss.weights]\n"
+        "lpips = { loguniform = [0.5, 4.0] }\n"
+        "consistency = { uniform = [1, 20] }\n"
+        "[sweep.space.schedule]\nalternation_period = { choice = [10, 20] }\n"
+    )
+    exp = load_experiment(_write(tmp_path, text))
+    kinds = {d.key: d.kind for d in exp.dims}
+    assert kinds == {
+        "loss.weights.lpips": "loguniform",
+        "loss.weights.consistency": "uniform",
+        "schedule.alternation_period": "choice",
+    }
+    assert exp.arms == []  # nothing on a grid: the whole sweep is one arm
+
+
+def test_sweep_missing_required_lpips_weights_fails_before_ray_starts(tmp_path, monkeypatch):
+    import ray
+
+    from dloral.sweep.runner import run_sweep
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("DLORAL_VGG16_WEIGHTS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    exp = load_experiment("loss_weights", [f"sweep.storage={tmp_path / 'sweeps'}"])
+    with pytest.raises(SweepError, match=r"loss.lpips = 'required'.*vgg16-397923af.pth"):
+        run_sweep(exp, tracking=False)
+    assert not ray.is_initialized() and not (tmp_path / "sweeps").exists()
