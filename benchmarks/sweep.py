@@ -11,6 +11,7 @@ Recorded per run:
   training, validation, checkpoint reports);
 - ideal_wall_s = trial_s / concurrency, and overhead = wall_s - ideal_wall_s (what Ray, the
   driver and the evaluation add on top of perfectly packed trials);
+- eval_s: the time spent scoring the best trial of each arm (inside overhead_s);
 - steps: optimizer steps trained over all trials (the compute), and the best trial and metric.
 Results go to benchmarks/results/sweep-<experiment>-<device>.json.
 """
@@ -48,6 +49,9 @@ def run(experiment: str, scheduler: str, sets: list[str], workdir: Path) -> dict
     result = run_sweep(exp)
     wall = time.perf_counter() - t0
     trial_s = sum(t.train_time_s for t in result.trials)
+    eval_s = sum(
+        b["eval"].get("s_per_frame", 0.0) * b["eval"].get("frames", 0) for b in result.best
+    )
     metric, sign = exp.sweep.metric, 1 if exp.sweep.mode == "max" else -1
     done = [t for t in result.trials if metric in t.metrics and t.status == "finished"]
     best = max(done, key=lambda t: sign * t.metrics[metric]) if done else None
@@ -62,6 +66,8 @@ def run(experiment: str, scheduler: str, sets: list[str], workdir: Path) -> dict
         "trial_s": round(trial_s, 2),
         "ideal_wall_s": round(trial_s / concurrency, 2),
         "overhead_s": round(wall - trial_s / concurrency, 2),
+        "eval_s": round(eval_s, 2),  # scoring the best per arm (part of overhead_s)
+        "overhead_without_eval_s": round(wall - trial_s / concurrency - eval_s, 2),
         "steps": sum(t.step for t in result.trials),
         "metric": metric,
         "best_trial": best.trial_id if best else None,
