@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dloral.model.spynet import flow_coords, flow_warp
+from dloral.weights import find_weights
 
 log = logging.getLogger(__name__)
 
@@ -257,21 +258,16 @@ def _hub_vgg16_path() -> Path:
 
 def locate_vgg16(vgg_weights: str | os.PathLike | None = None) -> Path:
     """ImageNet VGG16 weights: explicit path (file or folder), $DLORAL_VGG16_WEIGHTS, torch hub."""
-    looked: list[str] = []
-    candidates = (
-        (vgg_weights, "vgg_weights argument"),
-        (os.environ.get(VGG16_ENV), f"${VGG16_ENV}"),
-        (_hub_vgg16_path(), "torch hub cache, torch.hub.get_dir()/checkpoints"),
+    found, looked = find_weights(
+        VGG16_FILE,
+        (
+            (vgg_weights, "vgg_weights argument"),
+            (os.environ.get(VGG16_ENV), f"${VGG16_ENV}"),
+            (_hub_vgg16_path(), "torch hub cache, torch.hub.get_dir()/checkpoints"),
+        ),
     )
-    for candidate, origin in candidates:
-        if not candidate:
-            continue
-        path = Path(candidate).expanduser()
-        if path.is_dir():
-            path = path / VGG16_FILE
-        if path.is_file():
-            return path
-        looked.append(f"{path} ({origin}): not found")
+    if found is not None:
+        return found
     raise WeightsMissing(
         f"VGG16 ImageNet weights ({VGG16_FILE}) for LPIPS not found. Looked in:\n  - "
         + "\n  - ".join(looked)

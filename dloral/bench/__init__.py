@@ -1,0 +1,1 @@
+"""The benchmark harness: methods x datasets x metrics -> one tidy results table."""

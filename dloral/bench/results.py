@@ -1,0 +1,91 @@
+"""The benchmark's one results table: tidy, long, written atomically to parquet.
+
+One row per (dataset, method, clip, frame, metric) value; clip-level metrics use frame = -1.
+Each row carries how it was made (direction, kind, level, implementation, flow estimator,
+device) so that any aggregate or report can say it. Aggregates are computed from the table,
+never stored by hand:
+
+    per clip:    mean over the clip's frames (or pairs)
+    per dataset: mean over clips of the per-clip means (each clip counts once, as BasicSR's and
+                 the VSR papers' per-sequence averages do)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from dloral.atomic import atomic_write
+from dloral.bench.registry import MetricInfo
+
+COLUMNS = (
+    "dataset",
+    "method",
+    "clip",
+    "frame",
+    "metric",
+    "value",
+    "higher_is_better",
+    "kind",
+    "level",
+    "implementation",
+    "device",
+    "output_hash",
+)
+CLIP_LEVEL = -1  # the frame index of a value that covers the whole clip
+
+
+def rows(
+    dataset: str,
+    method: str,
+    clip: str,
+    info: MetricInfo,
+    values: Iterable[float],
+    device: str,
+    output_hash: str,
+) -> list[dict]:
+    """Rows for one metric on one clip; values are per frame/pair, or one value for the clip."""
+    values = list(values)
+    frames = [CLIP_LEVEL] if info.level == "clip" else range(len(values))
+    return [
+        {
+            "dataset": dataset,
+            "method": method,
+            "clip": clip,
+            "frame": int(f),
+            "metric": info.name,
+            "value": float(v),
+            "higher_is_better": info.higher_is_better,
+            "kind": info.kind,
+            "level": info.level,
+            "implementation": info.implementation,
+            "device": device,
+            "output_hash": output_hash,
+        }
+        for f, v in zip(frames, values, strict=True)
+    ]
+
+
+def table(records: Iterable[dict]) -> pd.DataFrame:
+    return pd.DataFrame(list(records), columns=list(COLUMNS))
+
+
+def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Atomic: a reader (or an interrupted run) never sees half a table."""
+    return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def per_clip(df: pd.DataFrame) -> pd.DataFrame:
+    keys = ["dataset", "method", "metric", "clip", "higher_is_better", "implementation"]
+    return df.groupby(keys, as_index=False)["value"].mean()
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """dataset x method x metric: mean over clips of per-clip means, with clip count."""
+    clips = per_clip(df)
+    keys = ["dataset", "method", "metric", "higher_is_better", "implementation"]
+    out = clips.groupby(keys, as_index=False).agg(value=("value", "mean"), clips=("clip", "count"))
+    return out

@@ -1,0 +1,244 @@
+"""Temporal metrics of VSR papers: flow warping error E*warp, tOF and tLP; one value per pair.
+
+E*warp (Lai et al., ECCV 2018; phoenix104104/fast_blind_video_consistency `evaluate_WarpError.py`,
+`compute_flow_occlusion.py`, `utils.detect_occlusion`). For each pair (t, t+1):
+  fw = flow(V_t -> V_t+1), bw = flow(V_t+1 -> V_t), on the video V named by `flow_on`;
+  warped = flow_warp(O_t+1, fw) (bilinear, edge-clamped like FlowNet2's Resample2d);
+  occluded where |fw + bw(p + fw)|^2 > 0.01 (|fw|^2 + |bw(p + fw)|^2) + 0.5 (forward-backward
+  check) or |grad fw_x|^2 + |grad fw_y|^2 > 0.01 |fw|^2 + 0.002 (motion boundary, forward
+  differences); and, unless `in_frame_only=False`, where p + fw(p) leaves the frame;
+  E_t = sum over valid pixels and RGB channels of (warped - O_t)^2 / (3 * valid pixels), frames
+  in [0, 1]. Clip value = mean over pairs; papers print it x1e3 (MetricInfo.scale).
+Choices and peers:
+- Lai estimates flow (FlowNet2) on the unprocessed input video, which has the output's size.
+  E*warp is also reported on real-world sets without GT (VideoLQ), where flow can only come
+  from the output (or the smaller LQ input). STAR (NJU-PCALab/STAR issue #25) follows
+  EvalCrafter (evalcrafter/EvalCrafter `metrics/RAFT/optical_flow_scores.py`: RAFT-things,
+  20 iterations, on the generated video, frames downscaled x0.5, Lai's mask, squared error
+  summed over channels / valid pixels, i.e. 3x Lai's value); DOVE (zhengchen1999/DOVE
+  `finetune/scripts/eval_ewarp.py`) runs that code on its outputs alone. Upscale-A-Video,
+  MGLD-VSR, DLoRAL and SeedVR publish no E*warp script (MGLD-VSR issues #7 and #30 ask for
+  one). Default here: flow on the output, as STAR and DOVE; `flow_on="gt"` is the variant
+  closest to Lai's clean-video flow.
+- Out-of-frame pixels: Lai's clamped warp keeps them (compared with edge pixels); we drop them
+  by default since content leaving the frame is not flicker. `in_frame_only=False`,
+  `channels="sum"` and `resize=0.5` reproduce the EvalCrafter numbers (up to its flow network).
+- A pair with no valid pixel gives NaN (Lai: 0) and is skipped by `clip_mean`.
+tOF (TecoGAN, thunil/TecoGAN `metrics.py`): mean over pixels of ||flow(O_t-1 -> O_t) -
+  flow(G_t-1 -> G_t)||_2 in pixels; TecoGAN uses Farneback (`FarnebackFlow`) and crops borders.
+tLP (TecoGAN): |LPIPS(O_t-1, O_t) - LPIPS(G_t-1, G_t)|, printed x100 (LPIPS-Alex in TecoGAN).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dloral.bench.flow import FlowEstimator
+from dloral.bench.registry import MetricInfo, MetricUnavailable
+from dloral.model.spynet import flow_coords, flow_warp
+
+__all__ = [
+    "EWARP_VARIANTS",
+    "clip_mean",
+    "ewarp",
+    "ewarp_info",
+    "flow_pairs",
+    "tlp",
+    "tlp_info",
+    "tof",
+    "tof_info",
+    "valid_mask",
+    "warp_errors",
+]
+
+# keyword sets for `ewarp`: this suite's default, Lai's original mask, EvalCrafter (STAR, DOVE)
+EWARP_VARIANTS: dict[str, dict] = {
+    "dloral": {"in_frame_only": True, "channels": "mean", "resize": 1.0},
+    "lai2018": {"in_frame_only": False, "channels": "mean", "resize": 1.0},
+    "evalcrafter": {"in_frame_only": False, "channels": "sum", "resize": 0.5},
+}
+
+LpipsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_clip(name: str, frames: torch.Tensor) -> None:
+    if frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[0] < 2:
+        raise ValueError(f"{name} must be a (T >= 2, 3, H, W) clip, got {tuple(frames.shape)}")
+
+
+def _check_same(output: torch.Tensor, gt: torch.Tensor) -> None:
+    _check_clip("output", output)
+    if gt.shape != output.shape:
+        raise ValueError(f"gt shape {tuple(gt.shape)} differs from output {tuple(output.shape)}")
+
+
+def flow_pairs(
+    frames: torch.Tensor, flow: FlowEstimator, backward: bool = True, chunk: int = 8
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clip (T, 3, H, W) -> forward flows t->t+1 and backward t+1->t, each (T-1, 2, H, W)."""
+    fw, bw = [], []
+    for i in range(0, frames.shape[0] - 1, chunk):
+        a, b = frames[i : i + chunk], frames[i + 1 : i + chunk + 1]
+        a = a[: b.shape[0]]
+        fw.append(flow.estimate(a, b).float())
+        if backward:
+            bw.append(flow.estimate(b, a).float())
+    return torch.cat(fw), (torch.cat(bw) if backward else None)
+
+
+def _sq(v: torch.Tensor) -> torch.Tensor:
+    return (v * v).sum(1, keepdim=True)
+
+
+def valid_mask(fw: torch.Tensor, bw: torch.Tensor, in_frame_only: bool = True) -> torch.Tensor:
+    """(N, 1, H, W) bool: pixels of frame t kept by Lai's occlusion test (and in-frame test)."""
+    bw_at = flow_warp(bw, fw, padding_mode="border")  # bw sampled where fw lands
+    occluded = _sq(fw + bw_at) > 0.01 * (_sq(fw) + _sq(bw_at)) + 0.5
+    du = torch.zeros_like(fw)
+    dv = torch.zeros_like(fw)
+    du[..., :, :-1] = fw[..., :, :-1] - fw[..., :, 1:]
+    dv[..., :-1, :] = fw[..., :-1, :] - fw[..., 1:, :]
+    occluded |= _sq(du) + _sq(dv) > 0.01 * _sq(fw) + 0.002
+    valid = ~occluded
+    if in_frame_only:
+        h, w = fw.shape[-2:]
+        px, py = flow_coords(fw)
+        tol = 1e-3
+        inside = (px >= -tol) & (px <= w - 1 + tol) & (py >= -tol) & (py <= h - 1 + tol)
+        valid &= inside.unsqueeze(1)
+    return valid
+
+
+def warp_errors(
+    frames_t: torch.Tensor,
+    frames_next: torch.Tensor,
+    fw: torch.Tensor,
+    bw: torch.Tensor,
+    in_frame_only: bool = True,
+    channels: str = "mean",
+) -> torch.Tensor:
+    """(N, 3, H, W) pairs and their flows -> (N,) masked squared error of warped t+1 vs t."""
+    if channels not in ("mean", "sum"):
+        raise ValueError(f"channels must be 'mean' (Lai) or 'sum' (EvalCrafter); got {channels!r}")
+    valid = valid_mask(fw, bw, in_frame_only).float()
+    warped = flow_warp(frames_next.float(), fw, padding_mode="border")
+    sq_err = ((warped - frames_t.float()) ** 2 * valid).sum(dim=(1, 2, 3))
+    count = valid.sum(dim=(1, 2, 3)) * (frames_t.shape[1] if channels == "mean" else 1)
+    return torch.where(count > 0, sq_err / count.clamp_min(1), torch.full_like(sq_err, math.nan))
+
+
+def _resize(frames: torch.Tensor, factor: float) -> torch.Tensor:
+    if factor == 1.0:
+        return frames
+    return F.interpolate(frames, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
+def ewarp(
+    output: torch.Tensor,
+    gt: torch.Tensor | None = None,
+    *,
+    flow: FlowEstimator,
+    flow_on: str = "output",
+    in_frame_only: bool = True,
+    channels: str = "mean",
+    resize: float = 1.0,
+    chunk: int = 8,
+) -> torch.Tensor:
+    """E*warp per pair (T-1,), unscaled (x1e3 to print); flow from `output` or `gt` frames."""
+    _check_clip("output", output)
+    if flow_on == "gt":
+        if gt is None:
+            raise ValueError("flow_on='gt' needs the gt clip")
+        _check_same(output, gt)
+    elif flow_on != "output":
+        raise ValueError(f"flow_on must be 'output' or 'gt'; got {flow_on!r}")
+    out = _resize(output.float(), resize)
+    source = out if flow_on == "output" else _resize(gt.float(), resize)
+    values = []
+    for i in range(0, out.shape[0] - 1, chunk):
+        j = min(i + chunk, out.shape[0] - 1)
+        fw, bw = flow_pairs(source[i : j + 1], flow, chunk=chunk)
+        values.append(warp_errors(out[i:j], out[i + 1 : j + 1], fw, bw, in_frame_only, channels))
+    return torch.cat(values)
+
+
+def tof(
+    output: torch.Tensor, gt: torch.Tensor, *, flow: FlowEstimator, chunk: int = 8
+) -> torch.Tensor:
+    """tOF per pair (T-1,): mean_p ||flow_out(t-1 -> t) - flow_gt(t-1 -> t)||_2, in pixels."""
+    _check_same(output, gt)
+    fw_out, _ = flow_pairs(output, flow, backward=False, chunk=chunk)
+    fw_gt, _ = flow_pairs(gt, flow, backward=False, chunk=chunk)
+    return (fw_out - fw_gt).norm(dim=1).mean(dim=(1, 2))
+
+
+def tlp(output: torch.Tensor, gt: torch.Tensor, *, lpips: LpipsFn | None = None) -> torch.Tensor:
+    """tLP per pair (T-1,), unscaled (x100 to print); lpips(a, b) -> (N,) on [0, 1] RGB."""
+    if lpips is None:
+        raise MetricUnavailable(
+            "tLP needs an LPIPS distance: pass lpips=callable((N,3,H,W), (N,3,H,W)) -> (N,) on "
+            "[0, 1] RGB, e.g. the pyiqa LPIPS from dloral.bench.iqa (its weights in pyiqa's cache)"
+        )
+    _check_same(output, gt)
+    d_out = torch.as_tensor(lpips(output[:-1], output[1:])).reshape(-1).float()
+    d_gt = torch.as_tensor(lpips(gt[:-1], gt[1:])).reshape(-1).float()
+    return (d_out - d_gt.to(d_out.device)).abs()
+
+
+def clip_mean(values: torch.Tensor) -> float:
+    """Clip value from per-pair values: mean over pairs, NaN pairs (nothing valid) left out."""
+    return float(torch.nanmean(values.float()))
+
+
+def ewarp_info(
+    flow_name: str,
+    flow_on: str = "output",
+    in_frame_only: bool = True,
+    channels: str = "mean",
+    resize: float = 1.0,
+) -> MetricInfo:
+    """How an `ewarp` result was made (pass the same keywords and the estimator's name)."""
+    mask = "Lai fw-bw (0.01, 0.5) + motion-boundary (0.01, 0.002) mask"
+    return MetricInfo(
+        name="ewarp",
+        higher_is_better=False,
+        kind="temporal",
+        level="pair",
+        implementation=(
+            f"dloral.bench.temporal.ewarp: flow on {flow_on} by {flow_name}; {mask}"
+            + (", in-frame only" if in_frame_only else "")
+            + f"; squared RGB [0,1] error, {channels} over channels"
+            + (f", frames resized x{resize}" if resize != 1.0 else "")
+        ),
+        scale=1000.0,
+        needs_gt=flow_on == "gt",
+    )
+
+
+def tof_info(flow_name: str) -> MetricInfo:
+    """How a `tof` result was made; flow_name is the estimator's `name`."""
+    return MetricInfo(
+        name="tof",
+        higher_is_better=False,
+        kind="temporal",
+        level="pair",
+        implementation=(
+            f"dloral.bench.temporal.tof: mean L2 flow difference in pixels, flow by {flow_name}"
+        ),
+    )
+
+
+def tlp_info(lpips_name: str) -> MetricInfo:
+    """How a `tlp` result was made; lpips_name says which LPIPS (net, weights) ran."""
+    return MetricInfo(
+        name="tlp",
+        higher_is_better=False,
+        kind="temporal",
+        level="pair",
+        implementation=f"dloral.bench.temporal.tlp: |d(out pair) - d(gt pair)|, d = {lpips_name}",
+        scale=100.0,
+    )
