@@ -482,5 +482,34 @@ def _versions() -> dict[str, str]:
     return out
 
 
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON.")] = False,
+) -> None:
+    """Which weights are here (and where each was looked for), device, versions, settings."""
+    from dloral.doctor import collect
+
+    facts = collect()
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    from rich.table import Table
+
+    dev, s = facts["device"], facts["settings"]
+    gpus = ", ".join(dev.get("gpus", [])) or "none"
+    console.print(f"device: {dev['cpu_count']} CPU cores, CUDA {dev['cuda']} ({gpus})")
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in facts["versions"].items()))
+    for key, value in s.items():
+        console.print(f"{key}: {value}")
+    table = Table(title="weights")
+    for col in ("weights", "used by", "found", "where / what to do", "env var"):
+        table.add_column(col, overflow="fold")
+    for w in facts["weights"]:
+        where = w.get("path") or w.get("looked", "")
+        mark = "[green]yes[/]" if w["found"] else "[red]no[/]"
+        table.add_row(w["name"], w["used_by"], mark, where, w["env"])
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()
