@@ -443,6 +443,127 @@ def _print_sweep_table(best, exp) -> None:
     console.print(table)
 
 
+@app.command()
+def bench(
+    suite: Annotated[
+        str,
+        typer.Argument(
+            help="Suite name under benchmarks/ (embedded, udm10, videolq, spmcs, vid4, reds4) "
+            "or a TOML path."
+        ),
+    ] = "embedded",
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="Method instead of the suite's (repeatable): bicubic, dloral:<ckpt|tiny>, "
+            "folder:<label>=<path>.",
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="Comma-separated metrics instead of the suite's.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: the suite's].")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Recompute values already in the cache.")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Fail when a metric cannot run instead of skipping it.")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Results folder [default: outputs/bench/<suite name>].")
+    ] = None,
+    tracking: Annotated[bool, typer.Option(help="Log to MLflow ($MLFLOW_TRACKING_URI).")] = True,
+) -> None:
+    """Score methods on benchmark datasets (PSNR/SSIM, pyiqa, temporal, latency) -> parquet."""
+    from dloral.bench.suite import SuiteError, load_suite
+
+    try:
+        spec = load_suite(suite)
+    except SuiteError as err:
+        _fail(str(err))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from dloral.bench.harness import run_bench
+    from dloral.bench.methods import MethodError
+    from dloral.bench.registry import MetricUnavailable
+    from dloral.data.readers import DatasetError
+
+    logging.getLogger("dloral.bench").setLevel(logging.ERROR)  # skips are listed at the end
+    with Progress(
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=console,
+    ) as bar:
+        task = bar.add_task(f"bench {spec.name}", total=None, note="")
+
+        def report(event: dict) -> None:
+            if event["stage"] == "start":
+                bar.update(task, total=event["total"])
+            else:
+                note = f"{event['dataset']}/{event['clip']} ({event['cached']} cached)"
+                bar.update(task, completed=event["done"], note=note)
+
+        try:
+            result = run_bench(
+                spec,
+                methods=method or None,
+                metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
+                device=device,
+                force=force,
+                strict=strict,
+                out_dir=out,
+                progress=report,
+                tracking=tracking,
+            )
+        except (SuiteError, DatasetError, MethodError, MetricUnavailable, ValueError) as err:
+            _fail(str(err))
+        except KeyboardInterrupt:
+            console.print(
+                "[yellow]interrupted:[/] finished clips are in results.parquet; run the same "
+                "command again to continue (computed values are cached)"
+            )
+            raise typer.Exit(code=130) from None
+    _print_bench_table(result)
+    where = f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""
+    console.print(
+        f"[green]done:[/] {len(result.table)} values ({result.computed} computed, "
+        f"{result.cached} cached) in {result.out_dir}{where}"
+    )
+
+
+def _print_bench_table(result) -> None:
+    from rich.table import Table
+
+    agg = result.aggregate
+    if not len(agg):
+        console.print("[yellow]no values[/]")
+        return
+    present = set(agg["metric"])
+    metrics = [m for m in result.infos if m in present]  # suite order, latency last
+    table = Table(title=f"bench: mean over clips ({result.out_dir})")
+    table.add_column("dataset")
+    table.add_column("method")
+    scales = dict(zip(agg["metric"], agg["scale"], strict=False))
+    for m in metrics:
+        arrow = "↑" if bool(agg.loc[agg["metric"] == m, "higher_is_better"].iloc[0]) else "↓"
+        scale = float(scales.get(m, 1.0))
+        label = f"{m} x{scale:g}" if scale != 1.0 else m
+        table.add_column(f"{label} {arrow}", justify="right")
+    for (dataset, method), group in agg.groupby(["dataset", "method"], sort=False):
+        values = dict(zip(group["metric"], group["value"] * group["scale"], strict=True))
+        cells = [f"{values[m]:.4g}" if m in values else "-" for m in metrics]
+        table.add_row(dataset, method, *cells)
+    console.print(table)
+    for item in result.skipped:
+        where = f" ({item['dataset']})" if item.get("dataset") else ""
+        first = " ".join(item["reason"].splitlines()[:2])
+        console.print(f"[yellow]skipped[/] {item['metric']}{where}: {first}")
+
+
 data_app = typer.Typer(help="Datasets: prepare the embedded real-clip sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 PACKAGES = (
+    "dloral",
     "torch",
     "torchvision",
     "diffusers",
@@ -111,6 +112,9 @@ def versions() -> dict[str, str]:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "not installed"
+    import cv2
+
+    out["cv2"] = cv2.__version__  # the OpenCV build that computes DIS flow
     return out
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dloral.named_toml import find_named_toml
 from dloral.train.config import (
     DEFAULT_CONFIG,
     TrainConfig,
@@ -177,14 +178,12 @@ def resolve_experiment(name_or_path: str | Path | None) -> Path:
     """A TOML path, or a name under experiments/ (None: default)."""
     if name_or_path is None:
         name_or_path = "default"
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise SweepError(f"experiment file not found: {path}")
-        return path
-    candidate = EXPERIMENTS_DIR / f"{name_or_path}.toml"
-    if candidate.is_file():
-        return candidate
+    try:
+        found = find_named_toml(name_or_path, EXPERIMENTS_DIR)
+    except FileNotFoundError as err:
+        raise SweepError(f"experiment file not found: {err}") from err
+    if found is not None:
+        return found
     raise SweepError(
         f"unknown experiment {str(name_or_path)!r}; available: "
         f"{', '.join(available_experiments())} (or a path to a TOML with a [sweep] table)"

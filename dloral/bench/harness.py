@@ -1,0 +1,512 @@
+"""The benchmark harness: suite datasets x methods x metrics -> one tidy results table.
+
+Per clip, GT and LQ are decoded once and shared by every method and metric; each method's
+output is computed once and scored by every metric. After each clip the table so far is written
+atomically to <out_dir>/results.parquet (an interrupt loses nothing already written); at the end
+aggregate.csv, skipped.json and run.json join it. Metric values are cached across runs into the
+same out_dir by (output_hash, metric, implementation) in cache.parquet; `force` recomputes.
+Latency rows (s_per_frame, peak_mem_gib) are measured anew each run, for methods run here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dloral.atomic import atomic_write, atomic_write_json
+from dloral.bench import results
+from dloral.bench.methods import ClipJob, MethodOutput, build_method, output_hash
+from dloral.bench.registry import MetricInfo, MetricUnavailable
+from dloral.bench.suite import FULLREF, IQA, Suite, check_methods, check_metrics
+from dloral.data.readers import Clip, Dataset, read_dataset
+from dloral.devices import resolve_device
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "dloral-bench"
+DEFAULT_SCALE = 4
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class ScoredMetric:
+    """A metric ready to score a clip: fn(out, gt) -> per-frame/pair values (CPU tensor)."""
+
+    info: MetricInfo
+    fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    device: str
+
+
+@dataclass
+class BenchResult:
+    out_dir: Path
+    table: pd.DataFrame  # this run's rows (cached ones included)
+    aggregate: pd.DataFrame  # dataset x method x metric
+    skipped: list[dict]  # {metric, reason, dataset?, clip?}
+    computed: int = 0  # metric evaluations run
+    cached: int = 0  # metric evaluations taken from the cache
+    mlflow_run_id: str | None = None
+    infos: dict[str, MetricInfo] = field(default_factory=dict)
+
+    @property
+    def results_path(self) -> Path:
+        return self.out_dir / "results.parquet"
+
+
+def _latency_info(name: str, implementation: str) -> MetricInfo:
+    return MetricInfo(name, False, "latency", "clip", implementation, needs_gt=False)
+
+
+def build_metrics(
+    names: tuple[str, ...], device: torch.device, suite: Suite, strict: bool
+) -> tuple[dict[str, ScoredMetric], list[dict], str | None]:
+    """Build each metric once; unavailable ones go to the skipped list (or raise if strict)."""
+    from dloral.bench import temporal
+    from dloral.bench.fullref import fullref_metric
+    from dloral.bench.iqa import iqa_metric
+
+    built: dict[str, ScoredMetric] = {}
+    skipped: list[dict] = []
+
+    def unavailable(name: str, err: Exception) -> None:
+        if strict:
+            raise err
+        log.warning("metric %s skipped: %s", name, err)
+        skipped.append({"metric": name, "reason": str(err)})
+
+    lpips = None
+    for name in names:
+        if name in FULLREF:
+            m = fullref_metric(name, crop_border=suite.options.crop_border)
+            built[name] = ScoredMetric(m.info, m, "cpu")
+        elif name in IQA:
+            try:
+                m = iqa_metric(name, device=device, strict=strict)
+            except MetricUnavailable as err:
+                unavailable(name, err)
+                continue
+            built[name] = ScoredMetric(m.info, m, str(device))
+            lpips = m if name == "lpips" else lpips
+    flow_name = None
+    if {"ewarp", "tof"} & set(names):
+        from dloral.bench.flow import load_flow_estimator
+
+        try:
+            flow = load_flow_estimator(suite.options.flow, device)
+        except MetricUnavailable as err:
+            for name in ("ewarp", "tof"):
+                if name in names:
+                    unavailable(name, err)
+            flow = None
+        if flow is not None:
+            flow_name = flow.name
+            flow_device = str(device) if "raft" in flow.name.lower() else "cpu"
+            if "ewarp" in names:
+                built["ewarp"] = ScoredMetric(
+                    temporal.ewarp_info(flow.name),
+                    lambda out, gt, f=flow: temporal.ewarp(out, flow=f),
+                    flow_device,
+                )
+            if "tof" in names:
+                built["tof"] = ScoredMetric(
+                    temporal.tof_info(flow.name),
+                    lambda out, gt, f=flow: temporal.tof(out, gt, flow=f),
+                    flow_device,
+                )
+    if "tlp" in names:
+        if lpips is None:
+            try:
+                lpips = iqa_metric("lpips", device=device, strict=strict)
+            except MetricUnavailable as err:
+                unavailable("tlp", MetricUnavailable(f"tlp needs LPIPS: {err}"))
+        if lpips is not None:
+            built["tlp"] = ScoredMetric(
+                temporal.tlp_info(lpips.info.implementation),
+                lambda out, gt, lp=lpips: temporal.tlp(out, gt, lpips=lp),
+                str(device),
+            )
+    return {n: built[n] for n in names if n in built}, skipped, flow_name
+
+
+def _read_clip(
+    clip: Clip, frames: int
+) -> tuple[tuple[str, ...], torch.Tensor | None, torch.Tensor | None]:
+    """Decode (up to `frames`) LQ and GT frames once: names, lq (T,3,h,w)|None, gt|None."""
+    names, lqs, gts = [], [], []
+    for name, lq, gt in islice(clip.frame_pairs(), frames or None):
+        names.append(name)
+        if lq is not None:
+            lqs.append(lq)
+        if gt is not None:
+            gts.append(gt)
+    lq = torch.stack(lqs) if lqs else None
+    gt = torch.stack(gts) if gts else None
+    return tuple(names), lq, gt
+
+
+class _Cache:
+    """Metric values of earlier runs, by (output_hash, metric, implementation)."""
+
+    KEY = ["output_hash", "metric", "implementation"]
+
+    def __init__(self, path: Path, use: bool):
+        self.path = path
+        old = pd.read_parquet(path) if use and path.is_file() else results.table([])
+        self.frames = [old]
+        self.index = {k: g for k, g in old.groupby(self.KEY)} if len(old) else {}
+
+    def get(self, key: tuple[str, str, str]) -> pd.DataFrame | None:
+        return self.index.get(key)
+
+    def add(self, records: list[dict]) -> None:
+        if records:
+            self.frames.append(results.table(records))
+
+    def write(self) -> None:
+        df = pd.concat([f for f in self.frames if len(f)] or [results.table([])])
+        df = df[df["kind"] != "latency"].drop_duplicates(self.KEY + ["frame"], keep="last")
+        results.write_parquet(df, self.path)
+
+
+def _doctor_facts() -> dict:
+    from dloral import doctor
+
+    facts = doctor.collect()
+    return {
+        "versions": facts["versions"],
+        "machine": facts["device"],
+        "weights": facts["weights"],
+    }
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _embedded_manifest(name: str, root: Path) -> dict:
+    path = root.parent / "manifest.json"
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    files = json.loads(data).get("files", {})
+    mine = {k: v for k, v in files.items() if k.startswith(f"{name}/")}
+    files_digest = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()
+    return {
+        "manifest": str(path),
+        "manifest_sha256": hashlib.sha256(data).hexdigest(),
+        "files": len(mine),
+        "files_sha256": files_digest,
+    }
+
+
+def _open_datasets(suite: Suite) -> list[tuple]:
+    """(spec, Dataset, clips to run, manifest info) per suite dataset, all listed up front."""
+    out = []
+    for spec in suite.datasets:
+        if spec.embedded:
+            from dloral.data.embedded import prepare_embedded
+
+            root = prepare_embedded() / spec.embedded
+        else:
+            root = Path(spec.root)
+        ds: Dataset = read_dataset(spec.kind, root, lq=spec.lq)
+        clips = ds.clips[: spec.clips] if spec.clips else ds.clips
+        manifest = _embedded_manifest(spec.embedded, root) if spec.embedded else {}
+        out.append((spec, ds, clips, manifest))
+    return out
+
+
+def _scale(spec, clip: Clip) -> int:
+    if spec.scale and clip.scale and spec.scale != clip.scale:
+        raise ValueError(
+            f"{spec.name} clip {clip.name!r}: suite scale {spec.scale} but GT/LQ sizes give "
+            f"x{clip.scale}"
+        )
+    return spec.scale or clip.scale or DEFAULT_SCALE
+
+
+class _Tracking:
+    """One MLflow run per benchmark run in experiment dloral-bench."""
+
+    def __init__(self, enabled: bool):
+        self.client = self.run_id = None
+        if enabled:
+            from mlflow.tracking import MlflowClient
+
+            from dloral.train.tracking import tracking_uri
+
+            self.client = MlflowClient(tracking_uri())
+
+    def start(self, name: str, params: dict[str, str]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Param
+
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
+        self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+        self.client.log_batch(
+            self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
+        )
+
+    def finish(self, agg: pd.DataFrame, files: list[Path], status: str, reason: str) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(f"{r.dataset}/{r.method}/{r.metric}", float(r.value), now, 0)
+            for r in agg.itertuples()
+            if pd.notna(r.value) and abs(float(r.value)) != float("inf")
+        ]
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 500])
+        for path in files:
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+        if reason:
+            self.client.set_tag(self.run_id, "dloral.status_reason", reason[:5000])
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def aggregate_table(df: pd.DataFrame, infos: dict[str, MetricInfo]) -> pd.DataFrame:
+    """results.aggregate plus kind, level and scale of each metric."""
+    if not len(df):
+        return pd.DataFrame(
+            columns=["dataset", "method", "metric", "higher_is_better", "implementation"]
+            + ["value", "clips", "kind", "level", "scale"]
+        )
+    agg = results.aggregate(df)
+    agg["kind"] = [infos[m].kind if m in infos else "" for m in agg["metric"]]
+    agg["level"] = [infos[m].level if m in infos else "" for m in agg["metric"]]
+    agg["scale"] = [infos[m].scale if m in infos else 1.0 for m in agg["metric"]]
+    return agg
+
+
+def _latency_rows(
+    job: ClipJob,
+    method: str,
+    output: MethodOutput,
+    digest: str,
+    suite: Suite,
+    device: str,
+    infos: dict[str, MetricInfo],
+) -> list[dict]:
+    """s_per_frame and peak_mem_gib rows of a method run here (none for folder methods)."""
+    if output.seconds_per_frame is None:
+        return []
+    timing = (
+        f"median of {suite.options.latency_repeats} timed pass(es) after warm-up, "
+        f"wall clock / frames, {device}"
+    )
+    out = []
+    for metric, value, impl in (
+        ("s_per_frame", output.seconds_per_frame, timing),
+        ("peak_mem_gib", output.peak_mem_gib, output.memory_kind),
+    ):
+        infos[metric] = info = _latency_info(metric, impl)
+        out += results.rows(job.dataset, method, job.clip, info, [value], device, digest)
+    return out
+
+
+def _score_method(
+    runner,
+    job: ClipJob,
+    gt,
+    scorers,
+    cache: _Cache,
+    skip,
+    suite: Suite,
+    device: str,
+    infos: dict[str, MetricInfo],
+) -> tuple[list[dict], int, int]:
+    """Run one method on one clip and score its output: (rows, computed, cached)."""
+    output = runner.run(job)
+    digest = output_hash(output.frames)
+    records = _latency_rows(job, runner.name, output, digest, suite, device, infos)
+    computed = cached = 0
+    for name, scorer in scorers.items():
+        info = scorer.info
+        if info.needs_gt and gt is None:
+            skip(name, f"needs GT; {job.dataset} has none", job.dataset)
+            continue
+        if info.level == "pair" and len(job.names) < 2:
+            skip(name, "needs at least 2 frames", job.dataset, job.clip)
+            continue
+        hit = cache.get((digest, name, info.implementation))
+        if hit is not None:
+            cached += 1
+            rows = hit.sort_values("frame").to_dict("records")
+            for row in rows:
+                row.update(dataset=job.dataset, method=runner.name, clip=job.clip)
+            records += rows
+            continue
+        values = scorer.fn(output.frames, gt).reshape(-1).tolist()
+        computed += 1
+        rows = results.rows(job.dataset, runner.name, job.clip, info, values, scorer.device, digest)
+        cache.add(rows)
+        records += rows
+    return records, computed, cached
+
+
+def run_bench(
+    suite: Suite,
+    *,
+    methods: list[str] | None = None,
+    metrics: list[str] | None = None,
+    device: str | None = None,
+    force: bool = False,
+    strict: bool = False,
+    out_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    tracking: bool = True,
+) -> BenchResult:
+    """Score every suite method on every clip with every metric; see the module doc for files.
+
+    methods/metrics override the suite's lists; device overrides [options] device.
+    `progress(event)` is called with {"stage": "start"|"clip", ...} after each clip is on disk.
+    """
+    method_specs = check_methods(methods or list(suite.methods), "--method")
+    metric_names = check_metrics(metrics or list(suite.metrics), "--metrics")
+    dev = resolve_device(device or suite.options.device)
+    out = Path(out_dir) if out_dir is not None else Path("outputs") / "bench" / suite.name
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = _open_datasets(suite)
+    total = sum(len(clips) for _, _, clips, _ in datasets)
+    scorers, skipped, flow_name = build_metrics(metric_names, dev, suite, strict)
+    infos = {n: s.info for n, s in scorers.items()}
+    runners = [build_method(s, device=str(dev), options=suite.options) for s in method_specs]
+    cache = _Cache(out / "cache.parquet", use=not force)
+    res = BenchResult(out, results.table([]), aggregate_table(results.table([]), {}), skipped)
+    run_info = {
+        "suite": suite.to_dict(),
+        "methods": {m.name: m.describe() for m in runners},
+        "method_specs": list(method_specs),
+        "metrics": list(metric_names),
+        "flow_estimator": flow_name,
+        "device": str(dev),
+        "crop_border": suite.options.crop_border,
+        "seed": suite.options.seed,
+        "datasets": {s.name: {"kind": s.kind, "root": s.root, **m} for s, _, _, m in datasets},
+        # the same facts as `dloral-exp doctor`: versions, device, every weight found or missing
+        **_doctor_facts(),
+        "git_commit": _git_commit(),
+        "command": sys.argv,
+        "force": force,
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(out / "run.json", run_info, default=str)
+    tracker = _Tracking(tracking)
+    tracker.start(
+        suite.name,
+        {
+            "suite": suite.name,
+            "methods": ",".join(method_specs),
+            "metrics": ",".join(metric_names),
+            "device": str(dev),
+            "flow": flow_name or "none",
+        },
+    )
+    res.mlflow_run_id = tracker.run_id
+    records: list[dict] = []
+    status, reason = "FINISHED", ""
+    skipped_keys = {(s["metric"], s.get("dataset")) for s in skipped}
+
+    def skip(metric: str, why: str, dataset: str, clip: str | None = None) -> None:
+        if (metric, dataset) not in skipped_keys:
+            skipped_keys.add((metric, dataset))
+            entry = {"metric": metric, "reason": why, "dataset": dataset}
+            skipped.append(entry | ({"clip": clip} if clip else {}))
+
+    if progress:
+        progress({"stage": "start", "total": total, "out_dir": str(out)})
+    done = 0
+    try:
+        for spec, _ds, clips, _ in datasets:
+            for clip in clips:
+                names, lq, gt = _read_clip(clip, spec.frames)
+                scale = _scale(spec, clip)
+                all_names = (clip.gt or clip.lq).names
+                size = tuple(gt.shape[-2:]) if gt is not None else None
+                if size is None and lq is not None:
+                    size = (lq.shape[-2] * scale, lq.shape[-1] * scale)
+                job = ClipJob(spec.name, clip.name, names, all_names, lq, scale, size)
+                computed = cached = 0
+                for runner in runners:
+                    rows, n_new, n_cached = _score_method(
+                        runner, job, gt, scorers, cache, skip, suite, str(dev), infos
+                    )
+                    records += rows
+                    computed += n_new
+                    cached += n_cached
+                res.table = results.table(records)
+                results.write_parquet(res.table, out / "results.parquet")
+                cache.write()
+                done += 1
+                res.computed += computed
+                res.cached += cached
+                if progress:
+                    progress(
+                        {
+                            "stage": "clip",
+                            "dataset": spec.name,
+                            "clip": clip.name,
+                            "done": done,
+                            "total": total,
+                            "computed": computed,
+                            "cached": cached,
+                        }
+                    )
+    except KeyboardInterrupt:
+        status, reason = "KILLED", f"interrupted after {done} of {total} clips"
+        raise
+    except BaseException as err:
+        status, reason = "FAILED", f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        res.table = results.table(records)
+        res.aggregate = aggregate_table(res.table, infos)
+        res.infos = infos
+        atomic_write(out / "aggregate.csv", lambda tmp: res.aggregate.to_csv(tmp, index=False))
+        atomic_write_json(out / "skipped.json", skipped)
+        run_info.update(
+            status=status.lower(),
+            reason=reason,
+            clips_done=done,
+            clips_total=total,
+            metric_evaluations={"computed": res.computed, "cached": res.cached},
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        atomic_write_json(out / "run.json", run_info, default=str)
+        files = [out / f for f in ("results.parquet", "aggregate.csv", "run.json", "skipped.json")]
+        try:
+            tracker.finish(res.aggregate, files, status, reason)
+        except Exception as err:  # tracking must not hide the harness's own outcome
+            log.warning("MLflow: could not finish run %s: %s", tracker.run_id, err)
+    log.info("bench %s: %d clips, results in %s", suite.name, done, out)
+    return res
+
+
+__all__ = ["BenchResult", "ScoredMetric", "aggregate_table", "build_metrics", "run_bench"]

@@ -1,0 +1,354 @@
+"""Methods the benchmark scores: bicubic, DLoRAL (a checkpoint or the tiny model) and `folder`
+(precomputed outputs of any peer method). Each turns one clip's LQ frames into output frames
+(T, 3, sH, sW) float in [0, 1]; the harness runs each method once per clip.
+
+Latency (bicubic and dloral, which the harness runs itself): one warm-up pass over the first
+two frames of the first clip (kernels, allocator), then `latency_repeats` passes over the whole
+clip, each timed end to end with CUDA synchronised; seconds per frame = median pass time / T.
+The last pass's frames are the output (the pipeline is seeded, so passes agree). Peak memory:
+`torch.cuda.max_memory_allocated` on CUDA (reset before the timed passes); on CPU the process's
+peak RSS (ru_maxrss: monotonic over the whole process, an upper bound, said so in results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from dloral.data.frames import FrameError, natural_key, open_frames, read_image, to_uint8
+from dloral.devices import resolve_device, resolve_dtype, synchronize
+from dloral.resize import resize_frames
+
+log = logging.getLogger(__name__)
+
+WARMUP_FRAMES = 2
+
+
+class MethodError(ValueError):
+    """A method cannot produce a clip; the message names the method, the clip and the frame."""
+
+
+@dataclass(frozen=True)
+class ClipJob:
+    """What a method gets for one clip: frames decoded once by the harness and shared."""
+
+    dataset: str
+    clip: str
+    names: tuple[str, ...]  # the frames scored (the first `frames` of the clip)
+    all_names: tuple[str, ...]  # every frame of the clip (GT names, else LQ names)
+    lq: torch.Tensor | None  # (T, 3, h, w) in [0, 1]
+    scale: int
+    out_size: tuple[int, int] | None  # (H, W) the output must have: the GT's, else LQ * scale
+
+
+@dataclass
+class MethodOutput:
+    frames: torch.Tensor  # (T, 3, sH, sW) float32 in [0, 1], CPU
+    seconds_per_frame: float | None = None  # None: not measured (folder methods)
+    peak_mem_gib: float | None = None
+    memory_kind: str = ""  # what peak_mem_gib measures
+
+
+class Method(Protocol):
+    name: str  # the label in results
+    measures_latency: bool
+
+    def describe(self) -> dict: ...
+
+    def run(self, job: ClipJob) -> MethodOutput: ...
+
+
+def output_hash(frames: torch.Tensor) -> str:
+    """sha256 over the shape and the uint8 frames (what a PNG of the output would hold)."""
+    digest = hashlib.sha256(str(tuple(frames.shape)).encode())
+    for frame in frames:
+        digest.update(to_uint8(frame).tobytes())
+    return digest.hexdigest()
+
+
+def parse_method(spec: str) -> tuple[str, str, str]:
+    """ "bicubic" | "dloral:<where>" | "folder:<label>=<path>" -> (kind, label, argument)."""
+    if spec == "bicubic":
+        return "bicubic", "bicubic", ""
+    kind, sep, arg = spec.partition(":")
+    if sep and kind == "dloral" and arg:
+        if arg.startswith("mlflow:") and arg[len("mlflow:") :]:
+            return "dloral", f"dloral-{arg[len('mlflow:') :][:12]}", arg
+        return "dloral", "dloral-tiny" if arg == "tiny" else f"dloral-{Path(arg).stem}", arg
+    if sep and kind == "folder":
+        label, eq, path = arg.partition("=")
+        if eq and label and path:
+            return "folder", label, path
+    from dloral.bench.suite import METHOD_FORMS
+
+    raise ValueError(f"unknown method {spec!r}; valid forms: {', '.join(METHOD_FORMS)}")
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "torch.cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return rss, "process peak RSS (ru_maxrss, whole process)"
+
+
+class _Timed:
+    """Warm-up once, then median-timed passes; subclasses define `_pass(lq, scale)`."""
+
+    measures_latency = True
+    device = torch.device("cpu")
+    repeats = 1
+
+    def __init__(self) -> None:
+        self._warm = False
+
+    def _pass(self, names: tuple[str, ...], lq: torch.Tensor, scale: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, job: ClipJob) -> MethodOutput:
+        names, lq, scale = job.names, job.lq, job.scale
+        if lq is None:
+            raise MethodError(
+                f"{self.name}: {job.dataset} clip {job.clip!r} has no LQ frames to upscale"
+            )
+        if not self._warm:
+            self._pass(names[:WARMUP_FRAMES], lq[:WARMUP_FRAMES], scale)
+            synchronize(self.device)
+            self._warm = True
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        seconds = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            out = self._pass(names, lq, scale)
+            synchronize(self.device)
+            seconds.append(time.perf_counter() - start)
+        peak, kind = _peak_memory(self.device)
+        frames = out.float().cpu().clamp(0, 1)
+        if job.out_size is not None and tuple(frames.shape[-2:]) != tuple(job.out_size):
+            raise MethodError(
+                f"{self.name}: {job.dataset} clip {job.clip!r}: output {tuple(frames.shape[-2:])} "
+                f"differs from the GT size {tuple(job.out_size)} (scale {scale})"
+            )
+        return MethodOutput(frames, statistics.median(seconds) / len(names), peak, kind)
+
+
+class Bicubic(_Timed):
+    """PIL bicubic x scale (dloral.resize), the upsampling DLoRAL itself starts from."""
+
+    def __init__(self, repeats: int = 1) -> None:
+        super().__init__()
+        self.name, self.repeats = "bicubic", repeats
+
+    def describe(self) -> dict:
+        return {"kind": "bicubic", "implementation": "dloral.resize PIL bicubic (a=-0.5)"}
+
+    def _pass(self, names: tuple[str, ...], lq: torch.Tensor, scale: int) -> torch.Tensor:
+        h, w = lq.shape[-2:]
+        return resize_frames(lq, (h * scale, w * scale))
+
+
+def mlflow_checkpoint(ref: str, dst: str | os.PathLike | None = None) -> Path:
+    """The checkpoint a training run or sweep trial logged to MLflow ($MLFLOW_TRACKING_URI):
+    `ref` is a run id or a Tune trial id (tag dloral.trial_id); downloaded to `dst`."""
+    from mlflow.tracking import MlflowClient
+
+    from dloral.sweep.trial import TRIAL_TAG
+    from dloral.train.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = (
+        client.search_runs(experiments, filter_string=f"attributes.run_id = '{ref}'", max_results=1)
+        if re.fullmatch(r"[0-9a-f]{32}", ref)
+        else []
+    )
+    runs = runs or client.search_runs(
+        experiments, filter_string=f"tags.`{TRIAL_TAG}` = '{ref}'", max_results=1
+    )
+    if not runs:
+        raise MethodError(
+            f"mlflow:{ref}: no MLflow run or sweep trial with that id at {tracking_uri()} "
+            "($MLFLOW_TRACKING_URI)"
+        )
+    run = runs[0]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    if "checkpoint" not in names:
+        raise MethodError(
+            f"mlflow:{ref}: run {run.info.run_id} logged no checkpoint artifact (a trial stopped "
+            "early by ASHA keeps its checkpoints only in the sweep storage, "
+            "<storage>/<sweep>/<trial id>/checkpoint_*: pass that folder instead)"
+        )
+    folder = Path(dst or tempfile.mkdtemp(prefix="dloral-mlflow-ckpt-"))
+    return Path(client.download_artifacts(run.info.run_id, "checkpoint", str(folder)))
+
+
+class DLoRALMethod(_Timed):
+    """DLoRAL from a checkpoint folder, the official model.pkl, or `tiny` (random init); LoRAs
+    merged, set up as `dloral-exp upscale` does (dtype auto, colour fix adain)."""
+
+    def __init__(
+        self,
+        label: str,
+        source: str,
+        device: str = "auto",
+        repeats: int = 1,
+        seed: int = 0,
+        process_size: int = 512,
+        batch_size: int = 4,
+    ) -> None:
+        super().__init__()
+        self.name, self.source, self.repeats = label, source, repeats
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(self.device)
+        self.seed, self.process_size, self.batch_size = seed, process_size, batch_size
+        self._model = None
+        self._upscalers: dict[int, object] = {}
+
+    def _load(self):
+        if self._model is None:
+            from dloral.model.dloral import DLoRAL, DLoRALConfig
+
+            if self.source == "tiny":
+                model = DLoRAL(DLoRALConfig.from_dict({"profile": "tiny", "seed": self.seed}))
+            else:
+                from dloral.model.checkpoint import load_checkpoint
+
+                if self.source.startswith("mlflow:"):
+                    path = mlflow_checkpoint(self.source[len("mlflow:") :])
+                else:
+                    path = Path(self.source)
+                if not path.exists():
+                    raise MethodError(f"{self.name}: checkpoint {path} does not exist")
+                model, report = load_checkpoint(path, strict=False)
+                if not report.clean:
+                    log.warning("%s: checkpoint %s", self.name, report.summary())
+            model.merge_lora()
+            self._model = model
+        return self._model
+
+    def _upscaler(self, scale: int):
+        from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
+
+        if scale not in self._upscalers:
+            opts = UpscaleOptions(
+                scale=scale,
+                batch_size=self.batch_size,
+                process_size=self.process_size,
+                seed=self.seed,
+            )
+            self._upscalers[scale] = VideoUpscaler(self._load(), self.device, self.dtype, opts)
+        return self._upscalers[scale]
+
+    def describe(self) -> dict:
+        model = self._load()
+        return {
+            "kind": "dloral",
+            "source": self.source,
+            "weights": model.weights,
+            "model": model.describe(),
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "options": {
+                "process_size": self.process_size,
+                "batch_size": self.batch_size,
+                "seed": self.seed,
+                "color_fix": "adain",
+                "lora": "merged",
+            },
+        }
+
+    def _pass(self, names: tuple[str, ...], lq: torch.Tensor, scale: int) -> torch.Tensor:
+        upscaler = self._upscaler(scale)
+        return torch.stack([f for _, f in upscaler.upscale(zip(names, lq, strict=True))])
+
+
+class FolderMethod:
+    """Precomputed outputs: <path>/<clip>/ (or <path>/<dataset>/<clip>/) frames matched by
+    stem to the clip's GT frame names (LQ names on sets without GT)."""
+
+    measures_latency = False
+
+    def __init__(self, label: str, path: str) -> None:
+        self.name, self.path = label, Path(path).expanduser()
+
+    def describe(self) -> dict:
+        return {"kind": "folder", "path": str(self.path)}
+
+    def _clip_dir(self, dataset: str, clip: str) -> Path:
+        for folder in (self.path / dataset / clip, self.path / clip):
+            if folder.is_dir():
+                return folder
+        raise MethodError(
+            f"{self.name}: no outputs for {dataset} clip {clip!r}: neither "
+            f"{self.path / clip} nor {self.path / dataset / clip} is a folder"
+        )
+
+    def frames_for(
+        self, dataset: str, clip: str, names: tuple[str, ...], all_names: tuple[str, ...]
+    ) -> list[Path]:
+        """Paths of the output frames for `names`; the folder must hold exactly `all_names`."""
+        folder = self._clip_dir(dataset, clip)
+        try:
+            found = open_frames(folder).names
+        except FrameError as err:
+            raise MethodError(f"{self.name}: {dataset} clip {clip!r}: {err}") from err
+        by_stem = {Path(n).stem: n for n in found}
+        wanted = [Path(n).stem for n in all_names]
+        missing = [s for s in wanted if s not in by_stem]
+        extra = sorted(set(by_stem) - set(wanted), key=natural_key)
+        if missing or extra:
+            raise MethodError(
+                f"{self.name}: {dataset} clip {clip!r} in {folder}: "
+                + (f"missing frame(s) {', '.join(missing[:5])}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"extra frame(s) {', '.join(extra[:5])}" if extra else "")
+                + f" ({len(found)} files for {len(all_names)} clip frames)"
+            )
+        return [folder / by_stem[Path(n).stem] for n in names]
+
+    def run(self, job: ClipJob) -> MethodOutput:
+        dataset, clip, size = job.dataset, job.clip, job.out_size
+        frames = []
+        for path in self.frames_for(dataset, clip, job.names, job.all_names):
+            try:
+                frame = read_image(path)
+            except FrameError as err:
+                raise MethodError(f"{self.name}: {dataset} clip {clip!r}: {err}") from err
+            if size is not None and tuple(frame.shape[-2:]) != tuple(size):
+                raise MethodError(
+                    f"{self.name}: {dataset} clip {clip!r} frame {path.name}: size "
+                    f"{frame.shape[-1]}x{frame.shape[-2]} differs from the expected "
+                    f"{size[1]}x{size[0]} ({path})"
+                )
+            frames.append(frame)
+        return MethodOutput(torch.stack(frames))
+
+
+def build_method(spec: str, *, device: str = "auto", options=None) -> Method | FolderMethod:
+    """A method from its suite spec; `options` is the suite's Options (repeats, seed, ...)."""
+    kind, label, arg = parse_method(spec)
+    repeats = options.latency_repeats if options else 1
+    if kind == "bicubic":
+        return Bicubic(repeats)
+    if kind == "folder":
+        return FolderMethod(label, arg)
+    return DLoRALMethod(
+        label,
+        arg,
+        device=device,
+        repeats=repeats,
+        seed=options.seed if options else 0,
+        process_size=options.process_size if options else 512,
+        batch_size=options.batch_size if options else 4,
+    )

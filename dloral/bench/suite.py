@@ -1,0 +1,272 @@
+"""Benchmark suites: which datasets, methods and metrics one `dloral-exp bench` run covers.
+
+A suite is a TOML file (see benchmarks/*.toml):
+
+    [suite]      name, description
+    [[datasets]] name, kind (a dloral.data.readers kind), root, lq, scale, clips, frames
+    [methods]    names = ["bicubic", "dloral:tiny", "folder:peer=/path/to/outputs"]
+    [metrics]    names = ["psnr", "ssim_y", "lpips", "ewarp", ...]
+    [options]    crop_border, flow, device, latency_repeats, seed, process_size, batch_size
+
+`root` may hold `${ENV_VAR}` (an unset variable is an error naming it and the expected layout)
+or be "embedded:<set>" (the embedded real-clip sets, prepared on first use). Relative roots are
+taken from the suite file's folder. Unknown keys, metrics and methods are errors naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dloral.data.readers import KINDS
+from dloral.named_toml import find_named_toml
+
+BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_SETS = ("embedded-udm10", "embedded-videolq")
+
+FULLREF = ("psnr", "ssim", "psnr_y", "ssim_y")
+IQA = ("lpips", "lpips_vgg", "dists", "musiq", "clipiqa", "maniqa", "niqe", "piqe", "dover")
+TEMPORAL = ("ewarp", "tof", "tlp")
+METRICS = FULLREF + IQA + TEMPORAL
+METHOD_FORMS = (
+    "bicubic",
+    "dloral:<checkpoint folder | model.pkl | tiny | mlflow:<run id or sweep trial id>>",
+    "folder:<label>=<path>",
+)
+FLOW_KINDS = ("auto", "raft", "dis", "farneback")
+
+LAYOUTS = {  # what a dataset root must hold, for error messages
+    "udm10": "<root>/GT/<clip>/*.png and <root>/BIx4/<clip>/ (or BDx4)",
+    "spmcs": "<root>/GT/<clip>/ and <root>/BIx4/<clip>/, or <root>/<clip>/truth/ + input4/",
+    "vid4": "<root>/GT/{calendar,city,foliage,walk}/ and <root>/BIx4/<clip>/ (or BDx4)",
+    "reds4": "<root>/train_sharp/{000,011,015,020}/ and <root>/train_sharp_bicubic/X4/<clip>/",
+    "reds30": "<root>/val_sharp/<clip>/ and <root>/val_sharp_bicubic/X4/<clip>/",
+    "videolq": "<root>/<clip>/*.png (LQ only, no GT)",
+    "youhq": "<root>/<category>/<clip>/ frames or videos (GT only)",
+    "folders": "<root>/<clip>/ LQ frames",
+    "videos": "a video file or a folder of videos (LQ)",
+}
+
+_SECTIONS = {"suite", "datasets", "methods", "metrics", "options"}
+_SUITE_KEYS = {"name", "description"}
+_DATASET_KEYS = {"name", "kind", "root", "lq", "scale", "clips", "frames"}
+_LIST_KEYS = {"names"}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class SuiteError(ValueError):
+    """A bad suite file or override; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    kind: str
+    root: str  # as resolved: a path, or "embedded:<set>"
+    lq: str | None = None
+    scale: int | None = None  # None: the dataset's GT/LQ ratio, else 4
+    clips: int = 0  # first N clips; 0 = all
+    frames: int = 0  # first N frames of each clip; 0 = all
+
+    @property
+    def embedded(self) -> str | None:
+        """The embedded set's name when the root is "embedded:<set>"."""
+        if self.root.startswith(EMBEDDED_PREFIX):
+            return self.root.removeprefix(EMBEDDED_PREFIX)
+        return None
+
+
+@dataclass(frozen=True)
+class Options:
+    crop_border: int = 0  # pixels dropped on each side for PSNR/SSIM (stated in results)
+    flow: str = "auto"  # flow estimator for ewarp/tof
+    device: str = "auto"
+    latency_repeats: int = 1  # timed passes per clip (the median is reported)
+    seed: int = 0
+    process_size: int = 512  # dloral: the reference's minimum processing short side
+    batch_size: int = 4  # dloral: frames upscaled together
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    path: Path | None
+    datasets: tuple[DatasetSpec, ...]
+    methods: tuple[str, ...]
+    metrics: tuple[str, ...]
+    options: Options = field(default_factory=Options)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        out = asdict(self)
+        out["path"] = str(self.path) if self.path else None
+        return out
+
+
+def _where(path: Path | None) -> str:
+    return str(path) if path else "suite"
+
+
+def _check_keys(where: str, section: str, table: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise SuiteError(
+            f"{where}: unknown key(s) {', '.join(unknown)} in [{section}]; "
+            f"valid: {', '.join(sorted(allowed))}"
+        )
+
+
+def check_metrics(names: list[str] | tuple[str, ...], where: str = "suite") -> tuple[str, ...]:
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise SuiteError(
+            f"{where}: unknown metric(s) {', '.join(unknown)}; valid: {', '.join(METRICS)}"
+        )
+    if not names:
+        raise SuiteError(f"{where}: no metrics given; valid: {', '.join(METRICS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def check_methods(names: list[str] | tuple[str, ...], where: str = "suite") -> tuple[str, ...]:
+    from dloral.bench.methods import parse_method
+
+    if not names:
+        raise SuiteError(f"{where}: no methods given; valid forms: {', '.join(METHOD_FORMS)}")
+    hint = "Set it to a dloral checkpoint folder or the official model.pkl (or a peer's outputs)"
+    names = [expand_env(spec, f"{where}: method", hint) for spec in names]
+    labels = {}
+    for spec in names:
+        try:
+            kind, label, _ = parse_method(spec)
+        except ValueError as err:
+            raise SuiteError(f"{where}: {err}") from err
+        if label in labels:
+            raise SuiteError(f"{where}: methods {labels[label]!r} and {spec!r} share label {label}")
+        labels[label] = spec
+    return tuple(names)
+
+
+def expand_env(text: str, where: str, hint: str) -> str:
+    """`${VAR}` replaced by its value; an unset variable -> SuiteError naming it and `hint`."""
+    for var in _ENV.findall(text):
+        if not os.environ.get(var):
+            raise SuiteError(f"{where}: {text!r} needs ${var}, which is not set. {hint}")
+    return _ENV.sub(lambda m: os.environ[m.group(1)], text)
+
+
+def expand_root(root: str, kind: str, where: str, base: Path | None) -> str:
+    """`${VAR}` expanded (unset -> SuiteError naming it and the layout); relative -> from base."""
+    if root.startswith(EMBEDDED_PREFIX):
+        name = root.removeprefix(EMBEDDED_PREFIX)
+        if name not in EMBEDDED_SETS:
+            raise SuiteError(f"{where}: unknown embedded set {name!r}; valid: {EMBEDDED_SETS}")
+        return root
+    hint = f"Set it to the {kind} dataset folder, laid out as {LAYOUTS.get(kind, kind)}"
+    path = Path(expand_env(root, f"{where}: dataset root", hint)).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if not path.exists():
+        raise SuiteError(
+            f"{where}: dataset root {path} (from {root!r}) does not exist; a {kind} root holds "
+            f"{LAYOUTS.get(kind, kind)}"
+        )
+    return str(path)
+
+
+def _int(where: str, key: str, value, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SuiteError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _dataset(where: str, i: int, table: dict, base: Path | None) -> DatasetSpec:
+    at = f"{where} [[datasets]] #{i + 1}"
+    _check_keys(where, f"datasets #{i + 1}", table, _DATASET_KEYS)
+    for key in ("name", "kind", "root"):
+        if key not in table:
+            raise SuiteError(f"{at}: missing key {key!r}")
+    kind = table["kind"]
+    if kind not in KINDS:
+        raise SuiteError(f"{at}: unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+    scale = table.get("scale")
+    return DatasetSpec(
+        name=str(table["name"]),
+        kind=kind,
+        root=expand_root(str(table["root"]), kind, f"{at} ({table['name']})", base),
+        lq=table.get("lq"),
+        scale=None if scale is None else _int(at, "scale", scale, 1),
+        clips=_int(at, "clips", table.get("clips", 0)),
+        frames=_int(at, "frames", table.get("frames", 0)),
+    )
+
+
+def _options(where: str, table: dict) -> Options:
+    allowed = set(Options.__dataclass_fields__)
+    _check_keys(where, "options", table, allowed)
+    opts = Options(**table)
+    for key in ("crop_border", "seed"):
+        _int(f"{where} [options]", key, getattr(opts, key))
+    for key in ("latency_repeats", "process_size", "batch_size"):
+        _int(f"{where} [options]", key, getattr(opts, key), 1)
+    if opts.flow not in FLOW_KINDS:
+        raise SuiteError(f"{where}: [options] flow={opts.flow!r}; valid: {', '.join(FLOW_KINDS)}")
+    return opts
+
+
+def parse_suite(data: dict, path: Path | None = None) -> Suite:
+    """A suite from a parsed TOML table; `path` names it in errors and anchors relative roots."""
+    where = _where(path)
+    _check_keys(where, "top level", data, _SECTIONS)
+    head = data.get("suite", {})
+    _check_keys(where, "suite", head, _SUITE_KEYS)
+    if "name" not in head:
+        raise SuiteError(f"{where}: [suite] needs a name")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", str(head["name"])):
+        raise SuiteError(f"{where}: [suite] name {head['name']!r}: use letters, digits, . _ -")
+    for section in ("methods", "metrics"):
+        _check_keys(where, section, data.get(section, {}), _LIST_KEYS)
+    base = path.parent if path else None
+    datasets = tuple(_dataset(where, i, t, base) for i, t in enumerate(data.get("datasets", [])))
+    if not datasets:
+        raise SuiteError(f"{where}: no [[datasets]]")
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise SuiteError(f"{where}: dataset names repeat: {names}")
+    return Suite(
+        name=str(head["name"]),
+        description=str(head.get("description", "")),
+        path=path,
+        datasets=datasets,
+        methods=check_methods(data.get("methods", {}).get("names", []), where),
+        metrics=check_metrics(data.get("metrics", {}).get("names", []), where),
+        options=_options(where, data.get("options", {})),
+    )
+
+
+def suite_path(name_or_path: str | os.PathLike) -> Path:
+    """A suite name under benchmarks/ ("embedded") or a path to a TOML file."""
+    text = str(name_or_path)
+    try:
+        found = find_named_toml(text, BENCHMARKS_DIR)
+    except FileNotFoundError as err:
+        raise SuiteError(f"no such suite file: {err}") from err
+    if found is not None:
+        return found
+    known = sorted(p.stem for p in BENCHMARKS_DIR.glob("*.toml"))
+    raise SuiteError(f"unknown suite {text!r}; shipped: {', '.join(known)}, or a TOML path")
+
+
+def load_suite(name_or_path: str | os.PathLike) -> Suite:
+    """Read and check a suite TOML (name under benchmarks/ or a path)."""
+    path = suite_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SuiteError(f"{path}: not valid TOML ({err})") from err
+    return parse_suite(data, path)

@@ -1,0 +1,333 @@
+"""The benchmark harness on a tiny udm10-layout set of real bikes frames: suites, methods,
+results table, cache, interruption, skipped metrics, run.json and the `bench` command."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import read_clip
+from typer.testing import CliRunner
+
+from dloral.bench import harness
+from dloral.bench.methods import FolderMethod, MethodError, output_hash
+from dloral.bench.suite import SuiteError, load_suite, parse_suite
+from dloral.data.frames import read_image, write_png
+from dloral.resize import bi_downsample, resize_frames
+
+CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}  # crop offsets (top, left) in bikes.mp4
+FRAMES = 3
+
+
+@pytest.fixture(scope="module")
+def udm(tmp_path_factory, bikes_path) -> Path:
+    """root/GT/<clip>/ + root/BIx4/<clip>/, 2 clips x 3 real 64x64 frames, plus peer outputs:
+    peers/gt (the GT itself) and peers/blur (a degraded copy)."""
+    root = tmp_path_factory.mktemp("udm")
+    for clip, (top, left) in CLIPS.items():
+        gt = read_clip(bikes_path, FRAMES, (top, left, 64, 64), (64, 64))
+        blur = torch.nn.functional.avg_pool2d(gt, 3, stride=1, padding=1, count_include_pad=False)
+        for i, (g, lq, b) in enumerate(zip(gt, bi_downsample(gt, 4), blur, strict=True)):
+            write_png(g, root / "GT" / clip / f"{i:04d}.png")
+            write_png(lq, root / "BIx4" / clip / f"{i:04d}.png")
+            write_png(g, root / "peers" / "gt" / clip / f"{i:04d}.png")
+            write_png(b, root / "peers" / "blur" / clip / f"{i:04d}.png")
+    return root
+
+
+def suite_toml(root: Path, methods: list[str], metrics: list[str], extra: str = "") -> str:
+    return f"""
+[suite]
+name = "tmp"
+description = "test"
+
+[[datasets]]
+name = "mini"
+kind = "udm10"
+root = "{root}"
+lq = "BIx4"
+scale = 4
+{extra}
+
+[methods]
+names = {json.dumps(methods)}
+
+[metrics]
+names = {json.dumps(metrics)}
+
+[options]
+flow = "dis"
+process_size = 64
+batch_size = 4
+"""
+
+
+def write_suite(tmp_path: Path, *args, name: str = "suite.toml", **kwargs) -> Path:
+    path = tmp_path / name
+    path.write_text(suite_toml(*args, **kwargs))
+    return path
+
+
+def test_bench_scores_bicubic_folder_and_tiny_with_skips(udm, tmp_path):
+    methods = ["bicubic", f"folder:gt={udm / 'peers/gt'}", "dloral:tiny"]
+    metrics = ["psnr", "ssim_y", "ewarp", "tof", "lpips"]
+    suite = load_suite(write_suite(tmp_path, udm, methods, metrics))
+    out = tmp_path / "out"
+    res = harness.run_bench(suite, out_dir=out, tracking=False)
+
+    df = pd.read_parquet(out / "results.parquet")
+    assert list(df.columns) == list(harness.results.COLUMNS)
+    scored = df[df["kind"] != "latency"]
+    # 3 methods x 2 clips x (psnr, ssim_y: 3 frames; ewarp, tof: 2 pairs); lpips skipped
+    assert len(scored) == 3 * 2 * (3 + 3 + 2 + 2)
+    counts = scored.groupby(["method", "clip", "metric"]).size()
+    assert counts.xs("psnr", level="metric").eq(FRAMES).all()
+    assert counts.xs("ewarp", level="metric").eq(FRAMES - 1).all()
+    assert set(scored["metric"]) == {"psnr", "ssim_y", "ewarp", "tof"}
+    # the folder method holding the GT itself: infinite PSNR, SSIM 1, zero tOF
+    gt_rows = scored[scored["method"] == "gt"]
+    assert gt_rows.loc[gt_rows["metric"] == "psnr", "value"].map(math.isinf).all()
+    assert gt_rows.loc[gt_rows["metric"] == "ssim_y", "value"].eq(1.0).all()
+    assert gt_rows.loc[gt_rows["metric"] == "tof", "value"].abs().max() < 1e-6
+    bic = scored[(scored["method"] == "bicubic") & (scored["metric"] == "psnr")]
+    assert bic["value"].between(20, 60).all()
+    # cross-check one value by hand: PSNR of PIL-bicubic x4 of the LQ PNG vs the GT PNG (uint8)
+    lq0 = read_image(udm / "BIx4" / "clipA" / "0000.png")
+    up = (resize_frames(lq0[None], (64, 64))[0] * 255).round()
+    mse = ((up - read_image(udm / "GT" / "clipA" / "0000.png") * 255).round() ** 2).mean()
+    by_hand = 10 * math.log10(255**2 / float(mse))
+    row0 = bic[(bic["clip"] == "clipA") & (bic["frame"] == 0)]["value"].item()
+    assert row0 == pytest.approx(by_hand, abs=1e-3)
+    assert "DIS" in scored.loc[scored["metric"] == "ewarp", "implementation"].iloc[0]
+
+    # latency rows for the methods run here, none for the folder method
+    lat = df[df["kind"] == "latency"]
+    assert set(lat["method"]) == {"bicubic", "dloral-tiny"}
+    assert set(lat["metric"]) == {"s_per_frame", "peak_mem_gib"}
+    assert (lat["frame"] == -1).all() and (lat["value"] > 0).all()
+
+    # aggregate = mean over clips of per-clip means
+    agg = pd.read_csv(out / "aggregate.csv")
+    row = agg[(agg["method"] == "bicubic") & (agg["metric"] == "psnr")].iloc[0]
+    expected = bic.groupby("clip")["value"].mean().mean()
+    assert row["value"] == pytest.approx(expected) and row["clips"] == 2
+    assert bool(row["higher_is_better"])
+    assert res.aggregate["value"][res.aggregate["metric"] == "ewarp"].notna().all()
+
+    skipped = json.loads((out / "skipped.json").read_text())
+    lpips = [s for s in skipped if s["metric"] == "lpips"]
+    assert lpips and "alexnet" in lpips[0]["reason"].lower() and "missing" in lpips[0]["reason"]
+    run = json.loads((out / "run.json").read_text())
+    assert "DIS" in run["flow_estimator"]
+    assert {"torch", "torchvision", "pyiqa", "cv2"} <= set(run["versions"])
+    assert run["status"] == "finished"
+    assert run["methods"]["dloral-tiny"]["weights"] == "random-init"
+    assert run["methods"]["dloral-tiny"]["options"]["lora"] == "merged"
+
+    # output hashes: the folder method's hash is that of the GT frames
+    gt_frames = torch.stack(
+        [read_image(udm / "GT" / "clipA" / f"{i:04d}.png") for i in range(FRAMES)]
+    )
+    hashes = scored[(scored["method"] == "gt") & (scored["clip"] == "clipA")]["output_hash"]
+    assert set(hashes) == {output_hash(gt_frames)}
+
+
+def test_rerun_uses_cache_and_force_recomputes(udm, tmp_path, monkeypatch):
+    methods = ["bicubic", f"folder:blur={udm / 'peers/blur'}"]
+    suite = load_suite(write_suite(tmp_path, udm, methods, ["psnr", "ssim", "ewarp"]))
+    out = tmp_path / "out"
+    first = harness.run_bench(suite, out_dir=out, tracking=False)
+    assert (first.computed, first.cached) == (2 * 2 * 3, 0)
+    calls, decoded = [], []
+    build, read = harness.build_metrics, harness._read_clip
+
+    def counting_metrics(*args, **kwargs):  # wrap every scorer to count real evaluations
+        built, skipped, flow = build(*args, **kwargs)
+        for s in built.values():
+            s.fn = (lambda f: lambda *a: calls.append(1) or f(*a))(s.fn)
+        return built, skipped, flow
+
+    monkeypatch.setattr(harness, "build_metrics", counting_metrics)
+    monkeypatch.setattr(
+        harness, "_read_clip", lambda clip, n: decoded.append(clip.name) or read(clip, n)
+    )
+    again = harness.run_bench(suite, out_dir=out, tracking=False)
+    assert calls == [] and (again.computed, again.cached) == (0, 12)
+    assert decoded == ["clipA", "clipB"]  # GT/LQ decoded once per clip, shared by both methods
+    cols = ["method", "clip", "frame", "metric", "value"]
+    a = first.table[first.table["kind"] != "latency"][cols].reset_index(drop=True)
+    b = again.table[again.table["kind"] != "latency"][cols].reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    forced = harness.run_bench(suite, out_dir=out, tracking=False, force=True)
+    assert len(calls) == 12 and (forced.computed, forced.cached) == (12, 0)
+
+
+def test_interrupt_keeps_finished_clips_on_disk(udm, tmp_path):
+    suite = load_suite(write_suite(tmp_path, udm, ["bicubic"], ["psnr"]))
+    out = tmp_path / "out"
+
+    def stop_after_first_clip(event):
+        if event["stage"] == "clip":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        harness.run_bench(suite, out_dir=out, tracking=False, progress=stop_after_first_clip)
+    df = pd.read_parquet(out / "results.parquet")
+    assert set(df["clip"]) == {"clipA"}
+    assert len(df[df["metric"] == "psnr"]) == FRAMES
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "killed" and run["clips_done"] == 1
+
+
+def test_gt_less_set_skips_fullref_and_scores_ewarp(udm, tmp_path):
+    lq_only = tmp_path / "videolq"
+    shutil.copytree(udm / "BIx4", lq_only)
+    path = tmp_path / "s.toml"
+    text = suite_toml(lq_only, ["bicubic"], ["psnr", "ewarp", "tof"])
+    path.write_text(text.replace('kind = "udm10"', 'kind = "videolq"').replace('lq = "BIx4"', ""))
+    res = harness.run_bench(load_suite(path), out_dir=tmp_path / "out", tracking=False)
+    assert set(res.table.loc[res.table["kind"] != "latency", "metric"]) == {"ewarp"}
+    reasons = {s["metric"]: s["reason"] for s in res.skipped}
+    assert "GT" in reasons["psnr"] and "GT" in reasons["tof"]
+
+
+def test_folder_method_missing_frame_or_wrong_size_names_clip_and_frame(udm, tmp_path):
+    peers = tmp_path / "peers"
+    shutil.copytree(udm / "peers" / "gt", peers)
+    (peers / "clipB" / "0002.png").unlink()
+    method = FolderMethod("peer", str(peers))
+    names = ("0000.png", "0001.png", "0002.png")
+    with pytest.raises(MethodError, match=r"peer.*clipB.*missing frame\(s\) 0002"):
+        method.frames_for("mini", "clipB", names, names)
+    write_png(torch.rand(3, 32, 32), peers / "clipB" / "0002.png")
+    suite = load_suite(write_suite(tmp_path, udm, [f"folder:peer={peers}"], ["psnr"]))
+    with pytest.raises(MethodError, match=r"peer.*clipB.*0002.png.*32x32"):  # mixed sizes
+        harness.run_bench(suite, out_dir=tmp_path / "out", tracking=False)
+    for i in range(FRAMES):  # all frames the wrong size
+        write_png(torch.rand(3, 32, 32), peers / "clipB" / f"{i:04d}.png")
+    with pytest.raises(MethodError, match=r"peer.*clipB.*frame 0000.png.*32x32.*expected 64x64"):
+        harness.run_bench(suite, out_dir=tmp_path / "out", tracking=False)
+    (peers / "clipA" / "0007.png").write_bytes((peers / "clipA" / "0000.png").read_bytes())
+    with pytest.raises(MethodError, match=r"clipA.*extra frame\(s\) 0007"):
+        harness.run_bench(suite, out_dir=tmp_path / "out", tracking=False)
+    shutil.rmtree(peers / "clipA")
+    with pytest.raises(MethodError, match=r"no outputs for mini clip 'clipA'"):
+        harness.run_bench(suite, out_dir=tmp_path / "out", tracking=False)
+
+
+def test_suite_errors_name_file_key_and_valid_choices(udm, tmp_path, monkeypatch):
+    path = write_suite(tmp_path, udm, ["bicubic"], ["psnr", "sharpness"])
+    with pytest.raises(SuiteError, match=r"suite.toml.*sharpness.*valid: psnr, ssim"):
+        load_suite(path)
+    path = write_suite(tmp_path, udm, ["bilinear"], ["psnr"])
+    with pytest.raises(SuiteError, match=r"suite.toml.*'bilinear'.*bicubic, dloral:"):
+        load_suite(path)
+    path = write_suite(tmp_path, udm, ["bicubic"], ["psnr"], extra="colour = 1")
+    with pytest.raises(SuiteError, match=r"suite.toml.*unknown key\(s\) colour.*valid: clips"):
+        load_suite(path)
+    with pytest.raises(SuiteError, match=r"unknown suite 'nope'; shipped: .*embedded"):
+        load_suite("nope")
+    monkeypatch.delenv("DLORAL_UDM10", raising=False)
+    with pytest.raises(SuiteError, match=r"udm10.toml.*DLORAL_UDM10.*not set.*GT/<clip>"):
+        load_suite("udm10")
+    monkeypatch.setenv("DLORAL_UDM10", str(tmp_path / "absent"))
+    with pytest.raises(SuiteError, match=r"absent.*does not exist"):
+        load_suite("udm10")
+    with pytest.raises(SuiteError, match=r"\[options\] flow='pwc'"):
+        parse_suite(
+            {
+                "suite": {"name": "x"},
+                "datasets": [{"name": "d", "kind": "udm10", "root": str(udm)}],
+                "methods": {"names": ["bicubic"]},
+                "metrics": {"names": ["psnr"]},
+                "options": {"flow": "pwc"},
+            }
+        )
+
+
+def test_mlflow_run_finished_with_aggregates_and_killed_on_interrupt(udm, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's local artifact store lands here
+    suite = load_suite(write_suite(tmp_path, udm, ["bicubic"], ["psnr"]))
+    res = harness.run_bench(suite, out_dir=tmp_path / "out")
+    client = MlflowClient(uri)
+    run = client.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["metrics"] == "psnr" and run.data.params["flow"] == "none"
+    psnr = res.aggregate.query("metric == 'psnr'")["value"].item()
+    assert run.data.metrics["mini/bicubic/psnr"] == pytest.approx(psnr)
+    artifacts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
+    assert {"results.parquet", "aggregate.csv", "run.json", "skipped.json"} <= artifacts
+
+    def interrupt(event):
+        if event["stage"] == "clip":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        harness.run_bench(suite, out_dir=tmp_path / "out2", progress=interrupt)
+    exp = client.get_experiment_by_name("dloral-bench")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    assert runs[0].info.status == "KILLED"
+    assert "interrupted after 1 of 2" in runs[0].data.tags["dloral.status_reason"]
+
+
+def test_shipped_embedded_suite_parses():
+    suite = load_suite("embedded")
+    assert [d.embedded for d in suite.datasets] == ["embedded-udm10", "embedded-videolq"]
+    assert suite.methods == ("bicubic", "dloral:tiny")
+    assert {"psnr", "ewarp", "tof", "tlp", "lpips", "dover"} <= set(suite.metrics)
+
+
+def test_cli_bench_prints_table_and_exits_2_on_bad_suite(udm, tmp_path):
+    from dloral.cli import app
+
+    path = write_suite(tmp_path, udm, ["bicubic", f"folder:gt={udm / 'peers/gt'}"], ["psnr"])
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", str(path), "--out", str(out), "--no-tracking"])
+    assert result.exit_code == 0, result.output
+    assert "psnr ↑" in result.output and "s_per_frame ↓" in result.output
+    assert "mini" in result.output and "inf" in result.output
+    assert (out / "results.parquet").is_file()
+    bad = write_suite(tmp_path, udm, ["bicubic"], ["psnr", "sharpness"], name="bad.toml")
+    result = runner.invoke(app, ["bench", str(bad), "--out", str(out), "--no-tracking"])
+    assert result.exit_code == 2 and "sharpness" in result.output
+    result = runner.invoke(app, ["bench", str(path), "--metrics", "psnr,blur", "--no-tracking"])
+    assert result.exit_code == 2 and "blur" in result.output
+
+
+def test_dloral_method_loads_the_checkpoint_a_run_or_trial_logged_to_mlflow(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from dloral.bench.methods import build_method, mlflow_checkpoint
+    from dloral.model.checkpoint import save_checkpoint
+    from dloral.model.dloral import DLoRAL, DLoRALConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.create_experiment("dloral-sweeps")
+    model = DLoRAL(DLoRALConfig.from_dict({"profile": "tiny", "seed": 3}))
+    folder = save_checkpoint(model, tmp_path / "step-000004")
+    run = client.create_run(exp, tags={"dloral.trial_id": "abcde_00001"})
+    client.log_artifacts(run.info.run_id, str(folder), artifact_path="checkpoint")
+    bare = client.create_run(exp, tags={"dloral.trial_id": "abcde_00002"})
+
+    by_run = mlflow_checkpoint(run.info.run_id, tmp_path / "a")
+    by_trial = mlflow_checkpoint("abcde_00001", tmp_path / "b")
+    for got in (by_run, by_trial):
+        assert (got / "dloral.safetensors").read_bytes() == (
+            folder / "dloral.safetensors"
+        ).read_bytes()
+    method = build_method("dloral:mlflow:abcde_00001", device="cpu")
+    assert method.name == "dloral-abcde_00001" and method.describe()["source"].startswith("mlflow:")
+    with pytest.raises(MethodError, match="no checkpoint artifact"):
+        mlflow_checkpoint("abcde_00002")
+    with pytest.raises(MethodError, match="no MLflow run or sweep trial"):
+        mlflow_checkpoint("nope_00000")
+    assert bare.info.run_id
