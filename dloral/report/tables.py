@@ -1,0 +1,219 @@
+"""Comparison tables as VSR papers print them: best value bold, second underlined, per column.
+
+Input is `dloral.bench.results.aggregate` output (or the harness's aggregate.csv, whose `scale`
+column is used when present). Cells are plain (text, mark) pairs; markdown and HTML render them.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+
+from dloral.bench import results
+
+Mark = Literal["best", "second"] | None
+Cell = tuple[str, Mark]
+MISSING = "–"
+DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4}  # by metric family (the name before any "_")
+DEFAULT_DIGITS = 4
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+_AXES = ("dataset", "method", "metric")
+
+
+@dataclass
+class ComparisonTable:
+    """header: one list of (text, colspan) per level; cells[i][j] is (row_labels[i], columns[j])."""
+
+    corner: str
+    header: list[list[tuple[str, int]]]
+    row_labels: list[str]
+    columns: list[tuple[str, ...]]  # keys in `cols` order, e.g. ("REDS4", "psnr")
+    cells: list[list[Cell]]
+    caption: str | None = None
+
+    def cell(self, row: str, *column: str) -> Cell:
+        return self.cells[self.row_labels.index(row)][self.columns.index(column)]
+
+    def to_markdown(self) -> str:
+        """One header line (levels joined by spaces); **best**, <u>second</u>."""
+        labels: list[list[str]] = [[] for _ in self.cells[0]] if self.cells else []
+        for level in self.header:
+            j = 0
+            for text, span in level:
+                for k in range(j, j + span):
+                    labels[k].append(text)
+                j += span
+        head = [self.corner] + [" ".join(parts) for parts in labels]
+        lines = [_md_row(head), "|" + "|".join([" --- "] + [" ---: "] * len(labels)) + "|"]
+        for label, row in zip(self.row_labels, self.cells, strict=True):
+            marked = [_wrap(t, m, "**", "**", "<u>", "</u>") for t, m in row]
+            lines.append(_md_row([label, *marked]))
+        out = "\n".join(lines) + "\n"
+        return out + (f"\n{self.caption}\n" if self.caption else "")
+
+    def to_html(self) -> str:
+        """A <table> with one header row per level; <b>best</b>, <u>second</u>; text escaped."""
+        esc = html.escape
+        out = ["<table>"]
+        if self.caption:
+            out.append(f"<caption>{esc(self.caption)}</caption>")
+        out.append("<thead>")
+        for i, level in enumerate(self.header):
+            ths = [f'<th rowspan="{len(self.header)}">{esc(self.corner)}</th>'] if i == 0 else []
+            ths += [f'<th colspan="{span}">{esc(text)}</th>' for text, span in level]
+            out.append("<tr>" + "".join(ths) + "</tr>")
+        out.append("</thead>")
+        out.append("<tbody>")
+        for label, row in zip(self.row_labels, self.cells, strict=True):
+            tds = [f"<th>{esc(label)}</th>"]
+            tds += [f"<td>{_wrap(esc(t), m, '<b>', '</b>', '<u>', '</u>')}</td>" for t, m in row]
+            out.append("<tr>" + "".join(tds) + "</tr>")
+        out.append("</tbody>")
+        out.append("</table>")
+        return "\n".join(out) + "\n"
+
+
+def comparison_table(
+    agg: pd.DataFrame,
+    *,
+    rows: str = "method",
+    cols: Sequence[str] = ("dataset", "metric"),
+    scales: dict[str, float] | None = None,
+    digits: dict[str, int] | None = None,
+    caption: str | None = None,
+) -> ComparisonTable:
+    """rows x cols of agg's `value`, each value times its metric's scale and rounded.
+
+    Per column, the best value is bold and the second underlined in the metric's direction.
+    Ties are decided on the displayed (rounded) values, as papers do: all tied values share a
+    rank and the next distinct value is second. Missing values show as "–" and are not ranked.
+    """
+    cols = tuple(cols)
+    if "metric" not in cols or sorted((rows, *cols)) != sorted(_AXES):
+        raise ValueError(f"rows + cols must be {_AXES} with metric in cols, got {rows!r}, {cols}")
+    if agg.duplicated(list(_AXES)).any():
+        raise ValueError("agg has more than one value per (dataset, method, metric)")
+    scale_of = _scales(agg, scales)
+    higher = dict(zip(agg["metric"], agg["higher_is_better"].astype(bool), strict=True))
+    row_keys = list(dict.fromkeys(agg[rows].astype(str)))
+    col_keys = list(dict.fromkeys(zip(*(agg[c].astype(str) for c in cols), strict=True)))
+    order = [list(dict.fromkeys(k[i] for k in col_keys)) for i in range(len(cols))]
+    col_keys.sort(key=lambda k: [order[i].index(v) for i, v in enumerate(k)])  # group levels
+    values = {
+        (str(r[rows]), tuple(str(r[c]) for c in cols)): float(r["value"])
+        for r in agg.to_dict("records")
+    }
+    m = cols.index("metric")
+    header = [
+        _spans(
+            col_keys,
+            i,
+            (lambda k: _metric_label(k[m], higher[k[m]], scale_of.get(k[m], 1.0)))
+            if i == m
+            else (lambda k, i=i: k[i]),
+        )
+        for i in range(len(cols))
+    ]
+    columns = [
+        _rank_column(
+            [values.get((r, k), math.nan) for r in row_keys],
+            higher[k[m]],
+            scale_of.get(k[m], 1.0),
+            _digits(k[m], digits),
+        )
+        for k in col_keys
+    ]
+    cells = [list(row) for row in zip(*columns, strict=True)] if columns else []
+    return ComparisonTable(rows, header, row_keys, col_keys, cells, caption)
+
+
+def per_clip_table(
+    df: pd.DataFrame,
+    dataset: str,
+    metric: str,
+    *,
+    scales: dict[str, float] | None = None,
+    digits: dict[str, int] | None = None,
+    caption: str | None = None,
+) -> ComparisonTable:
+    """methods x clips of one dataset and metric (mean of each clip's frames), marked per clip."""
+    clips = results.per_clip(df)
+    clips = clips[(clips["dataset"] == dataset) & (clips["metric"] == metric)]
+    if clips.empty:
+        raise ValueError(f"no values for metric {metric!r} on dataset {dataset!r}")
+    agg = clips.rename(columns={"clip": "_clip", "dataset": "_dataset"})
+    agg = agg.assign(dataset=agg["_clip"].astype(str))
+    table = comparison_table(
+        agg, scales=scales, digits=digits, caption=caption, cols=("metric", "dataset")
+    )
+    label, span = table.header[0][0]
+    table.header[0] = [(f"{dataset}: {label}", span)]
+    table.columns = [(clip,) for _, clip in table.columns]  # cell(method, clip)
+    return table
+
+
+def _rank_column(values: list[float], higher: bool, scale: float, digits: int) -> list[Cell]:
+    """Format one column and mark best/second on the rounded values (ties share a rank)."""
+    shown = [None if math.isnan(v) else round(v * scale, digits) + 0.0 for v in values]
+    distinct = sorted({s for s in shown if s is not None}, reverse=higher)
+    rank: dict[float, Mark] = {s: ("best", "second")[i] for i, s in enumerate(distinct[:2])}
+    return [(MISSING, None) if s is None else (f"{s:.{digits}f}", rank.get(s)) for s in shown]
+
+
+def _scales(agg: pd.DataFrame, scales: dict[str, float] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "scale" in agg.columns:
+        out.update(
+            {m: float(s) for m, s in zip(agg["metric"], agg["scale"], strict=True) if pd.notna(s)}
+        )
+    out.update(scales or {})
+    return out
+
+
+def _digits(metric: str, digits: dict[str, int] | None) -> int:
+    if digits and metric in digits:
+        return digits[metric]
+    return DIGITS.get(metric.split("_")[0], DEFAULT_DIGITS)
+
+
+def _metric_label(metric: str, higher: bool, scale: float) -> str:
+    """e.g. "psnr↑", "ewarp (×10⁻³)↓": displayed numbers are in units of 1/scale."""
+    arrow = "↑" if higher else "↓"
+    if scale == 1.0:
+        return f"{metric}{arrow}"
+    exponent = math.log10(scale)
+    if exponent.is_integer():
+        unit = "10" + str(-int(exponent)).translate(_SUPERSCRIPT)
+    else:
+        unit = f"{1 / scale:g}"
+    return f"{metric} (×{unit}){arrow}"
+
+
+def _spans(
+    keys: list[tuple[str, ...]], level: int, label: Callable[[tuple[str, ...]], str]
+) -> list[tuple[str, int]]:
+    """(label, colspan) of header `level`: a run of keys merges while levels 0..level agree."""
+    out: list[tuple[str, int]] = []
+    for j, key in enumerate(keys):
+        if j and keys[j - 1][: level + 1] == key[: level + 1]:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((label(key), 1))
+    return out
+
+
+def _wrap(text: str, mark: Mark, b0: str, b1: str, u0: str, u1: str) -> str:
+    if mark == "best":
+        return f"{b0}{text}{b1}"
+    if mark == "second":
+        return f"{u0}{text}{u1}"
+    return text
+
+
+def _md_row(parts: list[str]) -> str:
+    return "| " + " | ".join(p.replace("|", "\\|") for p in parts) + " |"
