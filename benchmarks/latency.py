@@ -18,7 +18,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -110,9 +109,9 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    from importlib.metadata import version
+    from dloral.doctor import git_state, versions
 
-    env = {
+    return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -120,22 +119,9 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "versions": {p: version(p) for p in ("torch", "diffusers", "peft", "transformers")},
+        "versions": versions(),
+        **git_state(),  # numbers from uncommitted code say so (git_dirty)
     }
-    try:
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        env["git_dirty"] = bool(status.strip())  # numbers from uncommitted code say so
-    except (OSError, subprocess.CalledProcessError):
-        env["git_commit"] = "unknown"
-    return env
 
 
 def write_result(record: dict, out: Path) -> None:

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         "experiment": args.experiment,
         "overrides": args.sets,
         "command": "uv run python benchmarks/sweep.py " + " ".join(argv or sys.argv[1:]),
-        "environment": environment(torch.device("cpu")) | {"ray": _version("ray")},
+        "environment": environment(torch.device("cpu")),  # versions include ray
         "runs": runs,
     }
     if len(runs) == 2:
@@ -123,12 +123,6 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else RESULTS / f"sweep-{args.experiment}-cpu.json"
     write_result(record, out)
     print(f"wrote {out}")
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 if __name__ == "__main__":

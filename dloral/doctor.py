@@ -131,6 +131,26 @@ def settings() -> dict[str, str]:
     }
 
 
+def git_state() -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differ from it (numbers from
+    uncommitted code say so); "unknown" outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=here
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": "unknown"}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
 def collect() -> dict[str, Any]:
     """Everything doctor reports, as plain data (JSON-ready)."""
     return {

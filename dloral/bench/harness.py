@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from dloral.bench.registry import MetricInfo, MetricUnavailable
 from dloral.bench.suite import FULLREF, IQA, Suite, check_methods, check_metrics
 from dloral.data.readers import Clip, Dataset, read_dataset
 from dloral.devices import resolve_device
+from dloral.doctor import git_state
 
 log = logging.getLogger(__name__)
 
@@ -188,19 +188,6 @@ def _doctor_facts() -> dict:
         "machine": facts["device"],
         "weights": facts["weights"],
     }
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _embedded_manifest(name: str, root: Path) -> dict:
@@ -411,7 +398,7 @@ def run_bench(
         "datasets": {s.name: {"kind": s.kind, "root": s.root, **m} for s, _, _, m in datasets},
         # the same facts as `dloral-exp doctor`: versions, device, every weight found or missing
         **_doctor_facts(),
-        "git_commit": _git_commit(),
+        **git_state(),
         "command": sys.argv,
         "force": force,
         "status": "running",

@@ -11,7 +11,6 @@ and `summary.json` (trials, best per arm, evaluation), all written atomically. `
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dloral.sweep.spec import METRICS, Experiment, SweepError
+from dloral.sweep.spec import METRICS, Experiment, SweepError, experiment_from_spec
 from dloral.sweep.trial import SWEEP_TAG, TRIAL_TAG
 
 log = logging.getLogger(__name__)
@@ -123,12 +122,9 @@ def _absolute_tracking_uri(uri: str) -> str:
     for scheme in ("sqlite:///", "file:"):
         if uri.startswith(scheme):
             rest = uri[len(scheme) :]
-            if scheme == "sqlite:///" and not rest.startswith("/"):
-                return scheme + str(Path(rest).resolve())
-            if scheme == "file:" and not rest.startswith("/"):
-                return scheme + str(Path(rest).resolve())
+            return uri if rest.startswith("/") else scheme + str(Path(rest).resolve())
     if "://" not in uri and not uri.startswith("databricks"):
-        return str(Path(uri).resolve())
+        return str(Path(uri).resolve())  # a bare folder, as MLflow accepts
     return uri
 
 
@@ -353,7 +349,7 @@ def run_sweep(
         if saved is None:
             raise SweepError(f"{sweep_dir}: no {SWEEP_FILE}, not a dloral sweep folder")
         spec = json.loads(saved)
-        exp = _experiment_from_spec(spec)
+        exp = experiment_from_spec(spec)
     else:
         storage = _storage(exp)
         sweep_id = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -434,15 +430,6 @@ def run_sweep(
 
             ray.shutdown()
     return result
-
-
-def _experiment_from_spec(spec: dict[str, Any]) -> Experiment:
-    from dloral.sweep.spec import Dimension, SweepConfig
-    from dloral.train.config import _build_dataclass
-
-    sweep = _build_dataclass(SweepConfig, copy.deepcopy(spec["sweep"]), "sweep")
-    dims = [Dimension(k, kind, args) for k, kind, args in spec["dims"]]
-    return Experiment(Path(spec["path"]), sweep, spec["base"], dims)
 
 
 def _fit(exp: Experiment, spec: dict[str, Any], sweep_dir: str, resume: bool, max_concurrent):

@@ -162,6 +162,15 @@ class Experiment:
         }
 
 
+def experiment_from_spec(spec: dict[str, Any]) -> Experiment:
+    """The Experiment a driver saved in sweep.json (what trials and --resume run)."""
+    from dloral.model.dloral import _build_dataclass
+
+    sweep = _build_dataclass(SweepConfig, copy.deepcopy(spec["sweep"]), "sweep")
+    dims = [Dimension(k, kind, args) for k, kind, args in spec["dims"]]
+    return Experiment(Path(spec["path"]), sweep, spec["base"], dims)
+
+
 def available_experiments() -> list[str]:
     """Experiment names under experiments/ that define a sweep."""
     names = []

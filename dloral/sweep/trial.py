@@ -44,17 +44,11 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from dloral.sweep.spec import Experiment, SweepConfig
-    from dloral.train.config import _build_dataclass
+    from dloral.sweep.spec import experiment_from_spec
     from dloral.train.recipe import install_checkpoint, train
     from dloral.train.tracking import MlflowTracker
 
-    exp = Experiment(
-        Path(spec["path"]),
-        _build_dataclass(SweepConfig, spec["sweep"], "sweep"),
-        spec["base"],
-        [],
-    )
+    exp = experiment_from_spec(spec)
     context = tune.get_context()
     trial_id = context.get_trial_id()
     values = {k: config[k] for k in spec["keys"]}
