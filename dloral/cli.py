@@ -535,6 +535,114 @@ def bench(
     )
 
 
+@app.command()
+def report(
+    bench: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--bench",
+            help="Benchmark run (repeatable): a results folder, a suite name (outputs/bench/"
+            "<suite>) or an MLflow run id in dloral-bench.",
+        ),
+    ] = None,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="Sweep (repeatable): a sweep folder, an experiment name (its newest sweep in "
+            "outputs/sweeps) or an MLflow parent run id in dloral-sweeps.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder [default: reports/<names>].")
+    ] = None,
+    per_clip: Annotated[
+        list[str] | None,
+        typer.Option("--per-clip", help="Also a per-clip table of this metric (repeatable)."),
+    ] = None,
+    quality: Annotated[
+        str | None,
+        typer.Option(
+            help="Metric of the quality-vs-speed plot [default: a perceptual one, then psnr]."
+        ),
+    ] = None,
+    clips: Annotated[
+        int, typer.Option(min=1, help="Clips per dataset shown as curves and crops.")
+    ] = 3,
+    title: Annotated[str | None, typer.Option(help="Report title.")] = None,
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also open the report in headless Chromium, fail on console errors, and save "
+            "a PNG of its top here."
+        ),
+    ] = None,
+) -> None:
+    """Comparison report (index.html + report.md + images) from benchmark runs and sweeps.
+
+    With neither --bench nor --sweep: every run in outputs/bench and the newest sweep of each
+    experiment in outputs/sweeps."""
+    import re
+
+    from dloral.report.build import build_report
+    from dloral.report.sources import (
+        ReportError,
+        available_benches,
+        available_sweeps,
+        load_bench,
+        load_sweep,
+    )
+
+    if not bench and not sweep:
+        bench = available_benches()
+        newest: dict[str, str] = {}
+        for name in available_sweeps():  # <experiment>-<YYYYmmdd-HHMMSS>, sorted: newest last
+            newest[re.sub(r"-\d{8}-\d{6}$", "", name)] = str(Path("outputs/sweeps") / name)
+        sweep = list(newest.values())
+        if not bench and not sweep:
+            _fail(
+                "nothing to report: no benchmark run in outputs/bench and no sweep in "
+                "outputs/sweeps. Run `dloral-exp bench embedded` or `dloral-exp sweep` first, "
+                "or name sources with --bench / --sweep."
+            )
+    try:
+        benches = [load_bench(b) for b in bench or []]
+        sweeps = [load_sweep(s) for s in sweep or []]
+    except ReportError as err:
+        _fail(str(err))
+    names = [r.name for r in benches] + [s.name for s in sweeps]
+    folder = out or Path("reports") / re.sub(r"[^0-9A-Za-z_.+-]+", "-", "+".join(names))
+    try:
+        made = build_report(
+            folder,
+            benches,
+            sweeps,
+            title=title,
+            per_clip=tuple(per_clip or ()),
+            max_clips=clips,
+            quality=quality,
+        )
+    except (ReportError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"[green]report:[/] {made.index} ({len(made.images)} images) and {made.markdown}")
+    if screenshot is not None:
+        from dloral.report.browser import BrowserError, check_page
+
+        try:
+            page = check_page(made.index, screenshot, max_height=1600)
+        except BrowserError as err:
+            _fail(f"--screenshot: {err}")
+        if page.errors or page.images_loaded != page.images:
+            _fail(
+                f"{made.index} in Chromium: {page.images_loaded} of {page.images} images "
+                "loaded; console errors: " + "; ".join(page.errors)
+            )
+        console.print(
+            f"[green]screenshot:[/] {screenshot} (Chromium: {page.tables} tables, "
+            f"{page.images} images, no console errors)"
+        )
+
+
 def _print_bench_table(result) -> None:
     from rich.table import Table
 

@@ -6,16 +6,19 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import read_clip
+from PIL import Image
 from typer.testing import CliRunner
 
 from dloral.bench import harness
 from dloral.bench.methods import FolderMethod, MethodError, output_hash
 from dloral.bench.suite import SuiteError, load_suite, parse_suite
-from dloral.data.frames import read_image, write_png
+from dloral.data.frames import read_image, to_uint8, write_png
+from dloral.report.visuals import read_index
 from dloral.resize import bi_downsample, resize_frames
 
 CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}  # crop offsets (top, left) in bikes.mp4
@@ -133,6 +136,23 @@ def test_bench_scores_bicubic_folder_and_tiny_with_skips(udm, tmp_path):
     )
     hashes = scored[(scored["method"] == "gt") & (scored["clip"] == "clipA")]["output_hash"]
     assert set(hashes) == {output_hash(gt_frames)}
+
+    # visual comparisons: per clip the same crop of GT, LQ and every method, and x-t profiles
+    index = read_index(out / "visuals")
+    assert [(e["dataset"], e["clip"]) for e in index] == [("mini", "clipA"), ("mini", "clipB")]
+    entry = index[0]
+    assert list(entry["images"]) == ["GT", "LQ (pixels ×4)", "bicubic", "gt", "dloral-tiny"]
+    top, left, h, w = entry["box"]
+    assert (h, w) == (64, 64) and entry["frame"] == FRAMES // 2
+    folder = Path(entry["folder"])
+    crops = {k: np.asarray(Image.open(folder / v["crop"])) for k, v in entry["images"].items()}
+    gt_png = to_uint8(gt_frames[entry["frame"]])[top : top + h, left : left + w]
+    assert np.array_equal(crops["GT"], gt_png) and np.array_equal(crops["gt"], gt_png)
+    assert not np.array_equal(crops["bicubic"], gt_png)
+    xt = np.asarray(Image.open(folder / entry["images"]["GT"]["xt"]))
+    assert xt.shape == (FRAMES, w, 3)
+    for t in range(FRAMES):
+        assert np.array_equal(xt[t], to_uint8(gt_frames[t])[entry["row"], left : left + w])
 
 
 def test_rerun_uses_cache_and_force_recomputes(udm, tmp_path, monkeypatch):

@@ -120,6 +120,32 @@ def test_two_trial_sweep_reports_checkpoints_and_an_mlflow_tree(
         assert sorted(m.step for m in history) == [2, 4]
         assert trial.mlflow_run_id == run.info.run_id
 
+    # the report of this sweep: trials, best per arm, ablation plots, curves from MLflow
+    from dloral.report import build, sources
+
+    sweep = sources.load_sweep(result.sweep_dir)
+    assert sorted(sweep.trials["model.cfr.variant"]) == ["full", "off"]
+    hist = sweep.history[sweep.history["metric"] == "val/psnr"]
+    assert sorted(hist.groupby("trial_id")["step"].apply(sorted).tolist()) == [[2, 4], [2, 4]]
+    last = hist[hist["step"] == 4].set_index("trial_id")["value"]
+    for t in result.trials:
+        assert last[t.trial_id] == pytest.approx(t.metrics["val/psnr"])
+    made = build.build_report(tmp_path / "report", sweeps=[sweep])
+    md = made.markdown.read_text()
+    best = max(result.best, key=lambda b: b["eval"]["psnr"])
+    row = next(line for line in md.splitlines() if line.startswith(f"| {best['arm']} |"))
+    assert f"**{best['eval']['psnr']:.2f}**" in row
+    assert {p.name for p in made.images} >= {
+        f"{sweep.name}-model.cfr.variant-val-psnr.png",
+        f"{sweep.name}-curves.png",
+    }
+    assert f"`{parent.info.run_id}`" in md and "| git commit |" in md
+    # the same sweep read back from its MLflow parent run
+    again = sources.load_sweep(parent.info.run_id)
+    assert again.name == sweep.name and list(again.trials["trial_id"]) == list(
+        sweep.trials["trial_id"]
+    )
+
 
 def test_crashed_trial_resumes_from_its_checkpoint_on_the_same_trajectory(
     ray_local, mlflow_uri, tmp_path, data_roots

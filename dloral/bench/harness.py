@@ -2,8 +2,9 @@
 
 Per clip, GT and LQ are decoded once and shared by every method and metric; each method's
 output is computed once and scored by every metric. After each clip the table so far is written
-atomically to <out_dir>/results.parquet (an interrupt loses nothing already written); at the end
-aggregate.csv, skipped.json and run.json join it. Metric values are cached across runs into the
+atomically to <out_dir>/results.parquet (an interrupt loses nothing already written), with the
+clip's visual comparisons in <out_dir>/visuals/; at the end aggregate.csv, skipped.json and
+run.json join it. Metric values are cached across runs into the
 same out_dir by (output_hash, metric, implementation) in cache.parquet; `force` recomputes.
 Latency rows (s_per_frame, peak_mem_gib) are measured anew each run, for methods run here.
 """
@@ -31,6 +32,7 @@ from dloral.bench.suite import FULLREF, IQA, Suite, check_methods, check_metrics
 from dloral.data.readers import Clip, Dataset, read_dataset
 from dloral.devices import resolve_device
 from dloral.doctor import git_state
+from dloral.report.visuals import VisualRecorder
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +274,8 @@ class _Tracking:
         for path in files:
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
+            elif path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), path.name)
         if reason:
             self.client.set_tag(self.run_id, "dloral.status_reason", reason[:5000])
         self.client.set_terminated(self.run_id, status=status)
@@ -327,9 +331,13 @@ def _score_method(
     suite: Suite,
     device: str,
     infos: dict[str, MetricInfo],
+    keep: Callable[[str, torch.Tensor], None] | None = None,
 ) -> tuple[list[dict], int, int]:
-    """Run one method on one clip and score its output: (rows, computed, cached)."""
+    """Run one method on one clip and score its output: (rows, computed, cached).
+    `keep(method, frames)` sees the output (the visual comparisons' crops)."""
     output = runner.run(job)
+    if keep is not None:
+        keep(runner.name, output.frames)
     digest = output_hash(output.frames)
     records = _latency_rows(job, runner.name, output, digest, suite, device, infos)
     computed = cached = 0
@@ -368,8 +376,12 @@ def run_bench(
     out_dir: str | Path | None = None,
     progress: Progress | None = None,
     tracking: bool = True,
+    visuals: bool = True,
 ) -> BenchResult:
     """Score every suite method on every clip with every metric; see the module doc for files.
+
+    `visuals` records each clip's crop and x-t profile of GT, LQ and every method into
+    <out_dir>/visuals (dloral.report.visuals), for `dloral-exp report`.
 
     methods/metrics override the suite's lists; device overrides [options] device.
     `progress(event)` is called with {"stage": "start"|"clip", ...} after each clip is on disk.
@@ -385,6 +397,7 @@ def run_bench(
     infos = {n: s.info for n, s in scorers.items()}
     runners = [build_method(s, device=str(dev), options=suite.options) for s in method_specs]
     cache = _Cache(out / "cache.parquet", use=not force)
+    recorder = VisualRecorder(out / "visuals") if visuals else None
     res = BenchResult(out, results.table([]), aggregate_table(results.table([]), {}), skipped)
     run_info = {
         "suite": suite.to_dict(),
@@ -440,10 +453,26 @@ def run_bench(
                 if size is None and lq is not None:
                     size = (lq.shape[-2] * scale, lq.shape[-1] * scale)
                 job = ClipJob(spec.name, clip.name, names, all_names, lq, scale, size)
+                vis = (
+                    recorder.start_clip(spec.name, clip.name, names, lq, gt, scale, size)
+                    if recorder
+                    else None
+                )
                 computed = cached = 0
                 for runner in runners:
                     rows, n_new, n_cached = _score_method(
-                        runner, job, gt, scorers, cache, skip, suite, str(dev), infos
+                        runner,
+                        job,
+                        gt,
+                        scorers,
+                        cache,
+                        skip,
+                        suite,
+                        str(dev),
+                        infos,
+                        keep=(lambda name, frames, v=vis: recorder.add(v, name, frames))
+                        if recorder
+                        else None,
                     )
                     records += rows
                     computed += n_new
@@ -451,6 +480,8 @@ def run_bench(
                 res.table = results.table(records)
                 results.write_parquet(res.table, out / "results.parquet")
                 cache.write()
+                if recorder:
+                    recorder.finish_clip(vis)
                 done += 1
                 res.computed += computed
                 res.cached += cached
@@ -488,6 +519,8 @@ def run_bench(
         )
         atomic_write_json(out / "run.json", run_info, default=str)
         files = [out / f for f in ("results.parquet", "aggregate.csv", "run.json", "skipped.json")]
+        if recorder is not None:
+            files.append(recorder.root)
         try:
             tracker.finish(res.aggregate, files, status, reason)
         except Exception as err:  # tracking must not hide the harness's own outcome

@@ -373,6 +373,7 @@ def run_sweep(
             "tracking_uri": _absolute_tracking_uri(tracking_uri()) if tracking else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "status": "running",
+            "provenance": _provenance(),
         }
         if tracking:
             t = Tracking(spec["tracking_uri"], exp.sweep.mlflow_experiment)
@@ -407,6 +408,7 @@ def run_sweep(
         if on_table:
             on_table(result.best, exp)
         if tracker:
+            tracker.client.log_dict(parent, spec, SWEEP_FILE)
             _log_summary(tracker, parent, result, exp)
     except KeyboardInterrupt:
         result.status = "interrupted"
@@ -555,6 +557,13 @@ def _close_all(tracker: Tracking | None, parent, rows: list[TrialRow]) -> None:
         else:
             reason = f"stopped by ASHA at step {row.step}" if row.status == "stopped" else None
             tracker.close(run, "FINISHED", reason)
+
+
+def _provenance() -> dict[str, Any]:
+    """The driver's versions, device and git state (what a report of this sweep cites)."""
+    from dloral import doctor
+
+    return {"versions": doctor.versions(), "machine": doctor.device(), **doctor.git_state()}
 
 
 # ----- best per arm and their evaluation -------------------------------------------------

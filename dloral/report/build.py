@@ -1,0 +1,692 @@
+"""`dloral-exp report`: comparison reports from benchmark runs and sweeps.
+
+A report is a folder: index.html (self-contained: inline CSS, no script, no request outside the
+folder; opens from disk), report.md (the same content for a repository or a paper draft) and
+images/ (every plot and visual comparison as PNG). Both documents are rendered from one list of
+blocks, so they always say the same. Every section ends with its provenance: datasets and their
+manifest hashes, metric implementations, flow estimator, weights used or missing, device,
+versions, git commit, seeds and the command that made the numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dloral.atomic import atomic_write_text
+from dloral.report import plots, tables
+from dloral.report.sources import BenchRun, SweepRun, higher_is_better
+from dloral.report.visuals import visual_grid
+
+KIND_ORDER = ("full_reference", "no_reference", "temporal", "latency")
+QUALITY_PREFERENCE = ("musiq", "lpips", "clipiqa", "dists", "maniqa", "niqe", "piqe", "psnr")
+CURVE_METRICS = ("psnr", "ssim", "lpips", "ewarp", "tof", "tlp")
+EVAL_METRICS = ("psnr", "ssim", "temporal_change", "s_per_frame")
+
+
+# ----- the document model: blocks rendered to Markdown and HTML -----------------------------
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Para:
+    text: str  # plain text; `code` spans are kept
+
+
+@dataclass
+class Table:
+    table: tables.ComparisonTable
+
+
+@dataclass
+class Grid:
+    """A plain table: header + rows of text."""
+
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Image:
+    path: str  # relative to the report folder
+    caption: str
+
+
+@dataclass
+class Report:
+    title: str
+    blocks: list[Any] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+    out: Path = Path(".")
+
+    @property
+    def index(self) -> Path:
+        return self.out / "index.html"
+
+    @property
+    def markdown(self) -> Path:
+        return self.out / "report.md"
+
+
+def _code(text: str, html_out: bool) -> str:
+    """Escape for the target; `...` spans become <code> in HTML."""
+    if not html_out:
+        return text
+    parts = re.split(r"`([^`]*)`", text)
+    return "".join(
+        f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p).replace("\n", "<br>")
+        for i, p in enumerate(parts)
+    )
+
+
+def to_markdown(report: Report) -> str:
+    out = [f"# {report.title}", ""]
+    for b in report.blocks:
+        if isinstance(b, Heading):
+            out += [f"{'#' * (b.level + 1)} {b.text}", ""]
+        elif isinstance(b, Para):
+            out += [b.text, ""]
+        elif isinstance(b, Table):
+            out += [b.table.to_markdown()]
+        elif isinstance(b, Grid):
+            out.append(tables._md_row(b.header))
+            out.append("|" + "|".join([" --- "] * len(b.header)) + "|")
+            out += [tables._md_row([c.replace("\n", "<br>") for c in r]) for r in b.rows]
+            out += [""] + ([b.caption, ""] if b.caption else [])
+        elif isinstance(b, Image):
+            out += [f"![{Path(b.path).stem}]({b.path})", "", f"*{b.caption}*", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 2em auto;
+       max-width: 1200px; padding: 0 1em; color: #1d1d1f; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
+h3 { margin-top: 1.6em; }
+.scroll { overflow-x: auto; margin: .6em 0 1.2em; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { padding: .25em .6em; border-bottom: 1px solid #e3e3e3; text-align: right; }
+thead th { border-bottom: 2px solid #888; text-align: center; }
+tbody th { text-align: left; font-weight: 600; }
+caption { caption-side: bottom; text-align: left; color: #555; font-size: .9em; padding-top: .4em; }
+td b { color: #b00; } td u { text-decoration-thickness: 2px; color: #0645ad; }
+.gallery { display: flex; flex-wrap: wrap; gap: .5em 1.5em; align-items: flex-start; }
+figure { margin: .6em 0 1em; max-width: 100%; }
+figure img { max-width: 100%; max-height: 420px; border: 1px solid #ddd; }
+figcaption { color: #555; font-size: .9em; }
+code { background: #f3f3f3; padding: 0 .25em; border-radius: 3px; font-size: .92em; }
+table.grid td, table.grid th { text-align: left; vertical-align: top; }
+"""
+
+
+def to_html(report: Report) -> str:
+    esc = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<link rel="icon" href="data:,">',
+        f"<title>{esc(report.title)}</title>",
+        f"<style>{CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{esc(report.title)}</h1>",
+    ]
+    in_gallery = False
+    for b in report.blocks:
+        if isinstance(b, Image) != in_gallery:  # consecutive figures share a wrapping row
+            out.append('<div class="gallery">' if not in_gallery else "</div>")
+            in_gallery = not in_gallery
+        if isinstance(b, Heading):
+            anchor = re.sub(r"[^0-9a-z]+", "-", b.text.lower()).strip("-")
+            out.append(f'<h{b.level + 1} id="{anchor}">{esc(b.text)}</h{b.level + 1}>')
+        elif isinstance(b, Para):
+            out.append(f"<p>{_code(b.text, True)}</p>")
+        elif isinstance(b, Table):
+            out.append(f'<div class="scroll">{b.table.to_html()}</div>')
+        elif isinstance(b, Grid):
+            rows = ["<tr>" + "".join(f"<th>{esc(h)}</th>" for h in b.header) + "</tr>"]
+            rows += [
+                "<tr>" + "".join(f"<td>{_code(c, True)}</td>" for c in r) + "</tr>" for r in b.rows
+            ]
+            cap = f"<caption>{esc(b.caption)}</caption>" if b.caption else ""
+            out.append(
+                f'<div class="scroll"><table class="grid">{cap}{"".join(rows)}</table></div>'
+            )
+        elif isinstance(b, Image):
+            out.append(
+                f'<figure><img src="{esc(b.path)}" alt="{esc(b.caption)}">'
+                f"<figcaption>{esc(b.caption)}</figcaption></figure>"
+            )
+    if in_gallery:
+        out.append("</div>")
+    out += ["</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+# ----- building ------------------------------------------------------------------------------
+class _Builder:
+    def __init__(self, report: Report):
+        self.report = report
+        self.images = report.out / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+
+    def add(self, *blocks) -> None:
+        self.report.blocks.extend(blocks)
+
+    def section(self, heading: str, figures: list[tuple[Any, str, str]]) -> None:
+        """A level-2 heading and its (figure, name, caption) list; nothing when empty."""
+        if figures:
+            self.add(Heading(2, heading))
+            for fig, name, caption in figures:
+                self.figure(fig, name, caption)
+
+    def figure(self, fig, name: str, caption: str) -> None:
+        path = plots.save(fig, self.images / f"{_slug(name)}.png")
+        self.report.images.append(path)
+        self.add(Image(f"images/{path.name}", caption))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_.-]+", "-", text).strip("-") or "x"
+
+
+def _sentence(text: str | None) -> str:
+    """A description as a sentence followed by a space ("" when there is none)."""
+    text = (text or "").strip().rstrip(".")
+    return f"{text}. " if text else ""
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return tables.MISSING
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _metric_order(agg: pd.DataFrame, suite_order: list[str]) -> list[str]:
+    kinds = dict(zip(agg["metric"], agg.get("kind", pd.Series([""] * len(agg))), strict=True))
+    names = list(dict.fromkeys(agg["metric"]))
+
+    def key(m: str):
+        kind = str(kinds.get(m, ""))
+        k = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+        return (k, suite_order.index(m) if m in suite_order else len(suite_order), m)
+
+    return sorted(names, key=key)
+
+
+def bench_section(
+    b: _Builder, run: BenchRun, per_clip: tuple[str, ...], max_clips: int, quality: str | None
+) -> None:
+    info = run.run
+    suite = info.get("suite") or {}
+    b.add(Heading(1, f"Benchmark: {run.name}"))
+    status = info.get("status", "unknown")
+    done = f"{info.get('clips_done', '?')} of {info.get('clips_total', '?')} clips"
+    b.add(
+        Para(
+            f"{_sentence(suite.get('description'))}Status: {status}, {done}. "
+            f"Source: `{run.origin}`."
+        )
+    )
+    if status != "finished":
+        b.add(
+            Para(
+                f"This run did not finish ({info.get('reason') or status}): numbers cover the "
+                "clips it completed."
+            )
+        )
+    agg = run.aggregate
+    if agg.empty:
+        b.add(Para("No results in this run."))
+        return
+    order = _metric_order(agg, list(info.get("metrics") or []))
+    frames = {d.get("name"): d.get("frames", 0) for d in suite.get("datasets", [])}
+    for dataset in dict.fromkeys(agg["dataset"]):
+        sub = agg[agg["dataset"] == dataset].copy()
+        sub["_o"] = sub["metric"].map(order.index)
+        sub = sub.sort_values("_o", kind="stable").drop(columns="_o")
+        clips = int(sub["clips"].max()) if "clips" in sub else 0
+        nf = frames.get(dataset) or "all"
+        cap = (
+            f"{dataset}: mean over {clips} clip(s) of per-clip means (first {nf} frames of each); "
+            f"crop border {info.get('crop_border', 0)}; ↑ higher / ↓ lower is better; best bold, "
+            "second underlined; – not measured."
+        )
+        table = tables.comparison_table(sub, caption=cap)
+        table.header = table.header[1:]  # the heading names the dataset
+        b.add(Heading(2, f"{dataset}"), Table(table))
+        for metric in per_clip:
+            if not ((run.table["dataset"] == dataset) & (run.table["metric"] == metric)).any():
+                b.add(Para(f"Per-clip {metric}: no values on {dataset}."))
+                continue
+            t = tables.per_clip_table(
+                run.table, dataset, metric, caption=f"{dataset}: {metric} per clip"
+            )
+            b.add(Table(t))
+    _bench_plots(b, run, max_clips, quality)
+    _bench_visuals(b, run, max_clips)
+    _skipped(b, run)
+    b.add(Heading(2, "Provenance"))
+    _bench_provenance(b, run)
+
+
+def _skipped(b: _Builder, run: BenchRun) -> None:
+    if not run.skipped:
+        return
+    rows = [
+        [s["metric"], s.get("dataset", "all datasets"), s.get("reason", "")] for s in run.skipped
+    ]
+    b.add(
+        Grid(
+            ["metric skipped", "where", "why"],
+            rows,
+            "Metrics the suite asked for but that "
+            "were not measured (absent weights or inputs): never shown as numbers.",
+        )
+    )
+
+
+def _pick_quality(agg: pd.DataFrame, dataset: str, quality: str | None) -> list[str]:
+    have = set(agg.loc[agg["dataset"] == dataset, "metric"])
+    if quality:
+        return [quality] if quality in have else []
+    picks = [m for m in QUALITY_PREFERENCE if m in have]
+    return list(dict.fromkeys(picks[:1] + [m for m in ("psnr",) if m in have]))
+
+
+def _bench_plots(b: _Builder, run: BenchRun, max_clips: int, quality: str | None) -> None:
+    agg, df = run.aggregate, run.table
+    speed_blocks = []
+    for dataset in dict.fromkeys(agg["dataset"]):
+        if "s_per_frame" not in set(agg.loc[agg["dataset"] == dataset, "metric"]):
+            continue
+        for metric in _pick_quality(agg, dataset, quality):
+            fig = plots.quality_speed(agg, dataset, metric)
+            speed_blocks.append(
+                (
+                    fig,
+                    f"{run.name}-{dataset}-{metric}-speed",
+                    f"{dataset}: {metric} vs seconds per frame "
+                    f"({run.run.get('device', '?')}, methods run by the harness).",
+                )
+            )
+    b.section("Quality vs speed", speed_blocks)
+    curves = []
+    scored = df[df["frame"] >= 0]
+    scales = tables._scales(agg, None)
+    for dataset in dict.fromkeys(scored["dataset"]):
+        clips = list(dict.fromkeys(scored.loc[scored["dataset"] == dataset, "clip"]))
+        for clip in clips[:max_clips]:
+            have = set(
+                scored.loc[(scored["dataset"] == dataset) & (scored["clip"] == clip), "metric"]
+            )
+            metrics = [m for m in CURVE_METRICS if m in have][:3]
+            if metrics:
+                fig = plots.per_frame_curves(df, dataset, clip, metrics, scales=scales)
+                curves.append(
+                    (
+                        fig,
+                        f"{run.name}-{dataset}-{clip}-frames",
+                        f"{dataset}/{clip}: {', '.join(metrics)} per frame "
+                        "(pair metrics between frames t and t+1).",
+                    )
+                )
+    b.section("Per-frame curves", curves)
+
+
+def _bench_visuals(b: _Builder, run: BenchRun, max_clips: int) -> None:
+    if not run.visuals:
+        return
+    b.add(Heading(2, "Visual comparisons"))
+    b.add(
+        Para(
+            "The same crop (the most textured window of the middle frame) from GT, LQ (its "
+            "pixels repeated, not interpolated) and each method; below each, the x-t profile: "
+            "the dashed row of the crop over every frame, time downwards. Flicker shows as "
+            "horizontal streaks, temporal smoothness as continuous vertical structure."
+        )
+    )
+    per_dataset: dict[str, int] = {}
+    for entry in run.visuals:
+        n = per_dataset.get(entry["dataset"], 0)
+        if n >= max_clips:
+            continue
+        per_dataset[entry["dataset"]] = n + 1
+        top, left, h, w = entry["box"]
+        b.figure(
+            visual_grid(entry),
+            f"{run.name}-{entry['dataset']}-{entry['clip']}-visual",
+            f"{entry['dataset']}/{entry['clip']}, frame {entry['frame_name']}: crop "
+            f"{w}x{h} at (x={left}, y={top}), x-t row y={entry['row']}.",
+        )
+
+
+def _versions_line(versions: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def _git_line(info: dict[str, Any]) -> str:
+    commit = info.get("git_commit", "unknown")
+    dirty = info.get("git_dirty")
+    return f"`{commit}`" + (" (with uncommitted changes)" if dirty else "")
+
+
+def _machine_line(machine: dict[str, Any], device: str | None = None) -> str:
+    gpus = ", ".join(machine.get("gpus", [])) or "no GPU"
+    head = f"{device} on " if device else ""
+    return (
+        f"{head}{machine.get('platform', '?')}, Python {machine.get('python', '?')}, "
+        f"{machine.get('cpu_count', '?')} CPU cores, {gpus}"
+    )
+
+
+def _bench_provenance(b: _Builder, run: BenchRun) -> None:
+    info = run.run
+    rows = []
+    for name, d in (info.get("datasets") or {}).items():
+        manifest = d.get("manifest_sha256")
+        files = d.get("files_sha256")
+        where = d.get("root", "?")
+        if manifest:
+            what = (
+                f"manifest sha256 `{manifest[:16]}…`, its {d.get('files')} files' entries "
+                f"sha256 `{files[:16]}…`"
+            )
+        else:
+            what = "no manifest (a local dataset folder: cite its path and version)"
+        rows.append([f"dataset {name}", f"{d.get('kind')} at `{where}`; {what}"])
+    impl = run.table.drop_duplicates(["metric", "implementation", "device"])
+    for r in impl.itertuples():
+        rows.append([f"metric {r.metric}", f"{r.implementation} (on {r.device})"])
+    rows.append(["flow estimator", info.get("flow_estimator") or "none (no temporal metric)"])
+    for name, m in (info.get("methods") or {}).items():
+        rows.append([f"method {name}", json.dumps(m, sort_keys=True, default=str)])
+    for w in info.get("weights") or []:
+        if w.get("found"):
+            state = f"found: `{w['path']}`" if w.get("path") else "no file needed"
+        else:
+            env = w.get("env") or ""
+            state = "missing" + (f" (${env})" if env.strip("-") else "")
+        rows.append([f"weights {w['name']}", f"{state}; used by {w.get('used_by', '?')}"])
+    rows.append(["device", _machine_line(info.get("machine") or {}, info.get("device"))])
+    rows.append(["versions", _versions_line(info.get("versions") or {})])
+    rows.append(["git commit", _git_line(info)])
+    rows.append(["seed", str(info.get("seed"))])
+    rows.append(["command", f"`{' '.join(info.get('command') or [])}`"])
+    rows.append(
+        [
+            "run",
+            f"{info.get('started', '?')} to {info.get('finished', '?')}, "
+            f"evaluations computed {info.get('metric_evaluations', {})}",
+        ]
+    )
+    b.add(Grid(["what", "value"], rows))
+
+
+# ----- sweeps ----------------------------------------------------------------------------------
+def sweep_section(b: _Builder, sweep: SweepRun) -> None:
+    s = sweep.spec.get("sweep", {})
+    summary = sweep.summary
+    b.add(Heading(1, f"Sweep: {sweep.name}"))
+    counts = sweep.trials["status"].value_counts().to_dict()
+    wall = summary.get("wall_s")
+    b.add(
+        Para(
+            f"{_sentence(s.get('description'))}Family `{s.get('family', '?')}`; status "
+            f"{summary.get('status', '?')}; trials {counts}; wall "
+            f"{_fmt(wall, 0) if wall else '?'} s. Judged on `{sweep.metric}` "
+            f"({s.get('mode', '?')}), scheduler {s.get('scheduler', '?')}. "
+            f"Source: `{sweep.origin}`."
+        )
+    )
+    _best_table(b, sweep)
+    _trials_grid(b, sweep)
+    _ablation_plots(b, sweep)
+    _curves(b, sweep)
+    b.add(Heading(2, "Provenance"))
+    _sweep_provenance(b, sweep)
+
+
+def _best_table(b: _Builder, sweep: SweepRun) -> None:
+    recs, dataset = [], None
+    for item in sweep.summary.get("best", []):
+        if item.get("rank", 1) != 1:
+            continue
+        ev, trial = item.get("eval", {}), item.get("trial", {})
+        dataset = ev.get("dataset", dataset)
+        for m in EVAL_METRICS:
+            v = ev.get(m)
+            if isinstance(v, int | float):
+                recs.append(
+                    {
+                        "dataset": "evaluation",
+                        "method": item["arm"],
+                        "metric": m,
+                        "value": float(v),
+                        "higher_is_better": higher_is_better(m),
+                    }
+                )
+        v = trial.get("metrics", {}).get(sweep.metric)
+        if isinstance(v, int | float):
+            recs.append(
+                {
+                    "dataset": "validation",
+                    "method": item["arm"],
+                    "metric": sweep.metric,
+                    "value": float(v),
+                    "higher_is_better": higher_is_better(sweep.metric),
+                }
+            )
+    if not recs:
+        b.add(Para("No arm has an evaluated best trial (evaluation off, or no trial finished)."))
+        return
+    agg = pd.DataFrame(recs)
+    cap = (
+        f"Best trial per arm: `{sweep.metric}` at its last validation, then its final "
+        f"checkpoint scored on {dataset or 'the validation set'}; best bold, second underlined."
+    )
+    table = tables.comparison_table(agg, rows="method", caption=cap)
+    table.corner = "arm"
+    b.add(Heading(2, "Best per arm"), Table(table))
+
+
+def _trials_grid(b: _Builder, sweep: SweepRun) -> None:
+    keys, metrics = sweep.keys, sweep.metrics
+    rows = []
+    for t in sweep.trials.to_dict("records"):
+        rows.append(
+            [
+                t["trial_id"],
+                *(_fmt(t.get(k)) for k in keys),
+                t["status"],
+                _fmt(t.get("step")),
+                *(_fmt(t.get(m)) for m in metrics),
+            ]
+        )
+    b.add(
+        Heading(2, "Trials"),
+        Grid(
+            ["trial", *keys, "status", "step", *metrics],
+            rows,
+            "Every trial; 'stopped' trials were ended early by ASHA and are compared at the "
+            "step shown.",
+        ),
+    )
+
+
+def _ablation_plots(b: _Builder, sweep: SweepRun) -> None:
+    figs = []
+    dims = sweep.dims
+    for key in sweep.keys:
+        if key not in sweep.trials or sweep.trials[key].nunique() < 2:
+            continue
+        for metric in [sweep.metric] + [m for m in sweep.metrics if m != sweep.metric]:
+            if sweep.trials[metric].notna().sum() == 0:
+                continue
+            fig = plots.ablation(
+                sweep.trials,
+                key,
+                metric,
+                higher_is_better=higher_is_better(metric),
+                log_x=dims.get(key) == "loguniform",
+            )
+            figs.append(
+                (
+                    fig,
+                    f"{sweep.name}-{key}-{metric}",
+                    f"{metric} vs {key}: every trial (hollow: stopped early), mean ± std "
+                    "per value where it repeats (other keys and seeds vary).",
+                )
+            )
+    b.section("Ablations", figs)
+
+
+def _curves(b: _Builder, sweep: SweepRun) -> None:
+    from matplotlib.figure import Figure
+
+    if sweep.history is None:
+        b.add(Para(f"Validation curves: {sweep.history_note}."))
+        return
+    h = sweep.history
+    metrics = list(dict.fromkeys(h["metric"]))
+    fig = Figure(figsize=(6.4, 2.6 * len(metrics)), layout="constrained")
+    axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
+    labels = {
+        t: ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(r.get(k))}" for k in sweep.keys)
+        for t, r in zip(sweep.trials["trial_id"], sweep.trials.to_dict("records"), strict=True)
+    }
+    for ax, metric in zip(axes, metrics, strict=True):
+        for trial, g in h[h["metric"] == metric].groupby("trial_id", sort=True):
+            g = g.sort_values("step")
+            ax.plot(g["step"], g["value"], marker="o", ms=3, label=labels.get(trial, trial))
+        ax.set_ylabel(f"{metric} {'↑' if higher_is_better(metric) else '↓'}")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("training step")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", fontsize=7, ncols=2)
+    b.add(Heading(2, "Validation curves"))
+    b.figure(
+        fig,
+        f"{sweep.name}-curves",
+        "Each trial's in-training validation, read from its MLflow run.",
+    )
+
+
+def _sweep_provenance(b: _Builder, sweep: SweepRun) -> None:
+    spec, s = sweep.spec, sweep.spec.get("sweep", {})
+    base = spec.get("base", {})
+    rows = [
+        ["experiment", f"`{spec.get('path', '?')}`"],
+        ["space", json.dumps(spec.get("dims", []))],
+        [
+            "scheduler",
+            f"{s.get('scheduler')} {json.dumps(s.get('asha', {}))}"
+            if s.get("scheduler") == "asha"
+            else str(s.get("scheduler")),
+        ],
+        [
+            "seeds",
+            f"model.seed {base.get('model', {}).get('seed')}, run.seed "
+            f"{base.get('run', {}).get('seed')} (unless swept); samples per point "
+            f"{s.get('num_samples')}",
+        ],
+        ["model profile", str(base.get("model", {}).get("profile"))],
+        [
+            "training data",
+            f"{base.get('data', {}).get('train_kind')} at "
+            f"`{base.get('data', {}).get('train_root')}`",
+        ],
+        [
+            "validation data",
+            f"{base.get('data', {}).get('val_kind')} at "
+            f"`{base.get('data', {}).get('val_root')}` "
+            f"({base.get('data', {}).get('val_clips')} clips x "
+            f"{base.get('data', {}).get('val_frames')} frames)",
+        ],
+        [
+            "MLflow",
+            f"`{spec.get('tracking_uri')}` experiment {spec.get('mlflow_experiment')}, "
+            f"parent run `{spec.get('parent_run_id')}`",
+        ],
+    ]
+    evals = [it.get("eval", {}) for it in sweep.summary.get("best", [])]
+    if evals and evals[0].get("dataset"):
+        rows.append(
+            [
+                "evaluation",
+                f"{evals[0]['dataset']}, {evals[0].get('frames')} frames, "
+                f"on {evals[0].get('device')}",
+            ]
+        )
+    prov = spec.get("provenance")
+    if prov:
+        rows.append(["device", _machine_line(prov.get("machine") or {})])
+        rows.append(["versions", _versions_line(prov.get("versions") or {})])
+        rows.append(["git commit", _git_line(prov)])
+    else:
+        rows.append(
+            [
+                "versions, device, git",
+                "not recorded (sweep made before dloral recorded them in sweep.json)",
+            ]
+        )
+    rows.append(["started", str(spec.get("created", "?"))])
+    b.add(Grid(["what", "value"], rows))
+
+
+# ----- the report --------------------------------------------------------------------------
+def build_report(
+    out: str | Path,
+    benches: list[BenchRun] = (),
+    sweeps: list[SweepRun] = (),
+    *,
+    title: str | None = None,
+    per_clip: tuple[str, ...] = (),
+    max_clips: int = 3,
+    quality: str | None = None,
+) -> Report:
+    """Write out/index.html, out/report.md and out/images/*.png; return the Report."""
+    from dloral import doctor
+
+    if not benches and not sweeps:
+        raise ValueError("a report needs at least one benchmark run or sweep")
+    names = [r.name for r in benches] + [s.name for s in sweeps]
+    report = Report(title or f"dloral report: {', '.join(names)}", out=Path(out))
+    b = _Builder(report)
+    for old in b.images.glob("*.png"):  # a rebuilt report shows only what it was made from
+        old.unlink()
+    made = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    git = doctor.git_state()
+    b.add(
+        Para(
+            f"Made {made} by `{' '.join(['dloral-exp', *sys.argv[1:]])}` with dloral "
+            f"{doctor.versions().get('dloral')} at commit {_git_line(git)}. Sources: "
+            + "; ".join(f"`{x.origin}`" for x in [*benches, *sweeps])
+            + "."
+        )
+    )
+    for run in benches:
+        bench_section(b, run, per_clip, max_clips, quality)
+    for sweep in sweeps:
+        sweep_section(b, sweep)
+    atomic_write_text(report.markdown, to_markdown(report))
+    atomic_write_text(report.index, to_html(report))
+    return report

@@ -1,0 +1,212 @@
+"""`dloral-exp report` on a real benchmark run (real bikes frames, bicubic vs a blurred peer):
+the documents, their tables and images, provenance, MLflow as a source, headless Chromium."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import read_clip
+from PIL import Image
+from typer.testing import CliRunner
+
+from dloral.bench import harness, results
+from dloral.bench.suite import load_suite
+from dloral.cli import app
+from dloral.data.frames import write_png
+from dloral.report import build, sources
+from dloral.report.browser import BrowserError, check_page, find_chromium
+from dloral.report.visuals import texture_box
+from dloral.resize import bi_downsample
+
+CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}
+FRAMES = 4
+SUITE = """
+[suite]
+name = "mini"
+description = "two real clips"
+
+[[datasets]]
+name = "mini-udm"
+kind = "udm10"
+root = "{root}"
+lq = "BIx4"
+scale = 4
+
+[methods]
+names = ["bicubic", "folder:blur={root}/peers/blur"]
+
+[metrics]
+names = ["psnr", "ssim", "ewarp", "lpips"]
+
+[options]
+flow = "dis"
+seed = 7
+"""
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory, bikes_path) -> Path:
+    """A udm10-layout set of 2 clips x 4 real 64x64 frames and a blurred peer's outputs."""
+    root = tmp_path_factory.mktemp("mini")
+    for clip, (top, left) in CLIPS.items():
+        gt = read_clip(bikes_path, FRAMES, (top, left, 64, 64), (64, 64))
+        blur = torch.nn.functional.avg_pool2d(gt, 5, stride=1, padding=2, count_include_pad=False)
+        for i, (g, lq, b) in enumerate(zip(gt, bi_downsample(gt, 4), blur, strict=True)):
+            write_png(g, root / "GT" / clip / f"{i:04d}.png")
+            write_png(lq, root / "BIx4" / clip / f"{i:04d}.png")
+            write_png(b, root / "peers" / "blur" / clip / f"{i:04d}.png")
+    (root / "suite.toml").write_text(SUITE.format(root=root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench_run(mini, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "mini"
+    harness.run_bench(load_suite(mini / "suite.toml"), out_dir=out, tracking=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(bench_run, tmp_path_factory) -> build.Report:
+    run = sources.load_bench(bench_run)
+    out = tmp_path_factory.mktemp("reports") / "mini"
+    return build.build_report(out, [run], per_clip=("psnr",))
+
+
+def test_report_tables_follow_the_results_and_every_image_exists(report, bench_run):
+    md = report.markdown.read_text()
+    df = pd.read_parquet(bench_run / "results.parquet")
+    # the paper table: per metric, the best method's mean of per-clip means is bold
+    agg = results.aggregate(df)
+    for metric in ("psnr", "ssim"):
+        sub = agg[agg["metric"] == metric].set_index("method")["value"]
+        best, other = sub.idxmax(), sub.idxmin()
+        row = next(line for line in md.splitlines() if line.startswith(f"| {best} |"))
+        digits = 2 if metric == "psnr" else 4
+        assert f"**{sub[best]:.{digits}f}**" in row
+        row = next(line for line in md.splitlines() if line.startswith(f"| {other} |"))
+        assert f"<u>{sub[other]:.{digits}f}</u>" in row
+    ewarp = agg[agg["metric"] == "ewarp"].set_index("method")["value"]
+    assert "ewarp (×10⁻³)↓" in md and f"{ewarp.min() * 1000:.4f}" in md
+    # per-clip breakdown on request: one column per clip, values = the clip's frame mean
+    clip_a = df[(df["method"] == "bicubic") & (df["metric"] == "psnr") & (df["clip"] == "clipA")]
+    assert "mini-udm: psnr↑ clipA" in md and f"{clip_a['value'].mean():.2f}" in md
+    # lpips has no weights here: listed as skipped with the missing file, never as a number
+    assert re.search(r"\| lpips \| all datasets \| .*alexnet", md)
+    assert "lpips↓" not in md
+    # images: quality vs speed, per-frame curves and a visual comparison per clip
+    names = sorted(p.name for p in report.images)
+    assert names == sorted(
+        ["mini-mini-udm-psnr-speed.png"]
+        + [f"mini-mini-udm-{c}-{k}.png" for c in CLIPS for k in ("frames", "visual")]
+    )
+    for path in report.images:
+        img = np.asarray(Image.open(path).convert("RGB"))
+        assert img.shape[0] > 100 and img.std() > 10, path
+        assert f"](images/{path.name})" in md
+        assert f'src="images/{path.name}"' in report.index.read_text()
+
+
+def test_report_provenance_names_data_metrics_flow_weights_versions_and_seed(report, bench_run):
+    md = report.markdown.read_text()
+    run = json.loads((bench_run / "run.json").read_text())
+    prov = md[md.index("### Provenance") :]
+    assert "| flow estimator | opencv DIS" in prov
+    assert "| metric psnr | dloral.bench.fullref (BasicSR)" in prov
+    assert "| metric ewarp | dloral.bench.temporal.ewarp" in prov
+    assert f"`{run['git_commit']}`" in prov
+    assert f"torch {run['versions']['torch']}" in prov and "pyiqa" in prov
+    assert "| seed | 7 |" in prov
+    assert re.search(r"\| weights RAFT-large \| (missing|found)", prov)
+    assert "| dataset mini-udm | udm10 at" in prov
+    assert "method blur" in prov and "method bicubic" in prov
+    # the same blocks render to HTML: escaped, code spans, no script
+    html = report.index.read_text()
+    assert "<script" not in html and html.count("<table") == len(re.findall(r"^\| --- ", md, re.M))
+    assert "<b>" in html and "<u>" in html
+
+
+def _need_browser() -> None:
+    try:
+        find_chromium()
+    except BrowserError as err:
+        if os.environ.get("DLORAL_REQUIRE_BROWSER"):
+            raise
+        pytest.skip(str(err))
+
+
+def test_report_opens_in_headless_chromium_without_errors(report, tmp_path):
+    _need_browser()
+    shot = tmp_path / "shot.png"
+    page = check_page(report.index, shot)
+    assert page.errors == [], page.messages
+    assert page.title.startswith("dloral report")
+    html = report.index.read_text()
+    assert page.tables == html.count("<table") >= 4  # dataset, per-clip, skipped, provenance
+    assert page.images == page.images_loaded == len(report.images)
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[1] == 1280 and img.shape[0] > 900 and img.std() > 10
+    # the check can fail: a missing image is a console error naming the file
+    missing = report.images[0]
+    data = missing.read_bytes()
+    missing.unlink()
+    try:
+        broken = check_page(report.index)
+    finally:
+        missing.write_bytes(data)
+    assert broken.images_loaded == broken.images - 1
+    assert any(missing.name in e for e in broken.errors), broken.messages
+
+
+def test_report_reads_the_benchmark_back_from_its_mlflow_run(mini, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    suite = load_suite(mini / "suite.toml")
+    res = harness.run_bench(suite, out_dir=tmp_path / "out", metrics=["psnr"])
+    run = sources.load_bench(res.mlflow_run_id)
+    assert run.origin.startswith(f"MLflow run {res.mlflow_run_id}")
+    local = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    pd.testing.assert_frame_equal(run.table, local)
+    assert [v["clip"] for v in run.visuals] == list(CLIPS)
+    assert all((Path(v["folder"]) / "gt-crop.png").is_file() for v in run.visuals)
+    made = build.build_report(tmp_path / "rep", [run])
+    assert f"MLflow run {res.mlflow_run_id}" in made.markdown.read_text()
+    with pytest.raises(sources.ReportError, match="not 'dloral-sweeps'"):
+        sources.load_sweep(res.mlflow_run_id)
+
+
+def test_cli_report_writes_the_report_and_names_bad_sources(bench_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["report"])
+    assert res.exit_code == 2 and "dloral-exp bench embedded" in res.output
+    res = runner.invoke(app, ["report", "--bench", "nowhere"])
+    assert res.exit_code == 2 and "nowhere" in res.output and "run.json" in res.output
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "sweep.json").write_text("{}")
+    res = runner.invoke(app, ["report", "--sweep", str(tmp_path / "half")])
+    assert res.exit_code == 2 and "no summary.json yet" in res.output
+    res = runner.invoke(app, ["report", "--bench", str(bench_run), "--out", "reports/x"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "reports" / "x" / "index.html").is_file()
+    # a results folder without its parquet is named
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "run.json").write_text((bench_run / "run.json").read_text())
+    res = runner.invoke(app, ["report", "--bench", str(broken)])
+    assert res.exit_code == 2 and "results.parquet: missing" in res.output
+
+
+def test_texture_box_finds_the_textured_window():
+    frame = torch.full((3, 120, 160), 0.5)
+    g = torch.Generator().manual_seed(0)
+    frame[:, 60:100, 90:130] = torch.rand(3, 40, 40, generator=g)
+    top, left, h, w = texture_box(frame, 32)
+    assert (h, w) == (32, 32)
+    assert 60 <= top and top + h <= 100 and 90 <= left and left + w <= 130
+    assert texture_box(frame[:, :20, :24], 32) == (0, 0, 20, 24)  # clamped to the frame
