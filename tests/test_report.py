@@ -210,3 +210,34 @@ def test_texture_box_finds_the_textured_window():
     assert (h, w) == (32, 32)
     assert 60 <= top and top + h <= 100 and 90 <= left and left + w <= 130
     assert texture_box(frame[:, :20, :24], 32) == (0, 0, 20, 24)  # clamped to the frame
+
+
+def test_two_runs_share_one_table_without_mixing_metric_implementations(mini, bench_run, tmp_path):
+    # a second run on the same clips: bicubic again, the GT as a peer, E*warp by Farneback flow
+    text = SUITE.format(root=mini).replace('flow = "dis"', 'flow = "farneback"')
+    text = text.replace(f'"folder:blur={mini}/peers/blur"', f'"folder:gt={mini}/GT"')
+    text = text.replace('name = "mini"', 'name = "mini2"')
+    (tmp_path / "s2.toml").write_text(text)
+    out2 = tmp_path / "mini2"
+    harness.run_bench(
+        load_suite(tmp_path / "s2.toml"), out_dir=out2, tracking=False, metrics=["psnr", "ewarp"]
+    )
+    runs = [sources.load_bench(bench_run), sources.load_bench(out2)]
+    agg, notes = build.combine(runs)
+    psnr = agg[agg["metric"] == "psnr"].set_index("method")["value"]
+    # bicubic is deterministic: both runs agree, so it is one row; blur and gt from each run
+    assert sorted(psnr.index) == ["bicubic", "blur", "gt"] and psnr["gt"] == float("inf")
+    first = runs[0].aggregate
+    assert (
+        psnr["bicubic"]
+        == first[(first.method == "bicubic") & (first.metric == "psnr")]["value"].item()
+    )
+    # E*warp by DIS in one run and by Farneback in the other: left out, and the note says why
+    assert "ewarp" not in set(agg["metric"])
+    assert len(notes) == 1 and "ewarp on mini-udm left out" in notes[0]
+    assert "DIS" in notes[0] and "Farneback" in notes[0].replace("farneback", "Farneback")
+    made = build.build_report(tmp_path / "rep", runs)
+    md = made.markdown.read_text()
+    assert "## All benchmark runs together" in md and "### mini-udm (all runs)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| gt |"))
+    assert "**inf**" in row

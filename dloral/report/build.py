@@ -288,6 +288,72 @@ def bench_section(
     _bench_provenance(b, run)
 
 
+def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, list[str]]:
+    """All runs' aggregates in one table, for datasets more than one run scored.
+
+    A method name that two runs both have, with different values, is labelled "method (suite)".
+    A metric computed by different implementations in different runs (RAFT vs DIS flow, another
+    crop border, ...) is not comparable: it is left out, and the notes say which and why.
+    """
+    frames = []
+    for run in benches:
+        a = run.aggregate.copy()
+        a["run"] = run.name
+        frames.append(a)
+    agg = pd.concat(frames, ignore_index=True)
+    shared = agg.groupby("dataset")["run"].nunique()
+    agg = agg[agg["dataset"].isin(shared[shared > 1].index)]
+    notes = []
+    impl = agg.groupby(["dataset", "metric"])["implementation"].nunique()
+    for dataset, metric in impl[impl > 1].index:
+        runs = agg[(agg["dataset"] == dataset) & (agg["metric"] == metric)]
+        runs = runs.drop_duplicates(["run", "implementation"])
+        ways = "; ".join(
+            f"{r}: {i}" for r, i in zip(runs["run"], runs["implementation"], strict=True)
+        )
+        notes.append(f"{metric} on {dataset} left out, computed differently: {ways}")
+        agg = agg[~((agg["dataset"] == dataset) & (agg["metric"] == metric))]
+    # the same method scored by two runs: kept once when its quality values agree (its latency
+    # is measured anew by every run; the first run's is shown), else labelled by run
+    quality = agg[agg.get("kind", pd.Series("", index=agg.index)) != "latency"]
+    clash = quality.groupby(["dataset", "method", "metric"])["value"].nunique(dropna=False)
+    clashing = {(d, m) for (d, m, _), n in clash.items() if n > 1}
+    agg = agg.assign(
+        method=[
+            f"{m} ({r})" if (d, m) in clashing else m
+            for d, m, r in zip(agg["dataset"], agg["method"], agg["run"], strict=True)
+        ]
+    )
+    agg = agg.drop_duplicates(["dataset", "method", "metric"])
+    return agg.drop(columns="run"), notes
+
+
+def combined_section(b: _Builder, benches: list[BenchRun]) -> None:
+    agg, notes = combine(benches)
+    if agg.empty:
+        return
+    names = ", ".join(r.name for r in benches)
+    b.add(Heading(1, "All benchmark runs together"))
+    b.add(
+        Para(
+            f"Methods of {names} on the datasets more than one run scored, each value as its "
+            "run computed it; each run's own section below gives its provenance."
+        )
+    )
+    order = _metric_order(agg, [])
+    for dataset in dict.fromkeys(agg["dataset"]):
+        sub = agg[agg["dataset"] == dataset].copy()
+        sub["_o"] = sub["metric"].map(order.index)
+        sub = sub.sort_values("_o", kind="stable").drop(columns="_o")
+        table = tables.comparison_table(
+            sub, caption=f"{dataset}: every run's methods; best bold, second underlined."
+        )
+        table.header = table.header[1:]
+        b.add(Heading(2, f"{dataset} (all runs)"), Table(table))
+    for note in notes:
+        b.add(Para(note + "."))
+
+
 def _skipped(b: _Builder, run: BenchRun) -> None:
     if not run.skipped:
         return
@@ -683,6 +749,8 @@ def build_report(
             + "."
         )
     )
+    if len(benches) > 1:
+        combined_section(b, benches)
     for run in benches:
         bench_section(b, run, per_clip, max_clips, quality)
     for sweep in sweeps:
