@@ -130,7 +130,8 @@ def check_page(
     exe = find_chromium()
     url = html_path.as_uri()
     check = PageCheck(url)
-    with tempfile.TemporaryDirectory(prefix="dloral-chromium-") as profile:
+    profile = tempfile.mkdtemp(prefix="dloral-chromium-")
+    try:
         args = [
             exe,
             "--headless",
@@ -146,7 +147,10 @@ def check_page(
             f"--window-size={width},900",
             "about:blank",
         ]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # its own process group: Chromium's helper processes are ended with it
+        proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         try:
             port = _wait_port(Path(profile), proc, timeout)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
@@ -195,13 +199,34 @@ def check_page(
             finally:
                 cdp.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
+    finally:
+        for _ in range(50):  # helpers may still be flushing the profile for a moment
+            shutil.rmtree(profile, ignore_errors=True)
+            if not os.path.exists(profile):
+                break
+            time.sleep(0.1)
     return check
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End Chromium and every helper process of its group."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # helpers that outlived the main process
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _collect(events: list[dict], check: PageCheck) -> None:
