@@ -40,6 +40,25 @@ def read_clip(path: Path, count: int, crop: tuple[int, int, int, int], size: tup
     return torch.stack(frames)
 
 
+def write_udm_set(
+    root: Path, bikes_path: Path, clips: dict, frames: int, blur: int, gt_peer: bool = False
+) -> Path:
+    """A udm10-layout set of real 64x64 bikes frames: root/GT/<clip>/ and root/BIx4/<clip>/
+    (clips: name -> crop offset (top, left)), plus peer outputs root/peers/blur (a blur x blur
+    box-blurred GT) and, with gt_peer, root/peers/gt (the GT itself)."""
+    for clip, (top, left) in clips.items():
+        gt = read_clip(bikes_path, frames, (top, left, 64, 64), (64, 64))
+        pad = blur // 2
+        soft = torch.nn.functional.avg_pool2d(gt, blur, 1, pad, count_include_pad=False)
+        for i, (g, lq, b) in enumerate(zip(gt, bi_downsample(gt, 4), soft, strict=True)):
+            write_png(g, root / "GT" / clip / f"{i:04d}.png")
+            write_png(lq, root / "BIx4" / clip / f"{i:04d}.png")
+            write_png(b, root / "peers" / "blur" / clip / f"{i:04d}.png")
+            if gt_peer:
+                write_png(g, root / "peers" / "gt" / clip / f"{i:04d}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def bikes_lq(bikes_path) -> torch.Tensor:
     """6 real frames of bikes.mp4: a 192x256 crop downscaled x4 to 48x64."""

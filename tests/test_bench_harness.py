@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import read_clip
+from conftest import write_udm_set
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,7 +19,7 @@ from dloral.bench.methods import FolderMethod, MethodError, output_hash
 from dloral.bench.suite import SuiteError, load_suite, parse_suite
 from dloral.data.frames import read_image, to_uint8, write_png
 from dloral.report.visuals import read_index
-from dloral.resize import bi_downsample, resize_frames
+from dloral.resize import resize_frames
 
 CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}  # crop offsets (top, left) in bikes.mp4
 FRAMES = 3
@@ -30,15 +30,7 @@ def udm(tmp_path_factory, bikes_path) -> Path:
     """root/GT/<clip>/ + root/BIx4/<clip>/, 2 clips x 3 real 64x64 frames, plus peer outputs:
     peers/gt (the GT itself) and peers/blur (a degraded copy)."""
     root = tmp_path_factory.mktemp("udm")
-    for clip, (top, left) in CLIPS.items():
-        gt = read_clip(bikes_path, FRAMES, (top, left, 64, 64), (64, 64))
-        blur = torch.nn.functional.avg_pool2d(gt, 3, stride=1, padding=1, count_include_pad=False)
-        for i, (g, lq, b) in enumerate(zip(gt, bi_downsample(gt, 4), blur, strict=True)):
-            write_png(g, root / "GT" / clip / f"{i:04d}.png")
-            write_png(lq, root / "BIx4" / clip / f"{i:04d}.png")
-            write_png(g, root / "peers" / "gt" / clip / f"{i:04d}.png")
-            write_png(b, root / "peers" / "blur" / clip / f"{i:04d}.png")
-    return root
+    return write_udm_set(root, bikes_path, CLIPS, FRAMES, blur=3, gt_peer=True)
 
 
 def suite_toml(root: Path, methods: list[str], metrics: list[str], extra: str = "") -> str:

@@ -10,18 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import read_clip
+from conftest import write_udm_set
 from PIL import Image
 from typer.testing import CliRunner
 
 from dloral.bench import harness, results
 from dloral.bench.suite import load_suite
 from dloral.cli import app
-from dloral.data.frames import write_png
 from dloral.report import build, sources
 from dloral.report.browser import BrowserError, check_page, find_chromium
 from dloral.report.visuals import texture_box
-from dloral.resize import bi_downsample
 
 CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}
 FRAMES = 4
@@ -52,14 +50,7 @@ seed = 7
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory, bikes_path) -> Path:
     """A udm10-layout set of 2 clips x 4 real 64x64 frames and a blurred peer's outputs."""
-    root = tmp_path_factory.mktemp("mini")
-    for clip, (top, left) in CLIPS.items():
-        gt = read_clip(bikes_path, FRAMES, (top, left, 64, 64), (64, 64))
-        blur = torch.nn.functional.avg_pool2d(gt, 5, stride=1, padding=2, count_include_pad=False)
-        for i, (g, lq, b) in enumerate(zip(gt, bi_downsample(gt, 4), blur, strict=True)):
-            write_png(g, root / "GT" / clip / f"{i:04d}.png")
-            write_png(lq, root / "BIx4" / clip / f"{i:04d}.png")
-            write_png(b, root / "peers" / "blur" / clip / f"{i:04d}.png")
+    root = write_udm_set(tmp_path_factory.mktemp("mini"), bikes_path, CLIPS, FRAMES, blur=5)
     (root / "suite.toml").write_text(SUITE.format(root=root))
     return root
 

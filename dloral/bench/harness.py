@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -470,9 +471,7 @@ def run_bench(
                         suite,
                         str(dev),
                         infos,
-                        keep=(lambda name, frames, v=vis: recorder.add(v, name, frames))
-                        if recorder
-                        else None,
+                        keep=partial(recorder.add, vis) if recorder else None,
                     )
                     records += rows
                     computed += n_new

@@ -20,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dloral.atomic import atomic_write
+
 CHROMIUM_ENV = "DLORAL_CHROMIUM"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -190,8 +192,6 @@ def check_page(
                     )
                     out = Path(screenshot)
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    from dloral.atomic import atomic_write
-
                     data = base64.b64decode(shot["data"])
                     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
                     check.screenshot = out

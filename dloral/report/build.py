@@ -26,11 +26,11 @@ from dloral.atomic import atomic_write_text
 from dloral.report import plots, tables
 from dloral.report.sources import BenchRun, SweepRun, higher_is_better
 from dloral.report.visuals import visual_grid
+from dloral.sweep.metrics import EVAL_COLUMNS
 
 KIND_ORDER = ("full_reference", "no_reference", "temporal", "latency")
 QUALITY_PREFERENCE = ("musiq", "lpips", "clipiqa", "dists", "maniqa", "niqe", "piqe", "psnr")
 CURVE_METRICS = ("psnr", "ssim", "lpips", "ewarp", "tof", "tlp")
-EVAL_METRICS = ("psnr", "ssim", "temporal_change", "s_per_frame")
 
 
 # ----- the document model: blocks rendered to Markdown and HTML -----------------------------
@@ -232,6 +232,15 @@ def _metric_order(agg: pd.DataFrame, suite_order: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
+def _dataset_table(sub: pd.DataFrame, order: list[str], caption: str) -> tables.ComparisonTable:
+    """One dataset's methods x metrics, metrics in `order`; the heading above names the dataset,
+    so the table's dataset header level is dropped."""
+    sub = sub.sort_values("metric", key=lambda m: m.map(order.index), kind="stable")
+    table = tables.comparison_table(sub, caption=caption)
+    table.header = table.header[1:]
+    return table
+
+
 def bench_section(
     b: _Builder, run: BenchRun, per_clip: tuple[str, ...], max_clips: int, quality: str | None
 ) -> None:
@@ -260,9 +269,7 @@ def bench_section(
     order = _metric_order(agg, list(info.get("metrics") or []))
     frames = {d.get("name"): d.get("frames", 0) for d in suite.get("datasets", [])}
     for dataset in dict.fromkeys(agg["dataset"]):
-        sub = agg[agg["dataset"] == dataset].copy()
-        sub["_o"] = sub["metric"].map(order.index)
-        sub = sub.sort_values("_o", kind="stable").drop(columns="_o")
+        sub = agg[agg["dataset"] == dataset]
         clips = int(sub["clips"].max()) if "clips" in sub else 0
         nf = frames.get(dataset) or "all"
         cap = (
@@ -270,9 +277,7 @@ def bench_section(
             f"crop border {info.get('crop_border', 0)}; ↑ higher / ↓ lower is better; best bold, "
             "second underlined; – not measured."
         )
-        table = tables.comparison_table(sub, caption=cap)
-        table.header = table.header[1:]  # the heading names the dataset
-        b.add(Heading(2, f"{dataset}"), Table(table))
+        b.add(Heading(2, f"{dataset}"), Table(_dataset_table(sub, order, cap)))
         for metric in per_clip:
             if not ((run.table["dataset"] == dataset) & (run.table["metric"] == metric)).any():
                 b.add(Para(f"Per-clip {metric}: no values on {dataset}."))
@@ -342,13 +347,8 @@ def combined_section(b: _Builder, benches: list[BenchRun]) -> None:
     )
     order = _metric_order(agg, [])
     for dataset in dict.fromkeys(agg["dataset"]):
-        sub = agg[agg["dataset"] == dataset].copy()
-        sub["_o"] = sub["metric"].map(order.index)
-        sub = sub.sort_values("_o", kind="stable").drop(columns="_o")
-        table = tables.comparison_table(
-            sub, caption=f"{dataset}: every run's methods; best bold, second underlined."
-        )
-        table.header = table.header[1:]
+        cap = f"{dataset}: every run's methods; best bold, second underlined."
+        table = _dataset_table(agg[agg["dataset"] == dataset], order, cap)
         b.add(Heading(2, f"{dataset} (all runs)"), Table(table))
     for note in notes:
         b.add(Para(note + "."))
@@ -538,7 +538,7 @@ def _best_table(b: _Builder, sweep: SweepRun) -> None:
             continue
         ev, trial = item.get("eval", {}), item.get("trial", {})
         dataset = ev.get("dataset", dataset)
-        for m in EVAL_METRICS:
+        for m in EVAL_COLUMNS:
             v = ev.get(m)
             if isinstance(v, int | float):
                 recs.append(

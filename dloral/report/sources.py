@@ -22,17 +22,15 @@ from typing import Any
 import pandas as pd
 
 from dloral.report.visuals import read_index
+from dloral.sweep.metrics import METRICS
 
 BENCH_ROOT = Path("outputs") / "bench"
 SWEEP_ROOT = Path("outputs") / "sweeps"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-# directions of the metrics sweeps report (val/*: in-training validation; eval: best-arm scoring)
-SWEEP_DIRECTIONS = {
-    "psnr": True,
-    "ssim": True,
-    "temporal_change": False,
-    "s_per_frame": False,
-}
+# directions of the metrics sweeps report: val/* (the sweep's METRICS) and the same names in the
+# best-arm evaluation, plus its seconds per frame
+SWEEP_DIRECTIONS = {k.rsplit("/", 1)[-1]: mode == "max" for k, mode in METRICS.items()}
+SWEEP_DIRECTIONS["s_per_frame"] = False
 
 
 class ReportError(ValueError):
@@ -115,21 +113,16 @@ def load_bench(ref: str | Path, root: Path = BENCH_ROOT) -> BenchRun:
 
 
 def read_bench(folder: Path, origin: str) -> BenchRun:
-    def need(name: str) -> Path:
-        p = folder / name
-        if not p.is_file():
-            raise ReportError(f"{p}: missing; a benchmark run's folder holds {name}")
-        return p
-
+    for name in ("run.json", "results.parquet", "aggregate.csv"):
+        if not (folder / name).is_file():
+            raise ReportError(f"{folder / name}: missing; a benchmark run's folder holds {name}")
     try:
-        run = json.loads(need("run.json").read_text())
-        table = pd.read_parquet(need("results.parquet"))
-        agg = pd.read_csv(need("aggregate.csv"))
+        run = json.loads((folder / "run.json").read_text())
+        table = pd.read_parquet(folder / "results.parquet")
+        agg = pd.read_csv(folder / "aggregate.csv")
         skipped_path = folder / "skipped.json"
         skipped = json.loads(skipped_path.read_text()) if skipped_path.is_file() else []
     except (ValueError, OSError) as err:
-        if isinstance(err, ReportError):
-            raise
         raise ReportError(f"{folder}: cannot read the benchmark run: {err}") from err
     agg["higher_is_better"] = agg["higher_is_better"].astype(bool)
     name = (run.get("suite") or {}).get("name") or folder.name
@@ -236,10 +229,10 @@ def _download(run_id: str, experiment: str) -> tuple[Path, str]:
         run = client.get_run(run_id)
     except MlflowException as err:
         raise ReportError(f"MLflow run {run_id} not found in {uri}: {err.message}") from err
-    tmp = Path(tempfile.mkdtemp(prefix=f"dloral-report-{run_id[:8]}-"))
-    atexit.register(shutil.rmtree, tmp, True)
-    folder = Path(client.download_artifacts(run_id, "", str(tmp)))
     exp = client.get_experiment(run.info.experiment_id).name
     if exp != experiment:
         raise ReportError(f"MLflow run {run_id} is in experiment {exp!r}, not {experiment!r}")
+    tmp = Path(tempfile.mkdtemp(prefix=f"dloral-report-{run_id[:8]}-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    folder = Path(client.download_artifacts(run_id, "", str(tmp)))
     return folder, f"MLflow run {run_id} ({experiment}, {uri})"

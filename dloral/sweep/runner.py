@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dloral.sweep.spec import METRICS, Experiment, SweepError, experiment_from_spec
+from dloral.sweep.metrics import EVAL_COLUMNS, METRICS
+from dloral.sweep.spec import Experiment, SweepError, experiment_from_spec
 from dloral.sweep.trial import SWEEP_TAG, TRIAL_TAG
 
 log = logging.getLogger(__name__)
@@ -686,9 +687,6 @@ def _log_summary(tracker: Tracking, parent: str, result: SweepResult, exp: Exper
     tracker.client.log_text(parent, evaluation_markdown(result.best, exp), "evaluation.md")
     tracker.client.log_dict(parent, _summary(result), "summary.json")
     tracker.client.set_terminated(parent, "FINISHED")
-
-
-EVAL_COLUMNS = ("psnr", "ssim", "temporal_change", "s_per_frame")
 
 
 def evaluation_markdown(best: list[dict[str, Any]], exp: Experiment) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dloral.named_toml import find_named_toml
+from dloral.sweep.metrics import METRICS
 from dloral.train.config import (
     DEFAULT_CONFIG,
     TrainConfig,
@@ -34,8 +35,6 @@ GRID_KINDS = ("grid",)
 SAMPLED_KINDS = ("choice", "uniform", "loguniform", "randint", "quniform")
 SPACE_KINDS = GRID_KINDS + SAMPLED_KINDS
 SCHEDULERS = ("asha", "fifo")  # fifo: every trial runs to the end (no early stopping)
-# what the recipe reports at each validation, and which way is better
-METRICS = {"val/psnr": "max", "val/ssim": "max", "val/temporal_change": "min"}
 
 
 class SweepError(ValueError):
