@@ -5,7 +5,6 @@ Heavy imports (torch, diffusers) happen inside commands so that `--help` stays f
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -139,110 +138,49 @@ def upscale(
     ] = None,
 ) -> None:
     """Upscale a video with DLoRAL: one diffusion step per frame."""
-    from dloral.data.frames import FrameError, open_frames, output_name, packaged_clip, write_png
-
-    if input is None:
-        input = packaged_clip("carphone_pristine.mp4")
-    if output is None:
-        output = Path("outputs") / "upscale" / input.stem
-    try:
-        source = open_frames(input)
-    except FrameError as err:
-        _fail(str(err))
-    if output.exists() and not output.is_dir():
-        _fail(f"{output}: exists and is not a folder")
-
-    import torch
-
-    from dloral.devices import resolve_device, resolve_dtype
-    from dloral.model import checkpoint as ckpt
-    from dloral.model.backbone import BackboneNotFound
-    from dloral.model.dloral import DLoRAL, DLoRALConfig
-    from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
-    from dloral.model.prompts import PromptSource, load_tagger
-
-    try:
-        dev = resolve_device(device)
-        dtype = resolve_dtype(dev, precision)
-        options = UpscaleOptions(
-            scale=scale,
-            color_fix=color_fix.value,
-            batch_size=batch_size,
-            tile=tile,
-            process_size=process_size,
-            seed=seed,
-        )
-        # Where the backbone comes from may be overridden; what the checkpoint was trained with
-        # (its init seed, LoRA and CFR settings) may not.
-        overrides = {"random_init": random_init} if random_init else {}
-        if profile is not None:
-            overrides["profile"] = profile.value
-        if sd21_path is not None:
-            overrides["sd21_path"] = str(sd21_path)
-        if checkpoint is not None:
-            model, report = ckpt.load_checkpoint(checkpoint, overrides=overrides, strict=False)
-            if not report.clean or report.ignored:
-                console.print(f"[yellow]checkpoint:[/] {report.summary()}")
-        else:
-            cfg = {"seed": seed, **overrides, "cfr": {"variant": cfr.value}}
-            model = DLoRAL(DLoRALConfig.from_dict(cfg))
-        tag = load_tagger(tagger, dev) if tagger else None
-        prompts = PromptSource(prompt_source.value, prompt, tag)
-    except (BackboneNotFound, ckpt.CheckpointError, ValueError, KeyError) as err:
-        _fail(str(err))
-    if model.weights == "random-init" and checkpoint is None:
-        console.print(
-            "[yellow]note:[/] untrained random-init model: outputs are for testing and "
-            "benchmarks only"
-        )
-    model.merge_lora()
-    upscaler = VideoUpscaler(model, dev, dtype, options, prompts)
-    proc, out_size = upscaler.geometry(source.size)
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    output.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    written = 0
-    try:
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        ) as bar:
-            total = min(frames or len(source), len(source))
-            task = bar.add_task(f"upscale {input.name}", total=total)
-            for name, frame in upscaler.upscale(itertools.islice(source.frames(), total)):
-                write_png(frame, output / output_name(name))
-                written += 1
-                bar.advance(task)
-    except (FrameError, ValueError) as err:
-        _fail(f"{err} ({written} frames already written to {output})")
-    seconds = time.perf_counter() - start
-    provenance = {
-        "input": str(input),
-        "frames": written,
-        "frames_in_input": len(source),
-        "lq_size": list(source.size),
-        "sr_size": list(out_size),
-        "seconds": round(seconds, 3),
-        "seconds_per_frame": round(seconds / max(written, 1), 4),
-        "device": str(dev),
-        "dtype": str(dtype).removeprefix("torch."),
-        "model": model.describe(),
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "options": vars(options),
-        "prompt_source": prompt_source.value,
-        "versions": _versions(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    (output / "upscale.json").write_text(json.dumps(provenance, indent=2))
+    from dloral.upscale import UpscaleError, UpscaleJob, upscale_video
+
+    job = UpscaleJob(
+        input=input,
+        output=output,
+        profile=profile.value if profile is not None else None,
+        checkpoint=checkpoint,
+        scale=scale,
+        device=device,
+        tile=tile,
+        precision=precision,
+        batch_size=batch_size,
+        color_fix=color_fix.value,
+        process_size=process_size,
+        cfr=cfr.value,
+        prompt_source=prompt_source.value,
+        prompt=prompt,
+        tagger=tagger,
+        sd21_path=sd21_path,
+        random_init=random_init,
+        seed=seed,
+        frames=frames,
+    ).resolved()
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(f"upscale {job.input.name}", total=None)
+
+        def started(total: int, notes: list[str]) -> None:
+            for note in notes:
+                head, _, text = note.partition(": ")
+                console.print(f"[yellow]{head}:[/] {text}")
+            bar.update(task, total=total)
+
+        try:
+            result = upscale_video(job, on_start=started, on_frame=lambda: bar.advance(task))
+        except UpscaleError as err:
+            _fail(str(err))
+    (h, w), (sh, sw) = result.lq_size, result.sr_size
     console.print(
-        f"[green]done:[/] {written} frames {source.size[1]}x{source.size[0]} -> "
-        f"{out_size[1]}x{out_size[0]} in {seconds:.1f} s ({seconds / max(written, 1):.3f} s/frame) "
-        f"on {dev} -> {output}"
+        f"[green]done:[/] {result.frames} frames {w}x{h} -> {sw}x{sh} in {result.seconds:.1f} s "
+        f"({result.seconds_per_frame:.3f} s/frame) on {result.device} -> {result.output}"
     )
 
 
@@ -585,20 +523,10 @@ def report(
     import re
 
     from dloral.report.build import build_report
-    from dloral.report.sources import (
-        ReportError,
-        available_benches,
-        available_sweeps,
-        load_bench,
-        load_sweep,
-    )
+    from dloral.report.sources import ReportError, default_sources, load_bench, load_sweep
 
     if not bench and not sweep:
-        bench = available_benches()
-        newest: dict[str, str] = {}
-        for name in available_sweeps():  # <experiment>-<YYYYmmdd-HHMMSS>, sorted: newest last
-            newest[re.sub(r"-\d{8}-\d{6}$", "", name)] = str(Path("outputs/sweeps") / name)
-        sweep = list(newest.values())
+        bench, sweep = default_sources()
         if not bench and not sweep:
             _fail(
                 "nothing to report: no benchmark run in outputs/bench and no sweep in "
@@ -697,18 +625,6 @@ def data_prepare(
         f"[green]done:[/] {len(manifest['files'])} files verified in {folder} "
         f"({time.perf_counter() - start:.1f} s); manifest: {folder / 'manifest.json'}"
     )
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("dloral", "torch", "diffusers", "peft", "transformers"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
 
 
 @app.command()

@@ -102,9 +102,9 @@ def to_markdown(report: Report) -> str:
         elif isinstance(b, Table):
             out += [b.table.to_markdown()]
         elif isinstance(b, Grid):
-            out.append(tables._md_row(b.header))
+            out.append(tables.md_row(b.header))
             out.append("|" + "|".join([" --- "] * len(b.header)) + "|")
-            out += [tables._md_row([c.replace("\n", "<br>") for c in r]) for r in b.rows]
+            out += [tables.md_row([c.replace("\n", "<br>") for c in r]) for r in b.rows]
             out += [""] + ([b.caption, ""] if b.caption else [])
         elif isinstance(b, Image):
             out += [f"![{Path(b.path).stem}]({b.path})", "", f"*{b.caption}*", ""]
@@ -397,7 +397,7 @@ def _bench_plots(b: _Builder, run: BenchRun, max_clips: int, quality: str | None
     b.section("Quality vs speed", speed_blocks)
     curves = []
     scored = df[df["frame"] >= 0]
-    scales = tables._scales(agg, None)
+    scales = tables.metric_scales(agg, None)
     for dataset in dict.fromkeys(scored["dataset"]):
         clips = list(dict.fromkeys(scored.loc[scored["dataset"] == dataset, "clip"]))
         for clip in clips[:max_clips]:

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from dloral.atomic import atomic_write
 from dloral.bench.results import CLIP_LEVEL
-from dloral.report.tables import _metric_label, _scales
+from dloral.report.tables import metric_label, metric_scales
 
 __all__ = ["ablation", "per_frame_curves", "quality_speed", "save"]
 
@@ -72,7 +72,7 @@ def quality_speed(
             f"{speed!r}: {_names(on.loc[on['metric'] == speed, 'method'])}"
         )
     higher = dict(zip(on["metric"], on["higher_is_better"].astype(bool), strict=True))
-    scale = _scales(agg, scales)
+    scale = metric_scales(agg, scales)
     x = wide[speed].to_numpy(float) * scale.get(speed, 1.0)
     y = wide[metric].to_numpy(float) * scale.get(metric, 1.0)
 
@@ -272,7 +272,7 @@ def save(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 def _axis_label(name: str, higher: bool, scale: float) -> str:
     """e.g. "psnr ↑ (higher is better)", "ewarp (×10⁻³) ↓ (lower is better)"."""
-    label = _metric_label(name, higher, scale)  # the table header, arrow last
+    label = metric_label(name, higher, scale)  # the table header, arrow last
     return f"{label[:-1]} {label[-1]} ({'higher' if higher else 'lower'} is better)"
 
 

@@ -134,6 +134,17 @@ def available_sweeps(root: Path = SWEEP_ROOT) -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/summary.json")) if root.is_dir() else []
 
 
+def default_sources(
+    bench_root: Path = BENCH_ROOT, sweep_root: Path = SWEEP_ROOT
+) -> tuple[list[str], list[str]]:
+    """What `dloral-exp report` shows when no source is named: every benchmark run, and the
+    newest sweep of each experiment (sweep folders are <experiment>-<YYYYmmdd-HHMMSS>)."""
+    newest: dict[str, str] = {}
+    for name in available_sweeps(sweep_root):  # sorted: the newest of an experiment last
+        newest[re.sub(r"-\d{8}-\d{6}$", "", name)] = str(sweep_root / name)
+    return available_benches(bench_root), list(newest.values())
+
+
 def load_sweep(ref: str | Path, root: Path = SWEEP_ROOT, history: bool = True) -> SweepRun:
     """A sweep by folder, experiment name (newest run) or MLflow parent run id."""
     path = Path(ref)

@@ -49,10 +49,10 @@ class ComparisonTable:
                     labels[k].append(text)
                 j += span
         head = [self.corner] + [" ".join(parts) for parts in labels]
-        lines = [_md_row(head), "|" + "|".join([" --- "] + [" ---: "] * len(labels)) + "|"]
+        lines = [md_row(head), "|" + "|".join([" --- "] + [" ---: "] * len(labels)) + "|"]
         for label, row in zip(self.row_labels, self.cells, strict=True):
             marked = [_wrap(t, m, "**", "**", "<u>", "</u>") for t, m in row]
-            lines.append(_md_row([label, *marked]))
+            lines.append(md_row([label, *marked]))
         out = "\n".join(lines) + "\n"
         return out + (f"\n{self.caption}\n" if self.caption else "")
 
@@ -98,7 +98,7 @@ def comparison_table(
         raise ValueError(f"rows + cols must be {_AXES} with metric in cols, got {rows!r}, {cols}")
     if agg.duplicated(list(_AXES)).any():
         raise ValueError("agg has more than one value per (dataset, method, metric)")
-    scale_of = _scales(agg, scales)
+    scale_of = metric_scales(agg, scales)
     higher = dict(zip(agg["metric"], agg["higher_is_better"].astype(bool), strict=True))
     row_keys = list(dict.fromkeys(agg[rows].astype(str)))
     col_keys = list(dict.fromkeys(zip(*(agg[c].astype(str) for c in cols), strict=True)))
@@ -113,7 +113,7 @@ def comparison_table(
         _spans(
             col_keys,
             i,
-            (lambda k: _metric_label(k[m], higher[k[m]], scale_of.get(k[m], 1.0)))
+            (lambda k: metric_label(k[m], higher[k[m]], scale_of.get(k[m], 1.0)))
             if i == m
             else (lambda k, i=i: k[i]),
         )
@@ -165,7 +165,7 @@ def _rank_column(values: list[float], higher: bool, scale: float, digits: int) -
     return [(MISSING, None) if s is None else (f"{s:.{digits}f}", rank.get(s)) for s in shown]
 
 
-def _scales(agg: pd.DataFrame, scales: dict[str, float] | None) -> dict[str, float]:
+def metric_scales(agg: pd.DataFrame, scales: dict[str, float] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     if "scale" in agg.columns:
         out.update(
@@ -181,7 +181,7 @@ def _digits(metric: str, digits: dict[str, int] | None) -> int:
     return DIGITS.get(metric.split("_")[0], DEFAULT_DIGITS)
 
 
-def _metric_label(metric: str, higher: bool, scale: float) -> str:
+def metric_label(metric: str, higher: bool, scale: float) -> str:
     """e.g. "psnr↑", "ewarp (×10⁻³)↓": displayed numbers are in units of 1/scale."""
     arrow = "↑" if higher else "↓"
     if scale == 1.0:
@@ -215,5 +215,5 @@ def _wrap(text: str, mark: Mark, b0: str, b1: str, u0: str, u1: str) -> str:
     return text
 
 
-def _md_row(parts: list[str]) -> str:
+def md_row(parts: list[str]) -> str:
     return "| " + " | ".join(p.replace("|", "\\|") for p in parts) + " |"

