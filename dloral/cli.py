@@ -357,7 +357,7 @@ def sweep(
 def _print_sweep_table(best, exp) -> None:
     from rich.table import Table
 
-    from dloral.sweep.metrics import EVAL_COLUMNS
+    from dloral.trials import EVAL_COLUMNS
 
     table = Table(title=f"best per arm: {exp.name} (validation set)")
     for col in ("arm", "#", "trial", "status", "step", exp.sweep.metric, *EVAL_COLUMNS):

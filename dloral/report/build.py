@@ -26,7 +26,7 @@ from dloral.atomic import atomic_write_text
 from dloral.report import plots, tables
 from dloral.report.sources import BenchRun, SweepRun, higher_is_better
 from dloral.report.visuals import visual_grid
-from dloral.sweep.metrics import EVAL_COLUMNS
+from dloral.trials import EVAL_COLUMNS
 
 KIND_ORDER = ("full_reference", "no_reference", "temporal", "latency")
 QUALITY_PREFERENCE = ("musiq", "lpips", "clipiqa", "dists", "maniqa", "niqe", "piqe", "psnr")
@@ -509,15 +509,15 @@ def _bench_provenance(b: _Builder, run: BenchRun) -> None:
 
 # ----- sweeps ----------------------------------------------------------------------------------
 def sweep_section(b: _Builder, sweep: SweepRun) -> None:
-    s = sweep.spec.get("sweep", {})
+    s = sweep.spec.sweep if sweep.spec is not None else {}
     summary = sweep.summary
     b.add(Heading(1, f"Sweep: {sweep.name}"))
     counts = sweep.trials["status"].value_counts().to_dict()
-    wall = summary.get("wall_s")
+    wall = summary.wall_s
     b.add(
         Para(
             f"{_sentence(s.get('description'))}Family `{s.get('family', '?')}`; status "
-            f"{summary.get('status', '?')}; trials {counts}; wall "
+            f"{summary.status}; trials {counts}; wall "
             f"{_fmt(wall, 0) if wall else '?'} s. Judged on `{sweep.metric}` "
             f"({s.get('mode', '?')}), scheduler {s.get('scheduler', '?')}. "
             f"Source: `{sweep.origin}`."
@@ -533,10 +533,10 @@ def sweep_section(b: _Builder, sweep: SweepRun) -> None:
 
 def _best_table(b: _Builder, sweep: SweepRun) -> None:
     recs, dataset = [], None
-    for item in sweep.summary.get("best", []):
-        if item.get("rank", 1) != 1:
+    for item in sweep.summary.best:
+        if item["rank"] != 1:
             continue
-        ev, trial = item.get("eval", {}), item.get("trial", {})
+        ev, trial = item["eval"], item["trial"]
         dataset = ev.get("dataset", dataset)
         for m in EVAL_COLUMNS:
             v = ev.get(m)
@@ -550,7 +550,7 @@ def _best_table(b: _Builder, sweep: SweepRun) -> None:
                         "higher_is_better": higher_is_better(m),
                     }
                 )
-        v = trial.get("metrics", {}).get(sweep.metric)
+        v = trial.metrics.get(sweep.metric)
         if isinstance(v, int | float):
             recs.append(
                 {
@@ -657,11 +657,14 @@ def _curves(b: _Builder, sweep: SweepRun) -> None:
 
 
 def _sweep_provenance(b: _Builder, sweep: SweepRun) -> None:
-    spec, s = sweep.spec, sweep.spec.get("sweep", {})
-    base = spec.get("base", {})
+    spec = sweep.spec
+    if spec is None:
+        b.add(Para(f"No sweep.json beside the summary (`{sweep.origin}`): provenance unknown."))
+        return
+    s, base = spec.sweep, spec.base
     rows = [
-        ["experiment", f"`{spec.get('path', '?')}`"],
-        ["space", json.dumps(spec.get("dims", []))],
+        ["experiment", f"`{spec.path}`"],
+        ["space", json.dumps(spec.dims)],
         [
             "scheduler",
             f"{s.get('scheduler')} {json.dumps(s.get('asha', {}))}"
@@ -689,11 +692,11 @@ def _sweep_provenance(b: _Builder, sweep: SweepRun) -> None:
         ],
         [
             "MLflow",
-            f"`{spec.get('tracking_uri')}` experiment {spec.get('mlflow_experiment')}, "
-            f"parent run `{spec.get('parent_run_id')}`",
+            f"`{spec.tracking_uri}` experiment {spec.mlflow_experiment}, "
+            f"parent run `{spec.parent_run_id}`",
         ],
     ]
-    evals = [it.get("eval", {}) for it in sweep.summary.get("best", [])]
+    evals = [it["eval"] for it in sweep.summary.best]
     if evals and evals[0].get("dataset"):
         rows.append(
             [
@@ -702,7 +705,7 @@ def _sweep_provenance(b: _Builder, sweep: SweepRun) -> None:
                 f"on {evals[0].get('device')}",
             ]
         )
-    prov = spec.get("provenance")
+    prov = spec.provenance
     if prov:
         rows.append(["device", _machine_line(prov.get("machine") or {})])
         rows.append(["versions", _versions_line(prov.get("versions") or {})])
@@ -714,7 +717,7 @@ def _sweep_provenance(b: _Builder, sweep: SweepRun) -> None:
                 "not recorded (sweep made before dloral recorded them in sweep.json)",
             ]
         )
-    rows.append(["started", str(spec.get("created", "?"))])
+    rows.append(["started", spec.created])
     b.add(Grid(["what", "value"], rows))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from dloral.report.visuals import read_index
-from dloral.sweep.metrics import METRICS
+from dloral.trials import METRICS, SUMMARY_FILE, SWEEP_FILE, SweepSpec, SweepSummary
 
 BENCH_ROOT = Path("outputs") / "bench"
 SWEEP_ROOT = Path("outputs") / "sweeps"
@@ -54,27 +54,26 @@ class SweepRun:
     name: str  # the sweep id, <experiment>-<time>
     folder: Path | None
     origin: str
-    spec: dict[str, Any]  # sweep.json ({} when only the summary could be read)
-    summary: dict[str, Any]
-    trials: pd.DataFrame  # trial_id, status, step, <swept keys>, <val metrics>, ...
+    spec: SweepSpec | None  # sweep.json (None when only the summary could be read)
+    summary: SweepSummary
+    trials: pd.DataFrame  # the trials table (SweepSummary.table)
     history: pd.DataFrame | None = None  # trial_id, metric, step, value (from MLflow)
     history_note: str = ""  # why there is no history, when there is none
 
     @property
     def keys(self) -> list[str]:
-        if self.spec.get("keys"):
-            return list(self.spec["keys"])
-        values = [t.get("values", {}) for t in self.summary.get("trials", [])]
-        return list(dict.fromkeys(k for v in values for k in v))
+        if self.spec is not None and self.spec.keys:
+            return list(self.spec.keys)
+        return list(dict.fromkeys(k for t in self.summary.trials for k in t.values))
 
     @property
     def dims(self) -> dict[str, str]:
         """key -> kind of search space (grid, choice, uniform, loguniform, ...)."""
-        return {d[0]: d[1] for d in self.spec.get("dims", [])}
+        return {d[0]: d[1] for d in self.spec.dims} if self.spec is not None else {}
 
     @property
     def metric(self) -> str:
-        return self.spec.get("metric") or self.spec.get("sweep", {}).get("metric", "val/psnr")
+        return self.spec.metric if self.spec is not None else "val/psnr"
 
     @property
     def metrics(self) -> list[str]:
@@ -173,37 +172,21 @@ def load_sweep(ref: str | Path, root: Path = SWEEP_ROOT, history: bool = True) -
 
 
 def read_sweep(folder: Path, origin: str) -> SweepRun:
-    summary_path = folder / "summary.json"
+    summary_path, spec_path = folder / SUMMARY_FILE, folder / SWEEP_FILE
     try:
-        summary = json.loads(summary_path.read_text())
-        spec_path = folder / "sweep.json"
-        spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-    except (ValueError, OSError) as err:
+        summary = SweepSummary.from_dict(json.loads(summary_path.read_text()), str(summary_path))
+        spec = None
+        if spec_path.is_file():
+            spec = SweepSpec.from_dict(json.loads(spec_path.read_text()), str(spec_path))
+    except (ValueError, OSError) as err:  # RecordError is a ValueError naming the file
         raise ReportError(f"{folder}: cannot read the sweep: {err}") from err
-    if not isinstance(summary.get("trials"), list):
-        raise ReportError(f"{summary_path}: no 'trials' list; not a dloral sweep summary")
-    rows = []
-    for i, t in enumerate(summary["trials"]):
-        if "trial_id" not in t:
-            raise ReportError(f"{summary_path}: trial {i} has no trial_id")
-        rows.append(
-            {
-                "trial_id": t["trial_id"],
-                "status": t.get("status", "unknown"),
-                "step": t.get("step"),
-                **t.get("values", {}),
-                **t.get("metrics", {}),
-                "train_time_s": t.get("train_time_s"),
-                "mlflow_run_id": t.get("mlflow_run_id"),
-            }
-        )
-    name = spec.get("sweep_id") or Path(summary.get("sweep_dir") or folder).name
-    return SweepRun(name, folder, origin, spec, summary, pd.DataFrame(rows))
+    name = spec.sweep_id if spec is not None else Path(summary.sweep_dir or folder).name
+    return SweepRun(name, folder, origin, spec, summary, summary.table())
 
 
 def _history(sweep: SweepRun) -> tuple[pd.DataFrame | None, str]:
     """Every trial's val/* history from its MLflow run; (None, why) when it cannot be read."""
-    uri = sweep.spec.get("tracking_uri")
+    uri = sweep.spec.tracking_uri if sweep.spec is not None else None
     ids = [i for i in sweep.trials.get("mlflow_run_id", []) if isinstance(i, str) and i]
     if not uri or not ids:
         return None, "no MLflow runs recorded for this sweep (tracking was off)"

@@ -1,0 +1,174 @@
+"""The sweep's record: what `dloral-exp sweep` writes and reports read, as typed objects.
+
+    sweep.json    SweepSpec     the resolved definition, MLflow ids, status, provenance
+    summary.json  SweepSummary  every trial (TrialRow), the best per arm and their evaluation
+
+The runner builds these and writes their `to_dict()`; readers call `from_dict`, which checks the
+fields a report needs and names the file and trial when one is missing. `SweepSummary.table()`
+is the trials table (one row per trial: id, status, step, searched values, val metrics, ...),
+the sweep's counterpart of the benchmark's results table. Light to import: no model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+SWEEP_FILE = "sweep.json"
+SUMMARY_FILE = "summary.json"
+
+# reported by every trial at each validation (dloral.train.recipe), and what a sweep may judge on
+METRICS = {"val/psnr": "max", "val/ssim": "max", "val/temporal_change": "min"}
+# what the best trial of each arm is scored on after the sweep (dloral.sweep.evaluate)
+EVAL_COLUMNS = ("psnr", "ssim", "temporal_change", "s_per_frame")
+# finished: ran to max_steps; stopped: early, by ASHA; failed; unfinished: the driver stopped
+TRIAL_STATUSES = ("finished", "stopped", "failed", "unfinished")
+
+
+class RecordError(ValueError):
+    """A sweep record that cannot be read; the message names the file and the trial."""
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    values: dict[str, Any]  # the searched values, by dotted training key
+    status: str  # one of TRIAL_STATUSES
+    step: int
+    metrics: dict[str, float]  # the last reported val/* metrics
+    checkpoint: str | None
+    mlflow_run_id: str | None
+    error: str | None = None
+    train_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> TrialRow:
+        if "trial_id" not in data:
+            raise RecordError(f"{where} has no trial_id")
+        return cls(
+            trial_id=str(data["trial_id"]),
+            values=dict(data.get("values") or {}),
+            status=data.get("status", "unknown"),
+            step=data.get("step"),
+            metrics=dict(data.get("metrics") or {}),
+            checkpoint=data.get("checkpoint"),
+            mlflow_run_id=data.get("mlflow_run_id"),
+            error=data.get("error"),
+            train_time_s=data.get("train_time_s"),
+        )
+
+
+class ArmBest(TypedDict):
+    """One of the best trials of an ablation arm and its evaluation on the validation set."""
+
+    arm: str  # e.g. "variant=full, alternation_period=50"
+    rank: int  # 1 = best of its arm
+    trial: TrialRow
+    eval: dict[str, Any]  # EVAL_COLUMNS and clips/frames/dataset/device, or {"error": ...}
+
+
+@dataclass
+class SweepSummary:
+    sweep_dir: str
+    status: str  # finished | interrupted | failed
+    wall_s: float = 0.0
+    trials: list[TrialRow] = field(default_factory=list)
+    best: list[ArmBest] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sweep_dir": self.sweep_dir,
+            "status": self.status,
+            "wall_s": self.wall_s,
+            "trials": [r.to_dict() for r in self.trials],
+            "best": [{**b, "trial": b["trial"].to_dict()} for b in self.best],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> SweepSummary:
+        if not isinstance(data.get("trials"), list):
+            raise RecordError(f"{where}: no 'trials' list; not a dloral sweep summary")
+        trials = [
+            TrialRow.from_dict(t, f"{where}: trial {i}") for i, t in enumerate(data["trials"])
+        ]
+        best = [
+            ArmBest(
+                arm=b.get("arm", "?"),
+                rank=int(b.get("rank", 1)),
+                trial=TrialRow.from_dict(b.get("trial") or {}, f"{where}: best {i}"),
+                eval=dict(b.get("eval") or {}),
+            )
+            for i, b in enumerate(data.get("best") or [])
+        ]
+        return cls(
+            sweep_dir=data.get("sweep_dir") or "",
+            status=data.get("status", "?"),
+            wall_s=data.get("wall_s"),
+            trials=trials,
+            best=best,
+        )
+
+    def table(self):
+        """The trials table: trial_id, status, step, <searched keys>, <val metrics>,
+        train_time_s, mlflow_run_id (a pandas DataFrame, one row per trial)."""
+        import pandas as pd
+
+        rows = [
+            {
+                "trial_id": t.trial_id,
+                "status": t.status,
+                "step": t.step,
+                **t.values,
+                **t.metrics,
+                "train_time_s": t.train_time_s,
+                "mlflow_run_id": t.mlflow_run_id,
+            }
+            for t in self.trials
+        ]
+        return pd.DataFrame(rows)
+
+
+@dataclass
+class SweepSpec:
+    """sweep.json: what the driver resolved before Tune started (trials and --resume run it)."""
+
+    path: str  # the experiment file
+    sweep: dict[str, Any]  # the [sweep] table as resolved (SweepConfig as a dict)
+    base: dict[str, Any]  # the training config as a raw dict, overrides and data roots applied
+    keys: list[str]  # searched dotted keys
+    dims: list[list[Any]]  # [key, kind, args] per searched key
+    sweep_id: str
+    sweep_dir: str
+    threads: int  # torch threads per trial
+    metric: str
+    mlflow_experiment: str
+    tracking_uri: str | None  # None: tracking off
+    created: str
+    status: str  # running | finished | interrupted | failed
+    provenance: dict[str, Any] = field(default_factory=dict)
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("experiment_id", "parent_run_id"):  # present only when tracking
+            if out[key] is None:
+                del out[key]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> SweepSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise RecordError(f"{where}: missing {', '.join(missing)}; not a dloral sweep.json")
+        return cls(**{k: v for k, v in data.items() if k in names})
