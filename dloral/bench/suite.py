@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dloral.config import build, check_keys, find_named_toml, read_toml
 from dloral.data.readers import KINDS
-from dloral.named_toml import find_named_toml
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 EMBEDDED_PREFIX = "embedded:"
@@ -53,7 +52,6 @@ LAYOUTS = {  # what a dataset root must hold, for error messages
 
 _SECTIONS = {"suite", "datasets", "methods", "metrics", "options"}
 _SUITE_KEYS = {"name", "description"}
-_DATASET_KEYS = {"name", "kind", "root", "lq", "scale", "clips", "frames"}
 _LIST_KEYS = {"names"}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -113,13 +111,19 @@ def _where(path: Path | None) -> str:
     return str(path) if path else "suite"
 
 
-def _check_keys(where: str, section: str, table: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise SuiteError(
-            f"{where}: unknown key(s) {', '.join(unknown)} in [{section}]; "
-            f"valid: {', '.join(sorted(allowed))}"
-        )
+def _check_keys(at: str, table: dict, allowed: set[str]) -> None:
+    try:
+        check_keys(table, allowed)
+    except KeyError as err:
+        raise SuiteError(f"{at}: {err.args[0]}") from err
+
+
+def _build(cls: type, at: str, table: dict):
+    """`cls` from one suite table; an unknown or missing key, or a wrong type, names `at`."""
+    try:
+        return build(cls, table)
+    except (KeyError, ValueError) as err:
+        raise SuiteError(f"{at}: {err.args[0]}") from err
 
 
 def check_metrics(names: list[str] | tuple[str, ...], where: str = "suite") -> tuple[str, ...]:
@@ -179,41 +183,30 @@ def expand_root(root: str, kind: str, where: str, base: Path | None) -> str:
     return str(path)
 
 
-def _int(where: str, key: str, value, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise SuiteError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
-    return value
+def _at_least(at: str, key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise SuiteError(f"{at}: {key} must be an integer >= {minimum}, got {value!r}")
 
 
 def _dataset(where: str, i: int, table: dict, base: Path | None) -> DatasetSpec:
     at = f"{where} [[datasets]] #{i + 1}"
-    _check_keys(where, f"datasets #{i + 1}", table, _DATASET_KEYS)
-    for key in ("name", "kind", "root"):
-        if key not in table:
-            raise SuiteError(f"{at}: missing key {key!r}")
-    kind = table["kind"]
-    if kind not in KINDS:
-        raise SuiteError(f"{at}: unknown kind {kind!r}; valid: {', '.join(KINDS)}")
-    scale = table.get("scale")
-    return DatasetSpec(
-        name=str(table["name"]),
-        kind=kind,
-        root=expand_root(str(table["root"]), kind, f"{at} ({table['name']})", base),
-        lq=table.get("lq"),
-        scale=None if scale is None else _int(at, "scale", scale, 1),
-        clips=_int(at, "clips", table.get("clips", 0)),
-        frames=_int(at, "frames", table.get("frames", 0)),
-    )
+    spec = _build(DatasetSpec, at, table)
+    if spec.kind not in KINDS:
+        raise SuiteError(f"{at}: unknown kind {spec.kind!r}; valid: {', '.join(KINDS)}")
+    if spec.scale is not None:
+        _at_least(at, "scale", spec.scale, 1)
+    _at_least(at, "clips", spec.clips, 0)
+    _at_least(at, "frames", spec.frames, 0)
+    return replace(spec, root=expand_root(spec.root, spec.kind, f"{at} ({spec.name})", base))
 
 
 def _options(where: str, table: dict) -> Options:
-    allowed = set(Options.__dataclass_fields__)
-    _check_keys(where, "options", table, allowed)
-    opts = Options(**table)
+    at = f"{where} [options]"
+    opts = _build(Options, at, table)
     for key in ("crop_border", "seed"):
-        _int(f"{where} [options]", key, getattr(opts, key))
+        _at_least(at, key, getattr(opts, key), 0)
     for key in ("latency_repeats", "process_size", "batch_size"):
-        _int(f"{where} [options]", key, getattr(opts, key), 1)
+        _at_least(at, key, getattr(opts, key), 1)
     if opts.flow not in FLOW_KINDS:
         raise SuiteError(f"{where}: [options] flow={opts.flow!r}; valid: {', '.join(FLOW_KINDS)}")
     return opts
@@ -222,15 +215,15 @@ def _options(where: str, table: dict) -> Options:
 def parse_suite(data: dict, path: Path | None = None) -> Suite:
     """A suite from a parsed TOML table; `path` names it in errors and anchors relative roots."""
     where = _where(path)
-    _check_keys(where, "top level", data, _SECTIONS)
+    _check_keys(where, data, _SECTIONS)
     head = data.get("suite", {})
-    _check_keys(where, "suite", head, _SUITE_KEYS)
+    _check_keys(f"{where} [suite]", head, _SUITE_KEYS)
     if "name" not in head:
         raise SuiteError(f"{where}: [suite] needs a name")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", str(head["name"])):
         raise SuiteError(f"{where}: [suite] name {head['name']!r}: use letters, digits, . _ -")
     for section in ("methods", "metrics"):
-        _check_keys(where, section, data.get(section, {}), _LIST_KEYS)
+        _check_keys(f"{where} [{section}]", data.get(section, {}), _LIST_KEYS)
     base = path.parent if path else None
     datasets = tuple(_dataset(where, i, t, base) for i, t in enumerate(data.get("datasets", [])))
     if not datasets:
@@ -266,7 +259,7 @@ def load_suite(name_or_path: str | os.PathLike) -> Suite:
     """Read and check a suite TOML (name under benchmarks/ or a path)."""
     path = suite_path(name_or_path)
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise SuiteError(f"{path}: not valid TOML ({err})") from err
+        data = read_toml(path)
+    except ValueError as err:
+        raise SuiteError(str(err)) from err
     return parse_suite(data, path)

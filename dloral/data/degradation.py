@@ -13,7 +13,6 @@ stretched against the GT. For pixel-exact pairs, crop the GT first with `crop_to
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+from dloral.config import build, read_toml, to_plain
 
 DEFAULT_TOML = Path(__file__).with_name("realesrgan.toml")
 KERNEL_TYPES = (
@@ -82,37 +83,29 @@ class DegradationConfig:
     @classmethod
     def from_toml(cls, path: str | Path | None = None) -> DegradationConfig:
         """Load a TOML file; the packaged realesrgan.toml (DLoRAL's values) by default."""
-        with open(path or DEFAULT_TOML, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+        return cls.from_dict(read_toml(path or DEFAULT_TOML))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DegradationConfig:
         """Flat or grouped (first_degradation / second_degradation / kernel_info) mapping.
 
         An unknown or missing key raises KeyError naming it; a bad value raises ValueError."""
-        known = {f.name: f.type for f in fields(cls)}
         flat: dict[str, Any] = {}
         for key, value in data.items():
             items = (
                 value.items() if key in _GROUPS and isinstance(value, Mapping) else [(key, value)]
             )
             for name, item in items:
-                if name not in known:
-                    raise KeyError(f"unknown degradation config key {name!r}")
                 if name in flat:
                     raise KeyError(f"degradation config key {name!r} given twice")
                 flat[name] = item
-        missing = [name for name in known if name not in flat]
-        if missing:
-            raise KeyError(f"missing degradation config key(s): {', '.join(missing)}")
-        typed = {name: _convert(name, known[name], value) for name, value in flat.items()}
-        config = cls(**typed)
+        config = build(cls, flat)
         config.validate()
         return config
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-able dict; `from_dict` reads it back."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return to_plain(self)
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
@@ -146,16 +139,6 @@ class DegradationConfig:
             low, high = getattr(self, name)
             if low < 1 or high > 100:
                 raise ValueError(f"{name} must lie in [1, 100], got {[low, high]}")
-
-
-def _convert(name: str, annotation: str, value: Any) -> Any:
-    if annotation == "int":
-        return int(value)
-    if annotation == "float":
-        return float(value)
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise ValueError(f"degradation config key {name!r} needs a list, got {value!r}")
-    return tuple(str(v) if "str" in annotation else float(v) for v in value)
 
 
 # ---------------------------------------------------------------------------- kernels

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dloral.config import build
 from dloral.model import lora
 from dloral.model.backbone import PROFILES, Backbone, build_backbone
 from dloral.model.cfr import CFRConfig, CrossFrameRetrieval
@@ -52,28 +53,11 @@ class DLoRALConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DLoRALConfig:
-        return _build_dataclass(cls, data, "model")
+        """Typed construction of the [model] table; missing keys take their defaults."""
+        return build(cls, data, "model")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-def _build_dataclass(cls, data: dict[str, Any], where: str):
-    """Typed construction from a dict; unknown keys are an error naming the key."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise KeyError(
-            f"unknown key(s) {', '.join(where + '.' + k for k in unknown)}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = _build_dataclass(type(default), value, f"{where}.{name}")
-        kwargs[name] = value
-    return cls(**kwargs)
 
 
 def widen_conv_in(unet: nn.Module, frames: int = 2) -> None:

@@ -14,21 +14,21 @@ Ray starts, so a typo fails in a second, not after the first trial.
 from __future__ import annotations
 
 import copy
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dloral.named_toml import find_named_toml
-from dloral.sweep.metrics import METRICS
-from dloral.train.config import (
-    DEFAULT_CONFIG,
-    TrainConfig,
-    _coerce_fields,
-    _dataclass_hints,
-    _parse_value,
+from dloral.config import (
+    build,
+    field_types,
+    find_named_toml,
+    parse_override,
+    parse_value,
+    read_toml,
     set_key,
 )
+from dloral.sweep.metrics import METRICS
+from dloral.train.config import DEFAULT_CONFIG, SECTIONS, TrainConfig
 
 EXPERIMENTS_DIR = DEFAULT_CONFIG.parent
 GRID_KINDS = ("grid",)
@@ -146,7 +146,7 @@ class Experiment:
         also saves a checkpoint, so each report to Tune carries one."""
         data = copy.deepcopy(self.base)
         for key, value in values.items():
-            set_key(data, key, value)
+            set_key(data, key, value, TrainConfig)
         cfg = TrainConfig.from_dict(data)
         cfg.run.checkpoint_every = cfg.run.validate_every
         return cfg
@@ -163,9 +163,7 @@ class Experiment:
 
 def experiment_from_spec(spec: dict[str, Any]) -> Experiment:
     """The Experiment a driver saved in sweep.json (what trials and --resume run)."""
-    from dloral.model.dloral import _build_dataclass
-
-    sweep = _build_dataclass(SweepConfig, copy.deepcopy(spec["sweep"]), "sweep")
+    sweep = build(SweepConfig, copy.deepcopy(spec["sweep"]), "sweep")
     dims = [Dimension(k, kind, args) for k, kind, args in spec["dims"]]
     return Experiment(Path(spec["path"]), sweep, spec["base"], dims)
 
@@ -175,9 +173,9 @@ def available_experiments() -> list[str]:
     names = []
     for path in sorted(EXPERIMENTS_DIR.glob("*.toml")):
         try:
-            if "sweep" in tomllib.loads(path.read_text(encoding="utf-8")):
+            if "sweep" in read_toml(path):
                 names.append(path.stem)
-        except (OSError, tomllib.TOMLDecodeError):
+        except (OSError, ValueError):
             continue
     return names
 
@@ -202,9 +200,9 @@ def load_experiment(name_or_path: str | Path | None = None, overrides=()) -> Exp
     """Read and check an experiment; `overrides` are "a.b=v" (training keys) or "sweep.x=v"."""
     path = resolve_experiment(name_or_path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise SweepError(f"{path}: invalid TOML: {e}") from e
+        data = read_toml(path)
+    except ValueError as e:
+        raise SweepError(str(e)) from e
     if "sweep" not in data:
         raise SweepError(
             f"{path} has no [sweep] table, so it is a training config, not a sweep "
@@ -214,15 +212,15 @@ def load_experiment(name_or_path: str | Path | None = None, overrides=()) -> Exp
     if not isinstance(table, dict):
         raise SweepError(f"{path}: sweep must be a table")
     for item in overrides:
-        key, sep, text = item.partition("=")
-        key, text = key.strip(), text.strip()
-        if not sep or not key:
-            raise SweepError(f"override must look like section.key=value; got {item!r}")
+        try:
+            key, text = parse_override(item)
+        except ValueError as e:
+            raise SweepError(str(e)) from e
         try:
             if key.startswith("sweep."):
                 _set_sweep_key(table, key[len("sweep.") :], text)
             else:
-                set_key(data, key, text, parse=True)
+                set_key(data, key, text, TrainConfig, parse=True)
         except (KeyError, ValueError) as e:
             raise SweepError(f"--set {item}: {str(e).strip(chr(39))}") from e
     return _check(path, data, table)
@@ -230,28 +228,16 @@ def load_experiment(name_or_path: str | Path | None = None, overrides=()) -> Exp
 
 def _set_sweep_key(table: dict[str, Any], key: str, text: str) -> None:
     parts = key.split(".")
-    if parts[0] == "space" and len(parts) > 1:
-        table.setdefault("space", {})[".".join(parts[1:])] = _parse_value(text, Any)
-        return
-    hints: dict[str, Any] | None = _dataclass_hints(SweepConfig)
-    node = table
-    for depth, part in enumerate(parts):
-        if hints is None or part not in hints:
-            valid = ", ".join(sorted(hints or {}))
-            raise KeyError(f"unknown key sweep.{'.'.join(parts[: depth + 1])}; valid: {valid}")
-        if depth == len(parts) - 1:
-            node[part] = _parse_value(text, hints[part])
-            return
-        node = node.setdefault(part, {})
-        hints = _dataclass_hints(hints[part])
+    if parts[0] == "space" and len(parts) > 1:  # the rest is one dotted training key
+        table.setdefault("space", {})[".".join(parts[1:])] = parse_value(text, Any)
+    else:
+        set_key(table, key, text, SweepConfig, parse=True, where="sweep")
 
 
 def _check(path: Path, base: dict[str, Any], table: dict[str, Any]) -> Experiment:
-    from dloral.model.dloral import _build_dataclass
-
     where = f"{path}: "
     try:
-        sweep = _build_dataclass(SweepConfig, _coerce_fields(SweepConfig, table, "sweep"), "sweep")
+        sweep = build(SweepConfig, table, "sweep")
         TrainConfig.from_dict(copy.deepcopy(base))
     except (KeyError, ValueError) as e:
         raise SweepError(where + str(e).strip("'\"")) from e
@@ -307,13 +293,11 @@ def _flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _is_table(key: str) -> bool:
     """Whether dotted `key` names a table of the training config (else a value or unknown)."""
-    from dloral.train.config import SECTIONS
-
     hints: dict[str, Any] | None = SECTIONS
     for part in key.split("."):
         if hints is None or part not in hints:
             return False
-        hints = _dataclass_hints(hints[part])
+        hints = field_types(hints[part])
     return hints is not None
 
 
@@ -345,7 +329,7 @@ def _dimension(where: str, base: dict[str, Any], key: str, spec: Any) -> Dimensi
     for value in probes:  # each value must make a valid training config
         data = copy.deepcopy(base)
         try:
-            set_key(data, key, value)
+            set_key(data, key, value, TrainConfig)
             TrainConfig.from_dict(data)
         except (KeyError, ValueError) as e:
             msg = str(e).strip(chr(39))
