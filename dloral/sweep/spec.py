@@ -27,8 +27,8 @@ from dloral.config import (
     read_toml,
     set_key,
 )
-from dloral.sweep.metrics import METRICS
 from dloral.train.config import DEFAULT_CONFIG, SECTIONS, TrainConfig
+from dloral.trials import METRICS
 
 EXPERIMENTS_DIR = DEFAULT_CONFIG.parent
 GRID_KINDS = ("grid",)
