@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from dloral.report.visuals import read_index
+from dloral.bench.visuals import read_index
 from dloral.sweep.metrics import METRICS
 
 BENCH_ROOT = Path("outputs") / "bench"
