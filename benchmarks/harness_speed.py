@@ -146,7 +146,7 @@ def _frame_metrics(impl: str) -> tuple[dict, dict[str, str]]:
 
     import pyiqa
 
-    from dloral.bench.fullref import fullref_metric
+    from dloral.bench.registry import fullref_metric
 
     fns, what = {}, {}
     for m, (name, kw) in PYIQA.items():

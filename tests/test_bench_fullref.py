@@ -6,7 +6,8 @@ import pytest
 import torch
 from skimage import data
 
-from dloral.bench.fullref import FULLREF_METRICS, fullref_metric, psnr, rgb_to_y, ssim
+from dloral.bench.fullref import psnr, rgb_to_y, ssim
+from dloral.bench.registry import FULLREF_METRICS, fullref_metric
 
 # ---------------------------------------------------------------------------------------------
 # Test oracle: BasicSR's reference formulas transcribed per image (basicsr/metrics/psnr_ssim.py

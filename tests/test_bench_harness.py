@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from dloral.bench import harness
 from dloral.bench.methods import FolderMethod, MethodError, output_hash
 from dloral.bench.suite import SuiteError, load_suite, parse_suite
+from dloral.bench.visuals import read_index
 from dloral.data.frames import read_image, to_uint8, write_png
-from dloral.report.visuals import read_index
 from dloral.resize import resize_frames
 
 CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}  # crop offsets (top, left) in bikes.mp4

@@ -15,16 +15,13 @@ from dloral.bench.flow import (
     RaftFlow,
     load_flow_estimator,
 )
-from dloral.bench.registry import MetricUnavailable
+from dloral.bench.registry import MetricUnavailable, ewarp_info, tlp_info, tof_info
 from dloral.bench.temporal import (
     EWARP_VARIANTS,
     clip_mean,
     ewarp,
-    ewarp_info,
     tlp,
-    tlp_info,
     tof,
-    tof_info,
     valid_mask,
 )
 from dloral.model.spynet import flow_warp

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from dloral.bench import harness, results
 from dloral.bench.suite import load_suite
+from dloral.bench.visuals import texture_box
 from dloral.cli import app
 from dloral.report import build, sources
 from dloral.report.browser import BrowserError, check_page, find_chromium
-from dloral.report.visuals import texture_box
 
 CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}
 FRAMES = 4

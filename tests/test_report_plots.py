@@ -11,9 +11,8 @@ from skimage.data import astronaut
 
 from dloral.bench import results
 from dloral.bench.flow import DisFlow
-from dloral.bench.fullref import fullref_metric
-from dloral.bench.registry import MetricInfo
-from dloral.bench.temporal import ewarp, ewarp_info
+from dloral.bench.registry import MetricInfo, ewarp_info, fullref_metric
+from dloral.bench.temporal import ewarp
 from dloral.report.plots import ablation, per_frame_curves, quality_speed, save
 
 FRAMES = 5

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dloral.bench.registry import MetricUnavailable
+from dloral.bench.metric import MetricUnavailable
 from dloral.data.frames import to_uint8
 from dloral.devices import resolve_device
 from dloral.weights import find_weights

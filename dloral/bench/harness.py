@@ -26,29 +26,21 @@ import pandas as pd
 import torch
 
 from dloral.atomic import atomic_write, atomic_write_json
-from dloral.bench import results
+from dloral.bench import registry, results
 from dloral.bench.methods import ClipJob, MethodOutput, build_method, output_hash
-from dloral.bench.registry import MetricInfo, MetricUnavailable
-from dloral.bench.suite import FULLREF, IQA, Suite, check_methods, check_metrics
+from dloral.bench.metric import MetricInfo
+from dloral.bench.registry import ScoredMetric
+from dloral.bench.suite import Suite, check_methods, check_metrics
+from dloral.bench.visuals import VisualRecorder
 from dloral.data.readers import Clip, Dataset, read_dataset
 from dloral.devices import resolve_device
 from dloral.doctor import git_state
-from dloral.report.visuals import VisualRecorder
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "dloral-bench"
 DEFAULT_SCALE = 4
 Progress = Callable[[dict], None]
-
-
-@dataclass
-class ScoredMetric:
-    """A metric ready to score a clip: fn(out, gt) -> per-frame/pair values (CPU tensor)."""
-
-    info: MetricInfo
-    fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-    device: str
 
 
 @dataclass
@@ -74,72 +66,12 @@ def _latency_info(name: str, implementation: str) -> MetricInfo:
 def build_metrics(
     names: tuple[str, ...], device: torch.device, suite: Suite, strict: bool
 ) -> tuple[dict[str, ScoredMetric], list[dict], str | None]:
-    """Build each metric once; unavailable ones go to the skipped list (or raise if strict)."""
-    from dloral.bench import temporal
-    from dloral.bench.fullref import fullref_metric
-    from dloral.bench.iqa import iqa_metric
-
-    built: dict[str, ScoredMetric] = {}
-    skipped: list[dict] = []
-
-    def unavailable(name: str, err: Exception) -> None:
-        if strict:
-            raise err
-        log.warning("metric %s skipped: %s", name, err)
-        skipped.append({"metric": name, "reason": str(err)})
-
-    lpips = None
-    for name in names:
-        if name in FULLREF:
-            m = fullref_metric(name, crop_border=suite.options.crop_border)
-            built[name] = ScoredMetric(m.info, m, "cpu")
-        elif name in IQA:
-            try:
-                m = iqa_metric(name, device=device, strict=strict)
-            except MetricUnavailable as err:
-                unavailable(name, err)
-                continue
-            built[name] = ScoredMetric(m.info, m, str(device))
-            lpips = m if name == "lpips" else lpips
-    flow_name = None
-    if {"ewarp", "tof"} & set(names):
-        from dloral.bench.flow import load_flow_estimator
-
-        try:
-            flow = load_flow_estimator(suite.options.flow, device)
-        except MetricUnavailable as err:
-            for name in ("ewarp", "tof"):
-                if name in names:
-                    unavailable(name, err)
-            flow = None
-        if flow is not None:
-            flow_name = flow.name
-            flow_device = str(device) if "raft" in flow.name.lower() else "cpu"
-            if "ewarp" in names:
-                built["ewarp"] = ScoredMetric(
-                    temporal.ewarp_info(flow.name),
-                    lambda out, gt, f=flow: temporal.ewarp(out, flow=f),
-                    flow_device,
-                )
-            if "tof" in names:
-                built["tof"] = ScoredMetric(
-                    temporal.tof_info(flow.name),
-                    lambda out, gt, f=flow: temporal.tof(out, gt, flow=f),
-                    flow_device,
-                )
-    if "tlp" in names:
-        if lpips is None:
-            try:
-                lpips = iqa_metric("lpips", device=device, strict=strict)
-            except MetricUnavailable as err:
-                unavailable("tlp", MetricUnavailable(f"tlp needs LPIPS: {err}"))
-        if lpips is not None:
-            built["tlp"] = ScoredMetric(
-                temporal.tlp_info(lpips.info.implementation),
-                lambda out, gt, lp=lpips: temporal.tlp(out, gt, lpips=lp),
-                str(device),
-            )
-    return {n: built[n] for n in names if n in built}, skipped, flow_name
+    """Build each metric once (dloral.bench.registry); unavailable ones go to the skipped list
+    (or raise if strict). Also returns the flow estimator's name (None: none built)."""
+    opts = suite.options
+    return registry.build_metrics(
+        names, device, crop_border=opts.crop_border, flow=opts.flow, strict=strict
+    )
 
 
 def _read_clip(
@@ -382,7 +314,7 @@ def run_bench(
     """Score every suite method on every clip with every metric; see the module doc for files.
 
     `visuals` records each clip's crop and x-t profile of GT, LQ and every method into
-    <out_dir>/visuals (dloral.report.visuals), for `dloral-exp report`.
+    <out_dir>/visuals (dloral.bench.visuals), for `dloral-exp report`.
 
     methods/metrics override the suite's lists; device overrides [options] device.
     `progress(event)` is called with {"stage": "start"|"clip", ...} after each clip is on disk.

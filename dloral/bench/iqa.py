@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from dloral.bench.registry import MetricInfo, MetricUnavailable
+from dloral.bench.metric import MetricInfo, MetricUnavailable
 from dloral.devices import resolve_device
 
 log = logging.getLogger(__name__)

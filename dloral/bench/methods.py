@@ -33,6 +33,11 @@ from dloral.resize import resize_frames
 log = logging.getLogger(__name__)
 
 WARMUP_FRAMES = 2
+METHOD_FORMS = (  # the spec forms parse_method accepts, for messages
+    "bicubic",
+    "dloral:<checkpoint folder | model.pkl | tiny | mlflow:<run id or sweep trial id>>",
+    "folder:<label>=<path>",
+)
 
 
 class MethodError(ValueError):
@@ -90,8 +95,6 @@ def parse_method(spec: str) -> tuple[str, str, str]:
         label, eq, path = arg.partition("=")
         if eq and label and path:
             return "folder", label, path
-    from dloral.bench.suite import METHOD_FORMS
-
     raise ValueError(f"unknown method {spec!r}; valid forms: {', '.join(METHOD_FORMS)}")
 
 

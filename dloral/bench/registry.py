@@ -1,27 +1,282 @@
-"""What every metric carries with its values: direction, kind, level and implementation.
+"""The metric registry: one table of every benchmark metric's facts and of how it is built.
 
-Frames are float tensors in [0, 1], RGB, shape (T, 3, H, W) (one clip). A metric returns one
-value per frame (shape (T,)), per frame pair for temporal metrics (shape (T-1,)), or one value
-for the clip (0-d); the harness stores every value with the MetricInfo fields below, so a table
-row always says which way is better and which code made it.
+In the manner of pyiqa's `create_metric`: a suite names metrics from METRICS and
+`build_metrics` builds each once. Each row states what every value of that metric carries
+(direction, kind, level, whether it needs GT, print scale), its protocol in words, and its
+builder; a built metric's MetricInfo adds the implementation (code, convention, crop, weights,
+flow estimator), which the harness stores with every value and uses as the cache key. What
+several metrics share is built once per build: one flow estimator for ewarp and tof, one pyiqa
+LPIPS for lpips and tlp. A metric that cannot run here (MetricUnavailable) is skipped with its
+reason, or raised with `strict`.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
+
+from dloral.bench import fullref, temporal
+from dloral.bench.flow import FlowEstimator, load_flow_estimator
+from dloral.bench.iqa import IQAMetric, iqa_metric
+from dloral.bench.metric import MetricInfo, MetricUnavailable
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FULLREF_METRICS",
+    "METRICS",
+    "FullRefMetric",
+    "MetricInfo",
+    "MetricSpec",
+    "MetricUnavailable",
+    "ScoredMetric",
+    "build_metrics",
+    "ewarp_info",
+    "fullref_metric",
+    "tlp_info",
+    "tof_info",
+]
+
+FR, NR, TEMPORAL = "full_reference", "no_reference", "temporal"
+
+
+@dataclass
+class ScoredMetric:
+    """A metric ready to score a clip: fn(out, gt) -> per-frame/pair values (CPU tensor)."""
+
+    info: MetricInfo
+    fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    device: str
+
+
+class _Shared:
+    """What the metrics of one build share, each made at most once: the pyiqa models (LPIPS
+    serves lpips and tlp) and the flow estimator (ewarp, tof). What cannot be made raises the
+    same MetricUnavailable for every metric that asks."""
+
+    def __init__(self, device: torch.device, crop_border: int, flow: str, strict: bool):
+        self.device, self.crop_border, self.strict = device, crop_border, strict
+        self.flow_kind = flow
+        self._made: dict[str, object] = {}
+
+    def _once(self, key: str, make: Callable[[], object]):
+        if key not in self._made:
+            try:
+                self._made[key] = make()
+            except MetricUnavailable as err:
+                self._made[key] = err
+        made = self._made[key]
+        if isinstance(made, MetricUnavailable):
+            raise made
+        return made
+
+    def iqa(self, name: str) -> IQAMetric:
+        return self._once(name, lambda: iqa_metric(name, device=self.device, strict=self.strict))
+
+    def flow(self) -> FlowEstimator:
+        return self._once("flow", lambda: load_flow_estimator(self.flow_kind, self.device))
+
+    @property
+    def flow_name(self) -> str | None:
+        """The flow estimator's name, None if none was made."""
+        flow = self._made.get("flow")
+        return None if flow is None or isinstance(flow, MetricUnavailable) else flow.name
+
+    def flow_device(self, flow: FlowEstimator) -> str:
+        return str(self.device) if "raft" in flow.name.lower() else "cpu"
 
 
 @dataclass(frozen=True)
-class MetricInfo:
-    name: str  # as reported, e.g. "psnr", "ssim_y", "lpips", "ewarp"
+class MetricSpec:
+    """One metric's facts and its builder: build(spec, shared) -> ScoredMetric."""
+
+    name: str
     higher_is_better: bool
-    kind: str  # "full_reference" | "no_reference" | "temporal"
+    kind: str  # FR | NR | TEMPORAL
     level: str  # "frame" | "pair" | "clip": what one value covers
-    implementation: str  # code and convention, e.g. "dloral.bench.fullref: RGB, crop 0, uint8"
-    scale: float = 1.0  # values are multiplied by this (E*warp is reported x1e3, i.e. "x10^-3")
-    needs_gt: bool = True
+    needs_gt: bool
+    protocol: str  # what the value is, after whom
+    build: Callable[[MetricSpec, _Shared], ScoredMetric]
+    scale: float = 1.0  # values are printed multiplied by this
+
+    def info(self, implementation: str, **changes) -> MetricInfo:
+        """The MetricInfo of a value made by `implementation` (changes: e.g. needs_gt)."""
+        facts = ("name", "higher_is_better", "kind", "level", "scale", "needs_gt")
+        own = {fact: getattr(self, fact) for fact in facts}
+        return MetricInfo(implementation=implementation, **(own | changes))
 
 
-class MetricUnavailable(RuntimeError):
-    """A metric cannot run here (weights missing, optional package absent). The message names
-    the file, the folder it was looked for in and the env var that moves that folder."""
+# ---- full reference: BasicSR's PSNR/SSIM (dloral.bench.fullref) ---------------------------
+
+
+@dataclass(frozen=True)
+class FullRefMetric:
+    """A full-reference metric with its MetricInfo; call as metric(out, gt) -> (T,) float64."""
+
+    info: MetricInfo
+    crop_border: int
+    y_channel: bool
+    fn: Callable[..., torch.Tensor]
+
+    def __call__(self, out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        return self.fn(out, gt, crop_border=self.crop_border, y_channel=self.y_channel)
+
+
+def fullref_metric(name: str, crop_border: int = 0) -> FullRefMetric:
+    """`psnr`, `ssim` (RGB) or `psnr_y`, `ssim_y` (BT.601 Y), BasicSR convention, given crop."""
+    if name not in FULLREF_METRICS:
+        raise KeyError(
+            f"unknown full-reference metric {name!r}; known: {', '.join(FULLREF_METRICS)}"
+        )
+    if crop_border < 0:
+        raise ValueError(f"crop_border must be >= 0, got {crop_border}")
+    y_channel = name.endswith("_y")
+    channel = "Y (BT.601, 16-235)" if y_channel else "RGB"
+    info = METRICS[name].info(
+        f"dloral.bench.fullref (BasicSR): {channel}, uint8, crop {crop_border}, float64"
+    )
+    fn = fullref.psnr if name.startswith("psnr") else fullref.ssim
+    return FullRefMetric(info=info, crop_border=crop_border, y_channel=y_channel, fn=fn)
+
+
+def _fullref(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    metric = fullref_metric(spec.name, crop_border=shared.crop_border)
+    return ScoredMetric(metric.info, metric, "cpu")
+
+
+# ---- perceptual and no-reference: pyiqa (dloral.bench.iqa) ---------------------------------
+
+
+def _pyiqa(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    metric = shared.iqa(spec.name)
+    if metric.info != spec.info(metric.info.implementation):
+        raise ValueError(f"{spec.name}: pyiqa's metric {metric.info} disagrees with {spec}")
+    return ScoredMetric(metric.info, metric, str(shared.device))
+
+
+# ---- temporal (dloral.bench.temporal) -------------------------------------------------------
+
+
+def ewarp_info(
+    flow_name: str,
+    flow_on: str = "output",
+    in_frame_only: bool = True,
+    channels: str = "mean",
+    resize: float = 1.0,
+) -> MetricInfo:
+    """How an `ewarp` result was made (pass the same keywords and the estimator's name)."""
+    mask = "Lai fw-bw (0.01, 0.5) + motion-boundary (0.01, 0.002) mask"
+    return METRICS["ewarp"].info(
+        f"dloral.bench.temporal.ewarp: flow on {flow_on} by {flow_name}; {mask}"
+        + (", in-frame only" if in_frame_only else "")
+        + f"; squared RGB [0,1] error, {channels} over channels"
+        + (f", frames resized x{resize}" if resize != 1.0 else ""),
+        needs_gt=flow_on == "gt",
+    )
+
+
+def tof_info(flow_name: str) -> MetricInfo:
+    """How a `tof` result was made; flow_name is the estimator's `name`."""
+    return METRICS["tof"].info(
+        f"dloral.bench.temporal.tof: mean L2 flow difference in pixels, flow by {flow_name}"
+    )
+
+
+def tlp_info(lpips_name: str) -> MetricInfo:
+    """How a `tlp` result was made; lpips_name says which LPIPS (net, weights) ran."""
+    return METRICS["tlp"].info(
+        f"dloral.bench.temporal.tlp: |d(out pair) - d(gt pair)|, d = {lpips_name}"
+    )
+
+
+def _ewarp(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    flow = shared.flow()
+    return ScoredMetric(
+        ewarp_info(flow.name),
+        lambda out, gt: temporal.ewarp(out, flow=flow),
+        shared.flow_device(flow),
+    )
+
+
+def _tof(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    flow = shared.flow()
+    return ScoredMetric(
+        tof_info(flow.name),
+        lambda out, gt: temporal.tof(out, gt, flow=flow),
+        shared.flow_device(flow),
+    )
+
+
+def _tlp(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    try:
+        lpips = shared.iqa("lpips")
+    except MetricUnavailable as err:
+        raise MetricUnavailable(f"tlp needs LPIPS: {err}") from err
+    return ScoredMetric(
+        tlp_info(lpips.info.implementation),
+        lambda out, gt: temporal.tlp(out, gt, lpips=lpips),
+        str(shared.device),
+    )
+
+
+# ---- the table: name, higher_is_better, kind, level, needs_gt, protocol, builder, scale -----
+
+_BASICSR = "BasicSR calculate_{}: uint8, crop_border from [options], float64"
+METRICS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec("psnr", True, FR, "frame", True, _BASICSR.format("psnr") + ", RGB", _fullref),
+        MetricSpec("ssim", True, FR, "frame", True, _BASICSR.format("ssim") + ", RGB", _fullref),
+        MetricSpec("psnr_y", True, FR, "frame", True, _BASICSR.format("psnr") + ", Y", _fullref),
+        MetricSpec("ssim_y", True, FR, "frame", True, _BASICSR.format("ssim") + ", Y", _fullref),
+        MetricSpec("lpips", False, FR, "frame", True, "LPIPS v0.1 AlexNet (pyiqa)", _pyiqa),
+        MetricSpec("lpips_vgg", False, FR, "frame", True, "LPIPS v0.1 VGG16 (pyiqa)", _pyiqa),
+        MetricSpec("dists", False, FR, "frame", True, "DISTS (pyiqa)", _pyiqa),
+        MetricSpec("musiq", True, NR, "frame", False, "MUSIQ KonIQ-10k (pyiqa)", _pyiqa),
+        MetricSpec("clipiqa", True, NR, "frame", False, "CLIP-IQA RN50 (pyiqa)", _pyiqa),
+        MetricSpec("maniqa", True, NR, "frame", False, "MANIQA KonIQ-10k (pyiqa)", _pyiqa),
+        MetricSpec("niqe", False, NR, "frame", False, "NIQE (pyiqa)", _pyiqa),
+        MetricSpec("piqe", False, NR, "frame", False, "PIQE (pyiqa)", _pyiqa),
+        # pyiqa has no DOVER: always skipped, with the reason (dloral.bench.iqa.DOVER_MESSAGE)
+        MetricSpec("dover", True, NR, "clip", False, "DOVER video quality", _pyiqa),
+        MetricSpec("ewarp", False, TEMPORAL, "pair", False, "E*warp (Lai 2018)", _ewarp, 1000.0),
+        MetricSpec("tof", False, TEMPORAL, "pair", True, "tOF (TecoGAN), pixels", _tof),
+        MetricSpec("tlp", False, TEMPORAL, "pair", True, "tLP (TecoGAN)", _tlp, 100.0),
+    )
+}
+FULLREF_METRICS = tuple(name for name, spec in METRICS.items() if spec.build is _fullref)
+
+
+def build_metrics(
+    names: tuple[str, ...] | list[str],
+    device: torch.device,
+    *,
+    crop_border: int = 0,
+    flow: str = "auto",
+    strict: bool = False,
+) -> tuple[dict[str, ScoredMetric], list[dict], str | None]:
+    """Build each named metric once: ({name: ScoredMetric} in `names` order, skipped
+    [{metric, reason}], the flow estimator's name or None). `flow` is an estimator kind of
+    dloral.bench.flow; `crop_border` the pixels PSNR/SSIM drop on each side."""
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise KeyError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(METRICS)}")
+    shared = _Shared(device, crop_border, flow, strict)
+    # temporal metrics after the others (tlp reuses their LPIPS), in table order
+    order = [n for n in names if METRICS[n].kind != TEMPORAL]
+    order += [n for n, spec in METRICS.items() if n in names and spec.kind == TEMPORAL]
+    built: dict[str, ScoredMetric] = {}
+    skipped: list[dict] = []
+    for name in order:
+        spec = METRICS[name]
+        try:
+            built[name] = spec.build(spec, shared)
+        except MetricUnavailable as err:
+            if strict:
+                raise
+            log.warning("metric %s skipped: %s", name, err)
+            skipped.append({"metric": name, "reason": str(err)})
+    return {n: built[n] for n in names if n in built}, skipped, shared.flow_name

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from dloral.atomic import atomic_write
-from dloral.bench.registry import MetricInfo
+from dloral.bench.metric import MetricInfo
 
 COLUMNS = (
     "dataset",

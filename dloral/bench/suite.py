@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dloral.bench.methods import METHOD_FORMS, parse_method
+from dloral.bench.registry import METRICS
 from dloral.config import build, check_keys, find_named_toml, read_toml
 from dloral.data.readers import KINDS
 
@@ -27,15 +29,6 @@ BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SETS = ("embedded-udm10", "embedded-videolq")
 
-FULLREF = ("psnr", "ssim", "psnr_y", "ssim_y")
-IQA = ("lpips", "lpips_vgg", "dists", "musiq", "clipiqa", "maniqa", "niqe", "piqe", "dover")
-TEMPORAL = ("ewarp", "tof", "tlp")
-METRICS = FULLREF + IQA + TEMPORAL
-METHOD_FORMS = (
-    "bicubic",
-    "dloral:<checkpoint folder | model.pkl | tiny | mlflow:<run id or sweep trial id>>",
-    "folder:<label>=<path>",
-)
 FLOW_KINDS = ("auto", "raft", "dis", "farneback")
 
 LAYOUTS = {  # what a dataset root must hold, for error messages
@@ -138,8 +131,6 @@ def check_metrics(names: list[str] | tuple[str, ...], where: str = "suite") -> t
 
 
 def check_methods(names: list[str] | tuple[str, ...], where: str = "suite") -> tuple[str, ...]:
-    from dloral.bench.methods import parse_method
-
     if not names:
         raise SuiteError(f"{where}: no methods given; valid forms: {', '.join(METHOD_FORMS)}")
     hint = "Set it to a dloral checkpoint folder or the official model.pkl (or a peer's outputs)"

@@ -8,7 +8,8 @@ E*warp (Lai et al., ECCV 2018; phoenix104104/fast_blind_video_consistency `evalu
   check) or |grad fw_x|^2 + |grad fw_y|^2 > 0.01 |fw|^2 + 0.002 (motion boundary, forward
   differences); and, unless `in_frame_only=False`, where p + fw(p) leaves the frame;
   E_t = sum over valid pixels and RGB channels of (warped - O_t)^2 / (3 * valid pixels), frames
-  in [0, 1]. Clip value = mean over pairs; papers print it x1e3 (MetricInfo.scale).
+  in [0, 1]. Clip value = mean over pairs; papers print it x1e3 (MetricInfo.scale; the facts and
+  MetricInfo of each metric are in dloral.bench.registry).
 Choices and peers:
 - Lai estimates flow (FlowNet2) on the unprocessed input video, which has the output's size.
   E*warp is also reported on real-world sets without GT (VideoLQ), where flow can only come
@@ -38,19 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from dloral.bench.flow import FlowEstimator
-from dloral.bench.registry import MetricInfo, MetricUnavailable
+from dloral.bench.metric import MetricUnavailable
 from dloral.model.spynet import flow_coords, flow_warp
 
 __all__ = [
     "EWARP_VARIANTS",
     "clip_mean",
     "ewarp",
-    "ewarp_info",
     "flow_pairs",
     "tlp",
-    "tlp_info",
     "tof",
-    "tof_info",
     "valid_mask",
     "warp_errors",
 ]
@@ -192,53 +190,3 @@ def tlp(output: torch.Tensor, gt: torch.Tensor, *, lpips: LpipsFn | None = None)
 def clip_mean(values: torch.Tensor) -> float:
     """Clip value from per-pair values: mean over pairs, NaN pairs (nothing valid) left out."""
     return float(torch.nanmean(values.float()))
-
-
-def ewarp_info(
-    flow_name: str,
-    flow_on: str = "output",
-    in_frame_only: bool = True,
-    channels: str = "mean",
-    resize: float = 1.0,
-) -> MetricInfo:
-    """How an `ewarp` result was made (pass the same keywords and the estimator's name)."""
-    mask = "Lai fw-bw (0.01, 0.5) + motion-boundary (0.01, 0.002) mask"
-    return MetricInfo(
-        name="ewarp",
-        higher_is_better=False,
-        kind="temporal",
-        level="pair",
-        implementation=(
-            f"dloral.bench.temporal.ewarp: flow on {flow_on} by {flow_name}; {mask}"
-            + (", in-frame only" if in_frame_only else "")
-            + f"; squared RGB [0,1] error, {channels} over channels"
-            + (f", frames resized x{resize}" if resize != 1.0 else "")
-        ),
-        scale=1000.0,
-        needs_gt=flow_on == "gt",
-    )
-
-
-def tof_info(flow_name: str) -> MetricInfo:
-    """How a `tof` result was made; flow_name is the estimator's `name`."""
-    return MetricInfo(
-        name="tof",
-        higher_is_better=False,
-        kind="temporal",
-        level="pair",
-        implementation=(
-            f"dloral.bench.temporal.tof: mean L2 flow difference in pixels, flow by {flow_name}"
-        ),
-    )
-
-
-def tlp_info(lpips_name: str) -> MetricInfo:
-    """How a `tlp` result was made; lpips_name says which LPIPS (net, weights) ran."""
-    return MetricInfo(
-        name="tlp",
-        higher_is_better=False,
-        kind="temporal",
-        level="pair",
-        implementation=f"dloral.bench.temporal.tlp: |d(out pair) - d(gt pair)|, d = {lpips_name}",
-        scale=100.0,
-    )

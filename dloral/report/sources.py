@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from dloral.report.visuals import read_index
+from dloral.bench.visuals import read_index
 from dloral.trials import METRICS, SUMMARY_FILE, SWEEP_FILE, SweepSpec, SweepSummary
 
 BENCH_ROOT = Path("outputs") / "bench"

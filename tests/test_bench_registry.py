@@ -1,0 +1,81 @@
+"""The metric registry: one row per metric, infos that agree with it, shared parts built once."""
+
+import pytest
+import torch
+
+from dloral.bench import registry
+from dloral.bench.flow import DisFlow
+from dloral.bench.iqa import IQA_METRICS
+from dloral.bench.registry import (
+    FULLREF_METRICS,
+    METRICS,
+    MetricUnavailable,
+    build_metrics,
+    ewarp_info,
+    fullref_metric,
+    tlp_info,
+    tof_info,
+)
+
+FACTS = ("name", "higher_is_better", "kind", "level", "needs_gt", "scale")
+
+
+def facts(x):
+    return {f: getattr(x, f) for f in FACTS}
+
+
+def test_the_table_lists_every_suite_metric_in_order():
+    assert list(METRICS) == [
+        *("psnr", "ssim", "psnr_y", "ssim_y"),
+        *("lpips", "lpips_vgg", "dists", "musiq", "clipiqa", "maniqa", "niqe", "piqe", "dover"),
+        *("ewarp", "tof", "tlp"),
+    ]
+    assert FULLREF_METRICS == ("psnr", "ssim", "psnr_y", "ssim_y")
+    assert all(spec.name == name and spec.protocol for name, spec in METRICS.items())
+
+
+def test_metric_infos_carry_the_facts_of_their_row():
+    for name in FULLREF_METRICS:
+        assert facts(fullref_metric(name).info) == facts(METRICS[name])
+    assert facts(ewarp_info("dis")) == facts(METRICS["ewarp"])
+    assert facts(tof_info("dis")) == facts(METRICS["tof"])
+    assert facts(tlp_info("lpips")) == facts(METRICS["tlp"])
+    for name, spec in METRICS.items():  # pyiqa's table (checked against pyiqa) agrees
+        if name in IQA_METRICS:
+            assert IQA_METRICS[name].higher_is_better == spec.higher_is_better, name
+            assert IQA_METRICS[name].kind == spec.kind, name
+
+
+def test_flow_and_lpips_are_built_once_and_their_failures_skip_each_user(monkeypatch):
+    calls = []
+
+    def no_lpips(name, device, strict):
+        calls.append(name)
+        raise MetricUnavailable(f"{name}: weights missing")
+
+    def flow(kind, device):
+        calls.append(f"flow:{kind}")
+        return DisFlow()
+
+    monkeypatch.setattr(registry, "iqa_metric", no_lpips)
+    monkeypatch.setattr(registry, "load_flow_estimator", flow)
+    names = ("tlp", "tof", "lpips", "ewarp", "psnr")
+    built, skipped, flow_name = build_metrics(names, torch.device("cpu"), flow="dis")
+    assert list(built) == ["tof", "ewarp", "psnr"] and flow_name == DisFlow().name
+    assert calls == ["lpips", "flow:dis"]
+    assert skipped == [
+        {"metric": "lpips", "reason": "lpips: weights missing"},
+        {"metric": "tlp", "reason": "tlp needs LPIPS: lpips: weights missing"},
+    ]
+    assert {n: s.device for n, s in built.items()} == {"tof": "cpu", "ewarp": "cpu", "psnr": "cpu"}
+    with pytest.raises(MetricUnavailable, match="lpips: weights missing"):
+        build_metrics(names, torch.device("cpu"), strict=True)
+    with pytest.raises(KeyError, match="sharpness"):
+        build_metrics(("psnr", "sharpness"), torch.device("cpu"))
+
+
+def test_a_pyiqa_metric_is_built_with_the_facts_of_its_row():
+    built, skipped, flow_name = build_metrics(("piqe", "dover"), torch.device("cpu"))
+    assert list(built) == ["piqe"] and built["piqe"].device == "cpu" and flow_name is None
+    assert facts(built["piqe"].info) == facts(METRICS["piqe"])
+    assert [s["metric"] for s in skipped] == ["dover"] and "DOVER" in skipped[0]["reason"]
