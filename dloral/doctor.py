@@ -120,7 +120,7 @@ def versions() -> dict[str, str]:
 
 def settings() -> dict[str, str]:
     from dloral.data.embedded import DEFAULT_DIR_ENV, default_dir
-    from dloral.train.tracking import tracking_uri
+    from dloral.tracking import tracking_uri
 
     address = os.environ.get("RAY_ADDRESS")
     return {

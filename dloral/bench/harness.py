@@ -34,6 +34,7 @@ from dloral.data.readers import Clip, Dataset, read_dataset
 from dloral.devices import resolve_device
 from dloral.doctor import git_state
 from dloral.report.visuals import VisualRecorder
+from dloral.tracking import end_run, experiment_id, log_metrics, log_params, mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -239,47 +240,31 @@ class _Tracking:
     """One MLflow run per benchmark run in experiment dloral-bench."""
 
     def __init__(self, enabled: bool):
-        self.client = self.run_id = None
-        if enabled:
-            from mlflow.tracking import MlflowClient
-
-            from dloral.train.tracking import tracking_uri
-
-            self.client = MlflowClient(tracking_uri())
+        self.client = mlflow_client() if enabled else None
+        self.run_id = None
 
     def start(self, name: str, params: dict[str, str]) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Param
-
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
+        exp_id = experiment_id(self.client, EXPERIMENT)
         self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
-        self.client.log_batch(
-            self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
-        )
+        log_params(self.client, self.run_id, params)
 
     def finish(self, agg: pd.DataFrame, files: list[Path], status: str, reason: str) -> None:
         if self.run_id is None:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
         metrics = [
-            Metric(f"{r.dataset}/{r.method}/{r.metric}", float(r.value), now, 0)
+            (f"{r.dataset}/{r.method}/{r.metric}", float(r.value), 0)
             for r in agg.itertuples()
             if pd.notna(r.value) and abs(float(r.value)) != float("inf")
         ]
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + 500])
+        log_metrics(self.client, self.run_id, metrics)
         for path in files:
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
             elif path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), path.name)
-        if reason:
-            self.client.set_tag(self.run_id, "dloral.status_reason", reason[:5000])
-        self.client.set_terminated(self.run_id, status=status)
+        end_run(self.client, self.run_id, status, reason)
 
 
 def aggregate_table(df: pd.DataFrame, infos: dict[str, MetricInfo]) -> pd.DataFrame:
