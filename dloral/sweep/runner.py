@@ -155,7 +155,7 @@ def _resolve_data(exp: Experiment) -> None:
 
 def _preflight(exp: Experiment) -> None:
     """Fail in a second, not after every trial's retries: weights a trial requires must exist."""
-    from dloral.train.losses import WeightsMissing, locate_vgg16
+    from dloral.weights import WeightsMissing, locate_vgg16
 
     cfg = exp.train_config({})
     searched = {d.key for d in exp.dims}
