@@ -25,14 +25,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dloral import provenance
 from dloral.atomic import atomic_write, atomic_write_json
-from dloral.bench import results
+from dloral.bench import results, survey
 from dloral.bench.methods import ClipJob, MethodOutput, build_method, output_hash
 from dloral.bench.registry import MetricInfo, MetricUnavailable
 from dloral.bench.suite import FULLREF, IQA, Suite, check_methods, check_metrics
 from dloral.data.readers import Clip, Dataset, read_dataset
 from dloral.devices import resolve_device
-from dloral.doctor import git_state
 from dloral.report.visuals import VisualRecorder
 from dloral.tracking import end_run, experiment_id, log_metrics, log_params, mlflow_client
 
@@ -181,17 +181,6 @@ class _Cache:
         df = pd.concat([f for f in self.frames if len(f)] or [results.table([])])
         df = df[df["kind"] != "latency"].drop_duplicates(self.KEY + ["frame"], keep="last")
         results.write_parquet(df, self.path)
-
-
-def _doctor_facts() -> dict:
-    from dloral import doctor
-
-    facts = doctor.collect()
-    return {
-        "versions": facts["versions"],
-        "machine": facts["device"],
-        "weights": facts["weights"],
-    }
 
 
 def _embedded_manifest(name: str, root: Path) -> dict:
@@ -396,8 +385,10 @@ def run_bench(
         "seed": suite.options.seed,
         "datasets": {s.name: {"kind": s.kind, "root": s.root, **m} for s, _, _, m in datasets},
         # the same facts as `dloral-exp doctor`: versions, device, every weight found or missing
-        **_doctor_facts(),
-        **git_state(),
+        "versions": provenance.versions(),
+        "machine": provenance.device(),
+        "weights": survey.weights(),
+        **provenance.git_state(),
         "command": sys.argv,
         "force": force,
         "status": "running",

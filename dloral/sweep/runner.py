@@ -552,9 +552,13 @@ def _close_all(tracker: Tracking | None, parent, rows: list[TrialRow]) -> None:
 
 def _provenance() -> dict[str, Any]:
     """The driver's versions, device and git state (what a report of this sweep cites)."""
-    from dloral import doctor
+    from dloral import provenance
 
-    return {"versions": doctor.versions(), "machine": doctor.device(), **doctor.git_state()}
+    return {
+        "versions": provenance.versions(),
+        "machine": provenance.device(),
+        **provenance.git_state(),
+    }
 
 
 # ----- best per arm and their evaluation -------------------------------------------------
