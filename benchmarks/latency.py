@@ -109,7 +109,7 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    from dloral.doctor import git_state, versions
+    from dloral.provenance import git_state, versions
 
     return {
         "device": str(device),

@@ -215,9 +215,10 @@ def train(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from dloral.tracking import tracking_uri
     from dloral.train.recipe import TrainingDiverged
     from dloral.train.recipe import train as run_training
-    from dloral.train.tracking import MlflowTracker, NullTracker, tracking_uri
+    from dloral.train.tracking import MlflowTracker, NullTracker
 
     tracker = MlflowTracker(cfg.run.mlflow_experiment) if tracking else NullTracker()
     columns = (
@@ -344,7 +345,7 @@ def sweep(
     counts = {}
     for t in result.trials:
         counts[t.status] = counts.get(t.status, 0) + 1
-    from dloral.train.tracking import tracking_uri
+    from dloral.tracking import tracking_uri
 
     where = f"; MLflow parent run {result.parent_run_id} at {tracking_uri()}" if tracking else ""
     console.print(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from dloral.bench.metric import MetricUnavailable
 from dloral.data.frames import to_uint8
 from dloral.devices import resolve_device
-from dloral.weights import find_weights
+from dloral.weights import WeightsMissing, find_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ __all__ = [
     "RAFT_ENV",
     "RAFT_FILE",
     "RaftFlow",
+    "RaftWeightsMissing",
     "load_flow_estimator",
     "locate_raft_weights",
 ]
@@ -45,6 +46,10 @@ __all__ = [
 # torchvision's Raft_Large_Weights.DEFAULT (C_T_SKHT_V2): the file torch.hub would cache.
 RAFT_FILE = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
 RAFT_ENV = "DLORAL_RAFT_WEIGHTS"
+
+
+class RaftWeightsMissing(MetricUnavailable, WeightsMissing):
+    """RAFT-large weights are not here: the flow metrics cannot use RAFT (a MetricUnavailable)."""
 
 
 class FlowEstimator(Protocol):
@@ -138,7 +143,7 @@ def locate_raft_weights(weights: str | os.PathLike | None = None) -> Path:
     )
     if found is not None:
         return found
-    raise MetricUnavailable(
+    raise RaftWeightsMissing(
         f"RAFT-large weights ({RAFT_FILE}) for flow-based metrics not found. Looked in:\n  - "
         + "\n  - ".join(looked)
         + f"\nThis machine cannot download them. Copy {RAFT_FILE} from a connected machine's "

@@ -25,8 +25,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dloral import provenance
 from dloral.atomic import atomic_write, atomic_write_json
-from dloral.bench import registry, results
+from dloral.bench import registry, results, survey
 from dloral.bench.methods import ClipJob, MethodOutput, build_method, output_hash
 from dloral.bench.metric import MetricInfo
 from dloral.bench.registry import ScoredMetric
@@ -34,7 +35,7 @@ from dloral.bench.suite import Suite, check_methods, check_metrics
 from dloral.bench.visuals import VisualRecorder
 from dloral.data.readers import Clip, Dataset, read_dataset
 from dloral.devices import resolve_device
-from dloral.doctor import git_state
+from dloral.tracking import end_run, experiment_id, log_metrics, log_params, mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,6 @@ class _Cache:
         results.write_parquet(df, self.path)
 
 
-def _doctor_facts() -> dict:
-    from dloral import doctor
-
-    facts = doctor.collect()
-    return {
-        "versions": facts["versions"],
-        "machine": facts["device"],
-        "weights": facts["weights"],
-    }
-
-
 def _embedded_manifest(name: str, root: Path) -> dict:
     path = root.parent / "manifest.json"
     if not path.is_file():
@@ -171,47 +161,31 @@ class _Tracking:
     """One MLflow run per benchmark run in experiment dloral-bench."""
 
     def __init__(self, enabled: bool):
-        self.client = self.run_id = None
-        if enabled:
-            from mlflow.tracking import MlflowClient
-
-            from dloral.train.tracking import tracking_uri
-
-            self.client = MlflowClient(tracking_uri())
+        self.client = mlflow_client() if enabled else None
+        self.run_id = None
 
     def start(self, name: str, params: dict[str, str]) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Param
-
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
+        exp_id = experiment_id(self.client, EXPERIMENT)
         self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
-        self.client.log_batch(
-            self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
-        )
+        log_params(self.client, self.run_id, params)
 
     def finish(self, agg: pd.DataFrame, files: list[Path], status: str, reason: str) -> None:
         if self.run_id is None:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
         metrics = [
-            Metric(f"{r.dataset}/{r.method}/{r.metric}", float(r.value), now, 0)
+            (f"{r.dataset}/{r.method}/{r.metric}", float(r.value), 0)
             for r in agg.itertuples()
             if pd.notna(r.value) and abs(float(r.value)) != float("inf")
         ]
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + 500])
+        log_metrics(self.client, self.run_id, metrics)
         for path in files:
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
             elif path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), path.name)
-        if reason:
-            self.client.set_tag(self.run_id, "dloral.status_reason", reason[:5000])
-        self.client.set_terminated(self.run_id, status=status)
+        end_run(self.client, self.run_id, status, reason)
 
 
 def aggregate_table(df: pd.DataFrame, infos: dict[str, MetricInfo]) -> pd.DataFrame:
@@ -343,8 +317,10 @@ def run_bench(
         "seed": suite.options.seed,
         "datasets": {s.name: {"kind": s.kind, "root": s.root, **m} for s, _, _, m in datasets},
         # the same facts as `dloral-exp doctor`: versions, device, every weight found or missing
-        **_doctor_facts(),
-        **git_state(),
+        "versions": provenance.versions(),
+        "machine": provenance.device(),
+        "weights": survey.weights(),
+        **provenance.git_state(),
         "command": sys.argv,
         "force": force,
         "status": "running",

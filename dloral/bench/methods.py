@@ -164,12 +164,9 @@ class Bicubic(_Timed):
 def mlflow_checkpoint(ref: str, dst: str | os.PathLike | None = None) -> Path:
     """The checkpoint a training run or sweep trial logged to MLflow ($MLFLOW_TRACKING_URI):
     `ref` is a run id or a Tune trial id (tag dloral.trial_id); downloaded to `dst`."""
-    from mlflow.tracking import MlflowClient
+    from dloral.tracking import TRIAL_TAG, mlflow_client, tracking_uri
 
-    from dloral.sweep.trial import TRIAL_TAG
-    from dloral.train.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri())
+    client = mlflow_client()
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = (
         client.search_runs(experiments, filter_string=f"attributes.run_id = '{ref}'", max_results=1)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dloral.weights import WeightsMissing
+
 log = logging.getLogger(__name__)
 
 SD21_REPO = "stabilityai/stable-diffusion-2-1-base"
@@ -96,7 +98,7 @@ TINY_TEXT = {
 }
 
 
-class BackboneNotFound(FileNotFoundError):
+class BackboneNotFound(WeightsMissing):
     """Weights for a profile are not on this machine; the message says where to put them."""
 
 

@@ -127,13 +127,15 @@ def load_checkpoint(
     for name in ("consistency", "detail"):
         model_cfg[name] = {**model_cfg[name], "targets": meta["lora_targets"][name]}
     model = DLoRAL(DLoRALConfig.from_dict(model_cfg))
-    report = _load_into(model, load_file(weights), str(weights))
+    report = load_into(model, load_file(weights), str(weights))
     if strict and not report.clean:
         raise CheckpointError(report.summary())
     return model, report
 
 
-def _load_into(model: DLoRAL, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+def load_into(model: DLoRAL, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """Load a trained state (unet LoRA and CFR tensors) into `model`; what was missing or
+    unexpected is in the report, a shape mismatch raises CheckpointError."""
     expected = _trained_state(model)
     report = LoadReport(source)
     report.missing = sorted(set(expected) - set(state))

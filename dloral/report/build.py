@@ -733,7 +733,7 @@ def build_report(
     quality: str | None = None,
 ) -> Report:
     """Write out/index.html, out/report.md and out/images/*.png; return the Report."""
-    from dloral import doctor
+    from dloral import provenance
 
     if not benches and not sweeps:
         raise ValueError("a report needs at least one benchmark run or sweep")
@@ -743,11 +743,11 @@ def build_report(
     for old in b.images.glob("*.png"):  # a rebuilt report shows only what it was made from
         old.unlink()
     made = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    git = doctor.git_state()
+    git = provenance.git_state()
     b.add(
         Para(
             f"Made {made} by `{' '.join(['dloral-exp', *sys.argv[1:]])}` with dloral "
-            f"{doctor.versions().get('dloral')} at commit {_git_line(git)}. Sources: "
+            f"{provenance.versions().get('dloral')} at commit {_git_line(git)}. Sources: "
             + "; ".join(f"`{x.origin}`" for x in [*benches, *sweeps])
             + "."
         )

@@ -191,9 +191,9 @@ def _history(sweep: SweepRun) -> tuple[pd.DataFrame | None, str]:
     if not uri or not ids:
         return None, "no MLflow runs recorded for this sweep (tracking was off)"
     try:
-        from mlflow.tracking import MlflowClient
+        from dloral.tracking import mlflow_client
 
-        client = MlflowClient(uri)
+        client = mlflow_client(uri)
         rows = []
         pairs = zip(sweep.trials["trial_id"], sweep.trials["mlflow_run_id"], strict=True)
         for trial_id, run_id in pairs:
@@ -213,12 +213,11 @@ def _history(sweep: SweepRun) -> tuple[pd.DataFrame | None, str]:
 def _download(run_id: str, experiment: str) -> tuple[Path, str]:
     """A run's artifacts into a temporary folder (removed at exit): (folder, origin)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from dloral.train.tracking import tracking_uri
+    from dloral.tracking import mlflow_client, tracking_uri
 
     uri = tracking_uri()
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as err:

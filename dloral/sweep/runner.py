@@ -23,7 +23,19 @@ from typing import Any
 
 from dloral.sweep.metrics import EVAL_COLUMNS, METRICS
 from dloral.sweep.spec import Experiment, SweepError, experiment_from_spec
-from dloral.sweep.trial import SWEEP_TAG, TRIAL_TAG
+from dloral.tracking import (
+    PARENT_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    close_if_running,
+    end_run,
+    experiment_id,
+    flatten,
+    log_metrics,
+    log_params,
+    mlflow_client,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +155,7 @@ def _resolve_data(exp: Experiment) -> None:
 
 def _preflight(exp: Experiment) -> None:
     """Fail in a second, not after every trial's retries: weights a trial requires must exist."""
-    from dloral.train.losses import WeightsMissing, locate_vgg16
+    from dloral.weights import WeightsMissing, locate_vgg16
 
     cfg = exp.train_config({})
     searched = {d.key for d in exp.dims}
@@ -185,19 +197,10 @@ class Tracking:
     """The sweep's parent MLflow run and the clean-up of its trials' runs."""
 
     def __init__(self, uri: str, experiment: str):
-        from mlflow.tracking import MlflowClient
-
-        self.uri, self.client = uri, MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment)
-        )
+        self.uri, self.client = uri, mlflow_client(uri)
+        self.experiment_id = experiment_id(self.client, experiment)
 
     def start_parent(self, exp: Experiment, sweep_id: str, sweep_dir: str) -> str:
-        from mlflow.entities import Param
-
-        from dloral.train.tracking import flatten
-
         run = self.client.create_run(
             self.experiment_id,
             run_name=sweep_id,
@@ -217,44 +220,33 @@ class Tracking:
             if not k.startswith("space")
         }
         params |= {f"base.{k}": v for k, v in flatten(exp.train_config({}).to_dict()).items()}
-        batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(batch), 100):
-            self.client.log_batch(run.info.run_id, params=batch[i : i + 100])
+        log_params(self.client, run.info.run_id, params)
         return run.info.run_id
 
     def trial_runs(self, parent: str) -> dict[str, Any]:
         runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+            [self.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent}'"
         )
         return {r.data.tags.get(TRIAL_TAG, r.info.run_id): r for r in runs}
 
     def record_failed(self, parent: str, trial_id: str, values: dict, reason: str) -> None:
         """A trial that failed before its recipe opened a run still gets one, FAILED, with
         its values and the reason, so the sweep's tree in MLflow lists every trial."""
-        from mlflow.entities import Param
-
         from dloral.sweep.trial import trial_run_name
 
         sweep_id = self.client.get_run(parent).data.tags.get(SWEEP_TAG, "")
         run = self.client.create_run(
             self.experiment_id,
             run_name=trial_run_name(trial_id, values),
-            tags={"mlflow.parentRunId": parent, TRIAL_TAG: trial_id, SWEEP_TAG: sweep_id},
+            tags={PARENT_TAG: parent, TRIAL_TAG: trial_id, SWEEP_TAG: sweep_id},
         )
-        params = [Param(k, str(v)[:6000]) for k, v in values.items()]
-        if params:
-            self.client.log_batch(run.info.run_id, params=params)
-        self.client.set_tag(run.info.run_id, "dloral.status_reason", reason[:5000])
-        self.client.set_terminated(run.info.run_id, status="FAILED")
+        log_params(self.client, run.info.run_id, values)
+        end_run(self.client, run.info.run_id, "FAILED", reason)
 
     def close(self, run, status: str, reason: str | None = None) -> None:
         """End a run that is still RUNNING (a trial stopped by ASHA or killed never ends its
         own run); runs that already ended keep their status."""
-        if run.info.status != "RUNNING":
-            return
-        if reason:
-            self.client.set_tag(run.info.run_id, "dloral.status_reason", reason[:5000])
-        self.client.set_terminated(run.info.run_id, status=status)
+        close_if_running(self.client, run, status, reason)
 
 
 def _trial_callback(spec: dict[str, Any], max_steps: int):
@@ -342,8 +334,6 @@ def run_sweep(
     """Run a sweep (or resume one: resume=True for the latest of this experiment, or a folder).
     Returns the trials, the best per arm and their evaluation."""
     t_start = time.perf_counter()
-    from dloral.train.tracking import tracking_uri
-
     if resume:
         sweep_dir = resume if isinstance(resume, str) else find_sweep_dir(exp)
         saved = _read_text(_join(sweep_dir, SWEEP_FILE))
@@ -562,9 +552,13 @@ def _close_all(tracker: Tracking | None, parent, rows: list[TrialRow]) -> None:
 
 def _provenance() -> dict[str, Any]:
     """The driver's versions, device and git state (what a report of this sweep cites)."""
-    from dloral import doctor
+    from dloral import provenance
 
-    return {"versions": doctor.versions(), "machine": doctor.device(), **doctor.git_state()}
+    return {
+        "versions": provenance.versions(),
+        "machine": provenance.device(),
+        **provenance.git_state(),
+    }
 
 
 # ----- best per arm and their evaluation -------------------------------------------------
@@ -658,9 +652,6 @@ def _log_summary(tracker: Tracking, parent: str, result: SweepResult, exp: Exper
     """Best-trial summary on the parent run: metrics per arm, tags, the table as artifacts."""
     import re
 
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
     metrics = []
     for item in result.best:
         if item["rank"] != 1:
@@ -668,16 +659,15 @@ def _log_summary(tracker: Tracking, parent: str, result: SweepResult, exp: Exper
         label = re.sub(r"[^0-9A-Za-z_\-. /]", "_", item["arm"].replace(", ", "/"))
         row: TrialRow = item["trial"]
         for k, v in row.metrics.items():
-            metrics.append(Metric(f"best/{label}/{k}", v, now, row.step))
+            metrics.append((f"best/{label}/{k}", v, row.step))
         for k, v in item["eval"].items():
             if isinstance(v, int | float) and math.isfinite(v):
-                metrics.append(Metric(f"eval/{label}/{k}", float(v), now, 0))
+                metrics.append((f"eval/{label}/{k}", float(v), 0))
     counts: dict[str, int] = {}
     for r in result.trials:
         counts[r.status] = counts.get(r.status, 0) + 1
-    metrics += [Metric(f"trials/{k}", float(v), now, 0) for k, v in counts.items()]
-    for i in range(0, len(metrics), 500):
-        tracker.client.log_batch(parent, metrics=metrics[i : i + 500])
+    metrics += [(f"trials/{k}", float(v), 0) for k, v in counts.items()]
+    log_metrics(tracker.client, parent, metrics)
     done = [r for r in result.trials if exp.sweep.metric in r.metrics]
     if done:
         sign = 1 if exp.sweep.mode == "max" else -1
@@ -686,7 +676,7 @@ def _log_summary(tracker: Tracking, parent: str, result: SweepResult, exp: Exper
         tracker.client.set_tag(parent, "dloral.best_values", json.dumps(top.values))
     tracker.client.log_text(parent, evaluation_markdown(result.best, exp), "evaluation.md")
     tracker.client.log_dict(parent, _summary(result), "summary.json")
-    tracker.client.set_terminated(parent, "FINISHED")
+    end_run(tracker.client, parent, "FINISHED")
 
 
 def evaluation_markdown(best: list[dict[str, Any]], exp: Experiment) -> str:

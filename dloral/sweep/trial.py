@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-TRIAL_TAG = "dloral.trial_id"
-SWEEP_TAG = "dloral.sweep"
+from dloral.tracking import SWEEP_TAG, TRIAL_TAG
 
 
 def trial_run_name(trial_id: str, values: dict[str, Any]) -> str:
@@ -67,9 +66,9 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
     tracker = None
     if spec.get("tracking_uri"):
-        from mlflow.tracking import MlflowClient
+        from dloral.tracking import mlflow_client
 
-        client = MlflowClient(spec["tracking_uri"])
+        client = mlflow_client(spec["tracking_uri"])
         earlier = find_trial_run(client, spec["experiment_id"], spec["parent_run_id"], trial_id)
         tracker = MlflowTracker(
             exp.sweep.mlflow_experiment,

@@ -20,14 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dloral.model.spynet import flow_coords, flow_warp
-from dloral.weights import find_weights
+from dloral.weights import VGG16_ENV, VGG16_FILE, WeightsMissing, locate_vgg16
 
 log = logging.getLogger(__name__)
 
@@ -241,41 +240,9 @@ class CSDLoss(nn.Module):
 # LPIPS (VGG) without network access
 # ---------------------------------------------------------------------------------------------
 
-VGG16_FILE = "vgg16-397923af.pth"
-VGG16_ENV = "DLORAL_VGG16_WEIGHTS"
 # lpips.pretrained_networks.vgg16 splits torchvision's vgg16.features at these indices (end
 # exclusive; the last max-pool, index 30, is not used) and keeps the original indices as names.
 _VGG16_SLICE_ENDS = (4, 9, 16, 23, 30)
-
-
-class WeightsMissing(FileNotFoundError):
-    """Pretrained weights are not on this machine; the message says where to put them."""
-
-
-def _hub_vgg16_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-
-
-def locate_vgg16(vgg_weights: str | os.PathLike | None = None) -> Path:
-    """ImageNet VGG16 weights: explicit path (file or folder), $DLORAL_VGG16_WEIGHTS, torch hub."""
-    found, looked = find_weights(
-        VGG16_FILE,
-        (
-            (vgg_weights, "vgg_weights argument"),
-            (os.environ.get(VGG16_ENV), f"${VGG16_ENV}"),
-            (_hub_vgg16_path(), "torch hub cache, torch.hub.get_dir()/checkpoints"),
-        ),
-    )
-    if found is not None:
-        return found
-    raise WeightsMissing(
-        f"VGG16 ImageNet weights ({VGG16_FILE}) for LPIPS not found. Looked in:\n  - "
-        + "\n  - ".join(looked)
-        + f"\nThis machine cannot download them. Copy {VGG16_FILE} from a connected machine's "
-        f'~/.cache/torch/hub/checkpoints/ (created by `python -c "import torchvision; '
-        f'torchvision.models.vgg16(weights="IMAGENET1K_V1")"`) into {_hub_vgg16_path().parent}, '
-        f"or set {VGG16_ENV}=/path/to/{VGG16_FILE}."
-    )
 
 
 def vgg16_features_to_lpips(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -192,9 +192,9 @@ def install_checkpoint(folder: str | os.PathLike, run_dir: str | os.PathLike) ->
 def _load_state(folder: Path, model, optimizer, scheduler) -> int:
     from safetensors.torch import load_file
 
-    from dloral.model.checkpoint import _load_into
+    from dloral.model.checkpoint import load_into
 
-    report = _load_into(model, load_file(folder / "dloral.safetensors"), str(folder))
+    report = load_into(model, load_file(folder / "dloral.safetensors"), str(folder))
     if not report.clean:
         raise RuntimeError(f"cannot resume from {folder}: {report.summary()}")
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,0 +1,74 @@
+"""Where a number came from: package versions, the machine, and the git state of this checkout.
+
+Benchmarks, sweeps, reports and `dloral-exp doctor` record these same facts.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+PACKAGES = (
+    "dloral",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "peft",
+    "transformers",
+    "ray",
+    "mlflow",
+    "pyiqa",
+    "opencv-python-headless",
+    "pandas",
+    "numpy",
+    "lpips",
+)
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    import cv2
+
+    out["cv2"] = cv2.__version__  # the OpenCV build that computes DIS flow
+    return out
+
+
+def device() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def git_state() -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differ from it (numbers from
+    uncommitted code say so); "unknown" outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=here
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": "unknown"}
+    return {"git_commit": commit, "git_dirty": dirty}
