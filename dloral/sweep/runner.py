@@ -17,11 +17,10 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dloral.sweep.metrics import EVAL_COLUMNS, METRICS
 from dloral.sweep.spec import Experiment, SweepError, experiment_from_spec
 from dloral.tracking import (
     PARENT_TAG,
@@ -36,34 +35,25 @@ from dloral.tracking import (
     mlflow_client,
     tracking_uri,
 )
+from dloral.train.config import TrainConfig
+from dloral.trials import (
+    EVAL_COLUMNS,
+    METRICS,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    ArmBest,
+    SweepSpec,
+    SweepSummary,
+    TrialRow,
+)
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep.json"
-SUMMARY_FILE = "summary.json"
-
-
 @dataclass
-class TrialRow:
-    trial_id: str
-    values: dict[str, Any]
-    status: str  # finished | stopped (early, by ASHA) | failed | unfinished
-    step: int
-    metrics: dict[str, float]
-    checkpoint: str | None
-    mlflow_run_id: str | None
-    error: str | None = None
-    train_time_s: float = 0.0
+class SweepResult(SweepSummary):
+    """summary.json's record plus the parent MLflow run of the sweep."""
 
-
-@dataclass
-class SweepResult:
-    sweep_dir: str
-    status: str  # finished | interrupted | failed
-    trials: list[TrialRow] = field(default_factory=list)
-    best: list[dict[str, Any]] = field(default_factory=list)  # per arm: trial, metric, eval
     parent_run_id: str | None = None
-    wall_s: float = 0.0
 
 
 # ----- storage (a local folder or any pyarrow filesystem URI) --------------------------------
@@ -141,11 +131,10 @@ def _absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
-def _resolve_data(exp: Experiment) -> None:
+def _resolve_data(exp: Experiment, cfg: TrainConfig) -> None:
     """Prepare the embedded sets once, here (trials would race), and pin absolute roots."""
     from dloral.data.embedded import prepare_embedded
 
-    cfg = exp.train_config({})
     data = exp.base.setdefault("data", {})
     if not cfg.data.train_root or not cfg.data.val_root:
         prepare_embedded(cfg.data.train_path().parent)
@@ -153,11 +142,10 @@ def _resolve_data(exp: Experiment) -> None:
     data["val_root"] = str(cfg.data.val_path().resolve())
 
 
-def _preflight(exp: Experiment) -> None:
+def _preflight(exp: Experiment, cfg: TrainConfig) -> None:
     """Fail in a second, not after every trial's retries: weights a trial requires must exist."""
     from dloral.weights import WeightsMissing, locate_vgg16
 
-    cfg = exp.train_config({})
     searched = {d.key for d in exp.dims}
     may_use_lpips = cfg.loss.weights.lpips > 0 or "loss.weights.lpips" in searched
     if cfg.loss.lpips == "required" and may_use_lpips and "loss.lpips" not in searched:
@@ -200,7 +188,9 @@ class Tracking:
         self.uri, self.client = uri, mlflow_client(uri)
         self.experiment_id = experiment_id(self.client, experiment)
 
-    def start_parent(self, exp: Experiment, sweep_id: str, sweep_dir: str) -> str:
+    def start_parent(
+        self, exp: Experiment, base: TrainConfig, sweep_id: str, sweep_dir: str
+    ) -> str:
         run = self.client.create_run(
             self.experiment_id,
             run_name=sweep_id,
@@ -219,7 +209,7 @@ class Tracking:
             for k, v in flatten(exp.to_dict()["sweep"]).items()
             if not k.startswith("space")
         }
-        params |= {f"base.{k}": v for k, v in flatten(exp.train_config({}).to_dict()).items()}
+        params |= {f"base.{k}": v for k, v in flatten(base.to_dict()).items()}
         log_params(self.client, run.info.run_id, params)
         return run.info.run_id
 
@@ -249,7 +239,7 @@ class Tracking:
         close_if_running(self.client, run, status, reason)
 
 
-def _trial_callback(spec: dict[str, Any], max_steps: int):
+def _trial_callback(spec: SweepSpec, max_steps: int):
     from ray.tune import Callback
 
     class TrialEvents(Callback):
@@ -260,7 +250,7 @@ def _trial_callback(spec: dict[str, Any], max_steps: int):
             log.info("trial %s started: %s", trial.trial_id, _values(trial.config, spec))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            metric = spec["metric"]
+            metric = spec.metric
             if metric in result:
                 log.info(
                     "trial %s step %d: %s=%.4f",
@@ -288,21 +278,21 @@ def _trial_callback(spec: dict[str, Any], max_steps: int):
             self._close(trial, "FAILED", reason)
 
         def _close(self, trial, status: str, reason: str | None) -> None:
-            if not spec.get("tracking_uri"):
+            if not spec.tracking_uri:
                 return
-            tracking = Tracking(spec["tracking_uri"], spec["mlflow_experiment"])
-            run = tracking.trial_runs(spec["parent_run_id"]).get(trial.trial_id)
+            tracking = Tracking(spec.tracking_uri, spec.mlflow_experiment)
+            run = tracking.trial_runs(spec.parent_run_id).get(trial.trial_id)
             if run is not None:
                 tracking.close(run, status, reason)
             elif status == "FAILED":
                 values = _values(trial.config, spec)
-                tracking.record_failed(spec["parent_run_id"], trial.trial_id, values, reason)
+                tracking.record_failed(spec.parent_run_id, trial.trial_id, values, reason)
 
     return TrialEvents()
 
 
-def _values(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: config[k] for k in spec["keys"] if k in config}
+def _values(config: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
+    return {k: config[k] for k in spec.keys if k in config}
 
 
 def _error_text(trial) -> str:
@@ -329,7 +319,7 @@ def run_sweep(
     tracking: bool = True,
     evaluate: bool = True,
     verbose: bool = False,
-    on_table: Callable[[list[dict[str, Any]], Experiment], None] | None = None,
+    on_table: Callable[[list[ArmBest], Experiment], None] | None = None,
 ) -> SweepResult:
     """Run a sweep (or resume one: resume=True for the latest of this experiment, or a folder).
     Returns the trials, the best per arm and their evaluation."""
@@ -339,53 +329,52 @@ def run_sweep(
         saved = _read_text(_join(sweep_dir, SWEEP_FILE))
         if saved is None:
             raise SweepError(f"{sweep_dir}: no {SWEEP_FILE}, not a dloral sweep folder")
-        spec = json.loads(saved)
+        spec = SweepSpec.from_dict(json.loads(saved), _join(sweep_dir, SWEEP_FILE))
         exp = experiment_from_spec(spec)
+        base = exp.train_config({})
     else:
         storage = _storage(exp)
         sweep_id = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         sweep_dir = _join(storage, sweep_id)
         if _read_text(_join(sweep_dir, SWEEP_FILE)) is not None:
             raise SweepError(f"{sweep_dir} already exists; resume it with --resume")
+        given = exp.train_config({})
         if not (address or os.environ.get("RAY_ADDRESS")):
-            _preflight(exp)  # on a cluster the weights live on the workers, not the driver
-        _resolve_data(exp)
-        spec = {
-            "path": str(exp.path),
-            "sweep": exp.to_dict()["sweep"],
-            "base": exp.base,
-            "keys": [d.key for d in exp.dims],
-            "dims": [[d.key, d.kind, d.args] for d in exp.dims],
-            "sweep_id": sweep_id,
-            "sweep_dir": sweep_dir,
-            "threads": max(1, math.floor(exp.sweep.resources.cpu)),
-            "metric": exp.sweep.metric,
-            "mlflow_experiment": exp.sweep.mlflow_experiment,
-            "tracking_uri": _absolute_tracking_uri(tracking_uri()) if tracking else None,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "status": "running",
-            "provenance": _provenance(),
-        }
-        if tracking:
-            t = Tracking(spec["tracking_uri"], exp.sweep.mlflow_experiment)
-            spec["experiment_id"] = t.experiment_id
-            spec["parent_run_id"] = t.start_parent(exp, sweep_id, sweep_dir)
-        _write_text(_join(sweep_dir, SWEEP_FILE), json.dumps(spec, indent=2))
+            _preflight(exp, given)  # on a cluster the weights live on the workers, not the driver
+        _resolve_data(exp, given)
+        base = exp.train_config({})  # with the data roots pinned: what every trial starts from
+        spec = SweepSpec(
+            path=str(exp.path),
+            sweep=exp.to_dict()["sweep"],
+            base=exp.base,
+            keys=[d.key for d in exp.dims],
+            dims=[[d.key, d.kind, d.args] for d in exp.dims],
+            sweep_id=sweep_id,
+            sweep_dir=sweep_dir,
+            threads=max(1, math.floor(exp.sweep.resources.cpu)),
+            metric=exp.sweep.metric,
+            mlflow_experiment=exp.sweep.mlflow_experiment,
+            tracking_uri=_absolute_tracking_uri(tracking_uri()) if tracking else None,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            status="running",
+            provenance=_provenance(),
+        )
+        if spec.tracking_uri:
+            t = Tracking(spec.tracking_uri, exp.sweep.mlflow_experiment)
+            spec.experiment_id = t.experiment_id
+            spec.parent_run_id = t.start_parent(exp, base, sweep_id, sweep_dir)
+        _write_spec(spec)
 
-    tracker = (
-        Tracking(spec["tracking_uri"], spec["mlflow_experiment"])
-        if spec.get("tracking_uri")
-        else None
-    )
-    parent = spec.get("parent_run_id")
+    tracker = Tracking(spec.tracking_uri, spec.mlflow_experiment) if spec.tracking_uri else None
+    parent = spec.parent_run_id
     if tracker and resume:
         tracker.client.update_run(parent, status="RUNNING")
 
     started_here = start_ray(address, verbose)
     result = SweepResult(sweep_dir, "failed", parent_run_id=parent)
     try:
-        grid = _fit(exp, spec, sweep_dir, bool(resume), max_concurrent)
-        result.trials = _rows(grid, spec, exp)
+        grid = _fit(exp, spec, base, bool(resume), max_concurrent)
+        result.trials = _rows(grid, spec, base.run.max_steps)
         # Tune turns Ctrl-C into a saved, resumable state and returns: trials left unfinished,
         # or fewer trials than the space holds, mean the driver was stopped.
         unfinished = any(t.status == "unfinished" for t in result.trials)
@@ -399,7 +388,7 @@ def run_sweep(
         if on_table:
             on_table(result.best, exp)
         if tracker:
-            tracker.client.log_dict(parent, spec, SWEEP_FILE)
+            tracker.client.log_dict(parent, spec.to_dict(), SWEEP_FILE)
             _log_summary(tracker, parent, result, exp)
     except KeyboardInterrupt:
         result.status = "interrupted"
@@ -414,10 +403,11 @@ def run_sweep(
         raise
     finally:
         result.wall_s = time.perf_counter() - t_start
-        spec["status"] = result.status
-        _write_text(_join(sweep_dir, SWEEP_FILE), json.dumps(spec, indent=2))
+        spec.status = result.status
+        _write_spec(spec)
         if result.trials:  # also when interrupted: which trials are done, which will resume
-            _write_text(_join(sweep_dir, SUMMARY_FILE), json.dumps(_summary(result), indent=2))
+            text = json.dumps(result.to_dict(), indent=2)
+            _write_text(_join(sweep_dir, SUMMARY_FILE), text)
         if started_here:
             import ray
 
@@ -425,7 +415,11 @@ def run_sweep(
     return result
 
 
-def _fit(exp: Experiment, spec: dict[str, Any], sweep_dir: str, resume: bool, max_concurrent):
+def _write_spec(spec: SweepSpec) -> None:
+    _write_text(_join(spec.sweep_dir, SWEEP_FILE), json.dumps(spec.to_dict(), indent=2))
+
+
+def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_concurrent):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -436,6 +430,7 @@ def _fit(exp: Experiment, spec: dict[str, Any], sweep_dir: str, resume: bool, ma
         tune.with_parameters(run_trial, spec=spec),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
     )
+    sweep_dir = spec.sweep_dir
     if resume:
         if not tune.Tuner.can_restore(sweep_dir):
             raise SweepError(f"{sweep_dir}: Tune has no experiment state to resume")
@@ -443,7 +438,7 @@ def _fit(exp: Experiment, spec: dict[str, Any], sweep_dir: str, resume: bool, ma
             sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False
         )
         return tuner.fit()
-    max_steps = exp.train_config({}).run.max_steps
+    max_steps = base.run.max_steps
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="step",
@@ -478,12 +473,14 @@ def _fit(exp: Experiment, spec: dict[str, Any], sweep_dir: str, resume: bool, ma
     return tuner.fit()
 
 
-def _rows(grid, spec: dict[str, Any], exp: Experiment) -> list[TrialRow]:
+def _rows(grid, spec: SweepSpec, max_steps: int) -> list[TrialRow]:
+    from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
 
-    max_steps = exp.train_config({}).run.max_steps
-    analysis = getattr(grid, "_experiment_analysis", None)  # Tune's own trial states
-    states = {t.trial_id: t.status for t in getattr(analysis, "trials", [])}
+    # Tune's own trial states, as saved in the experiment folder (a trial the driver left
+    # unfinished is not TERMINATED there)
+    analysis = ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
+    states = {t.trial_id: t.status for t in analysis.trials}
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -568,7 +565,7 @@ def arm_label(values: dict[str, Any], arms: list[str]) -> str:
     return ", ".join(f"{k.rsplit('.', 1)[-1]}={values.get(k)}" for k in arms)
 
 
-def best_per_arm(rows: list[TrialRow], exp: Experiment) -> list[dict[str, Any]]:
+def best_per_arm(rows: list[TrialRow], exp: Experiment) -> list[ArmBest]:
     """The top `evaluate.top` trials of each arm by the sweep metric, preferring trials that
     ran to the end (a trial stopped early is compared at an earlier step)."""
     metric, sign = exp.sweep.metric, 1 if exp.sweep.mode == "max" else -1
@@ -576,16 +573,16 @@ def best_per_arm(rows: list[TrialRow], exp: Experiment) -> list[dict[str, Any]]:
     for row in rows:
         if row.status in ("finished", "stopped") and metric in row.metrics:
             arms.setdefault(arm_label(row.values, exp.arms), []).append(row)
-    best = []
+    best: list[ArmBest] = []
     for label, members in sorted(arms.items()):
         members.sort(key=lambda r: (r.status == "finished", sign * r.metrics[metric]), reverse=True)
         for rank, row in enumerate(members[: exp.sweep.evaluate.top], 1):
-            best.append({"arm": label, "rank": rank, "trial": row, "eval": {}})
+            best.append(ArmBest(arm=label, rank=rank, trial=row, eval={}))
     return best
 
 
 def evaluate_best(
-    best: list[dict[str, Any]], exp: Experiment, spec: dict[str, Any], in_process: bool = False
+    best: list[ArmBest], exp: Experiment, spec: SweepSpec, in_process: bool = False
 ) -> None:
     """Score each best trial's last checkpoint on the validation set (more clips and frames
     than the in-training validation): as Ray tasks with the trials' resources on a cluster, or
@@ -601,7 +598,7 @@ def evaluate_best(
         task = ray.remote(num_cpus=s.resources.cpu, num_gpus=s.resources.gpu)(score_checkpoint)
     refs = []
     for item in best:
-        row: TrialRow = item["trial"]
+        row = item["trial"]
         if row.checkpoint is None:
             item["eval"] = {"error": "no checkpoint"}
             refs.append(None)
@@ -613,7 +610,7 @@ def evaluate_best(
                 cfg,
                 s.evaluate.clips,
                 s.evaluate.frames,
-                0 if in_process else spec["threads"],
+                0 if in_process else spec.threads,
             )
         )
     for item, ref in zip(best, refs, strict=True):
@@ -635,19 +632,6 @@ class _Local:
         return lambda: self.fn(*args)
 
 
-def _summary(result: SweepResult) -> dict[str, Any]:
-    def row(r: TrialRow) -> dict[str, Any]:
-        return r.__dict__.copy()
-
-    return {
-        "sweep_dir": result.sweep_dir,
-        "status": result.status,
-        "wall_s": result.wall_s,
-        "trials": [row(r) for r in result.trials],
-        "best": [{**b, "trial": row(b["trial"])} for b in result.best],
-    }
-
-
 def _log_summary(tracker: Tracking, parent: str, result: SweepResult, exp: Experiment) -> None:
     """Best-trial summary on the parent run: metrics per arm, tags, the table as artifacts."""
     import re
@@ -657,7 +641,7 @@ def _log_summary(tracker: Tracking, parent: str, result: SweepResult, exp: Exper
         if item["rank"] != 1:
             continue
         label = re.sub(r"[^0-9A-Za-z_\-. /]", "_", item["arm"].replace(", ", "/"))
-        row: TrialRow = item["trial"]
+        row = item["trial"]
         for k, v in row.metrics.items():
             metrics.append((f"best/{label}/{k}", v, row.step))
         for k, v in item["eval"].items():
@@ -675,18 +659,17 @@ def _log_summary(tracker: Tracking, parent: str, result: SweepResult, exp: Exper
         tracker.client.set_tag(parent, "dloral.best_trial", top.trial_id)
         tracker.client.set_tag(parent, "dloral.best_values", json.dumps(top.values))
     tracker.client.log_text(parent, evaluation_markdown(result.best, exp), "evaluation.md")
-    tracker.client.log_dict(parent, _summary(result), "summary.json")
+    tracker.client.log_dict(parent, result.to_dict(), SUMMARY_FILE)
     end_run(tracker.client, parent, "FINISHED")
 
 
-def evaluation_markdown(best: list[dict[str, Any]], exp: Experiment) -> str:
+def evaluation_markdown(best: list[ArmBest], exp: Experiment) -> str:
     """The evaluation table as Markdown (what the parent run and the summary show)."""
     metric = exp.sweep.metric
     head = ["arm", "rank", "trial", "status", "step", metric, *EVAL_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for item in best:
-        row: TrialRow = item["trial"]
-        ev = item["eval"]
+        row, ev = item["trial"], item["eval"]
         cells = [
             item["arm"],
             str(item["rank"]),

@@ -28,7 +28,7 @@ from dloral.config import (
     set_key,
 )
 from dloral.train.config import DEFAULT_CONFIG, SECTIONS, TrainConfig
-from dloral.trials import METRICS
+from dloral.trials import METRICS, SweepSpec
 
 EXPERIMENTS_DIR = DEFAULT_CONFIG.parent
 GRID_KINDS = ("grid",)
@@ -161,11 +161,11 @@ class Experiment:
         }
 
 
-def experiment_from_spec(spec: dict[str, Any]) -> Experiment:
+def experiment_from_spec(spec: SweepSpec) -> Experiment:
     """The Experiment a driver saved in sweep.json (what trials and --resume run)."""
-    sweep = build(SweepConfig, copy.deepcopy(spec["sweep"]), "sweep")
-    dims = [Dimension(k, kind, args) for k, kind, args in spec["dims"]]
-    return Experiment(Path(spec["path"]), sweep, spec["base"], dims)
+    sweep = build(SweepConfig, copy.deepcopy(spec.sweep), "sweep")
+    dims = [Dimension(k, kind, args) for k, kind, args in spec.dims]
+    return Experiment(Path(spec.path), sweep, spec.base, dims)
 
 
 def available_experiments() -> list[str]:

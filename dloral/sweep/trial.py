@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dloral.tracking import SWEEP_TAG, TRIAL_TAG
+from dloral.trials import SweepSpec
 
 
 def trial_run_name(trial_id: str, values: dict[str, Any]) -> str:
@@ -37,7 +38,7 @@ def find_trial_run(client, experiment_id: str, parent_run_id: str, trial_id: str
     return runs[0].info.run_id if runs else None
 
 
-def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     """Tune function trainable. `config`: the trial's searched values by dotted key; `spec`:
     what the driver resolved (experiment, tracking URI, parent run, threads)."""
     import torch
@@ -50,11 +51,11 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     exp = experiment_from_spec(spec)
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    values = {k: config[k] for k in spec["keys"]}
+    values = {k: config[k] for k in spec.keys}
     cfg = exp.train_config(values)
     cfg.run.name = trial_run_name(trial_id, values)
     cfg.run.mlflow_experiment = exp.sweep.mlflow_experiment
-    torch.set_num_threads(max(1, int(spec["threads"])))
+    torch.set_num_threads(max(1, int(spec.threads)))
 
     # scratch on this node (checkpoints are copied to the sweep storage when reported)
     run_dir = Path(context.get_trial_dir()) / "run"
@@ -65,17 +66,17 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
             start = install_checkpoint(folder, run_dir)
 
     tracker = None
-    if spec.get("tracking_uri"):
+    if spec.tracking_uri:
         from dloral.tracking import mlflow_client
 
-        client = mlflow_client(spec["tracking_uri"])
-        earlier = find_trial_run(client, spec["experiment_id"], spec["parent_run_id"], trial_id)
+        client = mlflow_client(spec.tracking_uri)
+        earlier = find_trial_run(client, spec.experiment_id, spec.parent_run_id, trial_id)
         tracker = MlflowTracker(
             exp.sweep.mlflow_experiment,
-            spec["tracking_uri"],
-            parent_run_id=spec["parent_run_id"],
+            spec.tracking_uri,
+            parent_run_id=spec.parent_run_id,
             tags={
-                SWEEP_TAG: spec["sweep_id"],
+                SWEEP_TAG: spec.sweep_id,
                 "dloral.family": exp.sweep.family,
                 TRIAL_TAG: trial_id,
                 "dloral.stage_schedule": _schedule_tag(cfg),
