@@ -163,12 +163,7 @@ class SweepSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> SweepSpec:
         names = {f.name for f in dataclasses.fields(cls)}
-        required = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise RecordError(f"{where}: missing {', '.join(missing)}; not a dloral sweep.json")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as err:  # a field without a default is missing
+            raise RecordError(f"{where}: {err}; not a dloral sweep.json") from err

