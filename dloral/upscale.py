@@ -132,10 +132,11 @@ def _build(job: UpscaleJob):
     """The merged model and its pipeline; errors the user can fix become UpscaleError."""
     from dloral.devices import resolve_device, resolve_dtype
     from dloral.model import checkpoint as ckpt
-    from dloral.model.backbone import BackboneNotFound
     from dloral.model.dloral import DLoRAL, DLoRALConfig
     from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
     from dloral.model.prompts import PromptSource, load_tagger
+    from dloral.model.requirements import missing_weights, require_weights
+    from dloral.weights import WeightsMissing, tagger_spec
 
     notes = []
     try:
@@ -157,19 +158,36 @@ def _build(job: UpscaleJob):
         if job.sd21_path is not None:
             overrides["sd21_path"] = str(job.sd21_path)
         if job.checkpoint is not None:
+            cfg = ckpt.checkpoint_config(job.checkpoint, overrides)
+        else:
+            cfg = DLoRALConfig.from_dict(
+                {"seed": job.seed, **overrides, "cfr": {"variant": job.cfr}}
+            )
+        tagger = tagger_spec(job.tagger) if job.prompt_source == "tagger" else job.tagger
+        # Every missing weight in one error, before any model is built.
+        require_weights(
+            missing_weights(
+                cfg,
+                spynet_from_checkpoint=job.checkpoint is not None,
+                tagger=job.prompt_source == "tagger",
+                tagger_spec=tagger,
+            )
+        )
+        if job.checkpoint is not None:
             model, report = ckpt.load_checkpoint(job.checkpoint, overrides=overrides, strict=False)
             if not report.clean or report.ignored:
                 notes.append(f"checkpoint: {report.summary()}")
         else:
-            cfg = {"seed": job.seed, **overrides, "cfr": {"variant": job.cfr}}
-            model = DLoRAL(DLoRALConfig.from_dict(cfg))
-        tag = load_tagger(job.tagger, device) if job.tagger else None
+            model = DLoRAL(cfg)
+        tag = load_tagger(tagger, device) if tagger else None
         prompts = PromptSource(job.prompt_source, job.prompt, tag)
-    except (BackboneNotFound, ckpt.CheckpointError, ValueError, KeyError) as err:
+    except (WeightsMissing, ckpt.CheckpointError, ValueError, KeyError) as err:
         raise UpscaleError(str(err)) from err
     if model.weights == "random-init" and job.checkpoint is None:
         notes.append(
             "note: untrained random-init model: outputs are for testing and benchmarks only"
         )
+    if model.spynet_weights == "random-init" and model.weights != "random-init":
+        notes.append("note: SPyNet is random-init: CFR aligns frames with an untrained flow net")
     model.merge_lora()
     return VideoUpscaler(model, device, dtype, options, prompts), model, device, dtype, notes

@@ -10,6 +10,7 @@ from dloral.model.backbone import (
     build_backbone,
     locate_sd21,
 )
+from dloral.model.cfr import CFRConfig
 from dloral.model.dloral import DLoRAL, DLoRALConfig
 
 
@@ -84,7 +85,10 @@ def _write_sd21_folder(folder):
 def test_sd21_loads_from_local_folder_and_from_hf_cache(tmp_path, monkeypatch):
     folder = tmp_path / "sd21"
     bb = _write_sd21_folder(folder)
-    model = DLoRAL(DLoRALConfig(profile="sd21", sd21_path=str(folder)))
+    # SPyNet random here: this test is about the backbone (tests/test_spynet_weights.py loads it)
+    model = DLoRAL(
+        DLoRALConfig(profile="sd21", sd21_path=str(folder), cfr=CFRConfig(spynet="random"))
+    )
     assert model.weights == str(folder)
     ref = bb.unet.state_dict()["down_blocks.0.resnets.0.conv1.weight"]
     got = model.unet.state_dict()["down_blocks.0.resnets.0.conv1.base_layer.weight"]

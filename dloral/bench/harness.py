@@ -28,7 +28,7 @@ import torch
 from dloral import provenance
 from dloral.atomic import atomic_write, atomic_write_json
 from dloral.bench import registry, results, survey
-from dloral.bench.methods import ClipJob, MethodOutput, build_method, output_hash
+from dloral.bench.methods import ClipJob, MethodOutput, build_method, check_weights, output_hash
 from dloral.bench.metric import MetricInfo
 from dloral.bench.registry import ScoredMetric
 from dloral.bench.suite import Suite, check_methods, check_metrics
@@ -296,13 +296,14 @@ def run_bench(
     method_specs = check_methods(methods or list(suite.methods), "--method")
     metric_names = check_metrics(metrics or list(suite.metrics), "--metrics")
     dev = resolve_device(device or suite.options.device)
+    runners = [build_method(s, device=str(dev), options=suite.options) for s in method_specs]
+    check_weights(runners)  # every missing weight of every method at once, nothing built yet
     out = Path(out_dir) if out_dir is not None else Path("outputs") / "bench" / suite.name
     out.mkdir(parents=True, exist_ok=True)
     datasets = _open_datasets(suite)
     total = sum(len(clips) for _, _, clips, _ in datasets)
     scorers, skipped, flow_name = build_metrics(metric_names, dev, suite, strict)
     infos = {n: s.info for n, s in scorers.items()}
-    runners = [build_method(s, device=str(dev), options=suite.options) for s in method_specs]
     cache = _Cache(out / "cache.parquet", use=not force)
     recorder = VisualRecorder(out / "visuals") if visuals else None
     res = BenchResult(out, results.table([]), aggregate_table(results.table([]), {}), skipped)

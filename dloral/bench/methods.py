@@ -215,6 +215,24 @@ class DLoRALMethod(_Timed):
         self._model = None
         self._upscalers: dict[int, object] = {}
 
+    def missing_weights(self) -> list:
+        """The weight files this method's model needs and this machine lacks, found without
+        building it (an `mlflow:` checkpoint is checked when it is downloaded and loaded)."""
+        from dloral.model.checkpoint import CheckpointError, checkpoint_config
+        from dloral.model.dloral import DLoRALConfig
+        from dloral.model.requirements import missing_weights
+
+        if self.source == "tiny":
+            return missing_weights(DLoRALConfig(profile="tiny", seed=self.seed))
+        path = Path(self.source)
+        if self.source.startswith("mlflow:") or not path.exists():
+            return []  # _load names what is wrong
+        try:
+            cfg = checkpoint_config(path)
+        except CheckpointError:
+            return []  # _load reports it with the keys
+        return missing_weights(cfg, spynet_from_checkpoint=True)
+
     def _load(self):
         if self._model is None:
             from dloral.model.dloral import DLoRAL, DLoRALConfig
@@ -256,6 +274,7 @@ class DLoRALMethod(_Timed):
             "kind": "dloral",
             "source": self.source,
             "weights": model.weights,
+            "spynet": model.spynet_weights,  # "random-init" or where SPyNet's weights came from
             "model": model.describe(),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -271,6 +290,23 @@ class DLoRALMethod(_Timed):
     def _pass(self, names: tuple[str, ...], lq: torch.Tensor, scale: int) -> torch.Tensor:
         upscaler = self._upscaler(scale)
         return torch.stack([f for _, f in upscaler.upscale(zip(names, lq, strict=True))])
+
+
+def check_weights(methods: list) -> None:
+    """One MethodError naming every weight file the DLoRAL methods need and this machine lacks,
+    before any model is built."""
+    from dloral.model.requirements import MissingWeights, require_weights
+
+    missing = [
+        m
+        for method in methods
+        if isinstance(method, DLoRALMethod)
+        for m in method.missing_weights()
+    ]
+    try:
+        require_weights(missing)
+    except MissingWeights as err:
+        raise MethodError(str(err)) from err
 
 
 class FolderMethod:

@@ -33,11 +33,30 @@ def weights() -> list[dict[str, Any]]:
     from dloral.bench.flow import RAFT_ENV, locate_raft_weights
     from dloral.bench.iqa import IQA_METRICS, weights_status
     from dloral.model.backbone import SD21_ENV, locate_sd21
-    from dloral.weights import VGG16_ENV, locate_vgg16
+    from dloral.weights import (
+        SPYNET_ENV,
+        TAGGER_ENV,
+        VGG16_ENV,
+        locate_spynet,
+        locate_tagger,
+        locate_vgg16,
+    )
 
     out = [
         _weight("SD 2.1-base", "profile sd21 (upscale, train, bench)", SD21_ENV, locate_sd21),
+        _weight(
+            "SPyNet (BasicVSR)",
+            "CFR flow, model.cfr.spynet (sd21 default; tiny runs random-init)",
+            SPYNET_ENV,
+            locate_spynet,
+        ),
         _weight("VGG16 (LPIPS loss)", "training loss.lpips", VGG16_ENV, locate_vgg16),
+        _weight(
+            "tagger module",
+            "tagger prompts (upscale --tagger, loss.prompt_source = tagger)",
+            TAGGER_ENV,
+            locate_tagger,
+        ),
         _weight("RAFT-large", "E*warp / tOF flow (else OpenCV DIS)", RAFT_ENV, locate_raft_weights),
         _weight(
             "official DLoRAL model.pkl",

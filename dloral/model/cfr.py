@@ -18,6 +18,12 @@ Variants for ablations: `full` (the above), `no_gate` (softmax attention over th
 no learned threshold, every match contributes), `off` (no CFR: the pipeline feeds the current
 latent alone; this module is never called).
 
+SPyNet's weights (`spynet`): `pretrained` loads BasicVSR's `spynet_20210409-c6c1bd09.pth`, as
+the reference does (found by dloral.weights.locate_spynet: `spynet_path`, $DLORAL_SPYNET_WEIGHTS,
+the torch hub cache); `random` keeps the seeded random init (recorded as `spynet: random-init`);
+`auto` (default) is `pretrained` for sd21 with real weights and `random` for tiny and sd21
+random_init. SPyNet is frozen in every stage.
+
 Memory is bounded: similarities are computed for blocks of query positions, never the full
 (HW x HW x heads) matrix at once.
 """
@@ -34,6 +40,7 @@ from torch import nn
 from dloral.model.spynet import SPyNet, flow_warp
 
 CFR_VARIANTS = ("full", "no_gate", "off")
+SPYNET_SOURCES = ("auto", "pretrained", "random")
 
 
 @dataclass
@@ -45,10 +52,14 @@ class CFRConfig:
     temperature: float = 3000.0
     latent_channels: int = 4
     max_block_elems: int = 2**23  # similarity entries computed at once (memory bound)
+    spynet: str = "auto"  # pretrained | random | auto (pretrained for sd21 with real weights)
+    spynet_path: str | None = None  # the SPyNet file or its folder; else $DLORAL_SPYNET_WEIGHTS
 
     def __post_init__(self):
         if self.variant not in CFR_VARIANTS:
             raise ValueError(f"cfr.variant must be one of {CFR_VARIANTS}; got {self.variant!r}")
+        if self.spynet not in SPYNET_SOURCES:
+            raise ValueError(f"cfr.spynet must be one of {SPYNET_SOURCES}; got {self.spynet!r}")
         if self.topk is not None and self.topk < 1:
             raise ValueError(f"cfr.topk must be a positive integer or None; got {self.topk}")
 

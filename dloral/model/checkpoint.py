@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from dloral.atomic import atomic_write
 from dloral.model.dloral import DLoRAL, DLoRALConfig
 from dloral.model.lora import LoRAConfig
+from dloral.model.spynet import spynet_state
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def save_checkpoint(model: DLoRAL, folder: str | os.PathLike, extra: dict | None
         "model": model.cfg.to_dict(),
         "lora_targets": model.lora_targets,
         "backbone_weights": model.weights,
+        "spynet_weights": model.spynet_weights,
+        "spynet_sha256": model.spynet_sha256,
         **(extra or {}),
     }
     atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
@@ -104,15 +107,11 @@ def _resolve(path: Path) -> tuple[Path, Path]:
     return path, path.with_name(CONFIG_FILE)
 
 
-def load_checkpoint(
-    path: str | os.PathLike, overrides: dict | None = None, strict: bool = True
-) -> tuple[DLoRAL, LoadReport]:
-    """Build the model a checkpoint describes and load it. `overrides` patch the stored config
-    (e.g. {"sd21_path": ...}); strict=True raises on any missing or unexpected key."""
-    path = Path(path)
-    if path.suffix in (".pkl", ".pt", ".pth"):
-        overrides = dict(overrides or {})
-        return import_official(path, overrides.pop("profile", "sd21"), overrides, strict)
+def _is_official(path: Path) -> bool:
+    return path.suffix in (".pkl", ".pt", ".pth")
+
+
+def _read_meta(path: Path) -> tuple[Path, dict]:
     weights, config = _resolve(path)
     for f in (weights, config):
         if not f.is_file():
@@ -123,11 +122,44 @@ def load_checkpoint(
     meta = json.loads(config.read_text())
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{config}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return weights, meta
+
+
+def _stored_config(meta: dict, overrides: dict | None) -> DLoRALConfig:
     model_cfg = {**meta["model"], **(overrides or {})}
     for name in ("consistency", "detail"):
         model_cfg[name] = {**model_cfg[name], "targets": meta["lora_targets"][name]}
-    model = DLoRAL(DLoRALConfig.from_dict(model_cfg))
+    return DLoRALConfig.from_dict(model_cfg)
+
+
+def checkpoint_config(path: str | os.PathLike, overrides: dict | None = None) -> DLoRALConfig:
+    """The model config `load_checkpoint(path, overrides)` would build, read without loading
+    any weights (to check which weight files that model needs before building it)."""
+    path = Path(path)
+    if _is_official(path):
+        overrides = dict(overrides or {})
+        return DLoRALConfig.from_dict({**overrides, "profile": overrides.get("profile", "sd21")})
+    return _stored_config(_read_meta(path)[1], overrides)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, overrides: dict | None = None, strict: bool = True
+) -> tuple[DLoRAL, LoadReport]:
+    """Build the model a checkpoint describes and load it. `overrides` patch the stored config
+    (e.g. {"sd21_path": ...}); strict=True raises on any missing or unexpected key. SPyNet
+    comes from the checkpoint (no SPyNet file is needed)."""
+    path = Path(path)
+    if _is_official(path):
+        overrides = dict(overrides or {})
+        return import_official(path, overrides.pop("profile", "sd21"), overrides, strict)
+    weights, meta = _read_meta(path)
+    model = DLoRAL(_stored_config(meta, overrides), load_spynet=False)
     report = load_into(model, load_file(weights), str(weights))
+    if any(k.startswith("cfr.spynet.basic_module.") for k in report.missing):
+        model.spynet_weights = "random-init"  # not in the file: the init stays
+    else:
+        model.spynet_weights = meta.get("spynet_weights") or f"unrecorded (from {weights})"
+        model.spynet_sha256 = meta.get("spynet_sha256")
     if strict and not report.clean:
         raise CheckpointError(report.summary())
     return model, report
@@ -194,7 +226,7 @@ def import_official(
         lora_cfgs[ours] = LoRAConfig(rank=int(sd[f"lora_rank_unet_{theirs}"]), targets=targets)
     cfg = DLoRALConfig.from_dict({**(overrides or {}), "profile": profile})
     cfg.consistency, cfg.detail = lora_cfgs["consistency"], lora_cfgs["detail"]
-    model = DLoRAL(cfg)
+    model = DLoRAL(cfg, load_spynet=False)  # the file holds the SPyNet the release used
 
     report = LoadReport(
         str(path),
@@ -213,18 +245,25 @@ def import_official(
         {k: v for k, v in unet_state.items() if k in model_unet}, strict=False
     )
 
-    cfr_state, model_cfr = {}, model.cfr.state_dict()
+    cfr_state, model_cfr, spynet = {}, model.cfr.state_dict(), {}
     for key, tensor in sd["state_dict_bpp"].items():
         if key.startswith(OFFICIAL_UNUSED_CFR):
             report.ignored.append(f"state_dict_bpp.{key}")
+        elif key.startswith("spynet."):
+            spynet[key.removeprefix("spynet.")] = tensor
         elif key.startswith(OFFICIAL_USED_CFR) and key in model_cfr:
             cfr_state[key] = tensor
         else:
             report.unexpected.append(f"state_dict_bpp.{key}")
+    mapped, unmapped = spynet_state(spynet)  # the mapping a BasicVSR SPyNet file goes through
+    cfr_state.update({f"spynet.{k}": v for k, v in mapped.items()})
+    report.unexpected += [f"state_dict_bpp.spynet.{k}" for k in unmapped]
     report.missing += [f"cfr.{k}" for k in model_cfr if k not in cfr_state]
     _check_shapes(path, cfr_state, model_cfr)
     model.cfr.load_state_dict(cfr_state, strict=False)
     model.weights = f"{model.weights} + official DLoRAL {path}"
+    spynet_missing = any(k.startswith("cfr.spynet.basic_module.") for k in report.missing)
+    model.spynet_weights = "random-init" if spynet_missing else f"official DLoRAL {path}"
     if report.missing or report.unexpected:
         log.warning(report.summary())
     if strict and not report.clean:

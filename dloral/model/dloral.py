@@ -24,6 +24,8 @@ from dloral.model import lora
 from dloral.model.backbone import PROFILES, Backbone, build_backbone
 from dloral.model.cfr import CFRConfig, CrossFrameRetrieval
 from dloral.model.lora import ADAPTERS, LoRAConfig
+from dloral.model.spynet import load_spynet_file
+from dloral.weights import SPYNET_FILE, locate_spynet, sha256
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,13 @@ class DLoRALConfig:
             raise ValueError(f"profile must be one of {PROFILES}; got {self.profile!r}")
         if self.random_init and self.profile != "sd21":
             raise ValueError("random_init is for the sd21 profile (tiny is always random-init)")
+
+    def pretrained_spynet(self) -> bool:
+        """Whether SPyNet loads BasicVSR's weights (`cfr.spynet`; `auto`: for sd21 with real
+        weights, not for tiny or sd21 random_init)."""
+        if self.cfr.spynet == "auto":
+            return self.profile == "sd21" and not self.random_init
+        return self.cfr.spynet == "pretrained"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,9 +85,21 @@ def widen_conv_in(unet: nn.Module, frames: int = 2) -> None:
 class DLoRAL(nn.Module):
     """UNet (+C-LoRA, D-LoRA), frozen VAE and text encoder, and the CFR module."""
 
-    def __init__(self, cfg: DLoRALConfig | None = None, backbone: Backbone | None = None):
+    def __init__(
+        self,
+        cfg: DLoRALConfig | None = None,
+        backbone: Backbone | None = None,
+        *,
+        load_spynet: bool = True,
+    ):
+        """load_spynet=False leaves SPyNet at its random init whatever `cfg.cfr.spynet` says:
+        for loaders of a checkpoint that holds SPyNet (they set `spynet_weights` themselves)."""
         super().__init__()
         self.cfg = cfg = cfg or DLoRALConfig()
+        # Found before the backbone is built: a missing file fails fast.
+        spynet_file = (
+            locate_spynet(cfg.cfr.spynet_path) if load_spynet and cfg.pretrained_spynet() else None
+        )
         bb = backbone or build_backbone(cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed)
         self.profile, self.weights = bb.profile, bb.weights
         self.tokenizer = bb.tokenizer
@@ -89,6 +110,20 @@ class DLoRAL(nn.Module):
                 bb.unet, {"consistency": cfg.consistency, "detail": cfg.detail}
             )
             self.cfr = CrossFrameRetrieval(cfg.cfr)
+        # Where SPyNet's weights came from: "random-init", or a file (and its sha256).
+        self.spynet_weights, self.spynet_sha256 = "random-init", None
+        if spynet_file is not None:
+            load_spynet_file(self.cfr.spynet, spynet_file)
+            self.spynet_weights, self.spynet_sha256 = str(spynet_file), sha256(spynet_file)
+            published = SPYNET_FILE.rsplit("-", 1)[1].removesuffix(".pth")  # sha256 prefix
+            if spynet_file.name == SPYNET_FILE and not self.spynet_sha256.startswith(published):
+                log.warning(
+                    "SPyNet %s: sha256 %s is not the published file's (%s...)",
+                    spynet_file,
+                    self.spynet_sha256,
+                    published,
+                )
+            log.info("SPyNet: %s", spynet_file)
         self.unet, self.vae, self.text_encoder = bb.unet, bb.vae, bb.text_encoder
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
@@ -193,6 +228,8 @@ class DLoRAL(nn.Module):
             "backbone_weights": self.weights,
             "cfr_variant": self.cfg.cfr.variant,
             "cfr_topk": self.cfg.cfr.topk,
+            "spynet": self.spynet_weights,
+            "spynet_sha256": self.spynet_sha256,
             "lora_rank": {a: getattr(self.cfg, a).rank for a in ADAPTERS},
             "timestep": self.cfg.timestep,
         }

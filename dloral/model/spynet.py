@@ -2,9 +2,18 @@
 
 Parameter names follow the mmagic/BasicVSR layout (`basic_module.{level}.basic_module.{i}.conv`)
 so that the official DLoRAL checkpoint's `spynet.*` tensors load without renaming.
+
+Pretrained weights: BasicVSR's `spynet_20210409-c6c1bd09.pth` (found by
+`dloral.weights.locate_spynet`), loaded by `load_spynet_file`. `spynet_state` maps a SPyNet state
+dict onto this module for that file and for the official checkpoint's `spynet.` keys alike.
 """
 
 from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -102,3 +111,88 @@ class SPyNet(nn.Module):
         )
         scale = torch.tensor([w / w_up, h / h_up], device=flow.device, dtype=flow.dtype)
         return flow * scale.view(1, 2, 1, 1)
+
+
+# ----- pretrained weights --------------------------------------------------------------------
+# mmedit/BasicVSR (the file the reference loads, and the official checkpoint's `spynet.` keys):
+# ConvModule(conv + activate) per layer: basic_module.L.basic_module.I.conv.{weight,bias}.
+_MMEDIT_KEY = re.compile(r"basic_module\.([0-5])\.basic_module\.([0-4])\.conv\.(weight|bias)")
+# BasicSR (basicsr/archs/spynet_arch.py): Conv2d and ReLU alternate in one Sequential, so conv I
+# is entry 2I: basic_module.L.basic_module.{0,2,4,6,8}.{weight,bias}.
+_BASICSR_KEY = re.compile(r"basic_module\.([0-5])\.basic_module\.([02468])\.(weight|bias)")
+SPYNET_LAYOUT = "basic_module.L.basic_module.I.conv.{weight,bias} (BasicVSR/mmedit, L 0-5, I 0-4)"
+
+
+class SpynetWeightsError(ValueError):
+    """A SPyNet weight file that does not fit this module; the message names the file and keys."""
+
+
+def spynet_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A SPyNet state dict (BasicVSR/mmedit layout, or BasicSR's) in this module's names.
+
+    `module.` prefixes (DataParallel) are dropped, `mean`/`std` pass through. Returns (the mapped
+    tensors, the keys that have no place here)."""
+    mapped: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    for key, tensor in state.items():
+        name = key.removeprefix("module.")
+        if m := _MMEDIT_KEY.fullmatch(name):
+            level, layer, kind = m.groups()
+        elif m := _BASICSR_KEY.fullmatch(name):
+            level, kind = m.group(1), m.group(3)
+            layer = str(int(m.group(2)) // 2)
+        elif name in ("mean", "std"):
+            mapped[name] = tensor
+            continue
+        else:
+            unmapped.append(key)
+            continue
+        mapped[f"basic_module.{level}.basic_module.{layer}.conv.{kind}"] = tensor
+    return mapped, unmapped
+
+
+def _keys_list(keys: list[str], limit: int = 6) -> str:
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_spynet_file(spynet: SPyNet, path: str | os.PathLike) -> None:
+    """Load a SPyNet weight file into `spynet`: a state dict, or one under `state_dict`
+    (mmengine, BasicVSR's file) or `params`/`params_ema` (BasicSR). Every parameter must be
+    provided and every key must map, else SpynetWeightsError names the keys. `mean`/`std` are
+    ImageNet constants, kept when the file does not hold them (BasicVSR's file does not)."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, non-weights objects
+        raise SpynetWeightsError(f"{path}: not loadable with weights_only=True ({err})") from err
+    if not isinstance(obj, Mapping):
+        raise SpynetWeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    for wrapper in ("state_dict", "params_ema", "params"):
+        if isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    mapped, unexpected = spynet_state(tensors)
+    unexpected += [k for k in obj if k not in tensors]
+    own = spynet.state_dict()
+    missing = [k for k in own if k not in mapped and k not in ("mean", "std")]
+    if missing or unexpected:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_keys_list(unexpected)}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_keys_list(missing)}")
+        raise SpynetWeightsError(
+            f"{path}: not a SPyNet state dict in a known layout; {'; '.join(parts)}. "
+            f"Expected {SPYNET_LAYOUT}, optionally under 'state_dict' (or BasicSR's "
+            "basic_module.L.basic_module.{0,2,4,6,8}.{weight,bias} under 'params')"
+        )
+    bad = [
+        f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})"
+        for k, v in mapped.items()
+        if v.shape != own[k].shape
+    ]
+    if bad:
+        raise SpynetWeightsError(f"{path}: shape mismatch for {_keys_list(bad, 3)}")
+    spynet.load_state_dict(mapped, strict=False)

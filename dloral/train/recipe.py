@@ -35,6 +35,7 @@ from dloral.data.sampler import TrainingClips
 from dloral.devices import resolve_device
 from dloral.model.checkpoint import save_checkpoint
 from dloral.model.dloral import DLoRAL
+from dloral.model.requirements import Missing, missing_weights, require_weights
 from dloral.resize import resize_frames
 from dloral.train import losses
 from dloral.train.config import TrainConfig
@@ -75,6 +76,18 @@ def _frozen_pretrained_unet(model: DLoRAL) -> torch.nn.Module:
     cfg = model.cfg
     unet = pretrained_unet(cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed)
     return unet.requires_grad_(False).eval()
+
+
+def missing_training_weights(cfg: TrainConfig) -> list[Missing]:
+    """Every weight file this run needs that is not on this machine: SD 2.1 (sd21), SPyNet
+    (model.cfr.spynet), VGG16 (a required LPIPS loss), the tagger module (tagger prompts)."""
+    loss = cfg.loss
+    return missing_weights(
+        cfg.model,
+        lpips=loss.lpips == "required" and loss.weights.lpips > 0,
+        tagger=getattr(loss, "prompt_source", "empty") == "tagger",  # loss.prompt_source
+        tagger_spec=getattr(loss, "tagger", None),  # and loss.tagger: issue 13 part 2
+    )
 
 
 # ----- one step -----------------------------------------------------------------------------
@@ -258,6 +271,7 @@ def train(
     from dloral.train.tracking import NullTracker
 
     tracker = tracker or NullTracker()
+    require_weights(missing_training_weights(cfg))  # all missing weights at once, nothing built
     if cfg.loss.temporal != "warped":
         raise ValueError(
             f"loss.temporal={cfg.loss.temporal!r} is not implemented: the reference's Farneback "
@@ -336,6 +350,8 @@ def train(
         {
             "lpips_weights": ctx["lpips_source"],
             "backbone_weights": model.weights,
+            "spynet": model.spynet_weights,  # "random-init" or the file (+ its sha256)
+            **({"spynet_sha256": model.spynet_sha256} if model.spynet_sha256 else {}),
             "device": str(device),
         },
     )
