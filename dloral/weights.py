@@ -91,7 +91,7 @@ def locate_spynet(spynet_weights: str | os.PathLike | None = None) -> Path:
         (
             (spynet_weights, "model.cfr.spynet_path"),
             (os.environ.get(SPYNET_ENV), f"${SPYNET_ENV}"),
-            (hub_checkpoints(), "torch hub cache, torch.hub.get_dir()/checkpoints"),
+            (hub_checkpoints() / SPYNET_FILE, "torch hub cache, torch.hub.get_dir()/checkpoints"),
         ),
     )
     if found is not None:
