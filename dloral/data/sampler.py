@@ -102,8 +102,9 @@ def _crop_corner(size: int, crop: int, mode: str, g: torch.Generator) -> int:
 
 class TrainingClips(Dataset):
     """Dataset over GT clips -> {"gt": (N,3,c,c), "lq": (N,3,c/s,c/s), "clip", "start", "seed",
-    "augment"}; with `disk_lq` the LQ frames are the clips' own (at GT size / s for any s that
-    divides the crop, so "lq" is (N,3,c/s,c/s)) and nothing is degraded."""
+    "augment" (the dihedral index)}; s is the config's scale, or with `disk_lq` (the clips' own
+    LQ frames, nothing degraded) each clip's GT/LQ scale: 1 for LQ stored at GT size, as the
+    reference's LR frames."""
 
     def __init__(
         self,
