@@ -501,7 +501,7 @@ def _scale(where: str, lq: FrameSource, gt: FrameSource) -> int:
 
 
 def _first(source: FrameSource) -> str:
-    if source.is_video:
+    if source.path.is_file():  # a video, or the one image of a shift clip
         return f"{source.path} {source.size[1]}x{source.size[0]}"
     return f"{source.path / source.names[0]} {source.size[1]}x{source.size[0]}"
 
