@@ -6,10 +6,18 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageFilter
 
 from dloral.data import frames as frames_module
-from dloral.data.readers import REDS4_CLIPS, REDS30_CLIPS, Dataset, DatasetError, read_dataset
+from dloral.data.readers import (
+    REDS4_CLIPS,
+    REDS30_CLIPS,
+    Dataset,
+    DatasetError,
+    ShiftConfig,
+    read_dataset,
+)
 
 GT_HW, LQ_HW = (16, 24), (4, 6)
 NAMES = ("frame1.png", "frame2.png", "frame10.png")  # natural order; plain sort puts 10 first
@@ -359,3 +367,103 @@ def test_bad_arguments(tmp_path):
         read_dataset("udm10", tmp_path, gt_root=tmp_path)
     with pytest.raises(DatasetError, match="does not exist"):
         read_dataset("udm10", tmp_path / "nope")
+
+
+# --- shift pseudo-videos and pre-degraded LQ --------------------------------------------------
+
+
+def _photo(name: str, hw: tuple[int, int]) -> np.ndarray:
+    """A real scikit-image photo, area-resized to hw: uint8 HxWx3."""
+    from skimage import data
+
+    img = Image.fromarray(getattr(data, name)())
+    return np.asarray(img.resize((hw[1], hw[0]), Image.BOX))
+
+
+def test_shift_kind_makes_pseudo_videos_of_shifted_windows(tmp_path):
+    Image.fromarray(_photo("coffee", (60, 90))).save(tmp_path / "coffee.png")
+    (tmp_path / "0001000").mkdir()  # LSDIR's layout: images in numbered folders
+    Image.fromarray(_photo("chelsea", (50, 75))).save(tmp_path / "0001000" / "chelsea.png")
+    Image.fromarray(_photo("rocket", (45, 67))).save(tmp_path / "0001000" / "rocket.bmp")
+    (tmp_path / "notes.txt").write_text("not an image")
+    shift = ShiftConfig(frames=6, max_step=3, seed=4)
+    ds = read_dataset("shift", tmp_path, shift=shift)
+    assert [c.name for c in ds.clips] == ["0001000/chelsea", "0001000/rocket", "coffee"]
+    walks = []
+    for clip in ds.clips:
+        image = np.asarray(Image.open(clip.gt.path).convert("RGB"))
+        h, w = clip.gt.size
+        offsets = clip.gt.offsets
+        assert clip.lq is None and len(clip) == 6 and clip.names[0] == "frame_1.png"
+        assert min(y for y, _ in offsets) == 0 and min(x for _, x in offsets) == 0
+        assert max(y for y, _ in offsets) + h == image.shape[0]
+        assert max(x for _, x in offsets) + w == image.shape[1]
+        steps = np.diff(np.array(offsets), axis=0)
+        assert np.abs(steps).max() <= 3 and np.abs(steps).max() > 0
+        for (name, _, gt), (y, x) in zip(clip.frame_pairs(), offsets, strict=True):
+            window = torch.from_numpy(image[y : y + h, x : x + w].copy()).permute(2, 0, 1)
+            assert torch.equal((gt * 255).round().byte(), window), name
+        every = torch.stack([f for _, f in clip.gt.frames()])
+        assert torch.equal(clip.gt.read([4, 1]), every[[4, 1]])
+        walks.append(offsets)
+    assert len(set(walks)) == 3  # every image moves its own way
+    again = read_dataset("shift", tmp_path, shift=shift)
+    assert [c.gt.offsets for c in again.clips] == walks  # fixed by the seed and the names
+    other = read_dataset("shift", tmp_path, shift=ShiftConfig(frames=6, max_step=3, seed=5))
+    assert [c.gt.offsets for c in other.clips] != walks
+    still = read_dataset("shift", tmp_path, shift=ShiftConfig(frames=3, max_step=0))
+    assert all(c.gt.offsets == ((0, 0),) * 3 for c in still.clips)
+
+
+def test_shift_kind_names_an_image_too_small_for_its_shifts(tmp_path):
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tiny.png")
+    Image.fromarray(_photo("coffee", (60, 90))).save(tmp_path / "coffee.png")
+    with pytest.raises(DatasetError, match=r"shift clip 'tiny'.*too small"):
+        read_dataset("shift", tmp_path, shift=ShiftConfig(frames=10, max_step=8))
+    ds = read_dataset("shift", tmp_path, shift=ShiftConfig(max_step=8), on_error="skip")
+    assert [c.name for c in ds.clips] == ["coffee"] and ds.skipped[0][0] == "tiny"
+
+
+def test_lq_root_pairs_pre_degraded_frames_by_clip_and_frame_name(tmp_path):
+    for c, clip in enumerate(CLIPS):
+        _clip(tmp_path / "gt" / "cat" / clip, "gt", c, GT_HW)
+        names = [n.replace(".png", ".jpg") if clip == "seq10" else n for n in NAMES]
+        for f, name in enumerate(names):  # any image type: pairs by stem
+            path = tmp_path / "lq" / "cat" / clip / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((*LQ_HW, 3), _pixel("lq", c, f), np.uint8)).save(
+                path, quality=100
+            )
+    ds = read_dataset("youhq", tmp_path / "gt", lq_root=tmp_path / "lq")
+    assert [c.name for c in ds.clips] == ["cat/seq2", "cat/seq10"] and ds.scale == 4
+    for c, clip in enumerate(ds.clips):
+        for f, (_, lq, gt) in enumerate(clip.frame_pairs()):
+            assert _value(gt) == _pixel("gt", c, f)
+            assert abs(_value(lq) - _pixel("lq", c, f)) <= 1  # (JPEG)
+    shutil.rmtree(tmp_path / "lq" / "cat" / "seq2")
+    with pytest.raises(DatasetError, match=r"youhq clip 'cat/seq2': missing LQ clip .*lq/cat/seq2"):
+        read_dataset("youhq", tmp_path / "gt", lq_root=tmp_path / "lq")
+    (tmp_path / "lq" / "cat" / "seq10" / "frame2.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"GT frame .*frame2\.png has no match"):
+        read_dataset("youhq", tmp_path / "gt", lq_root=tmp_path / "lq", on_error="skip")
+    with pytest.raises(DatasetError, match="lq_root applies only"):
+        read_dataset("udm10", tmp_path, lq_root=tmp_path / "lq")
+    with pytest.raises(DatasetError, match="shift settings apply only"):
+        read_dataset("youhq", tmp_path / "gt", shift=ShiftConfig())
+
+
+def test_lq_root_pairs_shift_clips_frame_by_frame(tmp_path):
+    (tmp_path / "stills").mkdir()
+    Image.fromarray(_photo("coffee", (60, 90))).save(tmp_path / "stills" / "coffee.png")
+    shift = ShiftConfig(frames=4, max_step=2)
+    plain = read_dataset("shift", tmp_path / "stills", shift=shift).clips[0]
+    (tmp_path / "lq" / "coffee").mkdir(parents=True)
+    for name, gt in plain.gt.frames():  # a pre-degraded copy at GT size, as the reference's
+        frame = Image.fromarray(np.asarray(gt.permute(1, 2, 0).mul(255).round().byte()))
+        frame.filter(ImageFilter.BoxBlur(1)).save(tmp_path / "lq" / "coffee" / name)
+    ds = read_dataset("shift", tmp_path / "stills", shift=shift, lq_root=tmp_path / "lq")
+    clip = ds.clips[0]
+    assert clip.gt.offsets == plain.gt.offsets and clip.names == plain.names
+    assert clip.lq.size == plain.gt.size and clip.scale == 1
+    pairs = list(clip.frame_pairs())
+    assert len(pairs) == 4 and all(lq.shape == gt.shape for _, lq, gt in pairs)

@@ -5,7 +5,8 @@ from torch.utils.data import DataLoader
 
 from dloral.data.frames import write_png
 from dloral.data.readers import read_dataset
-from dloral.data.sampler import SamplerConfig, TrainingClips
+from dloral.data.sampler import SamplerConfig, StagedClips, TrainingClips
+from dloral.resize import bi_downsample
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_transforms_and_degradation_are_shared_by_all_frames(train_root):
 
 
 def test_frames_are_consecutive_ground_truth(train_root):
-    ds = _dataset(train_root, flip=False, transpose=False, crop=96)
+    ds = _dataset(train_root, augment="none", crop=96)
     item = ds[0]
     clip = next(c for c in ds.clips if c.name == item["clip"])
     frames = [f for _, f in clip.gt.frames()]
@@ -70,3 +71,68 @@ def test_frames_are_consecutive_ground_truth(train_root):
 def test_crop_larger_than_clips_is_an_error(train_root):
     with pytest.raises(ValueError, match="smaller than the 128px crop"):
         _dataset(train_root, crop=128)
+
+
+def _window_x(frame, full, width):
+    """The x offsets at which `frame` is a full-height window of `full`."""
+    return [
+        x for x in range(full.shape[-1] - width + 1) if torch.equal(frame, full[..., x : x + width])
+    ]
+
+
+def test_frame_stride_takes_every_nth_frame(train_root):
+    ds = _dataset(train_root, augment="none", crop=96, frame_stride=2, samples=6)
+    for i in range(len(ds)):
+        item = ds[i]
+        clip = next(c for c in ds.clips if c.name == item["clip"])
+        frames = [f for _, f in clip.gt.frames()]
+        if item["clip"] == "bikes":  # 6 frames: starts 0 or 1, then every 2nd frame
+            assert item["start"] in (0, 1)
+            for k in range(3):
+                assert _window_x(item["gt"][k], frames[item["start"] + 2 * k], 96)
+        else:  # 2 frames and a stride of 2: one frame, repeated
+            assert item["start"] in (0, 1)
+            assert all(torch.equal(item["gt"][0], f) for f in item["gt"])
+
+
+def test_disk_lq_is_cropped_on_the_lq_grid_and_never_degraded(tmp_path, bikes_path):
+    frames = real_clip(bikes_path, 4, (0, 100, 96, 160), (96, 160))
+    for i, (gt, lq) in enumerate(zip(frames, bi_downsample(frames, 4), strict=True)):
+        write_png(gt, tmp_path / "gt" / "bikes" / f"{i:05d}.png")
+        write_png(lq, tmp_path / "lq" / "bikes" / f"{i:05d}.png")
+    clips = read_dataset("youhq", tmp_path / "gt", lq_root=tmp_path / "lq").clips
+    cfg = SamplerConfig(crop=96, samples=6, augment="none")
+    ds = TrainingClips(clips, cfg, degradation=_fail, disk_lq=True)
+    lq_full = [f for _, f in clips[0].lq.frames()]
+    gt_full = [f for _, f in clips[0].gt.frames()]
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["gt"].shape == (3, 3, 96, 96) and item["lq"].shape == (3, 3, 24, 24)
+        for k in range(3):
+            (x,) = _window_x(item["gt"][k], gt_full[item["start"] + k], 96)
+            assert x % 4 == 0  # a GT corner on the LQ grid
+            assert torch.equal(item["lq"][k], lq_full[item["start"] + k][..., x // 4 : x // 4 + 24])
+    with pytest.raises(ValueError, match="without LQ frames on disk: bikes"):
+        TrainingClips(read_dataset("youhq", tmp_path / "gt").clips, cfg, disk_lq=True)
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("LQ from disk is not degraded again")
+
+
+def test_staged_clips_take_each_sample_from_its_stages_set(train_root):
+    clips = read_dataset("youhq", train_root).clips
+    bikes = [c for c in clips if c.name == "bikes"]
+    still = [c for c in clips if c.name == "still"]
+    sets = {
+        "consistency": TrainingClips(bikes, SamplerConfig(crop=64, samples=8)),
+        "detail": TrainingClips(still, SamplerConfig(crop=64, samples=8)),
+    }
+    staged = StagedClips(sets, lambda i: "detail" if i % 4 >= 2 else "consistency")
+    assert len(staged) == 8
+    assert [staged[i]["clip"] for i in range(8)] == ["bikes", "bikes", "still", "still"] * 2
+    assert torch.equal(staged[5]["lq"], sets["consistency"][5]["lq"])
+    with pytest.raises(ValueError, match="differ in length"):
+        StagedClips(
+            {**sets, "detail": TrainingClips(still, SamplerConfig(crop=64, samples=3))}, len
+        )

@@ -175,3 +175,36 @@ def test_train_cli_runs_resumes_and_rejects_unknown_keys(data_roots, tmp_path, m
     run_id = (tmp_path / "run" / "mlflow_run_id").read_text()
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
     assert run.info.status == "FINISHED"  # the resumed run continued the same MLflow run
+
+
+def test_detail_stage_trains_on_its_own_shift_set(data_roots, tmp_path, monkeypatch):
+    from PIL import Image
+    from skimage import data as skdata
+
+    stills = tmp_path / "stills"  # the detail-stage set: real photos as shift pseudo-videos
+    stills.mkdir()
+    for name in ("coffee", "chelsea"):
+        photo = Image.fromarray(getattr(skdata, name)()).resize((128, 96), Image.BOX)
+        photo.save(stills / f"{name}.png")
+    seen = []
+    real = recipe.step_losses
+
+    def spy(model, batch, p, ctx, gen):
+        seen.append((p.stage, tuple(batch["clip"])))
+        return real(model, batch, p, ctx, gen)
+
+    monkeypatch.setattr(recipe, "step_losses", spy)
+    extra = {
+        "data.detail.kind": "shift",
+        "data.detail.root": str(stills),
+        "data.detail.crop_mode": "center",
+        "data.shift.max_step": 2,
+        "data.sampler.augment": "dihedral",
+        "run.validate_every": 100,
+    }
+    result = train(_cfg(data_roots, **extra), run_dir=tmp_path / "d")
+    assert result.step == 4
+    # periodic, period 2: steps 0..2 are consistency, step 3 detail
+    assert [stage for stage, _ in seen] == ["consistency"] * 3 + ["detail"]
+    assert all(clips == ("bikes",) for stage, clips in seen if stage == "consistency")
+    assert all(set(clips) <= {"coffee", "chelsea"} for stage, clips in seen if stage == "detail")

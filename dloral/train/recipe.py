@@ -20,7 +20,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader
 from dloral.atomic import atomic_write_text
 from dloral.data.embedded import prepare_embedded
 from dloral.data.readers import read_dataset
-from dloral.data.sampler import TrainingClips
+from dloral.data.sampler import StagedClips, TrainingClips
 from dloral.devices import resolve_device
 from dloral.model.checkpoint import save_checkpoint
 from dloral.model.dloral import DLoRAL
@@ -67,6 +68,39 @@ def _prepared(path: Path, given: str | None) -> Path:
     if not given:
         prepare_embedded(path.parent)
     return path
+
+
+def _training_set(cfg: TrainConfig, per_step: int) -> TrainingClips | StagedClips:
+    """The training samples; with a [data.detail] set or sampling of its own, one set per stage,
+    sample i drawn from the set of the stage of step i // per_step (as the reference's
+    DynamicDatasetManager swaps Pexels for LSDIR in detail stages)."""
+    data, detail = cfg.data, cfg.data.detail
+    train_root = _prepared(data.train_path(), data.train_root)
+    consistency = TrainingClips(
+        _train_clips(data.train_kind, train_root, data.lq_root, data.shift),
+        data.sampler,
+        disk_lq=data.lq_root is not None,
+    )
+    if detail.kind is None and not detail.overrides():
+        return consistency
+    detail_set = TrainingClips(
+        consistency.clips
+        if detail.kind is None
+        else _train_clips(detail.kind, Path(detail.root), detail.lq_root, data.shift),
+        replace(data.sampler, **detail.overrides()),
+        disk_lq=consistency.disk_lq if detail.kind is None else detail.lq_root is not None,
+    )
+    stage_of = partial(_stage_of_sample, per_step=per_step, cfg=cfg)
+    return StagedClips({"consistency": consistency, "detail": detail_set}, stage_of)
+
+
+def _train_clips(kind: str, root: Path, lq_root: str | None, shift) -> list:
+    shift = shift if kind == "shift" else None
+    return read_dataset(kind, root, lq_root=lq_root, shift=shift).clips
+
+
+def _stage_of_sample(index: int, per_step: int, cfg: TrainConfig) -> str:
+    return plan(index // per_step, cfg.schedule, cfg.loss.weights).stage
 
 
 def _frozen_pretrained_unet(model: DLoRAL) -> torch.nn.Module:
@@ -327,14 +361,13 @@ def train(
             max_step_ratio=cfg.loss.max_dm_step_ratio,
         )
     data = cfg.data
-    train_clips = read_dataset(data.train_kind, _prepared(data.train_path(), data.train_root))
     val = read_dataset(data.val_kind, _prepared(data.val_path(), data.val_root), lq=data.val_lq)
     ctx["val_clips"] = val.clips[: data.val_clips]
     per_step = cfg.optim.batch_size * cfg.optim.grad_accum
     sampler_cfg = data.sampler
     sampler_cfg.samples = max(sampler_cfg.samples, cfg.run.max_steps * per_step)
     sampler_cfg.seed = cfg.run.seed
-    dataset = TrainingClips(train_clips.clips, sampler_cfg)
+    dataset = _training_set(cfg, per_step)
     loader = DataLoader(
         dataset,
         batch_size=cfg.optim.batch_size,
