@@ -106,8 +106,9 @@ def test_tags_of_gt_frame_1_reach_the_text_encoder_the_generator_and_csd(
     tagger = TAGGERS[-1]
     samples = spies["samples"][:2]  # the one step's batch of two
     # each sample tagged once, from its GT frame 1 in [0, 1], without gradient
-    assert len(tagger.frames) == 2 and not any(tagger.grad_enabled)
-    for frame, sample in zip(tagger.frames, samples, strict=True):
+    # then validation tags its clip's first upsampled LQ frame, as inference does
+    assert len(tagger.frames) == 3 and not any(tagger.grad_enabled)
+    for frame, sample in zip(tagger.frames[:2], samples, strict=True):
         assert torch.equal(frame, sample["gt"][1])
     tags = [make_colour_tagger(None)(s["gt"][1]) for s in samples]
     prompts = [f"{t}, high quality" for t in tags]  # the reference's f"{caption}, {pos_prompt}"
@@ -116,6 +117,8 @@ def test_tags_of_gt_frame_1_reach_the_text_encoder_the_generator_and_csd(
     per_pair = encoded[tuple(prompts)].repeat_interleave(2, dim=0)  # 3 frames: 2 pairs each
     assert torch.equal(spies["generator"][0], per_pair)  # the generator's text condition
     assert torch.equal(spies["csd"][0], per_pair)  # and CSD's positive prompt
+    validation = [t for t, _ in spies["encoded"] if t[0].endswith(", high quality,")]
+    assert validation == [[f"{make_colour_tagger(None)(tagger.frames[2])}, high quality,"]]
 
     # the same step with the empty prompt gives other losses
     spies["samples"].clear()
@@ -137,14 +140,15 @@ def test_a_sample_is_tagged_once_recorded_and_not_retagged_on_resume(
     extra = {"optim.batch_size": 1, "run.max_steps": 3, "run.checkpoint_every": 1}
     run_dir = tmp_path / "r"
     train(_cfg(data_roots, **extra), run_dir=run_dir, tracker=tracker)
-    assert len(TAGGERS[-1].frames) == 1  # three steps over one sample: tagged once
+    # three steps over one sample: tagged once; then the final validation tags its clip
+    assert len(TAGGERS[-1].frames) == 2
     table = json.loads((run_dir / PROMPTS_FILE).read_text())
     assert table["clip"] == ["bikes"] and table["prompt"][0].endswith(", high quality")
 
     resumed = MlflowTracker("t", uri=f"sqlite:///{tmp_path}/mlflow.db")
     train(_cfg(data_roots, **{**extra, "run.max_steps": 4}), run_dir, True, resumed)
     assert resumed.run_id == tracker.run_id
-    assert TAGGERS[-1].frames == []  # the resumed run read its prompts back
+    assert len(TAGGERS[-1].frames) == 1  # validation only: the resumed run read its prompts
     path = tracker.client.download_artifacts(tracker.run_id, PROMPTS_FILE, str(tmp_path))
     logged = json.loads(open(path).read())
     assert logged["columns"] == ["clip", "start", "seed", "prompt"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dloral.atomic import atomic_write_text
-from dloral.model.prompts import Tagger, load_tagger
+from dloral.model.prompts import PromptSource, Tagger, load_tagger
 from dloral.train.config import LossConfig
 
 PROMPTS_FILE = "prompts.json"
@@ -88,6 +88,13 @@ class TrainingPrompts:
             return self.fixed
         with torch.no_grad():
             return self.encode(self.prompts(batch)).to(self.device)
+
+    def for_inference(self) -> PromptSource:
+        """The same source for validation, as at inference: a tagger tags the clip's first
+        upsampled LQ frame (there is no GT), "{tags}, {pos_prompt},"."""
+        if self.kind == "empty":
+            return PromptSource()
+        return PromptSource(self.kind, self.text, self.tagger)
 
     # ----- the run's record --------------------------------------------------------------
     @staticmethod

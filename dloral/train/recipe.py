@@ -230,7 +230,8 @@ def _load_state(folder: Path, model, optimizer, scheduler) -> int:
 @torch.no_grad()
 def validate(model: DLoRAL, cfg: TrainConfig, ctx) -> tuple[dict[str, float], torch.Tensor]:
     """PSNR/SSIM/temporal error on the first frames of a few validation clips; returns the
-    metrics and one LQ | output | GT strip for logging."""
+    metrics and one LQ | output | GT strip for logging. The prompt is the run's source as at
+    inference (`TrainingPrompts.for_inference`), empty when ctx has no "prompts"."""
     from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
 
     stage = model.stage
@@ -245,6 +246,7 @@ def validate(model: DLoRAL, cfg: TrainConfig, ctx) -> tuple[dict[str, float], to
             batch_size=cfg.data.val_frames,
             seed=cfg.run.seed,
         ),
+        prompt=ctx["prompts"].for_inference() if "prompts" in ctx else None,  # None: empty
     )
     scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "temporal_change": []}
     strip = None
