@@ -14,6 +14,8 @@ from dloral.train.losses import (
     WeightsMissing,
     l2_loss,
     load_lpips,
+    reference_flow,
+    reference_flow_loss,
     sd21_ddpm_scheduler,
     temporal_consistency_loss,
 )
@@ -96,6 +98,112 @@ def test_temporal_rejects_mismatched_shapes(clip):
         temporal_consistency_loss(prev, cur, prev[..., :32], cur)
     with pytest.raises(ValueError):
         temporal_consistency_loss(prev, cur, prev, cur, torch.zeros(1, 2, 48, 32))
+
+
+# reference_flow: a literal transcription of yjsunnn/DLoRAL@40c1308
+# src/my_utils/training_utils.py `batch_calculate_optical_flow` (comments translated) and of the
+# loss lines of src/train_DLoRAL.py, to hold reference_flow_loss to.
+def _reference_batch_calculate_optical_flow(frames1, frames2, normalize=True):
+    import cv2
+    import numpy as np
+
+    assert frames1.dim() == 4 and frames2.dim() == 4, "inputs must be [B,C,H,W]"
+
+    b, c, h, w = frames1.shape
+    device = frames1.device
+    flows = torch.zeros(b, 2, h, w, device="cpu")  # on the CPU first
+
+    # each pair of the batch
+    for i in range(b):
+        # to numpy (H,W,3)
+        frame1 = frames1[i].permute(1, 2, 0).detach().cpu().numpy() * 255
+        frame2 = frames2[i].permute(1, 2, 0).detach().cpu().numpy() * 255
+
+        # grey
+        frame1_gray = cv2.cvtColor(frame1.astype(np.uint8), cv2.COLOR_RGB2GRAY)
+        frame2_gray = cv2.cvtColor(frame2.astype(np.uint8), cv2.COLOR_RGB2GRAY)
+
+        # Farneback flow
+        flow = cv2.calcOpticalFlowFarneback(
+            frame1_gray,
+            frame2_gray,
+            None,
+            pyr_scale=0.5,
+            levels=3,
+            winsize=15,
+            iterations=3,
+            poly_n=5,
+            poly_sigma=1.2,
+            flags=0,
+        )  # (H,W,2)
+
+        if normalize:
+            flow[..., 0] /= w  # u normalised
+            flow[..., 1] /= h  # v normalised
+
+        flows[i] = torch.from_numpy(flow).permute(2, 0, 1).float()
+
+    return flows.to(device)
+
+
+def _reference_consistency(x_tgt_pred1, x_tgt_pred2, x_tgt, lambda_consistency):
+    consistency_source = _reference_batch_calculate_optical_flow(x_tgt_pred1, x_tgt_pred2)
+    consistency_target = _reference_batch_calculate_optical_flow(
+        x_tgt[:, 1, :, :, :], x_tgt[:, 2, :, :, :]
+    )
+
+    loss_consistency = (
+        F.l1_loss(consistency_source, consistency_target, reduction="mean") * lambda_consistency
+    )
+    return loss_consistency
+
+
+@pytest.fixture(scope="module")
+def moving_clips(bikes_path):
+    """Two real 3-frame clips in [-1, 1] (B, 3, 3, 96, 128) and a 'restored' version: blurred,
+    dimmed and flickering, so its motion differs from the GT's."""
+    from conftest import read_clip
+
+    gt = torch.stack(
+        [
+            read_clip(bikes_path, 3, (0, 100, 192, 256), (96, 128)),
+            read_clip(bikes_path, 3, (150, 300, 192, 256), (96, 128)),
+        ]
+    )
+    gt = gt * 2 - 1
+    flicker = torch.tensor([0.0, 0.08, -0.05]).view(1, 3, 1, 1, 1)
+    blurred = F.avg_pool2d(gt.flatten(0, 1), 5, 1, 2, count_include_pad=False).view(gt.shape)
+    pred = (0.9 * blurred + flicker + 0.03 * torch.sin(torch.arange(128.0) / 3)).clamp(-1, 1)
+    return gt, pred
+
+
+def test_reference_flow_loss_matches_the_reference_transcription(moving_clips):
+    gt, pred = moving_clips
+    assert (gt < 0).float().mean() > 0.2  # half the range wraps in the uint8 cast: exercised
+    expected = _reference_consistency(pred[:, 1], pred[:, 2], gt, 1.0)
+    got = reference_flow_loss(pred[:, 1], pred[:, 2], gt[:, 1], gt[:, 2])
+    assert expected > 1e-3  # the flows differ: a value, not a zero
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    flows = reference_flow(gt[:, 1], gt[:, 2])
+    assert torch.equal(flows, _reference_batch_calculate_optical_flow(gt[:, 1], gt[:, 2]))
+    # prediction == GT: zero, as the reference
+    assert reference_flow_loss(gt[:, 1], gt[:, 2], gt[:, 1], gt[:, 2]) == 0
+
+
+def test_reference_flow_loss_carries_no_gradient(moving_clips):
+    gt, pred = moving_clips
+    prev = pred[:, 1].clone().requires_grad_(True)
+    cur = pred[:, 2].clone().requires_grad_(True)
+    loss = reference_flow_loss(prev, cur, gt[:, 1], gt[:, 2])
+    assert not loss.requires_grad and loss.grad_fn is None and loss > 0
+    # added to a differentiable loss it changes the value, not the gradient
+    (l2_loss(cur, gt[:, 2]) + 10 * loss).backward()
+    with_flow = cur.grad.clone()
+    assert prev.grad is None
+    cur.grad = None
+    l2_loss(cur, gt[:, 2]).backward()
+    assert torch.equal(cur.grad, with_flow)
 
 
 # ---------------------------------------------------------------------------------------------

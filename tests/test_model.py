@@ -207,3 +207,45 @@ def test_tiled_vae_decodes_in_tiles(bikes_lq):
     out = _upscale(model, bikes_lq[:2], tile=64, batch_size=2)
     assert out.shape == (2, 3, 192, 256) and torch.isfinite(out).all()
     assert len(calls) > 1 and all(s[-1] <= 64 // 8 for s in calls)  # tiles, not the full frame
+
+
+def _reference_widen_conv_in(unet, out_channels):
+    """Literal: yjsunnn/DLoRAL@40c1308 src/DLoRAL_model.py `initialize_unet` (its 320 output
+    channels are the full UNet's; the tiny one has `out_channels`)."""
+    from torch import nn
+
+    # reformulate the conv_in in unet
+    conv_in = nn.Conv2d(8, out_channels, kernel_size=3, padding=1)
+    conv_in.weight.data[:, 0:4, ...] = unet.conv_in.weight.data
+    conv_in.weight.data[:, 4:8, ...] = unet.conv_in.weight.data
+
+    unet.conv_in = conv_in
+
+
+def test_conv_in_bias_random_is_the_reference_widening():
+    import copy
+
+    from dloral.model.backbone import build_backbone
+    from dloral.model.dloral import widen_conv_in
+
+    unet = build_backbone("tiny", None, False, 0).unet
+    pretrained_bias = unet.conv_in.bias.detach().clone()
+    ours, ref, kept = (copy.deepcopy(unet) for _ in range(3))
+    torch.manual_seed(5)
+    widen_conv_in(ours, bias="random")
+    torch.manual_seed(5)
+    _reference_widen_conv_in(ref, unet.conv_in.out_channels)
+    assert torch.equal(ours.conv_in.weight, ref.conv_in.weight)
+    assert torch.equal(ours.conv_in.bias, ref.conv_in.bias)  # the new conv's own random init
+    assert not torch.allclose(ours.conv_in.bias, pretrained_bias)
+    widen_conv_in(kept)  # the default keeps the pretrained bias
+    assert torch.equal(kept.conv_in.bias, pretrained_bias)
+    assert torch.equal(kept.conv_in.weight, ref.conv_in.weight)
+
+    # through the model config: only the conv_in bias differs
+    a = DLoRAL(DLoRALConfig()).state_dict()
+    b = DLoRAL(DLoRALConfig(conv_in_bias="random")).state_dict()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert differ == ["unet.conv_in.base_layer.bias"]
+    with pytest.raises(ValueError, match="conv_in_bias"):
+        DLoRALConfig(conv_in_bias="zero")

@@ -208,3 +208,60 @@ def test_detail_stage_trains_on_its_own_shift_set(data_roots, tmp_path, monkeypa
     assert [stage for stage, _ in seen] == ["consistency"] * 3 + ["detail"]
     assert all(clips == ("bikes",) for stage, clips in seen if stage == "consistency")
     assert all(set(clips) <= {"coffee", "chelsea"} for stage, clips in seen if stage == "detail")
+
+
+def _reference_clip(unet, max_grad_norm):
+    """Literal: yjsunnn/DLoRAL@40c1308 src/train_DLoRAL.py: the optimizer's first param group
+    is the Detail-LoRA ("quality"; our adapter is named "detail"), and only it is clipped
+    (`accelerator.clip_grad_norm_` is torch's on one process)."""
+    param_dict = {n: p for n, p in unet.named_parameters()}
+    quality_param_names = [n for n in param_dict.keys() if "lora" in n and "detail" in n]
+    quality_params = [param_dict[n] for n in quality_param_names]
+    param_groups = [
+        {"params": quality_params, "name": "quality"},  # lora_quality params
+    ]
+    optimizer = torch.optim.AdamW(param_groups, lr=5e-5)
+    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_grad_norm)
+
+
+def test_clip_detail_bounds_the_detail_lora_only_as_the_reference(bikes_lq):
+    from dloral.model import lora
+
+    model = recipe.DLoRAL(load_config(None).model)
+    lora.randomize_lora_b(model.unet, generator=torch.Generator().manual_seed(0))
+    trainable = recipe._all_trainable(model)
+    model.set_stage("detail")
+    lq_up = torch.nn.functional.interpolate(bikes_lq[:3], scale_factor=4, mode="bicubic")
+    embeds = model.encode_prompt([""])
+    pred, _ = recipe.restore_clip(model, lq_up[None], embeds, torch.Generator().manual_seed(1))
+    pred.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    detail = {n for n in grads if ".detail." in n}
+    assert detail and grads.keys() - detail  # conv_in trains too, and is not clipped
+    max_norm = 0.1 * float(torch.stack([grads[n].norm() for n in detail]).norm())
+
+    def clipped(clip):
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone() if n in grads else None
+        if clip == "reference":
+            _reference_clip(model.unet, max_norm)
+        else:
+            recipe._clip_gradients(recipe._clipped(model, trainable, clip), max_norm)
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, ref, everything = clipped("detail"), clipped("reference"), clipped("all")
+    assert all(torch.equal(ours[n], ref[n]) for n in grads)
+    assert all(torch.allclose(ours[n], 0.1 * grads[n], rtol=1e-4) for n in detail)
+    assert all(torch.equal(ours[n], grads[n]) for n in grads.keys() - detail)
+    assert not all(torch.equal(everything[n], grads[n]) for n in grads.keys() - detail)
+
+
+def test_reference_flow_is_logged_but_trains_nothing(data_roots, tmp_path):
+    logged = []
+    sets = {"run.max_steps": 2, "run.validate_every": 100}
+    flow = _cfg(data_roots, **sets, **{"loss.temporal": "reference_flow"})
+    train(flow, run_dir=tmp_path / "f", progress=lambda s, p, t: logged.append(t))
+    assert len(logged) == 2 and all(t["consistency"] > 0 for t in logged)
+    train(_cfg(data_roots, **sets, **{"loss.weights.consistency": 0.0}), run_dir=tmp_path / "z")
+    a, b = _state(tmp_path / "f"), _state(tmp_path / "z")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # as training without the term

@@ -67,6 +67,7 @@ def test_round_trips(path, tmp_path):
         path,
         [
             "model.cfr.topk=8",
+            "loss.prompt_source=fixed",  # pos_prompt is used by 'fixed' and 'tagger' only
             "loss.pos_prompt='a \"quoted\" \\t \\\\ é'",  # TOML literal: backslashes kept
             'loss.neg_prompt="tab\\t bell\\u0007 del\\u007f \\"q\\" \\\\"',
         ],

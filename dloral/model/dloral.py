@@ -30,6 +30,7 @@ from dloral.weights import SPYNET_FILE, locate_spynet, sha256
 log = logging.getLogger(__name__)
 
 STAGES = ("consistency", "detail", "inference")
+CONV_IN_BIASES = ("pretrained", "random")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DLoRALConfig:
     seed: int = 0  # initialisation of everything built at random (tiny backbone, CFR, LoRA A)
     timestep: int = 1  # the reference's fixed one-step timestep
     train_conv_in: bool = True  # the reference trains the widened conv_in in both stages
+    conv_in_bias: str = "pretrained"  # or random: the new conv's own init, as the reference
     cfr: CFRConfig = field(default_factory=CFRConfig)
     consistency: LoRAConfig = field(default_factory=LoRAConfig)
     detail: LoRAConfig = field(default_factory=LoRAConfig)
@@ -49,6 +51,10 @@ class DLoRALConfig:
             raise ValueError(f"profile must be one of {PROFILES}; got {self.profile!r}")
         if self.random_init and self.profile != "sd21":
             raise ValueError("random_init is for the sd21 profile (tiny is always random-init)")
+        if self.conv_in_bias not in CONV_IN_BIASES:
+            raise ValueError(
+                f"conv_in_bias must be one of {CONV_IN_BIASES}; got {self.conv_in_bias!r}"
+            )
 
     def pretrained_spynet(self) -> bool:
         """Whether SPyNet loads BasicVSR's weights (`cfr.spynet`; `auto`: for sd21 with real
@@ -69,15 +75,21 @@ class DLoRALConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def widen_conv_in(unet: nn.Module, frames: int = 2) -> None:
-    """conv_in takes [previous, current] latents: the pretrained kernel copied to both halves."""
+def widen_conv_in(unet: nn.Module, frames: int = 2, bias: str = "pretrained") -> None:
+    """conv_in takes [previous, current] latents: the pretrained kernel copied to both halves.
+
+    bias "pretrained" keeps the pretrained conv_in bias; "random" keeps the new Conv2d's default
+    init (uniform in +-1/sqrt(fan_in), from the global torch RNG), as the reference does."""
+    if bias not in CONV_IN_BIASES:
+        raise ValueError(f"bias must be one of {CONV_IN_BIASES}; got {bias!r}")
     old = unet.conv_in
     new = nn.Conv2d(
         old.in_channels * frames, old.out_channels, old.kernel_size, old.stride, old.padding
     )
     with torch.no_grad():
         new.weight.copy_(torch.cat([old.weight] * frames, dim=1))
-        new.bias.copy_(old.bias)
+        if bias == "pretrained":
+            new.bias.copy_(old.bias)
     unet.conv_in = new
     unet.register_to_config(in_channels=new.in_channels)
 
@@ -105,7 +117,7 @@ class DLoRAL(nn.Module):
         self.tokenizer = bb.tokenizer
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
-            widen_conv_in(bb.unet)
+            widen_conv_in(bb.unet, bias=cfg.conv_in_bias)
             self.lora_targets = lora.add_adapters(
                 bb.unet, {"consistency": cfg.consistency, "detail": cfg.detail}
             )

@@ -8,6 +8,7 @@ key; an optional field is set to None with the string "none").
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,8 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 LPIPS_MODES = ("required", "optional")
 TEMPORAL_LOSSES = ("warped", "reference_flow")
+PROMPT_SOURCES = ("empty", "fixed", "tagger")
+CLIP_GROUPS = ("all", "detail")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -147,6 +150,7 @@ class OptimConfig:
     warmup_steps: int = 0
     grad_accum: int = 2
     grad_clip: float = 1.0  # max grad norm; 0: no clipping
+    clip: str = "all"  # what grad_clip bounds: every trained parameter, or the D-LoRA only
     batch_size: int = 1
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -163,6 +167,7 @@ class OptimConfig:
         _at_least("optim.warmup_steps", self.warmup_steps, 0)
         _at_least("optim.grad_accum", self.grad_accum, 1)
         _at_least("optim.grad_clip", self.grad_clip, 0)
+        _choice("optim.clip", self.clip, CLIP_GROUPS)
         _at_least("optim.batch_size", self.batch_size, 1)
         _choice("optim.mixed_precision", self.mixed_precision, PRECISIONS)
 
@@ -173,6 +178,11 @@ class LossConfig:
     cfg_csd: float = 7.5  # classifier-free guidance scale of the CSD teacher
     min_dm_step_ratio: float = 0.02  # CSD timestep range, as fractions of the 1000 steps
     max_dm_step_ratio: float = 0.5
+    # The text condition of the generator, also CSD's positive prompt: "" (empty), pos_prompt
+    # (fixed), or "{tags}, {pos_prompt}" with the tags of each sample's GT frame 1 (tagger, as
+    # the reference with RAM); `tagger` is "module:factory", as `dloral-exp upscale --tagger`.
+    prompt_source: str = "empty"
+    tagger: str | None = None
     pos_prompt: str = ""
     neg_prompt: str = REFERENCE_NEG_PROMPT
     lpips: str = "required"  # optional: without VGG weights the LPIPS terms are dropped
@@ -187,6 +197,34 @@ class LossConfig:
             )
         _choice("loss.lpips", self.lpips, LPIPS_MODES)
         _choice("loss.temporal", self.temporal, TEMPORAL_LOSSES)
+        _choice("loss.prompt_source", self.prompt_source, PROMPT_SOURCES)
+        if self.prompt_source == "empty" and self.pos_prompt:
+            raise ValueError(
+                "loss.pos_prompt is used only with loss.prompt_source 'fixed' or 'tagger'; "
+                f"prompt_source is 'empty' (set it to 'fixed' to train with {self.pos_prompt!r})"
+            )
+        if self.tagger is not None and not all(self.tagger.partition(":")[::2]):
+            raise ValueError(f"loss.tagger must be 'module:factory'; got {self.tagger!r}")
+
+    def tagger_problem(self) -> str | None:
+        """Why the tagger this config asks for cannot be used (None: usable or not asked for).
+        Checked before any model is built; the module is located, not imported."""
+        if self.prompt_source != "tagger":
+            return None
+        if not self.tagger:
+            return (
+                "loss.prompt_source = 'tagger' needs loss.tagger = 'module:factory': a factory "
+                "that takes the torch device and returns tag(frame (3, H, W) in [0, 1]) -> str "
+                "(e.g. RAM with your weights, as `dloral-exp upscale --tagger`)"
+            )
+        module = self.tagger.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"loss.tagger {self.tagger!r}: module {module!r} is not importable here"
+        return None
 
 
 @dataclass

@@ -4,15 +4,14 @@ Reference: yjsunnn/DLoRAL `src/train_DLoRAL.py`, `src/DLoRAL_model.py` (`CSDLoss
 `src/my_utils/training_utils.py` (`batch_calculate_optical_flow`). Images are in [-1, 1]
 throughout, latents are SD 2.1-base VAE latents (already scaled by 0.18215).
 
-The reference's temporal "consistency" loss (weight `lambda_consistency` = 10) is
-`L1(farneback(pred_prev, pred_cur), farneback(gt_prev, gt_cur))` with OpenCV Farneback flow
-(pyr_scale 0.5, levels 3, winsize 15, iterations 3, poly_n 5, poly_sigma 1.2) on uint8
-grayscale frames made by `(x * 255).astype(uint8)` of the [-1, 1] frames (negative values, half
-the range, are cast out of range; numpy wraps them), and the flow divided by (W, H). It runs on
-detached numpy arrays, so it carries NO gradient: in the reference it only adds a constant to the
-logged loss. `temporal_consistency_loss` is the differentiable replacement used here. A
-gradient-free `reference_flow_loss` reproducing the Farneback version is not provided because
-OpenCV (`cv2`) is not a dependency of this project.
+Two temporal losses (`loss.temporal`):
+- `warped` (`temporal_consistency_loss`): differentiable; the previous frame is warped onto the
+  current one by the GT motion and the change of the prediction is compared with the GT's.
+- `reference_flow` (`reference_flow_loss`): the reference's "consistency" loss (weight
+  `lambda_consistency` = 10), `L1(farneback(pred_prev, pred_cur), farneback(gt_prev, gt_cur))`
+  with OpenCV Farneback flow on detached uint8 copies of the frames. It carries NO gradient: in
+  the reference it only adds a constant to the logged loss, so the consistency stage is trained
+  by L2 + LPIPS alone. It is provided to reproduce that and to ablate against `warped`.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import logging
 import os
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +39,8 @@ __all__ = [
     "l2_loss",
     "load_lpips",
     "locate_vgg16",
+    "reference_flow",
+    "reference_flow_loss",
     "sd21_ddpm_scheduler",
     "temporal_consistency_loss",
     "vgg16_features_to_lpips",
@@ -78,7 +80,7 @@ def temporal_consistency_loss(
     one. Pixels whose warp samples outside the frame are left out of the mean. flow=None means
     zero motion. GT and flow are targets: no gradient flows into them.
 
-    Unlike the reference's Farneback-flow L1 (see the module docstring), this has a gradient
+    Unlike the reference's Farneback-flow L1 (`reference_flow_loss`), this has a gradient
     w.r.t. both predicted frames.
     """
     shape = pred_cur.shape
@@ -98,6 +100,66 @@ def temporal_consistency_loss(
     diff = (pred_cur - flow_warp(pred_prev, flow)) - (gt_cur - flow_warp(gt_prev, flow))
     denom = (mask.sum() * shape[1]).clamp_min(1.0)
     return (diff.abs() * mask).sum() / denom
+
+
+# The reference's cv2.calcOpticalFlowFarneback arguments.
+FARNEBACK_ARGS = {
+    "pyr_scale": 0.5,
+    "levels": 3,
+    "winsize": 15,
+    "iterations": 3,
+    "poly_n": 5,
+    "poly_sigma": 1.2,
+    "flags": 0,
+}
+
+
+def _reference_grey(frames: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) frames -> (N, H, W) uint8 grey as the reference makes them: `x * 255` in
+    float32, cast with numpy's `astype(uint8)`, then OpenCV's RGB2GRAY.
+
+    The reference calls this on [-1, 1] frames although its docstring says [0, 1]: values in
+    (-1/255, 1] map as intended, the negative half is out of the uint8 range and numpy's cast
+    truncates it toward zero and wraps it modulo 256 (-1 -> 255, -0.5 -> 0) on x86-64. That is
+    reproduced, not repaired."""
+    import cv2
+
+    scaled = frames.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255
+    rgb = scaled.astype(np.uint8)
+    return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb])
+
+
+def reference_flow(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """Farneback flow prev -> cur as the reference's `batch_calculate_optical_flow`: frames
+    (N, 3, H, W) in [-1, 1] (see `_reference_grey`) -> (N, 2, H, W) float32 flow (x, y) divided
+    by (W, H), on the frames' device, without gradient."""
+    import cv2
+
+    if prev.shape != cur.shape or prev.dim() != 4:
+        raise ValueError(
+            f"need two (N, 3, H, W) batches; got {tuple(prev.shape)}, {tuple(cur.shape)}"
+        )
+    h, w = prev.shape[-2:]
+    first, second = _reference_grey(prev), _reference_grey(cur)
+    flows = np.stack(
+        [
+            cv2.calcOpticalFlowFarneback(a, b, None, **FARNEBACK_ARGS)
+            for a, b in zip(first, second, strict=True)
+        ]
+    )  # (N, H, W, 2) float32
+    flows[..., 0] /= w
+    flows[..., 1] /= h
+    return torch.from_numpy(flows).permute(0, 3, 1, 2).to(prev.device)
+
+
+def reference_flow_loss(
+    pred_prev: torch.Tensor, pred_cur: torch.Tensor, gt_prev: torch.Tensor, gt_cur: torch.Tensor
+) -> torch.Tensor:
+    """The reference's temporal loss: mean |flow(pred_prev, pred_cur) - flow(gt_prev, gt_cur)|
+    with `reference_flow` (frames (N, 3, H, W) in [-1, 1]). A float32 scalar that carries no
+    gradient: adding it to a loss changes its value, never a parameter update."""
+    with torch.no_grad():
+        return F.l1_loss(reference_flow(pred_prev, pred_cur), reference_flow(gt_prev, gt_cur))
 
 
 # ---------------------------------------------------------------------------------------------

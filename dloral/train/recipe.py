@@ -3,6 +3,10 @@
     consistency stage: C-LoRA + CFR train (D-LoRA active, frozen): L2 + LPIPS + temporal loss
     detail stage:      D-LoRA trains (C-LoRA, CFR frozen):          L2 + LPIPS + CSD + temporal
 
+The text condition (also CSD's positive prompt) is empty, fixed, or tagged per sample
+(dloral.train.prompts); the temporal loss is `warped` (differentiable) or the reference's
+gradient-free `reference_flow`.
+
 Per step: the schedule (dloral.train.schedule) says the stage and every loss weight, smoothly
 interpolated around a switch as the reference does. A batch holds clips of N consecutive frames;
 the model restores every frame t >= 1 from the pair (t-1, t), as the reference's two pairs of a
@@ -34,12 +38,14 @@ from dloral.data.embedded import prepare_embedded
 from dloral.data.readers import read_dataset
 from dloral.data.sampler import StagedClips, TrainingClips
 from dloral.devices import resolve_device
+from dloral.model import lora
 from dloral.model.checkpoint import save_checkpoint
 from dloral.model.dloral import DLoRAL
 from dloral.model.requirements import Missing, missing_weights, require_weights
 from dloral.resize import resize_frames
 from dloral.train import losses
 from dloral.train.config import TrainConfig
+from dloral.train.prompts import TrainingPrompts
 from dloral.train.schedule import StepPlan, plan
 from dloral.train.validation import psnr, ssim, temporal_change_error
 
@@ -116,23 +122,30 @@ def missing_training_weights(cfg: TrainConfig) -> list[Missing]:
     """Every weight file this run needs that is not on this machine: SD 2.1 (sd21), SPyNet
     (model.cfr.spynet), VGG16 (a required LPIPS loss), the tagger module (tagger prompts)."""
     loss = cfg.loss
-    return missing_weights(
-        cfg.model,
-        lpips=loss.lpips == "required" and loss.weights.lpips > 0,
-        tagger=getattr(loss, "prompt_source", "empty") == "tagger",  # loss.prompt_source
-        tagger_spec=getattr(loss, "tagger", None),  # and loss.tagger: issue 13 part 2
-    )
+    out = missing_weights(cfg.model, lpips=loss.lpips == "required" and loss.weights.lpips > 0)
+    problem = loss.tagger_problem()
+    if problem:
+        out.append(Missing("tagger module", "loss.prompt_source = 'tagger'", problem))
+    return out
 
 
 # ----- one step -----------------------------------------------------------------------------
+def per_pair(embeds: torch.Tensor, b: int, pairs: int) -> torch.Tensor:
+    """Text states (1 or B, 77, D) -> (B * pairs, 77, D), sample-major as the flattened pairs."""
+    if embeds.shape[0] == 1:
+        return embeds.expand(b * pairs, -1, -1)
+    return embeds.repeat_interleave(pairs, dim=0)
+
+
 def restore_clip(model: DLoRAL, lq_up: torch.Tensor, embeds: torch.Tensor, gen) -> tuple:
-    """lq_up (B, N, 3, H, W) -> (restored frames 1..N-1 (B, N-1, 3, H, W), their latents)."""
+    """lq_up (B, N, 3, H, W), embeds (1 or B, 77, D) ->
+    (restored frames 1..N-1 (B, N-1, 3, H, W), their latents (B * (N-1), 4, h, w))."""
     b, n = lq_up.shape[:2]
     z = model.encode(lq_up.flatten(0, 1), gen)
     z = z.view(b, n, *z.shape[1:])
     cur, prev = z[:, 1:].flatten(0, 1), z[:, :-1].flatten(0, 1)
     lq_cur, lq_prev = lq_up[:, 1:].flatten(0, 1), lq_up[:, :-1].flatten(0, 1)
-    latents = model.restore_latent(cur, prev, lq_cur, lq_prev, embeds.expand(cur.shape[0], -1, -1))
+    latents = model.restore_latent(cur, prev, lq_cur, lq_prev, per_pair(embeds, b, n - 1))
     frames = model.decode(latents)
     return frames.view(b, n - 1, *frames.shape[1:]), latents
 
@@ -141,7 +154,8 @@ def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
     """Every loss term of one micro-batch, already weighted; key "total" is their sum."""
     gt, lq = batch["gt"].to(ctx["device"]), batch["lq"].to(ctx["device"])
     lq_up = resize_frames(lq, tuple(gt.shape[-2:]))
-    pred, latents = restore_clip(model, lq_up, ctx["pos"], gen)
+    pos = ctx["prompts"].embeds(batch)  # the generator's text condition and CSD's positive
+    pred, latents = restore_clip(model, lq_up, pos, gen)
     target = gt[:, 1:]
     # The reference adds the losses of its frame pairs (loss_l2 + loss_l2_2, ...): the sum over
     # pairs of per-pair means, i.e. the mean over equal-sized pairs times their count.
@@ -158,18 +172,25 @@ def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
     if p.consistency > 0 and pred.shape[1] >= 2:
         prev_p, cur_p = pred[:, :-1].flatten(0, 1), pred[:, 1:].flatten(0, 1)
         prev_g, cur_g = target[:, :-1].flatten(0, 1), target[:, 1:].flatten(0, 1)
-        with torch.no_grad():  # motion of the ground truth, by the model's own (frozen) SPyNet
-            flow = model.cfr.spynet(cur_g * 2 - 1, prev_g * 2 - 1).float()
-        out["consistency"] = p.consistency * losses.temporal_consistency_loss(
-            prev_p, cur_p, prev_g, cur_g, flow
-        )
+        if ctx["temporal"] == "reference_flow":  # a logged constant: it trains nothing
+            term = losses.reference_flow_loss(
+                prev_p * 2 - 1, cur_p * 2 - 1, prev_g * 2 - 1, cur_g * 2 - 1
+            ).to(ctx["device"])
+        else:
+            with torch.no_grad():  # motion of the ground truth, by the model's own (frozen) SPyNet
+                flow = model.cfr.spynet(cur_g * 2 - 1, prev_g * 2 - 1).float()
+            term = losses.temporal_consistency_loss(prev_p, cur_p, prev_g, cur_g, flow)
+        out["consistency"] = p.consistency * term
     if p.stage == "detail" and p.csd > 0 and ctx["csd"] is not None:
         b = latents.shape[0]
         out["csd"] = (
             p.csd
             * pairs
             * ctx["csd"](
-                latents, ctx["pos"].expand(b, -1, -1), ctx["neg"].expand(b, -1, -1), generator=gen
+                latents,
+                per_pair(pos, gt.shape[0], pairs),
+                ctx["neg"].expand(b, -1, -1),
+                generator=gen,
             )
         )
     out["total"] = sum(out.values())
@@ -254,7 +275,8 @@ def _load_state(folder: Path, model, optimizer, scheduler) -> int:
 @torch.no_grad()
 def validate(model: DLoRAL, cfg: TrainConfig, ctx) -> tuple[dict[str, float], torch.Tensor]:
     """PSNR/SSIM/temporal error on the first frames of a few validation clips; returns the
-    metrics and one LQ | output | GT strip for logging."""
+    metrics and one LQ | output | GT strip for logging. The prompt is the run's source as at
+    inference (`TrainingPrompts.for_inference`), empty when ctx has no "prompts"."""
     from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
 
     stage = model.stage
@@ -269,6 +291,7 @@ def validate(model: DLoRAL, cfg: TrainConfig, ctx) -> tuple[dict[str, float], to
             batch_size=cfg.data.val_frames,
             seed=cfg.run.seed,
         ),
+        prompt=ctx["prompts"].for_inference() if "prompts" in ctx else None,  # None: empty
     )
     scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "temporal_change": []}
     strip = None
@@ -306,11 +329,6 @@ def train(
 
     tracker = tracker or NullTracker()
     require_weights(missing_training_weights(cfg))  # all missing weights at once, nothing built
-    if cfg.loss.temporal != "warped":
-        raise ValueError(
-            f"loss.temporal={cfg.loss.temporal!r} is not implemented: the reference's Farneback "
-            "flow L1 carries no gradient and needs OpenCV; use 'warped'"
-        )
     device = resolve_device(cfg.run.device)
     if run_dir is None:  # a new folder per run: rerunning an experiment never clobbers one
         run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -325,6 +343,7 @@ def train(
     if cfg.optim.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     trainable = _all_trainable(model)
+    clipped = _clipped(model, trainable, cfg.optim.clip)
     optimizer = torch.optim.AdamW(
         trainable,
         lr=cfg.optim.lr,
@@ -350,8 +369,11 @@ def train(
 
     ctx = {"device": device, "lpips": None, "csd": None, "lpips_source": "not used"}
     ctx["lpips"], ctx["lpips_source"] = _lpips(cfg, device)
+    ctx["temporal"], ctx["clipped"] = cfg.loss.temporal, clipped
+    ctx["prompts"] = TrainingPrompts(cfg.loss, model.encode_prompt, device)
+    if resume:
+        ctx["prompts"].load(run_dir)
     with torch.no_grad():
-        ctx["pos"] = model.encode_prompt([cfg.loss.pos_prompt]).to(device)
         ctx["neg"] = model.encode_prompt([cfg.loss.neg_prompt]).to(device)
     if cfg.loss.weights.csd > 0:
         ctx["csd"] = losses.CSDLoss(
@@ -445,9 +467,7 @@ def _loop(
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
         scaler.unscale_(optimizer)
         if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [q for q in trainable if q.grad is not None], cfg.optim.grad_clip
-            )
+            _clip_gradients(ctx["clipped"], cfg.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -481,6 +501,7 @@ def _loop(
                 cfg.run.keep_checkpoints,
                 {"stage": p.stage},
             )
+            _record_prompts(run_dir, ctx["prompts"], tracker)
         if validated and on_validation:
             on_validation(done, metrics, saved)
     tracker.log_checkpoint(last_ckpt)
@@ -519,6 +540,29 @@ def _all_trainable(model: DLoRAL) -> list[torch.nn.Parameter]:
         params.update({id(q): q for q in model.trainable_parameters()})
     model.set_stage("inference")
     return list(params.values())
+
+
+def _clipped(model: DLoRAL, trainable: list, clip: str) -> list[torch.nn.Parameter]:
+    """The parameters whose joint gradient norm `optim.grad_clip` bounds: every trained one
+    (`all`), or the Detail-LoRA's only (`detail`, the reference's `param_groups[0]`; in the
+    consistency stage they have no gradient, so nothing is clipped there)."""
+    if clip == "all":
+        return trainable
+    return [q for _, q in lora.adapter_parameters(model.unet, "detail")]
+
+
+def _clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    torch.nn.utils.clip_grad_norm_([q for q in params if q.grad is not None], max_norm)
+
+
+def _record_prompts(run_dir: Path, prompts: TrainingPrompts, tracker) -> None:
+    """Tagged prompts: the run folder's prompts.json (read on resume) and the run's table."""
+    if prompts.tagger is None:
+        return
+    rows = prompts.take_unlogged()
+    if rows["prompt"]:
+        tracker.log_table(rows, "prompts.json")
+    prompts.save(run_dir)
 
 
 def _lpips(cfg: TrainConfig, device):

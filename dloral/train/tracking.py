@@ -21,13 +21,15 @@ class NullTracker:
     def start(self, cfg, run_dir: Path, resume: bool, info: dict) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: torch.Tensor, name: str) -> None: ...
+    def log_table(self, columns: dict[str, list], name: str) -> None: ...
     def log_checkpoint(self, folder: Path | None) -> None: ...
     def finish(self, status: str, reason: str | None = None) -> None: ...
 
 
 class MlflowTracker(NullTracker):
     """One MLflow run per training run: params = the resolved config, per-step metrics,
-    sample strips, the final checkpoint as an artifact, and a terminal status."""
+    sample strips, tables (tagged prompts), the final checkpoint as an artifact, and a terminal
+    status."""
 
     def __init__(
         self,
@@ -72,6 +74,10 @@ class MlflowTracker(NullTracker):
         from dloral.data.frames import to_uint8
 
         self.client.log_image(self.run_id, to_uint8(image), artifact_file=name)
+
+    def log_table(self, columns: dict[str, list], name: str) -> None:
+        """Rows appended to the run's table artifact `name` (.json), e.g. sample -> prompt."""
+        self.client.log_table(self.run_id, data=columns, artifact_file=name)
 
     def log_checkpoint(self, folder: Path | None) -> None:
         if folder is not None:
