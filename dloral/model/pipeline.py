@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dloral.model.colorfix import COLOR_FIXES, color_fix
 from dloral.model.dloral import DLoRAL
 from dloral.model.prompts import PromptSource
-from dloral.model.tiling import restore_tiled
+from dloral.model.tiling import needs_tiling, restore_tiled
 from dloral.resize import resize_frames
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class UpscaleOptions:
     scale: int = 4
     color_fix: str = "adain"  # the reference's default
     batch_size: int = 4  # frames encoded/restored/decoded together
-    tile: int | None = None  # VAE tile size in output pixels; None: no tiling
+    tile: int | None = None  # VAE tile in output pixels; None: 8 * latent_tile when the latent
+    # is tiled (memory flat in frame size), else none; 0: never
     process_size: int = 512  # LQ whose short side * scale is below this is enlarged first
     sample_latent: bool = True  # draw from the VAE posterior as the reference does
     seed: int = 0
@@ -55,8 +56,8 @@ class UpscaleOptions:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}; got {self.color_fix!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.tile is not None and (self.tile < 64 or self.tile % 8):
-            raise ValueError(f"tile must be a multiple of 8 and >= 64; got {self.tile}")
+        if self.tile and (self.tile < 64 or self.tile % 8):
+            raise ValueError(f"tile must be 0 or a multiple of 8 >= 64; got {self.tile}")
         if self.latent_tile < 0:
             raise ValueError(f"latent_tile must be >= 0 (0: no tiling); got {self.latent_tile}")
         if self.latent_tile and not 0 <= self.latent_overlap < self.latent_tile:
@@ -84,11 +85,14 @@ class VideoUpscaler:
         self.device, self.dtype = device, dtype
         self.opt = options or UpscaleOptions()
         self.prompt = prompt or PromptSource()
+        self._vae_tiling(self.opt.tile)
+
+    def _vae_tiling(self, tile: int | None) -> None:
         vae = self.model.vae
-        if self.opt.tile:
+        if tile:
             vae.enable_tiling()
-            vae.tile_sample_min_size = self.opt.tile
-            vae.tile_latent_min_size = self.opt.tile // 8
+            vae.tile_sample_min_size = tile
+            vae.tile_latent_min_size = tile // 8
         else:
             vae.disable_tiling()
 
@@ -154,6 +158,10 @@ class VideoUpscaler:
             raise ValueError(f"frame {names[0]}: size changed inside the clip")
         lq, lq_model = self._prepare(torch.stack([f for _, f in batch]), proc)
         model = self.model
+        if self.opt.tile is None and state is None:  # auto: tile the VAE where the latent is
+            h, w = lq_model.shape[-2] // 8, lq_model.shape[-1] // 8
+            tiled = needs_tiling(h, w, self.opt.latent_tile)
+            self._vae_tiling(8 * self.opt.latent_tile if tiled else None)
         if state is None:
             text = self.prompt.prompt_for(lq[0].float())
             log.info("prompt: %r", text)
