@@ -49,6 +49,16 @@ class PromptKind(StrEnum):
     tagger = "tagger"
 
 
+class FirstFrame(StrEnum):
+    self = "self"
+    skip = "skip"
+
+
+class SizeTo8(StrEnum):
+    pad = "pad"
+    lanczos = "lanczos"
+
+
 def _setup_logging(verbose: bool) -> None:
     if not console.is_terminal:  # logs and tables written to a file or CI: no 80-column wrap
         console.width = max(console.width, 160)
@@ -106,8 +116,38 @@ def upscale(
     scale: Annotated[int, typer.Option(help="Upscaling factor.")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     tile: Annotated[
-        int | None, typer.Option(help="VAE tile size in output pixels (large frames).")
+        int | None,
+        typer.Option(
+            help="VAE tile size in output pixels; 0: never tile the VAE "
+            "[default: 8 x latent tile, where the latent is tiled].",
+            show_default=False,
+        ),
     ] = None,
+    latent_tile: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="CFR and UNet run on latent tiles of this size, blended with Gaussian weights, "
+            "when the latent's area exceeds it squared (the reference's 96); 0: never.",
+        ),
+    ] = 96,
+    latent_overlap: Annotated[
+        int, typer.Option(min=0, help="Overlap of latent tiles (the reference's 32).")
+    ] = 32,
+    first_frame: Annotated[
+        FirstFrame,
+        typer.Option(
+            help="self: frame 0 is its own previous frame (every frame has an output); "
+            "skip: no output for frame 0, as the reference's test script."
+        ),
+    ] = FirstFrame.self,
+    size_to_8: Annotated[
+        SizeTo8,
+        typer.Option(
+            help="Bring the upsampled frame to a multiple of 8: pad (replicate) or lanczos "
+            "(resize down, as the reference; the output is resized back)."
+        ),
+    ] = SizeTo8.pad,
     precision: Annotated[
         str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp16, bf16, fp32.")
     ] = "auto",
@@ -150,6 +190,10 @@ def upscale(
         scale=scale,
         device=device,
         tile=tile,
+        latent_tile=latent_tile,
+        latent_overlap=latent_overlap,
+        first_frame=first_frame.value,
+        size_to_8=size_to_8.value,
         precision=precision,
         batch_size=batch_size,
         color_fix=color_fix.value,

@@ -3,6 +3,7 @@
 - `resize_bicubic`: PIL bicubic (a = -0.5, antialiased when shrinking), run on float32 channels
   (PIL mode "F") so nothing is quantised on the way. The reference upsamples LQ frames with it,
   and shrinking with it is the usual stand-in for MATLAB's `imresize` (BI degradation).
+  `kernel="lanczos"` is PIL's LANCZOS instead (the reference's resize to a multiple of 8).
 - `bd_downsample`: the BD degradation of VSR benchmarks (DUF / BasicSR `duf_downsample`): a 13x13
   Gaussian with sigma = 0.4 * scale, reflect padding, then every scale-th pixel from (0, 0).
 """
@@ -16,9 +17,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+RESAMPLING = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
-def resize_bicubic(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """frame (C, H, W) float -> (C, size[0], size[1]) float, PIL bicubic per channel."""
+
+def resize_bicubic(
+    frame: torch.Tensor, size: tuple[int, int], kernel: str = "bicubic"
+) -> torch.Tensor:
+    """frame (C, H, W) float -> (C, size[0], size[1]) float, PIL bicubic (or `kernel`, a key
+    of RESAMPLING) per channel."""
     h, w = size
     if tuple(frame.shape[-2:]) == (h, w):
         return frame
@@ -27,7 +33,7 @@ def resize_bicubic(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         [
             np.asarray(
                 Image.fromarray(np.ascontiguousarray(ch, dtype=np.float32)).resize(
-                    (w, h), Image.BICUBIC
+                    (w, h), RESAMPLING[kernel]
                 )
             )
             for ch in src
@@ -36,11 +42,13 @@ def resize_bicubic(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(out).to(frame.device)
 
 
-def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(..., C, H, W) -> (..., C, size[0], size[1]) by PIL bicubic per frame, clipped to [0, 1]
-    (what a uint8 image would hold: bicubic overshoots)."""
+def resize_frames(
+    frames: torch.Tensor, size: tuple[int, int], kernel: str = "bicubic"
+) -> torch.Tensor:
+    """(..., C, H, W) -> (..., C, size[0], size[1]) by PIL bicubic (or `kernel`) per frame,
+    clipped to [0, 1] (what a uint8 image would hold: bicubic and lanczos overshoot)."""
     flat = frames.reshape(-1, *frames.shape[-3:])
-    out = torch.stack([resize_bicubic(f, size) for f in flat]).clamp_(0, 1)
+    out = torch.stack([resize_bicubic(f, size, kernel) for f in flat]).clamp_(0, 1)
     return out.reshape(*frames.shape[:-2], *size)
 
 

@@ -35,7 +35,11 @@ class UpscaleJob:
     checkpoint: Path | None = None
     scale: int = 4
     device: str = "auto"
-    tile: int | None = None
+    tile: int | None = None  # VAE tile; None: where the latent is tiled; 0: never
+    latent_tile: int = 96
+    latent_overlap: int = 32
+    first_frame: str = "self"  # skip: no output for frame 0 (the reference)
+    size_to_8: str = "pad"  # or lanczos (the reference)
     precision: str = "auto"
     batch_size: int = 4
     color_fix: str = "adain"
@@ -91,8 +95,8 @@ def upscale_video(
     upscaler, model, device, dtype, notes = _build(job)
     _, out_size = upscaler.geometry(source.size)
     total = min(job.frames or len(source), len(source))
-    if on_start:
-        on_start(total, notes)
+    if on_start:  # frames that will be written: `skip` writes none for frame 0
+        on_start(max(total - 1, 0) if job.first_frame == "skip" else total, notes)
 
     job.output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -148,6 +152,10 @@ def _build(job: UpscaleJob):
             batch_size=job.batch_size,
             tile=job.tile,
             process_size=job.process_size,
+            latent_tile=job.latent_tile,
+            latent_overlap=job.latent_overlap,
+            first_frame=job.first_frame,
+            size_to_8=job.size_to_8,
             seed=job.seed,
         )
         # Where the backbone comes from may be overridden; what the checkpoint was trained with

@@ -342,3 +342,34 @@ def test_dloral_method_loads_the_checkpoint_a_run_or_trial_logged_to_mlflow(tmp_
         mlflow_checkpoint("abcde_00002")
     with pytest.raises(MethodError, match="no MLflow run or sweep trial"):
         mlflow_checkpoint("nope_00000")
+
+
+def test_first_frame_skip_scores_only_frames_the_output_has(udm, tmp_path):
+    peers = tmp_path / "peers"  # the reference's layout: GT copies without frame 0
+    shutil.copytree(udm / "peers" / "gt", peers)
+    for clip in CLIPS:
+        (peers / clip / "0000.png").unlink()
+    methods = ["bicubic", f"folder:ref={peers}", "dloral:tiny"]
+    path = write_suite(tmp_path, udm, methods, ["psnr", "ewarp"])
+    path.write_text(path.read_text() + 'first_frame = "skip"\n')
+    suite = load_suite(path)
+    out = tmp_path / "out"
+    harness.run_bench(suite, out_dir=out, tracking=False)
+    df = pd.read_parquet(out / "results.parquet")
+    scored = df[df["kind"] != "latency"]
+    frames = scored.groupby(["method", "metric"])["frame"].apply(lambda f: sorted(set(f)))
+    assert frames["bicubic", "psnr"] == [0, 1, 2]
+    assert frames["ref", "psnr"] == frames["dloral-tiny", "psnr"] == [1, 2]  # clip frame numbers
+    assert frames["ref", "ewarp"] == frames["dloral-tiny", "ewarp"] == [1]  # one pair left
+    # GT frames 1 and 2 were matched to the outputs for frames 1 and 2 (not 0 and 1)
+    assert (
+        scored.loc[(scored["method"] == "ref") & (scored["metric"] == "psnr"), "value"]
+        .map(math.isinf)
+        .all()
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert run["first_frame"] == {"bicubic": "self", "ref": "skip", "dloral-tiny": "skip"}
+    assert run["methods"]["dloral-tiny"]["options"]["first_frame"] == "skip"
+    entry = read_index(out / "visuals")[0]
+    xt = np.asarray(Image.open(Path(entry["folder"]) / entry["images"]["dloral-tiny"]["xt"]))
+    assert xt.shape[0] == FRAMES and not xt[0].any() and xt[1:].any()  # no frame 0: black row

@@ -86,14 +86,19 @@ def test_official_layout_roundtrip(tmp_path):
     assert sd["unet_lora_encoder_modules_quality"][0].startswith(("conv_in", "down_blocks"))
     assert "cross_attn_module.threshold_fc.weight" in sd["state_dict_bpp"]
 
-    # the reference also stores CFR modules its forward never uses: those are reported ignored
-    sd["state_dict_bpp"]["feat_extract.main.0.weight"] = torch.zeros(64, 4, 3, 3)
+    # the reference also stores CFR modules its forward never uses (so does the export, for
+    # the reference's loader): those are reported ignored
+    assert sd["state_dict_bpp"]["feat_extract.main.0.weight"].shape == (64, 4, 3, 3)
     sd["state_dict_unet"]["not_a_layer.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "model_extra.pkl")
     imported, report = import_official(
         tmp_path / "model_extra.pkl", profile="tiny", overrides={"seed": 7}
     )
-    assert report.ignored == ["state_dict_bpp.feat_extract.main.0.weight"]
+    assert "state_dict_bpp.feat_extract.main.0.weight" in report.ignored
+    assert {k.split(".")[1] for k in report.ignored} == {
+        "feat_extract", "weight_predict", "weight_predict_final", "reconstruction_feat",
+        "conv_hr", "conv_last",
+    }  # fmt: skip
     assert report.unexpected == ["state_dict_unet.not_a_layer.weight"]
     assert report.missing == []
     assert torch.equal(_restore(model), _restore(imported))

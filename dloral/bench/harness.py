@@ -7,6 +7,11 @@ clip's visual comparisons in <out_dir>/visuals/; at the end aggregate.csv, skipp
 run.json join it. Metric values are cached across runs into the
 same out_dir by (output_hash, metric, implementation) in cache.parquet; `force` recomputes.
 Latency rows (s_per_frame, peak_mem_gib) are measured anew each run, for methods run here.
+
+A method's output may lack a clip's first frame (DLoRAL with `first_frame = "skip"`, as the
+reference's test script; a folder of the reference's outputs): only the frames both GT and the
+output have are scored, frame numbers in the results stay the clip's, and run.json records each
+method's first-frame policy (`first_frame`).
 """
 
 from __future__ import annotations
@@ -240,11 +245,25 @@ def _score_method(
     infos: dict[str, MetricInfo],
     keep: Callable[[str, torch.Tensor], None] | None = None,
 ) -> tuple[list[dict], int, int]:
-    """Run one method on one clip and score its output: (rows, computed, cached).
-    `keep(method, frames)` sees the output (the visual comparisons' crops)."""
+    """Run one method on one clip and score its output on the frames it has: (rows, computed,
+    cached, first-frame policy). `keep(method, frames)` sees the output (the visual comparisons'
+    crops), with black frames where it has none."""
     output = runner.run(job)
+    covered = output.names if output.names is not None else job.names
+    index = [job.names.index(n) for n in covered]
+    if not index or index != list(range(index[0], index[0] + len(index))):
+        raise ValueError(
+            f"{runner.name}: {job.clip}: output frames {list(covered)[:5]} are not a run of "
+            "consecutive clip frames"
+        )
+    if gt is not None and len(index) != len(job.names):
+        gt = gt[index]
     if keep is not None:
-        keep(runner.name, output.frames)
+        shown = output.frames
+        if len(index) != len(job.names):
+            shown = output.frames.new_zeros(len(job.names), *output.frames.shape[1:])
+            shown[index] = output.frames
+        keep(runner.name, shown)
     digest = output_hash(output.frames)
     records = _latency_rows(job, runner.name, output, digest, suite, device, infos)
     computed = cached = 0
@@ -253,7 +272,7 @@ def _score_method(
         if info.needs_gt and gt is None:
             skip(name, f"needs GT; {job.dataset} has none", job.dataset)
             continue
-        if info.level == "pair" and len(job.names) < 2:
+        if info.level == "pair" and len(covered) < 2:
             skip(name, "needs at least 2 frames", job.dataset, job.clip)
             continue
         hit = cache.get((digest, name, info.implementation))
@@ -266,10 +285,12 @@ def _score_method(
             continue
         values = scorer.fn(output.frames, gt).reshape(-1).tolist()
         computed += 1
-        rows = results.rows(job.dataset, runner.name, job.clip, info, values, scorer.device, digest)
+        rows = results.rows(
+            job.dataset, runner.name, job.clip, info, values, scorer.device, digest, index[0]
+        )
         cache.add(rows)
         records += rows
-    return records, computed, cached
+    return records, computed, cached, output.first_frame
 
 
 def run_bench(
@@ -316,6 +337,8 @@ def run_bench(
         "device": str(dev),
         "crop_border": suite.options.crop_border,
         "seed": suite.options.seed,
+        # per method: "skip" where its output lacked a clip's frame 0 (those frames not scored)
+        "first_frame": {m.name: getattr(m, "first_frame", "self") for m in runners},
         "datasets": {s.name: {"kind": s.kind, "root": s.root, **m} for s, _, _, m in datasets},
         # the same facts as `dloral-exp doctor`: versions, device, every weight found or missing
         "versions": provenance.versions(),
@@ -370,7 +393,7 @@ def run_bench(
                 )
                 computed = cached = 0
                 for runner in runners:
-                    rows, n_new, n_cached = _score_method(
+                    rows, n_new, n_cached, first = _score_method(
                         runner,
                         job,
                         gt,
@@ -382,6 +405,8 @@ def run_bench(
                         infos,
                         keep=partial(recorder.add, vis) if recorder else None,
                     )
+                    if first == "skip":
+                        run_info["first_frame"][runner.name] = "skip"
                     records += rows
                     computed += n_new
                     cached += n_cached

@@ -8,6 +8,11 @@ clip, each timed end to end with CUDA synchronised; seconds per frame = median p
 The last pass's frames are the output (the pipeline is seeded, so passes agree). Peak memory:
 `torch.cuda.max_memory_allocated` on CUDA (reset before the timed passes); on CPU the process's
 peak RSS (ru_maxrss: monotonic over the whole process, an upper bound, said so in results).
+
+First frame: DLoRAL with `first_frame = "skip"` (the reference's test script) has no output for
+a clip's frame 0, and a folder of peer outputs may lack it likewise (the reference's layout);
+a method's output says which frames it covers (`MethodOutput.names`) and its first-frame policy,
+and the harness scores only those frames.
 """
 
 from __future__ import annotations
@@ -59,10 +64,12 @@ class ClipJob:
 
 @dataclass
 class MethodOutput:
-    frames: torch.Tensor  # (T, 3, sH, sW) float32 in [0, 1], CPU
+    frames: torch.Tensor  # (T', 3, sH, sW) float32 in [0, 1], CPU
     seconds_per_frame: float | None = None  # None: not measured (folder methods)
     peak_mem_gib: float | None = None
     memory_kind: str = ""  # what peak_mem_gib measures
+    names: tuple[str, ...] | None = None  # the clip frames `frames` are; None: all job.names
+    first_frame: str = "self"  # "skip": the method wrote no output for the clip's frame 0
 
 
 class Method(Protocol):
@@ -115,7 +122,10 @@ class _Timed:
     def __init__(self) -> None:
         self._warm = False
 
+    first_frame = "self"
+
     def _pass(self, names: tuple[str, ...], lq: torch.Tensor, scale: int) -> torch.Tensor:
+        """Output frames for `names`; with first_frame `skip`, for names[1:]."""
         raise NotImplementedError
 
     def run(self, job: ClipJob) -> MethodOutput:
@@ -138,12 +148,19 @@ class _Timed:
             seconds.append(time.perf_counter() - start)
         peak, kind = _peak_memory(self.device)
         frames = out.float().cpu().clamp(0, 1)
+        covered = names[1:] if self.first_frame == "skip" else names
+        if len(frames) != len(covered):
+            raise MethodError(
+                f"{self.name}: {job.dataset} clip {job.clip!r}: {len(frames)} output frames for "
+                f"{len(covered)} expected (first frame {self.first_frame})"
+            )
         if job.out_size is not None and tuple(frames.shape[-2:]) != tuple(job.out_size):
             raise MethodError(
                 f"{self.name}: {job.dataset} clip {job.clip!r}: output {tuple(frames.shape[-2:])} "
                 f"differs from the GT size {tuple(job.out_size)} (scale {scale})"
             )
-        return MethodOutput(frames, statistics.median(seconds) / len(names), peak, kind)
+        per_frame = statistics.median(seconds) / max(len(covered), 1)
+        return MethodOutput(frames, per_frame, peak, kind, covered, self.first_frame)
 
 
 class Bicubic(_Timed):
@@ -206,9 +223,11 @@ class DLoRALMethod(_Timed):
         seed: int = 0,
         process_size: int = 512,
         batch_size: int = 4,
+        first_frame: str = "self",
     ) -> None:
         super().__init__()
         self.name, self.source, self.repeats = label, source, repeats
+        self.first_frame = first_frame
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(self.device)
         self.seed, self.process_size, self.batch_size = seed, process_size, batch_size
@@ -264,6 +283,7 @@ class DLoRALMethod(_Timed):
                 batch_size=self.batch_size,
                 process_size=self.process_size,
                 seed=self.seed,
+                first_frame=self.first_frame,
             )
             self._upscalers[scale] = VideoUpscaler(self._load(), self.device, self.dtype, opts)
         return self._upscalers[scale]
@@ -284,6 +304,7 @@ class DLoRALMethod(_Timed):
                 "seed": self.seed,
                 "color_fix": "adain",
                 "lora": "merged",
+                "first_frame": self.first_frame,
             },
         }
 
@@ -333,7 +354,8 @@ class FolderMethod:
     def frames_for(
         self, dataset: str, clip: str, names: tuple[str, ...], all_names: tuple[str, ...]
     ) -> list[Path]:
-        """Paths of the output frames for `names`; the folder must hold exactly `all_names`."""
+        """Paths of the output frames for `names`; the folder must hold exactly `all_names`, or
+        all but the first (the reference writes no output for frame 0): then `names[1:]`."""
         folder = self._clip_dir(dataset, clip)
         try:
             found = open_frames(folder).names
@@ -343,6 +365,8 @@ class FolderMethod:
         wanted = [Path(n).stem for n in all_names]
         missing = [s for s in wanted if s not in by_stem]
         extra = sorted(set(by_stem) - set(wanted), key=natural_key)
+        if missing == wanted[:1] and len(wanted) > 1 and not extra:  # first frame skipped
+            return [folder / by_stem[Path(n).stem] for n in names if Path(n).stem in by_stem]
         if missing or extra:
             raise MethodError(
                 f"{self.name}: {dataset} clip {clip!r} in {folder}: "
@@ -356,7 +380,9 @@ class FolderMethod:
     def run(self, job: ClipJob) -> MethodOutput:
         dataset, clip, size = job.dataset, job.clip, job.out_size
         frames = []
-        for path in self.frames_for(dataset, clip, job.names, job.all_names):
+        paths = self.frames_for(dataset, clip, job.names, job.all_names)
+        skipped = len(paths) < len(job.names)
+        for path in paths:
             try:
                 frame = read_image(path)
             except FrameError as err:
@@ -368,7 +394,15 @@ class FolderMethod:
                     f"{size[1]}x{size[0]} ({path})"
                 )
             frames.append(frame)
-        return MethodOutput(torch.stack(frames))
+        if not frames:
+            raise MethodError(
+                f"{self.name}: {dataset} clip {clip!r}: no output frames among the "
+                f"{len(job.names)} scored (the folder lacks the first frame)"
+            )
+        names = job.names[1:] if skipped else job.names
+        return MethodOutput(
+            torch.stack(frames), names=names, first_frame="skip" if skipped else "self"
+        )
 
 
 def build_method(spec: str, *, device: str = "auto", options=None) -> Method | FolderMethod:
@@ -387,4 +421,5 @@ def build_method(spec: str, *, device: str = "auto", options=None) -> Method | F
         seed=options.seed if options else 0,
         process_size=options.process_size if options else 512,
         batch_size=options.batch_size if options else 4,
+        first_frame=options.first_frame if options else "self",
     )

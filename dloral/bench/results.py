@@ -46,10 +46,12 @@ def rows(
     values: Iterable[float],
     device: str,
     output_hash: str,
+    first: int = 0,
 ) -> list[dict]:
-    """Rows for one metric on one clip; values are per frame/pair, or one value for the clip."""
+    """Rows for one metric on one clip; values are per frame/pair, or one value for the clip.
+    `first`: the clip frame index of the first value (1 when the output lacks frame 0)."""
     values = list(values)
-    frames = [CLIP_LEVEL] if info.level == "clip" else range(len(values))
+    frames = [CLIP_LEVEL] if info.level == "clip" else range(first, first + len(values))
     return [
         {
             "dataset": dataset,

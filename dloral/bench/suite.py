@@ -80,6 +80,7 @@ class Options:
     seed: int = 0
     process_size: int = 512  # dloral: the reference's minimum processing short side
     batch_size: int = 4  # dloral: frames upscaled together
+    first_frame: str = "self"  # dloral: "skip" writes no output for frame 0 (the reference)
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,8 @@ def _options(where: str, table: dict) -> Options:
         _at_least(at, key, getattr(opts, key), 1)
     if opts.flow not in FLOW_KINDS:
         raise SuiteError(f"{where}: [options] flow={opts.flow!r}; valid: {', '.join(FLOW_KINDS)}")
+    if opts.first_frame not in ("self", "skip"):
+        raise SuiteError(f"{where}: [options] first_frame={opts.first_frame!r}; valid: self, skip")
     return opts
 
 

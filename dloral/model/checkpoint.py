@@ -279,9 +279,36 @@ def _check_shapes(path, state: dict, model_state: dict) -> None:
         )
 
 
+def _unused_cfr_shapes(mid: int = 64) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the CFR_model modules the reference builds but never runs
+    (src/cross_frame_retrieval/cfr_main.py, CFR_model(mid_channels=64)): its loader with
+    `--load_cfr` copies every CFR parameter by name, these included."""
+
+    def blocks(prefix: str, cin: int, cout: int, n: int) -> dict[str, tuple[int, ...]]:
+        # ResidualBlocksWithInputConv: main.0 conv, main.1 LeakyReLU, main.2 n residual blocks
+        out = {f"{prefix}.main.0.weight": (cout, cin, 3, 3), f"{prefix}.main.0.bias": (cout,)}
+        for i in range(n):
+            for conv in ("conv1", "conv2"):
+                out[f"{prefix}.main.2.{i}.{conv}.weight"] = (cout, cout, 3, 3)
+                out[f"{prefix}.main.2.{i}.{conv}.bias"] = (cout,)
+        return out
+
+    return {
+        **blocks("feat_extract", 4, mid, 5),
+        **blocks("weight_predict", 3, mid, 5),
+        **blocks("weight_predict_final", mid, 1, 1),
+        **blocks("reconstruction_feat", mid, mid, 5),
+        "conv_hr.weight": (64, 64, 3, 3),
+        "conv_hr.bias": (64,),
+        "conv_last.weight": (4, 64, 3, 3),
+        "conv_last.bias": (4,),
+    }
+
+
 def export_official(model: DLoRAL, path: str | os.PathLike) -> Path:
-    """Write a model in the official `model.pkl` layout (the reference's unused CFR modules are
-    not written). Used to test the importer and to hand weights to the reference scripts."""
+    """Write a model in the official `model.pkl` layout. Used to test the importer and to hand
+    weights to the reference scripts: the CFR modules the reference never runs are written as
+    zeros, so its loader with `--load_cfr` finds every parameter it copies."""
     path = Path(path)
     theirs = {v: k for k, v in OFFICIAL_LORA.items()}
     sd: dict = {}
@@ -300,6 +327,7 @@ def export_official(model: DLoRAL, path: str | os.PathLike) -> Path:
             key = f"{module}.{m.group(1)}.{adapter}.{key[m.end() :]}"
         unet_state[key] = tensor.detach().cpu().clone()
     sd["state_dict_unet"] = unet_state
-    sd["state_dict_bpp"] = {k: v.detach().cpu().clone() for k, v in model.cfr.state_dict().items()}
+    cfr = {k: v.detach().cpu().clone() for k, v in model.cfr.state_dict().items()}
+    sd["state_dict_bpp"] = {k: torch.zeros(s) for k, s in _unused_cfr_shapes().items()} | cfr
     atomic_write(path, lambda tmp: torch.save(sd, tmp))
     return path

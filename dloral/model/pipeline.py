@@ -1,12 +1,16 @@
 """One-step video super-resolution with DLoRAL, streamed frame by frame.
 
-For each frame: upsample the LQ frame by `scale` (PIL bicubic, as the reference), VAE-encode,
+For each frame: upsample the LQ frame by `scale` (PIL bicubic, as the reference), bring it to a
+multiple of 8 (`size_to_8`: replicate-pad, or the reference's LANCZOS resize), VAE-encode,
 retrieve from the previous frame (CFR), one UNet step, decode, colour-fix towards the upsampled
-input. The first frame is paired with itself (zero motion), so every input frame has an output;
-the reference's test script pairs (t-1, t) and writes no output for frame 0.
+input. CFR and the UNet run on latent tiles above `latent_tile` x `latent_tile`
+(dloral.model.tiling, as the reference). `first_frame`: `self` pairs the first frame with itself
+(zero motion), so every input frame has an output; `skip` is the reference's test script, which
+pairs (t-1, t) and writes no output for frame 0.
 
 Memory is bounded by `batch_size` frames whatever the video's length: only the previous
-frame's LQ and latent are carried between batches.
+frame's LQ and latent are carried between batches; with latent tiling and VAE tiling (`tile`)
+it does not grow with the frame size either.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ import torch.nn.functional as F
 from dloral.model.colorfix import COLOR_FIXES, color_fix
 from dloral.model.dloral import DLoRAL
 from dloral.model.prompts import PromptSource
+from dloral.model.tiling import needs_tiling, restore_tiled
 from dloral.resize import resize_frames
 
 log = logging.getLogger(__name__)
+
+FIRST_FRAME = ("self", "skip")
+SIZE_TO_8 = ("pad", "lanczos")
 
 
 @dataclass
@@ -31,10 +39,15 @@ class UpscaleOptions:
     scale: int = 4
     color_fix: str = "adain"  # the reference's default
     batch_size: int = 4  # frames encoded/restored/decoded together
-    tile: int | None = None  # VAE tile size in output pixels; None: no tiling
+    tile: int | None = None  # VAE tile in output pixels; None: 8 * latent_tile when the latent
+    # is tiled (memory flat in frame size), else none; 0: never
     process_size: int = 512  # LQ whose short side * scale is below this is enlarged first
     sample_latent: bool = True  # draw from the VAE posterior as the reference does
     seed: int = 0
+    latent_tile: int = 96  # CFR + UNet on tiles above this many latent pixels squared; 0: never
+    latent_overlap: int = 32  # overlap of neighbouring latent tiles (the reference's 32)
+    first_frame: str = "self"  # self: frame 0 paired with itself; skip: no output for frame 0
+    size_to_8: str = "pad"  # pad: replicate-pad to a multiple of 8; lanczos: the reference
 
     def __post_init__(self):
         if self.scale < 1:
@@ -43,8 +56,19 @@ class UpscaleOptions:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}; got {self.color_fix!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.tile is not None and (self.tile < 64 or self.tile % 8):
-            raise ValueError(f"tile must be a multiple of 8 and >= 64; got {self.tile}")
+        if self.tile and (self.tile < 64 or self.tile % 8):
+            raise ValueError(f"tile must be 0 or a multiple of 8 >= 64; got {self.tile}")
+        if self.latent_tile < 0:
+            raise ValueError(f"latent_tile must be >= 0 (0: no tiling); got {self.latent_tile}")
+        if self.latent_tile and not 0 <= self.latent_overlap < self.latent_tile:
+            raise ValueError(
+                f"latent_overlap must be in [0, latent_tile={self.latent_tile}); "
+                f"got {self.latent_overlap}"
+            )
+        if self.first_frame not in FIRST_FRAME:
+            raise ValueError(f"first_frame must be one of {FIRST_FRAME}; got {self.first_frame!r}")
+        if self.size_to_8 not in SIZE_TO_8:
+            raise ValueError(f"size_to_8 must be one of {SIZE_TO_8}; got {self.size_to_8!r}")
 
 
 class VideoUpscaler:
@@ -61,17 +85,21 @@ class VideoUpscaler:
         self.device, self.dtype = device, dtype
         self.opt = options or UpscaleOptions()
         self.prompt = prompt or PromptSource()
+        self._vae_tiling(self.opt.tile)
+
+    def _vae_tiling(self, tile: int | None) -> None:
         vae = self.model.vae
-        if self.opt.tile:
+        if tile:
             vae.enable_tiling()
-            vae.tile_sample_min_size = self.opt.tile
-            vae.tile_latent_min_size = self.opt.tile // 8
+            vae.tile_sample_min_size = tile
+            vae.tile_latent_min_size = tile // 8
         else:
             vae.disable_tiling()
 
     def geometry(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """LQ (h, w) -> (processing size, output size). Processing size is the upsampled size,
-        enlarged so its short side reaches process_size; the model pads it to a multiple of 8."""
+        enlarged so its short side reaches process_size; it is then padded to a multiple of 8
+        (`pad`) or resized down to one (`lanczos`, see `model_size`)."""
         h, w = size
         out = (h * self.opt.scale, w * self.opt.scale)
         short = min(out)
@@ -80,11 +108,19 @@ class VideoUpscaler:
             return (round(out[0] * f), round(out[1] * f)), out
         return out, out
 
+    def model_size(self, proc: tuple[int, int]) -> tuple[int, int]:
+        """The size the model sees: proc rounded up (pad) or down (lanczos, as the reference's
+        `width - width % 8`) to a multiple of 8."""
+        if self.opt.size_to_8 == "lanczos":
+            return tuple(max(8, s - s % 8) for s in proc)
+        return tuple(s + -s % 8 for s in proc)
+
     @torch.no_grad()
     def upscale(
         self, frames: Iterable[tuple[str, torch.Tensor]]
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, LQ frame (3, h, w) in [0, 1]) -> (name, SR frame (3, H, W) in [0, 1]) in order."""
+        """(name, LQ frame (3, h, w) in [0, 1]) -> (name, SR frame (3, H, W) in [0, 1]) in order.
+        With first_frame `skip` the first frame has no output (it is only frame 1's previous)."""
         gen = torch.Generator(device="cpu").manual_seed(self.opt.seed)
         state = None  # (prompt_embeds, previous latent, previous LQ, geometry)
         batch: list[tuple[str, torch.Tensor]] = []
@@ -98,6 +134,19 @@ class VideoUpscaler:
             _, out = self._run_batch(batch, state, gen)
             yield from out
 
+    def _prepare(self, frames: torch.Tensor, proc: tuple[int, int]):
+        """Upsampled LQ at proc size (the colour-fix target) and the model's input (a multiple
+        of 8), both on the device."""
+        # Bicubic overshoots; the reference's LQ is a uint8 image, i.e. clipped to [0, 1].
+        lq = resize_frames(frames, proc)
+        size = self.model_size(proc)
+        if self.opt.size_to_8 == "lanczos":
+            lq = resize_frames(lq, size, "lanczos")
+            return (lq.to(self.device, self.dtype),) * 2
+        lq = lq.to(self.device, self.dtype)
+        ph, pw = size[0] - proc[0], size[1] - proc[1]
+        return lq, (F.pad(lq, (0, pw, 0, ph), mode="replicate") if ph or pw else lq)
+
     def _run_batch(self, batch, state, gen):
         names = [n for n, _ in batch]
         size = tuple(batch[0][1].shape[-2:])
@@ -107,29 +156,44 @@ class VideoUpscaler:
         proc, out_size = self.geometry(size)
         if state is not None and state[3] != (proc, out_size):
             raise ValueError(f"frame {names[0]}: size changed inside the clip")
-        # Bicubic overshoots; the reference's LQ is a uint8 image, i.e. clipped to [0, 1].
-        lq = resize_frames(torch.stack([f for _, f in batch]), proc)
-        lq = lq.to(self.device, self.dtype)
-        ph, pw = -proc[0] % 8, -proc[1] % 8
-        lq_pad = F.pad(lq, (0, pw, 0, ph), mode="replicate") if ph or pw else lq
+        lq, lq_model = self._prepare(torch.stack([f for _, f in batch]), proc)
         model = self.model
+        if self.opt.tile is None and state is None:  # auto: tile the VAE where the latent is
+            h, w = lq_model.shape[-2] // 8, lq_model.shape[-1] // 8
+            tiled = needs_tiling(h, w, self.opt.latent_tile)
+            self._vae_tiling(8 * self.opt.latent_tile if tiled else None)
         if state is None:
             text = self.prompt.prompt_for(lq[0].float())
             log.info("prompt: %r", text)
             embeds = model.encode_prompt([text])
         else:
             embeds = state[0]
-        latents = model.encode(lq_pad, gen, sample=self.opt.sample_latent)
-        if state is None:  # first frame: its own previous frame
-            prev_lat, prev_lq = latents[:1], lq_pad[:1]
+        latents = model.encode(lq_model, gen, sample=self.opt.sample_latent)
+        new_state = (embeds, latents[-1:], lq_model[-1:], (proc, out_size))
+        if state is None and self.opt.first_frame == "skip":
+            # frame 0 is only the previous frame of frame 1: no output of its own
+            names, lq = names[1:], lq[1:]
+            prev_lat, prev_lq = latents[:-1], lq_model[:-1]
+            latents, lq_model = latents[1:], lq_model[1:]
+            if not names:
+                return new_state, []
         else:
-            prev_lat, prev_lq = state[1], state[2]
-        prev_lat = torch.cat([prev_lat, latents[:-1]])
-        prev_lq = torch.cat([prev_lq, lq_pad[:-1]])
-        restored = model.restore_latent(latents, prev_lat, lq_pad, prev_lq, embeds)
-        sr = model.decode(restored)[..., : proc[0], : proc[1]].float()
+            # the first frame of a clip (state None) is its own previous frame
+            prev_lat, prev_lq = (latents[:1], lq_model[:1]) if state is None else state[1:3]
+            prev_lat = torch.cat([prev_lat, latents[:-1]])
+            prev_lq = torch.cat([prev_lq, lq_model[:-1]])
+        restored = restore_tiled(
+            model.restore_latent,
+            latents,
+            prev_lat,
+            lq_model,
+            prev_lq,
+            embeds,
+            self.opt.latent_tile,
+            self.opt.latent_overlap,
+        )
+        sr = model.decode(restored)[..., : lq.shape[-2], : lq.shape[-1]].float()
         sr = color_fix(sr, lq.float(), self.opt.color_fix)
-        if proc != out_size:
+        if tuple(sr.shape[-2:]) != out_size:
             sr = resize_frames(sr, out_size)
-        new_state = (embeds, latents[-1:], lq_pad[-1:], (proc, out_size))
         return new_state, list(zip(names, sr.cpu(), strict=True))

@@ -1,0 +1,219 @@
+"""export_official read back by a literal transcription of the reference's loader
+(yjsunnn/DLoRAL 40c1308: src/DLoRAL_model.py `Generator_eval.__init__` and
+`load_ckpt_from_state_dict` ~480-540, with `--load_cfr`; the CFR module tree of
+src/cross_frame_retrieval/cfr_main.py `CFR_model` and uncertainty_topk.py
+`CrossFrameAbsoluteAttn`, mmcv's ConvModule replaced by a module holding `conv` as mmcv's does)."""
+
+import torch
+import torch.nn as nn
+from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+from peft import LoraConfig
+
+from dloral.model import lora
+from dloral.model.backbone import build_backbone
+from dloral.model.checkpoint import export_official
+from dloral.model.dloral import DLoRAL, DLoRALConfig
+
+
+# ----- the reference's CFR module tree, transcribed (parameters only; forward is not needed) -----
+def make_layer(block, num_blocks, **kwarg):
+    layers = []
+    for _ in range(num_blocks):
+        layers.append(block(**kwarg))
+    return nn.Sequential(*layers)
+
+
+class ResidualBlockNoBN(nn.Module):
+    def __init__(self, mid_channels: int = 64, res_scale: float = 1.0):
+        super().__init__()
+        self.res_scale = res_scale
+        self.conv1 = nn.Conv2d(mid_channels, mid_channels, 3, 1, 1, bias=True)
+        self.conv2 = nn.Conv2d(mid_channels, mid_channels, 3, 1, 1, bias=True)
+        self.relu = nn.ReLU(inplace=True)
+
+
+class ResidualBlocksWithInputConv(nn.Module):
+    def __init__(self, in_channels, out_channels=64, num_blocks=30):
+        super().__init__()
+        main = []
+        main.append(nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=True))
+        main.append(nn.LeakyReLU(negative_slope=0.1, inplace=True))
+        main.append(make_layer(ResidualBlockNoBN, num_blocks, mid_channels=out_channels))
+        self.main = nn.Sequential(*main)
+
+
+class ConvModule(nn.Module):  # mmcv.cnn.ConvModule with norm_cfg=None: `conv` (+ activation)
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, norm_cfg, act_cfg):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        if act_cfg is not None:
+            self.activate = nn.ReLU()
+
+
+class SPyNetBasicModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        relu = dict(type="ReLU")
+        self.basic_module = nn.Sequential(
+            ConvModule(8, 32, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=relu),
+            ConvModule(32, 64, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=relu),
+            ConvModule(64, 32, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=relu),
+            ConvModule(32, 16, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=relu),
+            ConvModule(16, 2, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=None),
+        )
+
+
+class SPyNet(nn.Module):
+    def __init__(self, pretrained):
+        super().__init__()
+        self.basic_module = nn.ModuleList([SPyNetBasicModule() for _ in range(6)])
+        self.register_buffer("mean", torch.Tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.Tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+
+class CrossFrameAbsoluteAttn(nn.Module):
+    def __init__(self, in_channels=3, feat_dim=4, embed_dim=32, heads=9):
+        super().__init__()
+        self.heads = heads
+        self.embed_dim = embed_dim
+        self.query_conv = nn.Conv2d(in_channels, embed_dim * heads, kernel_size=1)
+        self.key_conv = nn.Conv2d(in_channels, embed_dim * heads, kernel_size=1)
+        self.value_conv = nn.Conv2d(feat_dim, embed_dim * heads, kernel_size=1)
+        self.proj_out = nn.Conv2d(embed_dim * heads, feat_dim, kernel_size=1)
+        self.temperature = torch.tensor(3000.0)
+        self.threshold_fc = nn.Linear(embed_dim, 1)
+
+
+class CFR_model(nn.Module):  # noqa: N801 (the reference's name)
+    def __init__(
+        self,
+        mid_channels=64,
+        num_blocks=7,
+        max_residue_magnitude=10,
+        is_low_res_input=True,
+        spynet_pretrained=None,
+        cpu_cache_length=100,
+    ):
+        super().__init__()
+        self.mid_channels = mid_channels
+        self.is_low_res_input = is_low_res_input
+        self.cpu_cache_length = cpu_cache_length
+        self.feat_extract = ResidualBlocksWithInputConv(4, mid_channels, 5)
+        self.spynet = SPyNet(pretrained=spynet_pretrained)
+        self.cross_attn_module = CrossFrameAbsoluteAttn(
+            in_channels=4, feat_dim=4, embed_dim=64, heads=9
+        )
+        self.weight_predict = ResidualBlocksWithInputConv(3, mid_channels, 5)
+        self.weight_predict_final = ResidualBlocksWithInputConv(mid_channels, 1, 1)
+        self.reconstruction_feat = ResidualBlocksWithInputConv(mid_channels, mid_channels, 5)
+        self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
+        self.conv_last = nn.Conv2d(64, 4, 3, 1, 1)
+        self.img_upsample = nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.1, inplace=True)
+
+
+class ReferenceGeneratorEval:
+    """`Generator_eval.__init__` (UNet with the widened conv_in, CFR_model) and
+    `load_ckpt_from_state_dict`, with the tiny profile's UNet in place of SD 2.1's."""
+
+    def __init__(self, unet, sd, load_cfr):
+        self.args = type("Args", (), {"load_cfr": load_cfr})()
+        self.unet = unet
+        # reformulate the conv_in in unet
+        conv_in = nn.Conv2d(8, unet.conv_in.out_channels, kernel_size=3, padding=1)
+        conv_in.weight.data[:, 0:4, ...] = self.unet.conv_in.weight.data
+        conv_in.weight.data[:, 4:8, ...] = self.unet.conv_in.weight.data
+        self.unet.conv_in = conv_in
+
+        self.cfr_main_net = CFR_model(
+            mid_channels=64, num_blocks=7, is_low_res_input=False, spynet_pretrained=None
+        )
+        self.load_ckpt_from_state_dict(sd)
+
+    # fmt: off
+    def load_ckpt_from_state_dict(self, sd):
+        # load unet lora
+        self.lora_conf_encoder_quality = LoraConfig(
+            r=sd["lora_rank_unet_quality"], init_lora_weights="gaussian",
+            target_modules=sd["unet_lora_encoder_modules_quality"])
+        self.lora_conf_decoder_quality = LoraConfig(
+            r=sd["lora_rank_unet_quality"], init_lora_weights="gaussian",
+            target_modules=sd["unet_lora_decoder_modules_quality"])
+        self.lora_conf_others_quality = LoraConfig(
+            r=sd["lora_rank_unet_quality"], init_lora_weights="gaussian",
+            target_modules=sd["unet_lora_others_modules_quality"])
+
+        self.lora_conf_encoder_consistency = LoraConfig(
+            r=sd["lora_rank_unet_consistency"], init_lora_weights="gaussian",
+            target_modules=sd["unet_lora_encoder_modules_consistency"])
+        self.lora_conf_decoder_consistency = LoraConfig(
+            r=sd["lora_rank_unet_consistency"], init_lora_weights="gaussian",
+            target_modules=sd["unet_lora_decoder_modules_consistency"])
+        self.lora_conf_others_consistency = LoraConfig(
+            r=sd["lora_rank_unet_consistency"], init_lora_weights="gaussian",
+            target_modules=sd["unet_lora_others_modules_consistency"])
+
+        self.unet.add_adapter(
+            self.lora_conf_encoder_quality, adapter_name="default_encoder_quality")
+        self.unet.add_adapter(
+            self.lora_conf_decoder_quality, adapter_name="default_decoder_quality")
+        self.unet.add_adapter(self.lora_conf_others_quality, adapter_name="default_others_quality")
+
+        self.unet.add_adapter(
+            self.lora_conf_encoder_consistency, adapter_name="default_encoder_consistency")
+        self.unet.add_adapter(
+            self.lora_conf_decoder_consistency, adapter_name="default_decoder_consistency")
+        self.unet.add_adapter(
+            self.lora_conf_others_consistency, adapter_name="default_others_consistency")
+
+        for n, p in self.unet.named_parameters():
+            if "lora" or "conv_in" in n:  # noqa: SIM222 (the reference's always-true test)
+                p.data.copy_(sd["state_dict_unet"][n])
+
+        if self.args.load_cfr:
+            for n, p in self.cfr_main_net.named_parameters():
+                p.data.copy_(sd["state_dict_bpp"][n])
+    # fmt: on
+
+
+# ----- tests ------------------------------------------------------------------------------------
+def _trained_model(seed=3):
+    model = DLoRAL(DLoRALConfig.from_dict({"seed": seed}))
+    g = torch.Generator().manual_seed(seed + 100)
+    lora.randomize_lora_b(model.unet, generator=g)
+    with torch.no_grad():
+        for p in model.cfr.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return model
+
+
+def test_reference_loader_with_load_cfr_reads_the_export(tmp_path):
+    model = _trained_model()
+    sd = torch.load(export_official(model, tmp_path / "model.pkl"), weights_only=True)
+    fresh_unet = build_backbone("tiny", seed=11).unet  # other base weights: all are overwritten
+    ref = ReferenceGeneratorEval(fresh_unet, sd, load_cfr=True)  # raised KeyError before
+
+    # every CFR parameter the reference runs holds ours; the never-run modules were found
+    ours_cfr = model.cfr.state_dict()
+    ref_cfr = dict(ref.cfr_main_net.named_parameters())
+    used = [n for n in ref_cfr if n.startswith(("spynet.", "cross_attn_module."))]
+    assert len(used) == len([k for k in ours_cfr if not k.endswith(("mean", "std"))])
+    for n in used:
+        assert torch.equal(ref_cfr[n], ours_cfr[n]), n
+    assert "feat_extract.main.0.weight" in ref_cfr
+
+    # the reference's UNet (six peft adapters) computes what ours does with both LoRAs active
+    set_weights_and_activate_adapters(
+        ref.unet,
+        ["default_encoder_consistency", "default_decoder_consistency",
+         "default_others_consistency", "default_encoder_quality",
+         "default_decoder_quality", "default_others_quality"],
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 16, 16, generator=g)
+    text = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        ours = model.unet(x, model.timestep, encoder_hidden_states=text).sample
+        theirs = ref.unet(x, torch.tensor([1]), encoder_hidden_states=text).sample
+    assert torch.allclose(ours, theirs, atol=1e-5)  # ref's base UNet had other weights
