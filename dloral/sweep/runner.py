@@ -474,13 +474,13 @@ def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_
 
 
 def _rows(grid, spec: SweepSpec, max_steps: int) -> list[TrialRow]:
-    from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
 
-    # Tune's own trial states, as saved in the experiment folder (a trial the driver left
-    # unfinished is not TERMINATED there)
-    analysis = ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
-    states = {t.trial_id: t.status for t in analysis.trials}
+    # Tune's own trial states, in memory. ResultGrid has no public per-trial status, and the
+    # public ExperimentAnalysis(path) reads the experiment state on disk, which can lag behind
+    # at an interrupt (a trial that just finished read as unfinished): tests/test_sweep_resume.
+    analysis = getattr(grid, "_experiment_analysis", None)
+    states = {t.trial_id: t.status for t in getattr(analysis, "trials", [])}
     rows = []
     for r in grid:
         m = r.metrics or {}
