@@ -79,11 +79,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _stopped(message: str) -> None:
+    """Ctrl-C or SIGTERM: say what was kept and how to go on; exit 130 or 143."""
+    from dloral import signals
+
+    console.print(f"[yellow]interrupted ({signals.name()}):[/] {message}")
+    raise typer.Exit(code=signals.exit_code())
+
+
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     _setup_logging(verbose)
+    from dloral import signals
+
+    signals.install()  # SIGTERM (kill, schedulers) stops every command the way Ctrl-C does
 
 
 @app.command()
@@ -221,6 +232,8 @@ def upscale(
             result = upscale_video(job, on_start=started, on_frame=lambda: bar.advance(task))
         except UpscaleError as err:
             _fail(str(err))
+        except KeyboardInterrupt:
+            _stopped(f"frames written so far are in {job.output}")
     (h, w), (sh, sw) = result.lq_size, result.sr_size
     console.print(
         f"[green]done:[/] {result.frames} frames {w}x{h} -> {sw}x{sh} in {result.seconds:.1f} s "
@@ -260,7 +273,7 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from dloral.tracking import tracking_uri
-    from dloral.train.recipe import TrainingDiverged
+    from dloral.train.recipe import TrainingDiverged, default_run_dir
     from dloral.train.recipe import train as run_training
     from dloral.train.tracking import MlflowTracker, NullTracker
 
@@ -284,16 +297,22 @@ def train(
             rate = (step - origin[0][0]) / max(time.perf_counter() - origin[0][1], 1e-9)
             bar.update(task, completed=step, stage=plan.stage, losses=text, rate=f"{rate:.2f} it/s")
 
+        run_dir = resume or run_dir or default_run_dir(cfg)
         try:
             result = run_training(
                 cfg,
-                run_dir=resume or run_dir,
+                run_dir=run_dir,
                 resume=resume is not None,
                 tracker=tracker,
                 progress=report,
             )
         except TrainingDiverged as err:
             _fail(str(err))
+        except KeyboardInterrupt:
+            _stopped(
+                "the MLflow run is marked KILLED; continue from the last checkpoint with "
+                f"`dloral-exp train --resume {run_dir}`"
+            )
         except (FileExistsError, FileNotFoundError) as err:
             _fail(str(err))
     where = f"; MLflow run {result.mlflow_run_id} at {tracking_uri()}" if tracking else ""
@@ -381,11 +400,10 @@ def sweep(
     except SweepError as err:
         _fail(str(err))
     except KeyboardInterrupt:
-        console.print(
-            f"[yellow]interrupted:[/] the sweep state is saved; continue it with "
+        _stopped(
+            f"the sweep state is saved; continue it with "
             f"`dloral-exp sweep {experiment or 'default'} --resume`"
         )
-        raise typer.Exit(code=130) from None
     counts = {}
     for t in result.trials:
         counts[t.status] = counts.get(t.status, 0) + 1
@@ -505,11 +523,10 @@ def bench(
         except (SuiteError, DatasetError, MethodError, MetricUnavailable, ValueError) as err:
             _fail(str(err))
         except KeyboardInterrupt:
-            console.print(
-                "[yellow]interrupted:[/] finished clips are in results.parquet; run the same "
+            _stopped(
+                "finished clips are in results.parquet; run the same "
                 "command again to continue (computed values are cached)"
             )
-            raise typer.Exit(code=130) from None
     _print_bench_table(result)
     where = f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""
     console.print(
@@ -661,8 +678,11 @@ def data_prepare(
     from dloral.data.embedded import prepare_embedded
 
     start = time.perf_counter()
-    with console.status("preparing embedded data from the packaged clips"):
-        folder = prepare_embedded(out, force=force)
+    try:
+        with console.status("preparing embedded data from the packaged clips"):
+            folder = prepare_embedded(out, force=force)
+    except KeyboardInterrupt:
+        _stopped("run the same command again: finished sets are verified and kept")
     manifest = json.loads((folder / "manifest.json").read_text())
     for name, info in manifest["sets"].items():
         console.print(f"  {name}: {len(info['clips'])} clips ({info['layout']} layout)")

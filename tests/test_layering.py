@@ -27,6 +27,7 @@ FOUNDATION = (
     "provenance",
     "quality",
     "resize",
+    "signals",
     "tracking",
     "trials",
     "weights",

@@ -49,6 +49,7 @@ from dloral.trials import (
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class SweepResult(SweepSummary):
     """summary.json's record plus the parent MLflow run of the sweep."""

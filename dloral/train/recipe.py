@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from dloral import signals
 from dloral.atomic import atomic_write_text
 from dloral.data.embedded import prepare_embedded
 from dloral.data.readers import read_dataset
@@ -313,6 +314,11 @@ def validate(model: DLoRAL, cfg: TrainConfig, ctx) -> tuple[dict[str, float], to
 
 
 # ----- the loop ------------------------------------------------------------------------------
+def default_run_dir(cfg: TrainConfig) -> Path:
+    """A new folder per run: rerunning an experiment never clobbers one."""
+    return Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike | None = None,
@@ -330,9 +336,7 @@ def train(
     tracker = tracker or NullTracker()
     require_weights(missing_training_weights(cfg))  # all missing weights at once, nothing built
     device = resolve_device(cfg.run.device)
-    if run_dir is None:  # a new folder per run: rerunning an experiment never clobbers one
-        run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another dir")
@@ -418,7 +422,7 @@ def train(
     except TrainingDiverged:
         raise  # already marked FAILED with its reason
     except KeyboardInterrupt:
-        tracker.finish("KILLED", "interrupted by the user")
+        tracker.finish("KILLED", f"stopped by {signals.name()}; resume with --resume {run_dir}")
         raise
     except SystemExit:
         raise  # the host ends this process (Ray Tune stopping a trial) and owns the run's status
