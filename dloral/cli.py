@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from enum import StrEnum
@@ -17,11 +18,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 app = typer.Typer(
     help="Train, ablate and benchmark DLoRAL one-step video super-resolution.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: ...]" is text, not Rich markup
 )
 console = Console(stderr=True)
 
@@ -59,15 +62,26 @@ class SizeTo8(StrEnum):
     lanczos = "lanczos"
 
 
+# peft/transformers announce optional Hub kernels ("kernels-community/...") that this suite never
+# uses, as a warning or as a log record depending on the version: drop both kinds.
+NOISE = ".*kernels-community.*"
+
+
+def _drop_library_noise(record: logging.LogRecord) -> bool:
+    return re.match(NOISE, record.getMessage(), re.DOTALL) is None
+
+
 def _setup_logging(verbose: bool) -> None:
     if not console.is_terminal:  # logs and tables written to a file or CI: no 80-column wrap
         console.width = max(console.width, 160)
+    handler = RichHandler(console=console, show_path=False)
+    handler.addFilter(_drop_library_noise)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
+        handlers=[handler],
     )
-    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    warnings.filterwarnings("ignore", message=NOISE)
     if not verbose:  # MLflow's and alembic's own start-up chatter
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
@@ -75,7 +89,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -83,7 +97,7 @@ def _stopped(message: str) -> None:
     """Ctrl-C or SIGTERM: say what was kept and how to go on; exit 130 or 143."""
     from dloral import signals
 
-    console.print(f"[yellow]interrupted ({signals.name()}):[/] {message}")
+    console.print(f"[yellow]interrupted ({signals.name()}):[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=signals.exit_code())
 
 
@@ -220,12 +234,12 @@ def upscale(
     ).resolved()
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task(f"upscale {job.input.name}", total=None)
+        task = bar.add_task(escape(f"upscale {job.input.name}"), total=None)
 
         def started(total: int, notes: list[str]) -> None:
             for note in notes:
                 head, _, text = note.partition(": ")
-                console.print(f"[yellow]{head}:[/] {text}")
+                console.print(f"[yellow]{escape(head)}:[/] {escape(text)}")
             bar.update(task, total=total)
 
         try:
@@ -236,8 +250,11 @@ def upscale(
             _stopped(f"frames written so far are in {job.output}")
     (h, w), (sh, sw) = result.lq_size, result.sr_size
     console.print(
-        f"[green]done:[/] {result.frames} frames {w}x{h} -> {sw}x{sh} in {result.seconds:.1f} s "
-        f"({result.seconds_per_frame:.3f} s/frame) on {result.device} -> {result.output}"
+        "[green]done:[/] "
+        + escape(
+            f"{result.frames} frames {w}x{h} -> {sw}x{sh} in {result.seconds:.1f} s "
+            f"({result.seconds_per_frame:.3f} s/frame) on {result.device} -> {result.output}"
+        )
     )
 
 
@@ -286,7 +303,7 @@ def train(
     )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(
-            f"train {cfg.run.name}", total=cfg.run.max_steps, stage="", losses="", rate=""
+            escape(f"train {cfg.run.name}"), total=cfg.run.max_steps, stage="", losses="", rate=""
         )
         origin: list[tuple[int, float]] = []  # (step, time) of the first report
 
@@ -317,9 +334,12 @@ def train(
             _fail(str(err))
     where = f"; MLflow run {result.mlflow_run_id} at {tracking_uri()}" if tracking else ""
     console.print(
-        f"[green]done:[/] {result.step} steps in {result.run_dir} (resume: --resume "
-        f"{result.run_dir}), checkpoint {result.last_checkpoint}, "
-        f"val {json.dumps({k: round(v, 4) for k, v in result.metrics.items()})}{where}"
+        "[green]done:[/] "
+        + escape(
+            f"{result.step} steps in {result.run_dir} (resume: --resume "
+            f"{result.run_dir}), checkpoint {result.last_checkpoint}, "
+            f"val {json.dumps({k: round(v, 4) for k, v in result.metrics.items()})}{where}"
+        )
     )
 
 
@@ -374,7 +394,7 @@ def sweep(
         exp = load_experiment(experiment, set_ or [])
     except (SweepError, FileNotFoundError) as err:
         _fail(str(err))
-    from dloral.sweep.runner import run_sweep
+    from dloral.sweep.runner import SweepInterrupted, run_sweep
 
     if resume and set_:
         console.print(
@@ -382,9 +402,12 @@ def sweep(
         )
 
     console.print(
-        f"sweep [bold]{exp.name}[/] ({exp.sweep.family}): "
-        + ", ".join(f"{d.key} {d.describe()}" for d in exp.dims)
-        + f"; {exp.sweep.scheduler}, {exp.sweep.metric} {exp.sweep.mode}"
+        f"sweep [bold]{escape(exp.name)}[/] "
+        + escape(
+            f"({exp.sweep.family}): "
+            + ", ".join(f"{d.key} {d.describe()}" for d in exp.dims)
+            + f"; {exp.sweep.scheduler}, {exp.sweep.metric} {exp.sweep.mode}"
+        )
     )
     try:
         result = run_sweep(
@@ -399,11 +422,13 @@ def sweep(
         )
     except SweepError as err:
         _fail(str(err))
+    except SweepInterrupted as err:
+        again = f"dloral-exp sweep {experiment or 'default'} --resume --sweep-dir {err.sweep_dir}"
+        if address:
+            again += f" --address {address}"
+        _stopped(f"the sweep state is saved in {err.sweep_dir}; continue it with `{again}`")
     except KeyboardInterrupt:
-        _stopped(
-            f"the sweep state is saved; continue it with "
-            f"`dloral-exp sweep {experiment or 'default'} --resume`"
-        )
+        _stopped("stopped before the sweep started; nothing to resume")
     counts = {}
     for t in result.trials:
         counts[t.status] = counts.get(t.status, 0) + 1
@@ -411,9 +436,12 @@ def sweep(
 
     where = f"; MLflow parent run {result.parent_run_id} at {tracking_uri()}" if tracking else ""
     console.print(
-        f"[green]done:[/] {len(result.trials)} trials "
-        f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) in {result.wall_s:.0f} s; "
-        f"results in {result.sweep_dir}{where}"
+        "[green]done:[/] "
+        + escape(
+            f"{len(result.trials)} trials "
+            f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) "
+            f"in {result.wall_s:.0f} s; results in {result.sweep_dir}{where}"
+        )
     )
 
 
@@ -422,7 +450,7 @@ def _print_sweep_table(best, exp) -> None:
 
     from dloral.trials import EVAL_COLUMNS
 
-    table = Table(title=f"best per arm: {exp.name} (validation set)")
+    table = Table(title=escape(f"best per arm: {exp.name} (validation set)"))
     for col in ("arm", "#", "trial", "status", "step", exp.sweep.metric, *EVAL_COLUMNS):
         table.add_column(col, no_wrap=col != "arm")
     for item in best:
@@ -433,13 +461,18 @@ def _print_sweep_table(best, exp) -> None:
         if "error" in ev:
             cells[-1] = f"error: {ev['error']}"
         table.add_row(
-            item["arm"],
-            str(item["rank"]),
-            row.trial_id,
-            row.status,
-            str(row.step),
-            f"{row.metrics.get(exp.sweep.metric, float('nan')):.4f}",
-            *cells,
+            *map(
+                escape,
+                (
+                    item["arm"],
+                    str(item["rank"]),
+                    row.trial_id,
+                    row.status,
+                    str(row.step),
+                    f"{row.metrics.get(exp.sweep.metric, float('nan')):.4f}",
+                    *cells,
+                ),
+            )
         )
     console.print(table)
 
@@ -505,7 +538,7 @@ def bench(
             if event["stage"] == "start":
                 bar.update(task, total=event["total"])
             else:
-                note = f"{event['dataset']}/{event['clip']} ({event['cached']} cached)"
+                note = escape(f"{event['dataset']}/{event['clip']} ({event['cached']} cached)")
                 bar.update(task, completed=event["done"], note=note)
 
         try:
@@ -530,8 +563,11 @@ def bench(
     _print_bench_table(result)
     where = f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""
     console.print(
-        f"[green]done:[/] {len(result.table)} values ({result.computed} computed, "
-        f"{result.cached} cached) in {result.out_dir}{where}"
+        "[green]done:[/] "
+        + escape(
+            f"{len(result.table)} values ({result.computed} computed, "
+            f"{result.cached} cached) in {result.out_dir}{where}"
+        )
     )
 
 
@@ -614,7 +650,10 @@ def report(
         )
     except (ReportError, ValueError) as err:
         _fail(str(err))
-    console.print(f"[green]report:[/] {made.index} ({len(made.images)} images) and {made.markdown}")
+    console.print(
+        "[green]report:[/] "
+        + escape(f"{made.index} ({len(made.images)} images) and {made.markdown}")
+    )
     if screenshot is not None:
         from dloral.report.browser import BrowserError, check_page
 
@@ -628,8 +667,11 @@ def report(
                 "loaded; console errors: " + "; ".join(page.errors)
             )
         console.print(
-            f"[green]screenshot:[/] {screenshot} (Chromium: {page.tables} tables, "
-            f"{page.images} images, no console errors)"
+            "[green]screenshot:[/] "
+            + escape(
+                f"{screenshot} (Chromium: {page.tables} tables, "
+                f"{page.images} images, no console errors)"
+            )
         )
 
 
@@ -642,7 +684,7 @@ def _print_bench_table(result) -> None:
         return
     present = set(agg["metric"])
     metrics = [m for m in result.infos if m in present]  # suite order, latency last
-    table = Table(title=f"bench: mean over clips ({result.out_dir})")
+    table = Table(title=escape(f"bench: mean over clips ({result.out_dir})"))
     table.add_column("dataset")
     table.add_column("method")
     scales = dict(zip(agg["metric"], agg["scale"], strict=False))
@@ -654,15 +696,19 @@ def _print_bench_table(result) -> None:
     for (dataset, method), group in agg.groupby(["dataset", "method"], sort=False):
         values = dict(zip(group["metric"], group["value"] * group["scale"], strict=True))
         cells = [f"{values[m]:.4g}" if m in values else "-" for m in metrics]
-        table.add_row(dataset, method, *cells)
+        table.add_row(escape(str(dataset)), escape(str(method)), *cells)
     console.print(table)
     for item in result.skipped:
         where = f" ({item['dataset']})" if item.get("dataset") else ""
         first = " ".join(item["reason"].splitlines()[:2])
-        console.print(f"[yellow]skipped[/] {item['metric']}{where}: {first}")
+        console.print("[yellow]skipped[/] " + escape(f"{item['metric']}{where}: {first}"))
 
 
-data_app = typer.Typer(help="Datasets: prepare the embedded real-clip sets.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: prepare the embedded real-clip sets.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 app.add_typer(data_app, name="data")
 
 
@@ -685,10 +731,13 @@ def data_prepare(
         _stopped("run the same command again: finished sets are verified and kept")
     manifest = json.loads((folder / "manifest.json").read_text())
     for name, info in manifest["sets"].items():
-        console.print(f"  {name}: {len(info['clips'])} clips ({info['layout']} layout)")
+        console.print(escape(f"  {name}: {len(info['clips'])} clips ({info['layout']} layout)"))
     console.print(
-        f"[green]done:[/] {len(manifest['files'])} files verified in {folder} "
-        f"({time.perf_counter() - start:.1f} s); manifest: {folder / 'manifest.json'}"
+        "[green]done:[/] "
+        + escape(
+            f"{len(manifest['files'])} files verified in {folder} "
+            f"({time.perf_counter() - start:.1f} s); manifest: {folder / 'manifest.json'}"
+        )
     )
 
 
@@ -707,17 +756,21 @@ def doctor(
 
     dev, s = facts["device"], facts["settings"]
     gpus = ", ".join(dev.get("gpus", [])) or "none"
-    console.print(f"device: {dev['cpu_count']} CPU cores, CUDA {dev['cuda']} ({gpus})")
-    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in facts["versions"].items()))
+    console.print(escape(f"device: {dev['cpu_count']} CPU cores, CUDA {dev['cuda']} ({gpus})"))
+    console.print(
+        escape("versions: " + ", ".join(f"{k} {v}" for k, v in facts["versions"].items()))
+    )
     for key, value in s.items():
-        console.print(f"{key}: {value}")
+        console.print(escape(f"{key}: {value}"))
     table = Table(title="weights")
     for col in ("weights", "used by", "found", "where / what to do", "env var"):
         table.add_column(col, overflow="fold")
     for w in facts["weights"]:
         where = w.get("path") or w.get("looked", "")
         mark = "[green]yes[/]" if w["found"] else "[red]no[/]"
-        table.add_row(w["name"], w["used_by"], mark, where, w["env"])
+        table.add_row(
+            escape(w["name"]), escape(w["used_by"]), mark, escape(where), escape(w["env"])
+        )
     console.print(table)
 
 

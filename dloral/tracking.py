@@ -84,6 +84,19 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None =
     client.set_terminated(run_id, status=status)
 
 
+def reopen_run(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """Continue a run that ended (KILLED by an interrupt, FAILED): RUNNING again, the reason it
+    ended removed. Returns the last step logged per metric: a run resumed from an earlier
+    checkpoint repeats the steps after it, and those must not be logged twice."""
+    run = client.get_run(run_id)
+    if STATUS_REASON_TAG in run.data.tags:
+        client.delete_tag(run_id, STATUS_REASON_TAG)
+    client.update_run(run_id, status="RUNNING")
+    return {
+        key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics
+    }
+
+
 def close_if_running(client: MlflowClient, run, status: str, reason: str | None = None) -> None:
     """End `run` (an mlflow Run) if it is still RUNNING; runs that ended keep their status."""
     if run.info.status == "RUNNING":

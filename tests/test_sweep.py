@@ -198,3 +198,19 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(
     assert run.info.status == "FINISHED"
     assert run.data.tags["dloral.restored_from_step"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")] == [2, 4]
+
+
+def test_a_searched_run_length_is_each_trials_own_end(ray_local, mlflow_uri, tmp_path, data_roots):
+    """`run.max_steps` as a searched key: a trial that ran its own steps finished; it was not
+    'stopped early' against the base config's length (issue: reliability, item 4)."""
+    result = run_sweep(
+        _experiment(tmp_path, data_roots, '"run.max_steps" = [2, 4]\n'), evaluate=False
+    )
+    assert result.status == "finished"
+    assert sorted((t.values["run.max_steps"], t.step, t.status) for t in result.trials) == [
+        (2, 2, "finished"),
+        (4, 4, "finished"),
+    ]
+    _, _, children = _runs(mlflow_uri)
+    assert [r.info.status for r in children] == ["FINISHED"] * 2
+    assert not [r for r in children if "dloral.status_reason" in r.data.tags]

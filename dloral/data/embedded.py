@@ -197,40 +197,47 @@ def prepare_embedded(out: str | os.PathLike | None = None, force: bool = False) 
     out = Path(out) if out is not None else default_dir()
     manifest_path = out / "manifest.json"
     old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    if force or old is None or old.get("format") != FORMAT or set(old["sets"]) != set(SETS):
-        todo = list(SETS)
-    else:
-        todo = sorted({rel.split("/")[0] for rel in verify(out)})
-        if todo:
+    if force or old is None or old.get("format") != FORMAT:
+        sets: dict = {}
+    else:  # sets an interrupted run finished are in the manifest: keep those that verify
+        sets = {name: info for name, info in old["sets"].items() if name in SETS}
+        damaged = {rel.split("/")[0] for rel in verify(out)}
+        if damaged & set(sets):
             log.warning(
                 "embedded data in %s: rebuilding %s (files differ from the manifest)",
                 out,
-                ", ".join(todo),
+                ", ".join(sorted(damaged & set(sets))),
             )
+        sets = {name: info for name, info in sets.items() if name not in damaged}
+    todo = [name for name in SETS if name not in sets]
     if not todo:
         log.info("embedded data in %s is complete and verified", out)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    sets = dict(old["sets"]) if old and not force else {}
     for name in todo:
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
         try:
-            sets[name] = SETS[name](tmp)
+            info = SETS[name](tmp)
             shutil.rmtree(out / name, ignore_errors=True)
             os.replace(tmp, out / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        sets[name] = info
+        _write_manifest(out, sets)  # after each set: an interrupted run keeps what it finished
+    return out
+
+
+def _write_manifest(out: Path, sets: dict) -> None:
     files = {
         str(p.relative_to(out)): _sha256(p)
-        for name in SETS
+        for name in sorted(sets)
         for p in sorted((out / name).rglob("*.png"))
     }
     manifest = {
         "format": FORMAT,
         "scale": SCALE,
         "sources": _sources(),
-        "sets": sets,
+        "sets": dict(sorted(sets.items())),
         "files": files,
     }
-    atomic_write_json(manifest_path, manifest, sort_keys=True)
-    return out
+    atomic_write_json(out / "manifest.json", manifest, sort_keys=True)

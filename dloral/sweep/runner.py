@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dloral import signals
 from dloral.sweep.spec import Experiment, SweepError, experiment_from_spec
 from dloral.tracking import (
     PARENT_TAG,
@@ -33,6 +34,7 @@ from dloral.tracking import (
     log_metrics,
     log_params,
     mlflow_client,
+    reopen_run,
     tracking_uri,
 )
 from dloral.train.config import TrainConfig
@@ -48,6 +50,16 @@ from dloral.trials import (
 )
 
 log = logging.getLogger(__name__)
+
+TRIAL_END_FILE = "trial_end.json"  # beside Tune's files in the trial's folder
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the sweep; its state is saved in `sweep_dir` (resumable)."""
+
+    def __init__(self, sweep_dir: str):
+        super().__init__(sweep_dir)
+        self.sweep_dir = sweep_dir
 
 
 @dataclass
@@ -113,6 +125,32 @@ def find_sweep_dir(exp: Experiment) -> str:
     if not names:
         raise SweepError(f"no sweep of {exp.name!r} to resume under {storage}")
     return _join(storage, names[-1])
+
+
+def check_trusted(sweep_dir: str) -> None:
+    """`--resume` hands the sweep folder to Ray Tune, which unpickles its files (tuner.pkl,
+    trial params): running code that whoever can write there put there. Resume only from a
+    folder the current user owns and nobody else can write to (checked for the folder, its
+    trial folders and every pickle in them). Remote storage (s3://, gs://) cannot be checked
+    here; its bucket permissions are the boundary."""
+    if _is_uri(sweep_dir):
+        return
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise SweepError(f"{sweep_dir}: no such sweep folder")
+    me = os.getuid()
+    paths = [root, *(p for p in root.iterdir() if p.is_dir()), *root.rglob("*.pkl")]
+    for path in paths:
+        st = path.lstat()
+        who = "owned by uid " + str(st.st_uid) if st.st_uid != me else None
+        if who is None and st.st_mode & 0o002:  # group write is left to the user's umask
+            who = "writable by others"
+        if who:
+            raise SweepError(
+                f"{path} is {who}: --resume unpickles Ray Tune's files in the sweep folder, so "
+                "it only resumes a folder that the current user owns and others cannot write "
+                f"(fix with `chmod -R o-w {root}`, or copy the folder as yourself)"
+            )
 
 
 def _storage(exp: Experiment) -> str:
@@ -181,6 +219,12 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
     return address is None
 
 
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
 # ----- MLflow --------------------------------------------------------------------------------
 class Tracking:
     """The sweep's parent MLflow run and the clean-up of its trials' runs."""
@@ -240,12 +284,14 @@ class Tracking:
         close_if_running(self.client, run, status, reason)
 
 
-def _trial_callback(spec: SweepSpec, max_steps: int):
+def _trial_callback(spec: SweepSpec, exp: Experiment):
     from ray.tune import Callback
 
     class TrialEvents(Callback):
         """Lines on the console as trials start, report and end; a trial's MLflow run is
-        closed as soon as Tune ends the trial (early stop, error)."""
+        closed as soon as Tune ends the trial (early stop, error), and the end is written
+        beside the trial (`trial_end.json`): Tune marks a trial it stops because the driver
+        was interrupted TERMINATED too, and only this record tells the two apart."""
 
         def on_trial_start(self, iteration, trials, trial, **info):
             log.info("trial %s started: %s", trial.trial_id, _values(trial.config, spec))
@@ -263,14 +309,14 @@ def _trial_callback(spec: SweepSpec, max_steps: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             step = int((trial.last_result or {}).get("step", 0))
-            early = step < max_steps
-            log.info(
-                "trial %s %s at step %d",
-                trial.trial_id,
-                "stopped early (ASHA)" if early else "finished",
-                step,
+            early = step < _max_steps(exp, _values(trial.config, spec))
+            end = f"stopped early by the {exp.sweep.scheduler} scheduler" if early else "finished"
+            log.info("trial %s %s at step %d", trial.trial_id, end, step)
+            _write_text(
+                _join(spec.sweep_dir, trial.trial_id, TRIAL_END_FILE),
+                json.dumps({"status": "stopped" if early else "finished", "step": step}),
             )
-            reason = f"stopped by ASHA at step {step}" if early else None
+            reason = f"stopped early by {exp.sweep.scheduler} at step {step}" if early else None
             self._close(trial, "FINISHED", reason)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -292,8 +338,14 @@ def _trial_callback(spec: SweepSpec, max_steps: int):
     return TrialEvents()
 
 
-def _values(config: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
-    return {k: config[k] for k in spec.keys if k in config}
+def _values(config: dict[str, Any] | None, spec: SweepSpec) -> dict[str, Any]:
+    """The trial's searched values (a trial Tune created but never started has no config)."""
+    return {k: config[k] for k in spec.keys if k in config} if config else {}
+
+
+def _max_steps(exp: Experiment, values: dict[str, Any]) -> int:
+    """The trial's own run length: `run.max_steps` may be one of the searched keys."""
+    return exp.train_config(values).run.max_steps
 
 
 def _error_text(trial) -> str:
@@ -327,6 +379,7 @@ def run_sweep(
     t_start = time.perf_counter()
     if resume:
         sweep_dir = resume if isinstance(resume, str) else find_sweep_dir(exp)
+        check_trusted(sweep_dir)
         saved = _read_text(_join(sweep_dir, SWEEP_FILE))
         if saved is None:
             raise SweepError(f"{sweep_dir}: no {SWEEP_FILE}, not a dloral sweep folder")
@@ -369,13 +422,15 @@ def run_sweep(
     tracker = Tracking(spec.tracking_uri, spec.mlflow_experiment) if spec.tracking_uri else None
     parent = spec.parent_run_id
     if tracker and resume:
-        tracker.client.update_run(parent, status="RUNNING")
+        reopen_run(tracker.client, parent)
 
-    started_here = start_ray(address, verbose)
     result = SweepResult(sweep_dir, "failed", parent_run_id=parent)
+    owns_ray = not _ray_running()
+    started_here = False
     try:
+        started_here = start_ray(address, verbose)
         grid = _fit(exp, spec, base, bool(resume), max_concurrent)
-        result.trials = _rows(grid, spec, base.run.max_steps)
+        result.trials = _rows(grid, spec, exp)
         # Tune turns Ctrl-C into a saved, resumable state and returns: trials left unfinished,
         # or fewer trials than the space holds, mean the driver was stopped.
         unfinished = any(t.status == "unfinished" for t in result.trials)
@@ -391,12 +446,13 @@ def run_sweep(
         if tracker:
             tracker.client.log_dict(parent, spec.to_dict(), SWEEP_FILE)
             _log_summary(tracker, parent, result, exp)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         result.status = "interrupted"
         if tracker:
             _close_all(tracker, parent, result.trials)
-            tracker.close(tracker.client.get_run(parent), "KILLED", "driver interrupted")
-        raise
+            reason = f"sweep interrupted ({signals.name()}); continue with --resume"
+            tracker.close(tracker.client.get_run(parent), "KILLED", reason)
+        raise SweepInterrupted(sweep_dir) from err
     except BaseException as err:
         if tracker:
             _close_all(tracker, parent, [])
@@ -406,10 +462,9 @@ def run_sweep(
         result.wall_s = time.perf_counter() - t_start
         spec.status = result.status
         _write_spec(spec)
-        if result.trials:  # also when interrupted: which trials are done, which will resume
-            text = json.dumps(result.to_dict(), indent=2)
-            _write_text(_join(sweep_dir, SUMMARY_FILE), text)
-        if started_here:
+        # also when interrupted: which trials are done, which will resume
+        _write_text(_join(sweep_dir, SUMMARY_FILE), json.dumps(result.to_dict(), indent=2))
+        if owns_ray and _ray_running():  # also when stopped while Ray was starting
             import ray
 
             ray.shutdown()
@@ -438,8 +493,12 @@ def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_
         tuner = tune.Tuner.restore(
             sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False
         )
-        return tuner.fit()
+        return _fit_restoring_signals(tuner)
     max_steps = base.run.max_steps
+    for d in exp.dims:  # a searched run length: ASHA's last rung is the longest trial's end
+        if d.key == "run.max_steps":
+            ends = d.args if d.kind in ("grid", "choice") else d.args[:2]
+            max_steps = max(int(v) for v in ends)
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="step",
@@ -467,14 +526,35 @@ def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints),
-            callbacks=[_trial_callback(spec, max_steps)],
+            callbacks=[_trial_callback(spec, exp)],
             verbose=0,
         ),
     )
-    return tuner.fit()
+    return _fit_restoring_signals(tuner)
 
 
-def _rows(grid, spec: SweepSpec, max_steps: int) -> list[TrialRow]:
+def _fit_restoring_signals(tuner):
+    """Tuner.fit with the driver's SIGINT handler given back afterwards. Tune turns the first
+    Ctrl-C (and SIGTERM, routed to it by dloral.signals) into a saved, resumable state; but on a
+    normal end it leaves its handler installed, which would swallow a Ctrl-C during the
+    evaluation that follows."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()
+    # after an interrupt, Tune warns once per trial that never started ("Could not fetch
+    # metrics"); summary.json lists those trials as unfinished
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        return tuner.fit()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _rows(grid, spec: SweepSpec, exp: Experiment) -> list[TrialRow]:
     from ray.tune.experiment import Trial
 
     # Tune's own trial states, in memory. ResultGrid has no public per-trial status, and the
@@ -487,19 +567,23 @@ def _rows(grid, spec: SweepSpec, max_steps: int) -> list[TrialRow]:
         m = r.metrics or {}
         step = int(m.get("step", 0))
         trial_id = str(m.get("trial_id") or r.path.rsplit("/", 1)[-1])
+        values = _values(r.config, spec)
         state = states.get(trial_id, Trial.TERMINATED)
+        end = _read_text(_join(spec.sweep_dir, trial_id, TRIAL_END_FILE))
         if r.error is not None or state == Trial.ERROR:
             status = "failed"
         elif state != Trial.TERMINATED:
             status = "unfinished"
-        elif step >= max_steps:
+        elif step >= _max_steps(exp, values):
             status = "finished"
+        elif end is not None and json.loads(end).get("status") == "stopped":
+            status = "stopped"  # by the scheduler (ASHA), at one of its rungs
         else:
-            status = "stopped"
+            status = "unfinished"  # Tune stopped it because the driver was interrupted
         rows.append(
             TrialRow(
                 trial_id=trial_id,
-                values=_values(r.config, spec),
+                values=values,
                 status=status,
                 step=step,
                 metrics={k: float(v) for k, v in m.items() if k in METRICS},
@@ -544,7 +628,8 @@ def _close_all(tracker: Tracking | None, parent, rows: list[TrialRow]) -> None:
         elif row.status == "failed":
             tracker.close(run, "FAILED", row.error)
         else:
-            reason = f"stopped by ASHA at step {row.step}" if row.status == "stopped" else None
+            early = row.status == "stopped"  # only asha stops trials
+            reason = f"stopped early by asha at step {row.step}" if early else None
             tracker.close(run, "FINISHED", reason)
 
 

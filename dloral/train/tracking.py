@@ -42,13 +42,14 @@ class MlflowTracker(NullTracker):
         self.client = tracking.mlflow_client(uri)
         self.experiment, self.parent, self.tags = experiment, parent_run_id, tags or {}
         self.run_id: str | None = run_id  # given: continue that run (a retried sweep trial)
+        self.logged_until: dict[str, int] = {}  # a continued run's last step per metric
 
     def start(self, cfg, run_dir: Path, resume: bool, info: dict) -> None:
         id_file = run_dir / RUN_ID_FILE
         if resume and id_file.is_file() and self.run_id is None:
             self.run_id = id_file.read_text().strip()
         if self.run_id is not None:
-            self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_until = tracking.reopen_run(self.client, self.run_id)
             id_file.write_text(self.run_id)
             return
         tags = {
@@ -68,7 +69,11 @@ class MlflowTracker(NullTracker):
         self.client.log_artifact(self.run_id, str(run_dir / "config.toml"))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        tracking.log_metrics(self.client, self.run_id, [(k, v, step) for k, v in metrics.items()])
+        """Steps a continued run already logged (before the interrupt, after the checkpoint it
+        resumed from) are not logged again: each step appears once in the history."""
+        done = self.logged_until
+        rows = [(k, v, step) for k, v in metrics.items() if step > done.get(k, -1)]
+        tracking.log_metrics(self.client, self.run_id, rows)
 
     def log_image(self, image: torch.Tensor, name: str) -> None:
         from dloral.data.frames import to_uint8

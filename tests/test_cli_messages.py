@@ -1,0 +1,76 @@
+"""What the command line prints is what was meant: user text is never read as Rich markup,
+`--help` shows every default, and library noise stays out of the log."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from typer.testing import CliRunner
+
+from dloral import cli
+from dloral.cli import app
+
+runner = CliRunner()
+
+
+def _text(result) -> str:
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("name", ["clips[/x]", "a[red]b", "c[bold]d[/]"])
+def test_paths_with_brackets_are_printed_as_they_are(tmp_path, name):
+    missing = tmp_path / name / "clip.mp4"
+    result = runner.invoke(app, ["upscale", str(missing), str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    assert str(missing) in _text(result)
+
+
+def test_toml_section_names_survive_in_error_messages(tmp_path):
+    suite = tmp_path / "suite.toml"
+    suite.write_text('[suite]\nname = "s"\n')
+    result = runner.invoke(app, ["bench", str(suite)])
+    assert result.exit_code == 2, result.output
+    assert "no [[datasets]]" in _text(result)
+    dataset = f'[[datasets]]\nname = "d"\nkind = "udm10"\nroot = "{tmp_path}"\n'
+    methods = '[methods]\nnames = ["bicubic"]\n[metrics]\nnames = ["psnr"]\n'
+    suite.write_text('[suite]\nname = "s"\n' + dataset + methods + '[options]\nflow = "nope"\n')
+    result = runner.invoke(app, ["bench", str(suite)])
+    assert result.exit_code == 2, result.output
+    assert "[options] flow='nope'" in _text(result)
+
+
+@pytest.mark.parametrize(
+    "command, default",
+    [
+        (["train"], "[default: <run.output_dir>/<run.name>-<date-time>]"),
+        (["bench"], "[default: outputs/bench/<suite name>]"),
+        (["report"], "[default:"),
+        (["data", "prepare"], "[default: $DLORAL_DATA_DIR or data/embedded]"),
+        (["upscale"], "Default: outputs/upscale/<input name>."),
+    ],
+)
+def test_help_shows_where_outputs_go(command, default):
+    result = runner.invoke(app, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert default in _text(result)
+
+
+def test_hub_kernel_notices_are_dropped_from_the_log_but_warnings_stay(capsys):
+    """The filter on the console's log handler drops "kernels-community" records (any logger,
+    any level) and nothing else."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    try:
+        cli._setup_logging(verbose=False)
+        logging.getLogger("peft.utils").warning(
+            "Using kernels-community/flash-attn2 requires the kernels package"
+        )
+        logging.getLogger("dloral.test").warning("a real warning")
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved
+    assert "a real warning" in err
+    assert "kernels-community" not in err
