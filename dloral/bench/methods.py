@@ -405,6 +405,26 @@ class FolderMethod:
         )
 
 
+def check_folders(methods: list, clips: list[tuple[str, str, tuple, tuple]]) -> None:
+    """One MethodError naming every clip a folder method lacks complete outputs for (a missing
+    folder, missing or extra frames, mixed sizes), before anything is scored. `clips` holds
+    (dataset, clip, names scored, all frame names) of every clip the run will score."""
+    problems = []
+    for method in methods:
+        if not isinstance(method, FolderMethod):
+            continue
+        for dataset, clip, names, all_names in clips:
+            try:
+                method.frames_for(dataset, clip, names, all_names)
+            except MethodError as err:
+                problems.append(str(err))
+    if problems:
+        raise MethodError(
+            f"folder method outputs do not match the clips ({len(problems)} problem(s), "
+            "nothing scored):\n" + "\n".join(problems)
+        )
+
+
 def build_method(spec: str, *, device: str = "auto", options=None) -> Method | FolderMethod:
     """A method from its suite spec; `options` is the suite's Options (repeats, seed, ...)."""
     kind, label, arg = parse_method(spec)
