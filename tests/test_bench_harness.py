@@ -3,6 +3,7 @@ results table, cache, interruption, skipped metrics, run.json and the `bench` co
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -192,7 +193,8 @@ def test_interrupt_keeps_finished_clips_on_disk(udm, tmp_path):
     assert len(df[df["metric"] == "psnr"]) == FRAMES
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "interrupted" and run["clips_done"] == 1
-    assert run["reason"].startswith("interrupted after 1 of 2 clips")
+    # which signal is told by test_faults_bench (this process's signal history is shared)
+    assert re.fullmatch(r"interrupted by SIG(INT|TERM) after 1 of 2 clips", run["reason"])
 
 
 def test_interrupt_mid_clip_leaves_that_clip_out_for_every_method(udm, tmp_path, monkeypatch):
@@ -338,7 +340,7 @@ def test_mlflow_run_finished_with_aggregates_and_killed_on_interrupt(udm, tmp_pa
     exp = client.get_experiment_by_name("dloral-bench")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "KILLED"
-    assert "interrupted after 1 of 2" in runs[0].data.tags["dloral.status_reason"]
+    assert "after 1 of 2 clips" in runs[0].data.tags["dloral.status_reason"]
 
 
 def test_shipped_embedded_suite_parses():

@@ -455,7 +455,7 @@ def run_bench(
                         }
                     )
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (dloral.signals routes it here)
-        status, reason = "KILLED", f"interrupted after {done} of {total} clips ({signals.name()})"
+        status, reason = "KILLED", f"interrupted by {signals.name()} after {done} of {total} clips"
         raise
     except BaseException as err:
         status, reason = "FAILED", f"{type(err).__name__}: {err}"

@@ -316,14 +316,12 @@ class DLoRALMethod(_Timed):
 def check_weights(methods: list) -> None:
     """One MethodError naming every weight file the DLoRAL methods need and this machine lacks,
     before any model is built."""
+    models = [method for method in methods if isinstance(method, DLoRALMethod)]
+    if not models:  # bicubic and folders need no weights (and no model imports, which are slow)
+        return
     from dloral.model.requirements import MissingWeights, require_weights
 
-    missing = [
-        m
-        for method in methods
-        if isinstance(method, DLoRALMethod)
-        for m in method.missing_weights()
-    ]
+    missing = [m for method in models for m in method.missing_weights()]
     try:
         require_weights(missing)
     except MissingWeights as err:
