@@ -343,6 +343,18 @@ def test_mlflow_run_finished_with_aggregates_and_killed_on_interrupt(udm, tmp_pa
     assert "after 1 of 2 clips" in runs[0].data.tags["dloral.status_reason"]
 
 
+def test_mlflow_store_that_cannot_open_leaves_run_json_failed(udm, tmp_path, monkeypatch):
+    (tmp_path / "taken").write_text("a file where the store's folder should be")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'taken' / 'mlflow.db'}")
+    suite = load_suite(write_suite(tmp_path, udm, ["bicubic"], ["psnr"]))
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError):
+        harness.run_bench(suite, out_dir=out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and run["clips_done"] == 0
+    assert run["reason"].startswith("FileExistsError") and str(tmp_path / "taken") in run["reason"]
+
+
 def test_shipped_embedded_suite_parses():
     suite = load_suite("embedded")
     assert [d.embedded for d in suite.datasets] == ["embedded-udm10", "embedded-videolq"]

@@ -183,12 +183,12 @@ class _Tracking:
     """One MLflow run per benchmark run in experiment dloral-bench."""
 
     def __init__(self, enabled: bool):
-        self.client = mlflow_client() if enabled else None
-        self.run_id = None
+        self.enabled, self.client, self.run_id = enabled, None, None
 
     def start(self, name: str, params: dict[str, str]) -> None:
-        if self.client is None:
+        if not self.enabled:
             return
+        self.client = mlflow_client()  # here, so that a store it cannot open fails the run
         exp_id = experiment_id(self.client, EXPERIMENT)
         self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
         log_params(self.client, self.run_id, params)
