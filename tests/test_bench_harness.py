@@ -3,6 +3,7 @@ results table, cache, interruption, skipped metrics, run.json and the `bench` co
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -191,7 +192,60 @@ def test_interrupt_keeps_finished_clips_on_disk(udm, tmp_path):
     assert set(df["clip"]) == {"clipA"}
     assert len(df[df["metric"] == "psnr"]) == FRAMES
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "killed" and run["clips_done"] == 1
+    assert run["status"] == "interrupted" and run["clips_done"] == 1
+    # which signal is told by test_faults_bench (this process's signal history is shared)
+    assert re.fullmatch(r"interrupted by SIG(INT|TERM) after 1 of 2 clips", run["reason"])
+
+
+def test_interrupt_mid_clip_leaves_that_clip_out_for_every_method(udm, tmp_path, monkeypatch):
+    """Stopped while the folder method reads clipB, after bicubic scored it: clipB is in no
+    table or aggregate, so every aggregate row covers the same complete clip (clipA)."""
+    suite = load_suite(
+        write_suite(tmp_path, udm, ["bicubic", f"folder:gt={udm / 'peers/gt'}"], ["psnr"])
+    )
+    out = tmp_path / "out"
+    run_folder = FolderMethod.run
+
+    def interrupted_on_clip_b(self, job):
+        if job.clip == "clipB":
+            raise KeyboardInterrupt
+        return run_folder(self, job)
+
+    monkeypatch.setattr(FolderMethod, "run", interrupted_on_clip_b)
+    with pytest.raises(KeyboardInterrupt):
+        harness.run_bench(suite, out_dir=out, tracking=False)
+    assert set(pd.read_parquet(out / "results.parquet")["clip"]) == {"clipA"}
+    agg = pd.read_csv(out / "aggregate.csv")
+    assert set(agg["method"]) == {"bicubic", "gt"}
+    assert agg["clips"].eq(1).all(), agg[["method", "metric", "clips"]]
+    bic = agg.query("method == 'bicubic' and metric == 'psnr'")["value"].item()
+    df = pd.read_parquet(out / "results.parquet")
+    assert bic == pytest.approx(
+        df.query("method == 'bicubic' and metric == 'psnr'")["value"].mean()
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert (run["status"], run["clips_done"], run["clips_total"]) == ("interrupted", 1, 2)
+
+
+def test_folder_outputs_of_every_clip_checked_before_any_scoring(udm, tmp_path):
+    """Two folder methods wrong on the last clip only: one error naming both methods, the clip
+    and the paths, and nothing scored or written (no results.parquet, no run.json)."""
+    lost, extra = tmp_path / "lost", tmp_path / "extra"
+    for peers in (lost, extra):
+        shutil.copytree(udm / "peers" / "gt", peers)
+    shutil.rmtree(lost / "clipB")
+    shutil.copy(extra / "clipB" / "0000.png", extra / "clipB" / "0009.png")
+    methods = ["bicubic", f"folder:lost={lost}", f"folder:extra={extra}"]
+    suite = load_suite(write_suite(tmp_path, udm, methods, ["psnr"]))
+    out = tmp_path / "out"
+    with pytest.raises(MethodError) as err:
+        harness.run_bench(suite, out_dir=out, tracking=False)
+    text = str(err.value)
+    assert "2 problem(s), nothing scored" in text
+    assert f"lost: no outputs for mini clip 'clipB': neither {lost / 'clipB'}" in text
+    assert f"extra: mini clip 'clipB' in {extra / 'clipB'}: extra frame(s) 0009" in text
+    assert "clipA" not in text
+    assert not (out / "results.parquet").exists() and not (out / "run.json").exists()
 
 
 def test_gt_less_set_skips_fullref_and_scores_ewarp(udm, tmp_path):
@@ -286,7 +340,19 @@ def test_mlflow_run_finished_with_aggregates_and_killed_on_interrupt(udm, tmp_pa
     exp = client.get_experiment_by_name("dloral-bench")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "KILLED"
-    assert "interrupted after 1 of 2" in runs[0].data.tags["dloral.status_reason"]
+    assert "after 1 of 2 clips" in runs[0].data.tags["dloral.status_reason"]
+
+
+def test_mlflow_store_that_cannot_open_leaves_run_json_failed(udm, tmp_path, monkeypatch):
+    (tmp_path / "taken").write_text("a file where the store's folder should be")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'taken' / 'mlflow.db'}")
+    suite = load_suite(write_suite(tmp_path, udm, ["bicubic"], ["psnr"]))
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError):
+        harness.run_bench(suite, out_dir=out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and run["clips_done"] == 0
+    assert run["reason"].startswith("FileExistsError") and str(tmp_path / "taken") in run["reason"]
 
 
 def test_shipped_embedded_suite_parses():

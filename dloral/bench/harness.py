@@ -1,10 +1,13 @@
 """The benchmark harness: suite datasets x methods x metrics -> one tidy results table.
 
-Per clip, GT and LQ are decoded once and shared by every method and metric; each method's
-output is computed once and scored by every metric. After each clip the table so far is written
-atomically to <out_dir>/results.parquet (an interrupt loses nothing already written), with the
-clip's visual comparisons in <out_dir>/visuals/; at the end aggregate.csv, skipped.json and
-run.json join it. Metric values are cached across runs into the
+Every folder method's outputs are checked against every clip before anything is scored. Per
+clip, GT and LQ are decoded once and shared by every method and metric; each method's output is
+computed once and scored by every metric. A clip counts once every method has it: the table of
+complete clips is then written atomically to <out_dir>/results.parquet (an interrupt loses
+nothing already written), with the clip's visual comparisons in <out_dir>/visuals/; at the end,
+or at an interrupt or error, aggregate.csv (over complete clips only, with a `clips` column per
+row), skipped.json and run.json (status finished | interrupted | failed, and why) join it, and
+the MLflow run ends FINISHED, KILLED or FAILED. Metric values are cached across runs into the
 same out_dir by (output_hash, metric, implementation) in cache.parquet; `force` recomputes.
 Latency rows (s_per_frame, peak_mem_gib) are measured anew each run, for methods run here.
 
@@ -30,10 +33,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dloral import provenance
+from dloral import provenance, signals
 from dloral.atomic import atomic_write, atomic_write_json
 from dloral.bench import registry, results, survey
-from dloral.bench.methods import ClipJob, MethodOutput, build_method, check_weights, output_hash
+from dloral.bench.methods import (
+    ClipJob,
+    MethodOutput,
+    build_method,
+    check_folders,
+    check_weights,
+    output_hash,
+)
 from dloral.bench.metric import MetricInfo
 from dloral.bench.registry import ScoredMetric
 from dloral.bench.suite import Suite, check_methods, check_metrics
@@ -45,6 +55,7 @@ from dloral.tracking import end_run, experiment_id, log_metrics, log_params, mlf
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "dloral-bench"
+RUN_STATUS = {"FINISHED": "finished", "KILLED": "interrupted", "FAILED": "failed"}  # run.json
 DEFAULT_SCALE = 4
 Progress = Callable[[dict], None]
 
@@ -153,6 +164,12 @@ def _open_datasets(suite: Suite) -> list[tuple]:
     return out
 
 
+def _clip_names(spec, clip: Clip) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+    """(dataset, clip, names of the frames scored, every frame name): as _read_clip and the
+    ClipJob name them, without decoding a frame."""
+    return spec.name, clip.name, clip.names[: spec.frames or None], (clip.gt or clip.lq).names
+
+
 def _scale(spec, clip: Clip) -> int:
     if spec.scale and clip.scale and spec.scale != clip.scale:
         raise ValueError(
@@ -166,12 +183,12 @@ class _Tracking:
     """One MLflow run per benchmark run in experiment dloral-bench."""
 
     def __init__(self, enabled: bool):
-        self.client = mlflow_client() if enabled else None
-        self.run_id = None
+        self.enabled, self.client, self.run_id = enabled, None, None
 
     def start(self, name: str, params: dict[str, str]) -> None:
-        if self.client is None:
+        if not self.enabled:
             return
+        self.client = mlflow_client()  # here, so that a store it cannot open fails the run
         exp_id = experiment_id(self.client, EXPERIMENT)
         self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
         log_params(self.client, self.run_id, params)
@@ -322,6 +339,9 @@ def run_bench(
     out = Path(out_dir) if out_dir is not None else Path("outputs") / "bench" / suite.name
     out.mkdir(parents=True, exist_ok=True)
     datasets = _open_datasets(suite)
+    check_folders(
+        runners, [_clip_names(spec, clip) for spec, _, clips, _ in datasets for clip in clips]
+    )
     total = sum(len(clips) for _, _, clips, _ in datasets)
     scorers, skipped, flow_name = build_metrics(metric_names, dev, suite, strict)
     infos = {n: s.info for n, s in scorers.items()}
@@ -352,18 +372,7 @@ def run_bench(
     }
     atomic_write_json(out / "run.json", run_info, default=str)
     tracker = _Tracking(tracking)
-    tracker.start(
-        suite.name,
-        {
-            "suite": suite.name,
-            "methods": ",".join(method_specs),
-            "metrics": ",".join(metric_names),
-            "device": str(dev),
-            "flow": flow_name or "none",
-        },
-    )
-    res.mlflow_run_id = tracker.run_id
-    records: list[dict] = []
+    records: list[dict] = []  # rows of complete clips only: every method scored them
     status, reason = "FINISHED", ""
     skipped_keys = {(s["metric"], s.get("dataset")) for s in skipped}
 
@@ -373,10 +382,21 @@ def run_bench(
             entry = {"metric": metric, "reason": why, "dataset": dataset}
             skipped.append(entry | ({"clip": clip} if clip else {}))
 
-    if progress:
-        progress({"stage": "start", "total": total, "out_dir": str(out)})
     done = 0
-    try:
+    try:  # from here on, run.json and the MLflow run end in a true state, whatever happens
+        tracker.start(
+            suite.name,
+            {
+                "suite": suite.name,
+                "methods": ",".join(method_specs),
+                "metrics": ",".join(metric_names),
+                "device": str(dev),
+                "flow": flow_name or "none",
+            },
+        )
+        res.mlflow_run_id = tracker.run_id
+        if progress:
+            progress({"stage": "start", "total": total, "out_dir": str(out)})
         for spec, _ds, clips, _ in datasets:
             for clip in clips:
                 names, lq, gt = _read_clip(clip, spec.frames)
@@ -391,6 +411,7 @@ def run_bench(
                     if recorder
                     else None
                 )
+                clip_rows: list[dict] = []
                 computed = cached = 0
                 for runner in runners:
                     rows, n_new, n_cached, first = _score_method(
@@ -407,17 +428,20 @@ def run_bench(
                     )
                     if first == "skip":
                         run_info["first_frame"][runner.name] = "skip"
-                    records += rows
+                    clip_rows += rows
                     computed += n_new
                     cached += n_cached
+                # the clip counts once every method has it: an interrupt in the middle of a
+                # clip leaves it out of results.parquet and aggregate.csv for all methods alike
+                cache.write()  # first: every clip in results.parquet has its values cached
+                records += clip_rows
                 res.table = results.table(records)
                 results.write_parquet(res.table, out / "results.parquet")
-                cache.write()
-                if recorder:
-                    recorder.finish_clip(vis)
                 done += 1
                 res.computed += computed
                 res.cached += cached
+                if recorder:
+                    recorder.finish_clip(vis)
                 if progress:
                     progress(
                         {
@@ -430,8 +454,8 @@ def run_bench(
                             "cached": cached,
                         }
                     )
-    except KeyboardInterrupt:
-        status, reason = "KILLED", f"interrupted after {done} of {total} clips"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (dloral.signals routes it here)
+        status, reason = "KILLED", f"interrupted by {signals.name()} after {done} of {total} clips"
         raise
     except BaseException as err:
         status, reason = "FAILED", f"{type(err).__name__}: {err}"
@@ -443,7 +467,7 @@ def run_bench(
         atomic_write(out / "aggregate.csv", lambda tmp: res.aggregate.to_csv(tmp, index=False))
         atomic_write_json(out / "skipped.json", skipped)
         run_info.update(
-            status=status.lower(),
+            status=RUN_STATUS[status],
             reason=reason,
             clips_done=done,
             clips_total=total,

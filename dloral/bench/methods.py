@@ -316,14 +316,12 @@ class DLoRALMethod(_Timed):
 def check_weights(methods: list) -> None:
     """One MethodError naming every weight file the DLoRAL methods need and this machine lacks,
     before any model is built."""
+    models = [method for method in methods if isinstance(method, DLoRALMethod)]
+    if not models:  # bicubic and folders need no weights (and no model imports, which are slow)
+        return
     from dloral.model.requirements import MissingWeights, require_weights
 
-    missing = [
-        m
-        for method in methods
-        if isinstance(method, DLoRALMethod)
-        for m in method.missing_weights()
-    ]
+    missing = [m for method in models for m in method.missing_weights()]
     try:
         require_weights(missing)
     except MissingWeights as err:
@@ -402,6 +400,26 @@ class FolderMethod:
         names = job.names[1:] if skipped else job.names
         return MethodOutput(
             torch.stack(frames), names=names, first_frame="skip" if skipped else "self"
+        )
+
+
+def check_folders(methods: list, clips: list[tuple[str, str, tuple, tuple]]) -> None:
+    """One MethodError naming every clip a folder method lacks complete outputs for (a missing
+    folder, missing or extra frames, mixed sizes), before anything is scored. `clips` holds
+    (dataset, clip, names scored, all frame names) of every clip the run will score."""
+    problems = []
+    for method in methods:
+        if not isinstance(method, FolderMethod):
+            continue
+        for dataset, clip, names, all_names in clips:
+            try:
+                method.frames_for(dataset, clip, names, all_names)
+            except MethodError as err:
+                problems.append(str(err))
+    if problems:
+        raise MethodError(
+            f"folder method outputs do not match the clips ({len(problems)} problem(s), "
+            "nothing scored):\n" + "\n".join(problems)
         )
 
 
