@@ -774,5 +774,24 @@ def doctor(
     console.print(table)
 
 
+def entry() -> None:
+    """The `dloral-exp` console script: `app`, with Ctrl-C or SIGTERM at any moment, also
+    before a command's own handling starts (imports, config checks), ending 130 or 143."""
+    from dloral import signals
+
+    signals.install()
+    try:
+        app()
+    except KeyboardInterrupt:  # before click's own handling (building the command line)
+        console.print(f"[yellow]interrupted ({signals.name()})[/] during start-up")
+        raise SystemExit(signals.exit_code()) from None
+    except SystemExit as done:
+        # click turns an interrupt it catches itself into "Aborted!" and exit 1, typer into a
+        # silent exit 130 (also for SIGTERM)
+        if done.code in (1, 130) and signals.received():
+            raise SystemExit(signals.exit_code()) from None
+        raise
+
+
 if __name__ == "__main__":
-    app()
+    entry()

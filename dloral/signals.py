@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 INTERRUPTED = 128 + signal.SIGINT  # 130
@@ -29,10 +31,41 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
 def install() -> None:
-    """Route SIGTERM through the SIGINT handler (main thread only; a no-op elsewhere)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    """Route SIGTERM through the SIGINT handler and note which signal came (main thread only;
+    a no-op elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def received() -> bool:
+    """Whether SIGINT or SIGTERM arrived since install()."""
+    return bool(_received)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Clean-up that must finish (status files, MLflow run ends) once a stop was asked for:
+    a second Ctrl-C or SIGTERM meanwhile is noted, not raised (SIGKILL still ends it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, lambda signum, frame: _received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def exit_code() -> int:

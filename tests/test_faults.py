@@ -27,11 +27,14 @@ SWEEP = (
     + '\n[sweep.space]\n"run.seed" = [1, 2]\n'
 )
 TRIALS = 2
+# what the `dloral-exp` console script runs (`python -m dloral.cli` may report an interrupt
+# that was handled as -2: CPython's -m path re-raises SIGINT on exit)
+ENTRY = "import sys; from dloral.cli import entry; sys.argv[0] = 'dloral-exp'; sys.exit(entry())"
 
 
 def _start(args: list[str], cwd: Path, env: dict, group: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dloral.cli", *args],
+        [sys.executable, "-c", ENTRY, *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -293,3 +296,23 @@ def test_resume_refuses_a_sweep_folder_others_can_write_or_do_not_own(tmp_path):
         os.chown(sweep / "tuner.pkl", 12345, 12345)
         with pytest.raises(SweepError, match=r"tuner\.pkl is owned by uid 12345"):
             check_trusted(str(sweep))
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """The process has a handler for `sig` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_during_start_up_exits_with_the_signal_code(tmp_path, sig, code):
+    """Stopped while it is still importing and reading its config, before any command code
+    runs: 143 or 130 as well, not click's "Aborted!" with exit 1."""
+    proc = _start(["sweep", "default", "--no-tracking"], tmp_path, dict(os.environ))
+    _wait_for(proc, lambda: _catches(proc.pid, signal.SIGTERM), "the signal handlers", 60)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == code, out[-3000:]
+    assert "Traceback" not in out

@@ -461,27 +461,30 @@ def run_bench(
         status, reason = "FAILED", f"{type(err).__name__}: {err}"
         raise
     finally:
-        res.table = results.table(records)
-        res.aggregate = aggregate_table(res.table, infos)
-        res.infos = infos
-        atomic_write(out / "aggregate.csv", lambda tmp: res.aggregate.to_csv(tmp, index=False))
-        atomic_write_json(out / "skipped.json", skipped)
-        run_info.update(
-            status=RUN_STATUS[status],
-            reason=reason,
-            clips_done=done,
-            clips_total=total,
-            metric_evaluations={"computed": res.computed, "cached": res.cached},
-            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        )
-        atomic_write_json(out / "run.json", run_info, default=str)
-        files = [out / f for f in ("results.parquet", "aggregate.csv", "run.json", "skipped.json")]
-        if recorder is not None:
-            files.append(recorder.root)
-        try:
-            tracker.finish(res.aggregate, files, status, reason)
-        except Exception as err:  # tracking must not hide the harness's own outcome
-            log.warning("MLflow: could not finish run %s: %s", tracker.run_id, err)
+        with signals.deferred():  # a second Ctrl-C does not cut the records short
+            res.table = results.table(records)
+            res.aggregate = aggregate_table(res.table, infos)
+            res.infos = infos
+            atomic_write(out / "aggregate.csv", lambda tmp: res.aggregate.to_csv(tmp, index=False))
+            atomic_write_json(out / "skipped.json", skipped)
+            run_info.update(
+                status=RUN_STATUS[status],
+                reason=reason,
+                clips_done=done,
+                clips_total=total,
+                metric_evaluations={"computed": res.computed, "cached": res.cached},
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            )
+            atomic_write_json(out / "run.json", run_info, default=str)
+            files = [
+                out / f for f in ("results.parquet", "aggregate.csv", "run.json", "skipped.json")
+            ]
+            if recorder is not None:
+                files.append(recorder.root)
+            try:
+                tracker.finish(res.aggregate, files, status, reason)
+            except Exception as err:  # tracking must not hide the harness's own outcome
+                log.warning("MLflow: could not finish run %s: %s", tracker.run_id, err)
     log.info("bench %s: %d clips, results in %s", suite.name, done, out)
     return res
 

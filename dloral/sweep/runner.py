@@ -448,10 +448,12 @@ def run_sweep(
             _log_summary(tracker, parent, result, exp)
     except KeyboardInterrupt as err:
         result.status = "interrupted"
-        if tracker:
-            _close_all(tracker, parent, result.trials)
-            reason = f"sweep interrupted ({signals.name()}); continue with --resume"
-            tracker.close(tracker.client.get_run(parent), "KILLED", reason)
+        with signals.deferred():  # a second Ctrl-C does not leave runs RUNNING
+            if tracker:
+                _close_all(tracker, parent, result.trials)
+                reason = f"sweep interrupted ({signals.name()}); continue with --resume"
+                tracker.close(tracker.client.get_run(parent), "KILLED", reason)
+            _finish_records(spec, result, t_start)
         raise SweepInterrupted(sweep_dir) from err
     except BaseException as err:
         if tracker:
@@ -459,16 +461,21 @@ def run_sweep(
             tracker.close(tracker.client.get_run(parent), "FAILED", f"{type(err).__name__}: {err}")
         raise
     finally:
-        result.wall_s = time.perf_counter() - t_start
-        spec.status = result.status
-        _write_spec(spec)
-        # also when interrupted: which trials are done, which will resume
-        _write_text(_join(sweep_dir, SUMMARY_FILE), json.dumps(result.to_dict(), indent=2))
+        _finish_records(spec, result, t_start)
         if owns_ray and _ray_running():  # also when stopped while Ray was starting
             import ray
 
             ray.shutdown()
     return result
+
+
+def _finish_records(spec: SweepSpec, result: SweepResult, t_start: float) -> None:
+    """sweep.json's status and summary.json, also when interrupted: which trials are done,
+    which will resume."""
+    result.wall_s = time.perf_counter() - t_start
+    spec.status = result.status
+    _write_spec(spec)
+    _write_text(_join(spec.sweep_dir, SUMMARY_FILE), json.dumps(result.to_dict(), indent=2))
 
 
 def _write_spec(spec: SweepSpec) -> None:

@@ -422,7 +422,8 @@ def train(
     except TrainingDiverged:
         raise  # already marked FAILED with its reason
     except KeyboardInterrupt:
-        tracker.finish("KILLED", f"stopped by {signals.name()}; resume with --resume {run_dir}")
+        with signals.deferred():
+            tracker.finish("KILLED", f"stopped by {signals.name()}; resume with --resume {run_dir}")
         raise
     except SystemExit:
         raise  # the host ends this process (Ray Tune stopping a trial) and owns the run's status
