@@ -124,7 +124,7 @@ def _assert_interrupted(out: str, exp: Path, uri: str, tmp_path: Path) -> tuple[
 
 def _assert_resumed(exp: Path, uri: str, env: dict, cwd: Path, sweep_dir: Path, done: dict):
     proc = _start(["sweep", str(exp), "--resume"], cwd, env)
-    out = proc.communicate(timeout=300)[0]
+    out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-4000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["status"] == "finished"

@@ -216,6 +216,9 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
+    # Ray's core installs a C++ SIGTERM handler that dumps a stack and aborts the driver (-6):
+    # SIGTERM must stop the sweep the way Ctrl-C does, saving its state
+    signals.install()
     return address is None
 
 
