@@ -24,10 +24,15 @@ from dloral.config import (
     to_plain,
     to_toml,
 )
-from dloral.data.embedded import default_dir
-from dloral.data.readers import GT_ONLY_KINDS, KINDS, ShiftConfig
-from dloral.data.sampler import CROP_MODES, SamplerConfig
-from dloral.model.dloral import DLoRALConfig
+from dloral.data.config import (
+    CROP_MODES,
+    GT_ONLY_KINDS,
+    KINDS,
+    SamplerConfig,
+    ShiftConfig,
+    default_dir,
+)
+from dloral.model.config import DLoRALConfig
 from dloral.train.schedule import LossWeightsConfig, ScheduleConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "default.toml"
