@@ -276,6 +276,18 @@ class TrainConfig:
         """Plain nested dicts/lists/scalars (None kept)."""
         return to_plain(self)
 
+    def resolved(self) -> TrainConfig:
+        """A new config with every value the recipe derives from other keys filled in: the
+        training sampler's seed is run.seed (one seed drives the run) and its epoch holds every
+        sample of run.max_steps. This is what a run saves as config.toml, logs and uses; resolving
+        it again changes nothing."""
+        data = self.to_dict()
+        per_step = self.optim.batch_size * self.optim.grad_accum
+        sampler = data["data"]["sampler"]
+        sampler["seed"] = self.run.seed
+        sampler["samples"] = max(sampler["samples"], self.run.max_steps * per_step)
+        return TrainConfig.from_dict(data)
+
     def to_toml_str(self) -> str:
         """The whole config as TOML, every field written; load_config reads it back."""
         return to_toml(self.to_dict())
