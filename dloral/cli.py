@@ -231,7 +231,11 @@ def upscale(
         random_init=random_init,
         seed=seed,
         frames=frames,
-    ).resolved()
+    )
+    try:
+        job = job.resolved()  # options checked before torch is imported
+    except UpscaleError as err:
+        _fail(str(err))
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task(escape(f"upscale {job.input.name}"), total=None)
@@ -510,10 +514,15 @@ def bench(
     tracking: Annotated[bool, typer.Option(help="Log to MLflow ($MLFLOW_TRACKING_URI).")] = True,
 ) -> None:
     """Score methods on benchmark datasets (PSNR/SSIM, pyiqa, temporal, latency) -> parquet."""
-    from dloral.bench.suite import SuiteError, load_suite
+    from dloral.bench.suite import SuiteError, check_methods, check_metrics, load_suite
 
-    try:
+    metric_names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    try:  # the suite and the options checked before torch and the metrics are imported
         spec = load_suite(suite)
+        if method:
+            check_methods(method, "--method")
+        if metric_names:
+            check_metrics(metric_names, "--metrics")
     except SuiteError as err:
         _fail(str(err))
 
@@ -545,7 +554,7 @@ def bench(
             result = run_bench(
                 spec,
                 methods=method or None,
-                metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
+                metrics=metric_names or None,
                 device=device,
                 force=force,
                 strict=strict,
@@ -727,6 +736,8 @@ def data_prepare(
     try:
         with console.status("preparing embedded data from the packaged clips"):
             folder = prepare_embedded(out, force=force)
+    except NotADirectoryError as err:
+        _fail(str(err))
     except KeyboardInterrupt:
         _stopped("run the same command again: finished sets are verified and kept")
     manifest = json.loads((folder / "manifest.json").read_text())

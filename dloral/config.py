@@ -166,13 +166,75 @@ def _is_str_field(tp: Any) -> bool:
     )
 
 
-def parse_value(text: str, tp: Any) -> Any:
-    """An override's value: TOML syntax, else the text itself (always the text for str fields,
-    so run.name=123 is the string "123")."""
+class OverrideError(ValueError):
+    """Override text that is not a TOML value; the message names the override and shows the
+    TOML its key takes, with an example."""
+
+
+_TOML_KINDS: dict[Any, tuple[str, str, tuple[str, str]]] = {  # for messages: what a value
+    # of the type is in TOML, what a list of them is, two examples
+    bool: ("true or false", "booleans", ("true", "false")),
+    int: ("an integer", "integers", ("1", "2")),
+    float: ("a number", "numbers", ("1e-4", "0.5")),
+    str: ("a string in double quotes", "strings in double quotes", ('"a"', '"b"')),
+}
+_ANY_KIND = ("a TOML value", "values (strings in double quotes)", ('"a"', '"b"'))
+
+
+def _is_toml(text: str) -> bool:
+    try:
+        tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return False
+    return True
+
+
+def _scalar(tp: Any) -> Any:
+    """`tp` without None (int | None -> int)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else Any
+    return tp
+
+
+def _toml_example(text: str, tp: Any) -> tuple[str, str]:
+    """What a value of type `tp` is in TOML, and an example; for a list of words written without
+    quotes ("[full, off]") the example is that list quoted."""
+    tp = _scalar(tp)
+    if typing.get_origin(tp) not in (list, tuple):
+        name, _, examples = _TOML_KINDS.get(tp, _ANY_KIND)
+        return name, examples[0]
+    item = _scalar(next(iter(typing.get_args(tp)), Any))
+    _, plural, examples = _TOML_KINDS.get(item, _ANY_KIND)
+    words = [w.strip() for w in text.strip().removeprefix("[").removesuffix("]").split(",")]
+    if item in (str, Any) and text.strip().startswith("[") and all(words):
+        examples = [w if _is_toml(w) else _toml_str(w.strip("'\"")) for w in words]
+    return f"a list of {plural}", f"[{', '.join(examples)}]"
+
+
+def _not_toml(key: str, text: str, tp: Any) -> str:
+    """The message for override text that is not TOML: the key, the text, what TOML the key
+    takes and an example the shell passes through."""
+    what, example = _toml_example(text, tp)
+    given = f"{text!r} is not a TOML value" if text else 'nothing after "="'
+    example = f"{key}={example}"
+    if '"' in example:  # the shell would drop the double quotes
+        example = f"'{example}', in single quotes so that the shell keeps the double quotes"
+    elif any(ch in example for ch in " []{}"):
+        example = f"'{example}'"
+    return f"--set {key}={text}: {given}; {key} takes {what} (e.g. --set {example})"
+
+
+def parse_value(text: str, tp: Any, key: str = "") -> Any:
+    """An override's value, in TOML syntax; for str fields also the bare text (so run.name=123
+    is the string "123"). For any other field, text that is not TOML is an OverrideError naming
+    `key`, the text and the TOML expected."""
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        if _is_str_field(tp):
+            return text
+        raise OverrideError(_not_toml(key, text, tp)) from None
     if _is_str_field(tp) and not isinstance(value, str):
         return text
     return value
@@ -208,7 +270,7 @@ def set_key(
         if not isinstance(child, dict):
             raise ValueError(f"{_dotted(here, part)} is not a table")
         node = child
-    node[parts[-1]] = parse_value(value, hint) if parse else value
+    node[parts[-1]] = parse_value(value, hint, _dotted(where, key)) if parse else value
 
 
 # ----- writing -----------------------------------------------------------------------------

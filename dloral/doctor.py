@@ -15,7 +15,7 @@ from dloral.provenance import device, versions
 
 
 def settings() -> dict[str, str]:
-    from dloral.data.embedded import DEFAULT_DIR_ENV, default_dir
+    from dloral.data.config import DEFAULT_DIR_ENV, default_dir
     from dloral.tracking import tracking_uri
 
     address = os.environ.get("RAY_ADDRESS")

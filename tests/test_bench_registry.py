@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dloral.bench import registry
+from dloral.bench import flow as flow_module
+from dloral.bench import iqa
 from dloral.bench.flow import DisFlow
 from dloral.bench.iqa import IQA_METRICS
 from dloral.bench.registry import (
@@ -57,8 +58,8 @@ def test_flow_and_lpips_are_built_once_and_their_failures_skip_each_user(monkeyp
         calls.append(f"flow:{kind}")
         return DisFlow()
 
-    monkeypatch.setattr(registry, "iqa_metric", no_lpips)
-    monkeypatch.setattr(registry, "load_flow_estimator", flow)
+    monkeypatch.setattr(iqa, "iqa_metric", no_lpips)  # the registry imports them when building
+    monkeypatch.setattr(flow_module, "load_flow_estimator", flow)
     names = ("tlp", "tof", "lpips", "ewarp", "psnr")
     built, skipped, flow_name = build_metrics(names, torch.device("cpu"), flow="dis")
     assert list(built) == ["tof", "ewarp", "psnr"] and flow_name == DisFlow().name

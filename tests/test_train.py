@@ -5,10 +5,11 @@ import torch
 
 from dloral.data.sampler import TrainingClips
 from dloral.model.checkpoint import _trained_state
+from dloral.tracking import flatten
 from dloral.train import recipe
 from dloral.train.config import load_config
 from dloral.train.recipe import TrainingDiverged, latest_checkpoint, train
-from dloral.train.tracking import MlflowTracker
+from dloral.train.tracking import MlflowTracker, NullTracker
 
 
 def _cfg(roots, **extra):
@@ -265,3 +266,52 @@ def test_reference_flow_is_logged_but_trains_nothing(data_roots, tmp_path):
     train(_cfg(data_roots, **sets, **{"loss.weights.consistency": 0.0}), run_dir=tmp_path / "z")
     a, b = _state(tmp_path / "f"), _state(tmp_path / "z")
     assert all(torch.equal(a[k], b[k]) for k in a)  # as training without the term
+
+
+class _Recorder(NullTracker):
+    """What a tracker is given: the config at start (MLflow's params) and every logged loss."""
+
+    def __init__(self):
+        self.params, self.losses = None, []
+
+    def start(self, cfg, run_dir, resume, info):
+        self.params = flatten(cfg.to_dict())
+
+    def log_metrics(self, metrics, step):
+        self.losses += [(step, k, v) for k, v in metrics.items() if k.startswith("train/")]
+
+
+def test_the_saved_config_is_what_ran_and_training_from_it_repeats_the_run(
+    data_roots, tmp_path, monkeypatch
+):
+    used = []  # (sampler seed, epoch length, index, sample seed) of every sample drawn
+    draw = TrainingClips.__getitem__
+
+    def recorded(self, index):
+        item = draw(self, index)
+        used.append((self.cfg.seed, self.cfg.samples, index, item["seed"]))
+        return item
+
+    monkeypatch.setattr(TrainingClips, "__getitem__", recorded)
+    # the sampler's seed and epoch are derived: run.seed drives it, the epoch covers every step
+    sets = {"run.max_steps": 3, "run.validate_every": 100, "run.seed": 7}
+    cfg = _cfg(data_roots, **sets, **{"data.sampler.seed": 0, "data.sampler.samples": 1})
+    given = cfg.to_toml_str()
+    first = _Recorder()
+    train(cfg, run_dir=tmp_path / "a", tracker=first)
+    assert cfg.to_toml_str() == given  # the caller's config is not changed either
+
+    saved = load_config(tmp_path / "a" / "config.toml")
+    assert (saved.data.sampler.seed, saved.data.sampler.samples) == (7, 3)
+    assert {(seed, samples) for seed, samples, _, _ in used} == {(7, 3)}
+    assert [i for _, _, i, _ in used] == [0, 1, 2]
+    assert first.params == flatten(saved.to_dict())  # MLflow's params are the saved config
+
+    drawn, used[:] = list(used), []
+    again = _Recorder()
+    train(saved, run_dir=tmp_path / "b", tracker=again)
+    assert used == drawn
+    assert {step for step, _, _ in first.losses} == {1, 2, 3}
+    assert again.losses == first.losses  # every logged loss of every step, bitwise
+    a, b = ((tmp_path / run / "config.toml").read_text() for run in "ab")
+    assert a == b

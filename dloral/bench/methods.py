@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 
+from dloral.bench.suite import parse_method
 from dloral.data.frames import FrameError, natural_key, open_frames, read_image, to_uint8
 from dloral.devices import resolve_device, resolve_dtype, synchronize
 from dloral.resize import resize_frames
@@ -38,11 +39,6 @@ from dloral.resize import resize_frames
 log = logging.getLogger(__name__)
 
 WARMUP_FRAMES = 2
-METHOD_FORMS = (  # the spec forms parse_method accepts, for messages
-    "bicubic",
-    "dloral:<checkpoint folder | model.pkl | tiny | mlflow:<run id or sweep trial id>>",
-    "folder:<label>=<path>",
-)
 
 
 class MethodError(ValueError):
@@ -87,22 +83,6 @@ def output_hash(frames: torch.Tensor) -> str:
     for frame in frames:
         digest.update(to_uint8(frame).tobytes())
     return digest.hexdigest()
-
-
-def parse_method(spec: str) -> tuple[str, str, str]:
-    """ "bicubic" | "dloral:<where>" | "folder:<label>=<path>" -> (kind, label, argument)."""
-    if spec == "bicubic":
-        return "bicubic", "bicubic", ""
-    kind, sep, arg = spec.partition(":")
-    if sep and kind == "dloral" and arg:
-        if arg.startswith("mlflow:") and arg[len("mlflow:") :]:
-            return "dloral", f"dloral-{arg[len('mlflow:') :][:12]}", arg
-        return "dloral", "dloral-tiny" if arg == "tiny" else f"dloral-{Path(arg).stem}", arg
-    if sep and kind == "folder":
-        label, eq, path = arg.partition("=")
-        if eq and label and path:
-            return "folder", label, path
-    raise ValueError(f"unknown method {spec!r}; valid forms: {', '.join(METHOD_FORMS)}")
 
 
 def _peak_memory(device: torch.device) -> tuple[float, str]:

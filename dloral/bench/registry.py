@@ -7,7 +7,8 @@ builder; a built metric's MetricInfo adds the implementation (code, convention, 
 flow estimator), which the harness stores with every value and uses as the cache key. What
 several metrics share is built once per build: one flow estimator for ewarp and tof, one pyiqa
 LPIPS for lpips and tlp. A metric that cannot run here (MetricUnavailable) is skipped with its
-reason, or raised with `strict`.
+reason, or raised with `strict`. The implementations (torch, pyiqa, OpenCV) are imported when a
+metric is built, so checking a suite's metric names imports none of them.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from dloral.bench import fullref, temporal
-from dloral.bench.flow import FlowEstimator, load_flow_estimator
-from dloral.bench.iqa import IQAMetric, iqa_metric
 from dloral.bench.metric import MetricInfo, MetricUnavailable
+
+if TYPE_CHECKING:
+    import torch
+
+    from dloral.bench.flow import FlowEstimator
+    from dloral.bench.iqa import IQAMetric
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +77,13 @@ class _Shared:
         return made
 
     def iqa(self, name: str) -> IQAMetric:
+        from dloral.bench.iqa import iqa_metric
+
         return self._once(name, lambda: iqa_metric(name, device=self.device, strict=self.strict))
 
     def flow(self) -> FlowEstimator:
+        from dloral.bench.flow import load_flow_estimator
+
         return self._once("flow", lambda: load_flow_estimator(self.flow_kind, self.device))
 
     @property
@@ -133,6 +140,8 @@ def fullref_metric(name: str, crop_border: int = 0) -> FullRefMetric:
         )
     if crop_border < 0:
         raise ValueError(f"crop_border must be >= 0, got {crop_border}")
+    from dloral.bench import fullref
+
     y_channel = name.endswith("_y")
     channel = "Y (BT.601, 16-235)" if y_channel else "RGB"
     info = METRICS[name].info(
@@ -193,6 +202,8 @@ def tlp_info(lpips_name: str) -> MetricInfo:
 
 
 def _ewarp(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    from dloral.bench import temporal
+
     flow = shared.flow()
     return ScoredMetric(
         ewarp_info(flow.name),
@@ -202,6 +213,8 @@ def _ewarp(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
 
 
 def _tof(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    from dloral.bench import temporal
+
     flow = shared.flow()
     return ScoredMetric(
         tof_info(flow.name),
@@ -211,6 +224,8 @@ def _tof(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
 
 
 def _tlp(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    from dloral.bench import temporal
+
     try:
         lpips = shared.iqa("lpips")
     except MetricUnavailable as err:

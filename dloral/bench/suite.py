@@ -20,16 +20,20 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dloral.bench.methods import METHOD_FORMS, parse_method
 from dloral.bench.registry import METRICS
 from dloral.config import build, check_keys, find_named_toml, read_toml
-from dloral.data.readers import KINDS
+from dloral.data.config import KINDS
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SETS = ("embedded-udm10", "embedded-videolq")
 
 FLOW_KINDS = ("auto", "raft", "dis", "farneback")
+METHOD_FORMS = (  # the spec forms parse_method accepts, for messages
+    "bicubic",
+    "dloral:<checkpoint folder | model.pkl | tiny | mlflow:<run id or sweep trial id>>",
+    "folder:<label>=<path>",
+)
 
 LAYOUTS = {  # what a dataset root must hold, for error messages
     "udm10": "<root>/GT/<clip>/*.png and <root>/BIx4/<clip>/ (or BDx4)",
@@ -129,6 +133,22 @@ def check_metrics(names: list[str] | tuple[str, ...], where: str = "suite") -> t
     if not names:
         raise SuiteError(f"{where}: no metrics given; valid: {', '.join(METRICS)}")
     return tuple(dict.fromkeys(names))
+
+
+def parse_method(spec: str) -> tuple[str, str, str]:
+    """ "bicubic" | "dloral:<where>" | "folder:<label>=<path>" -> (kind, label, argument)."""
+    if spec == "bicubic":
+        return "bicubic", "bicubic", ""
+    kind, sep, arg = spec.partition(":")
+    if sep and kind == "dloral" and arg:
+        if arg.startswith("mlflow:") and arg[len("mlflow:") :]:
+            return "dloral", f"dloral-{arg[len('mlflow:') :][:12]}", arg
+        return "dloral", "dloral-tiny" if arg == "tiny" else f"dloral-{Path(arg).stem}", arg
+    if sep and kind == "folder":
+        label, eq, path = arg.partition("=")
+        if eq and label and path:
+            return "folder", label, path
+    raise ValueError(f"unknown method {spec!r}; valid forms: {', '.join(METHOD_FORMS)}")
 
 
 def check_methods(names: list[str] | tuple[str, ...], where: str = "suite") -> tuple[str, ...]:

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from dloral.data.config import GT_ONLY_KINDS, KINDS, ShiftConfig
 from dloral.data.frames import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -72,19 +73,6 @@ from dloral.data.frames import (
     open_shifted_still,
 )
 
-KINDS = (
-    "udm10",
-    "spmcs",
-    "vid4",
-    "reds4",
-    "reds30",
-    "videolq",
-    "youhq",
-    "folders",
-    "videos",
-    "shift",
-)
-GT_ONLY_KINDS = ("youhq", "shift")  # the kinds that take an lq_root
 REDS4_CLIPS = ("000", "011", "015", "020")
 REDS30_CLIPS = tuple(f"{i:03d}" for i in range(30))
 _TAILS = {".png": (b"IEND\xaeB`\x82", "IEND chunk"), ".jpg": (b"\xff\xd9", "EOI marker")}
@@ -93,21 +81,6 @@ _TAILS[".jpeg"] = _TAILS[".jpg"]
 
 class DatasetError(ValueError):
     """Bad dataset layout or clip; the message names the dataset, the clip and the file."""
-
-
-@dataclass
-class ShiftConfig:
-    """Pseudo-videos of the ``shift`` kind: one still image, `frames` shifted windows."""
-
-    frames: int = 10  # the reference's LSDIR clips have 10 frames (yjsunnn/DLoRAL issue #14)
-    max_step: int = 8  # largest shift between consecutive frames, pixels per axis
-    seed: int = 0  # with the image's name, fixes every clip's shifts
-
-    def __post_init__(self):
-        if self.frames < 1:
-            raise ValueError(f"data.shift.frames must be >= 1; got {self.frames}")
-        if self.max_step < 0:
-            raise ValueError(f"data.shift.max_step must be >= 0; got {self.max_step}")
 
 
 @dataclass(frozen=True)

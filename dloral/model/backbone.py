@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dloral.model.config import PROFILES
 from dloral.weights import WeightsMissing
 
 log = logging.getLogger(__name__)
 
 SD21_REPO = "stabilityai/stable-diffusion-2-1-base"
 SD21_ENV = "DLORAL_SD21_PATH"
-PROFILES = ("tiny", "sd21")
 SD21_FILES = (
     "unet/config.json",
     "vae/config.json",

@@ -31,37 +31,13 @@ Memory is bounded: similarities are computed for blocks of query positions, neve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dloral.model.config import CFRConfig
 from dloral.model.spynet import SPyNet, flow_warp
-
-CFR_VARIANTS = ("full", "no_gate", "off")
-SPYNET_SOURCES = ("auto", "pretrained", "random")
-
-
-@dataclass
-class CFRConfig:
-    variant: str = "full"
-    topk: int | None = None  # None: every key position (the released code); k: the paper's top-k
-    heads: int = 9
-    embed_dim: int = 64
-    temperature: float = 3000.0
-    latent_channels: int = 4
-    max_block_elems: int = 2**23  # similarity entries computed at once (memory bound)
-    spynet: str = "auto"  # pretrained | random | auto (pretrained for sd21 with real weights)
-    spynet_path: str | None = None  # the SPyNet file or its folder; else $DLORAL_SPYNET_WEIGHTS
-
-    def __post_init__(self):
-        if self.variant not in CFR_VARIANTS:
-            raise ValueError(f"cfr.variant must be one of {CFR_VARIANTS}; got {self.variant!r}")
-        if self.spynet not in SPYNET_SOURCES:
-            raise ValueError(f"cfr.spynet must be one of {SPYNET_SOURCES}; got {self.spynet!r}")
-        if self.topk is not None and self.topk < 1:
-            raise ValueError(f"cfr.topk must be a positive integer or None; got {self.topk}")
 
 
 class CrossFrameAttention(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-COLOR_FIXES = ("adain", "wavelet", "none")
+from dloral.model.config import COLOR_FIXES
 
 
 def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:

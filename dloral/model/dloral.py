@@ -10,69 +10,20 @@ With CFR `off` the UNet sees cat[z[t], z[t]]: no information crosses frames.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from dloral.config import build
 from dloral.model import lora
-from dloral.model.backbone import PROFILES, Backbone, build_backbone
-from dloral.model.cfr import CFRConfig, CrossFrameRetrieval
-from dloral.model.lora import ADAPTERS, LoRAConfig
+from dloral.model.backbone import Backbone, build_backbone
+from dloral.model.cfr import CrossFrameRetrieval
+from dloral.model.config import ADAPTERS, CONV_IN_BIASES, STAGES, DLoRALConfig
 from dloral.model.spynet import load_spynet_file
 from dloral.weights import SPYNET_FILE, locate_spynet, sha256
 
 log = logging.getLogger(__name__)
-
-STAGES = ("consistency", "detail", "inference")
-CONV_IN_BIASES = ("pretrained", "random")
-
-
-@dataclass
-class DLoRALConfig:
-    profile: str = "tiny"
-    random_init: bool = False  # sd21 only: full-size architecture with random weights
-    sd21_path: str | None = None
-    seed: int = 0  # initialisation of everything built at random (tiny backbone, CFR, LoRA A)
-    timestep: int = 1  # the reference's fixed one-step timestep
-    train_conv_in: bool = True  # the reference trains the widened conv_in in both stages
-    conv_in_bias: str = "pretrained"  # or random: the new conv's own init, as the reference
-    cfr: CFRConfig = field(default_factory=CFRConfig)
-    consistency: LoRAConfig = field(default_factory=LoRAConfig)
-    detail: LoRAConfig = field(default_factory=LoRAConfig)
-
-    def __post_init__(self):
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile must be one of {PROFILES}; got {self.profile!r}")
-        if self.random_init and self.profile != "sd21":
-            raise ValueError("random_init is for the sd21 profile (tiny is always random-init)")
-        if self.conv_in_bias not in CONV_IN_BIASES:
-            raise ValueError(
-                f"conv_in_bias must be one of {CONV_IN_BIASES}; got {self.conv_in_bias!r}"
-            )
-
-    def pretrained_spynet(self) -> bool:
-        """Whether SPyNet loads BasicVSR's weights (`cfr.spynet`; `auto`: for sd21 with real
-        weights, not for tiny or sd21 random_init)."""
-        if self.cfr.spynet == "auto":
-            return self.profile == "sd21" and not self.random_init
-        return self.cfr.spynet == "pretrained"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DLoRALConfig:
-        """Typed construction of the [model] table; missing keys take their defaults."""
-        return build(cls, data, "model")
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 def widen_conv_in(unet: nn.Module, frames: int = 2, bias: str = "pretrained") -> None:

@@ -12,30 +12,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-ADAPTERS = ("consistency", "detail")
-REFERENCE_PATTERNS = (
-    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
-)  # fmt: skip
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 4
-    alpha: float = 8.0
-    targets: list[str] | None = None  # explicit module names; None: the reference's rule
-    patterns: list[str] = field(default_factory=lambda: list(REFERENCE_PATTERNS))
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1; got {self.rank}")
+from dloral.model.config import ADAPTERS, REFERENCE_PATTERNS, LoRAConfig
 
 
 def reference_targets(unet: nn.Module, patterns: Iterable[str] = REFERENCE_PATTERNS) -> list[str]:

@@ -17,58 +17,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dloral.model.colorfix import COLOR_FIXES, color_fix
+from dloral.model.colorfix import color_fix
+from dloral.model.config import UpscaleOptions
 from dloral.model.dloral import DLoRAL
 from dloral.model.prompts import PromptSource
 from dloral.model.tiling import needs_tiling, restore_tiled
 from dloral.resize import resize_frames
 
 log = logging.getLogger(__name__)
-
-FIRST_FRAME = ("self", "skip")
-SIZE_TO_8 = ("pad", "lanczos")
-
-
-@dataclass
-class UpscaleOptions:
-    scale: int = 4
-    color_fix: str = "adain"  # the reference's default
-    batch_size: int = 4  # frames encoded/restored/decoded together
-    tile: int | None = None  # VAE tile in output pixels; None: 8 * latent_tile when the latent
-    # is tiled (memory flat in frame size), else none; 0: never
-    process_size: int = 512  # LQ whose short side * scale is below this is enlarged first
-    sample_latent: bool = True  # draw from the VAE posterior as the reference does
-    seed: int = 0
-    latent_tile: int = 96  # CFR + UNet on tiles above this many latent pixels squared; 0: never
-    latent_overlap: int = 32  # overlap of neighbouring latent tiles (the reference's 32)
-    first_frame: str = "self"  # self: frame 0 paired with itself; skip: no output for frame 0
-    size_to_8: str = "pad"  # pad: replicate-pad to a multiple of 8; lanczos: the reference
-
-    def __post_init__(self):
-        if self.scale < 1:
-            raise ValueError(f"scale must be >= 1; got {self.scale}")
-        if self.color_fix not in COLOR_FIXES:
-            raise ValueError(f"color_fix must be one of {COLOR_FIXES}; got {self.color_fix!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.tile and (self.tile < 64 or self.tile % 8):
-            raise ValueError(f"tile must be 0 or a multiple of 8 >= 64; got {self.tile}")
-        if self.latent_tile < 0:
-            raise ValueError(f"latent_tile must be >= 0 (0: no tiling); got {self.latent_tile}")
-        if self.latent_tile and not 0 <= self.latent_overlap < self.latent_tile:
-            raise ValueError(
-                f"latent_overlap must be in [0, latent_tile={self.latent_tile}); "
-                f"got {self.latent_overlap}"
-            )
-        if self.first_frame not in FIRST_FRAME:
-            raise ValueError(f"first_frame must be one of {FIRST_FRAME}; got {self.first_frame!r}")
-        if self.size_to_8 not in SIZE_TO_8:
-            raise ValueError(f"size_to_8 must be one of {SIZE_TO_8}; got {self.size_to_8!r}")
 
 
 class VideoUpscaler:

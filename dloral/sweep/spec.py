@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dloral.config import (
+    OverrideError,
     build,
     field_types,
     find_named_toml,
@@ -221,6 +222,8 @@ def load_experiment(name_or_path: str | Path | None = None, overrides=()) -> Exp
                 _set_sweep_key(table, key[len("sweep.") :], text)
             else:
                 set_key(data, key, text, TrainConfig, parse=True)
+        except OverrideError as e:  # names the --set item itself
+            raise SweepError(str(e)) from e
         except (KeyError, ValueError) as e:
             raise SweepError(f"--set {item}: {str(e).strip(chr(39))}") from e
     return _check(path, data, table)
@@ -229,7 +232,9 @@ def load_experiment(name_or_path: str | Path | None = None, overrides=()) -> Exp
 def _set_sweep_key(table: dict[str, Any], key: str, text: str) -> None:
     parts = key.split(".")
     if parts[0] == "space" and len(parts) > 1:  # the rest is one dotted training key
-        table.setdefault("space", {})[".".join(parts[1:])] = parse_value(text, Any)
+        searched = ".".join(parts[1:])
+        values = list[_field_type(searched)]  # the space: a list of the key's values (or a table)
+        table.setdefault("space", {})[searched] = parse_value(text, values, f"sweep.{key}")
     else:
         set_key(table, key, text, SweepConfig, parse=True, where="sweep")
 
@@ -289,6 +294,18 @@ def _flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _field_type(key: str) -> Any:
+    """The type of dotted training `key`; Any for a key the config does not have."""
+    hints: dict[str, Any] | None = SECTIONS
+    tp: Any = Any
+    for part in key.split("."):
+        if hints is None or part not in hints:
+            return Any
+        tp = hints[part]
+        hints = field_types(tp)
+    return tp
 
 
 def _is_table(key: str) -> bool:

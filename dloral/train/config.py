@@ -24,10 +24,15 @@ from dloral.config import (
     to_plain,
     to_toml,
 )
-from dloral.data.embedded import default_dir
-from dloral.data.readers import GT_ONLY_KINDS, KINDS, ShiftConfig
-from dloral.data.sampler import CROP_MODES, SamplerConfig
-from dloral.model.dloral import DLoRALConfig
+from dloral.data.config import (
+    CROP_MODES,
+    GT_ONLY_KINDS,
+    KINDS,
+    SamplerConfig,
+    ShiftConfig,
+    default_dir,
+)
+from dloral.model.config import DLoRALConfig
 from dloral.train.schedule import LossWeightsConfig, ScheduleConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "default.toml"
@@ -270,6 +275,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts/lists/scalars (None kept)."""
         return to_plain(self)
+
+    def resolved(self) -> TrainConfig:
+        """A new config with every value the recipe derives from other keys filled in: the
+        training sampler's seed is run.seed (one seed drives the run) and its epoch holds every
+        sample of run.max_steps. This is what a run saves as config.toml, logs and uses; resolving
+        it again changes nothing."""
+        data = self.to_dict()
+        per_step = self.optim.batch_size * self.optim.grad_accum
+        sampler = data["data"]["sampler"]
+        sampler["seed"] = self.run.seed
+        sampler["samples"] = max(sampler["samples"], self.run.max_steps * per_step)
+        return TrainConfig.from_dict(data)
 
     def to_toml_str(self) -> str:
         """The whole config as TOML, every field written; load_config reads it back."""

@@ -330,7 +330,10 @@ def train(
     """Run (or resume) one training run in `run_dir`. `tracker` is a logging sink (see
     dloral.train.tracking); `progress(step, plan, losses)` is called after every step;
     `on_validation(step, val_metrics, checkpoint)` after each validation, with the checkpoint
-    folder saved at that step (None if the cadences differ) - the hook a sweep reports through."""
+    folder saved at that step (None if the cadences differ) - the hook a sweep reports through.
+
+    The run uses `cfg.resolved()`, saved as <run_dir>/config.toml before anything is built and
+    never changed after: training again from that file repeats the run step for step."""
     from dloral.train.tracking import NullTracker
 
     tracker = tracker or NullTracker()
@@ -340,7 +343,9 @@ def train(
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another dir")
-    atomic_write_text(run_dir / "config.toml", cfg.to_toml_str())
+    cfg = cfg.resolved()
+    saved = cfg.to_toml_str()
+    atomic_write_text(run_dir / "config.toml", saved)
     torch.manual_seed(cfg.run.seed)
 
     model = DLoRAL(cfg.model).to(device)
@@ -390,9 +395,6 @@ def train(
     val = read_dataset(data.val_kind, _prepared(data.val_path(), data.val_root), lq=data.val_lq)
     ctx["val_clips"] = val.clips[: data.val_clips]
     per_step = cfg.optim.batch_size * cfg.optim.grad_accum
-    sampler_cfg = data.sampler
-    sampler_cfg.samples = max(sampler_cfg.samples, cfg.run.max_steps * per_step)
-    sampler_cfg.seed = cfg.run.seed
     dataset = _training_set(cfg, per_step)
     loader = DataLoader(
         dataset,
@@ -416,7 +418,7 @@ def train(
     )
     hooks = _Hooks(tracker, progress, on_validation)
     try:
-        return _loop(
+        result = _loop(
             cfg, run_dir, model, optimizer, scheduler, trainable, ctx, batches, start, hooks
         )
     except TrainingDiverged:
@@ -430,6 +432,9 @@ def train(
     except BaseException as err:
         tracker.finish("FAILED", f"{type(err).__name__}: {err}")
         raise
+    if cfg.to_toml_str() != saved:  # a guard for the recipe's own code: config.toml is what ran
+        raise RuntimeError(f"the recipe changed its config after saving {run_dir / 'config.toml'}")
+    return result
 
 
 class _Hooks(NamedTuple):

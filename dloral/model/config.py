@@ -1,0 +1,147 @@
+"""The model's settings as plain dataclasses: what the [model] table of a training config and
+the upscale options hold, checked on construction. No torch here, so a config is read and
+checked in a fraction of a second; the modules that build the model import these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from dloral.config import build
+
+PROFILES = ("tiny", "sd21")  # backbone profiles (dloral.model.backbone)
+COLOR_FIXES = ("adain", "wavelet", "none")  # dloral.model.colorfix
+
+
+CFR_VARIANTS = ("full", "no_gate", "off")
+SPYNET_SOURCES = ("auto", "pretrained", "random")
+
+
+@dataclass
+class CFRConfig:
+    variant: str = "full"
+    topk: int | None = None  # None: every key position (the released code); k: the paper's top-k
+    heads: int = 9
+    embed_dim: int = 64
+    temperature: float = 3000.0
+    latent_channels: int = 4
+    max_block_elems: int = 2**23  # similarity entries computed at once (memory bound)
+    spynet: str = "auto"  # pretrained | random | auto (pretrained for sd21 with real weights)
+    spynet_path: str | None = None  # the SPyNet file or its folder; else $DLORAL_SPYNET_WEIGHTS
+
+    def __post_init__(self):
+        if self.variant not in CFR_VARIANTS:
+            raise ValueError(f"cfr.variant must be one of {CFR_VARIANTS}; got {self.variant!r}")
+        if self.spynet not in SPYNET_SOURCES:
+            raise ValueError(f"cfr.spynet must be one of {SPYNET_SOURCES}; got {self.spynet!r}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"cfr.topk must be a positive integer or None; got {self.topk}")
+
+
+ADAPTERS = ("consistency", "detail")
+REFERENCE_PATTERNS = (
+    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
+    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
+)  # fmt: skip
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 4
+    alpha: float = 8.0
+    targets: list[str] | None = None  # explicit module names; None: the reference's rule
+    patterns: list[str] = field(default_factory=lambda: list(REFERENCE_PATTERNS))
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1; got {self.rank}")
+
+
+STAGES = ("consistency", "detail", "inference")
+CONV_IN_BIASES = ("pretrained", "random")
+
+
+@dataclass
+class DLoRALConfig:
+    profile: str = "tiny"
+    random_init: bool = False  # sd21 only: full-size architecture with random weights
+    sd21_path: str | None = None
+    seed: int = 0  # initialisation of everything built at random (tiny backbone, CFR, LoRA A)
+    timestep: int = 1  # the reference's fixed one-step timestep
+    train_conv_in: bool = True  # the reference trains the widened conv_in in both stages
+    conv_in_bias: str = "pretrained"  # or random: the new conv's own init, as the reference
+    cfr: CFRConfig = field(default_factory=CFRConfig)
+    consistency: LoRAConfig = field(default_factory=LoRAConfig)
+    detail: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self):
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}; got {self.profile!r}")
+        if self.random_init and self.profile != "sd21":
+            raise ValueError("random_init is for the sd21 profile (tiny is always random-init)")
+        if self.conv_in_bias not in CONV_IN_BIASES:
+            raise ValueError(
+                f"conv_in_bias must be one of {CONV_IN_BIASES}; got {self.conv_in_bias!r}"
+            )
+
+    def pretrained_spynet(self) -> bool:
+        """Whether SPyNet loads BasicVSR's weights (`cfr.spynet`; `auto`: for sd21 with real
+        weights, not for tiny or sd21 random_init)."""
+        if self.cfr.spynet == "auto":
+            return self.profile == "sd21" and not self.random_init
+        return self.cfr.spynet == "pretrained"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DLoRALConfig:
+        """Typed construction of the [model] table; missing keys take their defaults."""
+        return build(cls, data, "model")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+FIRST_FRAME = ("self", "skip")
+SIZE_TO_8 = ("pad", "lanczos")
+
+
+@dataclass
+class UpscaleOptions:
+    scale: int = 4
+    color_fix: str = "adain"  # the reference's default
+    batch_size: int = 4  # frames encoded/restored/decoded together
+    tile: int | None = None  # VAE tile in output pixels; None: 8 * latent_tile when the latent
+    # is tiled (memory flat in frame size), else none; 0: never
+    process_size: int = 512  # LQ whose short side * scale is below this is enlarged first
+    sample_latent: bool = True  # draw from the VAE posterior as the reference does
+    seed: int = 0
+    latent_tile: int = 96  # CFR + UNet on tiles above this many latent pixels squared; 0: never
+    latent_overlap: int = 32  # overlap of neighbouring latent tiles (the reference's 32)
+    first_frame: str = "self"  # self: frame 0 paired with itself; skip: no output for frame 0
+    size_to_8: str = "pad"  # pad: replicate-pad to a multiple of 8; lanczos: the reference
+
+    def __post_init__(self):
+        if self.scale < 1:
+            raise ValueError(f"scale must be >= 1; got {self.scale}")
+        if self.color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}; got {self.color_fix!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.tile and (self.tile < 64 or self.tile % 8):
+            raise ValueError(f"tile must be 0 or a multiple of 8 >= 64; got {self.tile}")
+        if self.latent_tile < 0:
+            raise ValueError(f"latent_tile must be >= 0 (0: no tiling); got {self.latent_tile}")
+        if self.latent_tile and not 0 <= self.latent_overlap < self.latent_tile:
+            raise ValueError(
+                f"latent_overlap must be in [0, latent_tile={self.latent_tile}); "
+                f"got {self.latent_overlap}"
+            )
+        if self.first_frame not in FIRST_FRAME:
+            raise ValueError(f"first_frame must be one of {FIRST_FRAME}; got {self.first_frame!r}")
+        if self.size_to_8 not in SIZE_TO_8:
+            raise ValueError(f"size_to_8 must be one of {SIZE_TO_8}; got {self.size_to_8!r}")
