@@ -289,7 +289,7 @@ def train(
         else:
             cfg = load_config(experiment, set_ or [])
     except (FileNotFoundError, KeyError, ValueError) as err:
-        _fail(str(err).strip("'\""))
+        _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
