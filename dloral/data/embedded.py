@@ -21,8 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dloral.atomic import atomic_write_json
+from dloral.atomic import atomic_folder, atomic_write_json
 from dloral.data.frames import open_frames, packaged_clip, write_png
 from dloral.resize import bd_downsample, bi_downsample
 
@@ -213,13 +211,8 @@ def prepare_embedded(out: str | os.PathLike | None = None, force: bool = False) 
     out.mkdir(parents=True, exist_ok=True)
     sets = dict(old["sets"]) if old and not force else {}
     for name in todo:
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
-        try:
+        with atomic_folder(out / name) as tmp:
             sets[name] = SETS[name](tmp)
-            shutil.rmtree(out / name, ignore_errors=True)
-            os.replace(tmp, out / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     files = {
         str(p.relative_to(out)): _sha256(p)
         for name in SETS
