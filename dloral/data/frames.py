@@ -155,12 +155,46 @@ def open_shifted_still(
 
 
 def read_image(path: Path) -> torch.Tensor:
+    """An image file as float32 (3, H, W) RGB in [0, 1]: 8-bit values / 255, 16-bit (PNG, TIFF;
+    grey or colour) / 65535 at full precision; alpha dropped, greyscale repeated."""
     try:
         with Image.open(path) as img:
+            if _is_16bit(img):
+                return _read_16bit(path)
             img.load()
+            if img.mode in ("I", "F"):  # 32-bit integer or float pixels: no known white level
+                raise FrameError(
+                    f"{path}: 32-bit {'float' if img.mode == 'F' else 'integer'} pixels are not "
+                    "read; save the frame as 8- or 16-bit"
+                )
             return to_tensor(np.asarray(img.convert("RGB")))
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise FrameError(f"{path}: unreadable image ({err})") from err
+
+
+def _is_16bit(img: Image.Image) -> bool:
+    """16 bits per sample: PIL opens 16-bit grey as I;16 and keeps only the high byte of 16-bit
+    colour (its decoder's raw mode, e.g. RGB;16B, says so); I;16 through convert("RGB") clips
+    to white."""
+    raw = [t.args if isinstance(t.args, str) else (t.args or ("",))[0] for t in img.tile]
+    return img.mode.startswith("I;16") or any(";16" in str(r) for r in raw)
+
+
+def _read_16bit(path: Path) -> torch.Tensor:
+    import cv2
+
+    array = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or array.dtype.kind != "u":
+        raise FrameError(f"{path}: unreadable 16-bit image (OpenCV cannot decode it)")
+    white = float(np.iinfo(array.dtype).max)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    elif array.shape[2] in (3, 4):  # OpenCV's BGR(A) -> RGB, alpha dropped
+        array = array[..., 2::-1]
+    else:
+        array = np.repeat(array[..., :1], 3, axis=2)  # grey + alpha
+    rgb = torch.from_numpy(np.ascontiguousarray(array).astype(np.float32) / white)
+    return rgb.permute(2, 0, 1).contiguous()
 
 
 def _image_size(path: Path) -> tuple[int, int]:

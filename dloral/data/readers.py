@@ -22,7 +22,8 @@ side pairs by position. Layouts, checked against the public sources named in bra
 - ``reds30``: clips 000..029 of root/val_sharp/ + root/val_sharp_bicubic/X4/ (or under root/val/).
   BasicSR's regrouped copy (clips renamed 240..269 inside train_sharp) is not read.
 - ``videolq``: root/<seq>/ frames (000/00000000.png ...), LQ only, no GT [mmagic
-  tools/dataset_converters/videolq/README.md].
+  tools/dataset_converters/videolq/README.md]; video files root/<seq>.<ext> are clips too
+  (clip name = file stem), read as the ``videos`` kind reads them.
 - ``youhq``: GT-only training clips: root/<category>/<clip>/ frames, root/<clip>/ frames, or
   video files at either level. [sczhou/Upscale-A-Video README.md gives only the counts (38,576
   clips of ~32 frames); the nesting is not documented there, so both depths are accepted.]
@@ -235,7 +236,7 @@ def _reds(clips: tuple[str, ...], split: str) -> Callable[..., list[_Spec]]:
 
 
 def _videolq(kind: str, root: Path, lq: str | None, gt_root: Path | None) -> list[_Spec]:
-    return [(p.name, p, None) for p in _subdirs(root)]
+    return [(name, p, None) for name, p in _entries(root, videos=True).items()]
 
 
 def _youhq(kind: str, root: Path, lq: str | None, gt_root: Path | None) -> list[_Spec]:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dloral import signals
-from dloral.atomic import atomic_write_text
+from dloral.atomic import atomic_folder, atomic_write_text
 from dloral.data.embedded import prepare_embedded
 from dloral.data.readers import read_dataset
 from dloral.data.sampler import StagedClips, TrainingClips
@@ -203,8 +202,7 @@ def _save_state(run_dir: Path, model, optimizer, scheduler, step: int, keep: int
     """checkpoints/step-XXXXXX/ = model checkpoint + optimizer/scheduler/step; then `latest`."""
     ckpt_root = run_dir / "checkpoints"
     folder = ckpt_root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".step-"))
-    try:
+    with atomic_folder(folder) as tmp:
         save_checkpoint(model, tmp, extra={"step": step, **extra})
         torch.save(
             {
@@ -214,10 +212,6 @@ def _save_state(run_dir: Path, model, optimizer, scheduler, step: int, keep: int
             },
             tmp / STATE_FILE,
         )
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(ckpt_root / "latest", folder.name)
     done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
@@ -244,13 +238,8 @@ def install_checkpoint(folder: str | os.PathLike, run_dir: str | os.PathLike) ->
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     target = ckpt_root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".step-"))
-    try:
+    with atomic_folder(target) as tmp:
         shutil.copytree(folder, tmp, dirs_exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for newer in ckpt_root.glob("step-*"):  # states past the installed one are not trusted
         if newer.is_dir() and newer.name > target.name:
             shutil.rmtree(newer, ignore_errors=True)
