@@ -132,7 +132,7 @@ def estimate(
     p = PROFILES[profile]
     (vh, vw), (lh, lw) = working_areas(size, settings)
     scale = torch.empty((), dtype=dtype).element_size() / 4
-    frames = 1 + p.batch_share[device_type] * (settings.batch_size - 1)
+    frames = 1 + p.batch_share.get(device_type, 1.0) * (settings.batch_size - 1)
     parts = {
         "frames": frames * p.frame * size[0] * size[1],
         "vae": frames * p.vae * vh * vw * scale,
