@@ -130,6 +130,7 @@ def upscale_video(
     upscaler, model, device, dtype, notes = _build(job)
     _, out_size = upscaler.geometry(source.size)
     total = min(job.frames or len(source), len(source))
+    _check_memory(upscaler, source.size, total)
     if on_start:  # frames that will be written: `skip` writes none for frame 0
         on_start(max(total - 1, 0) if job.first_frame == "skip" else total, notes)
 
@@ -165,6 +166,21 @@ def upscale_video(
     }
     atomic_write_json(job.output / "upscale.json", record)
     return result
+
+
+def _check_memory(upscaler, lq_size: tuple[int, int], frames: int) -> None:
+    """Refuse, before any frame, a frame size whose batch would not fit in memory."""
+    from dloral.model.memory import InsufficientMemory, check_upscaler
+
+    flags = {
+        "latent_tile": "--latent-tile {}",
+        "tile": "--tile {}",
+        "batch_size": "--batch-size {}",
+    }
+    try:
+        check_upscaler(upscaler, lq_size, frames, flags)
+    except InsufficientMemory as err:
+        raise UpscaleError(str(err)) from err
 
 
 def _build(job: UpscaleJob):

@@ -289,7 +289,11 @@ class DLoRALMethod(_Timed):
         }
 
     def _pass(self, names: tuple[str, ...], lq: torch.Tensor, scale: int) -> torch.Tensor:
+        from dloral.model.memory import check_upscaler
+
         upscaler = self._upscaler(scale)
+        suite_option = {"batch_size": "batch_size = {} in the suite's [options]"}
+        check_upscaler(upscaler, tuple(lq.shape[-2:]), self.batch_size, suite_option)
         return torch.stack([f for _, f in upscaler.upscale(zip(names, lq, strict=True))])
 
 

@@ -68,14 +68,17 @@ class CrossFrameAttention(nn.Module):
         block = max(1, self.cfg.max_block_elems // max(1, b * heads * n))
         gated, temp = self.cfg.variant != "no_gate", self.cfg.temperature
         q3, k3, v3 = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B*heads, ., .)
-        pieces = []
+        # One output buffer filled block by block: small per-block results kept alive between
+        # the blocks' large similarity buffers fragment glibc's heap on CPU, and the process
+        # then grows by the whole (HW x HW x heads) matrix the blocks were meant to avoid.
+        out = torch.empty_like(q3)
         for start in range(0, n, block):
             qb = q3[:, start : start + block]
             if gated and topk is None:
                 # relu((qk/sqrt(d) - tau) / T) with the scales folded into q: one GEMM, one pass
                 tau = self.threshold_fc(qb) / temp  # (B*heads, nb, 1)
                 weights = torch.relu_(torch.bmm(qb / (math.sqrt(d) * temp), k3) - tau)
-                pieces.append(torch.bmm(weights, v3))
+                out[:, start : start + block] = torch.bmm(weights, v3)
                 continue
             sim = torch.bmm(qb, k3) / math.sqrt(d)  # (B*heads, nb, N)
             if topk is not None:
@@ -85,12 +88,11 @@ class CrossFrameAttention(nn.Module):
             else:
                 weights = sim.softmax(dim=-1)
             if topk is None:
-                pieces.append(torch.bmm(weights, v3))
+                out[:, start : start + block] = torch.bmm(weights, v3)
             else:
                 picked = _gather_rows(v3, idx)  # (B*heads, nb, k, d)
-                pieces.append((weights.unsqueeze(-1) * picked).sum(-2))
-        out = torch.cat(pieces, dim=1).view(b, heads, n, d)
-        out = out.transpose(2, 3).reshape(b, heads * d, h, w)
+                out[:, start : start + block] = (weights.unsqueeze(-1) * picked).sum(-2)
+        out = out.view(b, heads, n, d).transpose(2, 3).reshape(b, heads * d, h, w)
         return current + self.proj_out(out)
 
 
