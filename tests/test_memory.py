@@ -157,16 +157,28 @@ model.merge_lora()
 upscaler = VideoUpscaler(model, torch.device("cpu"), torch.float32,
                          UpscaleOptions(batch_size=batch, process_size=0))
 need = check_upscaler(upscaler, lq_size, len(frames), {})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+
+before = status("VmRSS")  # the RSS now, once the model is built
+# The peak so far (ru_maxrss) may lie above what the batch reaches (decoding, model building):
+# reset the kernel's peak (VmHWM, what ru_maxrss reads) to the current RSS where Linux allows.
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    peak = lambda: status("VmHWM")
+except OSError:
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out = [f for _, f in upscaler.upscale((str(i), f) for i, f in enumerate(frames))]
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after = peak()
 print(json.dumps({"estimate": need.bytes, "growth": after - before, "out": list(out[0].shape)}))
 """
 
 
 def test_tiny_estimate_is_within_a_factor_2_of_the_measured_peak_rss():
     """Real bikes frames, 96x64 -> 384x256, batch 2, in a fresh process: the estimate against
-    the peak RSS (ru_maxrss) growth of the batch. The calibration points are within 1.0-1.8x."""
+    the peak RSS (ru_maxrss) over the RSS once the model is built, as the constants were
+    measured (the calibration points are within 1.0-1.8x)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(
         [sys.executable, "-c", MEASURE], capture_output=True, text=True, env=env, timeout=600
