@@ -166,12 +166,13 @@ before = status("VmRSS")  # the RSS now, once the model is built
 try:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    peak = lambda: status("VmHWM")
+    reset = True
 except OSError:
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reset = False
 out = [f for _, f in upscaler.upscale((str(i), f) for i, f in enumerate(frames))]
-after = peak()
-print(json.dumps({"estimate": need.bytes, "growth": after - before, "out": list(out[0].shape)}))
+after = status("VmHWM")
+print(json.dumps({"estimate": need.bytes, "growth": after - before, "reset": reset,
+                  "out": list(out[0].shape)}))
 """
 
 
@@ -185,5 +186,7 @@ def test_tiny_estimate_is_within_a_factor_2_of_the_measured_peak_rss():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
+    if not got["reset"]:  # an earlier peak (decoding, model building) would hide the batch's
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
     assert got["out"] == [3, 256, 384]
     assert 0.5 <= got["estimate"] / got["growth"] <= 2.0, got
