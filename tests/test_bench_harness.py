@@ -324,14 +324,17 @@ def test_mlflow_run_finished_with_aggregates_and_killed_on_interrupt(udm, tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact store lands here
-    suite = load_suite(write_suite(tmp_path, udm, ["bicubic"], ["psnr"]))
+    suite = load_suite(write_suite(tmp_path, udm, ["bicubic"], ["psnr", "tof@dloral"]))
     res = harness.run_bench(suite, out_dir=tmp_path / "out")
     client = MlflowClient(uri)
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["metrics"] == "psnr" and run.data.params["flow"] == "none"
+    assert run.data.params["metrics"] == "psnr,tof@dloral"
     psnr = res.aggregate.query("metric == 'psnr'")["value"].item()
     assert run.data.metrics["mini/bicubic/psnr"] == pytest.approx(psnr)
+    # the protocol is in the name (MLflow allows no "@": tof@dloral is logged as tof:dloral)
+    tof = res.aggregate.query("metric == 'tof@dloral'")["value"].item()
+    assert run.data.metrics["mini/bicubic/tof:dloral"] == pytest.approx(tof)
     artifacts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
     assert {"results.parquet", "aggregate.csv", "run.json", "skipped.json"} <= artifacts
 
