@@ -9,6 +9,9 @@ several metrics share is built once per build: one flow estimator for ewarp and 
 LPIPS for lpips and tlp. A metric that cannot run here (MetricUnavailable) is skipped with its
 reason, or raised with `strict`. The implementations (torch, pyiqa, OpenCV) are imported when a
 metric is built, so checking a suite's metric names imports none of them.
+
+Temporal metrics are keyed `name@protocol` (ewarp@lai2018, tof@tecogan, ...; PROTOCOL_SOURCES
+says which published code each follows); `resolve` gives a bare name its DEFAULT_PROTOCOL.
 """
 
 from __future__ import annotations

@@ -21,13 +21,17 @@ Choices and peers:
   MGLD-VSR, DLoRAL and SeedVR publish no E*warp script (MGLD-VSR issues #7 and #30 ask for
   one). Default here: flow on the output, as STAR and DOVE; `flow_on="gt"` is the variant
   closest to Lai's clean-video flow.
-- Out-of-frame pixels: Lai's clamped warp keeps them (compared with edge pixels); we drop them
-  by default since content leaving the frame is not flicker. `in_frame_only=False`,
-  `channels="sum"` and `resize=0.5` reproduce the EvalCrafter numbers (up to its flow network).
-- A pair with no valid pixel gives NaN (Lai: 0) and is skipped by `clip_mean`.
+- Protocols (dloral.bench.registry names them `ewarp@<protocol>`): EWARP_VARIANTS["lai2018"]
+  keeps out-of-frame pixels (compared with the border-clamped warp) as Lai's code does;
+  ["evalcrafter"] adds the x0.5 resize, RAFT's replicate padding to multiples of 8 and the sum
+  over channels; ["dloral-inframe"] drops out-of-frame pixels (this suite's earlier default).
+- A pair with no valid pixel counts 0 in Lai's and EvalCrafter's code (`empty="zero"`), or is
+  NaN and skipped by `clip_mean` (`empty="nan"`).
 tOF (TecoGAN, thunil/TecoGAN `metrics.py`): mean over pixels of ||flow(O_t-1 -> O_t) -
-  flow(G_t-1 -> G_t)||_2 in pixels; TecoGAN uses Farneback (`FarnebackFlow`) and crops borders.
-tLP (TecoGAN): |LPIPS(O_t-1, O_t) - LPIPS(G_t-1, G_t)|, printed x100 (LPIPS-Alex in TecoGAN).
+  flow(G_t-1 -> G_t)||_2 in pixels; TecoGAN uses Farneback (`FarnebackFlow`), crops the flows
+  by `crop_8x8` (`tecogan_crop`) and drops the first and last 2 frames (`cut=TECOGAN_CUT`).
+tLP (TecoGAN): |LPIPS(O_t-1, O_t) - LPIPS(G_t-1, G_t)|, printed x100 (LPIPS-Alex in TecoGAN),
+  on `crop_8x8` frames with the same cut.
 """
 
 from __future__ import annotations
