@@ -21,6 +21,7 @@ from skimage import data
 
 from dloral.bench.flow import DisFlow, FarnebackFlow
 from dloral.bench.registry import METRICS, resolve
+from dloral.bench.suite import SuiteError, check_metrics
 from dloral.bench.temporal import EWARP_VARIANTS, ewarp, tecogan_crop, tlp, tof
 
 H, W, T = 100, 132, 8  # not multiples of 32 (crop_8x8 bites) nor, halved, of 8 (padding)
@@ -254,6 +255,13 @@ def test_bare_names_resolve_to_the_published_default_protocols():
         "psnr",
     ]
     assert all(resolve(n) in METRICS for n in ("ewarp", "tof", "tlp"))
+    assert check_metrics(["tof", "tof@dloral", "ewarp@lai2018"]) == (
+        "tof@tecogan",
+        "tof@dloral",
+        "ewarp@lai2018",
+    )
+    with pytest.raises(SuiteError, match=r"unknown metric\(s\) tof@foo; valid: .*tof@tecogan"):
+        check_metrics(["tof@foo"])
 
 
 def test_tecogan_crop_is_crop_8x8():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class MetricInfo:
-    name: str  # as reported, e.g. "psnr", "ssim_y", "lpips", "ewarp"
+    name: str  # as reported, e.g. "psnr", "ssim_y", "lpips", "ewarp@evalcrafter" (name@protocol)
     higher_is_better: bool
     kind: str  # "full_reference" | "no_reference" | "temporal"
     level: str  # "frame" | "pair" | "clip": what one value covers
