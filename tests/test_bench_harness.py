@@ -69,7 +69,7 @@ def write_suite(tmp_path: Path, *args, name: str = "suite.toml", **kwargs) -> Pa
 
 def test_bench_scores_bicubic_folder_and_tiny_with_skips(udm, tmp_path):
     methods = ["bicubic", f"folder:gt={udm / 'peers/gt'}", "dloral:tiny"]
-    metrics = ["psnr", "ssim_y", "ewarp", "tof", "lpips"]
+    metrics = ["psnr", "ssim_y", "ewarp", "tof@dloral", "tof", "lpips"]
     suite = load_suite(write_suite(tmp_path, udm, methods, metrics))
     out = tmp_path / "out"
     res = harness.run_bench(suite, out_dir=out, tracking=False)
@@ -77,17 +77,18 @@ def test_bench_scores_bicubic_folder_and_tiny_with_skips(udm, tmp_path):
     df = pd.read_parquet(out / "results.parquet")
     assert list(df.columns) == list(harness.results.COLUMNS)
     scored = df[df["kind"] != "latency"]
-    # 3 methods x 2 clips x (psnr, ssim_y: 3 frames; ewarp, tof: 2 pairs); lpips skipped
+    # 3 methods x 2 clips x (psnr, ssim_y: 3 frames; ewarp, tof@dloral: 2 pairs); lpips and
+    # tof@tecogan (TecoGAN drops 2 frames at each end: it needs 6) skipped
     assert len(scored) == 3 * 2 * (3 + 3 + 2 + 2)
     counts = scored.groupby(["method", "clip", "metric"]).size()
     assert counts.xs("psnr", level="metric").eq(FRAMES).all()
-    assert counts.xs("ewarp", level="metric").eq(FRAMES - 1).all()
-    assert set(scored["metric"]) == {"psnr", "ssim_y", "ewarp", "tof"}
+    assert counts.xs("ewarp@evalcrafter", level="metric").eq(FRAMES - 1).all()
+    assert set(scored["metric"]) == {"psnr", "ssim_y", "ewarp@evalcrafter", "tof@dloral"}
     # the folder method holding the GT itself: infinite PSNR, SSIM 1, zero tOF
     gt_rows = scored[scored["method"] == "gt"]
     assert gt_rows.loc[gt_rows["metric"] == "psnr", "value"].map(math.isinf).all()
     assert gt_rows.loc[gt_rows["metric"] == "ssim_y", "value"].eq(1.0).all()
-    assert gt_rows.loc[gt_rows["metric"] == "tof", "value"].abs().max() < 1e-6
+    assert gt_rows.loc[gt_rows["metric"] == "tof@dloral", "value"].abs().max() < 1e-6
     bic = scored[(scored["method"] == "bicubic") & (scored["metric"] == "psnr")]
     assert bic["value"].between(20, 60).all()
     # cross-check one value by hand: PSNR of PIL-bicubic x4 of the LQ PNG vs the GT PNG (uint8)
@@ -97,7 +98,8 @@ def test_bench_scores_bicubic_folder_and_tiny_with_skips(udm, tmp_path):
     by_hand = 10 * math.log10(255**2 / float(mse))
     row0 = bic[(bic["clip"] == "clipA") & (bic["frame"] == 0)]["value"].item()
     assert row0 == pytest.approx(by_hand, abs=1e-3)
-    assert "DIS" in scored.loc[scored["metric"] == "ewarp", "implementation"].iloc[0]
+    ewarp_impl = scored.loc[scored["metric"] == "ewarp@evalcrafter", "implementation"].iloc[0]
+    assert "DIS" in ewarp_impl and "EvalCrafter" in ewarp_impl
 
     # latency rows for the methods run here, none for the folder method
     lat = df[df["kind"] == "latency"]
@@ -111,11 +113,13 @@ def test_bench_scores_bicubic_folder_and_tiny_with_skips(udm, tmp_path):
     expected = bic.groupby("clip")["value"].mean().mean()
     assert row["value"] == pytest.approx(expected) and row["clips"] == 2
     assert bool(row["higher_is_better"])
-    assert res.aggregate["value"][res.aggregate["metric"] == "ewarp"].notna().all()
+    assert res.aggregate["value"][res.aggregate["metric"] == "ewarp@evalcrafter"].notna().all()
 
     skipped = json.loads((out / "skipped.json").read_text())
     lpips = [s for s in skipped if s["metric"] == "lpips"]
     assert lpips and "alexnet" in lpips[0]["reason"].lower() and "missing" in lpips[0]["reason"]
+    teco = [s for s in skipped if s["metric"] == "tof@tecogan"]
+    assert teco and teco[0]["reason"] == "needs at least 6 frames, has 3"
     run = json.loads((out / "run.json").read_text())
     assert "DIS" in run["flow_estimator"]
     assert {"torch", "torchvision", "pyiqa", "cv2"} <= set(run["versions"])
@@ -255,9 +259,9 @@ def test_gt_less_set_skips_fullref_and_scores_ewarp(udm, tmp_path):
     text = suite_toml(lq_only, ["bicubic"], ["psnr", "ewarp", "tof"])
     path.write_text(text.replace('kind = "udm10"', 'kind = "videolq"').replace('lq = "BIx4"', ""))
     res = harness.run_bench(load_suite(path), out_dir=tmp_path / "out", tracking=False)
-    assert set(res.table.loc[res.table["kind"] != "latency", "metric"]) == {"ewarp"}
+    assert set(res.table.loc[res.table["kind"] != "latency", "metric"]) == {"ewarp@evalcrafter"}
     reasons = {s["metric"]: s["reason"] for s in res.skipped}
-    assert "GT" in reasons["psnr"] and "GT" in reasons["tof"]
+    assert "GT" in reasons["psnr"] and "GT" in reasons["tof@tecogan"]
 
 
 def test_folder_method_missing_frame_or_wrong_size_names_clip_and_frame(udm, tmp_path):
@@ -320,14 +324,17 @@ def test_mlflow_run_finished_with_aggregates_and_killed_on_interrupt(udm, tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact store lands here
-    suite = load_suite(write_suite(tmp_path, udm, ["bicubic"], ["psnr"]))
+    suite = load_suite(write_suite(tmp_path, udm, ["bicubic"], ["psnr", "tof@dloral"]))
     res = harness.run_bench(suite, out_dir=tmp_path / "out")
     client = MlflowClient(uri)
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["metrics"] == "psnr" and run.data.params["flow"] == "none"
+    assert run.data.params["metrics"] == "psnr,tof@dloral"
     psnr = res.aggregate.query("metric == 'psnr'")["value"].item()
     assert run.data.metrics["mini/bicubic/psnr"] == pytest.approx(psnr)
+    # the protocol is in the name (MLflow allows no "@": tof@dloral is logged as tof:dloral)
+    tof = res.aggregate.query("metric == 'tof@dloral'")["value"].item()
+    assert run.data.metrics["mini/bicubic/tof:dloral"] == pytest.approx(tof)
     artifacts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
     assert {"results.parquet", "aggregate.csv", "run.json", "skipped.json"} <= artifacts
 
@@ -359,7 +366,9 @@ def test_shipped_embedded_suite_parses():
     suite = load_suite("embedded")
     assert [d.embedded for d in suite.datasets] == ["embedded-udm10", "embedded-videolq"]
     assert suite.methods == ("bicubic", "dloral:tiny")
-    assert {"psnr", "ewarp", "tof", "tlp", "lpips", "dover"} <= set(suite.metrics)
+    assert {"psnr", "lpips", "dover"} <= set(suite.metrics)
+    # bare temporal names are their published default protocols
+    assert {"ewarp@evalcrafter", "tof@tecogan", "tlp@tecogan"} <= set(suite.metrics)
 
 
 def test_cli_bench_prints_table_and_exits_2_on_bad_suite(udm, tmp_path):
@@ -426,7 +435,8 @@ def test_first_frame_skip_scores_only_frames_the_output_has(udm, tmp_path):
     frames = scored.groupby(["method", "metric"])["frame"].apply(lambda f: sorted(set(f)))
     assert frames["bicubic", "psnr"] == [0, 1, 2]
     assert frames["ref", "psnr"] == frames["dloral-tiny", "psnr"] == [1, 2]  # clip frame numbers
-    assert frames["ref", "ewarp"] == frames["dloral-tiny", "ewarp"] == [1]  # one pair left
+    pair = "ewarp@evalcrafter"
+    assert frames["ref", pair] == frames["dloral-tiny", pair] == [1]  # one pair left
     # GT frames 1 and 2 were matched to the outputs for frames 1 and 2 (not 0 and 1)
     assert (
         scored.loc[(scored["method"] == "ref") & (scored["metric"] == "psnr"), "value"]
@@ -435,6 +445,10 @@ def test_first_frame_skip_scores_only_frames_the_output_has(udm, tmp_path):
     )
     run = json.loads((out / "run.json").read_text())
     assert run["first_frame"] == {"bicubic": "self", "ref": "skip", "dloral-tiny": "skip"}
+    scored_frames = run["frames_scored"]
+    assert {c["frames"] for c in scored_frames["bicubic"].values()} == {FRAMES}
+    assert {c["frames"] for c in scored_frames["ref"].values()} == {FRAMES - 1}
+    assert {c["first"] for c in scored_frames["dloral-tiny"].values()} == {"0001.png"}
     assert run["methods"]["dloral-tiny"]["options"]["first_frame"] == "skip"
     entry = read_index(out / "visuals")[0]
     xt = np.asarray(Image.open(Path(entry["folder"]) / entry["images"]["dloral-tiny"]["xt"]))

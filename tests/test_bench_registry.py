@@ -29,7 +29,8 @@ def test_the_table_lists_every_suite_metric_in_order():
     assert list(METRICS) == [
         *("psnr", "ssim", "psnr_y", "ssim_y"),
         *("lpips", "lpips_vgg", "dists", "musiq", "clipiqa", "maniqa", "niqe", "piqe", "dover"),
-        *("ewarp", "tof", "tlp"),
+        *("ewarp@lai2018", "ewarp@evalcrafter", "ewarp@dloral-inframe"),
+        *("tof@tecogan", "tof@dloral", "tlp@tecogan", "tlp@dloral"),
     ]
     assert FULLREF_METRICS == ("psnr", "ssim", "psnr_y", "ssim_y")
     assert all(spec.name == name and spec.protocol for name, spec in METRICS.items())
@@ -38,9 +39,15 @@ def test_the_table_lists_every_suite_metric_in_order():
 def test_metric_infos_carry_the_facts_of_their_row():
     for name in FULLREF_METRICS:
         assert facts(fullref_metric(name).info) == facts(METRICS[name])
-    assert facts(ewarp_info("dis")) == facts(METRICS["ewarp"])
-    assert facts(tof_info("dis")) == facts(METRICS["tof"])
-    assert facts(tlp_info("lpips")) == facts(METRICS["tlp"])
+    for protocol in ("lai2018", "evalcrafter", "dloral-inframe"):
+        assert facts(ewarp_info("dis", protocol)) == facts(METRICS[f"ewarp@{protocol}"])
+    for protocol in ("tecogan", "dloral"):
+        assert facts(tof_info("dis", protocol)) == facts(METRICS[f"tof@{protocol}"])
+        assert facts(tlp_info("lpips", protocol)) == facts(METRICS[f"tlp@{protocol}"])
+    # a bare name is its default protocol, the one peers' papers use
+    assert facts(ewarp_info("dis")) == facts(METRICS["ewarp@evalcrafter"])
+    assert facts(tof_info("dis")) == facts(METRICS["tof@tecogan"])
+    assert facts(tlp_info("lpips")) == facts(METRICS["tlp@tecogan"])
     for name, spec in METRICS.items():  # pyiqa's table (checked against pyiqa) agrees
         if name in IQA_METRICS:
             assert IQA_METRICS[name].higher_is_better == spec.higher_is_better, name
@@ -62,13 +69,19 @@ def test_flow_and_lpips_are_built_once_and_their_failures_skip_each_user(monkeyp
     monkeypatch.setattr(flow_module, "load_flow_estimator", flow)
     names = ("tlp", "tof", "lpips", "ewarp", "psnr")
     built, skipped, flow_name = build_metrics(names, torch.device("cpu"), flow="dis")
-    assert list(built) == ["tof", "ewarp", "psnr"] and flow_name == DisFlow().name
+    assert list(built) == ["tof@tecogan", "ewarp@evalcrafter", "psnr"]
+    assert flow_name == DisFlow().name
+    assert "Farneback" in built["tof@tecogan"].info.implementation  # TecoGAN's flow, always
     assert calls == ["lpips", "flow:dis"]
-    assert skipped == [
-        {"metric": "lpips", "reason": "lpips: weights missing"},
-        {"metric": "tlp", "reason": "tlp needs LPIPS: lpips: weights missing"},
-    ]
-    assert {n: s.device for n, s in built.items()} == {"tof": "cpu", "ewarp": "cpu", "psnr": "cpu"}
+    assert skipped[0] == {"metric": "lpips", "reason": "lpips: weights missing"}
+    assert skipped[1]["metric"] == "tlp@tecogan"
+    assert skipped[1]["reason"].endswith("lpips: weights missing")
+    assert "LPIPS v0.1 AlexNet" in skipped[1]["reason"]
+    assert {n: s.device for n, s in built.items()} == {
+        "tof@tecogan": "cpu",
+        "ewarp@evalcrafter": "cpu",
+        "psnr": "cpu",
+    }
     with pytest.raises(MetricUnavailable, match="lpips: weights missing"):
         build_metrics(names, torch.device("cpu"), strict=True)
     with pytest.raises(KeyError, match="sharpness"):

@@ -45,3 +45,20 @@ def test_parquet_is_written_whole_and_reads_back(tmp_path):
 def test_value_count_must_match_the_metric_level():
     with pytest.raises(ValueError):
         rows("ds", "m", "c", DOVER, [0.1, 0.2], "cpu", "h")
+
+
+def test_piqe_of_a_frame_without_active_blocks_is_100_and_noted():
+    import torch
+
+    from dloral.bench.iqa import iqa_metric
+
+    piqe = iqa_metric("piqe", device=torch.device("cpu"))  # no weights needed
+    flat, textured = torch.full((3, 64, 64), 0.5), torch.rand(3, 64, 64)
+    values = piqe(torch.stack([flat, textured])).tolist()
+    assert values[0] == 100.0 and values[1] < 100.0  # PIQE's convention, not a measurement
+    df = table(rows("ds", "m", "clip", piqe.info, values, "cpu", "h"))
+    assert "no active block" in df["note"][0] and df["note"][1] == ""
+    agg = aggregate(df)
+    assert agg["noted"].tolist() == [1]
+    # a PSNR of 100 is an ordinary value
+    assert table(rows("ds", "m", "c", PSNR, [100.0], "cpu", "h"))["note"].tolist() == [""]

@@ -184,7 +184,7 @@ def test_tlp_formula_with_stand_in_distance(real_clip):
 
 def test_metric_infos_record_direction_scale_and_flow():
     info = ewarp_info(DisFlow().name)
-    assert info.name == "ewarp" and not info.higher_is_better and info.scale == 1000.0
+    assert info.name == "ewarp@evalcrafter" and not info.higher_is_better and info.scale == 1000.0
     assert info.kind == "temporal" and info.level == "pair" and not info.needs_gt
     assert "opencv DIS medium" in info.implementation
     assert ewarp_info("x", flow_on="gt").needs_gt
@@ -193,6 +193,11 @@ def test_metric_infos_record_direction_scale_and_flow():
         and "raft_large" in tof_info("raft_large").implementation
     )
     assert tlp_info("pyiqa lpips").scale == 100.0 and tlp_info("a").needs_gt
+    # which LPIPS ran inside tLP and where its trunk weights are looked for, as for lpips
+    impl = tlp_info("pyiqa 0.1 lpips (weights: /x/alexnet-owt-7be5be79.pth)").implementation
+    assert "LPIPS v0.1 AlexNet" in impl and "$TORCH_HOME/hub/checkpoints" in impl
+    assert "alexnet-owt-7be5be79.pth" in impl
+    assert "crop_8x8" in impl and "cutfr 2" in impl
 
 
 # --- flow estimators -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the documents, their tables and images, provenance, MLflow as a source, headless
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,8 @@ def test_report_tables_follow_the_results_and_every_image_exists(report, bench_r
         assert f"**{sub[best]:.{digits}f}**" in row
         row = next(line for line in md.splitlines() if line.startswith(f"| {other} |"))
         assert f"<u>{sub[other]:.{digits}f}</u>" in row
-    ewarp = agg[agg["metric"] == "ewarp"].set_index("method")["value"]
-    assert "ewarp (×10⁻³)↓" in md and f"{ewarp.min() * 1000:.4f}" in md
+    ewarp = agg[agg["metric"] == "ewarp@evalcrafter"].set_index("method")["value"]
+    assert "ewarp@evalcrafter (×10⁻³)↓" in md and f"{ewarp.min() * 1000:.4f}" in md
     # per-clip breakdown on request: one column per clip, values = the clip's frame mean
     clip_a = df[(df["method"] == "bicubic") & (df["metric"] == "psnr") & (df["clip"] == "clipA")]
     assert "mini-udm: psnr↑ clipA" in md and f"{clip_a['value'].mean():.2f}" in md
@@ -109,7 +110,7 @@ def test_report_provenance_names_data_metrics_flow_weights_versions_and_seed(rep
     prov = md[md.index("### Provenance") :]
     assert "| flow estimator | opencv DIS" in prov
     assert "| metric psnr | dloral.bench.fullref (BasicSR)" in prov
-    assert "| metric ewarp | dloral.bench.temporal.ewarp" in prov
+    assert "| metric ewarp@evalcrafter | dloral.bench.temporal.ewarp [evalcrafter/" in prov
     assert f"`{run['git_commit']}`" in prov
     assert f"torch {run['versions']['torch']}" in prov and "pyiqa" in prov
     assert "| seed | 7 |" in prov
@@ -224,11 +225,37 @@ def test_two_runs_share_one_table_without_mixing_metric_implementations(mini, be
         == first[(first.method == "bicubic") & (first.metric == "psnr")]["value"].item()
     )
     # E*warp by DIS in one run and by Farneback in the other: left out, and the note says why
-    assert "ewarp" not in set(agg["metric"])
-    assert len(notes) == 1 and "ewarp on mini-udm left out" in notes[0]
+    assert "ewarp@evalcrafter" not in set(agg["metric"])
+    assert len(notes) == 1 and "ewarp@evalcrafter on mini-udm left out" in notes[0]
     assert "DIS" in notes[0] and "Farneback" in notes[0].replace("farneback", "Farneback")
     made = build.build_report(tmp_path / "rep", runs)
     md = made.markdown.read_text()
     assert "## All benchmark runs together" in md and "### mini-udm (all runs)" in md
     row = next(line for line in md.splitlines() if line.startswith("| gt |"))
     assert "**inf**" in row
+
+
+def test_a_run_from_before_protocols_never_shares_a_column_with_a_protocol(
+    mini, bench_run, tmp_path
+):
+    # the same run, as a run made before protocols were named would have stored it
+    old = tmp_path / "old"
+    shutil.copytree(bench_run, old)
+    table = pd.read_parquet(old / "results.parquet").drop(columns="note")
+    table["metric"] = table["metric"].str.replace("ewarp@evalcrafter", "ewarp")
+    table.to_parquet(old / "results.parquet", index=False)
+    agg = pd.read_csv(old / "aggregate.csv").drop(columns="noted")
+    agg["metric"] = agg["metric"].str.replace("ewarp@evalcrafter", "ewarp")
+    agg.to_csv(old / "aggregate.csv", index=False)
+    run = json.loads((old / "run.json").read_text())
+    run["suite"]["name"] = "old"
+    (old / "run.json").write_text(json.dumps(run))
+
+    runs = [sources.load_bench(bench_run), sources.load_bench(old)]
+    assert "ewarp@unrecorded" in set(runs[1].aggregate["metric"])
+    assert "ewarp" not in set(runs[1].table["metric"])
+    combined, _ = build.combine(runs)
+    now = combined[combined["metric"] == "ewarp@evalcrafter"]
+    assert len(now) and (now["implementation"].str.contains("EvalCrafter")).all()
+    then = combined[combined["metric"] == "ewarp@unrecorded"]
+    assert len(then) == len(now)  # its own column, beside the protocol's

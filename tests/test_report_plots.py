@@ -16,6 +16,7 @@ from dloral.bench.temporal import ewarp
 from dloral.report.plots import ablation, per_frame_curves, quality_speed, save
 
 FRAMES = 5
+EW = "ewarp@evalcrafter"  # the default E*warp protocol: what ewarp_info names
 SIGMAS = {"noise-0.02": 0.02, "noise-0.08": 0.08}  # two "methods": gt plus Gaussian noise
 LATENCY = MetricInfo("s_per_frame", False, "latency", "clip", "test: fixed", needs_gt=False)
 
@@ -43,7 +44,7 @@ def computed() -> tuple[pd.DataFrame, dict]:
             out = (gt + sigma * torch.randn(gt.shape, generator=generator)).clamp(0, 1)
             per_frame = psnr(out, gt).tolist()
             per_pair = ewarp(out, flow=flow).tolist()
-            values[clip, method] = {"psnr": per_frame, "ewarp": per_pair}
+            values[clip, method] = {"psnr": per_frame, EW: per_pair}
             records += results.rows("toy", method, clip, psnr.info, per_frame, "cpu", "h")
             records += results.rows("toy", method, clip, ewarp_meta, per_pair, "cpu", "h")
             speed = [0.01 if sigma < 0.05 else 0.5]  # 50x apart
@@ -155,37 +156,37 @@ def test_quality_speed_errors_name_what_is_missing():
 
 def test_per_frame_curves_one_panel_per_metric_one_line_per_method(computed):
     df, values = computed
-    fig = per_frame_curves(df, "toy", "pan_down", ["psnr", "ewarp"])
+    fig = per_frame_curves(df, "toy", "pan_down", ["psnr", EW])
     psnr_ax, ewarp_ax = fig.axes
     assert [line.get_label() for line in psnr_ax.lines] == list(SIGMAS)
     assert [line.get_label() for line in ewarp_ax.lines] == list(SIGMAS)
     for line, method in zip(psnr_ax.lines, SIGMAS, strict=True):
         np.testing.assert_allclose(line.get_ydata(), values["pan_down", method]["psnr"])
     for line, method in zip(ewarp_ax.lines, SIGMAS, strict=True):
-        np.testing.assert_allclose(line.get_ydata(), values["pan_down", method]["ewarp"])
+        np.testing.assert_allclose(line.get_ydata(), values["pan_down", method][EW])
     # a method keeps its colour in every panel
     assert [ln.get_color() for ln in psnr_ax.lines] == [ln.get_color() for ln in ewarp_ax.lines]
     assert psnr_ax.get_ylabel() == "psnr ↑ (higher is better)"
-    assert ewarp_ax.get_ylabel() == "ewarp ↓ (lower is better)"
+    assert ewarp_ax.get_ylabel() == "ewarp@evalcrafter ↓ (lower is better)"
     assert "pan_down" in fig.get_suptitle()
 
 
 def test_pair_metric_is_drawn_between_frames(computed):
     df, _ = computed
-    psnr_ax, ewarp_ax = per_frame_curves(df, "toy", "pan_right", ["psnr", "ewarp"]).axes
+    psnr_ax, ewarp_ax = per_frame_curves(df, "toy", "pan_right", ["psnr", EW]).axes
     np.testing.assert_array_equal(psnr_ax.lines[0].get_xdata(), np.arange(FRAMES))
     np.testing.assert_array_equal(ewarp_ax.lines[0].get_xdata(), np.arange(FRAMES - 1) + 0.5)
     assert "frame pair (i, i+1) is drawn at i + 0.5" in ewarp_ax.get_xlabel()  # shared x, bottom
-    (alone,) = per_frame_curves(df, "toy", "pan_right", ["ewarp"]).axes
+    (alone,) = per_frame_curves(df, "toy", "pan_right", [EW]).axes
     assert alone.get_xlabel() == "frame pair (i, i+1), drawn at i + 0.5"
 
 
 def test_per_frame_curves_scales_values_as_the_tables_print_them(computed):
     df, values = computed
-    ax = per_frame_curves(df, "toy", "pan_right", ["ewarp"], scales={"ewarp": 1000.0}).axes[0]
-    first = values["pan_right", list(SIGMAS)[0]]["ewarp"]
+    ax = per_frame_curves(df, "toy", "pan_right", [EW], scales={EW: 1000.0}).axes[0]
+    first = values["pan_right", list(SIGMAS)[0]][EW]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), np.array(first) * 1000)
-    assert ax.get_ylabel() == "ewarp (×10⁻³) ↓ (lower is better)"
+    assert ax.get_ylabel() == "ewarp@evalcrafter (×10⁻³) ↓ (lower is better)"
 
 
 def test_per_frame_curves_leaves_out_absent_and_clip_level_metrics(computed):
@@ -315,7 +316,7 @@ def test_ablation_errors_name_missing_columns_and_empty_metric():
 
 def test_save_writes_a_png_of_the_figure_size_that_is_not_blank(tmp_path, computed):
     df, _ = computed
-    fig = per_frame_curves(df, "toy", "pan_right", ["psnr", "ewarp"])
+    fig = per_frame_curves(df, "toy", "pan_right", ["psnr", EW])
     width, height = fig.get_size_inches()
     path = save(fig, tmp_path / "figs" / "curves.png", dpi=50)
     assert path == tmp_path / "figs" / "curves.png"

@@ -7,7 +7,7 @@ import pytest
 
 from dloral.bench import results
 from dloral.bench.registry import MetricInfo
-from dloral.report.tables import MISSING, comparison_table, per_clip_table
+from dloral.report.tables import MISSING, NOTED, comparison_table, per_clip_table
 
 HIGHER = {"psnr": True, "lpips": False, "ewarp": False, "dover": True}
 VALUES = {  # dataset -> metric -> method -> value (absent = not computed)
@@ -190,3 +190,24 @@ def test_nan_value_is_treated_as_missing():
     t = comparison_table(agg)
     assert t.cell("A", "REDS4", "psnr") == (MISSING, None)
     assert t.cell("B", "REDS4", "psnr") == ("28.17", "best")
+
+
+def test_noted_values_are_shown_with_a_mark_and_never_ranked():
+    # PIQE's 100 where it found no active block (every frame of a real old-film clip did)
+    agg = pd.DataFrame(
+        {
+            "dataset": "VideoLQ",
+            "method": ["A", "B", "C"],
+            "metric": "piqe",
+            "higher_is_better": False,
+            "implementation": "test",
+            "value": [100.0, 35.0, 40.0],
+            "clips": 1,
+            "noted": [1, 0, 0],
+        }
+    )
+    t = comparison_table(agg)
+    assert t.cell("A", "VideoLQ", "piqe") == (f"100.0000{NOTED}", "noted")
+    assert t.cell("B", "VideoLQ", "piqe") == ("35.0000", "best")
+    assert t.cell("C", "VideoLQ", "piqe") == ("40.0000", "second")
+    assert f"100.0000{NOTED}" in t.to_markdown() and "**100" not in t.to_markdown()

@@ -197,7 +197,7 @@ class _Tracking:
         if self.run_id is None:
             return
         metrics = [
-            (f"{r.dataset}/{r.method}/{r.metric}", float(r.value), 0)
+            (f"{r.dataset}/{r.method}/{mlflow_name(r.metric)}", float(r.value), 0)
             for r in agg.itertuples()
             if pd.notna(r.value) and abs(float(r.value)) != float("inf")
         ]
@@ -210,12 +210,17 @@ class _Tracking:
         end_run(self.client, self.run_id, status, reason)
 
 
+def mlflow_name(metric: str) -> str:
+    """MLflow allows no "@" in a metric name: "tof@tecogan" is logged as "tof:tecogan"."""
+    return metric.replace("@", ":")
+
+
 def aggregate_table(df: pd.DataFrame, infos: dict[str, MetricInfo]) -> pd.DataFrame:
     """results.aggregate plus kind, level and scale of each metric."""
     if not len(df):
         return pd.DataFrame(
             columns=["dataset", "method", "metric", "higher_is_better", "implementation"]
-            + ["value", "clips", "kind", "level", "scale"]
+            + ["value", "clips", "noted", "kind", "level", "scale"]
         )
     agg = results.aggregate(df)
     agg["kind"] = [infos[m].kind if m in infos else "" for m in agg["metric"]]
@@ -261,10 +266,10 @@ def _score_method(
     device: str,
     infos: dict[str, MetricInfo],
     keep: Callable[[str, torch.Tensor], None] | None = None,
-) -> tuple[list[dict], int, int]:
+) -> tuple[list[dict], int, int, str, tuple[str, ...]]:
     """Run one method on one clip and score its output on the frames it has: (rows, computed,
-    cached, first-frame policy). `keep(method, frames)` sees the output (the visual comparisons'
-    crops), with black frames where it has none."""
+    cached, first-frame policy, names of the frames it has). `keep(method, frames)` sees the
+    output (the visual comparisons' crops), with black frames where it has none."""
     output = runner.run(job)
     covered = output.names if output.names is not None else job.names
     index = [job.names.index(n) for n in covered]
@@ -289,8 +294,9 @@ def _score_method(
         if info.needs_gt and gt is None:
             skip(name, f"needs GT; {job.dataset} has none", job.dataset)
             continue
-        if info.level == "pair" and len(covered) < 2:
-            skip(name, "needs at least 2 frames", job.dataset, job.clip)
+        need = max(scorer.min_frames, 2 if info.level == "pair" else 1)
+        if len(covered) < need:
+            skip(name, f"needs at least {need} frames, has {len(covered)}", job.dataset, job.clip)
             continue
         hit = cache.get((digest, name, info.implementation))
         if hit is not None:
@@ -302,12 +308,13 @@ def _score_method(
             continue
         values = scorer.fn(output.frames, gt).reshape(-1).tolist()
         computed += 1
+        first = index[0] + scorer.first
         rows = results.rows(
-            job.dataset, runner.name, job.clip, info, values, scorer.device, digest, index[0]
+            job.dataset, runner.name, job.clip, info, values, scorer.device, digest, first
         )
         cache.add(rows)
         records += rows
-    return records, computed, cached, output.first_frame
+    return records, computed, cached, output.first_frame, tuple(covered)
 
 
 def run_bench(
@@ -359,6 +366,7 @@ def run_bench(
         "seed": suite.options.seed,
         # per method: "skip" where its output lacked a clip's frame 0 (those frames not scored)
         "first_frame": {m.name: getattr(m, "first_frame", "self") for m in runners},
+        "frames_scored": {},  # method -> "dataset/clip" -> {first, last, frames}
         "datasets": {s.name: {"kind": s.kind, "root": s.root, **m} for s, _, _, m in datasets},
         # the same facts as `dloral-exp doctor`: versions, device, every weight found or missing
         "versions": provenance.versions(),
@@ -414,7 +422,7 @@ def run_bench(
                 clip_rows: list[dict] = []
                 computed = cached = 0
                 for runner in runners:
-                    rows, n_new, n_cached, first = _score_method(
+                    rows, n_new, n_cached, first, covered = _score_method(
                         runner,
                         job,
                         gt,
@@ -428,6 +436,11 @@ def run_bench(
                     )
                     if first == "skip":
                         run_info["first_frame"][runner.name] = "skip"
+                    # the frames each method's output had, hence scored (a pair metric: the
+                    # pairs of these; TecoGAN's protocols drop 2 more at each end)
+                    run_info["frames_scored"].setdefault(runner.name, {})[
+                        f"{spec.name}/{clip.name}"
+                    ] = {"first": covered[0], "last": covered[-1], "frames": len(covered)}
                     clip_rows += rows
                     computed += n_new
                     cached += n_cached
@@ -489,4 +502,11 @@ def run_bench(
     return res
 
 
-__all__ = ["BenchResult", "ScoredMetric", "aggregate_table", "build_metrics", "run_bench"]
+__all__ = [
+    "BenchResult",
+    "ScoredMetric",
+    "aggregate_table",
+    "build_metrics",
+    "mlflow_name",
+    "run_bench",
+]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class MetricInfo:
-    name: str  # as reported, e.g. "psnr", "ssim_y", "lpips", "ewarp"
+    name: str  # as reported, e.g. "psnr", "ssim_y", "lpips", "ewarp@evalcrafter" (name@protocol)
     higher_is_better: bool
     kind: str  # "full_reference" | "no_reference" | "temporal"
     level: str  # "frame" | "pair" | "clip": what one value covers
@@ -26,3 +26,15 @@ class MetricInfo:
 class MetricUnavailable(RuntimeError):
     """A metric cannot run here (weights missing, optional package absent). The message names
     the file, the folder it was looked for in and the env var that moves that folder."""
+
+
+# values that are a convention of the metric's code rather than a measurement: (metric, value)
+# -> the note stored with them; a report shows them but does not rank them
+NOTED_VALUES = {
+    ("piqe", 100.0): "PIQE found no active block: 100 by its definition, not a measurement",
+}
+
+
+def note(metric: str, value: float) -> str:
+    """The note a value carries ("" for an ordinary value)."""
+    return NOTED_VALUES.get((metric, value), "")

@@ -9,6 +9,9 @@ several metrics share is built once per build: one flow estimator for ewarp and 
 LPIPS for lpips and tlp. A metric that cannot run here (MetricUnavailable) is skipped with its
 reason, or raised with `strict`. The implementations (torch, pyiqa, OpenCV) are imported when a
 metric is built, so checking a suite's metric names imports none of them.
+
+Temporal metrics are keyed `name@protocol` (ewarp@lai2018, tof@tecogan, ...; PROTOCOL_SOURCES
+says which published code each follows); `resolve` gives a bare name its DEFAULT_PROTOCOL.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FULLREF_METRICS",
+    "DEFAULT_PROTOCOL",
     "METRICS",
+    "PROTOCOL_SOURCES",
     "FullRefMetric",
     "MetricInfo",
     "MetricSpec",
@@ -39,6 +44,7 @@ __all__ = [
     "build_metrics",
     "ewarp_info",
     "fullref_metric",
+    "resolve",
     "tlp_info",
     "tof_info",
 ]
@@ -53,6 +59,8 @@ class ScoredMetric:
     info: MetricInfo
     fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
     device: str
+    first: int = 0  # frames of the clip it leaves out at the start (its values begin there)
+    min_frames: int = 1  # fewer frames than this: skipped (pairs need 2, TecoGAN's cutfr 6)
 
 
 class _Shared:
@@ -85,6 +93,12 @@ class _Shared:
         from dloral.bench.flow import load_flow_estimator
 
         return self._once("flow", lambda: load_flow_estimator(self.flow_kind, self.device))
+
+    def farneback(self) -> FlowEstimator:
+        """OpenCV Farneback with TecoGAN's settings (tof@tecogan), whatever the suite's flow."""
+        from dloral.bench.flow import FarnebackFlow
+
+        return self._once("farneback", FarnebackFlow)
 
     @property
     def flow_name(self) -> str | None:
@@ -166,48 +180,99 @@ def _pyiqa(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
     return ScoredMetric(metric.info, metric, str(shared.device))
 
 
-# ---- temporal (dloral.bench.temporal) -------------------------------------------------------
+# ---- temporal (dloral.bench.temporal): name@protocol ---------------------------------------
+
+# A temporal metric is a name plus a protocol: the published code whose numbers it reproduces.
+# A bare name in a suite means its default protocol, the one peers' papers use.
+DEFAULT_PROTOCOL = {"ewarp": "evalcrafter", "tof": "tecogan", "tlp": "tecogan"}
+PROTOCOL_SOURCES = {
+    "ewarp@lai2018": "phoenix104104/fast_blind_video_consistency evaluate_WarpError.py + "
+    "utils.detect_occlusion (Lai et al. 2018)",
+    "ewarp@evalcrafter": "evalcrafter/EvalCrafter metrics/RAFT/optical_flow_scores.py "
+    "compute_video_warping_error + warp_utils.detect_occlusion (used by STAR and DOVE)",
+    "ewarp@dloral-inframe": "dloral.bench.temporal (this suite's earlier default: Lai's mask, "
+    "out-of-frame pixels dropped)",
+    "tof@tecogan": "thunil/TecoGAN metrics.py (Farneback, crop_8x8, cutfr = 2)",
+    "tof@dloral": "dloral.bench.temporal (TecoGAN's formula, whole frames, every pair, suite flow)",
+    "tlp@tecogan": "thunil/TecoGAN metrics.py (LPIPS alex, crop_8x8, cutfr = 2, x100)",
+    "tlp@dloral": "dloral.bench.temporal (TecoGAN's formula, whole frames, every pair)",
+}
+LPIPS_OF_TLP = (
+    "LPIPS v0.1 AlexNet (pyiqa lpips, net-lin, as TecoGAN's net='alex'), frames [0, 1] RGB; "
+    "AlexNet trunk looked for in $TORCH_HOME/hub/checkpoints, LPIPS layers in pyiqa's cache"
+)
+
+
+def resolve(name: str) -> str:
+    """A metric name as the registry keys it: a bare temporal name gets its default protocol
+    ("tof" -> "tof@tecogan"); other names are returned as given."""
+    return f"{name}@{DEFAULT_PROTOCOL[name]}" if name in DEFAULT_PROTOCOL else name
+
+
+def _protocol(name: str) -> str:
+    base, _, protocol = name.partition("@")
+    return protocol or DEFAULT_PROTOCOL[base]
 
 
 def ewarp_info(
-    flow_name: str,
-    flow_on: str = "output",
-    in_frame_only: bool = True,
-    channels: str = "mean",
-    resize: float = 1.0,
+    flow_name: str, protocol: str = DEFAULT_PROTOCOL["ewarp"], flow_on: str = "output"
 ) -> MetricInfo:
-    """How an `ewarp` result was made (pass the same keywords and the estimator's name)."""
+    """How an `ewarp@protocol` result was made (the estimator's name, where flow was taken)."""
+    from dloral.bench.temporal import EWARP_VARIANTS
+
+    if protocol not in EWARP_VARIANTS:
+        raise KeyError(f"unknown ewarp protocol {protocol!r}; known: {', '.join(EWARP_VARIANTS)}")
+    v = EWARP_VARIANTS[protocol]
     mask = "Lai fw-bw (0.01, 0.5) + motion-boundary (0.01, 0.002) mask"
-    return METRICS["ewarp"].info(
-        f"dloral.bench.temporal.ewarp: flow on {flow_on} by {flow_name}; {mask}"
-        + (", in-frame only" if in_frame_only else "")
-        + f"; squared RGB [0,1] error, {channels} over channels"
-        + (f", frames resized x{resize}" if resize != 1.0 else ""),
+    name = f"ewarp@{protocol}"
+    return METRICS[name].info(
+        f"dloral.bench.temporal.ewarp [{PROTOCOL_SOURCES[name]}]: flow on {flow_on} by "
+        f"{flow_name}; {mask}"
+        + (", in-frame only" if v["in_frame_only"] else ", out-of-frame vs border-clamped warp")
+        + f"; squared RGB [0,1] error, {v['channels']} over channels"
+        + (f", frames resized x{v['resize']}" if v["resize"] != 1.0 else "")
+        + (", replicate-padded to multiples of 8" if v.get("pad8") else "")
+        + ("; a pair with no valid pixel counts 0" if v["empty"] == "zero" else ""),
         needs_gt=flow_on == "gt",
     )
 
 
-def tof_info(flow_name: str) -> MetricInfo:
-    """How a `tof` result was made; flow_name is the estimator's `name`."""
-    return METRICS["tof"].info(
-        f"dloral.bench.temporal.tof: mean L2 flow difference in pixels, flow by {flow_name}"
+def tof_info(flow_name: str, protocol: str = DEFAULT_PROTOCOL["tof"]) -> MetricInfo:
+    """How a `tof@protocol` result was made; flow_name is the estimator's `name`."""
+    name = f"tof@{protocol}"
+    crop = "; flows cropped by crop_8x8, frames 2..T-3 (cutfr 2)" if protocol == "tecogan" else ""
+    return METRICS[name].info(
+        f"dloral.bench.temporal.tof [{PROTOCOL_SOURCES[name]}]: mean L2 flow difference in "
+        f"pixels, flow by {flow_name}{crop}"
     )
 
 
-def tlp_info(lpips_name: str) -> MetricInfo:
-    """How a `tlp` result was made; lpips_name says which LPIPS (net, weights) ran."""
-    return METRICS["tlp"].info(
-        f"dloral.bench.temporal.tlp: |d(out pair) - d(gt pair)|, d = {lpips_name}"
+def tlp_info(lpips_name: str, protocol: str = DEFAULT_PROTOCOL["tlp"]) -> MetricInfo:
+    """How a `tlp@protocol` result was made; lpips_name says which LPIPS (net, version,
+    weights and where they are looked for) ran."""
+    name = f"tlp@{protocol}"
+    crop = "; frames cropped by crop_8x8, frames 2..T-3 (cutfr 2)" if protocol == "tecogan" else ""
+    return METRICS[name].info(
+        f"dloral.bench.temporal.tlp [{PROTOCOL_SOURCES[name]}]: |d(out pair) - d(gt pair)|, "
+        f"d = {LPIPS_OF_TLP}: {lpips_name}{crop}"
     )
+
+
+def _cut_of(protocol: str) -> int:
+    from dloral.bench.temporal import TECOGAN_CUT
+
+    return TECOGAN_CUT if protocol == "tecogan" else 0
 
 
 def _ewarp(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
     from dloral.bench import temporal
 
+    protocol = _protocol(spec.name)
     flow = shared.flow()
+    keywords = temporal.EWARP_VARIANTS[protocol]
     return ScoredMetric(
-        ewarp_info(flow.name),
-        lambda out, gt: temporal.ewarp(out, flow=flow),
+        ewarp_info(flow.name, protocol),
+        lambda out, gt: temporal.ewarp(out, flow=flow, **keywords),
         shared.flow_device(flow),
     )
 
@@ -215,31 +280,40 @@ def _ewarp(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
 def _tof(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
     from dloral.bench import temporal
 
-    flow = shared.flow()
+    protocol = _protocol(spec.name)
+    flow = shared.farneback() if protocol == "tecogan" else shared.flow()
+    crop, cut = protocol == "tecogan", _cut_of(protocol)
     return ScoredMetric(
-        tof_info(flow.name),
-        lambda out, gt: temporal.tof(out, gt, flow=flow),
+        tof_info(flow.name, protocol),
+        lambda out, gt: temporal.tof(out, gt, flow=flow, crop=crop, cut=cut),
         shared.flow_device(flow),
+        first=cut,
+        min_frames=2 * cut + 2,
     )
 
 
 def _tlp(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
     from dloral.bench import temporal
 
+    protocol = _protocol(spec.name)
     try:
         lpips = shared.iqa("lpips")
     except MetricUnavailable as err:
-        raise MetricUnavailable(f"tlp needs LPIPS: {err}") from err
+        raise MetricUnavailable(f"{spec.name} needs LPIPS ({LPIPS_OF_TLP}): {err}") from err
+    crop, cut = protocol == "tecogan", _cut_of(protocol)
     return ScoredMetric(
-        tlp_info(lpips.info.implementation),
-        lambda out, gt: temporal.tlp(out, gt, lpips=lpips),
+        tlp_info(lpips.info.implementation, protocol),
+        lambda out, gt: temporal.tlp(out, gt, lpips=lpips, crop=crop, cut=cut),
         str(shared.device),
+        first=cut,
+        min_frames=2 * cut + 2,
     )
 
 
 # ---- the table: name, higher_is_better, kind, level, needs_gt, protocol, builder, scale -----
 
 _BASICSR = "BasicSR calculate_{}: uint8, crop_border from [options], float64"
+_EWARP = "E*warp, {}"
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
@@ -257,9 +331,21 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("piqe", False, NR, "frame", False, "PIQE (pyiqa)", _pyiqa),
         # pyiqa has no DOVER: always skipped, with the reason (dloral.bench.iqa.DOVER_MESSAGE)
         MetricSpec("dover", True, NR, "clip", False, "DOVER video quality", _pyiqa),
-        MetricSpec("ewarp", False, TEMPORAL, "pair", False, "E*warp (Lai 2018)", _ewarp, 1000.0),
-        MetricSpec("tof", False, TEMPORAL, "pair", True, "tOF (TecoGAN), pixels", _tof),
-        MetricSpec("tlp", False, TEMPORAL, "pair", True, "tLP (TecoGAN)", _tlp, 100.0),
+        *(
+            MetricSpec(name, False, TEMPORAL, "pair", False, source, _ewarp, 1000.0)
+            for name, source in PROTOCOL_SOURCES.items()
+            if name.startswith("ewarp@")
+        ),
+        *(
+            MetricSpec(name, False, TEMPORAL, "pair", True, source, _tof)
+            for name, source in PROTOCOL_SOURCES.items()
+            if name.startswith("tof@")
+        ),
+        *(
+            MetricSpec(name, False, TEMPORAL, "pair", True, source, _tlp, 100.0)
+            for name, source in PROTOCOL_SOURCES.items()
+            if name.startswith("tlp@")
+        ),
     )
 }
 FULLREF_METRICS = tuple(name for name, spec in METRICS.items() if spec.build is _fullref)
@@ -274,8 +360,10 @@ def build_metrics(
     strict: bool = False,
 ) -> tuple[dict[str, ScoredMetric], list[dict], str | None]:
     """Build each named metric once: ({name: ScoredMetric} in `names` order, skipped
-    [{metric, reason}], the flow estimator's name or None). `flow` is an estimator kind of
+    [{metric, reason}], the flow estimator's name or None); bare temporal names are resolved
+    to their default protocol ("tof" -> "tof@tecogan"). `flow` is an estimator kind of
     dloral.bench.flow; `crop_border` the pixels PSNR/SSIM drop on each side."""
+    names = [resolve(name) for name in names]
     unknown = [name for name in names if name not in METRICS]
     if unknown:
         raise KeyError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(METRICS)}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from dloral.atomic import atomic_write
-from dloral.bench.metric import MetricInfo
+from dloral.bench.metric import MetricInfo, note
 
 COLUMNS = (
     "dataset",
@@ -34,6 +34,7 @@ COLUMNS = (
     "implementation",
     "device",
     "output_hash",
+    "note",  # why a value is not an ordinary measurement (dloral.bench.metric.note), else ""
 )
 CLIP_LEVEL = -1  # the frame index of a value that covers the whole clip
 
@@ -66,13 +67,16 @@ def rows(
             "implementation": info.implementation,
             "device": device,
             "output_hash": output_hash,
+            "note": note(info.name, float(v)),
         }
         for f, v in zip(frames, values, strict=True)
     ]
 
 
 def table(records: Iterable[dict]) -> pd.DataFrame:
-    return pd.DataFrame(list(records), columns=list(COLUMNS))
+    df = pd.DataFrame(list(records), columns=list(COLUMNS))
+    df["note"] = df["note"].fillna("").astype(str)  # rows cached before notes existed
+    return df
 
 
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -80,14 +84,24 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
+def _noted(df: pd.DataFrame) -> pd.Series:
+    if "note" not in df.columns:
+        return pd.Series(0, index=df.index)
+    return (df["note"].fillna("").astype(str) != "").astype(int)
+
+
 def per_clip(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each clip's values; `noted`: how many of them carry a note."""
     keys = ["dataset", "method", "metric", "clip", "higher_is_better", "implementation"]
-    return df.groupby(keys, as_index=False)["value"].mean()
+    df = df.assign(noted=_noted(df))
+    return df.groupby(keys, as_index=False).agg(value=("value", "mean"), noted=("noted", "sum"))
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """dataset x method x metric: mean over clips of per-clip means, with clip count."""
+    """dataset x method x metric: mean over clips of per-clip means, with clip count and the
+    number of values with a note (`noted`: a report shows such a mean but does not rank it)."""
     clips = per_clip(df)
     keys = ["dataset", "method", "metric", "higher_is_better", "implementation"]
-    out = clips.groupby(keys, as_index=False).agg(value=("value", "mean"), clips=("clip", "count"))
-    return out
+    return clips.groupby(keys, as_index=False).agg(
+        value=("value", "mean"), clips=("clip", "count"), noted=("noted", "sum")
+    )

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dloral.bench.registry import METRICS
+from dloral.bench.registry import METRICS, resolve
 from dloral.config import build, check_keys, find_named_toml, read_toml
 from dloral.data.config import KINDS
 
@@ -125,6 +125,9 @@ def _build(cls: type, at: str, table: dict):
 
 
 def check_metrics(names: list[str] | tuple[str, ...], where: str = "suite") -> tuple[str, ...]:
+    """The names as the registry keys them: a bare temporal name ("tof") gets its default
+    protocol ("tof@tecogan", dloral.bench.registry.DEFAULT_PROTOCOL)."""
+    names = [resolve(m) for m in names]
     unknown = [m for m in names if m not in METRICS]
     if unknown:
         raise SuiteError(

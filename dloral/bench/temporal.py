@@ -21,13 +21,17 @@ Choices and peers:
   MGLD-VSR, DLoRAL and SeedVR publish no E*warp script (MGLD-VSR issues #7 and #30 ask for
   one). Default here: flow on the output, as STAR and DOVE; `flow_on="gt"` is the variant
   closest to Lai's clean-video flow.
-- Out-of-frame pixels: Lai's clamped warp keeps them (compared with edge pixels); we drop them
-  by default since content leaving the frame is not flicker. `in_frame_only=False`,
-  `channels="sum"` and `resize=0.5` reproduce the EvalCrafter numbers (up to its flow network).
-- A pair with no valid pixel gives NaN (Lai: 0) and is skipped by `clip_mean`.
+- Protocols (dloral.bench.registry names them `ewarp@<protocol>`): EWARP_VARIANTS["lai2018"]
+  keeps out-of-frame pixels (compared with the border-clamped warp) as Lai's code does;
+  ["evalcrafter"] adds the x0.5 resize, RAFT's replicate padding to multiples of 8 and the sum
+  over channels; ["dloral-inframe"] drops out-of-frame pixels (this suite's earlier default).
+- A pair with no valid pixel counts 0 in Lai's and EvalCrafter's code (`empty="zero"`), or is
+  NaN and skipped by `clip_mean` (`empty="nan"`).
 tOF (TecoGAN, thunil/TecoGAN `metrics.py`): mean over pixels of ||flow(O_t-1 -> O_t) -
-  flow(G_t-1 -> G_t)||_2 in pixels; TecoGAN uses Farneback (`FarnebackFlow`) and crops borders.
-tLP (TecoGAN): |LPIPS(O_t-1, O_t) - LPIPS(G_t-1, G_t)|, printed x100 (LPIPS-Alex in TecoGAN).
+  flow(G_t-1 -> G_t)||_2 in pixels; TecoGAN uses Farneback (`FarnebackFlow`), crops the flows
+  by `crop_8x8` (`tecogan_crop`) and drops the first and last 2 frames (`cut=TECOGAN_CUT`).
+tLP (TecoGAN): |LPIPS(O_t-1, O_t) - LPIPS(G_t-1, G_t)|, printed x100 (LPIPS-Alex in TecoGAN),
+  on `crop_8x8` frames with the same cut.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ from dloral.model.spynet import flow_coords, flow_warp
 
 __all__ = [
     "EWARP_VARIANTS",
+    "TECOGAN_CUT",
+    "evalcrafter_pad",
+    "tecogan_crop",
     "clip_mean",
     "ewarp",
     "flow_pairs",
@@ -53,12 +60,58 @@ __all__ = [
     "warp_errors",
 ]
 
-# keyword sets for `ewarp`: this suite's default, Lai's original mask, EvalCrafter (STAR, DOVE)
+# keyword sets for `ewarp`, by protocol: Lai's evaluate_WarpError.py, EvalCrafter's
+# compute_video_warping_error (STAR, DOVE), and this suite's earlier in-frame-only variant
 EWARP_VARIANTS: dict[str, dict] = {
-    "dloral": {"in_frame_only": True, "channels": "mean", "resize": 1.0},
-    "lai2018": {"in_frame_only": False, "channels": "mean", "resize": 1.0},
-    "evalcrafter": {"in_frame_only": False, "channels": "sum", "resize": 0.5},
+    "lai2018": {"in_frame_only": False, "channels": "mean", "resize": 1.0, "empty": "zero"},
+    "evalcrafter": {
+        "in_frame_only": False,
+        "channels": "sum",
+        "resize": 0.5,
+        "empty": "zero",
+        "pad8": True,
+    },
+    "dloral-inframe": {"in_frame_only": True, "channels": "mean", "resize": 1.0, "empty": "nan"},
 }
+TECOGAN_CUT = 2  # TecoGAN metrics.py `cutfr`: frames dropped at each end of a clip
+
+
+def tecogan_crop(h: int, w: int) -> tuple[slice, slice]:
+    """TecoGAN's `crop_8x8` of an (h, w) frame: the centred region whose sides are the largest
+    multiples of 32 at least 16 px shorter than the frame's (8 px or more off each side)."""
+    ch, cw = (h // 32) * 32, (w // 32) * 32
+    while ch > h - 16:
+        ch -= 32
+    while cw > w - 16:
+        cw -= 32
+    if ch <= 0 or cw <= 0:
+        raise ValueError(f"TecoGAN's crop_8x8 leaves nothing of a {h}x{w} frame (needs >= 48 px)")
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return slice(y, y + ch), slice(x, x + cw)
+
+
+def evalcrafter_pad(frames: torch.Tensor) -> torch.Tensor:
+    """RAFT's InputPadder ("sintel" mode, as EvalCrafter): replicate-pad H and W to multiples
+    of 8, split evenly (the extra pixel after)."""
+    h, w = frames.shape[-2:]
+    ph, pw = (-h) % 8, (-w) % 8
+    if not ph and not pw:
+        return frames
+    pad = [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]
+    return F.pad(frames, pad, mode="replicate")
+
+
+def _cut(frames: torch.Tensor, cut: int, what: str) -> torch.Tensor:
+    """The clip without `cut` frames at each end; needs 2 frames left."""
+    if cut == 0:
+        return frames
+    if frames.shape[0] - 2 * cut < 2:
+        raise ValueError(
+            f"{what}: {frames.shape[0]} frames; dropping {cut} at each end (TecoGAN's cutfr) "
+            f"needs at least {2 * cut + 2}"
+        )
+    return frames[cut : frames.shape[0] - cut]
+
 
 LpipsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -118,15 +171,18 @@ def warp_errors(
     bw: torch.Tensor,
     in_frame_only: bool = True,
     channels: str = "mean",
+    empty: str = "nan",
 ) -> torch.Tensor:
-    """(N, 3, H, W) pairs and their flows -> (N,) masked squared error of warped t+1 vs t."""
+    """(N, 3, H, W) pairs and their flows -> (N,) masked squared error of warped t+1 vs t.
+    A pair with no valid pixel gives NaN (`empty="nan"`) or 0 (`"zero"`, Lai and EvalCrafter)."""
     if channels not in ("mean", "sum"):
         raise ValueError(f"channels must be 'mean' (Lai) or 'sum' (EvalCrafter); got {channels!r}")
     valid = valid_mask(fw, bw, in_frame_only).float()
     warped = flow_warp(frames_next.float(), fw, padding_mode="border")
     sq_err = ((warped - frames_t.float()) ** 2 * valid).sum(dim=(1, 2, 3))
     count = valid.sum(dim=(1, 2, 3)) * (frames_t.shape[1] if channels == "mean" else 1)
-    return torch.where(count > 0, sq_err / count.clamp_min(1), torch.full_like(sq_err, math.nan))
+    fill = math.nan if empty == "nan" else 0.0
+    return torch.where(count > 0, sq_err / count.clamp_min(1), torch.full_like(sq_err, fill))
 
 
 def _resize(frames: torch.Tensor, factor: float) -> torch.Tensor:
@@ -144,9 +200,13 @@ def ewarp(
     in_frame_only: bool = True,
     channels: str = "mean",
     resize: float = 1.0,
+    empty: str = "nan",
+    pad8: bool = False,
     chunk: int = 8,
 ) -> torch.Tensor:
-    """E*warp per pair (T-1,), unscaled (x1e3 to print); flow from `output` or `gt` frames."""
+    """E*warp per pair (T-1,), unscaled (x1e3 to print); flow from `output` or `gt` frames.
+    `pad8`: frames replicate-padded to multiples of 8 after resizing, and the padding scored
+    (EvalCrafter, through RAFT's InputPadder)."""
     _check_clip("output", output)
     if flow_on == "gt":
         if gt is None:
@@ -156,32 +216,61 @@ def ewarp(
         raise ValueError(f"flow_on must be 'output' or 'gt'; got {flow_on!r}")
     out = _resize(output.float(), resize)
     source = out if flow_on == "output" else _resize(gt.float(), resize)
+    if pad8:
+        out, source = evalcrafter_pad(out), evalcrafter_pad(source)
     values = []
     for i in range(0, out.shape[0] - 1, chunk):
         j = min(i + chunk, out.shape[0] - 1)
         fw, bw = flow_pairs(source[i : j + 1], flow, chunk=chunk)
-        values.append(warp_errors(out[i:j], out[i + 1 : j + 1], fw, bw, in_frame_only, channels))
+        values.append(
+            warp_errors(out[i:j], out[i + 1 : j + 1], fw, bw, in_frame_only, channels, empty)
+        )
     return torch.cat(values)
 
 
 def tof(
-    output: torch.Tensor, gt: torch.Tensor, *, flow: FlowEstimator, chunk: int = 8
+    output: torch.Tensor,
+    gt: torch.Tensor,
+    *,
+    flow: FlowEstimator,
+    crop: bool = False,
+    cut: int = 0,
+    chunk: int = 8,
 ) -> torch.Tensor:
-    """tOF per pair (T-1,): mean_p ||flow_out(t-1 -> t) - flow_gt(t-1 -> t)||_2, in pixels."""
+    """tOF per pair: mean_p ||flow_out(t-1 -> t) - flow_gt(t-1 -> t)||_2, in pixels; (T-1,)
+    values, or (T-1-2*cut,) for the pairs of frames cut..T-1-cut. `crop`: flows (computed on
+    whole frames) cropped by TecoGAN's crop_8x8 before the mean."""
     _check_same(output, gt)
+    output, gt = _cut(output, cut, "tof"), _cut(gt, cut, "tof")
     fw_out, _ = flow_pairs(output, flow, backward=False, chunk=chunk)
     fw_gt, _ = flow_pairs(gt, flow, backward=False, chunk=chunk)
-    return (fw_out - fw_gt).norm(dim=1).mean(dim=(1, 2))
+    diff = fw_out - fw_gt
+    if crop:
+        rows, cols = tecogan_crop(*diff.shape[-2:])
+        diff = diff[..., rows, cols]
+    return diff.norm(dim=1).mean(dim=(1, 2))
 
 
-def tlp(output: torch.Tensor, gt: torch.Tensor, *, lpips: LpipsFn | None = None) -> torch.Tensor:
-    """tLP per pair (T-1,), unscaled (x100 to print); lpips(a, b) -> (N,) on [0, 1] RGB."""
+def tlp(
+    output: torch.Tensor,
+    gt: torch.Tensor,
+    *,
+    lpips: LpipsFn | None = None,
+    crop: bool = False,
+    cut: int = 0,
+) -> torch.Tensor:
+    """tLP per pair, unscaled (x100 to print); lpips(a, b) -> (N,) on [0, 1] RGB. `crop`,
+    `cut`: frames cropped by TecoGAN's crop_8x8 before LPIPS, ends dropped, as `tof`."""
     if lpips is None:
         raise MetricUnavailable(
             "tLP needs an LPIPS distance: pass lpips=callable((N,3,H,W), (N,3,H,W)) -> (N,) on "
             "[0, 1] RGB, e.g. the pyiqa LPIPS from dloral.bench.iqa (its weights in pyiqa's cache)"
         )
     _check_same(output, gt)
+    output, gt = _cut(output, cut, "tlp"), _cut(gt, cut, "tlp")
+    if crop:
+        rows, cols = tecogan_crop(*output.shape[-2:])
+        output, gt = output[..., rows, cols], gt[..., rows, cols]
     d_out = torch.as_tensor(lpips(output[:-1], output[1:])).reshape(-1).float()
     d_gt = torch.as_tensor(lpips(gt[:-1], gt[1:])).reshape(-1).float()
     return (d_out - d_gt.to(d_out.device)).abs()

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from dloral.atomic import atomic_write_text
+from dloral.bench.registry import resolve
 from dloral.report import plots, tables
 from dloral.report.sources import BenchRun, SweepRun, higher_is_better
 from dloral.report.visuals import visual_grid
@@ -275,10 +276,16 @@ def bench_section(
         cap = (
             f"{dataset}: mean over {clips} clip(s) of per-clip means (first {nf} frames of each); "
             f"crop border {info.get('crop_border', 0)}; ↑ higher / ↓ lower is better; best bold, "
-            "second underlined; – not measured."
+            "second underlined; – not measured; name@protocol: the published code a temporal "
+            "metric reproduces (README, Benchmarks and metrics)."
         )
+        if "noted" in sub and (sub["noted"].fillna(0) > 0).any():
+            notes = run.table.loc[
+                (run.table["dataset"] == dataset) & (run.table["note"].fillna("") != ""), "note"
+            ]
+            cap += f" {tables.NOTED} shown, not ranked: " + "; ".join(dict.fromkeys(notes)) + "."
         b.add(Heading(2, f"{dataset}"), Table(_dataset_table(sub, order, cap)))
-        for metric in per_clip:
+        for metric in map(resolve, per_clip):
             if not ((run.table["dataset"] == dataset) & (run.table["metric"] == metric)).any():
                 b.add(Para(f"Per-clip {metric}: no values on {dataset}."))
                 continue
@@ -404,7 +411,7 @@ def _bench_plots(b: _Builder, run: BenchRun, max_clips: int, quality: str | None
             have = set(
                 scored.loc[(scored["dataset"] == dataset) & (scored["clip"] == clip), "metric"]
             )
-            metrics = [m for m in CURVE_METRICS if m in have][:3]
+            metrics = [m for c in CURVE_METRICS for m in sorted(have) if m.split("@")[0] == c][:3]
             if metrics:
                 fig = plots.per_frame_curves(df, dataset, clip, metrics, scales=scales)
                 curves.append(

@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from dloral.bench.registry import DEFAULT_PROTOCOL
 from dloral.bench.visuals import read_index
 from dloral.trials import METRICS, SUMMARY_FILE, SWEEP_FILE, SweepSpec, SweepSummary
 
@@ -111,6 +112,19 @@ def load_bench(ref: str | Path, root: Path = BENCH_ROOT) -> BenchRun:
     )
 
 
+UNRECORDED = "unrecorded"
+
+
+def _protocols_named(df: pd.DataFrame) -> pd.DataFrame:
+    """A run made before protocols were named stored "tof", "tlp", "ewarp" bare: those become
+    "tof@unrecorded" etc., never read as today's default protocol of the same name."""
+    bare = df["metric"].isin(list(DEFAULT_PROTOCOL))
+    if bare.any():
+        df = df.copy()
+        df.loc[bare, "metric"] = df.loc[bare, "metric"] + f"@{UNRECORDED}"
+    return df
+
+
 def read_bench(folder: Path, origin: str) -> BenchRun:
     for name in ("run.json", "results.parquet", "aggregate.csv"):
         if not (folder / name).is_file():
@@ -124,6 +138,11 @@ def read_bench(folder: Path, origin: str) -> BenchRun:
     except (ValueError, OSError) as err:
         raise ReportError(f"{folder}: cannot read the benchmark run: {err}") from err
     agg["higher_is_better"] = agg["higher_is_better"].astype(bool)
+    table, agg = _protocols_named(table), _protocols_named(agg)
+    if "note" not in table.columns:
+        table["note"] = ""
+    if "noted" not in agg.columns:
+        agg["noted"] = 0
     name = (run.get("suite") or {}).get("name") or folder.name
     return BenchRun(name, folder, origin, table, agg, run, skipped, read_index(folder / "visuals"))
 

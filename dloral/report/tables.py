@@ -16,9 +16,10 @@ import pandas as pd
 
 from dloral.bench import results
 
-Mark = Literal["best", "second"] | None
+Mark = Literal["best", "second", "noted"] | None
 Cell = tuple[str, Mark]
 MISSING = "–"
+NOTED = "†"  # a value with a note (e.g. PIQE's 100 for no active block): shown, not ranked
 DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4}  # by metric family (the name before any "_")
 DEFAULT_DIGITS = 4
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -91,7 +92,9 @@ def comparison_table(
 
     Per column, the best value is bold and the second underlined in the metric's direction.
     Ties are decided on the displayed (rounded) values, as papers do: all tied values share a
-    rank and the next distinct value is second. Missing values show as "–" and are not ranked.
+    rank and the next distinct value is second. Missing values show as "–" and are not ranked;
+    a value made of noted values (agg's `noted` > 0, e.g. PIQE's 100 where it found no active
+    block) shows with "†" and is not ranked either.
     """
     cols = tuple(cols)
     if "metric" not in cols or sorted((rows, *cols)) != sorted(_AXES):
@@ -107,6 +110,11 @@ def comparison_table(
     values = {
         (str(r[rows]), tuple(str(r[c]) for c in cols)): float(r["value"])
         for r in agg.to_dict("records")
+    }
+    noted = {
+        (str(r[rows]), tuple(str(r[c]) for c in cols))
+        for r in agg.to_dict("records")
+        if pd.notna(r.get("noted")) and r.get("noted", 0) > 0
     }
     m = cols.index("metric")
     header = [
@@ -125,6 +133,7 @@ def comparison_table(
             higher[k[m]],
             scale_of.get(k[m], 1.0),
             _digits(k[m], digits),
+            [(r, k) in noted for r in row_keys],
         )
         for k in col_keys
     ]
@@ -157,12 +166,24 @@ def per_clip_table(
     return table
 
 
-def _rank_column(values: list[float], higher: bool, scale: float, digits: int) -> list[Cell]:
-    """Format one column and mark best/second on the rounded values (ties share a rank)."""
+def _rank_column(
+    values: list[float], higher: bool, scale: float, digits: int, noted: list[bool] | None = None
+) -> list[Cell]:
+    """Format one column and mark best/second on the rounded values (ties share a rank);
+    noted values are shown with NOTED and left out of the ranking."""
+    noted = noted or [False] * len(values)
     shown = [None if math.isnan(v) else round(v * scale, digits) + 0.0 for v in values]
-    distinct = sorted({s for s in shown if s is not None}, reverse=higher)
+    ranked = {s for s, n in zip(shown, noted, strict=True) if s is not None and not n}
+    distinct = sorted(ranked, reverse=higher)
     rank: dict[float, Mark] = {s: ("best", "second")[i] for i, s in enumerate(distinct[:2])}
-    return [(MISSING, None) if s is None else (f"{s:.{digits}f}", rank.get(s)) for s in shown]
+    return [
+        (MISSING, None)
+        if s is None
+        else (f"{s:.{digits}f}{NOTED}", "noted")
+        if n
+        else (f"{s:.{digits}f}", rank.get(s))
+        for s, n in zip(shown, noted, strict=True)
+    ]
 
 
 def metric_scales(agg: pd.DataFrame, scales: dict[str, float] | None) -> dict[str, float]:
