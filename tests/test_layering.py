@@ -5,7 +5,7 @@
     3  train  bench                          the training recipe; the benchmark harness
     2  model  data                           the DLoRAL model; clips, degradation, sampling
     1  foundation modules                    config, tracking, provenance, weights, quality,
-                                             trials, atomic, devices, resize
+                                             trials, atomic, devices, resize, signals
 
 A foundation module imports no other dloral module, so that `model` and `data` stay on floor 2.
 Imports inside functions count too: a lazy import is still a dependency.

@@ -569,7 +569,7 @@ def _rows(grid, spec: SweepSpec, exp: Experiment) -> list[TrialRow]:
 
     # Tune's own trial states, in memory. ResultGrid has no public per-trial status, and the
     # public ExperimentAnalysis(path) reads the experiment state on disk, which can lag behind
-    # at an interrupt (a trial that just finished read as unfinished): tests/test_sweep_resume.
+    # at an interrupt (a trial that just finished read as unfinished): tests/test_faults.py.
     analysis = getattr(grid, "_experiment_analysis", None)
     states = {t.trial_id: t.status for t in getattr(analysis, "trials", [])}
     rows = []
