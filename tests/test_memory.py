@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -60,26 +61,8 @@ def test_guard_refuses_naming_estimate_available_memory_and_the_flag_that_fits(m
     need = estimate((1440, 2560), UNTILED, "tiny")
     fits = estimate((1440, 2560), Settings(4, 96, None), "tiny")
     room = (fits.bytes + need.bytes) / 2  # the default tiling fits, untiled does not
-    monkeypatch.setattr(memory, "available", lambda device: (room, "MemAvailable (test)"))
-    with pytest.raises(InsufficientMemory) as err:
-        check_fits(
-            (1440, 2560),
-            UNTILED,
-            profile="tiny",
-            dtype=torch.float32,
-            device=torch.device("cpu"),
-            frame_size=(360, 640),
-            flags=CLI_FLAGS,
-        )
-    message = str(err.value)
-    assert "frames 640x360 (model input 2560x1440, batch 4, tiny, float32 on cpu" in message
-    assert f"need about {need.bytes / GIB:.1f} GiB" in message
-    assert f"{room / GIB:.1f} GiB is available (MemAvailable (test))" in message
-    assert f"Use --latent-tile 96 --tile 768 (about {fits.bytes / GIB:.1f} GiB)" in message
-
-    # enough memory: no error; the estimate comes back
-    monkeypatch.setattr(memory, "available", lambda device: (need.bytes * 1.01, "test"))
-    ok = check_fits(
+    untiled_720p = partial(
+        check_fits,
         (1440, 2560),
         UNTILED,
         profile="tiny",
@@ -88,6 +71,18 @@ def test_guard_refuses_naming_estimate_available_memory_and_the_flag_that_fits(m
         frame_size=(360, 640),
         flags=CLI_FLAGS,
     )
+    monkeypatch.setattr(memory, "available", lambda device: (room, "MemAvailable (test)"))
+    with pytest.raises(InsufficientMemory) as err:
+        untiled_720p()
+    message = str(err.value)
+    assert "frames 640x360 (model input 2560x1440, batch 4, tiny, float32 on cpu" in message
+    assert f"need about {need.bytes / GIB:.1f} GiB" in message
+    assert f"{room / GIB:.1f} GiB is available (MemAvailable (test))" in message
+    assert f"Use --latent-tile 96 --tile 768 (about {fits.bytes / GIB:.1f} GiB)" in message
+
+    # enough memory: no error; the estimate comes back
+    monkeypatch.setattr(memory, "available", lambda device: (need.bytes * 1.01, "test"))
+    ok = untiled_720p()
     assert ok == need
     # nothing fits: said so; DLORAL_MEMORY_CHECK=off skips the check
     monkeypatch.setattr(memory, "available", lambda device: (1024.0, "test"))

@@ -456,7 +456,6 @@ def run_sweep(
                 _close_all(tracker, parent, result.trials)
                 reason = f"sweep interrupted ({signals.name()}); continue with --resume"
                 tracker.close(tracker.client.get_run(parent), "KILLED", reason)
-            _finish_records(spec, result, t_start)
         raise SweepInterrupted(sweep_dir) from err
     except BaseException as err:
         if tracker:
@@ -464,7 +463,8 @@ def run_sweep(
             tracker.close(tracker.client.get_run(parent), "FAILED", f"{type(err).__name__}: {err}")
         raise
     finally:
-        _finish_records(spec, result, t_start)
+        with signals.deferred():
+            _finish_records(spec, result, t_start)
         if owns_ray and _ray_running():  # also when stopped while Ray was starting
             import ray
 
