@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dloral import signals
+from dloral.sweep import cluster
 from dloral.sweep.spec import Experiment, SweepError, experiment_from_spec
 from dloral.tracking import (
     PARENT_TAG,
@@ -210,12 +211,18 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(
-        address=address,
+    options = dict(
         include_dashboard=False,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
+    if address is None:
+        ray.init(**options)
+    else:
+        try:
+            cluster.join(address, **options)
+        except cluster.ClusterError as err:
+            raise SweepError(str(err)) from None
     # Ray's core installs a C++ SIGTERM handler that dumps a stack and aborts the driver (-6):
     # SIGTERM must stop the sweep the way Ctrl-C does, saving its state
     signals.install()
@@ -380,6 +387,12 @@ def run_sweep(
     """Run a sweep (or resume one: resume=True for the latest of this experiment, or a folder).
     Returns the trials, the best per arm and their evaluation."""
     t_start = time.perf_counter()
+    joining = address or os.environ.get("RAY_ADDRESS")
+    if joining and not _ray_running():
+        try:  # seconds, before any sweep folder or MLflow run exists
+            cluster.check_reachable(joining)
+        except cluster.ClusterError as err:
+            raise SweepError(str(err)) from None
     if resume:
         sweep_dir = resume if isinstance(resume, str) else find_sweep_dir(exp)
         check_trusted(sweep_dir)
