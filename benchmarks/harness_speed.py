@@ -1,52 +1,45 @@
-"""Harness speed: frames/s of `run_bench` vs a plain per-frame pyiqa loop, same data, one run.
+"""Harness speed: frames/s of `run_bench` vs a plain per-frame loop with the same metric code.
 
     uv run python benchmarks/harness_speed.py                       # all 24 frames, 1 repeat
     uv run python benchmarks/harness_speed.py --frames 8 --repeats 3
+    uv run python benchmarks/harness_speed.py --pyiqa-loop          # + a loop on pyiqa's PSNR/SSIM
 
-Data: the embedded-udm10 BIx4 set (3 real clips, GT 256x256, 180x320, 144x176; LQ x1/4),
+Data: the embedded-udm10 BIx4 set (3 real clips, GT 256x256, 720x1280, 576x704; LQ x1/4),
 the first `--frames` frames of each clip. Method: `bicubic` only (PIL bicubic x4 from
 dloral.resize), so method time is negligible and the comparison is about metric computation.
-Metrics: the whole set that runs on a machine without weights: psnr, ssim, psnr_y, ssim_y, piqe,
-ewarp, tof, with OpenCV DIS (medium) flow on both sides. Both sides run in this process, on the
-CPU, with the same torch thread count; frames/s = scored output frames / wall seconds.
+Metrics: the default set that runs on a machine without weights: psnr, ssim, psnr_y, ssim_y,
+piqe, ewarp@evalcrafter (suite flow: OpenCV DIS medium), tof@tecogan (Farneback, TecoGAN's
+crop_8x8 and cutfr = 2). Both sides run in this process, on the CPU, with the same torch thread
+count; frames/s = scored output frames / wall seconds.
 
 (a) harness: `run_bench` on the embedded suite cut to that dataset (frames = --frames),
     methods=["bicubic"], the metric list above, flow "dis", device "cpu", force=True (no metric
-    cache), tracking=False (no MLflow), out_dir a fresh temporary folder. The wall time covers
-    everything `run_bench` does: building the metrics (pyiqa PIQE, DIS), checking the embedded
-    data (prepare_embedded re-hashes every file of the embedded sets against the manifest;
-    timed on its own as `embedded_verify_s`), listing the dataset, decoding each GT and LQ PNG
-    once per clip, the bicubic warm-up and timed pass, hashing the output, psnr/ssim/psnr_y/
-    ssim_y by dloral.bench.fullref (BasicSR's convention, numpy/cv2, whole clip per call), PIQE
-    by pyiqa on batches of 8 frames, ewarp/tof by dloral.bench.temporal on the whole clip (each
-    flow computed once per pair and direction), the parquet writes after each clip (results and
-    cache), and aggregate.csv / run.json / skipped.json at the end.
-(b) plain: the loop the issue names as the baseline, written as a researcher would without the
-    harness: for each clip, for each metric, for each frame, read the frame(s) the metric needs
-    from disk again (GT and LQ PNG for full-reference metrics; LQ only for PIQE, which has no
-    reference), upscale the LQ with the same dloral.resize.resize_frames, and score that single
-    frame. Each metric object is created once per metric name (its creation is in the timed
-    wall, as on side (a); the embedded-data check is not: a plain script does not verify its
-    files). Frame metrics are pyiqa's, on (1, 3, H, W) tensors:
-    create_metric("psnr", test_y_channel=False), ("psnr", test_y_channel=True),
-    ("ssim", test_y_channel=False), ("ssim", test_y_channel=True) and "piqe" (the same pyiqa
-    PIQE the harness runs). Temporal metrics: for each pair (t, t+1) the two frames are read and
-    upscaled again and scored as a 2-frame clip by the same dloral.bench.temporal.ewarp (LQ only)
-    and .tof (GT and LQ) with a DisFlow created once: the same flows as the harness computes.
-    No results are written to disk (a plain loop keeps them in a list).
-(c) plain_dloral_metrics: the loop of (b) with the harness's own PSNR/SSIM code
-    (dloral.bench.fullref, BasicSR convention, numpy/cv2) called per single frame instead of
-    pyiqa's; PIQE and the temporal metrics as in (b). It splits the ratio in two: (a) vs (c) is
-    what the harness's structure (decode and upscale once per clip, whole-clip metric calls)
-    buys or costs, net of its bookkeeping (hashing, parquet, run files); (c) vs (b) is the
-    PSNR/SSIM implementation (pyiqa's SSIM is a float torch conv2d; BasicSR's is cv2.filter2D).
-    Per-metric seconds of (b) and (c) are recorded.
-Not a strawman: the plain loop reads only what each metric needs, uses pyiqa where pyiqa has the
-metric and the harness's own code where it does not, and scores nothing twice. The pyiqa
-PSNR/SSIM differ from BasicSR's in convention (pyiqa's Y is YIQ luma, rounded for SSIM, in
-torch), not in what is measured; per-metric means from both sides are recorded to show that.
-Before timing, both sides run once untimed on 2 frames (imports, page cache, kernel set-up);
-with --repeats > 1 the order of the sides alternates and the median wall time is reported.
+    cache), tracking=False (no MLflow), visuals=False (the report's crops and x-t profiles are
+    not metric work; the plain loop makes none), out_dir a fresh temporary folder. The wall time
+    covers everything else `run_bench` does: building the metrics, checking the embedded data
+    (sha256 of every file against the manifest; timed alone as `embedded_verify_s`), listing the
+    dataset, decoding each GT and LQ PNG once per clip, the bicubic warm-up and timed pass,
+    hashing the output, every metric on the whole clip per call (psnr/ssim/psnr_y/ssim_y share
+    one quantisation of the clip, flow-based metrics share each pair's flow), the parquet writes
+    after each clip (results and cache), and aggregate.csv / run.json / skipped.json at the end.
+(b) plain: the loop a researcher writes without the harness, with THE SAME METRIC FUNCTIONS
+    (the headline ratio is (a) over (b)): for each clip, for each metric, for each frame (pair
+    for temporal metrics), read the frame(s) the metric needs from disk again (GT and LQ PNG for
+    full-reference metrics; LQ only for PIQE), upscale the LQ with the same
+    dloral.resize.resize_frames, and score that single frame (pair) with the harness's own
+    scorer functions: dloral.bench.fullref (BasicSR convention) for psnr/ssim/psnr_y/ssim_y, the
+    same pyiqa PIQE object, dloral.bench.temporal.ewarp with the evalcrafter keywords and the
+    same DIS flow, dloral.bench.temporal.tof with TecoGAN's crop on the pairs TecoGAN's cutfr
+    keeps, with the same Farneback flow. Each scorer is created once (in the timed wall, as on
+    side (a)); the embedded-data check is not timed (a plain script does not verify its files).
+    No results are written to disk (a plain loop keeps them in a list). Per-metric seconds are
+    recorded, and the per-metric means of both sides, which must agree.
+(c) plain_pyiqa (--pyiqa-loop): the loop of (b) with pyiqa's PSNR/SSIM (create_metric("psnr" |
+    "ssim", test_y_channel=...)) instead of dloral.bench.fullref: NOT like for like (pyiqa's SSIM
+    is a float torch conv2d, its Y is YIQ luma); recorded apart for what it is, the speed of a
+    loop written on pyiqa, never as the headline.
+Before timing, each side runs once untimed on 2 frames (imports, page cache, kernel set-up);
+with --repeats > 1 the order of the sides rotates and the median wall time is reported.
 Results go to benchmarks/results/harness-speed-embedded-cpu.json.
 """
 
@@ -71,7 +64,7 @@ from latency import environment, write_result  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DATASET = "embedded-udm10"
-METRICS = ["psnr", "ssim", "psnr_y", "ssim_y", "piqe", "ewarp", "tof"]
+METRICS = ["psnr", "ssim", "psnr_y", "ssim_y", "piqe", "ewarp@evalcrafter", "tof@tecogan"]
 FRAME_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "piqe")
 # our name -> (pyiqa name, create_metric keywords) used by the plain loop
 PYIQA = {
@@ -115,6 +108,7 @@ def run_harness(frames: int) -> dict:
             out_dir=Path(tmp) / "bench",
             progress=None,
             tracking=False,
+            visuals=False,
         )
         wall = time.perf_counter() - t0
         files = sorted(p.name for p in res.out_dir.iterdir())
@@ -139,38 +133,48 @@ def run_harness(frames: int) -> dict:
     }
 
 
-def _frame_metrics(impl: str) -> tuple[dict, dict[str, str]]:
-    """The per-frame scorers of a plain loop: name -> fn(out, gt|None) -> float, and what ran."""
-    import contextlib
-    import io
+def _plain_scorers(impl: str) -> tuple[dict, dict[str, str]]:
+    """The single-frame (pair) scorers of a plain loop: name -> fn(out, gt|None) -> list of
+    values, and what ran. impl "dloral": the harness's own scorers (dloral.bench.registry, built
+    as run_bench builds them); "pyiqa": pyiqa's PSNR/SSIM instead of dloral.bench.fullref."""
+    from dloral.bench import registry, temporal
+    from dloral.bench.flow import FarnebackFlow
 
-    import pyiqa
+    scorers, skipped, _ = registry.build_metrics(
+        tuple(m for m in METRICS if m != "tof@tecogan"), torch.device("cpu"), flow="dis"
+    )
+    if skipped:
+        raise RuntimeError(f"the plain loop cannot build {skipped}")
+    fns = {m: (lambda out, gt, f=s.fn: f(out, gt).reshape(-1).tolist()) for m, s in scorers.items()}
+    what = {m: f"{s.info.implementation}; called per frame (pair)" for m, s in scorers.items()}
+    # tof@tecogan's scorer drops TecoGAN's 2 frames at each end of the clip it is given; on
+    # one pair the loop asks only for the pairs TecoGAN keeps, so it calls tof without the cut
+    farneback = FarnebackFlow()
+    fns["tof@tecogan"] = lambda out, gt: temporal.tof(out, gt, flow=farneback, crop=True).tolist()
+    what["tof@tecogan"] = (
+        f"dloral.bench.temporal.tof(crop=True) per pair, flow {farneback.name}, on the pairs "
+        "TecoGAN's cutfr keeps"
+    )
+    if impl == "pyiqa":
+        import contextlib
+        import io
 
-    from dloral.bench.registry import fullref_metric
+        import pyiqa
 
-    fns, what = {}, {}
-    for m, (name, kw) in PYIQA.items():
-        if impl == "dloral" and m != "piqe":  # the harness's own code, called per frame
-            fr = fullref_metric(m)
-            fns[m] = lambda out, gt, fr=fr: float(fr(out, gt)[0])
-            what[m] = f"{fr.info.implementation}; called on single frames"
-            continue
-        with contextlib.redirect_stdout(io.StringIO()):  # pyiqa prints while loading
-            model = pyiqa.create_metric(name, device=torch.device("cpu"), **kw)
-        if model.metric_mode == "FR":
-            fns[m] = lambda out, gt, model=model: float(model(out, gt))
-        else:
-            fns[m] = lambda out, gt, model=model: float(model(out))
-        what[m] = f"pyiqa {pyiqa.__version__} create_metric({name!r}, **{kw}) on single frames"
+        for m, (name, kw) in PYIQA.items():
+            if m == "piqe":
+                continue
+            with contextlib.redirect_stdout(io.StringIO()):  # pyiqa prints while loading
+                model = pyiqa.create_metric(name, device=torch.device("cpu"), **kw)
+            fns[m] = lambda out, gt, model=model: [float(model(out, gt))]
+            what[m] = f"pyiqa {pyiqa.__version__} create_metric({name!r}, **{kw}) per frame"
     return fns, what
 
 
-def run_plain(frames: int, impl: str = "pyiqa") -> dict:
-    """Side (b): per clip, per metric, per frame: read PNGs again, upscale, score one frame.
-
-    impl "pyiqa": pyiqa PSNR/SSIM (the baseline); "dloral": dloral.bench.fullref's, per frame."""
-    from dloral.bench import temporal
-    from dloral.bench.flow import DisFlow
+def run_plain(frames: int, impl: str = "dloral") -> dict:
+    """Side (b) (impl "dloral") or (c) ("pyiqa"): per clip, per metric, per frame (pair): read
+    the PNGs again, upscale, score one frame (pair)."""
+    from dloral.bench.temporal import TECOGAN_CUT
     from dloral.data.embedded import prepare_embedded
     from dloral.data.frames import read_image
     from dloral.data.readers import read_dataset
@@ -179,8 +183,7 @@ def run_plain(frames: int, impl: str = "pyiqa") -> dict:
     root = prepare_embedded() / DATASET  # built and verified before the clock starts
     t0 = time.perf_counter()
     ds = read_dataset("udm10", root, lq="BIx4")
-    fns, implementations = _frame_metrics(impl)
-    flow = DisFlow()
+    fns, implementations = _plain_scorers(impl)
     setup_s = time.perf_counter() - t0
 
     def upscale(lq: torch.Tensor, scale: int) -> torch.Tensor:
@@ -202,20 +205,19 @@ def run_plain(frames: int, impl: str = "pyiqa") -> dict:
                 for gt_name, lq_name in zip(names, lq_names, strict=True):
                     out = upscale(read_image(lq_dir / lq_name), scale)
                     gt = None if metric == "piqe" else read_image(gt_dir / gt_name)[None]
-                    values[metric].append(fns[metric](out, gt))
+                    values[metric] += fns[metric](out, gt)
                 seconds[metric] += time.perf_counter() - start
-            for metric in ("ewarp", "tof"):
+            for metric in ("ewarp@evalcrafter", "tof@tecogan"):
+                cut = TECOGAN_CUT if metric == "tof@tecogan" else 0
                 start = time.perf_counter()
-                for t in range(len(names) - 1):
+                for t in range(cut, len(names) - 1 - cut):
                     out = torch.cat(
                         [upscale(read_image(lq_dir / n), scale) for n in lq_names[t : t + 2]]
                     )
-                    if metric == "ewarp":
-                        score = temporal.ewarp(out, flow=flow)
-                    else:
+                    gt = None
+                    if metric == "tof@tecogan":
                         gt = torch.stack([read_image(gt_dir / n) for n in names[t : t + 2]])
-                        score = temporal.tof(out, gt, flow=flow)
-                    values[metric].append(float(score[0]))
+                    values[metric] += fns[metric](out, gt)
                 seconds[metric] += time.perf_counter() - start
     wall = time.perf_counter() - t0
     return {
@@ -225,17 +227,13 @@ def run_plain(frames: int, impl: str = "pyiqa") -> dict:
         "pairs": n_pairs,
         "setup_s": round(setup_s, 3),
         "seconds_per_metric": {m: round(v, 3) for m, v in seconds.items()},
-        "implementations": {
-            **implementations,
-            "ewarp": f"dloral.bench.temporal.ewarp on 2-frame clips, flow {flow.name}",
-            "tof": f"dloral.bench.temporal.tof on 2-frame clips, flow {flow.name}",
-        },
+        "implementations": implementations,
         "means": {m: round(statistics.fmean(v), 6) for m, v in values.items() if v},
     }
 
 
-def run_plain_dloral(frames: int) -> dict:
-    return run_plain(frames, impl="dloral")
+def run_plain_pyiqa(frames: int) -> dict:
+    return run_plain(frames, impl="pyiqa")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,9 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each side (median)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed 2-frame run")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/...)")
+    p.add_argument(
+        "--pyiqa-loop", action="store_true", help="also time a plain loop on pyiqa's PSNR/SSIM"
+    )
     args = p.parse_args(argv)
-    if args.frames < 2 or args.repeats < 1:
-        p.error("--frames must be >= 2 (temporal metrics need pairs), --repeats >= 1")
+    if args.frames < 6 or args.repeats < 1:
+        p.error("--frames must be >= 6 (tof@tecogan drops 2 frames at each end), --repeats >= 1")
     from dloral.data.embedded import prepare_embedded
 
     t_start = time.perf_counter()
@@ -255,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     prepare_embedded()
     verify_s = time.perf_counter() - t0
-    sides = {"harness": run_harness, "plain": run_plain, "plain_dloral_metrics": run_plain_dloral}
+    sides = {"harness": run_harness, "plain": run_plain}
+    if args.pyiqa_loop:
+        sides["plain_pyiqa"] = run_plain_pyiqa
     if not args.no_warmup:
         for fn in sides.values():
             fn(2)
@@ -277,19 +280,20 @@ def main(argv: list[str] | None = None) -> None:
         "harness": (
             "run_bench end to end: metric set-up, embedded-data verification (sha256 of every "
             "embedded PNG; embedded_verify_s alone), dataset listing, one decode of each GT/LQ "
-            "PNG, bicubic warm-up + pass, output hash, metrics per clip, results/cache parquet "
-            "writes per clip, aggregate.csv/run.json/skipped.json; force=True, tracking=False"
+            "PNG, bicubic warm-up + pass, output hash, metrics per clip (one quantisation shared "
+            "by psnr/ssim/psnr_y/ssim_y, one flow per pair shared by flow metrics), "
+            "results/cache parquet writes per clip, aggregate.csv/run.json/skipped.json; "
+            "force=True, tracking=False, visuals=False"
         ),
         "plain": (
-            "dataset listing (read_dataset), metric creation (once per metric), then per clip x "
-            "metric x frame (pair for ewarp/tof): PNG reads of what the metric needs, bicubic "
-            "upscale of the LQ, one single-frame metric call (pyiqa PSNR/SSIM/PIQE, "
-            "dloral.bench.temporal on 2-frame clips); no disk writes. The baseline of the issue"
+            "dataset listing (read_dataset), scorer creation (once per metric, the harness's "
+            "own: dloral.bench.registry), then per clip x metric x frame (pair for temporal "
+            "metrics): PNG reads of what the metric needs, bicubic upscale of the LQ, one call "
+            "of the same scorer on that frame (pair); no disk writes. The like-for-like baseline"
         ),
-        "plain_dloral_metrics": (
-            "the same plain loop with the harness's own PSNR/SSIM code (dloral.bench.fullref) "
-            "called per frame instead of pyiqa's: separates what the harness's structure saves "
-            "from what its faster PSNR/SSIM implementation saves"
+        "plain_pyiqa": (
+            "the plain loop with pyiqa's PSNR/SSIM instead of the harness's: not like for like "
+            "(another implementation of the same metrics), recorded for what it is"
         ),
     }
     sides_out = {}
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         "clips": runs["plain"][-1]["clips"],
         "method": "bicubic (dloral.resize PIL bicubic x4)",
         "metrics": METRICS,
-        "flow": "OpenCV DIS medium (grayscale uint8), all sides",
+        "flow": "ewarp@evalcrafter: OpenCV DIS medium (grayscale uint8); tof@tecogan: OpenCV "
+        "Farneback (TecoGAN's parameters); the same on both sides",
         "frames_per_clip": args.frames,
         "frames_scored": h["frames"],
         "pairs_scored": h["pairs"],
@@ -324,8 +329,12 @@ def main(argv: list[str] | None = None) -> None:
         "frames_per_s_definition": "scored output frames / median wall seconds of the side",
         **sides_out,
         "ratio_harness_over_plain": round(fps["harness"] / fps["plain"], 3),
-        "ratio_harness_over_plain_dloral_metrics": round(
-            fps["harness"] / fps["plain_dloral_metrics"], 3
+        "ratio_definition": "harness frames/s over plain frames/s: the same metric functions "
+        "on both sides (the headline)",
+        **(
+            {"ratio_harness_over_plain_pyiqa": round(fps["harness"] / fps["plain_pyiqa"], 3)}
+            if "plain_pyiqa" in fps
+            else {}
         ),
         "load_average_before_after": [round(v, 2) for v in (*load_before, *load_after)],
         "note": "2-core CPU machine; another process may have used the CPUs at the same time "
@@ -338,9 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     for key in runs:
         print(f"{key:>21}: {fps[key]:.2f} frames/s ({wall[key]:.2f} s)")
     print(
-        f"ratio harness/plain {record['ratio_harness_over_plain']}x, harness/plain with dloral "
-        f"metrics {record['ratio_harness_over_plain_dloral_metrics']}x on {h['frames']} frames "
-        f"({h['pairs']} pairs); total {record['total_runtime_s']} s"
+        f"ratio harness/plain (same metric code) {record['ratio_harness_over_plain']}x on "
+        f"{h['frames']} frames ({h['pairs']} pairs); total {record['total_runtime_s']} s"
     )
     print(f"wrote {out}")
 

@@ -257,3 +257,27 @@ def test_rgb_ssim_matches_pyiqa_ssimc(quantised_clip):
     out, gt = quantised_clip
     # same window and constants on RGB; pyiqa's float32 window and ReLU on cs cost < 1e-5
     assert torch.allclose(ssim(out, gt), pyiqa_scores("ssimc", out, gt), atol=1e-5)
+
+
+def test_shared_preparation_quantises_a_clip_once_for_all_metrics_with_equal_values(
+    photo_clip, monkeypatch
+):
+    from dloral.bench import fullref
+
+    out, gt = photo_clip
+    alone = {n: fullref_metric(n, crop_border=4)(out, gt) for n in FULLREF_METRICS}
+    calls = []
+    real = fullref.to_uint8
+    monkeypatch.setattr(fullref, "to_uint8", lambda f: calls.append(1) or real(f))
+    with fullref.shared_preparation():
+        shared = {n: fullref_metric(n, crop_border=4)(out, gt) for n in FULLREF_METRICS}
+        assert len(calls) == 2 * 2 * len(out)  # out and gt, RGB and Y: 4 metrics, 2 preparations
+        out.add_(0.0)  # changed in place (its version moves): prepared again, not reused stale
+        fullref.psnr(out, gt, crop_border=4)
+        assert len(calls) == 2 * 2 * len(out) + len(out)
+    for n in FULLREF_METRICS:
+        assert torch.equal(alone[n], shared[n]), n
+    calls.clear()
+    fullref.psnr(out, gt, crop_border=4)  # outside the block nothing is kept
+    fullref.psnr(out, gt, crop_border=4)
+    assert len(calls) == 4 * len(out)

@@ -20,6 +20,7 @@ from dloral.bench.temporal import (
     EWARP_VARIANTS,
     clip_mean,
     ewarp,
+    shared_flows,
     tlp,
     tof,
     valid_mask,
@@ -264,3 +265,44 @@ def test_raft_rejects_a_foreign_checkpoint(offline, tmp_path):
     torch.save({"module.fnet.conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(MetricUnavailable, match="not a torchvision raft_large state_dict"):
         load_flow_estimator("raft", device="cpu", weights=path)
+
+
+class CountingDis(DisFlow):
+    """DIS flow that counts the frame pairs it estimates."""
+
+    pairs = 0
+
+    def estimate(self, frames_a, frames_b):
+        self.pairs += frames_a.shape[0]
+        return super().estimate(frames_a, frames_b)
+
+
+def test_shared_flows_estimate_each_pair_once_across_metrics_with_equal_values(real_clip):
+    noisy = (
+        real_clip + 0.02 * torch.randn(real_clip.shape, generator=torch.Generator().manual_seed(3))
+    ).clamp(0, 1)
+    lai = EWARP_VARIANTS["lai2018"]
+
+    def score(flow):
+        # ewarp@lai2018 (fw + bw on the output) and tof (fw on output and gt), chunked differently
+        return (
+            ewarp(noisy, flow=flow, chunk=2, **lai),
+            tof(noisy, real_clip, flow=flow, chunk=8),
+            tof(noisy, real_clip, flow=flow, cut=1),
+        )
+
+    alone = CountingDis()
+    expected = score(alone)
+    pairs = len(real_clip) - 1
+    assert alone.pairs == 2 * pairs + 2 * pairs + 2 * (pairs - 2)
+    shared = CountingDis()
+    with shared_flows():
+        got = score(shared)
+        assert shared.pairs == 3 * pairs  # output fw, output bw, gt fw: each pair once
+        noisy.mul_(1.0)  # changed in place: its pairs are estimated again
+        tof(noisy, real_clip, flow=shared)
+        assert shared.pairs == 4 * pairs
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)
+    tof(noisy, real_clip, flow=shared)  # outside the block nothing is kept
+    assert shared.pairs == 6 * pairs

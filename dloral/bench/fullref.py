@@ -11,13 +11,16 @@ and then over channels), here with data range 255.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
 from dloral import quality
 from dloral.data.frames import to_uint8
 
-__all__ = ["psnr", "rgb_to_y", "ssim"]
+__all__ = ["psnr", "rgb_to_y", "shared_preparation", "ssim"]
 
 # BT.601 luma of [0, 255] RGB into [16, 235] (BasicSR's rgb2ycbcr, y_only=True).
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
@@ -62,7 +65,35 @@ def _prepare(
         # BasicSR's to_y_channel: uint8 -> float32 / 255 -> Y/255 (float32) -> * 255 (float32).
         return (rgb_to_y(u8.float() / 255.0) * 255.0).double()
 
-    return one(out), one(gt)
+    return _reused(out, crop_border, y_channel, one), _reused(gt, crop_border, y_channel, one)
+
+
+# Within `shared_preparation()`: (id, version, crop, y) of a clip -> (the clip, its prepared form).
+_SHARED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@contextmanager
+def shared_preparation() -> Iterator[None]:
+    """Inside this block a clip is quantised (and cropped, maybe turned into Y) once, however
+    many of psnr/ssim/psnr_y/ssim_y score it: the benchmark scores one clip's output with all of
+    them. The values are the same as without it (the same function of the same tensor); a clip
+    changed in place in between is prepared again (its version counter differs)."""
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def _reused(clip: torch.Tensor, crop_border: int, y_channel: bool, prepare) -> torch.Tensor:
+    if _SHARED is None:
+        return prepare(clip)
+    key = (id(clip), clip._version, crop_border, y_channel)
+    if key not in _SHARED:  # the entry keeps the clip alive, so its id is not reused meanwhile
+        _SHARED[key] = (clip, prepare(clip))
+    return _SHARED[key][1]
 
 
 def psnr(

@@ -35,7 +35,7 @@ import torch
 
 from dloral import provenance, signals
 from dloral.atomic import atomic_write, atomic_write_json
-from dloral.bench import registry, results, survey
+from dloral.bench import fullref, registry, results, survey, temporal
 from dloral.bench.methods import (
     ClipJob,
     MethodOutput,
@@ -289,31 +289,34 @@ def _score_method(
     digest = output_hash(output.frames)
     records = _latency_rows(job, runner.name, output, digest, suite, device, infos)
     computed = cached = 0
-    for name, scorer in scorers.items():
-        info = scorer.info
-        if info.needs_gt and gt is None:
-            skip(name, f"needs GT; {job.dataset} has none", job.dataset)
-            continue
-        need = max(scorer.min_frames, 2 if info.level == "pair" else 1)
-        if len(covered) < need:
-            skip(name, f"needs at least {need} frames, has {len(covered)}", job.dataset, job.clip)
-            continue
-        hit = cache.get((digest, name, info.implementation))
-        if hit is not None:
-            cached += 1
-            rows = hit.sort_values("frame").to_dict("records")
-            for row in rows:
-                row.update(dataset=job.dataset, method=runner.name, clip=job.clip)
+    # one quantisation of the clip for all of psnr/ssim/..., one flow per pair for all metrics
+    with fullref.shared_preparation(), temporal.shared_flows():
+        for name, scorer in scorers.items():
+            info = scorer.info
+            if info.needs_gt and gt is None:
+                skip(name, f"needs GT; {job.dataset} has none", job.dataset)
+                continue
+            need = max(scorer.min_frames, 2 if info.level == "pair" else 1)
+            if len(covered) < need:
+                why = f"needs at least {need} frames, has {len(covered)}"
+                skip(name, why, job.dataset, job.clip)
+                continue
+            hit = cache.get((digest, name, info.implementation))
+            if hit is not None:
+                cached += 1
+                rows = hit.sort_values("frame").to_dict("records")
+                for row in rows:
+                    row.update(dataset=job.dataset, method=runner.name, clip=job.clip)
+                records += rows
+                continue
+            values = scorer.fn(output.frames, gt).reshape(-1).tolist()
+            computed += 1
+            first = index[0] + scorer.first
+            rows = results.rows(
+                job.dataset, runner.name, job.clip, info, values, scorer.device, digest, first
+            )
+            cache.add(rows)
             records += rows
-            continue
-        values = scorer.fn(output.frames, gt).reshape(-1).tolist()
-        computed += 1
-        first = index[0] + scorer.first
-        rows = results.rows(
-            job.dataset, runner.name, job.clip, info, values, scorer.device, digest, first
-        )
-        cache.add(rows)
-        records += rows
     return records, computed, cached, output.first_frame, tuple(covered)
 
 

@@ -37,7 +37,8 @@ tLP (TecoGAN): |LPIPS(O_t-1, O_t) - LPIPS(G_t-1, G_t)|, printed x100 (LPIPS-Alex
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ __all__ = [
     "clip_mean",
     "ewarp",
     "flow_pairs",
+    "shared_flows",
     "tlp",
     "tof",
     "valid_mask",
@@ -135,10 +137,51 @@ def flow_pairs(
     for i in range(0, frames.shape[0] - 1, chunk):
         a, b = frames[i : i + chunk], frames[i + 1 : i + chunk + 1]
         a = a[: b.shape[0]]
-        fw.append(flow.estimate(a, b).float())
+        fw.append(_estimate(flow, a, b))
         if backward:
-            bw.append(flow.estimate(b, a).float())
+            bw.append(_estimate(flow, b, a))
     return torch.cat(fw), (torch.cat(bw) if backward else None)
+
+
+# Within `shared_flows()`: the flow of each frame pair, keyed by what makes it the same pair.
+_FLOWS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+@contextmanager
+def shared_flows() -> Iterator[None]:
+    """Inside this block the flow of a frame pair is estimated once, however many metrics (and
+    chunkings) ask for it: the benchmark scores one clip with every flow-based metric. A pair is
+    the same pair when both frames are the same memory (same storage, offset, shape, strides,
+    dtype, unchanged since: e.g. the same output frames given to tof@dloral and ewarp@lai2018)
+    and the estimator is the same object; a resized or padded copy is another pair."""
+    global _FLOWS
+    outer = _FLOWS
+    _FLOWS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _FLOWS = outer
+
+
+def _pair_key(flow: FlowEstimator, a: torch.Tensor, b: torch.Tensor) -> tuple:
+    def frame(x: torch.Tensor) -> tuple:
+        return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+
+    return (id(flow), frame(a), frame(b))
+
+
+def _estimate(flow: FlowEstimator, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """flow.estimate(a, b) as float, (N, 2, H, W); pairs seen before inside shared_flows() are
+    not estimated again."""
+    if _FLOWS is None:
+        return flow.estimate(a, b).float()
+    keys = [_pair_key(flow, x, y) for x, y in zip(a, b, strict=True)]
+    missing = [k for k, key in enumerate(keys) if key not in _FLOWS]
+    if missing:
+        new = flow.estimate(a[missing], b[missing]).float()
+        for k, f in zip(missing, new, strict=True):
+            _FLOWS[keys[k]] = (a[k], b[k], f)  # the frames stay alive: their memory is not reused
+    return torch.stack([_FLOWS[key][2] for key in keys])
 
 
 def _sq(v: torch.Tensor) -> torch.Tensor:
