@@ -144,11 +144,11 @@ def _assert_resumed(exp: Path, uri: str, env: dict, cwd: Path, sweep_dir: Path, 
         assert _metric_steps(client, run.info.run_id, "val/psnr") == [4, 8, 12]
 
 
-def test_sigint_to_the_sweep_driver_leaves_interrupted_states_and_resumes(sweep_setup, tmp_path):
+def test_sigint_to_the_sweep_driver_leaves_interrupted_states(sweep_setup, tmp_path):
+    # resuming is tested after the harder stop below (the trial workers get SIGINT as well)
     exp, uri, env = sweep_setup
     out = _stop_sweep(exp, uri, env, tmp_path, signal.SIGINT, group=False)
-    sweep_dir, done = _assert_interrupted(out, exp, uri, tmp_path)
-    _assert_resumed(exp, uri, env, tmp_path, sweep_dir, done)
+    _assert_interrupted(out, exp, uri, tmp_path)
 
 
 def test_ctrl_c_in_a_terminal_stops_the_sweep_cleanly_and_resumes(sweep_setup, tmp_path):
