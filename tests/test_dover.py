@@ -318,6 +318,11 @@ def test_the_seed_fixes_the_fragments_and_frames(long_clip):
     assert not np.array_equal(a, b)
 
 
+def test_frames_smaller_than_a_fragment_are_refused_with_their_size(long_clip):
+    with pytest.raises(ValueError, match="at least 32x32 pixels .* got 24x320"):
+        dover_views(long_clip[:4, :, :24])
+
+
 @pytest.fixture
 def weights_home(tmp_path, monkeypatch):
     """An empty torch hub ($TORCH_HOME) and no $DLORAL_DOVER_WEIGHTS."""

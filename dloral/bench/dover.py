@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DOVER_ENV",
     "DOVER_FILE",
-    "DOVER_PROTOCOLS",
     "DoverScorer",
     "DoverWeightsMissing",
     "aesthetic_view",
@@ -72,7 +71,6 @@ DOVER_URLS = (
     "https://github.com/QualityAssessment/DOVER/releases/download/v0.1.0/DOVER.pth",
     "https://huggingface.co/teowu/DOVER/resolve/main/DOVER.pth",
 )
-DOVER_PROTOCOLS = ("overall", "technical", "aesthetic")
 
 # evaluate_one_video.py: per-channel mean and std of [0, 255] RGB
 MEAN = (123.675, 116.28, 103.53)
@@ -163,8 +161,13 @@ def _normalise(view: torch.Tensor, clips: int) -> torch.Tensor:
 
 def to_video_uint8(frames: torch.Tensor) -> torch.Tensor:
     """Clip float (T, 3, H, W) in [0, 1] -> uint8 (3, T, H, W), rounded as image writers do."""
-    if frames.dim() != 4 or frames.shape[1] != 3:
+    if frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[0] == 0:
         raise ValueError(f"DOVER scores a (T, 3, H, W) RGB clip, got {tuple(frames.shape)}")
+    if min(frames.shape[-2:]) < FRAGMENT_SIZE:
+        raise ValueError(
+            f"DOVER needs frames of at least {FRAGMENT_SIZE}x{FRAGMENT_SIZE} pixels (its "
+            f"fragments), got {frames.shape[-2]}x{frames.shape[-1]}"
+        )
     u8 = frames.detach().float().cpu().clamp(0, 1).mul(255.0).round().to(torch.uint8)
     return u8.permute(1, 0, 2, 3)
 
@@ -290,8 +293,9 @@ class DoverScorer:
 
     def describe(self) -> str:
         return (
-            f"weights {self.weights} (sha256 {self.weights_sha256}), seed {self.seed}, "
-            f"views: 3 x 32 fragment frames + 32 resized frames per clip"
+            f"weights {self.weights} (sha256 {self.weights_sha256}), seed {self.seed}; views "
+            "(dover.yml val-l1080p): technical 3 x 32 frames of 7x7 32-px fragments, aesthetic "
+            "32 frames resized to 224x224"
         )
 
     def raw_scores(self, frames: torch.Tensor) -> dict[str, float]:
