@@ -28,7 +28,8 @@ def facts(x):
 def test_the_table_lists_every_suite_metric_in_order():
     assert list(METRICS) == [
         *("psnr", "ssim", "psnr_y", "ssim_y"),
-        *("lpips", "lpips_vgg", "dists", "musiq", "clipiqa", "maniqa", "niqe", "piqe", "dover"),
+        *("lpips", "lpips_vgg", "dists", "musiq", "clipiqa", "maniqa", "niqe", "piqe"),
+        *("dover@overall", "dover@technical", "dover@aesthetic"),
         *("ewarp@lai2018", "ewarp@evalcrafter", "ewarp@dloral-inframe"),
         *("tof@tecogan", "tof@dloral", "tlp@tecogan", "tlp@dloral"),
     ]
@@ -88,8 +89,11 @@ def test_flow_and_lpips_are_built_once_and_their_failures_skip_each_user(monkeyp
         build_metrics(("psnr", "sharpness"), torch.device("cpu"))
 
 
-def test_a_pyiqa_metric_is_built_with_the_facts_of_its_row():
+def test_a_pyiqa_metric_is_built_with_the_facts_of_its_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no DOVER.pth there
+    monkeypatch.delenv("DLORAL_DOVER_WEIGHTS", raising=False)
     built, skipped, flow_name = build_metrics(("piqe", "dover"), torch.device("cpu"))
     assert list(built) == ["piqe"] and built["piqe"].device == "cpu" and flow_name is None
     assert facts(built["piqe"].info) == facts(METRICS["piqe"])
-    assert [s["metric"] for s in skipped] == ["dover"] and "DOVER" in skipped[0]["reason"]
+    assert [s["metric"] for s in skipped] == ["dover@overall"]
+    assert "DOVER.pth" in skipped[0]["reason"] and str(tmp_path) in skipped[0]["reason"]

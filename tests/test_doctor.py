@@ -15,6 +15,7 @@ def empty_caches(tmp_path, monkeypatch):
         "DLORAL_SD21_PATH",
         "DLORAL_VGG16_WEIGHTS",
         "DLORAL_RAFT_WEIGHTS",
+        "DLORAL_DOVER_WEIGHTS",
         "DLORAL_CHECKPOINT",
         "RAY_ADDRESS",
         "MLFLOW_TRACKING_URI",
@@ -37,7 +38,9 @@ def test_missing_weights_say_where_they_were_looked_for_and_the_env_var(empty_ca
     assert "DLORAL_CHECKPOINT" in w["official DLoRAL model.pkl"]["looked"]
     for metric in IQA_METRICS:
         assert f"pyiqa {metric}" in w
-    assert "no DOVER" in w["pyiqa dover"]["looked"]
+    dover = w["DOVER (VQAssessment)"]
+    assert not dover["found"] and dover["env"] == "DLORAL_DOVER_WEIGHTS"
+    assert "DOVER.pth" in dover["looked"] and str(empty_caches / "torch") in dover["looked"]
 
 
 def test_a_weight_file_put_where_the_message_says_is_found(empty_caches, monkeypatch):

@@ -84,10 +84,11 @@ def build_metrics(
     names: tuple[str, ...], device: torch.device, suite: Suite, strict: bool
 ) -> tuple[dict[str, ScoredMetric], list[dict], str | None]:
     """Build each metric once (dloral.bench.registry); unavailable ones go to the skipped list
-    (or raise if strict). Also returns the flow estimator's name (None: none built)."""
+    (or raise if strict). Also returns the flow estimator's name (None: none built). The
+    suite's seed is DOVER's sampling seed."""
     opts = suite.options
     return registry.build_metrics(
-        names, device, crop_border=opts.crop_border, flow=opts.flow, strict=strict
+        names, device, crop_border=opts.crop_border, flow=opts.flow, strict=strict, seed=opts.seed
     )
 
 

@@ -43,12 +43,6 @@ __all__ = [
 
 FR, NR = "full_reference", "no_reference"
 
-DOVER_MESSAGE = (
-    "dover: pyiqa {version} has no DOVER (it is not in pyiqa.list_models()). DOVER needs the "
-    "DOVER code (github.com/VQAssessment/DOVER, or a pyiqa release that adds it) and its weights "
-    "(DOVER.pth); neither is part of this environment."
-)
-
 
 @dataclass(frozen=True)
 class WeightFile:
@@ -185,10 +179,11 @@ def pyiqa_lower_better(pyiqa_name: str) -> bool:
 
 
 def _spec(name: str) -> _Spec:
-    if name == "dover":
-        raise MetricUnavailable(DOVER_MESSAGE.format(version=_pyiqa_version()))
     if name not in IQA_METRICS:
-        raise KeyError(f"unknown IQA metric {name!r}; known: {', '.join(IQA_METRICS)}, dover")
+        raise KeyError(
+            f"unknown IQA metric {name!r}; known: {', '.join(IQA_METRICS)} (DOVER, which pyiqa "
+            "lacks, is dloral.bench.dover)"
+        )
     spec = IQA_METRICS[name]
     if spec.higher_is_better == pyiqa_lower_better(spec.pyiqa_name):
         raise ValueError(
@@ -209,9 +204,6 @@ def _sha256(path: Path) -> str:
 
 def weights_status(name: str) -> dict:
     """Whether the files `name` loads are here: found, paths looked at, env vars, per file."""
-    if name == "dover":
-        note = DOVER_MESSAGE.format(version=_pyiqa_version())
-        return {"metric": name, "found": False, "paths": [], "env": [], "files": [], "note": note}
     files = [resolve() for resolve in _spec(name).weights]
     return {
         "metric": name,
@@ -323,7 +315,7 @@ def iqa_metric(
     """Build IQA metric `name` (see IQA_METRICS) with its weights from local files only.
 
     Raises MetricUnavailable when a file is missing (or, with `strict`, does not match the
-    SHA-256 in its published name), when pyiqa cannot import its code here, or for `dover`.
+    SHA-256 in its published name), or when pyiqa cannot import its code here.
     """
     import pyiqa
 

@@ -10,8 +10,10 @@ LPIPS for lpips and tlp. A metric that cannot run here (MetricUnavailable) is sk
 reason, or raised with `strict`. The implementations (torch, pyiqa, OpenCV) are imported when a
 metric is built, so checking a suite's metric names imports none of them.
 
-Temporal metrics are keyed `name@protocol` (ewarp@lai2018, tof@tecogan, ...; PROTOCOL_SOURCES
-says which published code each follows); `resolve` gives a bare name its DEFAULT_PROTOCOL.
+Temporal metrics and DOVER are keyed `name@protocol` (ewarp@lai2018, tof@tecogan,
+dover@overall, ...; PROTOCOL_SOURCES says which published code each follows); `resolve` gives a
+bare name its DEFAULT_PROTOCOL. DOVER's three protocols share one loaded model (and one run of
+it per output).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dloral.bench.metric import MetricInfo, MetricUnavailable
 if TYPE_CHECKING:
     import torch
 
+    from dloral.bench.dover import DoverScorer
     from dloral.bench.flow import FlowEstimator
     from dloral.bench.iqa import IQAMetric
 
@@ -42,6 +45,7 @@ __all__ = [
     "MetricUnavailable",
     "ScoredMetric",
     "build_metrics",
+    "dover_info",
     "ewarp_info",
     "fullref_metric",
     "resolve",
@@ -65,12 +69,14 @@ class ScoredMetric:
 
 class _Shared:
     """What the metrics of one build share, each made at most once: the pyiqa models (LPIPS
-    serves lpips and tlp) and the flow estimator (ewarp, tof). What cannot be made raises the
-    same MetricUnavailable for every metric that asks."""
+    serves lpips and tlp), the flow estimator (ewarp, tof) and DOVER (its three protocols).
+    What cannot be made raises the same MetricUnavailable for every metric that asks."""
 
-    def __init__(self, device: torch.device, crop_border: int, flow: str, strict: bool):
+    def __init__(
+        self, device: torch.device, crop_border: int, flow: str, strict: bool, seed: int = 0
+    ):
         self.device, self.crop_border, self.strict = device, crop_border, strict
-        self.flow_kind = flow
+        self.flow_kind, self.seed = flow, seed
         self._made: dict[str, object] = {}
 
     def _once(self, key: str, make: Callable[[], object]):
@@ -93,6 +99,11 @@ class _Shared:
         from dloral.bench.flow import load_flow_estimator
 
         return self._once("flow", lambda: load_flow_estimator(self.flow_kind, self.device))
+
+    def dover(self) -> DoverScorer:
+        from dloral.bench.dover import DoverScorer
+
+        return self._once("dover", lambda: DoverScorer.load(None, self.device, self.seed))
 
     def farneback(self) -> FlowEstimator:
         """OpenCV Farneback with TecoGAN's settings (tof@tecogan), whatever the suite's flow."""
@@ -180,11 +191,15 @@ def _pyiqa(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
     return ScoredMetric(metric.info, metric, str(shared.device))
 
 
-# ---- temporal (dloral.bench.temporal): name@protocol ---------------------------------------
+# ---- temporal (dloral.bench.temporal) and DOVER (dloral.bench.dover): name@protocol --------
 
 # A temporal metric is a name plus a protocol: the published code whose numbers it reproduces.
 # A bare name in a suite means its default protocol, the one peers' papers use.
-DEFAULT_PROTOCOL = {"ewarp": "evalcrafter", "tof": "tecogan", "tlp": "tecogan"}
+DEFAULT_PROTOCOL = {"ewarp": "evalcrafter", "tof": "tecogan", "tlp": "tecogan", "dover": "overall"}
+_DOVER_FUSION = (
+    "VQAssessment/DOVER evaluate_a_set_of_videos.py fuse_results (evaluate_one_video.py's "
+    "normalisation and view decomposition, dover.yml val-l1080p sampling)"
+)
 PROTOCOL_SOURCES = {
     "ewarp@lai2018": "phoenix104104/fast_blind_video_consistency evaluate_WarpError.py + "
     "utils.detect_occlusion (Lai et al. 2018)",
@@ -196,6 +211,10 @@ PROTOCOL_SOURCES = {
     "tof@dloral": "dloral.bench.temporal (TecoGAN's formula, whole frames, every pair, suite flow)",
     "tlp@tecogan": "thunil/TecoGAN metrics.py (LPIPS alex, crop_8x8, cutfr = 2, x100)",
     "tlp@dloral": "dloral.bench.temporal (TecoGAN's formula, whole frames, every pair)",
+    "dover@overall": f"{_DOVER_FUSION}: sigmoid(0.6104 t + 0.3896 a), the fused score papers "
+    "report as DOVER",
+    "dover@technical": f"{_DOVER_FUSION}: sigmoid(t), t = (technical - 0.1107) / 0.07355",
+    "dover@aesthetic": f"{_DOVER_FUSION}: sigmoid(a), a = (aesthetic + 0.08285) / 0.03774",
 }
 LPIPS_OF_TLP = (
     "LPIPS v0.1 AlexNet (pyiqa lpips, net-lin, as TecoGAN's net='alex'), frames [0, 1] RGB; "
@@ -255,6 +274,25 @@ def tlp_info(lpips_name: str, protocol: str = DEFAULT_PROTOCOL["tlp"]) -> Metric
     return METRICS[name].info(
         f"dloral.bench.temporal.tlp [{PROTOCOL_SOURCES[name]}]: |d(out pair) - d(gt pair)|, "
         f"d = {LPIPS_OF_TLP}: {lpips_name}{crop}"
+    )
+
+
+def dover_info(describe: str, protocol: str = DEFAULT_PROTOCOL["dover"]) -> MetricInfo:
+    """How a `dover@protocol` value was made; `describe` names the weights (path, sha256),
+    the seed and the views (DoverScorer.describe)."""
+    name = f"dover@{protocol}"
+    return METRICS[name].info(f"dloral.bench.dover [{PROTOCOL_SOURCES[name]}]: {describe}")
+
+
+def _dover(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    import torch
+
+    protocol = _protocol(spec.name)
+    scorer = shared.dover()
+    return ScoredMetric(
+        dover_info(scorer.describe(), protocol),
+        lambda out, gt: torch.tensor(scorer.scores(out)[protocol], dtype=torch.float64),
+        str(shared.device),
     )
 
 
@@ -329,8 +367,11 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("maniqa", True, NR, "frame", False, "MANIQA KonIQ-10k (pyiqa)", _pyiqa),
         MetricSpec("niqe", False, NR, "frame", False, "NIQE (pyiqa)", _pyiqa),
         MetricSpec("piqe", False, NR, "frame", False, "PIQE (pyiqa)", _pyiqa),
-        # pyiqa has no DOVER: always skipped, with the reason (dloral.bench.iqa.DOVER_MESSAGE)
-        MetricSpec("dover", True, NR, "clip", False, "DOVER video quality", _pyiqa),
+        *(
+            MetricSpec(name, True, NR, "clip", False, source, _dover)
+            for name, source in PROTOCOL_SOURCES.items()
+            if name.startswith("dover@")
+        ),
         *(
             MetricSpec(name, False, TEMPORAL, "pair", False, source, _ewarp, 1000.0)
             for name, source in PROTOCOL_SOURCES.items()
@@ -358,16 +399,18 @@ def build_metrics(
     crop_border: int = 0,
     flow: str = "auto",
     strict: bool = False,
+    seed: int = 0,
 ) -> tuple[dict[str, ScoredMetric], list[dict], str | None]:
     """Build each named metric once: ({name: ScoredMetric} in `names` order, skipped
-    [{metric, reason}], the flow estimator's name or None); bare temporal names are resolved
-    to their default protocol ("tof" -> "tof@tecogan"). `flow` is an estimator kind of
-    dloral.bench.flow; `crop_border` the pixels PSNR/SSIM drop on each side."""
+    [{metric, reason}], the flow estimator's name or None); bare temporal names and `dover`
+    are resolved to their default protocol ("tof" -> "tof@tecogan"). `flow` is an estimator
+    kind of dloral.bench.flow; `crop_border` the pixels PSNR/SSIM drop on each side; `seed`
+    DOVER's sampling seed (the same for every clip)."""
     names = [resolve(name) for name in names]
     unknown = [name for name in names if name not in METRICS]
     if unknown:
         raise KeyError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(METRICS)}")
-    shared = _Shared(device, crop_border, flow, strict)
+    shared = _Shared(device, crop_border, flow, strict, seed)
     # temporal metrics after the others (tlp reuses their LPIPS), in table order
     order = [n for n in names if METRICS[n].kind != TEMPORAL]
     order += [n for n, spec in METRICS.items() if n in names and spec.kind == TEMPORAL]

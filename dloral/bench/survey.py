@@ -30,6 +30,7 @@ def _weight(name: str, used_by: str, env: str, locate) -> dict[str, Any]:
 
 
 def weights() -> list[dict[str, Any]]:
+    from dloral.bench.dover import DOVER_ENV, locate_dover_weights
     from dloral.bench.flow import RAFT_ENV, locate_raft_weights
     from dloral.bench.iqa import IQA_METRICS, weights_status
     from dloral.model.backbone import SD21_ENV, locate_sd21
@@ -59,13 +60,19 @@ def weights() -> list[dict[str, Any]]:
         ),
         _weight("RAFT-large", "E*warp / tOF flow (else OpenCV DIS)", RAFT_ENV, locate_raft_weights),
         _weight(
+            "DOVER (VQAssessment)",
+            "bench metrics dover@overall, dover@technical, dover@aesthetic",
+            DOVER_ENV,
+            locate_dover_weights,
+        ),
+        _weight(
             "official DLoRAL model.pkl",
             "bench/upscale --checkpoint",
             OFFICIAL_CKPT_ENV,
             _official_checkpoint,
         ),
     ]
-    for metric in [*IQA_METRICS, "dover"]:
+    for metric in IQA_METRICS:
         status = weights_status(metric)
         entry = {
             "name": f"pyiqa {metric}",
