@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.collections import LineCollection, PathCollection
+from matplotlib.text import Text
 from PIL import Image
 from skimage.data import astronaut
 
@@ -13,7 +14,7 @@ from dloral.bench import results
 from dloral.bench.flow import DisFlow
 from dloral.bench.registry import MetricInfo, ewarp_info, fullref_metric
 from dloral.bench.temporal import ewarp
-from dloral.report.plots import ablation, per_frame_curves, quality_speed, save
+from dloral.report.plots import FONT_MIN, ablation, per_frame_curves, quality_speed, save
 
 FRAMES = 5
 EW = "ewarp@evalcrafter"  # the default E*warp protocol: what ewarp_info names
@@ -312,6 +313,19 @@ def test_ablation_errors_name_missing_columns_and_empty_metric():
 
 
 # save
+
+
+def test_per_frame_figures_have_one_size_and_readable_text_whatever_the_panels(tmp_path, computed):
+    df, _ = computed
+    sizes = set()
+    for metrics in (["psnr"], ["psnr", EW]):
+        fig = per_frame_curves(df, "toy", "pan_right", metrics)
+        path = save(fig, tmp_path / f"{len(fig.axes)}.png")
+        with Image.open(path) as img:
+            sizes.add(img.size)
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert min(t.get_fontsize() for t in texts) >= FONT_MIN, metrics
+    assert len(sizes) == 1, sizes  # 1 and 2 panels: one size, so a report shows them alike
 
 
 def test_save_writes_a_png_of_the_figure_size_that_is_not_blank(tmp_path, computed):

@@ -107,7 +107,10 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-            self.kind = "CUDA allocator peak over the allocation at the start (reset per method)"
+            self.kind = (
+                "CUDA allocator peak during its timed passes over the allocation as they started "
+                "(peak reset per method)"
+            )
             return self
         _trim_heap()
         base = _rss()
@@ -117,9 +120,11 @@ class PeakMemory:
         self._base = base
         self._reset = self.reset_rss and reset_peak_rss()
         if self._reset:
-            self.kind = "peak RSS over the RSS at the start (Linux VmHWM reset per method)"
+            self.kind = "peak RSS during its timed passes over the RSS as they started"
+            self.kind += " (Linux VmHWM reset per method)"
         else:
-            self.kind = f"peak RSS over the RSS at the start (sampled every {SAMPLE_S * 1e3:g} ms)"
+            self.kind = "peak RSS during its timed passes over the RSS as they started"
+            self.kind += f" (sampled every {SAMPLE_S * 1e3:g} ms)"
             self._sampler = _Sampler()
             self._sampler.start()
         return self
