@@ -113,10 +113,9 @@ def test_untrained_model_is_marked_and_never_ranked_though_best_on_piqe(report, 
     assert best == f"**{psnr.max():.2f}**"
     # the footnote says which method and why, from run.json
     assert (
-        f"{UNTRAINED} untrained weights, as the run recorded them (dloral-tiny: random-init "
-        "backbone (backbone_weights: random-init))"
+        f"{UNTRAINED} untrained weights, as the run recorded them: dloral-tiny (random-init "
+        "backbone). Shown, not ranked (--rank-untrained ranks them)."
     ) in table
-    assert "`--rank-untrained` ranks them" in table
     # the peer is *named* random-init, but nothing recorded says it is untrained: not marked
     assert _row(table, "random-init") and f"random-init {UNTRAINED}" not in md
     # the per-clip table, every figure caption that shows the tiny model, and the visuals
@@ -175,17 +174,15 @@ def test_rank_untrained_ranks_it_and_keeps_the_mark(ranked):
     table = md[md.index("### mini-udm") :]
     header = _cells(next(line for line in table.splitlines() if line.startswith("| method |")))
     assert _cells(_row(table, TINY))[header.index("piqe↓")].startswith("**")
-    assert "ranked all the same (--rank-untrained)" in table
+    assert "Ranked all the same (--rank-untrained)." in table
     # three ranked methods: psnr's middle one is now underlined as second
     assert "<u>" in table
 
 
 def test_the_mark_follows_the_recorded_provenance_not_the_name(bench_run, tmp_path):
     info = json.loads((bench_run / "run.json").read_text())
-    assert info["methods"]["dloral-tiny"]["untrained"].startswith("random-init backbone")
-    assert sources.untrained_methods(info) == {
-        "dloral-tiny": "random-init backbone (backbone_weights: random-init)"
-    }
+    assert info["methods"]["dloral-tiny"]["untrained"] == "random-init backbone"
+    assert sources.untrained_methods(info) == {"dloral-tiny": "random-init backbone"}
     # a run recorded before methods stated it: the random-init backbone still says it
     old = json.loads(json.dumps(info))
     del old["methods"]["dloral-tiny"]["untrained"]

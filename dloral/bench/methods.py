@@ -284,7 +284,7 @@ class DLoRALMethod(_Timed):
         """Why this method's weights are untrained (reports mark it), or None."""
         model = self._load()
         if model.weights == "random-init":
-            return "random-init backbone (backbone_weights: random-init)"
+            return "random-init backbone"
         if self.source == "tiny":
             return "no trained checkpoint (LoRAs and CFR as initialised)"
         return None

@@ -284,13 +284,13 @@ class _Marks:
         here = [m for m in dict.fromkeys(methods) if m in self.why]
         if not here:
             return ""
-        reasons = "; ".join(f"{m.removesuffix(' ' + UNTRAINED)}: {self.why[m]}" for m in here)
+        reasons = ", ".join(f"{m.removesuffix(' ' + UNTRAINED)} ({self.why[m]})" for m in here)
         ranked = (
-            "ranked all the same (--rank-untrained)"
+            "Ranked all the same (--rank-untrained)."
             if self.rank
-            else "shown but not ranked (`--rank-untrained` ranks them)"
+            else "Shown, not ranked (--rank-untrained ranks them)."
         )
-        return f" {UNTRAINED} untrained weights, as the run recorded them ({reasons}): {ranked}."
+        return f" {UNTRAINED} untrained weights, as the run recorded them: {reasons}. {ranked}"
 
 
 def _timing_note(sub: pd.DataFrame, table: pd.DataFrame, dataset: str) -> str:

@@ -3,9 +3,10 @@
 - `quality_speed`: one dataset, a quality metric against seconds per frame, one point per method
   (annotated), with the Pareto front (no other method is both faster and better). Answers "what
   does the quality cost?".
-- `per_frame_curves`: one clip, one stacked panel per metric, one line per method over the frame
-  index. Shows where along a clip methods differ (a scene cut, a flicker burst) that the clip
-  mean hides. Pair metrics (E*warp, tOF, tLP: value i is between frames i and i+1) sit at i + 0.5.
+- `per_frame_curves`: one clip, one stacked panel per metric (named above it), one line per
+  method over the frame index. Shows where along a clip methods differ (a scene cut, a flicker
+  burst) that the clip mean hides. Pair metrics (E*warp, tOF, tLP: value i is between frames i
+  and i+1) sit at i + 0.5.
 - `ablation`: one swept key against one validation metric, every trial a point, so the spread
   across seeds is visible; trials that ASHA stopped early are hollow (their value is from an
   earlier step), and for a few categories the per-category mean ± 1 std is drawn.
@@ -206,7 +207,9 @@ def per_frame_curves(
                 ls="--" if method in set(untrained) else "-",
                 label=method,
             )
-        ax.set_ylabel(_axis_label(metric, higher, scale.get(metric, 1.0)))
+        # above the panel, not along its side: a long name (ewarp@evalcrafter (×10⁻³)) would
+        # not fit the height of one of three stacked panels
+        ax.set_title(_axis_label(metric, higher, scale.get(metric, 1.0)), loc="left", fontsize=FONT)
         ax.grid(True, alpha=0.3)
         pairs.append(pair)
     if all(pairs):

@@ -160,7 +160,7 @@ def untrained_methods(run: dict[str, Any]) -> dict[str, str]:
         else:
             model = method.get("model") if isinstance(method.get("model"), dict) else {}
             random = "random-init" in (method.get("weights"), model.get("backbone_weights"))
-            why = "random-init backbone (backbone_weights: random-init)" if random else None
+            why = "random-init backbone" if random else None
         if why:
             out[name] = str(why)
     return out
