@@ -18,7 +18,6 @@ The benchmark adds the method's own model tensors (resident before the passes) t
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 
@@ -66,10 +65,9 @@ def reset_peak_rss() -> bool:
 
 def _trim_heap() -> None:
     """Hand freed heap memory back to the system (glibc; a no-op elsewhere)."""
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc's where it is glibc
+    except (OSError, AttributeError):
         pass
 
 
