@@ -200,6 +200,19 @@ def test_the_mark_follows_the_recorded_provenance_not_the_name(bench_run, tmp_pa
     assert UNTRAINED not in md and "| dloral-tiny |" in md
 
 
+def test_the_table_of_several_runs_marks_and_skips_it_too(bench_run, tmp_path):
+    again = tmp_path / "again"
+    shutil.copytree(bench_run, again)
+    info = json.loads((again / "run.json").read_text())
+    info["suite"]["name"] = "again"
+    (again / "run.json").write_text(json.dumps(info))
+    runs = [sources.load_bench(bench_run), sources.load_bench(again)]
+    md = build.build_report(tmp_path / "rep", runs, max_clips=1).markdown.read_text()
+    table = md[md.index("### mini-udm (all runs)") : md.index("# Benchmark: honest")]
+    assert "**" not in _row(table, TINY) and "| dloral-tiny |" not in table
+    assert "untrained weights, as the run recorded them: dloral-tiny (random-init" in table
+
+
 def _texts_outside(fig) -> list[str]:
     """Visible texts of fig whose drawn extent leaves the figure (cut off in the PNG)."""
     canvas = FigureCanvasAgg(fig)
