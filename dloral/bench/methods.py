@@ -120,9 +120,10 @@ class _Timed:
             self._pass(names[:WARMUP_FRAMES], lq[:WARMUP_FRAMES], scale)
             synchronize(self.device)
             self._warm = True
-        seconds = []
+        seconds, out = [], None
         with PeakMemory(self.device) as memory:
             for _ in range(self.repeats):
+                out = None  # the last pass's output, freed: one pass's memory is measured
                 start = time.perf_counter()
                 out = self._pass(names, lq, scale)
                 synchronize(self.device)
