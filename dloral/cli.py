@@ -622,6 +622,14 @@ def report(
             "a PNG of its top here."
         ),
     ] = None,
+    rank_untrained: Annotated[
+        bool,
+        typer.Option(
+            "--rank-untrained",
+            help="Rank methods whose recorded weights are untrained (random-init, no trained "
+            "checkpoint) in tables and Pareto fronts too; they stay marked ‡.",
+        ),
+    ] = False,
 ) -> None:
     """Comparison report (index.html + report.md + images) from benchmark runs and sweeps.
 
@@ -656,6 +664,7 @@ def report(
             per_clip=tuple(per_clip or ()),
             max_clips=clips,
             quality=quality,
+            rank_untrained=rank_untrained,
         )
     except (ReportError, ValueError) as err:
         _fail(str(err))

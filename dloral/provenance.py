@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import shutil
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -72,3 +75,22 @@ def git_state() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown"}
     return {"git_commit": commit, "git_dirty": dirty}
+
+
+def command_line(argv: list[str] | None = None, orig_argv: list[str] | None = None) -> str:
+    """The command as the user typed it, shell-quoted: a console script found on PATH by its
+    name (`dloral-exp bench embedded`, not the venv's full path), a module run as
+    `python -m dloral.cli ...`, else the script's path as given."""
+    argv = list(sys.argv if argv is None else argv)
+    orig = list(getattr(sys, "orig_argv", argv) if orig_argv is None else orig_argv)
+    if not argv:
+        return shlex.join(orig)
+    script, args = argv[0], argv[1:]
+    cut = len(orig) - len(args)
+    if {"-m", "-c"} & set(orig[1:cut]) and orig[cut:] == args:  # python -m module args
+        return shlex.join(orig)
+    name = os.path.basename(script)
+    found = shutil.which(name) if name else None
+    if found and os.path.realpath(found) == os.path.realpath(script):
+        script = name
+    return shlex.join([script, *args])

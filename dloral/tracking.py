@@ -22,6 +22,10 @@ TRIAL_TAG = "dloral.trial_id"  # a sweep trial's Tune id, on its MLflow run
 SWEEP_TAG = "dloral.sweep"  # the sweep id, on the parent run and every trial's run
 STATUS_REASON_TAG = "dloral.status_reason"  # why a run ended FAILED, KILLED or early
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment on its runs view only when the experiment says it is for
+# model development (the tag and value its experiment-kind selector writes); without it the UI
+# guesses, and opens ours on a GenAI overview that shows "No data".
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 PARAM_CHARS, PARAM_BATCH = 6000, 100
 METRIC_BATCH = 500
@@ -52,9 +56,33 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created if it does not exist."""
+    """The id of experiment `name`, created if it does not exist, with the kind that opens it
+    on its runs (an existing experiment without a kind gets it; a kind someone chose is kept)."""
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name)
+    if found is None:
+        return client.create_experiment(name, tags={KIND_TAG: KIND})
+    if KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
+    return found.experiment_id
+
+
+def label_panels(image, labels: list[str] | tuple[str, ...]):
+    """A uint8 (H, W, 3) strip of equal-width panels with a white band on top naming each
+    panel (e.g. LQ | output | GT), centred over it: (H + band, W, 3)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = image.shape[:2]
+    size = max(12, min(24, height // 8))
+    font = ImageFont.load_default(size=size)
+    band = size + size // 2
+    canvas = Image.new("RGB", (width, height + band), "white")
+    canvas.paste(Image.fromarray(np.ascontiguousarray(image)), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    step = width / len(labels)
+    for i, label in enumerate(labels):
+        draw.text(((i + 0.5) * step, band / 2), label, fill="black", font=font, anchor="mm")
+    return np.asarray(canvas)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:

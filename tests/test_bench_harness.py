@@ -104,8 +104,16 @@ def test_bench_scores_bicubic_folder_and_tiny_with_skips(udm, tmp_path):
     # latency rows for the methods run here, none for the folder method
     lat = df[df["kind"] == "latency"]
     assert set(lat["method"]) == {"bicubic", "dloral-tiny"}
-    assert set(lat["metric"]) == {"s_per_frame", "peak_mem_gib"}
+    assert set(lat["metric"]) == {"s_per_frame", "s_per_frame_min", "s_per_frame_max"} | {
+        "peak_mem_gib"
+    }
     assert (lat["frame"] == -1).all() and (lat["value"] > 0).all()
+    speed = lat.pivot_table(index=["method", "clip"], columns="metric", values="value")
+    assert (speed["s_per_frame_min"] <= speed["s_per_frame"]).all()
+    assert (speed["s_per_frame"] <= speed["s_per_frame_max"]).all()
+    # the tiny model's own tensors alone are more than bicubic's whole peak
+    mem = speed["peak_mem_gib"]
+    assert mem["dloral-tiny"].min() > mem["bicubic"].max()
 
     # aggregate = mean over clips of per-clip means
     agg = pd.read_csv(out / "aggregate.csv")
@@ -125,6 +133,8 @@ def test_bench_scores_bicubic_folder_and_tiny_with_skips(udm, tmp_path):
     assert {"torch", "torchvision", "pyiqa", "cv2"} <= set(run["versions"])
     assert run["status"] == "finished"
     assert run["methods"]["dloral-tiny"]["weights"] == "random-init"
+    assert run["methods"]["dloral-tiny"]["untrained"] == "random-init backbone"
+    assert "untrained" not in run["methods"]["bicubic"]
     assert run["methods"]["dloral-tiny"]["options"]["lora"] == "merged"
 
     # output hashes: the folder method's hash is that of the GT frames

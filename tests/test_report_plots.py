@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.collections import LineCollection, PathCollection
+from matplotlib.text import Text
 from PIL import Image
 from skimage.data import astronaut
 
@@ -13,7 +14,7 @@ from dloral.bench import results
 from dloral.bench.flow import DisFlow
 from dloral.bench.registry import MetricInfo, ewarp_info, fullref_metric
 from dloral.bench.temporal import ewarp
-from dloral.report.plots import ablation, per_frame_curves, quality_speed, save
+from dloral.report.plots import FONT_MIN, ablation, per_frame_curves, quality_speed, save
 
 FRAMES = 5
 EW = "ewarp@evalcrafter"  # the default E*warp protocol: what ewarp_info names
@@ -166,8 +167,8 @@ def test_per_frame_curves_one_panel_per_metric_one_line_per_method(computed):
         np.testing.assert_allclose(line.get_ydata(), values["pan_down", method][EW])
     # a method keeps its colour in every panel
     assert [ln.get_color() for ln in psnr_ax.lines] == [ln.get_color() for ln in ewarp_ax.lines]
-    assert psnr_ax.get_ylabel() == "psnr ↑ (higher is better)"
-    assert ewarp_ax.get_ylabel() == "ewarp@evalcrafter ↓ (lower is better)"
+    assert psnr_ax.get_title(loc="left") == "psnr ↑ (higher is better)"
+    assert ewarp_ax.get_title(loc="left") == "ewarp@evalcrafter ↓ (lower is better)"
     assert "pan_down" in fig.get_suptitle()
 
 
@@ -186,7 +187,7 @@ def test_per_frame_curves_scales_values_as_the_tables_print_them(computed):
     ax = per_frame_curves(df, "toy", "pan_right", [EW], scales={EW: 1000.0}).axes[0]
     first = values["pan_right", list(SIGMAS)[0]][EW]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), np.array(first) * 1000)
-    assert ax.get_ylabel() == "ewarp@evalcrafter (×10⁻³) ↓ (lower is better)"
+    assert ax.get_title(loc="left") == "ewarp@evalcrafter (×10⁻³) ↓ (lower is better)"
 
 
 def test_per_frame_curves_leaves_out_absent_and_clip_level_metrics(computed):
@@ -194,7 +195,7 @@ def test_per_frame_curves_leaves_out_absent_and_clip_level_metrics(computed):
     # s_per_frame has only a clip-level row (frame -1); lpips was not computed
     fig = per_frame_curves(df, "toy", "pan_right", ["lpips", "s_per_frame", "psnr"])
     assert len(fig.axes) == 1
-    assert fig.axes[0].get_ylabel().startswith("psnr")
+    assert fig.axes[0].get_title(loc="left").startswith("psnr")
     assert fig.axes[0].get_xlabel() == "frame"
 
 
@@ -312,6 +313,44 @@ def test_ablation_errors_name_missing_columns_and_empty_metric():
 
 
 # save
+
+
+def test_per_frame_figures_have_one_size_and_readable_text_whatever_the_panels(tmp_path, computed):
+    df, _ = computed
+    # a third per-frame metric with a long name, as the report's E*warp in units of 10⁻³
+    long = df[df["metric"] == EW].assign(metric="ewarp@a-long-protocol-name")
+    df = pd.concat([df, long])
+    scales = {EW: 1000.0, "ewarp@a-long-protocol-name": 1000.0}
+    sizes = set()
+    for metrics in (["psnr"], ["psnr", EW], ["psnr", EW, "ewarp@a-long-protocol-name"]):
+        fig = per_frame_curves(df, "toy", "pan_right", metrics, scales=scales)
+        path = save(fig, tmp_path / f"{len(fig.axes)}.png")
+        with Image.open(path) as img:
+            sizes.add(img.size)
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert min(t.get_fontsize() for t in texts) >= FONT_MIN, metrics
+        # every text drawn whole inside the figure, and no two labels on top of each other
+        renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else None
+        if renderer is None:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+            renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        ticks = {  # tick labels: matplotlib keeps some beyond the view, undrawn
+            id(tick.label1)
+            for ax in fig.axes
+            for axis in (ax.xaxis, ax.yaxis)
+            for tick in axis.get_major_ticks()
+        }
+        named = [t for t in texts if id(t) not in ticks]
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in named]
+        for text, box in boxes:
+            assert fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1, text
+            assert fig.bbox.y0 - 1 <= box.y0 and box.y1 <= fig.bbox.y1 + 1, text
+        labels = [(t, b) for t, b in boxes if "better" in t]  # one per panel
+        for i, (t1, b1) in enumerate(labels):
+            assert not any(b1.overlaps(b2) for _, b2 in labels[i + 1 :]), t1
+    assert len(sizes) == 1, sizes  # 1 to 3 panels: one size, so a report shows them alike
 
 
 def test_save_writes_a_png_of_the_figure_size_that_is_not_blank(tmp_path, computed):

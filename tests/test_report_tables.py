@@ -68,7 +68,8 @@ def test_lower_is_better_and_missing_value_is_a_dash_never_ranked():
     assert t.cell("C", "REDS4", "lpips") == ("0.2500", None)
     assert t.cell("D", "REDS4", "lpips") == (MISSING, None)
     assert t.cell("C", "Vid4", "lpips") == ("0.2000", "best")
-    assert t.cell("A", "Vid4", "lpips")[1] == t.cell("B", "Vid4", "lpips")[1] == "second"
+    # two distinct values: the tied 0.30s are the worst, so they are not underlined
+    assert t.cell("A", "Vid4", "lpips") == t.cell("B", "Vid4", "lpips") == ("0.3000", None)
 
 
 def test_scale_applies_to_values_from_column_or_argument():
@@ -178,7 +179,7 @@ def test_per_clip_table_marks_each_clip():
     assert t.header[1] == [("000", 1), ("011", 1)]
     assert t.cell("A", "000") == ("30.50", "best")
     assert t.cell("B", "000") == ("29.00", "second")
-    assert t.cell("A", "011") == ("25.00", "second")
+    assert t.cell("A", "011") == ("25.00", None)  # the worst of two distinct values
     assert t.cell("B", "011") == t.cell("C", "011") == ("26.00", "best")
     with pytest.raises(ValueError):
         per_clip_table(df, "Vid4", "psnr")
@@ -209,5 +210,43 @@ def test_noted_values_are_shown_with_a_mark_and_never_ranked():
     t = comparison_table(agg)
     assert t.cell("A", "VideoLQ", "piqe") == (f"100.0000{NOTED}", "noted")
     assert t.cell("B", "VideoLQ", "piqe") == ("35.0000", "best")
-    assert t.cell("C", "VideoLQ", "piqe") == ("40.0000", "second")
+    assert t.cell("C", "VideoLQ", "piqe") == ("40.0000", None)  # two ranked: no "second"
     assert f"100.0000{NOTED}" in t.to_markdown() and "**100" not in t.to_markdown()
+
+
+def test_second_is_underlined_only_above_a_worse_value():
+    # two methods: "second" would be the worse one, so only the best is marked
+    agg = make_agg()
+    two = agg[agg["method"].isin(["A", "B"]) & (agg["dataset"] == "REDS4")]
+    t = comparison_table(two)
+    assert t.cell("A", "REDS4", "psnr") == ("28.50", "best")
+    assert t.cell("B", "REDS4", "psnr") == ("28.17", None)
+    assert "<u>" not in t.to_markdown() and "<u>" not in t.to_html()
+    # a third method below them both: now B is second
+    three = agg[agg["method"].isin(["A", "B", "D"]) & (agg["dataset"] == "REDS4")]
+    assert comparison_table(three).cell("B", "REDS4", "psnr") == ("28.17", "second")
+
+
+def test_unranked_rows_are_shown_but_take_no_place():
+    # D would be second on ewarp: as an unranked (untrained) row, A takes its place
+    t = comparison_table(make_agg(), unranked={"D"})
+    assert t.cell("D", "REDS4", "ewarp") == ("1.8000", None)
+    assert t.cell("B", "REDS4", "ewarp") == ("1.5000", "best")
+    assert t.cell("A", "REDS4", "ewarp") == ("2.1000", "second")
+    # C would be best on lpips: unranked, B best and A not second (only two ranked values)
+    t = comparison_table(make_agg(), unranked={"C"})
+    assert t.cell("C", "Vid4", "lpips") == ("0.2000", None)
+    assert t.cell("A", "Vid4", "lpips") == t.cell("B", "Vid4", "lpips") == ("0.3000", "best")
+    clips = per_clip_table(
+        results.table(
+            r
+            for m, v in {"A": 30.0, "B": 29.0, "C": 28.0}.items()
+            for r in results.rows(
+                "REDS4", m, "000", MetricInfo("psnr", True, "fr", "frame", "t"), [v], "cpu", "h"
+            )
+        ),
+        "REDS4",
+        "psnr",
+        unranked={"A"},
+    )
+    assert clips.cell("A", "000") == ("30.00", None) and clips.cell("B", "000")[1] == "best"

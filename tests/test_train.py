@@ -1,7 +1,9 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dloral.data.sampler import TrainingClips
 from dloral.model.checkpoint import _trained_state
@@ -123,6 +125,15 @@ def test_mlflow_run_records_params_metrics_samples_and_checkpoint(data_roots, tm
     artifacts = {a.path for a in client.list_artifacts(rid)}
     assert {"checkpoint", "samples", "config.toml"} <= artifacts
     assert run.data.tags["dloral.lpips_weights"].startswith(("missing", "not used", "/"))
+    # the param says what the backbone_weights tag says (tiny: random-init, whatever the config)
+    random = run.data.tags["dloral.backbone_weights"] == "random-init"
+    assert run.data.params["model.random_init"] == str(random)
+    # the sample strip (64x64 validation frames: LQ | output | GT) has a band of labels on top
+    path = client.download_artifacts(rid, "samples/step-000004.png", str(tmp_path))
+    strip = np.asarray(Image.open(path).convert("RGB"))
+    assert strip.shape[1] == 3 * 64 and strip.shape[0] > 64
+    band = strip[: strip.shape[0] - 64]
+    assert band.max() == 255 and band.min() < 128  # white, with dark text
 
 
 def test_gradient_checkpointing_gives_the_same_step(data_roots, tmp_path):

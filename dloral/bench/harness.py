@@ -9,7 +9,8 @@ or at an interrupt or error, aggregate.csv (over complete clips only, with a `cl
 row), skipped.json and run.json (status finished | interrupted | failed, and why) join it, and
 the MLflow run ends FINISHED, KILLED or FAILED. Metric values are cached across runs into the
 same out_dir by (output_hash, metric, implementation) in cache.parquet; `force` recomputes.
-Latency rows (s_per_frame, peak_mem_gib) are measured anew each run, for methods run here.
+Latency rows (s_per_frame with its fastest and slowest pass, peak_mem_gib) are measured anew
+each run, for methods run here (dloral.bench.methods says how).
 
 A method's output may lack a clip's first frame (DLoRAL with `first_frame = "skip"`, as the
 reference's test script; a folder of the reference's outputs): only the frames both GT and the
@@ -239,20 +240,29 @@ def _latency_rows(
     device: str,
     infos: dict[str, MetricInfo],
 ) -> list[dict]:
-    """s_per_frame and peak_mem_gib rows of a method run here (none for folder methods)."""
+    """s_per_frame (with s_per_frame_min / _max, the fastest and slowest pass) and peak_mem_gib
+    rows of a method run here (none for folder methods)."""
     if output.seconds_per_frame is None:
         return []
-    timing = (
-        f"median of {suite.options.latency_repeats} timed pass(es) after warm-up, "
-        f"wall clock / frames, {device}"
-    )
+    passes = f"{suite.options.latency_repeats} timed passes after a warm-up"
+    timing = [
+        ("s_per_frame", output.seconds_per_frame, f"median of {passes}"),
+        *zip(
+            ("s_per_frame_min", "s_per_frame_max"),
+            output.seconds_range or (),
+            (f"fastest of {passes}", f"slowest of {passes}"),
+            strict=False,
+        ),
+    ]
     out = []
-    for metric, value, impl in (
-        ("s_per_frame", output.seconds_per_frame, timing),
-        ("peak_mem_gib", output.peak_mem_gib, output.memory_kind),
-    ):
-        infos[metric] = info = _latency_info(metric, impl)
+    for metric, value, impl in timing:
+        infos[metric] = info = _latency_info(metric, f"{impl}, wall clock / frames, {device}")
         out += results.rows(job.dataset, method, job.clip, info, [value], device, digest)
+    if output.peak_mem_gib is not None:
+        infos["peak_mem_gib"] = info = _latency_info("peak_mem_gib", output.memory_kind)
+        out += results.rows(
+            job.dataset, method, job.clip, info, [output.peak_mem_gib], device, digest
+        )
     return out
 
 
@@ -378,6 +388,7 @@ def run_bench(
         "weights": survey.weights(),
         **provenance.git_state(),
         "command": sys.argv,
+        "command_line": provenance.command_line(),  # as typed, shell-quoted
         "force": force,
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -3,11 +3,15 @@
 (T, 3, sH, sW) float in [0, 1]; the harness runs each method once per clip.
 
 Latency (bicubic and dloral, which the harness runs itself): one warm-up pass over the first
-two frames of the first clip (kernels, allocator), then `latency_repeats` passes over the whole
-clip, each timed end to end with CUDA synchronised; seconds per frame = median pass time / T.
-The last pass's frames are the output (the pipeline is seeded, so passes agree). Peak memory:
-`torch.cuda.max_memory_allocated` on CUDA (reset before the timed passes); on CPU the process's
-peak RSS (ru_maxrss: monotonic over the whole process, an upper bound, said so in results).
+two frames of the first clip (kernels, allocator), then `latency_repeats` (>= 3) passes over the
+whole clip, each timed end to end with CUDA synchronised; seconds per frame = median pass time /
+T, and the fastest and slowest pass are kept as the spread. The last pass's frames are the
+output (the pipeline is seeded, so passes agree). Peak memory, per method on its own: its model's
+tensors plus the peak increase in memory in use during its timed passes (dloral.bench.memory:
+the CUDA allocator's peak, reset per method; on CPU the RSS), never the process's high-water mark.
+
+Untrained weights: a method says in `describe()["untrained"]` why its weights are untrained
+(a random-init backbone; no trained checkpoint), or None; reports mark such methods from it.
 
 First frame: DLoRAL with `first_frame = "skip"` (the reference's test script) has no output for
 a clip's frame 0, and a folder of peer outputs may lack it likewise (the reference's layout);
@@ -21,7 +25,6 @@ import hashlib
 import logging
 import os
 import re
-import resource
 import statistics
 import tempfile
 import time
@@ -31,6 +34,7 @@ from typing import Protocol
 
 import torch
 
+from dloral.bench.memory import PeakMemory, tensor_bytes
 from dloral.bench.suite import parse_method
 from dloral.data.frames import FrameError, natural_key, open_frames, read_image, to_uint8
 from dloral.devices import resolve_device, resolve_dtype, synchronize
@@ -62,6 +66,7 @@ class ClipJob:
 class MethodOutput:
     frames: torch.Tensor  # (T', 3, sH, sW) float32 in [0, 1], CPU
     seconds_per_frame: float | None = None  # None: not measured (folder methods)
+    seconds_range: tuple[float, float] | None = None  # fastest and slowest pass, s per frame
     peak_mem_gib: float | None = None
     memory_kind: str = ""  # what peak_mem_gib measures
     names: tuple[str, ...] | None = None  # the clip frames `frames` are; None: all job.names
@@ -85,19 +90,12 @@ def output_hash(frames: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "torch.cuda.max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return rss, "process peak RSS (ru_maxrss, whole process)"
-
-
 class _Timed:
     """Warm-up once, then median-timed passes; subclasses define `_pass(lq, scale)`."""
 
     measures_latency = True
     device = torch.device("cpu")
-    repeats = 1
+    repeats = 3
 
     def __init__(self) -> None:
         self._warm = False
@@ -107,6 +105,10 @@ class _Timed:
     def _pass(self, names: tuple[str, ...], lq: torch.Tensor, scale: int) -> torch.Tensor:
         """Output frames for `names`; with first_frame `skip`, for names[1:]."""
         raise NotImplementedError
+
+    def resident_bytes(self) -> int:
+        """Bytes of this method's own model tensors on its device (0: it has no model)."""
+        return 0
 
     def run(self, job: ClipJob) -> MethodOutput:
         names, lq, scale = job.names, job.lq, job.scale
@@ -118,15 +120,18 @@ class _Timed:
             self._pass(names[:WARMUP_FRAMES], lq[:WARMUP_FRAMES], scale)
             synchronize(self.device)
             self._warm = True
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        seconds = []
-        for _ in range(self.repeats):
-            start = time.perf_counter()
-            out = self._pass(names, lq, scale)
-            synchronize(self.device)
-            seconds.append(time.perf_counter() - start)
-        peak, kind = _peak_memory(self.device)
+        seconds, out = [], None
+        with PeakMemory(self.device) as memory:
+            for _ in range(self.repeats):
+                out = None  # the last pass's output, freed: one pass's memory is measured
+                start = time.perf_counter()
+                out = self._pass(names, lq, scale)
+                synchronize(self.device)
+                seconds.append(time.perf_counter() - start)
+        peak = None
+        if memory.peak_bytes is not None:
+            peak = (memory.peak_bytes + self.resident_bytes()) / 2**30
+        kind = f"this method's model tensors + {memory.kind}"
         frames = out.float().cpu().clamp(0, 1)
         covered = names[1:] if self.first_frame == "skip" else names
         if len(frames) != len(covered):
@@ -139,14 +144,22 @@ class _Timed:
                 f"{self.name}: {job.dataset} clip {job.clip!r}: output {tuple(frames.shape[-2:])} "
                 f"differs from the GT size {tuple(job.out_size)} (scale {scale})"
             )
-        per_frame = statistics.median(seconds) / max(len(covered), 1)
-        return MethodOutput(frames, per_frame, peak, kind, covered, self.first_frame)
+        n = max(len(covered), 1)
+        return MethodOutput(
+            frames,
+            statistics.median(seconds) / n,
+            (min(seconds) / n, max(seconds) / n),
+            peak,
+            kind,
+            covered,
+            self.first_frame,
+        )
 
 
 class Bicubic(_Timed):
     """PIL bicubic x scale (dloral.resize), the upsampling DLoRAL itself starts from."""
 
-    def __init__(self, repeats: int = 1) -> None:
+    def __init__(self, repeats: int = 3) -> None:
         super().__init__()
         self.name, self.repeats = "bicubic", repeats
 
@@ -199,7 +212,7 @@ class DLoRALMethod(_Timed):
         label: str,
         source: str,
         device: str = "auto",
-        repeats: int = 1,
+        repeats: int = 3,
         seed: int = 0,
         process_size: int = 512,
         batch_size: int = 4,
@@ -268,11 +281,24 @@ class DLoRALMethod(_Timed):
             self._upscalers[scale] = VideoUpscaler(self._load(), self.device, self.dtype, opts)
         return self._upscalers[scale]
 
+    def untrained(self) -> str | None:
+        """Why this method's weights are untrained (reports mark it), or None."""
+        model = self._load()
+        if model.weights == "random-init":
+            return "random-init backbone"
+        if self.source == "tiny":
+            return "no trained checkpoint (LoRAs and CFR as initialised)"
+        return None
+
+    def resident_bytes(self) -> int:
+        return tensor_bytes(self._model, self.device)
+
     def describe(self) -> dict:
         model = self._load()
         return {
             "kind": "dloral",
             "source": self.source,
+            "untrained": self.untrained(),
             "weights": model.weights,
             "spynet": model.spynet_weights,  # "random-init" or where SPyNet's weights came from
             "model": model.describe(),
@@ -410,7 +436,7 @@ def check_folders(methods: list, clips: list[tuple[str, str, tuple, tuple]]) -> 
 def build_method(spec: str, *, device: str = "auto", options=None) -> Method | FolderMethod:
     """A method from its suite spec; `options` is the suite's Options (repeats, seed, ...)."""
     kind, label, arg = parse_method(spec)
-    repeats = options.latency_repeats if options else 1
+    repeats = options.latency_repeats if options else 3
     if kind == "bicubic":
         return Bicubic(repeats)
     if kind == "folder":

@@ -29,6 +29,7 @@ EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SETS = ("embedded-udm10", "embedded-videolq")
 
 FLOW_KINDS = ("auto", "raft", "dis", "farneback")
+MIN_REPEATS = 3  # timed passes: s_per_frame is their median, with the fastest and slowest
 METHOD_FORMS = (  # the spec forms parse_method accepts, for messages
     "bicubic",
     "dloral:<checkpoint folder | model.pkl | tiny | mlflow:<run id or sweep trial id>>",
@@ -80,7 +81,7 @@ class Options:
     crop_border: int = 0  # pixels dropped on each side for PSNR/SSIM (stated in results)
     flow: str = "auto"  # flow estimator for ewarp/tof
     device: str = "auto"
-    latency_repeats: int = 1  # timed passes per clip (the median is reported)
+    latency_repeats: int = 3  # timed passes per clip (>= 3: the median and the spread)
     seed: int = 0
     process_size: int = 512  # dloral: the reference's minimum processing short side
     batch_size: int = 4  # dloral: frames upscaled together
@@ -220,7 +221,8 @@ def _options(where: str, table: dict) -> Options:
     opts = _build(Options, at, table)
     for key in ("crop_border", "seed"):
         _at_least(at, key, getattr(opts, key), 0)
-    for key in ("latency_repeats", "process_size", "batch_size"):
+    _at_least(at, "latency_repeats", opts.latency_repeats, MIN_REPEATS)
+    for key in ("process_size", "batch_size"):
         _at_least(at, key, getattr(opts, key), 1)
     if opts.flow not in FLOW_KINDS:
         raise SuiteError(f"{where}: [options] flow={opts.flow!r}; valid: {', '.join(FLOW_KINDS)}")

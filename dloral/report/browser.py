@@ -40,6 +40,7 @@ class PageCheck:
     images_loaded: int = 0  # decoded with a non-zero natural size
     title: str = ""
     screenshot: Path | None = None
+    evaluated: object = None  # the value of `evaluate`, when one was given
 
 
 def find_chromium() -> str:
@@ -123,9 +124,12 @@ def check_page(
     width: int = 1280,
     max_height: int = 6000,
     timeout: float = 60.0,
+    evaluate: str | None = None,
 ) -> PageCheck:
     """Load html_path in headless Chromium; optionally save a PNG of the page's top
-    (width x up to max_height pixels). Raises BrowserError when Chromium is absent or stuck."""
+    (width x up to max_height pixels) and evaluate a JavaScript expression in the loaded page
+    (its JSON-serialisable value in `evaluated`, e.g. computed styles or rendered sizes).
+    Raises BrowserError when Chromium is absent or stuck."""
     html_path = Path(html_path).resolve()
     if not html_path.is_file():
         raise BrowserError(f"{html_path}: no such file")
@@ -174,6 +178,11 @@ def check_page(
                 _collect(cdp.events, check)
                 check.tables, check.images = probe["tables"], probe["images"]
                 check.images_loaded, check.title = probe["loaded"], probe["title"]
+                if evaluate is not None:
+                    result = cdp.send("Runtime.evaluate", expression=evaluate, returnByValue=True)
+                    if "exceptionDetails" in result:
+                        raise BrowserError(f"{evaluate!r}: {result['exceptionDetails']}")
+                    check.evaluated = result["result"].get("value")
                 if screenshot is not None:
                     height = min(max_height, max(probe["height"], 1))
                     cdp.send(

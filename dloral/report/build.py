@@ -3,9 +3,14 @@
 A report is a folder: index.html (self-contained: inline CSS, no script, no request outside the
 folder; opens from disk), report.md (the same content for a repository or a paper draft) and
 images/ (every plot and visual comparison as PNG). Both documents are rendered from one list of
-blocks, so they always say the same. Every section ends with its provenance: datasets and their
-manifest hashes, metric implementations, flow estimator, weights used or missing, device,
-versions, git commit, seeds and the command that made the numbers.
+blocks, so they always say the same. The header names the code and command that made each
+set of results and, separately, those that built the report. Every section ends with its
+provenance: datasets and their manifest hashes, metric implementations, flow estimator, weights
+used or missing, device, versions, git commit, seeds and the command that made the numbers.
+
+Methods whose recorded weights are untrained (run.json, dloral.report.sources.untrained_methods)
+carry tables.UNTRAINED in every table, plot and visual, with a note saying why; they are never
+ranked nor on a Pareto front unless `rank_untrained`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import html
 import json
 import math
 import re
-import sys
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +30,15 @@ import pandas as pd
 from dloral.atomic import atomic_write_text
 from dloral.bench.registry import resolve
 from dloral.report import plots, tables
-from dloral.report.sources import BenchRun, SweepRun, higher_is_better
+from dloral.report.sources import BenchRun, SweepRun, higher_is_better, untrained_methods
+from dloral.report.tables import UNTRAINED
 from dloral.report.visuals import visual_grid
 from dloral.trials import EVAL_COLUMNS
 
 KIND_ORDER = ("full_reference", "no_reference", "temporal", "latency")
 QUALITY_PREFERENCE = ("musiq", "lpips", "clipiqa", "dists", "maniqa", "niqe", "piqe", "psnr")
 CURVE_METRICS = ("psnr", "ssim", "lpips", "ewarp", "tof", "tlp")
+SPREAD = ("s_per_frame_min", "s_per_frame_max")  # said in the caption, not columns of a table
 
 
 # ----- the document model: blocks rendered to Markdown and HTML -----------------------------
@@ -123,10 +130,9 @@ th, td { padding: .25em .6em; border-bottom: 1px solid #e3e3e3; text-align: righ
 thead th { border-bottom: 2px solid #888; text-align: center; }
 tbody th { text-align: left; font-weight: 600; }
 caption { caption-side: bottom; text-align: left; color: #555; font-size: .9em; padding-top: .4em; }
-td b { color: #b00; } td u { text-decoration-thickness: 2px; color: #0645ad; }
 .gallery { display: flex; flex-wrap: wrap; gap: .5em 1.5em; align-items: flex-start; }
 figure { margin: .6em 0 1em; max-width: 100%; }
-figure img { max-width: 100%; max-height: 420px; border: 1px solid #ddd; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #555; font-size: .9em; }
 code { background: #f3f3f3; padding: 0 .25em; border-radius: 3px; font-size: .92em; }
 table.grid td, table.grid th { text-align: left; vertical-align: top; }
@@ -233,20 +239,94 @@ def _metric_order(agg: pd.DataFrame, suite_order: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def _dataset_table(sub: pd.DataFrame, order: list[str], caption: str) -> tables.ComparisonTable:
+def _dataset_table(
+    sub: pd.DataFrame, order: list[str], caption: str, unranked: set[str]
+) -> tables.ComparisonTable:
     """One dataset's methods x metrics, metrics in `order`; the heading above names the dataset,
     so the table's dataset header level is dropped."""
     sub = sub.sort_values("metric", key=lambda m: m.map(order.index), kind="stable")
-    table = tables.comparison_table(sub, caption=caption)
+    table = tables.comparison_table(sub, caption=caption, unranked=unranked)
     table.header = table.header[1:]
     return table
 
 
+@dataclass
+class _Marks:
+    """How one report shows a run's methods: label per method (UNTRAINED after an untrained one),
+    why each marked label is untrained, and whether marked methods are ranked all the same."""
+
+    label: dict[str, str]
+    why: dict[str, str]  # marked label -> reason
+    rank: bool = False
+
+    @classmethod
+    def of(cls, runs: list[BenchRun], rank: bool) -> _Marks:
+        why = {m: r for run in runs for m, r in untrained_methods(run.run).items()}
+        return cls(
+            {m: f"{m} {UNTRAINED}" for m in why},
+            {f"{m} {UNTRAINED}": r for m, r in why.items()},
+            rank,
+        )
+
+    @property
+    def marked(self) -> set[str]:
+        return set(self.why)
+
+    @property
+    def unranked(self) -> set[str]:
+        return set() if self.rank else self.marked
+
+    def apply(self, df: pd.DataFrame) -> pd.DataFrame:
+        return df.assign(method=df["method"].map(lambda m: self.label.get(m, m))) if len(df) else df
+
+    def note(self, methods) -> str:
+        """The footnote for the marked ones among `methods` ("" when none is)."""
+        here = [m for m in dict.fromkeys(methods) if m in self.why]
+        if not here:
+            return ""
+        reasons = ", ".join(f"{m.removesuffix(' ' + UNTRAINED)} ({self.why[m]})" for m in here)
+        ranked = (
+            "Ranked all the same (--rank-untrained)."
+            if self.rank
+            else "Shown, not ranked (--rank-untrained ranks them)."
+        )
+        return f" {UNTRAINED} untrained weights, as the run recorded them: {reasons}. {ranked}"
+
+
+def _timing_note(sub: pd.DataFrame, table: pd.DataFrame, dataset: str) -> str:
+    """How s_per_frame and peak_mem_gib were measured on `dataset`, with the passes' spread."""
+    parts = []
+    impl = table.loc[table["dataset"] == dataset].drop_duplicates("metric")
+    impl = dict(zip(impl["metric"], impl["implementation"], strict=True))
+    if "s_per_frame" in impl:
+        spread = sub[sub["metric"].isin(SPREAD)].pivot_table(
+            index="method", columns="metric", values="value", sort=False
+        )
+        ranges = ", ".join(
+            f"{m} {r[SPREAD[0]]:.4f}–{r[SPREAD[1]]:.4f}"
+            for m, r in spread.iterrows()
+            if set(SPREAD) <= set(r.dropna().index)
+        )
+        parts.append(
+            f"s_per_frame: {impl['s_per_frame']}"
+            + (f"; fastest–slowest pass (mean over clips): {ranges}" if ranges else "")
+        )
+    if "peak_mem_gib" in impl:
+        parts.append(f"peak_mem_gib: {impl['peak_mem_gib']}")
+    return "".join(f" {p}." for p in parts)
+
+
 def bench_section(
-    b: _Builder, run: BenchRun, per_clip: tuple[str, ...], max_clips: int, quality: str | None
+    b: _Builder,
+    run: BenchRun,
+    per_clip: tuple[str, ...],
+    max_clips: int,
+    quality: str | None,
+    rank_untrained: bool = False,
 ) -> None:
     info = run.run
     suite = info.get("suite") or {}
+    marks = _Marks.of([run], rank_untrained)
     b.add(Heading(1, f"Benchmark: {run.name}"))
     status = info.get("status", "unknown")
     done = f"{info.get('clips_done', '?')} of {info.get('clips_total', '?')} clips"
@@ -263,7 +343,7 @@ def bench_section(
                 "clips it completed."
             )
         )
-    agg = run.aggregate
+    agg, df = marks.apply(run.aggregate), marks.apply(run.table)
     if agg.empty:
         b.add(Para("No results in this run."))
         return
@@ -276,25 +356,31 @@ def bench_section(
         cap = (
             f"{dataset}: mean over {clips} clip(s) of per-clip means (first {nf} frames of each); "
             f"crop border {info.get('crop_border', 0)}; ↑ higher / ↓ lower is better; best bold, "
-            "second underlined; – not measured; name@protocol: the published code a temporal "
-            "metric reproduces (README, Benchmarks and metrics)."
+            "second underlined (where a worse value exists); – not measured; name@protocol: the "
+            "published code a temporal metric reproduces (README, Benchmarks and metrics)."
         )
         if "noted" in sub and (sub["noted"].fillna(0) > 0).any():
-            notes = run.table.loc[
-                (run.table["dataset"] == dataset) & (run.table["note"].fillna("") != ""), "note"
-            ]
+            notes = df.loc[(df["dataset"] == dataset) & (df["note"].fillna("") != ""), "note"]
             cap += f" {tables.NOTED} shown, not ranked: " + "; ".join(dict.fromkeys(notes)) + "."
-        b.add(Heading(2, f"{dataset}"), Table(_dataset_table(sub, order, cap)))
+        cap += marks.note(sub["method"]) + _timing_note(sub, df, dataset)
+        shown = sub[~sub["metric"].isin(SPREAD)]
+        table = _dataset_table(shown, order, cap, marks.unranked)
+        b.add(Heading(2, f"{dataset}"), Table(table))
         for metric in map(resolve, per_clip):
-            if not ((run.table["dataset"] == dataset) & (run.table["metric"] == metric)).any():
+            if not ((df["dataset"] == dataset) & (df["metric"] == metric)).any():
                 b.add(Para(f"Per-clip {metric}: no values on {dataset}."))
                 continue
+            on = df[(df["dataset"] == dataset) & (df["metric"] == metric)]
             t = tables.per_clip_table(
-                run.table, dataset, metric, caption=f"{dataset}: {metric} per clip"
+                df,
+                dataset,
+                metric,
+                caption=f"{dataset}: {metric} per clip." + marks.note(on["method"]),
+                unranked=marks.unranked,
             )
             b.add(Table(t))
-    _bench_plots(b, run, max_clips, quality)
-    _bench_visuals(b, run, max_clips)
+    _bench_plots(b, run, agg, df, marks, max_clips, quality)
+    _bench_visuals(b, run, marks, max_clips)
     _skipped(b, run)
     b.add(Heading(2, "Provenance"))
     _bench_provenance(b, run)
@@ -306,11 +392,13 @@ def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, list[str]]:
     A method name that two runs both have, with different values, is labelled "method (suite)".
     A metric computed by different implementations in different runs (RAFT vs DIS flow, another
     crop border, ...) is not comparable: it is left out, and the notes say which and why.
+    `untrained` is True for a method its run recorded as untrained.
     """
     frames = []
     for run in benches:
         a = run.aggregate.copy()
         a["run"] = run.name
+        a["untrained"] = a["method"].isin(list(untrained_methods(run.run)))
         frames.append(a)
     agg = pd.concat(frames, ignore_index=True)
     shared = agg.groupby("dataset")["run"].nunique()
@@ -340,10 +428,20 @@ def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, list[str]]:
     return agg.drop(columns="run"), notes
 
 
-def combined_section(b: _Builder, benches: list[BenchRun]) -> None:
+def combined_section(b: _Builder, benches: list[BenchRun], rank_untrained: bool = False) -> None:
     agg, notes = combine(benches)
     if agg.empty:
         return
+    why = {m: r for run in benches for m, r in untrained_methods(run.run).items()}
+    label = {  # "dloral-tiny (embedded)" is the untrained dloral-tiny of run embedded
+        m: f"{m} {UNTRAINED}" for m in agg.loc[agg["untrained"], "method"]
+    }
+    marks = _Marks(
+        label,
+        {f"{m} {UNTRAINED}": why.get(m.rsplit(" (", 1)[0], "recorded untrained") for m in label},
+        rank_untrained,
+    )
+    agg = marks.apply(agg[~agg["metric"].isin(SPREAD)])
     names = ", ".join(r.name for r in benches)
     b.add(Heading(1, "All benchmark runs together"))
     b.add(
@@ -354,8 +452,12 @@ def combined_section(b: _Builder, benches: list[BenchRun]) -> None:
     )
     order = _metric_order(agg, [])
     for dataset in dict.fromkeys(agg["dataset"]):
-        cap = f"{dataset}: every run's methods; best bold, second underlined."
-        table = _dataset_table(agg[agg["dataset"] == dataset], order, cap)
+        sub = agg[agg["dataset"] == dataset]
+        cap = (
+            f"{dataset}: every run's methods; best bold, second underlined (where a worse value "
+            "exists)." + marks.note(sub["method"])
+        )
+        table = _dataset_table(sub, order, cap, marks.unranked)
         b.add(Heading(2, f"{dataset} (all runs)"), Table(table))
     for note in notes:
         b.add(Para(note + "."))
@@ -385,20 +487,31 @@ def _pick_quality(agg: pd.DataFrame, dataset: str, quality: str | None) -> list[
     return list(dict.fromkeys(picks[:1] + [m for m in ("psnr",) if m in have]))
 
 
-def _bench_plots(b: _Builder, run: BenchRun, max_clips: int, quality: str | None) -> None:
-    agg, df = run.aggregate, run.table
+def _bench_plots(
+    b: _Builder,
+    run: BenchRun,
+    agg: pd.DataFrame,
+    df: pd.DataFrame,
+    marks: _Marks,
+    max_clips: int,
+    quality: str | None,
+) -> None:
+    """Quality vs speed and per-frame curves; agg and df carry the report's method labels."""
     speed_blocks = []
     for dataset in dict.fromkeys(agg["dataset"]):
         if "s_per_frame" not in set(agg.loc[agg["dataset"] == dataset, "metric"]):
             continue
         for metric in _pick_quality(agg, dataset, quality):
-            fig = plots.quality_speed(agg, dataset, metric)
+            fig = plots.quality_speed(
+                agg, dataset, metric, untrained=marks.marked, rank_untrained=marks.rank
+            )
             speed_blocks.append(
                 (
                     fig,
                     f"{run.name}-{dataset}-{metric}-speed",
                     f"{dataset}: {metric} vs seconds per frame "
-                    f"({run.run.get('device', '?')}, methods run by the harness).",
+                    f"({run.run.get('device', '?')}, methods run by the harness)."
+                    + marks.note(agg.loc[agg["dataset"] == dataset, "method"]),
                 )
             )
     b.section("Quality vs speed", speed_blocks)
@@ -408,24 +521,25 @@ def _bench_plots(b: _Builder, run: BenchRun, max_clips: int, quality: str | None
     for dataset in dict.fromkeys(scored["dataset"]):
         clips = list(dict.fromkeys(scored.loc[scored["dataset"] == dataset, "clip"]))
         for clip in clips[:max_clips]:
-            have = set(
-                scored.loc[(scored["dataset"] == dataset) & (scored["clip"] == clip), "metric"]
-            )
+            on = scored[(scored["dataset"] == dataset) & (scored["clip"] == clip)]
+            have = set(on["metric"])
             metrics = [m for c in CURVE_METRICS for m in sorted(have) if m.split("@")[0] == c][:3]
             if metrics:
-                fig = plots.per_frame_curves(df, dataset, clip, metrics, scales=scales)
+                fig = plots.per_frame_curves(
+                    df, dataset, clip, metrics, scales=scales, untrained=marks.marked
+                )
                 curves.append(
                     (
                         fig,
                         f"{run.name}-{dataset}-{clip}-frames",
                         f"{dataset}/{clip}: {', '.join(metrics)} per frame "
-                        "(pair metrics between frames t and t+1).",
+                        "(pair metrics between frames t and t+1)." + marks.note(on["method"]),
                     )
                 )
     b.section("Per-frame curves", curves)
 
 
-def _bench_visuals(b: _Builder, run: BenchRun, max_clips: int) -> None:
+def _bench_visuals(b: _Builder, run: BenchRun, marks: _Marks, max_clips: int) -> None:
     if not run.visuals:
         return
     b.add(Heading(2, "Visual comparisons"))
@@ -444,11 +558,12 @@ def _bench_visuals(b: _Builder, run: BenchRun, max_clips: int) -> None:
             continue
         per_dataset[entry["dataset"]] = n + 1
         top, left, h, w = entry["box"]
+        shown = [marks.label.get(m, m) for m in entry["images"]]
         b.figure(
-            visual_grid(entry),
+            visual_grid(entry, marks.label, untrained=marks.marked),
             f"{run.name}-{entry['dataset']}-{entry['clip']}-visual",
             f"{entry['dataset']}/{entry['clip']}, frame {entry['frame_name']}: crop "
-            f"{w}x{h} at (x={left}, y={top}), x-t row y={entry['row']}.",
+            f"{w}x{h} at (x={left}, y={top}), x-t row y={entry['row']}." + marks.note(shown),
         )
 
 
@@ -457,9 +572,22 @@ def _versions_line(versions: dict[str, str]) -> str:
 
 
 def _git_line(info: dict[str, Any]) -> str:
+    """`commit` and whether the tree had uncommitted changes (when that was recorded)."""
     commit = info.get("git_commit", "unknown")
     dirty = info.get("git_dirty")
-    return f"`{commit}`" + (" (with uncommitted changes)" if dirty else "")
+    state = {True: " (with uncommitted changes)", False: " (clean)"}.get(dirty, "")
+    return f"`{commit}`{state}"
+
+
+def _command(info: dict[str, Any]) -> str:
+    """The command a run recorded, as typed (shell-quoted); a run recorded before the typed
+    line was kept shows its argv with the script's name only."""
+    if info.get("command_line"):
+        return f"`{info['command_line']}`"
+    argv = [str(a) for a in info.get("command") or []]
+    if not argv:
+        return "not recorded"
+    return f"`{shlex.join([Path(argv[0]).name, *argv[1:]])}`"
 
 
 def _machine_line(machine: dict[str, Any], device: str | None = None) -> str:
@@ -503,7 +631,7 @@ def _bench_provenance(b: _Builder, run: BenchRun) -> None:
     rows.append(["versions", _versions_line(info.get("versions") or {})])
     rows.append(["git commit", _git_line(info)])
     rows.append(["seed", str(info.get("seed"))])
-    rows.append(["command", f"`{' '.join(info.get('command') or [])}`"])
+    rows.append(["command", _command(info)])
     rows.append(
         [
             "run",
@@ -738,8 +866,10 @@ def build_report(
     per_clip: tuple[str, ...] = (),
     max_clips: int = 3,
     quality: str | None = None,
+    rank_untrained: bool = False,
 ) -> Report:
-    """Write out/index.html, out/report.md and out/images/*.png; return the Report."""
+    """Write out/index.html, out/report.md and out/images/*.png; return the Report.
+    `rank_untrained` ranks methods with untrained weights too (they stay marked)."""
     from dloral import provenance
 
     if not benches and not sweeps:
@@ -750,19 +880,35 @@ def build_report(
     for old in b.images.glob("*.png"):  # a rebuilt report shows only what it was made from
         old.unlink()
     made = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    git = provenance.git_state()
+    rows = []
+    for run in benches:
+        info = run.run
+        when = f"{info.get('started', '?')} to {info.get('finished', '?')}"
+        rows.append([f"results: {run.name} ({when})", _command(info), _git_line(info)])
+    for sweep in sweeps:
+        prov = sweep.spec.provenance if sweep.spec is not None else {}
+        code = _git_line(prov) if prov.get("git_commit") else "not recorded"
+        started = sweep.spec.created if sweep.spec is not None else "?"
+        rows.append([f"results: sweep {sweep.name} ({started})", "not recorded", code])
+    rows.append(
+        [
+            f"this report ({made})",
+            f"`{provenance.command_line()}`",
+            f"{_git_line(provenance.git_state())}, dloral {provenance.versions().get('dloral')}",
+        ]
+    )
     b.add(
-        Para(
-            f"Made {made} by `{' '.join(['dloral-exp', *sys.argv[1:]])}` with dloral "
-            f"{provenance.versions().get('dloral')} at commit {_git_line(git)}. Sources: "
-            + "; ".join(f"`{x.origin}`" for x in [*benches, *sweeps])
-            + "."
+        Grid(
+            ["made", "by the command", "with the code at commit"],
+            rows,
+            "The results and this report may come from different code: each row names its own. "
+            "Sources: " + "; ".join(x.origin for x in [*benches, *sweeps]) + ".",
         )
     )
     if len(benches) > 1:
-        combined_section(b, benches)
+        combined_section(b, benches, rank_untrained)
     for run in benches:
-        bench_section(b, run, per_clip, max_clips, quality)
+        bench_section(b, run, per_clip, max_clips, quality, rank_untrained)
     for sweep in sweeps:
         sweep_section(b, sweep)
     atomic_write_text(report.markdown, to_markdown(report))

@@ -3,23 +3,29 @@
 - `quality_speed`: one dataset, a quality metric against seconds per frame, one point per method
   (annotated), with the Pareto front (no other method is both faster and better). Answers "what
   does the quality cost?".
-- `per_frame_curves`: one clip, one stacked panel per metric, one line per method over the frame
-  index. Shows where along a clip methods differ (a scene cut, a flicker burst) that the clip
-  mean hides. Pair metrics (E*warp, tOF, tLP: value i is between frames i and i+1) sit at i + 0.5.
+- `per_frame_curves`: one clip, one stacked panel per metric (named above it), one line per
+  method over the frame index. Shows where along a clip methods differ (a scene cut, a flicker
+  burst) that the clip mean hides. Pair metrics (E*warp, tOF, tLP: value i is between frames i
+  and i+1) sit at i + 0.5.
 - `ablation`: one swept key against one validation metric, every trial a point, so the spread
   across seeds is visible; trials that ASHA stopped early are hollow (their value is from an
   earlier step), and for a few categories the per-category mean ± 1 std is drawn.
 
+Methods named in `untrained` (labels already carrying tables.UNTRAINED) are drawn hollow and
+dashed, left off the Pareto front unless `rank_untrained`, and the figure says why in a note.
+
 All figures use matplotlib's object API (`Figure`, never pyplot): no global state, no backend to
 choose, safe in worker processes. Axis labels carry each metric's direction (↑ / ↓) and, where a
-`scale` is known, the printed unit as in `dloral.report.tables`. `save` writes a PNG atomically.
+`scale` is known, the printed unit as in `dloral.report.tables`. Text is at least FONT_MIN points
+and per-frame figures have one size whatever the number of panels, so that a report shows them
+alike. `save` writes a PNG atomically.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +34,15 @@ from matplotlib.figure import Figure
 
 from dloral.atomic import atomic_write
 from dloral.bench.results import CLIP_LEVEL
-from dloral.report.tables import metric_label, metric_scales
+from dloral.report.tables import UNTRAINED, metric_label, metric_scales
 
 __all__ = ["ablation", "per_frame_curves", "quality_speed", "save"]
 
 SPEED_LABELS = {"s_per_frame": "seconds / frame"}
+FONT_MIN = 9  # points: the smallest text in a figure (ticks, legends)
+FONT = 10  # axis labels
+CURVES_SIZE = (7.0, 5.6)  # inches, every per-frame figure, whatever its number of panels
+UNTRAINED_NOTE = f"{UNTRAINED} untrained weights (run provenance): shown, not ranked"
 MAX_CATEGORIES = 6  # an ablation key with at most this many distinct values is categorical
 _JITTER = 0.2  # half-width of the spread of one category's points, in category units
 
@@ -44,11 +54,15 @@ def quality_speed(
     speed: str = "s_per_frame",
     *,
     scales: dict[str, float] | None = None,
+    untrained: Collection[str] = (),
+    rank_untrained: bool = False,
 ) -> Figure:
     """Methods on `dataset` as points (x = `speed`, y = `metric`), each named, with Pareto front.
 
     agg is `dloral.bench.results.aggregate` output (its `scale` column is used when present). x is
-    log-scaled when the speeds span more than 10x.
+    log-scaled when the speeds span more than 10x. Where agg has `<speed>_min` and `<speed>_max`
+    (the fastest and slowest timed pass) they are drawn as horizontal bars. `untrained` methods
+    are hollow and not on the front (unless `rank_untrained`).
     """
     _require_columns(agg, ("dataset", "method", "metric", "value", "higher_is_better"), "agg")
     on = agg[agg["dataset"] == dataset]
@@ -76,12 +90,33 @@ def quality_speed(
     x = wide[speed].to_numpy(float) * scale.get(speed, 1.0)
     y = wide[metric].to_numpy(float) * scale.get(metric, 1.0)
 
+    marked = np.array([str(m) in set(untrained) for m in wide.index], dtype=bool)
+    spread = on_spread(agg, dataset, speed, list(wide.index))
+
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    ax.scatter(x, y, s=36, color="C0", zorder=3)
+    if spread is not None:
+        lo, hi = (spread * scale.get(speed, 1.0)).T
+        ax.errorbar(x, y, xerr=[x - lo, hi - x], fmt="none", ecolor="0.5", lw=1, zorder=2)
+    ax.scatter(x[~marked], y[~marked], s=36, color="C0", zorder=3)
+    if marked.any():
+        ax.scatter(
+            x[marked],
+            y[marked],
+            s=36,
+            facecolors="none",
+            edgecolors="C3",
+            zorder=3,
+            label=UNTRAINED_NOTE + ("" if rank_untrained else ", not on the front"),
+        )
     for method, xi, yi in zip(wide.index, x, y, strict=True):
-        ax.annotate(str(method), (xi, yi), xytext=(5, 4), textcoords="offset points", fontsize=9)
-    front = _pareto_front(x, y, higher[speed], higher[metric])
+        ax.annotate(
+            str(method), (xi, yi), xytext=(5, 4), textcoords="offset points", fontsize=FONT_MIN
+        )
+    ranked = np.ones(len(x), dtype=bool) if rank_untrained else ~marked
+    idx = np.flatnonzero(ranked)
+    front = idx[_pareto_front(x[idx], y[idx], higher[speed], higher[metric])]
+    front = front[np.argsort(x[front], kind="stable")]
     if len(front) > 1:
         ax.plot(
             x[front],
@@ -92,15 +127,29 @@ def quality_speed(
             zorder=2,
             label="Pareto front",
         )
-        ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=FONT_MIN)
     if x.min() > 0 and x.max() / x.min() > 10:
         ax.set_xscale("log")
     speed_name = SPEED_LABELS.get(speed, speed)
-    ax.set_xlabel(_axis_label(speed_name, higher[speed], scale.get(speed, 1.0)))
+    bars = " (bars: fastest to slowest pass)" if spread is not None else ""
+    ax.set_xlabel(_axis_label(speed_name, higher[speed], scale.get(speed, 1.0)) + bars)
     ax.set_ylabel(_axis_label(metric, higher[metric], scale.get(metric, 1.0)))
-    ax.set_title(f"{dataset}: {metric} vs {speed_name} ({len(wide)} methods)")
+    ax.set_title(f"{dataset}: {metric} vs {speed_name} ({len(wide)} methods)", fontsize=FONT)
     ax.grid(True, which="major", alpha=0.3)
+    _readable(fig)
     return fig
+
+
+def on_spread(agg: pd.DataFrame, dataset: str, speed: str, methods: list[str]) -> np.ndarray | None:
+    """(len(methods), 2) of `<speed>_min`, `<speed>_max` on dataset; None unless all have both."""
+    names = [f"{speed}_min", f"{speed}_max"]
+    on = agg[(agg["dataset"] == dataset) & agg["metric"].isin(names)]
+    if on.empty:
+        return None
+    wide = on.pivot_table(index="method", columns="metric", values="value")
+    wide = wide.reindex(index=methods, columns=names)
+    return None if wide.isna().any().any() else wide.to_numpy(float)
 
 
 def per_frame_curves(
@@ -110,11 +159,13 @@ def per_frame_curves(
     metrics: Sequence[str],
     *,
     scales: dict[str, float] | None = None,
+    untrained: Collection[str] = (),
 ) -> Figure:
     """One panel per metric of `metrics` present for the clip, one line per method over frames.
 
     df is the long results table; clip-level rows (frame == -1) are ignored. Pair-level values
-    (between frames i and i+1) are drawn at x = i + 0.5. Each method keeps one colour throughout.
+    (between frames i and i+1) are drawn at x = i + 0.5. Each method keeps one colour throughout;
+    `untrained` methods are dashed. The figure is CURVES_SIZE whatever the number of panels.
     """
     _require_columns(df, ("dataset", "method", "clip", "frame", "metric", "value"), "df")
     on = df[(df["dataset"] == dataset) & (df["clip"] == clip)]
@@ -134,7 +185,7 @@ def per_frame_curves(
     scale = scales or {}
     colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(on["method"]))}
 
-    fig = Figure(figsize=(7.0, 0.8 + 2.2 * len(present)), layout="constrained")
+    fig = Figure(figsize=CURVES_SIZE, layout="constrained")
     axes = fig.subplots(len(present), 1, sharex=True, squeeze=False)[:, 0]
     pairs: list[bool] = []
     for ax, metric in zip(axes, present, strict=True):
@@ -147,8 +198,18 @@ def per_frame_curves(
                 continue
             x = line["frame"].to_numpy(float) + (0.5 if pair else 0.0)
             y = line["value"].to_numpy(float) * scale.get(metric, 1.0)
-            ax.plot(x, y, marker="o" if len(x) <= 50 else None, ms=3, color=colour, label=method)
-        ax.set_ylabel(_axis_label(metric, higher, scale.get(metric, 1.0)))
+            ax.plot(
+                x,
+                y,
+                marker="o" if len(x) <= 50 else None,
+                ms=3,
+                color=colour,
+                ls="--" if method in set(untrained) else "-",
+                label=method,
+            )
+        # above the panel, not along its side: a long name (ewarp@evalcrafter (×10⁻³)) would
+        # not fit the height of one of three stacked panels
+        ax.set_title(_axis_label(metric, higher, scale.get(metric, 1.0)), loc="left", fontsize=FONT)
         ax.grid(True, alpha=0.3)
         pairs.append(pair)
     if all(pairs):
@@ -157,8 +218,11 @@ def per_frame_curves(
         axes[-1].set_xlabel("frame; a frame pair (i, i+1) is drawn at i + 0.5")
     else:
         axes[-1].set_xlabel("frame")
-    axes[0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"{dataset} / {clip}")
+    shown = set(on["method"])
+    note = UNTRAINED_NOTE if any(m in shown for m in untrained) else None
+    axes[0].legend(loc="best", fontsize=FONT_MIN, title=note, title_fontsize=FONT_MIN)
+    fig.suptitle(f"{dataset} / {clip}", fontsize=FONT + 2)
+    _readable(fig)
     return fig
 
 
@@ -263,6 +327,14 @@ def ablation(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return fig
+
+
+def _readable(fig: Figure) -> None:
+    """Axis labels at FONT points, tick labels at FONT_MIN."""
+    for ax in fig.axes:
+        ax.xaxis.label.set_fontsize(FONT)
+        ax.yaxis.label.set_fontsize(FONT)
+        ax.tick_params(labelsize=FONT_MIN)
 
 
 def save(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:

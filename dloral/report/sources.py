@@ -147,6 +147,25 @@ def read_bench(folder: Path, origin: str) -> BenchRun:
     return BenchRun(name, folder, origin, table, agg, run, skipped, read_index(folder / "visuals"))
 
 
+def untrained_methods(run: dict[str, Any]) -> dict[str, str]:
+    """Method -> why its weights are untrained, from the run's recorded provenance (run.json's
+    `methods`): the method's own `untrained` statement, or, in a run recorded before methods
+    made one, a backbone recorded as random-init. Never from the method's name."""
+    out = {}
+    for name, method in (run.get("methods") or {}).items():
+        if not isinstance(method, dict):
+            continue
+        if "untrained" in method:
+            why = method["untrained"]
+        else:
+            model = method.get("model") if isinstance(method.get("model"), dict) else {}
+            random = "random-init" in (method.get("weights"), model.get("backbone_weights"))
+            why = "random-init backbone" if random else None
+        if why:
+            out[name] = str(why)
+    return out
+
+
 # ----- sweeps ------------------------------------------------------------------------------
 def available_sweeps(root: Path = SWEEP_ROOT) -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/summary.json")) if root.is_dir() else []

@@ -1,5 +1,9 @@
 """Comparison tables as VSR papers print them: best value bold, second underlined, per column.
 
+The second place is underlined only where a ranked value is worse than it (three or more
+distinct values): with two methods "second" would mark the worse one. Rows given as `unranked`
+(methods with untrained weights, marked UNTRAINED) are shown but never ranked.
+
 Input is `dloral.bench.results.aggregate` output (or the harness's aggregate.csv, whose `scale`
 column is used when present). Cells are plain (text, mark) pairs; markdown and HTML render them.
 """
@@ -8,7 +12,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +24,7 @@ Mark = Literal["best", "second", "noted"] | None
 Cell = tuple[str, Mark]
 MISSING = "–"
 NOTED = "†"  # a value with a note (e.g. PIQE's 100 for no active block): shown, not ranked
+UNTRAINED = "‡"  # after a method whose recorded weights are untrained: shown, not ranked
 DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4}  # by metric family (the name before any "_")
 DEFAULT_DIGITS = 4
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -87,14 +92,16 @@ def comparison_table(
     scales: dict[str, float] | None = None,
     digits: dict[str, int] | None = None,
     caption: str | None = None,
+    unranked: Collection[str] = (),
 ) -> ComparisonTable:
     """rows x cols of agg's `value`, each value times its metric's scale and rounded.
 
     Per column, the best value is bold and the second underlined in the metric's direction.
     Ties are decided on the displayed (rounded) values, as papers do: all tied values share a
-    rank and the next distinct value is second. Missing values show as "–" and are not ranked;
-    a value made of noted values (agg's `noted` > 0, e.g. PIQE's 100 where it found no active
-    block) shows with "†" and is not ranked either.
+    rank and the next distinct value is second, underlined only when a worse ranked value
+    exists. Missing values show as "–" and are not ranked; a value made of noted values (agg's
+    `noted` > 0, e.g. PIQE's 100 where it found no active block) shows with "†" and is not
+    ranked either; nor are the values of the `unranked` rows (labels of the `rows` axis).
     """
     cols = tuple(cols)
     if "metric" not in cols or sorted((rows, *cols)) != sorted(_AXES):
@@ -134,6 +141,7 @@ def comparison_table(
             scale_of.get(k[m], 1.0),
             _digits(k[m], digits),
             [(r, k) in noted for r in row_keys],
+            [r in set(unranked) for r in row_keys],
         )
         for k in col_keys
     ]
@@ -149,8 +157,10 @@ def per_clip_table(
     scales: dict[str, float] | None = None,
     digits: dict[str, int] | None = None,
     caption: str | None = None,
+    unranked: Collection[str] = (),
 ) -> ComparisonTable:
-    """methods x clips of one dataset and metric (mean of each clip's frames), marked per clip."""
+    """methods x clips of one dataset and metric (mean of each clip's frames), marked per clip;
+    `unranked` methods are shown, not ranked."""
     clips = results.per_clip(df)
     clips = clips[(clips["dataset"] == dataset) & (clips["metric"] == metric)]
     if clips.empty:
@@ -158,7 +168,12 @@ def per_clip_table(
     agg = clips.rename(columns={"clip": "_clip", "dataset": "_dataset"})
     agg = agg.assign(dataset=agg["_clip"].astype(str))
     table = comparison_table(
-        agg, scales=scales, digits=digits, caption=caption, cols=("metric", "dataset")
+        agg,
+        scales=scales,
+        digits=digits,
+        caption=caption,
+        cols=("metric", "dataset"),
+        unranked=unranked,
     )
     label, span = table.header[0][0]
     table.header[0] = [(f"{dataset}: {label}", span)]
@@ -167,22 +182,32 @@ def per_clip_table(
 
 
 def _rank_column(
-    values: list[float], higher: bool, scale: float, digits: int, noted: list[bool] | None = None
+    values: list[float],
+    higher: bool,
+    scale: float,
+    digits: int,
+    noted: list[bool] | None = None,
+    unranked: list[bool] | None = None,
 ) -> list[Cell]:
-    """Format one column and mark best/second on the rounded values (ties share a rank);
-    noted values are shown with NOTED and left out of the ranking."""
+    """Format one column and mark best/second on the rounded values (ties share a rank; second
+    only above a worse value); noted values are shown with NOTED, and they and the unranked
+    ones are left out of the ranking."""
     noted = noted or [False] * len(values)
+    unranked = unranked or [False] * len(values)
     shown = [None if math.isnan(v) else round(v * scale, digits) + 0.0 for v in values]
-    ranked = {s for s, n in zip(shown, noted, strict=True) if s is not None and not n}
+    ranked = {
+        s for s, n, u in zip(shown, noted, unranked, strict=True) if s is not None and not (n or u)
+    }
     distinct = sorted(ranked, reverse=higher)
-    rank: dict[float, Mark] = {s: ("best", "second")[i] for i, s in enumerate(distinct[:2])}
+    places = ("best", "second") if len(distinct) >= 3 else ("best",)
+    rank: dict[float, Mark] = dict(zip(distinct, places, strict=False))
     return [
         (MISSING, None)
         if s is None
         else (f"{s:.{digits}f}{NOTED}", "noted")
         if n
-        else (f"{s:.{digits}f}", rank.get(s))
-        for s, n in zip(shown, noted, strict=True)
+        else (f"{s:.{digits}f}", None if u else rank.get(s))
+        for s, n, u in zip(shown, noted, unranked, strict=True)
     ]
 
 

@@ -52,6 +52,7 @@ from dloral.train.validation import psnr, ssim, temporal_change_error
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+STRIP_LABELS = ("LQ", "output", "GT")  # the panels of validate()'s sample strip
 
 
 class TrainingDiverged(RuntimeError):
@@ -488,7 +489,7 @@ def _loop(
             metrics, strip = validate(model, cfg, ctx)
             tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, done)
             if strip is not None:
-                tracker.log_image(strip, f"samples/step-{done:06d}.png")
+                tracker.log_image(strip, f"samples/step-{done:06d}.png", STRIP_LABELS)
         saved = None
         if done % cfg.run.checkpoint_every == 0 or done == cfg.run.max_steps:
             saved = last_ckpt = _save_state(

@@ -20,7 +20,7 @@ class NullTracker:
 
     def start(self, cfg, run_dir: Path, resume: bool, info: dict) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_image(self, image: torch.Tensor, name: str) -> None: ...
+    def log_image(self, image: torch.Tensor, name: str, labels: tuple[str, ...] = ()) -> None: ...
     def log_table(self, columns: dict[str, list], name: str) -> None: ...
     def log_checkpoint(self, folder: Path | None) -> None: ...
     def finish(self, status: str, reason: str | None = None) -> None: ...
@@ -65,7 +65,12 @@ class MlflowTracker(NullTracker):
         run = self.client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
         self.run_id = run.info.run_id
         id_file.write_text(self.run_id)
-        tracking.log_params(self.client, self.run_id, tracking.flatten(cfg.to_dict()))
+        params = tracking.flatten(cfg.to_dict())
+        if "backbone_weights" in info:
+            # what was built, as the backbone_weights tag says: the tiny profile is random-init
+            # although its config leaves random_init (an sd21 switch) false
+            params["model.random_init"] = str(info["backbone_weights"] == "random-init")
+        tracking.log_params(self.client, self.run_id, params)
         self.client.log_artifact(self.run_id, str(run_dir / "config.toml"))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -75,10 +80,14 @@ class MlflowTracker(NullTracker):
         rows = [(k, v, step) for k, v in metrics.items() if step > done.get(k, -1)]
         tracking.log_metrics(self.client, self.run_id, rows)
 
-    def log_image(self, image: torch.Tensor, name: str) -> None:
+    def log_image(self, image: torch.Tensor, name: str, labels: tuple[str, ...] = ()) -> None:
+        """`image` (3, H, W); `labels` name its equal-width panels in a band on top."""
         from dloral.data.frames import to_uint8
 
-        self.client.log_image(self.run_id, to_uint8(image), artifact_file=name)
+        pixels = to_uint8(image)
+        if labels:
+            pixels = tracking.label_panels(pixels, labels)
+        self.client.log_image(self.run_id, pixels, artifact_file=name)
 
     def log_table(self, columns: dict[str, list], name: str) -> None:
         """Rows appended to the run's table artifact `name` (.json), e.g. sample -> prompt."""
