@@ -1,6 +1,6 @@
 """How to wrap the alternating stages in DDP: measured on 2 CPU processes (gloo, tiny profile).
 
-    uv run python benchmarks/ddp_wrapping.py --steps 8
+    uv run python benchmarks/ddp_wrapping.py --steps 12 --repeats 2
 
 The recipe trains C-LoRA + CFR in consistency stages and D-LoRA in detail stages. Three ways to
 put that under DistributedDataParallel, each timed over `--steps` forward+backward+all-reduce
@@ -39,11 +39,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from latency import environment, write_result  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-# the failing one last: its unfinished reduction leaves the process group unusable
-MODES = ("one wrapper, find_unused", "rebuilt per stage", "one wrapper, no find_unused")
+MODES = ("one wrapper, no find_unused", "one wrapper, find_unused", "rebuilt per stage")
 
 
-def _rank(rank: int, world: int, port: int, steps: int, out: str) -> None:
+def _rank(rank: int, world: int, port: int, mode: str, steps: int, out: str) -> None:
+    """One process of the group, timing `mode` (each mode in fresh processes: a DDP wrapper
+    changes the parameters' gradient hooks for the life of the process)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -66,48 +67,51 @@ def _rank(rank: int, world: int, port: int, steps: int, out: str) -> None:
     with torch.no_grad():
         ctx["neg"] = model.encode_prompt([cfg.loss.neg_prompt])
     p = plan(cfg.schedule.alternation_period + 1, cfg.schedule, cfg.loss.weights)  # detail
-    result = {}
-    for mode in MODES:
-        if mode == "rebuilt per stage":
-            model.set_stage("detail")
-            ctx["forward"] = DDP(model, forward_sync_buffers=False)
-        else:
-            for q in trainable:
-                q.requires_grad_(True)
-            ctx["forward"] = DDP(
-                model, forward_sync_buffers=False, find_unused_parameters="find" in mode
-            )
-            model.set_stage("detail")
-        times = []
-        try:
-            for i in range(steps + 2):
-                batch = torch.utils.data.default_collate([data[i * world + rank]])
-                gen = torch.Generator().manual_seed(i)
-                t0 = time.perf_counter()
-                recipe.step_losses(model, batch, p, ctx, gen)["total"].backward()
-                times.append(time.perf_counter() - t0)
-                model.zero_grad(set_to_none=True)
-        except RuntimeError as err:
-            result[mode] = {"error": str(err).splitlines()[0][:300], "at_step": len(times) + 1}
-            continue
+    if mode == "rebuilt per stage":
+        model.set_stage("detail")
+        ctx["forward"] = DDP(model, forward_sync_buffers=False)
+    else:
+        for q in trainable:
+            q.requires_grad_(True)
+        find = mode == "one wrapper, find_unused"
+        ctx["forward"] = DDP(model, forward_sync_buffers=False, find_unused_parameters=find)
+        model.set_stage("detail")
+    times: list[float] = []
+    try:
+        for i in range(steps + 2):
+            batch = torch.utils.data.default_collate([data[i * world + rank]])
+            gen = torch.Generator().manual_seed(i)
+            t0 = time.perf_counter()
+            recipe.step_losses(model, batch, p, ctx, gen)["total"].backward()
+            times.append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
         timed = sorted(times[2:])
-        result[mode] = {"median_s_per_step": round(timed[len(timed) // 2], 4), "steps": steps}
+        result = {"median_s_per_step": round(timed[len(timed) // 2], 4), "steps": steps}
+    except RuntimeError as err:
+        result = {"error": str(err).splitlines()[0][:300], "at_step": len(times) + 1}
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    runs: dict[str, list] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "result.json")
-        mp.spawn(_rank, args=(2, port, args.steps, out), nprocs=2)
-        runs = json.loads(Path(out).read_text())
+        for _ in range(args.repeats):  # modes interleaved: the machine's load drifts
+            for mode in MODES:
+                out = str(Path(tmp) / "result.json")
+                mp.spawn(_rank, args=(2, _free_port(), mode, args.steps, out), nprocs=2)
+                runs[mode].append(json.loads(Path(out).read_text()))
     record = {
         "benchmark": "ddp_wrapping",
         "command": "uv run python benchmarks/ddp_wrapping.py " + " ".join(argv or sys.argv[1:]),

@@ -502,9 +502,11 @@ def _replicated(model: DLoRAL, trainable: list[torch.nn.Parameter], world: int):
     find_unused_parameters: the stage's frozen parameters (and CFR layers a variant bypasses)
     are then marked unused in each step instead of failing the reduction, and DDP leaves the
     gradient of a parameter that no rank used untouched (None), exactly as in one process.
-    The alternative, a wrapper rebuilt over each stage's parameters at every switch, measured no
-    faster (benchmarks/results/train-ddp-*.json) and still needs find_unused_parameters for the
-    no_gate and off variants."""
+    Without find_unused_parameters the first detail step fails the reduction. A wrapper rebuilt
+    over each stage's parameters at every switch would all-reduce half as much (16 instead of 33
+    MB per step for sd21, under 1 ms on NVLink), was no faster beyond noise on CPU
+    (benchmarks/results/ddp-wrapping-tiny-cpu.json), and still needs find_unused_parameters
+    for the no_gate and off CFR variants, which leave CFR layers unused."""
     if world == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
