@@ -522,17 +522,18 @@ def _replicated(model: DLoRAL, trainable: list[torch.nn.Parameter], world: int):
         model.set_stage(stage)
 
 
-def _mean_over_workers(values: dict[str, float], world: int) -> dict[str, float]:
+def _mean_over_workers(values: dict[str, float], ctx) -> dict[str, float]:
     """The mean of each value over the processes: what one process with every micro-batch
     would log."""
-    if world == 1:
+    if ctx["world"] == 1:
         return values
     import torch.distributed as dist
 
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    # on the training device: nccl reduces CUDA tensors only
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=ctx["device"])
     dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+    return {k: float(v) / ctx["world"] for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def _loop(
@@ -566,7 +567,7 @@ def _loop(
                 scaler.scale(terms["total"] / accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / accum
-        totals = _mean_over_workers(totals, world)
+        totals = _mean_over_workers(totals, ctx)
         if not all(map(math.isfinite, totals.values())):  # every rank stops at the same step
             tracker.log_metrics({"diverged_at_step": float(step)}, step)
             tracker.finish("FAILED", f"non-finite loss at step {step}: {totals}")
