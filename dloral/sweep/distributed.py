@@ -18,7 +18,6 @@ spans several machines, as the sweep's storage must be.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -27,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from dloral.trials import SweepSpec
-
-log = logging.getLogger(__name__)
 
 
 class ClusterTooSmall(ValueError):
@@ -75,11 +72,12 @@ def run_worker(job_dict: dict[str, Any]) -> None:
         start = _restore(job, rank, run_dir)
         tracker = _tracker(job, start) if rank == 0 else None
         if job.reports == "validation":
+            from dloral.sweep.spec import ChaosConfig
             from dloral.sweep.trial import TrialReports
 
             last_rank = rank == world - 1  # the drills stop one worker, not rank 0
             reports = TrialReports(
-                _send, cfg, _Chaos(**job.chaos), start, job.trial_id, tracker, drills=last_rank
+                _send, cfg, ChaosConfig(**job.chaos), start, job.trial_id, tracker, drills=last_rank
             )
             train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=reports)
             reports.flush()
@@ -89,12 +87,6 @@ def run_worker(job_dict: dict[str, Any]) -> None:
                 _send({"step": step}, saved)
 
             train(cfg, run_dir, resume=start > 0, tracker=tracker, on_checkpoint=at_checkpoint)
-
-
-@dataclass
-class _Chaos:
-    crash_once_at_step: int = 0
-    kill_once_at_step: int = 0
 
 
 def _restore(job: WorkerJob, rank: int, run_dir: Path) -> int:
