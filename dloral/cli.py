@@ -278,23 +278,80 @@ def train(
         Path | None,
         typer.Option(help="Run folder [default: <run.output_dir>/<run.name>-<date-time>]."),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Data-parallel processes, through Ray Train (DDP; one GPU each where the "
+            "cluster has GPUs) [default: run.workers; 1 trains in this process, without Ray].",
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With more than one worker: the Ray cluster to train on (e.g. 10.0.0.1:6379) "
+            "[default: $RAY_ADDRESS, else Ray starts on this machine]."
+        ),
+    ] = None,
+    cpus_per_worker: Annotated[
+        float,
+        typer.Option(
+            min=0.01,
+            help="With more than one worker: CPUs each reserves, also its torch thread count.",
+        ),
+    ] = 1,
     tracking: Annotated[bool, typer.Option(help="Log to MLflow ($MLFLOW_TRACKING_URI).")] = True,
 ) -> None:
-    """Train DLoRAL (alternating consistency and detail stages) without Ray."""
+    """Train DLoRAL (alternating consistency and detail stages): in this process, or on
+    --workers Ray Train processes."""
     from dloral.train.config import load_config
 
+    sets = [*(set_ or []), *([f"run.workers={workers}"] if workers is not None else [])]
     try:
         if resume is not None:
-            cfg = load_config(resume / "config.toml", set_ or [])
+            cfg = load_config(resume / "config.toml", sets)
         else:
-            cfg = load_config(experiment, set_ or [])
+            cfg = load_config(experiment, sets)
     except (FileNotFoundError, KeyError, ValueError) as err:
         _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    if address and cfg.run.workers == 1:
+        _fail("--address needs more than one worker (--workers N): one trains in this process")
 
     from dloral.tracking import tracking_uri
     from dloral.train.recipe import TrainingDiverged, default_run_dir
+
+    run_dir = resume or run_dir or default_run_dir(cfg)
+    try:
+        if cfg.run.workers > 1:
+            result = _train_on_workers(
+                cfg, run_dir, resume is not None, tracking, address, cpus_per_worker
+            )
+        else:
+            result = _train_here(cfg, run_dir, resume is not None, tracking)
+    except TrainingDiverged as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _stopped(
+            "the MLflow run is marked KILLED; continue from the last checkpoint with "
+            f"`dloral-exp train --resume {run_dir}`"
+        )
+    except (FileExistsError, FileNotFoundError) as err:
+        _fail(str(err))
+    where = f"; MLflow run {result.mlflow_run_id} at {tracking_uri()}" if tracking else ""
+    console.print(
+        "[green]done:[/] "
+        + escape(
+            f"{result.step} steps in {result.run_dir} (resume: --resume "
+            f"{result.run_dir}), checkpoint {result.last_checkpoint}, "
+            f"val {json.dumps({k: round(v, 4) for k, v in result.metrics.items()})}{where}"
+        )
+    )
+
+
+def _train_here(cfg, run_dir: Path, resume: bool, tracking: bool):
+    """One process, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     from dloral.train.recipe import train as run_training
     from dloral.train.tracking import MlflowTracker, NullTracker
 
@@ -318,33 +375,34 @@ def train(
             rate = (step - origin[0][0]) / max(time.perf_counter() - origin[0][1], 1e-9)
             bar.update(task, completed=step, stage=plan.stage, losses=text, rate=f"{rate:.2f} it/s")
 
-        run_dir = resume or run_dir or default_run_dir(cfg)
-        try:
-            result = run_training(
-                cfg,
-                run_dir=run_dir,
-                resume=resume is not None,
-                tracker=tracker,
-                progress=report,
-            )
-        except TrainingDiverged as err:
-            _fail(str(err))
-        except KeyboardInterrupt:
-            _stopped(
-                "the MLflow run is marked KILLED; continue from the last checkpoint with "
-                f"`dloral-exp train --resume {run_dir}`"
-            )
-        except (FileExistsError, FileNotFoundError) as err:
-            _fail(str(err))
-    where = f"; MLflow run {result.mlflow_run_id} at {tracking_uri()}" if tracking else ""
+        return run_training(cfg, run_dir=run_dir, resume=resume, tracker=tracker, progress=report)
+
+
+def _train_on_workers(
+    cfg, run_dir: Path, resume: bool, tracking: bool, address: str | None, cpus: float
+):
+    """run.workers Ray Train processes; rank 0 logs the steps to MLflow."""
+    from dloral.sweep.distributed import ClusterTooSmall
+    from dloral.sweep.train_driver import train_on_workers
+
     console.print(
-        "[green]done:[/] "
-        + escape(
-            f"{result.step} steps in {result.run_dir} (resume: --resume "
-            f"{result.run_dir}), checkpoint {result.last_checkpoint}, "
-            f"val {json.dumps({k: round(v, 4) for k, v in result.metrics.items()})}{where}"
+        escape(
+            f"train {cfg.run.name} on {cfg.run.workers} workers (Ray Train, effective batch "
+            f"{cfg.effective_batch}) in {run_dir}"
         )
     )
+    try:
+        return train_on_workers(
+            cfg,
+            run_dir,
+            resume=resume,
+            tracking=tracking,
+            address=address,
+            cpus_per_worker=cpus,
+            verbose=logging.getLogger().level <= logging.INFO,
+        )
+    except ClusterTooSmall as err:
+        _fail(str(err))
 
 
 @app.command()

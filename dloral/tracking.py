@@ -125,6 +125,14 @@ def reopen_run(client: MlflowClient, run_id: str) -> dict[str, int]:
     }
 
 
+def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The id of a run of the experiment that carries all of `tags` (e.g. the run an earlier
+    attempt of a retried trial made), if any."""
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=where, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def close_if_running(client: MlflowClient, run, status: str, reason: str | None = None) -> None:
     """End `run` (an mlflow Run) if it is still RUNNING; runs that ended keep their status."""
     if run.info.status == "RUNNING":

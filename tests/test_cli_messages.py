@@ -74,3 +74,10 @@ def test_hub_kernel_notices_are_dropped_from_the_log_but_warnings_stay(capsys):
         root.handlers[:] = saved
     assert "a real warning" in err
     assert "kernels-community" not in err
+
+
+def test_train_workers_and_address_are_checked_before_anything_runs():
+    result = runner.invoke(app, ["train", "--address", "10.0.0.1:6379"])
+    assert result.exit_code == 2 and "--address needs more than one worker" in _text(result)
+    result = runner.invoke(app, ["train", "--workers", "0"])
+    assert result.exit_code == 2 and "--workers" in _text(result)

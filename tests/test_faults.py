@@ -225,6 +225,47 @@ def test_sigterm_kills_a_tracked_training_run_truthfully_and_it_resumes(tmp_path
     assert _metric_steps(client, run_id, "val/psnr") == list(range(4, 25, 4))
 
 
+def test_sigterm_stops_a_two_worker_training_run_truthfully(tmp_path, data_roots):
+    """`train --workers 2` runs the recipe on Ray Train workers; SIGTERM to the driver stops
+    them and leaves the run's one MLflow run KILLED (never RUNNING), with the resume command."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "run"
+    sets = {
+        "data.train_root": f'"{data_roots / "train"}"',
+        "data.val_root": f'"{data_roots / "val"}"',
+        "data.val_clips": 1,
+        "data.val_frames": 2,
+        "data.sampler.crop": 32,
+        "run.max_steps": 40,
+        "run.log_every": 1,
+        "loss.lpips": '"optional"',
+    }
+    args = ["train", "--workers", "2", "--run-dir", str(run_dir)]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    proc = _start(args, tmp_path, env)
+
+    def training() -> bool:  # rank 0 logged a step: the workers are mid-run
+        id_file = run_dir / "mlflow_run_id"
+        if not id_file.is_file():
+            return False
+        return bool(_metric_steps(MlflowClient(uri), id_file.read_text(), "lr"))
+
+    _wait_for(proc, training, "a logged training step")
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-3000:]
+    assert f"dloral-exp train --resume {run_dir}" in " ".join(out.split())
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dloral-train").experiment_id])
+    assert run.info.status == "KILLED"
+    assert "SIGTERM" in run.data.tags["dloral.status_reason"]
+    assert run.data.tags["dloral.workers"] == "2"
+
+
 def test_sigterm_stops_upscale_keeping_whole_frames(tmp_path, bikes_lq):
     from PIL import Image
 

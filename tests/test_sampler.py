@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader
 
 from dloral.data.frames import write_png
 from dloral.data.readers import read_dataset
-from dloral.data.sampler import SamplerConfig, StagedClips, TrainingClips
+from dloral.data.sampler import SamplerConfig, StagedClips, TrainingClips, worker_indices
 from dloral.resize import bi_downsample
 
 
@@ -136,3 +136,15 @@ def test_staged_clips_take_each_sample_from_its_stages_set(train_root):
         StagedClips(
             {**sets, "detail": TrainingClips(still, SamplerConfig(crop=64, samples=3))}, len
         )
+
+
+def test_workers_share_each_steps_samples_as_one_process_accumulating():
+    """2 workers x batch 1 x accumulation 1 draw, step by step, the samples one process with
+    accumulation 2 draws; disjoint, in the order of the micro-batch slots."""
+    one = worker_indices(3, 7, share=2, rank=0, workers=1)
+    assert one == list(range(6, 14))  # one worker: every index, in order
+    ranks = [worker_indices(3, 7, share=1, rank=r, workers=2) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert [x for pair in zip(*ranks, strict=True) for x in pair] == one
+    # 2 workers x (batch 2 x accumulation 2): each rank a consecutive share of 4 per step
+    assert worker_indices(0, 2, share=4, rank=1, workers=2) == [4, 5, 6, 7, 12, 13, 14, 15]

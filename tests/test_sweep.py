@@ -214,3 +214,29 @@ def test_a_searched_run_length_is_each_trials_own_end(ray_local, mlflow_uri, tmp
     _, _, children = _runs(mlflow_uri)
     assert [r.info.status for r in children] == ["FINISHED"] * 2
     assert not [r for r in children if "dloral.status_reason" in r.data.tags]
+
+
+def test_a_sweep_of_two_worker_trials_finishes(ray_local, mlflow_uri, tmp_path, data_roots):
+    """`--set run.workers=2`: each trial is a Ray Train run of 2 DDP workers (1 CPU each, so
+    one trial at a time here), rank 0 reporting to Tune; one MLflow run per trial."""
+    path = tmp_path / "exp.toml"
+    path.write_text(
+        BASE.format(root=data_roots, storage=tmp_path / "sweeps")
+        + '\n[sweep.space]\n"run.seed" = [1, 2]\n'
+    )
+    exp = load_experiment(path, ["run.workers=2"])
+    result = run_sweep(exp, evaluate=False)
+
+    assert result.status == "finished"
+    for t in result.trials:
+        assert t.status == "finished" and t.step == 4
+        assert math.isfinite(t.metrics["val/psnr"])
+        assert (Path(t.checkpoint) / "dloral.safetensors").is_file()  # in the sweep storage
+    _, parents, children = _runs(mlflow_uri)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert sorted(r.data.tags["dloral.trial_id"] for r in children) == sorted(
+        t.trial_id for t in result.trials
+    )  # one run per trial, not one per worker
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["dloral.workers"] == "2" and run.data.params["run.workers"] == "2"

@@ -126,3 +126,11 @@ def test_sweep_missing_required_lpips_weights_fails_before_ray_starts(tmp_path, 
     with pytest.raises(SweepError, match=r"loss.lpips = 'required'.*vgg16-397923af.pth"):
         run_sweep(exp, tracking=False)
     assert not ray.is_initialized() and not (tmp_path / "sweeps").exists()
+
+
+def test_run_workers_is_set_for_the_sweep_not_searched(tmp_path):
+    base = load_experiment("default", ["run.workers=2"])
+    assert base.train_config({}).run.workers == 2
+    path = _write(tmp_path, '[sweep]\n[sweep.space]\n"run.workers" = [1, 2]\n')
+    with pytest.raises(SweepError, match="run.workers cannot be searched"):
+        load_experiment(path)

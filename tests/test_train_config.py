@@ -50,6 +50,7 @@ def test_reference_toml_is_the_reference():
     assert (cfg.loss.min_dm_step_ratio, cfg.loss.max_dm_step_ratio) == (0.02, 0.5)
     assert cfg.loss.neg_prompt == REFERENCE_NEG_PROMPT and cfg.loss.lpips == "required"
     assert (cfg.optim.lr, cfg.optim.grad_accum, cfg.optim.batch_size) == (5e-5, 2, 1)
+    assert (cfg.run.workers, cfg.effective_batch) == (8, 16)  # 8 GPUs x batch 1 x accum 2
     assert (cfg.data.sampler.crop, cfg.data.sampler.frames, cfg.data.sampler.scale) == (512, 3, 4)
     assert cfg.run.seed == 123
 
@@ -216,6 +217,7 @@ def test_number_for_a_string_field_in_a_file(tmp_path):
         ("data.val_kind=reds4", "data.val_lq"),
         ("data.train_kind=imagenet", "data.train_kind"),
         ("run.validate_every=0", "run.validate_every"),
+        ("run.workers=0", "run.workers"),
         ("schedule.transition_steps=60", "schedule.transition_steps"),
         ("loss.weights.csd=-1", "loss.weights.csd"),
     ],
@@ -298,3 +300,11 @@ def test_data_parity_keys_round_trip():
 def test_bad_data_parity_values(overrides, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
         load_config(overrides=overrides)
+
+
+def test_one_step_holds_every_workers_samples():
+    cfg = load_config(overrides=["run.workers=4", "optim.grad_accum=3", "run.max_steps=500"])
+    assert cfg.effective_batch == 4 * 1 * 3
+    # the sampler's epoch covers every sample of every step of every worker
+    assert cfg.resolved().data.sampler.samples == 500 * 12
+    assert load_config().run.workers == 1  # the default: one process, no Ray

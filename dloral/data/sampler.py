@@ -7,7 +7,8 @@ resize their short side (PIL BOX, as the reference's `resize_and_crop`); crop (r
 augment (a flip/transpose, or one of the 8 dihedral transforms); degrade unless LQ came from disk.
 
 Every sample is a pure function of (seed, index): the same seed gives the same sample in any
-process, so it works with any number of DataLoader workers and resumes exactly.
+process, so it works with any number of DataLoader workers and resumes exactly. Data-parallel
+runs split each step's indices between their processes (`worker_indices`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def _crop_corner(size: int, crop: int, mode: str, g: torch.Generator) -> int:
     if mode == "center":
         return (size - crop) // 2
     return int(round((size - crop) / 2.0))
+
+
+def worker_indices(start: int, stop: int, share: int, rank: int, workers: int) -> list[int]:
+    """The sample indices process `rank` of `workers` trains on in steps start..stop-1, in order.
+
+    Step s uses samples s*P .. s*P + P - 1 (P = workers * share) and rank r takes the r-th run of
+    `share` (batch x accumulation) of them: the ranks' shares are disjoint, together they are
+    exactly what one process with accumulation `workers` times longer draws, and one worker
+    draws every index in order."""
+    per_step = workers * share
+    first = rank * share
+    return [s * per_step + first + k for s in range(start, stop) for k in range(share)]
 
 
 class TrainingClips(Dataset):

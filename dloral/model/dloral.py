@@ -184,6 +184,11 @@ class DLoRAL(nn.Module):
         ).sample
         return fused - eps
 
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """restore_latent, the computation that trains: what a DistributedDataParallel wrapper
+        calls, so that the backward averages its gradients over the processes."""
+        return self.restore_latent(*args, **kwargs)
+
     def describe(self) -> dict[str, Any]:
         """What this model is made of, for provenance in results."""
         return {

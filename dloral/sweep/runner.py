@@ -502,13 +502,8 @@ def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from dloral.sweep.trial import run_trial
-
     s = exp.sweep
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec),
-        {"cpu": s.resources.cpu, "gpu": s.resources.gpu},
-    )
+    trainable, auto_concurrent = _trainable(spec, s, base.run.workers)
     sweep_dir = spec.sweep_dir
     if resume:
         if not tune.Tuner.can_restore(sweep_dir):
@@ -540,9 +535,11 @@ def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_
             mode=s.mode,
             scheduler=scheduler,
             num_samples=s.num_samples,
-            max_concurrent_trials=(max_concurrent or s.max_concurrent) or None,
+            max_concurrent_trials=(max_concurrent or s.max_concurrent) or auto_concurrent,
             trial_dirname_creator=_trial_dirname,
-            reuse_actors=True,  # later trials skip the worker start-up and imports
+            # later trials skip the worker start-up and imports; a trial of several workers
+            # must end with its actor, which owns its Ray Train run
+            reuse_actors=base.run.workers == 1,
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -554,6 +551,34 @@ def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_
         ),
     )
     return _fit_restoring_signals(tuner)
+
+
+def _trainable(spec: SweepSpec, s, workers: int) -> tuple[Any, int | None]:
+    """Tune's trainable and, when several workers make a trial, how many trials the cluster
+    holds at once. One worker: the trial is the training process, with [sweep.resources].
+    Several: the trial starts a Ray Train run of `workers` processes with [sweep.resources]
+    each, and only waits for it (no CPU of its own; Ray wants some resource in a trial's
+    bundle, so 1 MiB of memory)."""
+    from ray import tune
+
+    if workers == 1:
+        from dloral.sweep.trial import run_trial
+
+        resources = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
+        return tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources), None
+    import ray
+
+    from dloral.sweep.distributed import check_cluster, run_trial_on_workers
+
+    check_cluster(workers, s.resources.cpu, s.resources.gpu)
+    have = ray.cluster_resources()
+    fits = [have.get("CPU", 0) // (workers * s.resources.cpu)]
+    if s.resources.gpu:
+        fits.append(have.get("GPU", 0) // (workers * s.resources.gpu))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial_on_workers, spec=spec), {"cpu": 0, "memory": 2**20}
+    )
+    return trainable, max(1, int(min(fits)))
 
 
 def _fit_restoring_signals(tuner):
@@ -610,7 +635,7 @@ def _rows(grid, spec: SweepSpec, exp: Experiment) -> list[TrialRow]:
                 status=status,
                 step=step,
                 metrics={k: float(v) for k, v in m.items() if k in METRICS},
-                checkpoint=_checkpoint_uri(r.checkpoint),
+                checkpoint=_checkpoint_uri(r.checkpoint) or _train_checkpoint(m, spec),
                 mlflow_run_id=m.get("mlflow_run_id"),
                 error=_short(r.error),
                 train_time_s=float(m.get("time_total_s", 0.0)),
@@ -625,6 +650,15 @@ def _checkpoint_uri(ckpt) -> str | None:
         return None
     kind = getattr(ckpt.filesystem, "type_name", "local")
     return ckpt.path if kind == "local" else f"{kind}://{ckpt.path}"
+
+
+def _train_checkpoint(metrics: dict[str, Any], spec: SweepSpec) -> str | None:
+    """The checkpoint of a trial of several workers: its Ray Train run's, in the sweep storage,
+    whose path TuneReportCallback adds to the reported metrics."""
+    path = metrics.get("checkpoint_path")
+    if path and _is_uri(spec.sweep_dir) and "://" not in path:
+        return f"{spec.sweep_dir.split('://', 1)[0]}://{path}"
+    return path
 
 
 def _short(err) -> str | None:

@@ -50,7 +50,9 @@ class AshaConfig:
 
 @dataclass
 class Resources:
-    cpu: float = 1.0  # per trial; also the trial's torch thread count
+    """What each training process reserves: per trial, or per worker when run.workers > 1."""
+
+    cpu: float = 1.0  # also the process's torch thread count
     gpu: float = 0.0
 
 
@@ -268,6 +270,11 @@ def _check(path: Path, base: dict[str, Any], table: dict[str, Any]) -> Experimen
     if not dims:
         raise SweepError(f"{where}[sweep.space] is empty: name at least one key to search")
     keys = [d.key for d in dims]
+    if "run.workers" in keys:
+        raise SweepError(
+            f"{where}sweep.space: run.workers cannot be searched (it sets what every trial "
+            "reserves); run one sweep per worker count with --set run.workers=N"
+        )
     if sweep.evaluate.arms is None:
         sweep.evaluate.arms = [d.key for d in dims if d.is_grid and d.key != "run.seed"]
     for arm in sweep.evaluate.arms:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dloral.tracking import SWEEP_TAG, TRIAL_TAG
+from dloral.tracking import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 from dloral.trials import SweepSpec
 
 
@@ -26,18 +26,6 @@ def trial_run_name(trial_id: str, values: dict[str, Any]) -> str:
     return f"{trial_id} " + ",".join(parts)
 
 
-def find_trial_run(client, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
-    """The MLflow run of a trial (made by an earlier attempt), if any."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
-        ),
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
 def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     """Tune function trainable. `config`: the trial's searched values by dotted key; `spec`:
     what the driver resolved (experiment, tracking URI, parent run, threads)."""
@@ -46,15 +34,11 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
 
     from dloral.sweep.spec import experiment_from_spec
     from dloral.train.recipe import install_checkpoint, train
-    from dloral.train.tracking import MlflowTracker
 
     exp = experiment_from_spec(spec)
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    values = {k: config[k] for k in spec.keys}
-    cfg = exp.train_config(values)
-    cfg.run.name = trial_run_name(trial_id, values)
-    cfg.run.mlflow_experiment = exp.sweep.mlflow_experiment
+    cfg = trial_config(exp, trial_id, config, spec)
     torch.set_num_threads(max(1, int(spec.threads)))
 
     # scratch on this node (checkpoints are copied to the sweep storage when reported)
@@ -67,59 +51,88 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
 
     tracker = None
     if spec.tracking_uri:
-        from dloral.tracking import mlflow_client
+        tracker = trial_tracker(spec, exp, cfg, trial_id, start)
 
-        client = mlflow_client(spec.tracking_uri)
-        earlier = find_trial_run(client, spec.experiment_id, spec.parent_run_id, trial_id)
-        tracker = MlflowTracker(
-            exp.sweep.mlflow_experiment,
-            spec.tracking_uri,
-            parent_run_id=spec.parent_run_id,
-            tags={
-                SWEEP_TAG: spec.sweep_id,
-                "dloral.family": exp.sweep.family,
-                TRIAL_TAG: trial_id,
-                "dloral.stage_schedule": _schedule_tag(cfg),
-                **({"dloral.restored_from_step": str(start)} if start else {}),
-            },
-            run_id=earlier,
-        )
-        if earlier is not None:
-            client.set_tag(earlier, "dloral.restored_from_step", str(start))
-            client.set_tag(earlier, "dloral.attempts", str(_attempts(client, earlier) + 1))
-
-    chaos = exp.sweep.chaos
-    t0 = time.perf_counter()
-
-    last: list = []
-
-    def to_tune(step: int, metrics: dict[str, float], saved: Path | None) -> None:
-        payload = {f"val/{k}": float(v) for k, v in metrics.items()}
-        payload |= {"step": step, "train_time_s": time.perf_counter() - t0}
-        if tracker is not None:
-            payload["mlflow_run_id"] = tracker.run_id
+    def send(payload: dict, saved: Path | None) -> None:
         ckpt = tune.Checkpoint.from_directory(str(saved)) if saved is not None else None
         # When Tune stops the trial (ASHA), this raises SystemExit in here; the driver then
         # ends the trial's MLflow run.
         tune.report(payload, checkpoint=ckpt)
 
-    def report(step: int, metrics: dict[str, float], saved: Path | None) -> None:
-        if step == cfg.run.max_steps:  # reported after the recipe has closed its run
-            last[:] = [step, metrics, saved]
+    reports = TrialReports(send, cfg, exp.sweep.chaos, start, trial_id, tracker)
+    train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=reports)
+    reports.flush()
+
+
+def trial_config(exp, trial_id: str, config: dict[str, Any], spec: SweepSpec):
+    """The training config of one trial: the experiment's with the trial's searched values, its
+    MLflow run named after the trial, in the sweep's MLflow experiment."""
+    values = {k: config[k] for k in spec.keys}
+    cfg = exp.train_config(values)
+    cfg.run.name = trial_run_name(trial_id, values)
+    cfg.run.mlflow_experiment = exp.sweep.mlflow_experiment
+    return cfg
+
+
+def trial_tracker(spec: SweepSpec, exp, cfg, trial_id: str, start: int):
+    """The trial's MLflow run, nested under the sweep's parent; an earlier attempt's is
+    continued (found by parent and trial id)."""
+    from dloral.train.tracking import continued_tracker
+
+    return continued_tracker(
+        exp.sweep.mlflow_experiment,
+        spec.tracking_uri,
+        key={PARENT_TAG: spec.parent_run_id, TRIAL_TAG: trial_id},
+        tags=trial_tags(spec, exp, cfg),
+        parent_run_id=spec.parent_run_id,
+        restored_from=start,
+    )
+
+
+class TrialReports:
+    """The recipe's on_validation hook of a trial: each validation is sent to Tune (val metrics,
+    step, training time, MLflow run id) with the checkpoint saved at that step. The last one is
+    held back until the recipe has closed its MLflow run (`flush`), and the [sweep.chaos] drills
+    fire right after their step's report (only where `drills` is set)."""
+
+    def __init__(self, send, cfg, chaos, start: int, trial_id: str, tracker, drills=True):
+        self.send, self.cfg, self.chaos, self.drills = send, cfg, chaos, drills
+        self.start, self.trial_id, self.tracker = start, trial_id, tracker
+        self.t0 = time.perf_counter()
+        self.last: tuple | None = None
+
+    def __call__(self, step: int, metrics: dict[str, float], saved: Path | None) -> None:
+        if step == self.cfg.run.max_steps:  # reported after the recipe has closed its run
+            self.last = (step, metrics, saved)
             return
-        to_tune(step, metrics, saved)
+        self._send(step, metrics, saved)
+        chaos, start = self.chaos, self.start
+        if not self.drills:
+            return
         if chaos.crash_once_at_step and step == chaos.crash_once_at_step and start < step:
-            raise RuntimeError(f"chaos drill: trial {trial_id} crashes once at step {step}")
+            raise RuntimeError(f"chaos drill: trial {self.trial_id} crashes once at step {step}")
         if chaos.kill_once_at_step and step == chaos.kill_once_at_step and start < step:
             os._exit(17)  # as if the process were killed: no clean-up runs
 
-    train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=report)
-    if last:
-        to_tune(*last)
+    def flush(self) -> None:
+        if self.last is not None:
+            self._send(*self.last)
+
+    def _send(self, step: int, metrics: dict[str, float], saved: Path | None) -> None:
+        payload = {f"val/{k}": float(v) for k, v in metrics.items()}
+        payload |= {"step": step, "train_time_s": time.perf_counter() - self.t0}
+        if self.tracker is not None:
+            payload["mlflow_run_id"] = self.tracker.run_id
+        self.send(payload, saved)
 
 
-def _attempts(client, run_id: str) -> int:
-    return int(client.get_run(run_id).data.tags.get("dloral.attempts", "1"))
+def trial_tags(spec: SweepSpec, exp, cfg) -> dict[str, str]:
+    """The tags of a trial's MLflow run, beside its parent and trial id."""
+    return {
+        SWEEP_TAG: spec.sweep_id,
+        "dloral.family": exp.sweep.family,
+        "dloral.stage_schedule": _schedule_tag(cfg),
+    }
 
 
 def _schedule_tag(cfg) -> str:

@@ -245,9 +245,12 @@ class RunConfig:
     output_dir: str = "outputs/train"
     mlflow_experiment: str = "dloral-train"
     device: str = "auto"
+    # data-parallel processes per run (one GPU each on a GPU cluster); 1: one process, no Ray
+    workers: int = 1
 
     def __post_init__(self):
         for name in (
+            "workers",
             "max_steps",
             "checkpoint_every",
             "keep_checkpoints",
@@ -279,14 +282,19 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A new config with every value the recipe derives from other keys filled in: the
         training sampler's seed is run.seed (one seed drives the run) and its epoch holds every
-        sample of run.max_steps. This is what a run saves as config.toml, logs and uses; resolving
-        it again changes nothing."""
+        sample of run.max_steps (effective_batch samples per step). This is what a run saves as
+        config.toml, logs and uses; resolving it again changes nothing."""
         data = self.to_dict()
-        per_step = self.optim.batch_size * self.optim.grad_accum
+        per_step = self.effective_batch
         sampler = data["data"]["sampler"]
         sampler["seed"] = self.run.seed
         sampler["samples"] = max(sampler["samples"], self.run.max_steps * per_step)
         return TrainConfig.from_dict(data)
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer step: workers x batch x gradient accumulation."""
+        return self.run.workers * self.optim.batch_size * self.optim.grad_accum
 
     def to_toml_str(self) -> str:
         """The whole config as TOML, every field written; load_config reads it back."""

@@ -11,18 +11,27 @@ Per step: the schedule (dloral.train.schedule) says the stage and every loss wei
 interpolated around a switch as the reference does. A batch holds clips of N consecutive frames;
 the model restores every frame t >= 1 from the pair (t-1, t), as the reference's two pairs of a
 3-frame clip. All randomness of a step (VAE posterior samples, CSD noise and timesteps) comes from
-a generator seeded by (seed, step) and the data is a pure function of (seed, sample index), so a
-resumed run follows the same trajectory as an uninterrupted one.
+a generator seeded by (seed, step, micro-batch) and the data is a pure function of (seed, sample
+index), so a resumed run follows the same trajectory as an uninterrupted one.
+
+Data parallel (`run.workers` > 1, in a torch.distributed process group that the caller started:
+Ray Train in dloral.sweep.distributed, or torchrun): each process trains on its own share of every
+step's samples (dloral.data.sampler.worker_indices) and seeds each micro-batch by its place in the
+step; DDP averages the gradients in the backward of the last micro-step (`no_sync` before it). So
+N workers x batch b x accumulation a take exactly the step one process takes with accumulation
+N x a. Rank 0 alone validates, logs and writes the run folder; every rank calls the hooks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -36,7 +45,7 @@ from dloral import signals
 from dloral.atomic import atomic_folder, atomic_write_text
 from dloral.data.embedded import prepare_embedded
 from dloral.data.readers import read_dataset
-from dloral.data.sampler import StagedClips, TrainingClips
+from dloral.data.sampler import StagedClips, TrainingClips, worker_indices
 from dloral.devices import resolve_device
 from dloral.model import lora
 from dloral.model.checkpoint import save_checkpoint
@@ -138,15 +147,19 @@ def per_pair(embeds: torch.Tensor, b: int, pairs: int) -> torch.Tensor:
     return embeds.repeat_interleave(pairs, dim=0)
 
 
-def restore_clip(model: DLoRAL, lq_up: torch.Tensor, embeds: torch.Tensor, gen) -> tuple:
+def restore_clip(
+    model: DLoRAL, lq_up: torch.Tensor, embeds: torch.Tensor, gen, forward: Callable | None = None
+) -> tuple:
     """lq_up (B, N, 3, H, W), embeds (1 or B, 77, D) ->
-    (restored frames 1..N-1 (B, N-1, 3, H, W), their latents (B * (N-1), 4, h, w))."""
+    (restored frames 1..N-1 (B, N-1, 3, H, W), their latents (B * (N-1), 4, h, w)).
+    `forward` computes restore_latent: the model itself, or its DDP wrapper."""
+    forward = forward or model.restore_latent
     b, n = lq_up.shape[:2]
     z = model.encode(lq_up.flatten(0, 1), gen)
     z = z.view(b, n, *z.shape[1:])
     cur, prev = z[:, 1:].flatten(0, 1), z[:, :-1].flatten(0, 1)
     lq_cur, lq_prev = lq_up[:, 1:].flatten(0, 1), lq_up[:, :-1].flatten(0, 1)
-    latents = model.restore_latent(cur, prev, lq_cur, lq_prev, per_pair(embeds, b, n - 1))
+    latents = forward(cur, prev, lq_cur, lq_prev, per_pair(embeds, b, n - 1))
     frames = model.decode(latents)
     return frames.view(b, n - 1, *frames.shape[1:]), latents
 
@@ -156,7 +169,7 @@ def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
     gt, lq = batch["gt"].to(ctx["device"]), batch["lq"].to(ctx["device"])
     lq_up = resize_frames(lq, tuple(gt.shape[-2:]))
     pos = ctx["prompts"].embeds(batch)  # the generator's text condition and CSD's positive
-    pred, latents = restore_clip(model, lq_up, pos, gen)
+    pred, latents = restore_clip(model, lq_up, pos, gen, ctx.get("forward"))
     target = gt[:, 1:]
     # The reference adds the losses of its frame pairs (loss_l2 + loss_l2_2, ...): the sum over
     # pairs of per-pair means, i.e. the mean over equal-sized pairs times their count.
@@ -228,14 +241,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder if (folder / STATE_FILE).is_file() else None
 
 
+def checkpoint_step(folder: str | os.PathLike) -> int:
+    """The step a saved step folder was written at."""
+    state = Path(folder) / STATE_FILE
+    if not state.is_file():
+        raise FileNotFoundError(f"{folder}: not a training checkpoint (no {STATE_FILE})")
+    return int(torch.load(state, map_location="cpu", weights_only=True)["step"])
+
+
 def install_checkpoint(folder: str | os.PathLike, run_dir: str | os.PathLike) -> int:
     """Copy a saved step folder (e.g. one a sweep restored from its storage) into `run_dir` as
     its latest checkpoint, so `train(..., resume=True)` continues from it; returns its step."""
     folder, run_dir = Path(folder), Path(run_dir)
-    state = folder / STATE_FILE
-    if not state.is_file():
-        raise FileNotFoundError(f"{folder}: not a training checkpoint (no {STATE_FILE})")
-    step = int(torch.load(state, map_location="cpu", weights_only=True)["step"])
+    step = checkpoint_step(folder)
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     target = ckpt_root / f"step-{step:06d}"
@@ -316,26 +334,45 @@ def train(
     tracker: Callable | None = None,
     progress: Callable[[int, StepPlan, dict], None] | None = None,
     on_validation: Callable[[int, dict[str, float], Path | None], None] | None = None,
+    on_checkpoint: Callable[[int, Path | None], None] | None = None,
 ) -> RunResult:
     """Run (or resume) one training run in `run_dir`. `tracker` is a logging sink (see
     dloral.train.tracking); `progress(step, plan, losses)` is called after every step;
     `on_validation(step, val_metrics, checkpoint)` after each validation, with the checkpoint
-    folder saved at that step (None if the cadences differ) - the hook a sweep reports through.
+    folder saved at that step (None if the cadences differ) - the hook a sweep reports through;
+    `on_checkpoint(step, checkpoint)` after each checkpoint.
 
     The run uses `cfg.resolved()`, saved as <run_dir>/config.toml before anything is built and
-    never changed after: training again from that file repeats the run step for step."""
+    never changed after: training again from that file repeats the run step for step.
+
+    With `run.workers` > 1 this is one process of a torch.distributed group of that size: the
+    tracker and `progress` are used on rank 0 only, the hooks are called on every rank (with
+    empty metrics and no checkpoint on the others), and only rank 0 writes `run_dir`; the others
+    read their checkpoint to resume from their own `run_dir`."""
     from dloral.train.tracking import NullTracker
 
+    rank, world = process_group()
+    if world != cfg.run.workers:
+        raise ValueError(
+            f"run.workers = {cfg.run.workers}, but this process is one of {world}: a data-parallel "
+            "run starts its processes with `dloral-exp train --workers N` (Ray Train) or torchrun"
+        )
+    lead = rank == 0
+    if not lead:
+        tracker, progress = None, None
     tracker = tracker or NullTracker()
     require_weights(missing_training_weights(cfg))  # all missing weights at once, nothing built
     device = resolve_device(cfg.run.device)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # set by the launcher
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another dir")
     cfg = cfg.resolved()
     saved = cfg.to_toml_str()
-    atomic_write_text(run_dir / "config.toml", saved)
+    if lead:
+        atomic_write_text(run_dir / "config.toml", saved)
     torch.manual_seed(cfg.run.seed)
 
     model = DLoRAL(cfg.model).to(device)
@@ -367,6 +404,8 @@ def train(
         log.info("resumed %s at step %d", run_dir, start)
 
     ctx = {"device": device, "lpips": None, "csd": None, "lpips_source": "not used"}
+    ctx["rank"], ctx["world"] = rank, world
+    ctx["forward"] = _replicated(model, trainable, world)
     ctx["lpips"], ctx["lpips_source"] = _lpips(cfg, device)
     ctx["temporal"], ctx["clipped"] = cfg.loss.temporal, clipped
     ctx["prompts"] = TrainingPrompts(cfg.loss, model.encode_prompt, device)
@@ -384,13 +423,13 @@ def train(
     data = cfg.data
     val = read_dataset(data.val_kind, _prepared(data.val_path(), data.val_root), lq=data.val_lq)
     ctx["val_clips"] = val.clips[: data.val_clips]
-    per_step = cfg.optim.batch_size * cfg.optim.grad_accum
-    dataset = _training_set(cfg, per_step)
+    dataset = _training_set(cfg, cfg.effective_batch)
+    share = cfg.optim.batch_size * cfg.optim.grad_accum  # this process's samples per step
     loader = DataLoader(
         dataset,
         batch_size=cfg.optim.batch_size,
         num_workers=data.workers,
-        sampler=range(start * per_step, cfg.run.max_steps * per_step),
+        sampler=worker_indices(start, cfg.run.max_steps, share, rank, world),
     )
     batches = iter(loader)
 
@@ -404,9 +443,10 @@ def train(
             "spynet": model.spynet_weights,  # "random-init" or the file (+ its sha256)
             **({"spynet_sha256": model.spynet_sha256} if model.spynet_sha256 else {}),
             "device": str(device),
+            **distribution(cfg),
         },
     )
-    hooks = _Hooks(tracker, progress, on_validation)
+    hooks = _Hooks(tracker, progress, on_validation, on_checkpoint)
     try:
         result = _loop(
             cfg, run_dir, model, optimizer, scheduler, trainable, ctx, batches, start, hooks
@@ -431,12 +471,78 @@ class _Hooks(NamedTuple):
     tracker: Any
     progress: Callable | None
     on_validation: Callable | None
+    on_checkpoint: Callable | None
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside a torch.distributed process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def distribution(cfg: TrainConfig) -> dict[str, Any]:
+    """How a run is spread, as every run records it: workers, effective batch, backend."""
+    import torch.distributed as dist
+
+    _, world = process_group()
+    return {
+        "workers": world,
+        "effective_batch": cfg.effective_batch,
+        "backend": dist.get_backend() if world > 1 else "none (one process)",
+    }
+
+
+def _replicated(model: DLoRAL, trainable: list[torch.nn.Parameter], world: int):
+    """What the loop calls for restore_latent: the model itself in one process, else a
+    DistributedDataParallel wrapper whose backward averages the gradients over the processes.
+
+    One wrapper serves both stages. It is built over every parameter either stage trains, with
+    find_unused_parameters: the stage's frozen parameters (and CFR layers a variant bypasses)
+    are then marked unused in each step instead of failing the reduction, and DDP leaves the
+    gradient of a parameter that no rank used untouched (None), exactly as in one process.
+    Without find_unused_parameters the first detail step fails the reduction. A wrapper rebuilt
+    over each stage's parameters at every switch would all-reduce half as much (16 instead of 33
+    MB per step for sd21, under 1 ms on NVLink), was no faster beyond noise on CPU
+    (benchmarks/results/ddp-wrapping-tiny-cpu.json), and still needs find_unused_parameters
+    for the no_gate and off CFR variants, which leave CFR layers unused."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    stage = model.stage
+    for q in trainable:  # DDP reduces the parameters that require grad when it is built
+        q.requires_grad_(True)
+    try:
+        return DistributedDataParallel(
+            model, forward_sync_buffers=False, find_unused_parameters=True
+        )
+    finally:
+        model.set_stage(stage)
+
+
+def _mean_over_workers(values: dict[str, float], ctx) -> dict[str, float]:
+    """The mean of each value over the processes: what one process with every micro-batch
+    would log."""
+    if ctx["world"] == 1:
+        return values
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    # on the training device: nccl reduces CUDA tensors only
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=ctx["device"])
+    dist.all_reduce(t)
+    return {k: float(v) / ctx["world"] for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def _loop(
     cfg, run_dir, model, optimizer, scheduler, trainable, ctx, batches, start, hooks: _Hooks
 ) -> RunResult:
-    tracker, progress, on_validation = hooks
+    tracker, progress, on_validation, on_checkpoint = hooks
+    rank, world, forward = ctx["rank"], ctx["world"], ctx["forward"]
+    lead = rank == 0
     status, last_ckpt, metrics = "finished", latest_checkpoint(run_dir), {}
     # fp16 needs loss scaling; bf16 and fp32 do not
     fp16 = ctx["device"].type == "cuda" and cfg.optim.mixed_precision == "fp16"
@@ -450,21 +556,26 @@ def _loop(
             tracker.log_metrics({"stage_is_detail": float(p.stage == "detail")}, step)
             stage = p.stage
         totals: dict[str, float] = {}
-        for micro in range(cfg.optim.grad_accum):
-            gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 101 + micro)
-            with _autocast(cfg, ctx["device"]):
-                terms = step_losses(model, next(batches), p, ctx, gen)
-            if not torch.isfinite(terms["total"]):
-                bad = {k: float(v.detach()) for k, v in terms.items()}
-                tracker.log_metrics({"diverged_at_step": float(step)}, step)
-                tracker.finish("FAILED", f"non-finite loss at step {step}: {bad}")
-                raise TrainingDiverged(
-                    f"loss became non-finite at step {step} ({bad}); "
-                    f"last good checkpoint: {last_ckpt}"
-                )
-            scaler.scale(terms["total"] / cfg.optim.grad_accum).backward()
+        accum = cfg.optim.grad_accum
+        for micro in range(accum):
+            slot = rank * accum + micro  # this micro-batch's place among the step's samples
+            gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 101 + slot)
+            # gradients are averaged over the processes once, in the last micro-step's backward
+            sync = forward.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
+            with sync:
+                with _autocast(cfg, ctx["device"]):
+                    terms = step_losses(model, next(batches), p, ctx, gen)
+                scaler.scale(terms["total"] / accum).backward()
             for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / accum
+        totals = _mean_over_workers(totals, ctx)
+        if not all(map(math.isfinite, totals.values())):  # every rank stops at the same step
+            tracker.log_metrics({"diverged_at_step": float(step)}, step)
+            tracker.finish("FAILED", f"non-finite loss at step {step}: {totals}")
+            raise TrainingDiverged(
+                f"loss became non-finite at step {step} ({totals}); "
+                f"last good checkpoint: {last_ckpt}"
+            )
         scaler.unscale_(optimizer)
         if cfg.optim.grad_clip > 0:
             _clip_gradients(ctx["clipped"], cfg.optim.grad_clip)
@@ -485,13 +596,14 @@ def _loop(
                 done,
             )
         validated = done % cfg.run.validate_every == 0 or done == cfg.run.max_steps
-        if validated:
+        if validated and lead:
             metrics, strip = validate(model, cfg, ctx)
             tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, done)
             if strip is not None:
                 tracker.log_image(strip, f"samples/step-{done:06d}.png", STRIP_LABELS)
         saved = None
-        if done % cfg.run.checkpoint_every == 0 or done == cfg.run.max_steps:
+        checkpointed = done % cfg.run.checkpoint_every == 0 or done == cfg.run.max_steps
+        if checkpointed and lead:
             saved = last_ckpt = _save_state(
                 run_dir,
                 model,
@@ -502,22 +614,26 @@ def _loop(
                 {"stage": p.stage},
             )
             _record_prompts(run_dir, ctx["prompts"], tracker)
+        if checkpointed and on_checkpoint:
+            on_checkpoint(done, saved)
         if validated and on_validation:
             on_validation(done, metrics, saved)
     tracker.log_checkpoint(last_ckpt)
     tracker.finish("FINISHED")
-    atomic_write_text(
-        run_dir / "result.json",
-        json.dumps(
-            {
-                "status": status,
-                "step": cfg.run.max_steps,
-                "checkpoint": str(last_ckpt),
-                "metrics": metrics,
-            },
-            indent=2,
-        ),
-    )
+    if lead:
+        atomic_write_text(
+            run_dir / "result.json",
+            json.dumps(
+                {
+                    "status": status,
+                    "step": cfg.run.max_steps,
+                    "checkpoint": str(last_ckpt),
+                    "metrics": metrics,
+                    **distribution(cfg),
+                },
+                indent=2,
+            ),
+        )
     return RunResult(
         run_dir, status, cfg.run.max_steps, last_ckpt, metrics, getattr(tracker, "run_id", None)
     )

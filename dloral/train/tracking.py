@@ -13,6 +13,8 @@ import torch
 from dloral import tracking
 
 RUN_ID_FILE = "mlflow_run_id"
+RESTORED_TAG = "dloral.restored_from_step"  # the step a restarted run continued from
+ATTEMPTS_TAG = "dloral.attempts"
 
 
 class NullTracker:
@@ -100,3 +102,28 @@ class MlflowTracker(NullTracker):
     def finish(self, status: str, reason: str | None = None) -> None:
         if self.run_id is not None:
             tracking.end_run(self.client, self.run_id, status, reason)
+
+
+def continued_tracker(
+    experiment: str,
+    uri: str,
+    key: dict[str, str],
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    restored_from: int = 0,
+) -> MlflowTracker:
+    """The tracker of a run that an earlier attempt may have begun (a retried sweep trial, a
+    worker group Ray Train restarted): it continues the run whose tags match `key`, else starts
+    one tagged with `key`, so a run has one MLflow run however often it restarts. The step it
+    was restored from and the attempt count are tagged."""
+    client = tracking.mlflow_client(uri)
+    earlier = tracking.find_run(client, tracking.experiment_id(client, experiment), key)
+    tags = {**(tags or {}), **key}
+    if earlier is None:
+        if restored_from:
+            tags[RESTORED_TAG] = str(restored_from)
+    else:
+        attempts = int(client.get_run(earlier).data.tags.get(ATTEMPTS_TAG, "1"))
+        client.set_tag(earlier, RESTORED_TAG, str(restored_from))
+        client.set_tag(earlier, ATTEMPTS_TAG, str(attempts + 1))
+    return MlflowTracker(experiment, uri, parent_run_id=parent_run_id, tags=tags, run_id=earlier)
