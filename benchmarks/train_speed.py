@@ -138,7 +138,7 @@ def scaling(args) -> dict:
     one, many = runs[1]["it_per_s_per_worker"], runs[args.workers]["it_per_s_per_worker"]
     return {
         "workers": args.workers,
-        "per_worker": "batch 1 x accumulation 1",
+        "per_worker": f"batch 1 x accumulation 1, {args.threads} torch thread(s)",
         "runs": {str(k): v for k, v in runs.items()},
         "scaling_efficiency": {k: round(many[k] / one[k], 3) for k in one if k in many},
         "samples_per_s": {k: round(args.workers * many[k], 3) for k in many},
