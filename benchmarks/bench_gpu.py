@@ -6,7 +6,8 @@
 `prepare` writes bigbuckbunny's first frames at 1280x720 into DIR/bigbuckbunny/ (PNG). `run`
 measures, from that folder only:
 - latency of every mode (reference-like, eager, sdpa, fast) at 180x320 -> 720x1280, each with
-  its stage profile (benchmarks/latency.py);
+  its stage profile (benchmarks/latency.py), and `fast` again on 64 frames (--long-clip: peak
+  memory should not grow with the clip's length);
 - training speed and peak memory at a 512 crop, both stages (benchmarks/train_speed.py).
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
 Pillow) and this source tree on PYTHONPATH: PyAV, scikit-video, Ray, MLflow, pyiqa and lpips are
@@ -14,8 +15,8 @@ not imported (LPIPS terms are dropped from the training benchmark when lpips is 
 
 Without CUDA it runs a CPU fallback (tiny profile, tiny sizes) that checks the path end to end;
 its numbers say nothing about GPU speed. Records (device, versions, command, commit) go to
---out (default benchmarks/results/bench-gpu-<profile>-<device>/): latency.json, train.json and
-bench-gpu.json, which holds both.
+--out (default benchmarks/results/bench-gpu-<profile>-<device>/): latency.json,
+latency-long.json, train.json and bench-gpu.json, which holds them all.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def run(args) -> None:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     preset = GPU if cuda else CPU_FALLBACK
     opt = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
+    if args.long_clip is None:
+        args.long_clip = 64 if cuda else 0
     root, frames = _clip_folder(Path(args.frames_dir))
     device = "cuda" if cuda else "cpu"
     out = Path(args.out or HERE / "results" / f"bench-gpu-{opt['profile']}-{device}")
@@ -73,6 +76,15 @@ def run(args) -> None:
             "--frames-dir", str(frames), "--out", str(out / "latency.json"),
         ]
     )  # fmt: skip
+    if args.long_clip:  # memory flat in the clip's length: `fast` on a long clip too
+        latency.main(
+            [
+                "--profile", opt["profile"], *random_init, "--device", device,
+                "--lq", opt["lq"], "--frames", str(args.long_clip), "--repeats", "1",
+                "--modes", "fast", "--compile", args.compile if cuda else "none",
+                "--frames-dir", str(frames), "--out", str(out / "latency-long.json"),
+            ]
+        )  # fmt: skip
     lpips = "on" if importlib.util.find_spec("lpips") else "off"
     train_speed.main(
         [
@@ -84,7 +96,8 @@ def run(args) -> None:
     )  # fmt: skip
     from dloral.atomic import atomic_write_json
 
-    records = {k: json.loads((out / f"{k}.json").read_text()) for k in ("latency", "train")}
+    names = ("latency", "latency-long", "train") if args.long_clip else ("latency", "train")
+    records = {k: json.loads((out / f"{k}.json").read_text()) for k in names}
     record = {
         "benchmark": "bench_gpu",
         "mode": "gpu" if cuda else "cpu-fallback (tiny profile, tiny sizes: no GPU numbers)",
@@ -110,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--modes", default=",".join(("reference-like", "eager", "sdpa", "fast")))
     r.add_argument("--compile", default="unet,vae", help="what `fast` compiles on CUDA")
     r.add_argument("--checkpointing", default="both", choices=["off", "on", "both"])
+    r.add_argument(
+        "--long-clip", type=int, default=None, help="`fast` on this many frames too (GPU: 64)"
+    )
     r.add_argument("--out", default=None)
     for key, value in GPU.items():
         r.add_argument(f"--{key}", type=type(value), default=None, help=f"GPU default {value}")

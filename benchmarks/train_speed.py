@@ -79,7 +79,7 @@ def _data_sets(args) -> list[str]:
 
 
 def run(args, checkpointing: bool) -> dict:
-    half = max(2, args.steps // 2)
+    half = max(1, args.steps // 2)  # it/s needs >= 3 steps per stage; fewer: a smoke run
     cfg = load_config(None, _sets(args, half, checkpointing))
     stamps: list[tuple[int, str, float]] = []
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -57,7 +57,7 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips(hires, tmp_pat
     out = tmp_path / "records"
     command = [
         "benchmarks/bench_gpu.py", "run", "--frames-dir", str(hires), "--device", "cpu",
-        "--modes", "reference-like,fast", "--clip", "2", "--steps", "4",
+        "--modes", "reference-like", "--clip", "2", "--steps", "2",
         "--checkpointing", "off", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -67,7 +67,7 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips(hires, tmp_pat
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # a guard against a hang, not a speed check
     )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / "bench-gpu.json").read_text())
@@ -77,13 +77,11 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips(hires, tmp_pat
     assert env_["device"] == "cpu" and len(env_["git_commit"]) == 40
     assert all(env_["versions"][p] != "not installed" for p in ("torch", "diffusers", "peft"))
     runs = {r["mode"]: r for r in record["latency"]["runs"]}
-    assert set(runs) == {"reference-like", "fast"}
-    assert runs["reference-like"]["previous"] == "reencode"
-    assert runs["reference-like"]["lora"].startswith("unmerged")
-    assert "fp32" in runs["reference-like"]["dtype_note"]
-    assert runs["fast"]["channels_last"] and runs["fast"]["compile"] == []
-    for run in runs.values():
-        assert run["sr_size"] == [64, 96] and run["stages_seconds_per_frame"]["unet"] > 0
+    assert set(runs) == {"reference-like"}  # one mode keeps this test short; all run by default
+    ref = runs["reference-like"]
+    assert ref["previous"] == "reencode" and ref["lora"].startswith("unmerged")
+    assert "fp32" in ref["dtype_note"] and ref["attention"].startswith("classic")
+    assert ref["sr_size"] == [64, 96] and ref["stages_seconds_per_frame"]["unet"] > 0
     (train,) = record["train"]["runs"]
-    assert train["crop"] == 64 and train["steps"] == 4 and train["lpips"] == "off (weight 0)"
+    assert train["crop"] == 64 and train["steps"] == 2 and train["lpips"] == "off (weight 0)"
     assert str(hires) in record["train"]["data"]
