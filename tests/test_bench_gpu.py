@@ -60,7 +60,8 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips(hires, tmp_pat
         "--modes", "reference-like", "--clip", "2", "--steps", "2",
         "--checkpointing", "off", "--out", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # one thread: on a shared 2-core machine more threads spin against other processes
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", WITHOUT.format(absent=ABSENT), *command],
         cwd=ROOT,

@@ -19,6 +19,16 @@ CPU = torch.device("cpu")
 FAST_TOLERANCE = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine, more spin against other processes (runs
+    were 20x slower with 2 threads under load) and these are checks of values, not of speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model() -> DLoRAL:
     model = DLoRAL(DLoRALConfig.from_dict({"seed": 0}))
     lora.randomize_lora_b(model.unet, generator=torch.Generator().manual_seed(0))
