@@ -14,9 +14,10 @@ from dloral.model.pipeline import StageTimes, UpscaleOptions, VideoUpscaler
 
 CPU = torch.device("cpu")
 # fp32 on both paths: channels_last only changes the order in which the convolutions sum, i.e.
-# rounding (~1e-6 relative per layer); 1e-4 is 40x below the half step of an 8-bit output
-# (0.5 / 255), so written frames are the same, and far below any real change of the method.
-FAST_TOLERANCE = 1e-4
+# rounding, which the random-init tiny network amplifies with depth and frame size: measured
+# 8e-6 at this test's 64x96 output and 9e-5 at 192x256. 5e-4 is an eighth of an 8-bit step
+# (1/255): written frames differ by at most one level, and only at rounding boundaries.
+FAST_TOLERANCE = 5e-4
 
 
 @pytest.fixture(autouse=True, scope="module")
