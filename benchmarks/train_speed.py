@@ -39,6 +39,7 @@ warnings.filterwarnings("ignore", message=".*kernels-community.*")
 
 from dloral.train.config import load_config  # noqa: E402
 from dloral.train.recipe import train  # noqa: E402
+from dloral.train.tracking import NullTracker  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import environment, write_result  # noqa: E402
@@ -85,10 +86,12 @@ def run(args, checkpointing: bool) -> dict:
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    facts = _RunFacts()
     with tempfile.TemporaryDirectory() as tmp:
         train(
             cfg,
             run_dir=Path(tmp) / "run",
+            tracker=facts,
             progress=lambda s, p, _: stamps.append((s, p.stage, time.perf_counter())),
         )
     out = {
@@ -97,7 +100,8 @@ def run(args, checkpointing: bool) -> dict:
         "steps": len(stamps),
         "crop": args.crop,
         "frames": args.frames,
-        "lpips": "on" if cfg.loss.weights.lpips > 0 else "off (weight 0)",
+        # the VGG16 file LPIPS loaded, "not used (weight 0)", or "missing: ..." (terms dropped)
+        "lpips": facts.info["lpips_weights"],
     }
     if device.type == "cuda":
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -105,6 +109,13 @@ def run(args, checkpointing: bool) -> dict:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3
     )
     return out
+
+
+class _RunFacts(NullTracker):
+    """Keeps what the recipe reports at its start (e.g. which LPIPS weights it loaded)."""
+
+    def start(self, cfg, run_dir: Path, resume: bool, info: dict) -> None:
+        self.info = info
 
 
 def _stage_rates(stamps: list[tuple[int, str, float]]) -> dict[str, float]:

@@ -84,5 +84,5 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips(hires, tmp_pat
     assert "fp32" in ref["dtype_note"] and ref["attention"].startswith("classic")
     assert ref["sr_size"] == [64, 96] and ref["stages_seconds_per_frame"]["unet"] > 0
     (train,) = record["train"]["runs"]
-    assert train["crop"] == 64 and train["steps"] == 2 and train["lpips"] == "off (weight 0)"
+    assert train["crop"] == 64 and train["steps"] == 2 and train["lpips"] == "not used (weight 0)"
     assert str(hires) in record["train"]["data"]
