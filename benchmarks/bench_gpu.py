@@ -10,8 +10,8 @@ measures, from that folder only:
   memory should not grow with the clip's length);
 - training speed and peak memory at a 512 crop, both stages (benchmarks/train_speed.py).
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
-Pillow) and this source tree on PYTHONPATH: PyAV, scikit-video, Ray, MLflow, pyiqa and lpips are
-not imported (LPIPS terms are dropped from the training benchmark when lpips is absent).
+Pillow) and this source tree on PYTHONPATH: PyAV, scikit-video, Ray, MLflow, pyiqa, lpips and
+OpenCV are not imported (LPIPS terms are dropped from the training benchmark when lpips is absent).
 
 Without CUDA it runs a CPU fallback (tiny profile, tiny sizes) that checks the path end to end;
 its numbers say nothing about GPU speed. Records (device, versions, command, commit) go to
