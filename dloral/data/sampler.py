@@ -102,9 +102,18 @@ class TrainingClips(Dataset):
                     f"be multiples of the GT/LQ scale of: {', '.join(bad)}"
                 )
         if not cfg.resize_short_side:
-            small = [c.name for c in self.clips if min(c.gt.size) < cfg.crop]
+            small = [
+                f"{c.name} ({c.gt.size[1]}x{c.gt.size[0]})"
+                for c in self.clips
+                if min(c.gt.size) < cfg.crop
+            ]
             if small:
-                raise ValueError(f"clips smaller than the {cfg.crop}px crop: {', '.join(small)}")
+                raise ValueError(
+                    f"clips smaller than the {cfg.crop}px crop: {', '.join(small)}. Train on "
+                    f"frames at least {cfg.crop} px: set data.train_root to a folder of larger "
+                    "clips (`python benchmarks/bench_gpu.py prepare DIR` writes bigbuckbunny's "
+                    "1280x720 frames as one), or a smaller data.sampler.crop"
+                )
         self.degradation = degradation or VideoDegradation(scale=cfg.scale)
 
     def __len__(self) -> int:

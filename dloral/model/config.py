@@ -108,6 +108,7 @@ class DLoRALConfig:
 
 FIRST_FRAME = ("self", "skip")
 SIZE_TO_8 = ("pad", "lanczos")
+PREVIOUS = ("carry", "reencode")
 
 
 @dataclass
@@ -124,6 +125,13 @@ class UpscaleOptions:
     latent_overlap: int = 32  # overlap of neighbouring latent tiles (the reference's 32)
     first_frame: str = "self"  # self: frame 0 paired with itself; skip: no output for frame 0
     size_to_8: str = "pad"  # pad: replicate-pad to a multiple of 8; lanczos: the reference
+    # carry: each frame is VAE-encoded once, its latent carried to the next pair; reencode: the
+    # previous frame is encoded again for every pair (the reference's test script)
+    previous: str = "carry"
+    channels_last: bool = False  # UNet and VAE weights in channels_last memory format
+    # CUDA: copy each batch's output to pinned host memory without waiting, delivering it after
+    # the next batch is queued (one batch later); no effect on CPU, where outputs are on the host
+    overlap_copy: bool = False
 
     def __post_init__(self):
         if self.scale < 1:
@@ -145,3 +153,5 @@ class UpscaleOptions:
             raise ValueError(f"first_frame must be one of {FIRST_FRAME}; got {self.first_frame!r}")
         if self.size_to_8 not in SIZE_TO_8:
             raise ValueError(f"size_to_8 must be one of {SIZE_TO_8}; got {self.size_to_8!r}")
+        if self.previous not in PREVIOUS:
+            raise ValueError(f"previous must be one of {PREVIOUS}; got {self.previous!r}")

@@ -10,17 +10,24 @@ pairs (t-1, t) and writes no output for frame 0.
 
 Memory is bounded by `batch_size` frames whatever the video's length: only the previous
 frame's LQ and latent are carried between batches; with latent tiling and VAE tiling (`tile`)
-it does not grow with the frame size either.
+it does not grow with the frame size either. Each frame is VAE-encoded once (`previous` carry);
+`previous="reencode"` encodes the previous frame again for every pair, as the reference does.
+
+`stage_times` (a StageTimes, None by default) profiles the stages: the device is synchronised
+around each one, so they are timed apart (and the run is slower); when None nothing is added.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from dloral.devices import synchronize
 from dloral.model.colorfix import color_fix
 from dloral.model.config import UpscaleOptions
 from dloral.model.dloral import DLoRAL
@@ -29,6 +36,60 @@ from dloral.model.tiling import needs_tiling, restore_tiled
 from dloral.resize import resize_frames
 
 log = logging.getLogger(__name__)
+
+
+class StageTimes:
+    """Seconds spent in each stage of VideoUpscaler, summed over the frames it ran, the device
+    synchronised before and after every stage (so GPU work is charged to its own stage)."""
+
+    STAGES = (
+        "lq_upsample",  # bicubic x scale, pad/resize to a multiple of 8, host -> device
+        "prompt",  # text encoder, once per clip
+        "vae_encode",
+        "spynet_cfr",  # flow, warp and cross-frame retrieval
+        "unet",
+        "vae_decode",
+        "color_fix",  # crop, colour fix, resize to the output size
+        "host_copy",  # device -> host
+    )
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.frames = 0
+
+    @contextmanager
+    def __call__(self, stage: str):
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - start
+
+    @contextmanager
+    def around_forward(self, module: torch.nn.Module, stage: str):
+        """Time every forward call of `module` as `stage` while inside."""
+        starts = []
+
+        def before(*_):
+            synchronize(self.device)
+            starts.append(time.perf_counter())
+
+        def after(*_):
+            synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - starts.pop()
+
+        handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def per_frame(self) -> dict[str, float]:
+        return {k: v / max(self.frames, 1) for k, v in self.seconds.items()}
 
 
 class VideoUpscaler:
@@ -44,8 +105,15 @@ class VideoUpscaler:
         self.model.cfr.spynet.float()  # flow estimation stays fp32 (see CrossFrameRetrieval.flow)
         self.device, self.dtype = device, dtype
         self.opt = options or UpscaleOptions()
+        if self.opt.channels_last:
+            self.model.unet.to(memory_format=torch.channels_last)
+            self.model.vae.to(memory_format=torch.channels_last)
         self.prompt = prompt or PromptSource()
+        self.stage_times: StageTimes | None = None
         self._vae_tiling(self.opt.tile)
+
+    def _stage(self, name: str):
+        return self.stage_times(name) if self.stage_times is not None else nullcontext()
 
     def _vae_tiling(self, tile: int | None) -> None:
         vae = self.model.vae
@@ -83,16 +151,48 @@ class VideoUpscaler:
         With first_frame `skip` the first frame has no output (it is only frame 1's previous)."""
         gen = torch.Generator(device="cpu").manual_seed(self.opt.seed)
         state = None  # (prompt_embeds, previous latent, previous LQ, geometry)
-        batch: list[tuple[str, torch.Tensor]] = []
-        for name, frame in frames:
-            batch.append((name, frame))
+        pending = None  # with overlap_copy: the last batch's output, on its way to the host
+        for batch in self._batches(frames):
+            state, names, sr = self._run_batch(batch, state, gen)
+            if pending is not None:  # delivered once the next batch is queued
+                yield from self._delivered(pending)
+            pending = self._to_host(names, sr)
+            if not self.opt.overlap_copy:
+                yield from self._delivered(pending)
+                pending = None
+        if pending is not None:
+            yield from self._delivered(pending)
+
+    def _batches(self, frames: Iterable[tuple[str, torch.Tensor]]):
+        batch = []
+        for item in frames:
+            batch.append(item)
             if len(batch) == self.opt.batch_size:
-                state, out = self._run_batch(batch, state, gen)
-                yield from out
+                yield batch
                 batch = []
         if batch:
-            _, out = self._run_batch(batch, state, gen)
-            yield from out
+            yield batch
+
+    def _to_host(self, names: list[str], sr: torch.Tensor):
+        """Start the copy of a batch's output to the host: with overlap_copy on CUDA into pinned
+        memory without waiting (an event marks its end), else a plain synchronous copy."""
+        if self.stage_times is not None:
+            self.stage_times.frames += len(names)
+        with self._stage("host_copy"):
+            if not (self.opt.overlap_copy and sr.device.type == "cuda"):
+                return names, sr.cpu(), None
+            host = torch.empty(sr.shape, dtype=sr.dtype, pin_memory=True)
+            host.copy_(sr, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return names, host, done
+
+    @staticmethod
+    def _delivered(pending) -> Iterator[tuple[str, torch.Tensor]]:
+        names, host, done = pending
+        if done is not None:
+            done.synchronize()
+        return iter(zip(names, host, strict=True))
 
     def _prepare(self, frames: torch.Tensor, proc: tuple[int, int]):
         """Upsampled LQ at proc size (the colour-fix target) and the model's input (a multiple
@@ -116,19 +216,22 @@ class VideoUpscaler:
         proc, out_size = self.geometry(size)
         if state is not None and state[3] != (proc, out_size):
             raise ValueError(f"frame {names[0]}: size changed inside the clip")
-        lq, lq_model = self._prepare(torch.stack([f for _, f in batch]), proc)
+        with self._stage("lq_upsample"):
+            lq, lq_model = self._prepare(torch.stack([f for _, f in batch]), proc)
         model = self.model
         if self.opt.tile is None and state is None:  # auto: tile the VAE where the latent is
             h, w = lq_model.shape[-2] // 8, lq_model.shape[-1] // 8
             tiled = needs_tiling(h, w, self.opt.latent_tile)
             self._vae_tiling(8 * self.opt.latent_tile if tiled else None)
         if state is None:
-            text = self.prompt.prompt_for(lq[0].float())
-            log.info("prompt: %r", text)
-            embeds = model.encode_prompt([text])
+            with self._stage("prompt"):
+                text = self.prompt.prompt_for(lq[0].float())
+                log.info("prompt: %r", text)
+                embeds = model.encode_prompt([text])
         else:
             embeds = state[0]
-        latents = model.encode(lq_model, gen, sample=self.opt.sample_latent)
+        with self._stage("vae_encode"):
+            latents = model.encode(lq_model, gen, sample=self.opt.sample_latent)
         new_state = (embeds, latents[-1:], lq_model[-1:], (proc, out_size))
         if state is None and self.opt.first_frame == "skip":
             # frame 0 is only the previous frame of frame 1: no output of its own
@@ -136,24 +239,43 @@ class VideoUpscaler:
             prev_lat, prev_lq = latents[:-1], lq_model[:-1]
             latents, lq_model = latents[1:], lq_model[1:]
             if not names:
-                return new_state, []
+                return new_state, [], lq[:0]
         else:
             # the first frame of a clip (state None) is its own previous frame
             prev_lat, prev_lq = (latents[:1], lq_model[:1]) if state is None else state[1:3]
             prev_lat = torch.cat([prev_lat, latents[:-1]])
             prev_lq = torch.cat([prev_lq, lq_model[:-1]])
-        restored = restore_tiled(
-            model.restore_latent,
-            latents,
-            prev_lat,
-            lq_model,
-            prev_lq,
-            embeds,
-            self.opt.latent_tile,
-            self.opt.latent_overlap,
-        )
-        sr = model.decode(restored)[..., : lq.shape[-2], : lq.shape[-1]].float()
-        sr = color_fix(sr, lq.float(), self.opt.color_fix)
-        if tuple(sr.shape[-2:]) != out_size:
-            sr = resize_frames(sr, out_size)
-        return new_state, list(zip(names, sr.cpu(), strict=True))
+        if self.opt.previous == "reencode":
+            with self._stage("vae_encode"):
+                prev_lat = model.encode(prev_lq, gen, sample=self.opt.sample_latent)
+        with self._restore_timed():
+            restored = restore_tiled(
+                model.restore_latent,
+                latents,
+                prev_lat,
+                lq_model,
+                prev_lq,
+                embeds,
+                self.opt.latent_tile,
+                self.opt.latent_overlap,
+            )
+        with self._stage("vae_decode"):
+            sr = model.decode(restored)
+        with self._stage("color_fix"):
+            sr = sr[..., : lq.shape[-2], : lq.shape[-1]].float()
+            sr = color_fix(sr, lq.float(), self.opt.color_fix)
+            if tuple(sr.shape[-2:]) != out_size:
+                sr = resize_frames(sr, out_size)
+        return new_state, names, sr
+
+    @contextmanager
+    def _restore_timed(self):
+        """With stage_times: CFR (SPyNet inside) and the UNet timed on their forward calls."""
+        if self.stage_times is None:
+            yield
+            return
+        with (
+            self.stage_times.around_forward(self.model.cfr, "spynet_cfr"),
+            self.stage_times.around_forward(self.model.unet, "unet"),
+        ):
+            yield

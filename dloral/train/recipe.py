@@ -318,7 +318,8 @@ def validate(model: DLoRAL, cfg: TrainConfig, ctx) -> tuple[dict[str, float], to
             lq_up = resize_frames(pairs[0][1][None], tuple(gts.shape[-2:]))[0]
             strip = torch.cat([lq_up, outs[0], gts[0]], dim=-1)
     model.set_stage(stage)
-    return {k: sum(v) / len(v) for k, v in scores.items()}, strip
+    # data.val_clips = 0: no validation clips, no scores
+    return {k: sum(v) / len(v) for k, v in scores.items() if v}, strip
 
 
 # ----- the loop ------------------------------------------------------------------------------
