@@ -217,17 +217,18 @@ def test_a_searched_run_length_is_each_trials_own_end(ray_local, mlflow_uri, tmp
 
 
 def test_a_sweep_of_two_worker_trials_finishes(ray_local, mlflow_uri, tmp_path, data_roots):
-    """`--set run.workers=2`: each trial is a Ray Train run of 2 DDP workers (1 CPU each, so
-    one trial at a time here), rank 0 reporting to Tune; one MLflow run per trial."""
+    """`--set run.workers=2`: a trial is a Ray Train run of 2 DDP workers (1 CPU each), rank 0
+    reporting to Tune; one MLflow run per trial, not one per worker. One trial: a second would
+    run the same path again after it (2 CPUs here), minutes of CI for nothing new."""
     path = tmp_path / "exp.toml"
     path.write_text(
         BASE.format(root=data_roots, storage=tmp_path / "sweeps")
-        + '\n[sweep.space]\n"run.seed" = [1, 2]\n'
+        + '\n[sweep.space]\n"run.seed" = [1]\n'
     )
     exp = load_experiment(path, ["run.workers=2"])
     result = run_sweep(exp, evaluate=False)
 
-    assert result.status == "finished"
+    assert result.status == "finished" and len(result.trials) == 1
     for t in result.trials:
         assert t.status == "finished" and t.step == 4
         assert math.isfinite(t.metrics["val/psnr"])
