@@ -33,15 +33,25 @@ ENTRY = "import sys; from dloral.cli import entry; sys.argv[0] = 'dloral-exp'; s
 
 
 def _start(args: list[str], cwd: Path, env: dict, group: bool = False) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", ENTRY, *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=group,  # its own process group, as a terminal's foreground job
-    )
+    # SIGINT as a terminal's job has it: a child inherits an ignored or blocked SIGINT (SIG_IGN
+    # and the signal mask survive exec; Python then leaves it ignored, as a background job of a
+    # script expects), and code that an earlier test ran in this process can leave it so here
+    # (seen under xdist: the start-up SIGINT test then waited on a sweep that trained on)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", ENTRY, *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=group,  # its own process group, as a terminal's foreground job
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, previous)
 
 
 def _sweep_runs(uri: str):
