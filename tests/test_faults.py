@@ -78,8 +78,12 @@ def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 480) ->
     pytest.fail(f"no {what} within {timeout} s: {proc.communicate(timeout=60)[0][-3000:]}")
 
 
-def _val_logged(uri: str) -> bool:
-    """Some trial logged its first validation (it is mid-run, with a checkpoint)."""
+def _val_logged(uri: str, storage: Path) -> bool:
+    """Some trial logged its first validation (it is mid-run, with a checkpoint). Not asked
+    before the sweep has written sweep.json, after it created the MLflow database: a client
+    opening a database that another process is still creating can see it half migrated."""
+    if not any(storage.glob("*/sweep.json")):
+        return False
     client, _, children = _sweep_runs(uri)
     return any("val/psnr" in r.data.metrics for r in children)
 
@@ -95,7 +99,7 @@ def sweep_setup(tmp_path, data_roots):
 
 def _stop_sweep(exp: Path, uri: str, env: dict, cwd: Path, sig: int, group: bool) -> str:
     proc = _start(["sweep", str(exp), "--max-concurrent", "2"], cwd, env, group=group)
-    _wait_for(proc, lambda: _val_logged(uri), "a trial's first validation")
+    _wait_for(proc, lambda: _val_logged(uri, cwd / "sweeps"), "a trial's first validation")
     if group:
         os.killpg(proc.pid, sig)
     else:
