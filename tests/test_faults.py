@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,9 +98,23 @@ def sweep_setup(tmp_path, data_roots):
     return exp, uri, env
 
 
+# Ray waits a hard-coded 30 s for its local node (ray/_private/node.py); with the other test
+# worker's Ray processes on the same 2 cores it sometimes does not make it. That is the machine,
+# not the behaviour under test: such a start is made again, once, from scratch.
+RAY_START_TIMEOUT = "timed out during startup"
+
+
 def _stop_sweep(exp: Path, uri: str, env: dict, cwd: Path, sig: int, group: bool) -> str:
-    proc = _start(["sweep", str(exp), "--max-concurrent", "2"], cwd, env, group=group)
-    _wait_for(proc, lambda: _val_logged(uri, cwd / "sweeps"), "a trial's first validation")
+    for attempt in (1, 2):
+        proc = _start(["sweep", str(exp), "--max-concurrent", "2"], cwd, env, group=group)
+        try:
+            _wait_for(proc, lambda: _val_logged(uri, cwd / "sweeps"), "a trial's first validation")
+            break
+        except pytest.fail.Exception as err:
+            if attempt == 2 or RAY_START_TIMEOUT not in str(err):
+                raise
+            shutil.rmtree(cwd / "sweeps", ignore_errors=True)
+            Path(uri.removeprefix("sqlite:///")).unlink(missing_ok=True)
     if group:
         os.killpg(proc.pid, sig)
     else:
@@ -137,8 +152,11 @@ def _assert_interrupted(out: str, exp: Path, uri: str, tmp_path: Path) -> tuple[
 
 
 def _assert_resumed(exp: Path, uri: str, env: dict, cwd: Path, sweep_dir: Path, done: dict):
-    proc = _start(["sweep", str(exp), "--resume", "--no-evaluate"], cwd, env)
-    out = proc.communicate(timeout=600)[0]
+    for _ in (1, 2):  # resuming again after a Ray start-up timeout is a plain resume
+        proc = _start(["sweep", str(exp), "--resume", "--no-evaluate"], cwd, env)
+        out = proc.communicate(timeout=600)[0]
+        if proc.returncode == 0 or RAY_START_TIMEOUT not in out:
+            break
     assert proc.returncode == 0, out[-4000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["status"] == "finished"
