@@ -55,7 +55,9 @@ def test_the_hand_built_start_pools_and_upsamples_and_random_weights_do_not(smoo
 
 def test_training_is_seeded_and_learns_what_pooling_loses(bikes_path, smooth):
     frames = list(read_clip(bikes_path, 4, (0, 0, 272, 640), (136, 320)))
-    recipe = TinyVAERecipe(steps=40, batch_size=3, crop=32)
+    # a gentle learning rate: in 40 steps the default 3e-4 is still recovering from its first
+    # steps (28 dB here; its 400 steps end above the start, dloral.model.tiny_vae)
+    recipe = TinyVAERecipe(steps=40, batch_size=3, crop=32, lr=1e-5)
     a, info = train_tiny_vae(frames, recipe)
     b, _ = train_tiny_vae(frames, recipe)
     c, _ = train_tiny_vae(frames, dataclasses.replace(recipe, seed=1))
@@ -64,7 +66,7 @@ def test_training_is_seeded_and_learns_what_pooling_loses(bikes_path, smooth):
     assert not all(torch.equal(v, sc[k]) for k, v in sa.items())
     assert info["steps"] == 40 and info["frames"] == 4 and info["scaling_factor"] > 0
     scaled = a.encode(smooth * 2 - 1).latent_dist.mean * info["scaling_factor"]
-    assert 0.7 < float(scaled.std()) < 1.4  # unit-variance scaled latents, as SD's 0.18215
+    assert 0.7 < float(scaled.detach().std()) < 1.4  # unit-variance scaled latents, as SD's 0.18215
     start = new_tiny_vae(TINY_VAE_TRAINED)
     start_as_pooling(start)
     before = psnr(_roundtrip(start, smooth), smooth, 1.0)
