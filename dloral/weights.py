@@ -126,7 +126,10 @@ def locate_tiny_vae(tiny_vae_path: str | os.PathLike | None = None) -> Path:
         (
             (tiny_vae_path, "model.tiny_vae_path"),
             (os.environ.get(TINY_VAE_ENV), f"${TINY_VAE_ENV}"),
-            (data_dir(), f"the embedded data folder, ${DATA_DIR_ENV} (default data/embedded)"),
+            (
+                data_dir() / TINY_VAE_FILE,
+                f"the embedded data folder, ${DATA_DIR_ENV} (default data/embedded)",
+            ),
         ),
     )
     if found is not None:
@@ -135,8 +138,8 @@ def locate_tiny_vae(tiny_vae_path: str | os.PathLike | None = None) -> Path:
         f"the tiny profile's VAE ({TINY_VAE_FILE}, an autoencoder trained on the embedded "
         "training clips) not found. Looked in:\n  - "
         + "\n  - ".join(looked)
-        + f"\n`dloral-exp data prepare` trains it into {data_dir()} (a few minutes on 2 CPU "
-        f"cores; set {DATA_DIR_ENV} to move that folder), or set {TINY_VAE_ENV}=/path/to/"
+        + f"\n`dloral-exp data prepare` trains it into {data_dir()} (about a minute of CPU; "
+        f"set {DATA_DIR_ENV} to move that folder), or set {TINY_VAE_ENV}=/path/to/"
         f'{TINY_VAE_FILE}. Only for tests of the code path: model.tiny_init = "random" builds '
         "the tiny profile with random weights (recorded as backbone_weights: random-init)."
     )
