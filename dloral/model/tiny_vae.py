@@ -311,7 +311,8 @@ def save_tiny_vae(vae: nn.Module, file: str | os.PathLike, info: dict) -> Path:
     meta = {
         "format": TINY_VAE_FORMAT,
         "config": json.dumps(config, sort_keys=True),
-        "info": json.dumps(info, sort_keys=True),
+        # not the training time: the same recipe on the same frames writes the same bytes
+        "info": json.dumps({k: v for k, v in info.items() if k != "seconds"}, sort_keys=True),
     }
     atomic_write(file, lambda tmp: save_file(state, tmp, meta))
     return file
