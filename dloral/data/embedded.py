@@ -280,7 +280,7 @@ def prepare_embedded(
         wanted = {"recipe": vae.describe(), "trained_on": frames_digest}
         if trained is None or {k: trained.get(k) for k in wanted} != wanted:
             log.info("training the tiny VAE on %s/embedded-train", out)
-            info = vae.build(_train_frames(out), out / TINY_VAE_FILE)
+            info = vae.build(train_frames(out), out / TINY_VAE_FILE)
             trained = {**wanted, "file": TINY_VAE_FILE, "trained": info}
             _write_manifest(out, sets, trained)
     if not todo and (vae is None or trained is not None):
@@ -291,7 +291,7 @@ def prepare_embedded(
 _REBUILD = "`dloral-exp data prepare` trains it again"
 
 
-def _train_frames(out: Path) -> list[torch.Tensor]:
+def train_frames(out: Path) -> list[torch.Tensor]:
     """Every frame of embedded-train: what the tiny VAE learns from (never a test frame)."""
     from dloral.data.readers import read_dataset
 

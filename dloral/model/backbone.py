@@ -106,6 +106,9 @@ TINY_TEXT = {
 
 
 TINY_VAE_FORMAT = "dloral-tiny-vae/1"  # the file dloral.model.tiny_vae trains and saves
+# The file's metadata is this one key holding sorted JSON (format, config, info): safetensors
+# writes a metadata map in no fixed order, and the same VAE must be the same bytes.
+TINY_VAE_META = "dloral"
 
 
 class BackboneNotFound(WeightsMissing):
@@ -193,11 +196,15 @@ def load_tiny_vae(file: str | os.PathLike) -> nn.Module:
         state = load_file(file)
     except Exception as err:  # a truncated or foreign file: safetensors' own error types vary
         raise ValueError(f"{file}: not a readable tiny VAE file ({err}); {how}") from err
-    if meta.get("format") != TINY_VAE_FORMAT:
+    try:
+        fields = json.loads(meta[TINY_VAE_META]) if TINY_VAE_META in meta else meta
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: unreadable {TINY_VAE_META!r} metadata ({err}); {how}") from err
+    if fields.get("format") != TINY_VAE_FORMAT:
         raise ValueError(
-            f"{file}: format {meta.get('format')!r}, expected {TINY_VAE_FORMAT!r}; {how}"
+            f"{file}: format {fields.get('format')!r}, expected {TINY_VAE_FORMAT!r}; {how}"
         )
-    config = json.loads(meta["config"])
+    config = fields["config"]
     if set(config) != set(TINY_VAE):
         raise ValueError(f"{file}: config keys {sorted(config)} are not the tiny VAE's; {how}")
     vae = new_tiny_vae(config)

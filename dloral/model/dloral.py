@@ -22,7 +22,7 @@ from dloral.model import lora
 from dloral.model.backbone import TINY_PRETRAINED, Backbone, build_backbone
 from dloral.model.cfr import CrossFrameRetrieval
 from dloral.model.config import ADAPTERS, CONV_IN_BIASES, STAGES, DLoRALConfig
-from dloral.model.spynet import load_spynet_file
+from dloral.model.spynet import ZERO_FLOW, load_spynet_file, zero_flow
 from dloral.weights import SPYNET_FILE, locate_spynet, sha256
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,13 @@ class DLoRAL(nn.Module):
         if bb.weights == TINY_PRETRAINED:  # CFR adds nothing yet: the one step is the identity
             nn.init.zeros_(self.cfr.cross_attn_module.proj_out.weight)
             nn.init.zeros_(self.cfr.cross_attn_module.proj_out.bias)
-        # Where SPyNet's weights came from: "random-init", or a file (and its sha256).
+        # Where SPyNet's weights came from: "random-init", "zero-flow", or a file (and its sha256).
         self.spynet_weights, self.spynet_sha256 = "random-init", None
+        if bb.weights == TINY_PRETRAINED and cfg.cfr.spynet == "auto":
+            # The tiny profile has no trained SPyNet: a random one would hand CFR a previous
+            # frame moved by random flow. With zero flow CFR sees it where it was (no alignment).
+            zero_flow(self.cfr.spynet)
+            self.spynet_weights = ZERO_FLOW
         if spynet_file is not None:
             load_spynet_file(self.cfr.spynet, spynet_file)
             self.spynet_weights, self.spynet_sha256 = str(spynet_file), sha256(spynet_file)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dloral.atomic import atomic_write
-from dloral.model.backbone import TINY_VAE, TINY_VAE_FORMAT, new_tiny_vae
+from dloral.model.backbone import TINY_VAE, TINY_VAE_FORMAT, TINY_VAE_META, new_tiny_vae
 from dloral.model.config import DLoRALConfig
 from dloral.resize import bi_downsample, resize_frames
 from dloral.weights import TINY_VAE_ENV
@@ -308,11 +308,12 @@ def save_tiny_vae(vae: nn.Module, file: str | os.PathLike, info: dict) -> Path:
     file = Path(file)
     state = {k: v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()}
     config = {k: vae.config[k] for k in TINY_VAE}
-    meta = {
+    fields = {
         "format": TINY_VAE_FORMAT,
-        "config": json.dumps(config, sort_keys=True),
+        "config": config,
         # not the training time: the same recipe on the same frames writes the same bytes
-        "info": json.dumps({k: v for k, v in info.items() if k != "seconds"}, sort_keys=True),
+        "info": {k: v for k, v in info.items() if k != "seconds"},
     }
+    meta = {TINY_VAE_META: json.dumps(fields, sort_keys=True)}
     atomic_write(file, lambda tmp: save_file(state, tmp, meta))
     return file
