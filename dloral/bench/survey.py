@@ -55,7 +55,7 @@ def weights() -> list[dict[str, Any]]:
         ),
         _weight(
             "SPyNet (BasicVSR)",
-            "CFR flow, model.cfr.spynet (sd21 default; tiny runs random-init)",
+            "CFR flow, model.cfr.spynet (sd21 default; tiny runs zero-flow)",
             SPYNET_ENV,
             locate_spynet,
         ),
