@@ -28,12 +28,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks on this machine: the embedded bench suite (outputs/bench/embedded), then
-    latency and training speed (benchmarks/results/), then its report (reports/embedded/, with
-    a screenshot taken in headless Chromium)."""
+    """Benchmarks on this machine: the embedded data and tiny VAE (prepared once), the embedded
+    bench suite (outputs/bench/embedded), then latency and training speed (benchmarks/results/),
+    then its report (reports/embedded/, with a screenshot taken in headless Chromium)."""
     if session.posargs:  # e.g. nox -s bench -- --profile tiny --lq 144x176
         session.run("python", "benchmarks/latency.py", *session.posargs)
         return
+    session.run("dloral-exp", "data", "prepare")  # the tiny VAE the `dloral:tiny` method loads
     session.run("dloral-exp", "bench", "embedded")
     session.run("python", "benchmarks/latency.py", "--profile", "tiny")
     session.run(

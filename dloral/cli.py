@@ -507,11 +507,12 @@ def sweep(
     )
 
 
-def _print_sweep_table(best, exp) -> None:
+def _print_sweep_table(result, exp) -> None:
     from rich.table import Table
 
     from dloral.trials import EVAL_COLUMNS
 
+    best = result.best
     table = Table(title=escape(f"best per arm: {exp.name} (validation set)"))
     for col in ("arm", "#", "trial", "status", "step", exp.sweep.metric, *EVAL_COLUMNS):
         table.add_column(col, no_wrap=col != "arm")
@@ -537,6 +538,34 @@ def _print_sweep_table(best, exp) -> None:
             )
         )
     console.print(table)
+    if result.comparisons:
+        _print_comparisons(result.comparisons)
+
+
+def _print_comparisons(comparisons) -> None:
+    """Each pair of arms: the difference of their means against the spread of their seeds."""
+    from rich.table import Table
+
+    from dloral.trials import BEYOND, NOISE_RULE
+
+    metric = comparisons[0]["metric"]
+    table = Table(title=escape(f"arm vs arm on {metric}: mean over seeds (trials run to the end)"))
+    for col in ("arm A", "arm B", "mean A (n)", "mean B (n)", "A - B", "seed spread", "verdict"):
+        table.add_column(col, no_wrap=not col.startswith("arm"))
+    for c in comparisons:
+        spread = "-" if c["spread"] is None else f"{c['spread']:.4f}"
+        mark = "bold" if c["verdict"] == BEYOND else "dim"
+        table.add_row(
+            escape(c["a"]),
+            escape(c["b"]),
+            f"{c['mean_a']:.4f} ({c['seeds_a']})",
+            f"{c['mean_b']:.4f} ({c['seeds_b']})",
+            f"{c['diff']:+.4f}",
+            spread,
+            f"[{mark}]{escape(c['verdict'])}[/]",
+        )
+    console.print(table)
+    console.print(escape(f"rule: {NOISE_RULE}"), style="dim")
 
 
 @app.command()
@@ -781,7 +810,7 @@ def _print_bench_table(result) -> None:
 
 
 data_app = typer.Typer(
-    help="Datasets: prepare the embedded real-clip sets.",
+    help="Datasets: prepare the embedded real-clip sets and the tiny VAE trained on them.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -795,14 +824,24 @@ def data_prepare(
         typer.Option(help="Where to write the sets [default: $DLORAL_DATA_DIR or data/embedded]."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if the sets verify.")] = False,
+    vae_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Training steps of the tiny VAE [default: the recipe's]; others rebuild it."
+        ),
+    ] = None,
 ) -> None:
-    """Build embedded-udm10, embedded-videolq and embedded-train from packaged real clips."""
+    """Build embedded-udm10, embedded-videolq and embedded-train from packaged real clips, and
+    train the tiny profile's VAE on embedded-train (a few minutes on 2 CPU cores, once)."""
     from dloral.data.embedded import prepare_embedded
+    from dloral.model.tiny_vae import TinyVAERecipe
 
+    logging.getLogger("dloral.model.tiny_vae").setLevel(logging.INFO)  # its progress
     start = time.perf_counter()
+    recipe = TinyVAERecipe() if vae_steps is None else TinyVAERecipe(steps=vae_steps)
     try:
-        with console.status("preparing embedded data from the packaged clips"):
-            folder = prepare_embedded(out, force=force)
+        with console.status("preparing embedded data and the tiny VAE (trained once)"):
+            folder = prepare_embedded(out, force=force, vae=recipe)
     except NotADirectoryError as err:
         _fail(str(err))
     except KeyboardInterrupt:
@@ -810,6 +849,14 @@ def data_prepare(
     manifest = json.loads((folder / "manifest.json").read_text())
     for name, info in manifest["sets"].items():
         console.print(escape(f"  {name}: {len(info['clips'])} clips ({info['layout']} layout)"))
+    vae = manifest["tiny_vae"]
+    console.print(
+        escape(
+            f"  {vae['file']}: tiny VAE, {vae['recipe']['steps']} steps on embedded-train "
+            f"({vae['trained']['seconds']} s when trained), sha256 "
+            f"{manifest['files'][vae['file']][:12]}..."
+        )
+    )
     console.print(
         "[green]done:[/] "
         + escape(

@@ -12,6 +12,8 @@ the sweep's counterpart of the benchmark's results table. Light to import: no mo
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -62,6 +64,61 @@ class TrialRow:
         )
 
 
+# How a difference between two arms is judged against the spread of their seeds.
+NOISE_RULE = (
+    "arms A and B, each over its trials that ran to the end (one per seed): the difference is "
+    "beyond seed noise when |mean(A) - mean(B)| > max(range(A), range(B)), range = max - min "
+    "over the arm's seeds; within seed noise otherwise; undecided when an arm has fewer than "
+    "2 such trials"
+)
+BEYOND, WITHIN, UNDECIDED = "beyond seed noise", "within seed noise", "undecided (< 2 seeds)"
+
+
+class ArmComparison(TypedDict):
+    """Two arms compared on the sweep metric over their seeds (see NOISE_RULE)."""
+
+    a: str  # arm labels, as ArmBest's
+    b: str
+    metric: str
+    mean_a: float
+    mean_b: float
+    seeds_a: int  # trials that ran to the end
+    seeds_b: int
+    diff: float  # mean_a - mean_b
+    spread: float | None  # max(range_a, range_b); None when undecided
+    verdict: str  # BEYOND, WITHIN or UNDECIDED
+
+
+def compare_arms(values: dict[str, list[float]], metric: str) -> list[ArmComparison]:
+    """Every pair of arms (in label order) from each arm's final metric per seed."""
+    out: list[ArmComparison] = []
+    for a, b in itertools.combinations(sorted(values), 2):
+        va, vb = values[a], values[b]
+        mean_a = sum(va) / len(va) if va else math.nan
+        mean_b = sum(vb) / len(vb) if vb else math.nan
+        diff = mean_a - mean_b
+        if len(va) < 2 or len(vb) < 2:
+            spread, verdict = None, UNDECIDED
+        else:
+            spread = max(max(va) - min(va), max(vb) - min(vb))
+            verdict = BEYOND if abs(diff) > spread else WITHIN
+        out.append(
+            ArmComparison(
+                a=a,
+                b=b,
+                metric=metric,
+                mean_a=mean_a,
+                mean_b=mean_b,
+                seeds_a=len(va),
+                seeds_b=len(vb),
+                diff=diff,
+                spread=spread,
+                verdict=verdict,
+            )
+        )
+    return out
+
+
 class ArmBest(TypedDict):
     """One of the best trials of an ablation arm and its evaluation on the validation set."""
 
@@ -78,6 +135,7 @@ class SweepSummary:
     wall_s: float = 0.0
     trials: list[TrialRow] = field(default_factory=list)
     best: list[ArmBest] = field(default_factory=list)
+    comparisons: list[ArmComparison] = field(default_factory=list)  # every pair of arms
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +144,8 @@ class SweepSummary:
             "wall_s": self.wall_s,
             "trials": [r.to_dict() for r in self.trials],
             "best": [{**b, "trial": b["trial"].to_dict()} for b in self.best],
+            "comparisons": list(self.comparisons),
+            "noise_rule": NOISE_RULE,
         }
 
     @classmethod
@@ -110,6 +170,7 @@ class SweepSummary:
             wall_s=data.get("wall_s"),
             trials=trials,
             best=best,
+            comparisons=[ArmComparison(**c) for c in data.get("comparisons") or []],
         )
 
     def table(self):

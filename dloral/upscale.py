@@ -187,6 +187,7 @@ def _build(job: UpscaleJob):
     """The merged model and its pipeline; errors the user can fix become UpscaleError."""
     from dloral.devices import resolve_device, resolve_dtype
     from dloral.model import checkpoint as ckpt
+    from dloral.model.backbone import TINY_PRETRAINED
     from dloral.model.dloral import DLoRAL, DLoRALConfig
     from dloral.model.pipeline import VideoUpscaler
     from dloral.model.prompts import PromptSource, load_tagger
@@ -234,6 +235,11 @@ def _build(job: UpscaleJob):
     if model.weights == "random-init" and job.checkpoint is None:
         notes.append(
             "note: untrained random-init model: outputs are for testing and benchmarks only"
+        )
+    if model.weights == TINY_PRETRAINED and job.checkpoint is None:
+        notes.append(
+            "note: tiny profile without a checkpoint: its one step starts as the identity, so "
+            "the output is the tiny VAE's reconstruction of the bicubic upsampling"
         )
     if model.spynet_weights == "random-init" and model.weights != "random-init":
         notes.append("note: SPyNet is random-init: CFR aligns frames with an untrained flow net")

@@ -1,7 +1,8 @@
 """Finding a weight file on this machine: the one lookup every loader uses (nothing downloads),
 the one error when weights are missing, and where each weight of the suite is looked for: the
-VGG16 trunk that LPIPS losses load, BasicVSR's SPyNet that CFR aligns frames with, and the
-user's tagger module that writes prompts."""
+VGG16 trunk that LPIPS losses load, BasicVSR's SPyNet that CFR aligns frames with, the tiny
+profile's VAE (trained on the embedded training clips, kept beside them), and the user's tagger
+module that writes prompts."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ SPYNET_FILE = "spynet_20210409-c6c1bd09.pth"
 SPYNET_ENV = "DLORAL_SPYNET_WEIGHTS"
 SPYNET_URL = f"https://download.openmmlab.com/mmediting/restorers/basicvsr/{SPYNET_FILE}"
 TAGGER_ENV = "DLORAL_TAGGER"  # module:factory used when a tagger is asked for but not named
+DATA_DIR_ENV = "DLORAL_DATA_DIR"  # the embedded sets and the tiny VAE trained on them
+# The tiny profile's autoencoder, trained on embedded-train by `dloral-exp data prepare`.
+TINY_VAE_FILE = "tiny-vae.safetensors"
+TINY_VAE_ENV = "DLORAL_TINY_VAE"
 
 
 class WeightsMissing(FileNotFoundError):
@@ -104,6 +109,39 @@ def locate_spynet(spynet_weights: str | os.PathLike | None = None) -> Path:
         f"and copy it into {hub_checkpoints()}, or set {SPYNET_ENV}=/path/to/{SPYNET_FILE}. "
         'Only for ablations: model.cfr.spynet = "random" runs with a random SPyNet '
         "(recorded as spynet: random-init)."
+    )
+
+
+def data_dir() -> Path:
+    """Where `dloral-exp data prepare` writes the embedded sets and the tiny VAE:
+    $DLORAL_DATA_DIR, else data/embedded (relative to the working directory)."""
+    return Path(os.environ.get(DATA_DIR_ENV, "data/embedded"))
+
+
+def locate_tiny_vae(tiny_vae_path: str | os.PathLike | None = None) -> Path:
+    """The tiny profile's VAE: explicit path (file or folder), $DLORAL_TINY_VAE, then the
+    embedded data folder where `dloral-exp data prepare` trains it."""
+    found, looked = find_weights(
+        TINY_VAE_FILE,
+        (
+            (tiny_vae_path, "model.tiny_vae_path"),
+            (os.environ.get(TINY_VAE_ENV), f"${TINY_VAE_ENV}"),
+            (
+                data_dir() / TINY_VAE_FILE,
+                f"the embedded data folder, ${DATA_DIR_ENV} (default data/embedded)",
+            ),
+        ),
+    )
+    if found is not None:
+        return found
+    raise WeightsMissing(
+        f"the tiny profile's VAE ({TINY_VAE_FILE}, an autoencoder trained on the embedded "
+        "training clips) not found. Looked in:\n  - "
+        + "\n  - ".join(looked)
+        + f"\n`dloral-exp data prepare` trains it into {data_dir()} (about a minute of CPU; "
+        f"set {DATA_DIR_ENV} to move that folder), or set {TINY_VAE_ENV}=/path/to/"
+        f'{TINY_VAE_FILE}. Only for tests of the code path: model.tiny_init = "random" builds '
+        "the tiny profile with random weights (recorded as backbone_weights: random-init)."
     )
 
 

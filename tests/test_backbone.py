@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dloral.model.backbone import (
     SD21_ENV,
@@ -12,9 +13,10 @@ from dloral.model.backbone import (
 )
 from dloral.model.cfr import CFRConfig
 from dloral.model.dloral import DLoRAL, DLoRALConfig
+from dloral.weights import DATA_DIR_ENV, TINY_VAE_ENV, TINY_VAE_FILE, WeightsMissing, sha256
 
 
-def test_tiny_keeps_sd21_structure():
+def test_tiny_keeps_sd21_structure(tiny_vae_file):
     bb = build_backbone("tiny")
     cfg = bb.unet.config
     assert cfg.down_block_types == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -24,7 +26,47 @@ def test_tiny_keeps_sd21_structure():
     x = torch.rand(1, 3, 64, 48)
     with torch.no_grad():
         assert bb.vae.encode(x).latent_dist.mean.shape == (1, 4, 8, 6)  # factor 8
-    assert bb.weights == "random-init"
+    # the trained VAE (conftest's, named by $DLORAL_TINY_VAE), recorded with its sha256
+    assert bb.weights == "tiny-pretrained-vae" and not bb.random_init
+    assert bb.vae_weights == str(tiny_vae_file) and bb.vae_sha256 == sha256(tiny_vae_file)
+    trained = load_file(tiny_vae_file)
+    assert all(torch.equal(v, trained[k]) for k, v in bb.vae.state_dict().items())
+    random = build_backbone("tiny", tiny_init="random")
+    assert random.weights == "random-init" and random.vae_weights is None
+    assert not torch.equal(random.vae.decoder.conv_out.weight, bb.vae.decoder.conv_out.weight)
+
+
+def test_pretrained_tiny_one_step_starts_as_the_identity(bikes_lq):
+    """UNet conv_out and CFR's projection at zero: z_hat = z until training moves them, for
+    every CFR variant; the all-random tiny model changes the latent."""
+    lq = bikes_lq[:2]
+    for variant in ("full", "no_gate", "off"):
+        model = DLoRAL(DLoRALConfig(cfr=CFRConfig(variant=variant)))
+        with torch.no_grad():
+            z = model.encode(lq, sample=False)
+            out = model.restore_latent(z[1:], z[:1], lq[1:], lq[:1], model.encode_prompt([""]))
+        assert torch.equal(out, z[1:]), variant
+    model = DLoRAL(DLoRALConfig(tiny_init="random"))
+    with torch.no_grad():
+        z = model.encode(lq, sample=False)
+        out = model.restore_latent(z[1:], z[:1], lq[1:], lq[:1], model.encode_prompt([""]))
+    assert (out - z[1:]).abs().mean() > 0.1 * z.abs().mean()
+
+
+def test_missing_tiny_vae_names_the_file_the_folders_and_the_command(tmp_path, monkeypatch):
+    monkeypatch.delenv(TINY_VAE_ENV)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
+    with pytest.raises(WeightsMissing) as err:
+        build_backbone("tiny", tiny_vae_path=tmp_path / "given")
+    msg = " ".join(str(err.value).split())
+    assert f"{tmp_path / 'given'} (model.tiny_vae_path): not found" in msg
+    assert f"{tmp_path / 'data' / TINY_VAE_FILE}" in msg and DATA_DIR_ENV in msg
+    assert "dloral-exp data prepare" in msg and TINY_VAE_ENV in msg
+    broken = tmp_path / "broken" / TINY_VAE_FILE
+    broken.parent.mkdir()
+    broken.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=f"{broken}: not a readable tiny VAE file"):
+        build_backbone("tiny", tiny_vae_path=broken)
 
 
 def test_tiny_build_is_deterministic():

@@ -14,6 +14,7 @@ from dloral.model.checkpoint import (
     save_checkpoint,
 )
 from dloral.model.dloral import DLoRAL, DLoRALConfig
+from dloral.model.tiny_vae import TinyVAERecipe
 
 
 def _trained_model(seed=0, **cfg):
@@ -43,13 +44,43 @@ def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path):
         "dloral_config.json",
     ]
     meta = json.loads((tmp_path / "ck" / "dloral_config.json").read_text())
-    assert meta["model"]["cfr"]["topk"] == 8 and meta["backbone_weights"] == "random-init"
+    assert meta["model"]["cfr"]["topk"] == 8
+    assert meta["backbone_weights"] == "tiny-pretrained-vae"
+    assert (meta["vae_weights"], meta["vae_sha256"]) == (model.vae_weights, model.vae_sha256)
     loaded, report = load_checkpoint(tmp_path / "ck")
     assert report.clean
     assert loaded.cfg.cfr.topk == 8
     assert torch.equal(_restore(model), _restore(loaded))
     # a model that was not loaded differs, so the equality above is not trivial
     assert not torch.allclose(_restore(model), _restore(DLoRAL(DLoRALConfig(seed=4))))
+
+
+def test_checkpoint_needs_the_tiny_vae_it_was_trained_with(tmp_path, tiny_vae_file, bikes_lq):
+    save_checkpoint(_trained_model(), tmp_path / "ck")
+    other = tmp_path / "other-vae.safetensors"
+    TinyVAERecipe(steps=1, batch_size=3, crop=32).build(list(bikes_lq[:2]), other)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "ck", overrides={"tiny_vae_path": str(other)})
+    msg = " ".join(str(err.value).split())
+    assert f"trained with the tiny VAE {tiny_vae_file}" in msg and str(other) in msg
+    assert "model.tiny_vae_path" in msg
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    assert loaded.vae_sha256 == _trained_model().vae_sha256
+
+
+def test_checkpoint_from_before_tiny_init_loads_the_all_random_tiny(tmp_path):
+    """Checkpoints written before the pretrained tiny profile were trained on random weights:
+    they load onto those, not onto the trained VAE."""
+    model = _trained_model(cfr={"topk": 8}, tiny_init="random")
+    save_checkpoint(model, tmp_path / "ck")
+    meta_file = tmp_path / "ck" / "dloral_config.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["model"]["tiny_init"], meta["model"]["tiny_vae_path"]
+    del meta["vae_weights"], meta["vae_sha256"]
+    meta_file.write_text(json.dumps(meta))
+    loaded, report = load_checkpoint(tmp_path / "ck")
+    assert report.clean and loaded.weights == "random-init"
+    assert torch.equal(_restore(model), _restore(loaded))
 
 
 def test_checkpoint_with_unknown_or_missing_keys_is_reported(tmp_path):

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from dloral.cli import app
 from dloral.data.frames import to_uint8
+from dloral.weights import sha256
 
 runner = CliRunner()
 FAST = ["--process-size", "64", "--batch-size", "2", "--device", "cpu"]
@@ -34,7 +35,7 @@ def bikes_video(tmp_path, bikes_lq):
     return path
 
 
-def test_upscale_folder_names_frames_like_the_input(bikes_folder, tmp_path):
+def test_upscale_folder_names_frames_like_the_input(bikes_folder, tmp_path, tiny_vae_file):
     out = tmp_path / "sr"
     result = runner.invoke(app, ["upscale", str(bikes_folder), str(out), *FAST])
     assert result.exit_code == 0, result.output
@@ -43,7 +44,8 @@ def test_upscale_folder_names_frames_like_the_input(bikes_folder, tmp_path):
     assert Image.open(out / "im1.png").size == (256, 192)
     meta = json.loads((out / "upscale.json").read_text())
     assert meta["frames"] == 4 and meta["sr_size"] == [192, 256]
-    assert meta["model"]["backbone_weights"] == "random-init"
+    assert meta["model"]["backbone_weights"] == "tiny-pretrained-vae"
+    assert meta["model"]["vae_sha256"] == sha256(tiny_vae_file)
     assert meta["model"]["cfr_variant"] == "full" and meta["device"] == "cpu"
     assert "4 frames 64x48 -> 256x192" in " ".join(result.output.split())
 

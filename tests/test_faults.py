@@ -324,7 +324,8 @@ def test_sigterm_stops_upscale_keeping_whole_frames(tmp_path, bikes_lq):
 def test_sigterm_stops_data_prepare_and_the_next_run_completes(tmp_path):
     out_dir = tmp_path / "embedded"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = _start(["data", "prepare", "--out", str(out_dir)], tmp_path, env)
+    prepare = ["data", "prepare", "--out", str(out_dir), "--vae-steps", "2"]  # a quick VAE
+    proc = _start(prepare, tmp_path, env)
     _wait_for(proc, lambda: out_dir.is_dir() and any(out_dir.rglob("*.png")), "a first frame")
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
@@ -333,11 +334,12 @@ def test_sigterm_stops_data_prepare_and_the_next_run_completes(tmp_path):
     manifest = out_dir / "manifest.json"
     kept = json.loads(manifest.read_text())["sets"] if manifest.exists() else {}
     stamps = {p: p.stat().st_mtime_ns for name in kept for p in (out_dir / name).rglob("*.png")}
-    proc = _start(["data", "prepare", "--out", str(out_dir)], tmp_path, env)
+    proc = _start(prepare, tmp_path, env)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     sets = json.loads(manifest.read_text())["sets"]
     assert set(sets) == {"embedded-udm10", "embedded-videolq", "embedded-train"}
+    assert (out_dir / "tiny-vae.safetensors").is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished sets were kept
 
 

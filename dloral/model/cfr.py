@@ -21,8 +21,9 @@ latent alone; this module is never called).
 SPyNet's weights (`spynet`): `pretrained` loads BasicVSR's `spynet_20210409-c6c1bd09.pth`, as
 the reference does (found by dloral.weights.locate_spynet: `spynet_path`, $DLORAL_SPYNET_WEIGHTS,
 the torch hub cache); `random` keeps the seeded random init (recorded as `spynet: random-init`);
-`auto` (default) is `pretrained` for sd21 with real weights and `random` for tiny and sd21
-random_init. SPyNet is frozen in every stage.
+`auto` (default) is `pretrained` for sd21 with real weights, zero flow for the pretrained tiny
+profile (`spynet: zero-flow`: it has no trained SPyNet, and a random one misaligns the previous
+frame), and `random` for tiny_init random and sd21 random_init. SPyNet is frozen in every stage.
 
 Memory is bounded: similarities are computed for blocks of query positions, never the full
 (HW x HW x heads) matrix at once.

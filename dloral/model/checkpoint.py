@@ -93,6 +93,8 @@ def save_checkpoint(model: DLoRAL, folder: str | os.PathLike, extra: dict | None
         "model": model.cfg.to_dict(),
         "lora_targets": model.lora_targets,
         "backbone_weights": model.weights,
+        "vae_weights": model.vae_weights,
+        "vae_sha256": model.vae_sha256,
         "spynet_weights": model.spynet_weights,
         "spynet_sha256": model.spynet_sha256,
         **(extra or {}),
@@ -126,7 +128,8 @@ def _read_meta(path: Path) -> tuple[Path, dict]:
 
 
 def _stored_config(meta: dict, overrides: dict | None) -> DLoRALConfig:
-    model_cfg = {**meta["model"], **(overrides or {})}
+    # A checkpoint from before tiny_init was trained on the all-random tiny backbone.
+    model_cfg = {"tiny_init": "random", **meta["model"], **(overrides or {})}
     for name in ("consistency", "detail"):
         model_cfg[name] = {**model_cfg[name], "targets": meta["lora_targets"][name]}
     return DLoRALConfig.from_dict(model_cfg)
@@ -154,6 +157,14 @@ def load_checkpoint(
         return import_official(path, overrides.pop("profile", "sd21"), overrides, strict)
     weights, meta = _read_meta(path)
     model = DLoRAL(_stored_config(meta, overrides), load_spynet=False)
+    trained_with = meta.get("vae_sha256")
+    if trained_with and model.vae_sha256 != trained_with:
+        raise CheckpointError(
+            f"{path}: trained with the tiny VAE {meta.get('vae_weights')} (sha256 "
+            f"{trained_with}), but {model.vae_weights} has sha256 {model.vae_sha256}: its LoRAs "
+            "work in that VAE's latent space. Give that file as model.tiny_vae_path "
+            "(overrides={'tiny_vae_path': ...}, `--set model.tiny_vae_path=...`)."
+        )
     report = load_into(model, load_file(weights), str(weights))
     if any(k.startswith("cfr.spynet.basic_module.") for k in report.missing):
         model.spynet_weights = "random-init"  # not in the file: the init stays

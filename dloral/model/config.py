@@ -62,6 +62,7 @@ class LoRAConfig:
 
 STAGES = ("consistency", "detail", "inference")
 CONV_IN_BIASES = ("pretrained", "random")
+TINY_INITS = ("pretrained", "random")  # dloral.model.backbone.build_tiny
 
 
 @dataclass
@@ -73,6 +74,11 @@ class DLoRALConfig:
     timestep: int = 1  # the reference's fixed one-step timestep
     train_conv_in: bool = True  # the reference trains the widened conv_in in both stages
     conv_in_bias: str = "pretrained"  # or random: the new conv's own init, as the reference
+    # tiny only. pretrained: the VAE trained on the embedded training clips (`dloral-exp data
+    # prepare`), a UNet and CFR whose one step starts as the identity; random: all random-init
+    tiny_init: str = "pretrained"
+    tiny_vae_path: str | None = None  # that VAE file or its folder; None: $DLORAL_TINY_VAE,
+    # then the embedded data folder ($DLORAL_DATA_DIR, default data/embedded)
     cfr: CFRConfig = field(default_factory=CFRConfig)
     consistency: LoRAConfig = field(default_factory=LoRAConfig)
     detail: LoRAConfig = field(default_factory=LoRAConfig)
@@ -81,7 +87,9 @@ class DLoRALConfig:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}; got {self.profile!r}")
         if self.random_init and self.profile != "sd21":
-            raise ValueError("random_init is for the sd21 profile (tiny is always random-init)")
+            raise ValueError('random_init is for the sd21 profile (tiny: tiny_init = "random")')
+        if self.tiny_init not in TINY_INITS:
+            raise ValueError(f"tiny_init must be one of {TINY_INITS}; got {self.tiny_init!r}")
         if self.conv_in_bias not in CONV_IN_BIASES:
             raise ValueError(
                 f"conv_in_bias must be one of {CONV_IN_BIASES}; got {self.conv_in_bias!r}"

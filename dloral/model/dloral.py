@@ -5,7 +5,9 @@ For frame t with previous frame t-1 (the reference's pair), in latent space:
     fused        = CFR(z[t], aligned_prev)                    # CFR retrieval + gate
     eps          = UNet(cat[aligned_prev, fused], t=1, text)  # one step, both LoRAs active
     z_hat[t]     = fused - eps
-With CFR `off` the UNet sees cat[z[t], z[t]]: no information crosses frames.
+With CFR `off` the UNet sees cat[z[t], z[t]]: no information crosses frames. The pretrained
+`tiny` profile starts with CFR's output projection and the UNet's conv_out at zero, so
+z_hat[t] = z[t] until training moves them (dloral.model.backbone).
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import torch
 from torch import nn
 
 from dloral.model import lora
-from dloral.model.backbone import Backbone, build_backbone
+from dloral.model.backbone import TINY_PRETRAINED, Backbone, build_backbone
 from dloral.model.cfr import CrossFrameRetrieval
 from dloral.model.config import ADAPTERS, CONV_IN_BIASES, STAGES, DLoRALConfig
-from dloral.model.spynet import load_spynet_file
+from dloral.model.spynet import ZERO_FLOW, load_spynet_file, zero_flow
 from dloral.weights import SPYNET_FILE, locate_spynet, sha256
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,11 @@ class DLoRAL(nn.Module):
         spynet_file = (
             locate_spynet(cfg.cfr.spynet_path) if load_spynet and cfg.pretrained_spynet() else None
         )
-        bb = backbone or build_backbone(cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed)
+        bb = backbone or build_backbone(
+            cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed, cfg.tiny_init, cfg.tiny_vae_path
+        )
         self.profile, self.weights = bb.profile, bb.weights
+        self.vae_weights, self.vae_sha256 = bb.vae_weights, bb.vae_sha256
         self.tokenizer = bb.tokenizer
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
@@ -73,8 +78,16 @@ class DLoRAL(nn.Module):
                 bb.unet, {"consistency": cfg.consistency, "detail": cfg.detail}
             )
             self.cfr = CrossFrameRetrieval(cfg.cfr)
-        # Where SPyNet's weights came from: "random-init", or a file (and its sha256).
+        if bb.weights == TINY_PRETRAINED:  # CFR adds nothing yet: the one step is the identity
+            nn.init.zeros_(self.cfr.cross_attn_module.proj_out.weight)
+            nn.init.zeros_(self.cfr.cross_attn_module.proj_out.bias)
+        # Where SPyNet's weights came from: "random-init", "zero-flow", or a file (and its sha256).
         self.spynet_weights, self.spynet_sha256 = "random-init", None
+        if bb.weights == TINY_PRETRAINED and cfg.cfr.spynet == "auto":
+            # The tiny profile has no trained SPyNet: a random one would hand CFR a previous
+            # frame moved by random flow. With zero flow CFR sees it where it was (no alignment).
+            zero_flow(self.cfr.spynet)
+            self.spynet_weights = ZERO_FLOW
         if spynet_file is not None:
             load_spynet_file(self.cfr.spynet, spynet_file)
             self.spynet_weights, self.spynet_sha256 = str(spynet_file), sha256(spynet_file)
@@ -194,6 +207,8 @@ class DLoRAL(nn.Module):
         return {
             "profile": self.profile,
             "backbone_weights": self.weights,
+            **({"vae_weights": self.vae_weights} if self.vae_weights else {}),
+            **({"vae_sha256": self.vae_sha256} if self.vae_sha256 else {}),
             "cfr_variant": self.cfg.cfr.variant,
             "cfr_topk": self.cfg.cfr.topk,
             "spynet": self.spynet_weights,

@@ -1,8 +1,9 @@
 """Which weight files a run needs, checked before any model is built: one error lists them all.
 
 Training, `dloral-exp upscale` and the benchmark's DLoRAL methods call this first, so a run that
-needs SD 2.1, SPyNet, VGG16 (LPIPS) and a tagger on a machine with none of them fails at once,
-naming every missing file, where it was looked for and how to get it. Nothing is loaded.
+needs SD 2.1 (or the tiny VAE), SPyNet, VGG16 (LPIPS) and a tagger on a machine with none of them
+fails at once, naming every missing file, where it was looked for and how to get it. Nothing is
+loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from dataclasses import dataclass
 
 from dloral.model.backbone import locate_sd21
 from dloral.model.dloral import DLoRALConfig
-from dloral.weights import WeightsMissing, locate_spynet, locate_tagger, locate_vgg16
+from dloral.weights import (
+    WeightsMissing,
+    locate_spynet,
+    locate_tagger,
+    locate_tiny_vae,
+    locate_vgg16,
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,12 @@ def missing_weights(
     out: list[Missing] = []
     if model.profile == "sd21" and not model.random_init:
         out += _check("SD 2.1-base", "model.profile = sd21", lambda: locate_sd21(model.sd21_path))
+    if model.profile == "tiny" and model.tiny_init == "pretrained":
+        out += _check(
+            "tiny VAE",
+            'model.profile = tiny (tiny_init = "pretrained")',
+            lambda: locate_tiny_vae(model.tiny_vae_path),
+        )
     if model.pretrained_spynet() and not spynet_from_checkpoint:
         why = f"model.cfr.spynet = {model.cfr.spynet}" + (
             f" with profile {model.profile}" if model.cfr.spynet == "auto" else ""

@@ -115,6 +115,19 @@ class SPyNet(nn.Module):
 
 # ----- pretrained weights --------------------------------------------------------------------
 # mmedit/BasicVSR (the file the reference loads, and the official checkpoint's `spynet.` keys):
+ZERO_FLOW = "zero-flow"  # provenance of a SPyNet set by `zero_flow`
+
+
+def zero_flow(spynet: SPyNet) -> None:
+    """Zero the last conv of every level: each level adds no flow, so SPyNet returns zero
+    motion for any pair (the tiny profile's SPyNet without BasicVSR weights)."""
+    with torch.no_grad():
+        for level in spynet.basic_module:
+            last = level.basic_module[-1].conv
+            last.weight.zero_()
+            last.bias.zero_()
+
+
 # ConvModule(conv + activate) per layer: basic_module.L.basic_module.I.conv.{weight,bias}.
 _MMEDIT_KEY = re.compile(r"basic_module\.([0-5])\.basic_module\.([0-4])\.conv\.(weight|bias)")
 # BasicSR (basicsr/archs/spynet_arch.py): Conv2d and ReLU alternate in one Sequential, so conv I

@@ -45,9 +45,11 @@ from dloral.trials import (
     SUMMARY_FILE,
     SWEEP_FILE,
     ArmBest,
+    ArmComparison,
     SweepSpec,
     SweepSummary,
     TrialRow,
+    compare_arms,
 )
 
 log = logging.getLogger(__name__)
@@ -172,14 +174,22 @@ def _absolute_tracking_uri(uri: str) -> str:
 
 
 def _resolve_data(exp: Experiment, cfg: TrainConfig) -> None:
-    """Prepare the embedded sets once, here (trials would race), and pin absolute roots."""
+    """Prepare the embedded sets and the tiny VAE once, here (trials would race), and pin
+    absolute roots and the VAE's path (trials run in folders of their own)."""
     from dloral.data.embedded import prepare_embedded
+    from dloral.model.tiny_vae import uses_embedded_vae
+    from dloral.train.recipe import prepare_first_use
+    from dloral.weights import locate_tiny_vae
 
     data = exp.base.setdefault("data", {})
     if not cfg.data.train_root or not cfg.data.val_root:
         prepare_embedded(cfg.data.train_path().parent)
     data["train_root"] = str(cfg.data.train_path().resolve())
     data["val_root"] = str(cfg.data.val_path().resolve())
+    if uses_embedded_vae(cfg.model):
+        prepare_first_use(cfg)
+        path = locate_tiny_vae().resolve()
+        exp.base.setdefault("model", {})["tiny_vae_path"] = str(path)
 
 
 def _preflight(exp: Experiment, cfg: TrainConfig) -> None:
@@ -382,7 +392,7 @@ def run_sweep(
     tracking: bool = True,
     evaluate: bool = True,
     verbose: bool = False,
-    on_table: Callable[[list[ArmBest], Experiment], None] | None = None,
+    on_table: Callable[[SweepResult, Experiment], None] | None = None,
 ) -> SweepResult:
     """Run a sweep (or resume one: resume=True for the latest of this experiment, or a folder).
     Returns the trials, the best per arm and their evaluation."""
@@ -455,10 +465,11 @@ def run_sweep(
         result.status = "finished"
         _close_all(tracker, parent, result.trials)
         result.best = best_per_arm(result.trials, exp)
+        result.comparisons = arm_comparisons(result.trials, exp)
         if evaluate and result.best:
             evaluate_best(result.best, exp, spec, in_process=started_here)
         if on_table:
-            on_table(result.best, exp)
+            on_table(result, exp)
         if tracker:
             tracker.client.log_dict(parent, spec.to_dict(), SWEEP_FILE)
             _log_summary(tracker, parent, result, exp)
@@ -722,6 +733,20 @@ def best_per_arm(rows: list[TrialRow], exp: Experiment) -> list[ArmBest]:
         for rank, row in enumerate(members[: exp.sweep.evaluate.top], 1):
             best.append(ArmBest(arm=label, rank=rank, trial=row, eval={}))
     return best
+
+
+def arm_comparisons(rows: list[TrialRow], exp: Experiment) -> list[ArmComparison]:
+    """Every pair of arms on the sweep metric, the difference of their means against the
+    spread of their seeds (dloral.trials.NOISE_RULE): trials that ran to the end only, so
+    every value is taken at the same step."""
+    metric = exp.sweep.metric
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row.status in ("finished", "stopped") and metric in row.metrics:
+            finished = values.setdefault(arm_label(row.values, exp.arms), [])
+            if row.status == "finished":
+                finished.append(row.metrics[metric])
+    return compare_arms(values, metric)
 
 
 def evaluate_best(

@@ -58,7 +58,8 @@ class Resources:
 
 @dataclass
 class EvaluateConfig:
-    arms: list[str] | None = None  # keys that define an ablation arm; None: the grid keys
+    # keys that define an ablation arm; None: the grid keys with 2+ values, except run.seed
+    arms: list[str] | None = None
     top: int = 1  # best trials scored per arm
     clips: int = 0  # validation clips scored (0: all)
     frames: int = 12  # frames per clip
@@ -275,8 +276,10 @@ def _check(path: Path, base: dict[str, Any], table: dict[str, Any]) -> Experimen
             f"{where}sweep.space: run.workers cannot be searched (it sets what every trial "
             "reserves); run one sweep per worker count with --set run.workers=N"
         )
-    if sweep.evaluate.arms is None:
-        sweep.evaluate.arms = [d.key for d in dims if d.is_grid and d.key != "run.seed"]
+    if sweep.evaluate.arms is None:  # a one-value list fixes a key for the sweep: not an arm
+        sweep.evaluate.arms = [
+            d.key for d in dims if d.is_grid and d.key != "run.seed" and len(d.args) > 1
+        ]
     for arm in sweep.evaluate.arms:
         if arm not in keys:
             raise SweepError(

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from dloral import signals
 from dloral.atomic import atomic_folder, atomic_write_text
+from dloral.data.config import default_dir
 from dloral.data.embedded import prepare_embedded
 from dloral.data.readers import read_dataset
 from dloral.data.sampler import StagedClips, TrainingClips, worker_indices
@@ -51,6 +52,7 @@ from dloral.model import lora
 from dloral.model.checkpoint import save_checkpoint
 from dloral.model.dloral import DLoRAL
 from dloral.model.requirements import Missing, missing_weights, require_weights
+from dloral.model.tiny_vae import TinyVAERecipe, uses_embedded_vae
 from dloral.resize import resize_frames
 from dloral.train import losses
 from dloral.train.config import TrainConfig
@@ -74,8 +76,9 @@ class RunResult:
     status: str  # "finished" | "diverged"
     step: int
     last_checkpoint: Path | None
-    metrics: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # validation at the last step
     mlflow_run_id: str | None = None
+    start_metrics: dict = field(default_factory=dict)  # validation at step 0 (not on resume)
 
 
 # ----- setup ------------------------------------------------------------------------------
@@ -84,6 +87,14 @@ def _prepared(path: Path, given: str | None) -> Path:
     if not given:
         prepare_embedded(path.parent)
     return path
+
+
+def prepare_first_use(cfg: TrainConfig) -> None:
+    """The tiny profile's VAE, when the model loads it from the embedded data folder, is
+    trained there on first use (with the embedded sets it learns from), as `dloral-exp data
+    prepare` would: before the weights check, which would otherwise find it missing."""
+    if uses_embedded_vae(cfg.model):
+        prepare_embedded(default_dir(), vae=TinyVAERecipe())
 
 
 def _training_set(cfg: TrainConfig, per_step: int) -> TrainingClips | StagedClips:
@@ -124,7 +135,7 @@ def _frozen_pretrained_unet(model: DLoRAL) -> torch.nn.Module:
     from dloral.model.backbone import pretrained_unet
 
     cfg = model.cfg
-    unet = pretrained_unet(cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed)
+    unet = pretrained_unet(cfg.profile, cfg.sd21_path, cfg.random_init, cfg.seed, cfg.tiny_init)
     return unet.requires_grad_(False).eval()
 
 
@@ -362,6 +373,7 @@ def train(
     if not lead:
         tracker, progress = None, None
     tracker = tracker or NullTracker()
+    prepare_first_use(cfg)
     require_weights(missing_training_weights(cfg))  # all missing weights at once, nothing built
     device = resolve_device(cfg.run.device)
     if device.type == "cuda" and device.index is None and world > 1:
@@ -440,7 +452,9 @@ def train(
         resume,
         {
             "lpips_weights": ctx["lpips_source"],
-            "backbone_weights": model.weights,
+            "backbone_weights": model.weights,  # "random-init", "tiny-pretrained-vae", a folder
+            **({"vae_weights": model.vae_weights} if model.vae_weights else {}),
+            **({"vae_sha256": model.vae_sha256} if model.vae_sha256 else {}),
             "spynet": model.spynet_weights,  # "random-init" or the file (+ its sha256)
             **({"spynet_sha256": model.spynet_sha256} if model.spynet_sha256 else {}),
             "device": str(device),
@@ -549,6 +563,12 @@ def _loop(
     fp16 = ctx["device"].type == "cuda" and cfg.optim.mixed_precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     stage = None
+    start_metrics = {}
+    if start == 0 and lead:  # the model before training: the curve's first point, the bar to pass
+        start_metrics, strip = validate(model, cfg, ctx)
+        tracker.log_metrics({f"val/{k}": v for k, v in start_metrics.items()}, 0)
+        if strip is not None:
+            tracker.log_image(strip, "samples/step-000000.png", STRIP_LABELS)
     t_last = time.perf_counter()
     for step in range(start, cfg.run.max_steps):
         p = plan(step, cfg.schedule, cfg.loss.weights)
@@ -630,13 +650,20 @@ def _loop(
                     "step": cfg.run.max_steps,
                     "checkpoint": str(last_ckpt),
                     "metrics": metrics,
+                    **({"start_metrics": start_metrics} if start_metrics else {}),
                     **distribution(cfg),
                 },
                 indent=2,
             ),
         )
     return RunResult(
-        run_dir, status, cfg.run.max_steps, last_ckpt, metrics, getattr(tracker, "run_id", None)
+        run_dir,
+        status,
+        cfg.run.max_steps,
+        last_ckpt,
+        metrics,
+        getattr(tracker, "run_id", None),
+        start_metrics,
     )
 
 
