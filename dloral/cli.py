@@ -833,7 +833,12 @@ def data_prepare(
 ) -> None:
     """Build embedded-udm10, embedded-videolq and embedded-train from packaged real clips, and
     train the tiny profile's VAE on embedded-train (a few minutes on 2 CPU cores, once)."""
-    from dloral.data.embedded import prepare_embedded
+    from dloral.data.embedded import data_folder, prepare_embedded
+
+    try:
+        out = data_folder(out)  # a bad --out is named before torch is imported
+    except NotADirectoryError as err:
+        _fail(str(err))
     from dloral.model.tiny_vae import TinyVAERecipe
 
     logging.getLogger("dloral.model.tiny_vae").setLevel(logging.INFO)  # its progress
@@ -842,8 +847,6 @@ def data_prepare(
     try:
         with console.status("preparing embedded data and the tiny VAE (trained once)"):
             folder = prepare_embedded(out, force=force, vae=recipe)
-    except NotADirectoryError as err:
-        _fail(str(err))
     except KeyboardInterrupt:
         _stopped("run the same command again: finished sets are verified and kept")
     manifest = json.loads((folder / "manifest.json").read_text())

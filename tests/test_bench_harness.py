@@ -132,8 +132,11 @@ def test_bench_scores_bicubic_folder_and_tiny_with_skips(udm, tmp_path):
     assert "DIS" in run["flow_estimator"]
     assert {"torch", "torchvision", "pyiqa", "cv2"} <= set(run["versions"])
     assert run["status"] == "finished"
-    assert run["methods"]["dloral-tiny"]["weights"] == "random-init"
-    assert run["methods"]["dloral-tiny"]["untrained"] == "random-init backbone"
+    # the tiny model as training starts it: the trained VAE, LoRAs and CFR as initialised
+    assert run["methods"]["dloral-tiny"]["weights"] == "tiny-pretrained-vae"
+    assert run["methods"]["dloral-tiny"]["untrained"] == (
+        "no trained checkpoint (LoRAs and CFR as initialised)"
+    )
     assert "untrained" not in run["methods"]["bicubic"]
     assert run["methods"]["dloral-tiny"]["options"]["lora"] == "merged"
 

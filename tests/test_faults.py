@@ -173,7 +173,8 @@ def _assert_resumed(exp: Path, uri: str, env: dict, cwd: Path, sweep_dir: Path, 
         assert "dloral.status_reason" not in run.data.tags, run.data.tags  # no stale KILLED reason
         # every step logged exactly once, also those run again after the checkpoint resumed from
         assert _metric_steps(client, run.info.run_id, "lr") == list(range(1, 13))
-        assert _metric_steps(client, run.info.run_id, "val/psnr") == [4, 8, 12]
+        # step 0: the model before training, logged once (not again on resume)
+        assert _metric_steps(client, run.info.run_id, "val/psnr") == [0, 4, 8, 12]
 
 
 def test_sigint_to_the_sweep_driver_leaves_interrupted_states(sweep_setup, tmp_path):
@@ -254,7 +255,7 @@ def test_sigterm_kills_a_tracked_training_run_truthfully_and_it_resumes(tmp_path
     assert run.info.status == "FINISHED"
     assert "dloral.status_reason" not in run.data.tags  # the KILLED reason is gone
     assert _metric_steps(client, run_id, "lr") == list(range(1, 25))  # each step once
-    assert _metric_steps(client, run_id, "val/psnr") == list(range(4, 25, 4))
+    assert _metric_steps(client, run_id, "val/psnr") == list(range(0, 25, 4))  # 0: before training
 
 
 def test_sigterm_stops_a_two_worker_training_run_truthfully(tmp_path, data_roots):

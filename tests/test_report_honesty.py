@@ -1,5 +1,6 @@
 """A report that does not flatter: a real benchmark run (real bikes frames; bicubic, a blurred
-peer labelled "random-init", and the untrained tiny DLoRAL model) rendered and read back. The
+peer labelled "random-init", and the all-random tiny DLoRAL
+model, `dloral:tiny-random`) rendered and read back. The
 untrained model is marked from the run's recorded provenance and never ranked; titles fit inside
 the figures; every figure is shown at its own size in Chromium, bold and underline in plain
 colours; the header names the code of the results and of the report separately."""
@@ -32,7 +33,7 @@ from dloral.resize import bi_downsample
 # a long clip name, as in embedded-videolq, whose title the visuals used to cut off
 CLIPS = {"carphone_distorted": (20, 40)}
 FRAMES = 2
-TINY = f"dloral-tiny {UNTRAINED}"
+TINY = f"dloral-tiny-random {UNTRAINED}"
 SUITE = """
 [suite]
 name = "honest"
@@ -46,7 +47,7 @@ lq = "BIx4"
 scale = 4
 
 [methods]
-names = ["bicubic", "folder:random-init={root}/peers/blur", "dloral:tiny"]
+names = ["bicubic", "folder:random-init={root}/peers/blur", "dloral:tiny-random"]
 
 [metrics]
 names = ["psnr", "ssim", "ewarp", "piqe"]
@@ -96,24 +97,24 @@ def test_untrained_model_is_marked_and_never_ranked_though_best_on_piqe(report, 
     agg = pd.read_csv(bench_run / "aggregate.csv")
     piqe = agg[agg["metric"] == "piqe"].set_index("method")["value"]
     # the premise: PIQE scores the untrained model's noise best (lowest) of the three
-    assert piqe.idxmin() == "dloral-tiny", piqe
+    assert piqe.idxmin() == "dloral-tiny-random", piqe
     table = md[md.index("### mini-udm") :]
     tiny = _row(table, TINY)
     assert "**" not in tiny and "<u>" not in tiny  # never bold nor underlined
     header = _cells(next(line for line in table.splitlines() if line.startswith("| method |")))
     col = header.index("piqe↓")
     # the bold goes to the best of the others, in the column where the tiny model is lowest
-    others = agg[(agg["metric"] == "piqe") & (agg["method"] != "dloral-tiny")]
+    others = agg[(agg["metric"] == "piqe") & (agg["method"] != "dloral-tiny-random")]
     ranked = others[others["noted"] == 0].set_index("method")["value"]  # † values are not
     assert len(ranked), others
     assert _cells(_row(table, ranked.idxmin()))[col] == f"**{ranked.min():.4f}**"
     # on PSNR the best of the two ranked methods is bold
-    psnr = agg[agg["metric"] == "psnr"].set_index("method")["value"].drop("dloral-tiny")
+    psnr = agg[agg["metric"] == "psnr"].set_index("method")["value"].drop("dloral-tiny-random")
     best = _cells(_row(table, psnr.idxmax()))[header.index("psnr↑")]
     assert best == f"**{psnr.max():.2f}**"
     # the footnote says which method and why, from run.json
     assert (
-        f"{UNTRAINED} untrained weights, as the run recorded them: dloral-tiny (random-init "
+        f"{UNTRAINED} untrained weights, as the run recorded them: dloral-tiny-random (random-init "
         "backbone). Shown, not ranked (--rank-untrained ranks them)."
     ) in table
     # the peer is *named* random-init, but nothing recorded says it is untrained: not marked
@@ -154,7 +155,7 @@ def test_pareto_front_and_figures_leave_out_the_untrained_model(report, bench_ru
     assert TINY in [t.get_text() for t in legend.get_texts()]
     assert "untrained weights" in legend.get_title().get_text()
     fig = visual_grid(run.visuals[0], marks.label, untrained=marks.marked)
-    assert TINY in [ax.get_title() for ax in fig.axes]
+    assert TINY in [" ".join(ax.get_title().split()) for ax in fig.axes]  # titles may wrap
     assert "untrained weights" in fig.get_supxlabel()
 
 
@@ -181,23 +182,23 @@ def test_rank_untrained_ranks_it_and_keeps_the_mark(ranked):
 
 def test_the_mark_follows_the_recorded_provenance_not_the_name(bench_run, tmp_path):
     info = json.loads((bench_run / "run.json").read_text())
-    assert info["methods"]["dloral-tiny"]["untrained"] == "random-init backbone"
-    assert sources.untrained_methods(info) == {"dloral-tiny": "random-init backbone"}
+    assert info["methods"]["dloral-tiny-random"]["untrained"] == "random-init backbone"
+    assert sources.untrained_methods(info) == {"dloral-tiny-random": "random-init backbone"}
     # a run recorded before methods stated it: the random-init backbone still says it
     old = json.loads(json.dumps(info))
-    del old["methods"]["dloral-tiny"]["untrained"]
-    assert list(sources.untrained_methods(old)) == ["dloral-tiny"]
+    del old["methods"]["dloral-tiny-random"]["untrained"]
+    assert list(sources.untrained_methods(old)) == ["dloral-tiny-random"]
     # a dloral method whose recorded weights are trained is not marked, whatever its name
     trained = json.loads(json.dumps(old))
-    trained["methods"]["dloral-tiny"]["weights"] = "/ckpt/sd21"
-    trained["methods"]["dloral-tiny"]["model"]["backbone_weights"] = "/ckpt/sd21"
+    trained["methods"]["dloral-tiny-random"]["weights"] = "/ckpt/sd21"
+    trained["methods"]["dloral-tiny-random"]["model"]["backbone_weights"] = "/ckpt/sd21"
     assert sources.untrained_methods(trained) == {}
     copy = tmp_path / "trained"
     shutil.copytree(bench_run, copy)
     (copy / "run.json").write_text(json.dumps(trained))
     made = build.build_report(tmp_path / "rep", [sources.load_bench(copy)], max_clips=1)
     md = made.markdown.read_text()
-    assert UNTRAINED not in md and "| dloral-tiny |" in md
+    assert UNTRAINED not in md and "| dloral-tiny-random |" in md
 
 
 def test_the_table_of_several_runs_marks_and_skips_it_too(bench_run, tmp_path):
@@ -209,8 +210,8 @@ def test_the_table_of_several_runs_marks_and_skips_it_too(bench_run, tmp_path):
     runs = [sources.load_bench(bench_run), sources.load_bench(again)]
     md = build.build_report(tmp_path / "rep", runs, max_clips=1).markdown.read_text()
     table = md[md.index("### mini-udm (all runs)") : md.index("# Benchmark: honest")]
-    assert "**" not in _row(table, TINY) and "| dloral-tiny |" not in table
-    assert "untrained weights, as the run recorded them: dloral-tiny (random-init" in table
+    assert "**" not in _row(table, TINY) and "| dloral-tiny-random |" not in table
+    assert "untrained weights, as the run recorded them: dloral-tiny-random (random-init" in table
 
 
 def _texts_outside(fig) -> list[str]:

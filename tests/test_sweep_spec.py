@@ -75,13 +75,13 @@ def test_overrides_reach_training_and_sweep_keys():
         [
             "optim.lr=3e-4",
             "sweep.scheduler=fifo",
-            "sweep.space.run.seed=[1, 2]",
+            "sweep.space.run.seed=[3, 4, 5]",
             "sweep.evaluate.top=2",
         ],
     )
     assert exp.sweep.scheduler == "fifo" and exp.sweep.evaluate.top == 2
     assert exp.train_config({}).optim.lr == 3e-4
-    assert [d.key for d in exp.dims][-1] == "run.seed"
+    assert {d.key: d.args for d in exp.dims}["run.seed"] == [3, 4, 5]
     assert "run.seed" not in exp.arms  # seeds spread an arm, they are not one
     with pytest.raises(SweepError, match="unknown key sweep.bogus"):
         load_experiment("default", ["sweep.bogus=1"])

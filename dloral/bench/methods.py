@@ -35,7 +35,7 @@ from typing import Protocol
 import torch
 
 from dloral.bench.memory import PeakMemory, tensor_bytes
-from dloral.bench.suite import parse_method
+from dloral.bench.suite import TINY, parse_method
 from dloral.data.frames import FrameError, natural_key, open_frames, read_image, to_uint8
 from dloral.devices import resolve_device, resolve_dtype, synchronize
 from dloral.resize import resize_frames
@@ -204,8 +204,10 @@ def mlflow_checkpoint(ref: str, dst: str | os.PathLike | None = None) -> Path:
 
 
 class DLoRALMethod(_Timed):
-    """DLoRAL from a checkpoint folder, the official model.pkl, or `tiny` (random init); LoRAs
-    merged, set up as `dloral-exp upscale` does (dtype auto, colour fix adain)."""
+    """DLoRAL from a checkpoint folder, the official model.pkl, `tiny` (the tiny profile as
+    training starts it: trained VAE, identity one step) or `tiny-random` (every weight random,
+    the code path only); LoRAs merged, set up as `dloral-exp upscale` does (dtype auto, colour
+    fix adain)."""
 
     def __init__(
         self,
@@ -227,15 +229,20 @@ class DLoRALMethod(_Timed):
         self._model = None
         self._upscalers: dict[int, object] = {}
 
+    def _tiny_config(self):
+        from dloral.model.dloral import DLoRALConfig
+
+        init = "random" if self.source == "tiny-random" else "pretrained"
+        return DLoRALConfig(profile="tiny", seed=self.seed, tiny_init=init)
+
     def missing_weights(self) -> list:
         """The weight files this method's model needs and this machine lacks, found without
         building it (an `mlflow:` checkpoint is checked when it is downloaded and loaded)."""
         from dloral.model.checkpoint import CheckpointError, checkpoint_config
-        from dloral.model.dloral import DLoRALConfig
         from dloral.model.requirements import missing_weights
 
-        if self.source == "tiny":
-            return missing_weights(DLoRALConfig(profile="tiny", seed=self.seed))
+        if self.source in TINY:
+            return missing_weights(self._tiny_config())
         path = Path(self.source)
         if self.source.startswith("mlflow:") or not path.exists():
             return []  # _load names what is wrong
@@ -247,10 +254,10 @@ class DLoRALMethod(_Timed):
 
     def _load(self):
         if self._model is None:
-            from dloral.model.dloral import DLoRAL, DLoRALConfig
+            from dloral.model.dloral import DLoRAL
 
-            if self.source == "tiny":
-                model = DLoRAL(DLoRALConfig.from_dict({"profile": "tiny", "seed": self.seed}))
+            if self.source in TINY:
+                model = DLoRAL(self._tiny_config())
             else:
                 from dloral.model.checkpoint import load_checkpoint
 
@@ -286,7 +293,7 @@ class DLoRALMethod(_Timed):
         model = self._load()
         if model.weights == "random-init":
             return "random-init backbone"
-        if self.source == "tiny":
+        if self.source in TINY:
             return "no trained checkpoint (LoRAs and CFR as initialised)"
         return None
 

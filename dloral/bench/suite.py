@@ -30,9 +30,10 @@ EMBEDDED_SETS = ("embedded-udm10", "embedded-videolq")
 
 FLOW_KINDS = ("auto", "raft", "dis", "farneback")
 MIN_REPEATS = 3  # timed passes: s_per_frame is their median, with the fastest and slowest
+TINY = ("tiny", "tiny-random")  # dloral:<source> of the tiny model (dloral.bench.methods)
 METHOD_FORMS = (  # the spec forms parse_method accepts, for messages
     "bicubic",
-    "dloral:<checkpoint folder | model.pkl | tiny | mlflow:<run id or sweep trial id>>",
+    "dloral:<checkpoint folder | model.pkl | tiny | tiny-random | mlflow:<run or trial id>>",
     "folder:<label>=<path>",
 )
 
@@ -147,7 +148,7 @@ def parse_method(spec: str) -> tuple[str, str, str]:
     if sep and kind == "dloral" and arg:
         if arg.startswith("mlflow:") and arg[len("mlflow:") :]:
             return "dloral", f"dloral-{arg[len('mlflow:') :][:12]}", arg
-        return "dloral", "dloral-tiny" if arg == "tiny" else f"dloral-{Path(arg).stem}", arg
+        return "dloral", f"dloral-{arg}" if arg in TINY else f"dloral-{Path(arg).stem}", arg
     if sep and kind == "folder":
         label, eq, path = arg.partition("=")
         if eq and label and path:

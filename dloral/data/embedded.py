@@ -237,6 +237,15 @@ class VAEBuilder(Protocol):
         ...
 
 
+def data_folder(out: str | os.PathLike | None = None) -> Path:
+    """Where the sets go (`out`, default $DLORAL_DATA_DIR or data/embedded); an existing file
+    there is a NotADirectoryError naming it."""
+    out = Path(out) if out is not None else default_dir()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: exists and is not a folder; give a folder for the sets")
+    return out
+
+
 def prepare_embedded(
     out: str | os.PathLike | None = None, force: bool = False, vae: VAEBuilder | None = None
 ) -> Path:
@@ -245,9 +254,7 @@ def prepare_embedded(
 
     Sets whose files all match the manifest are kept; a damaged or missing set is rebuilt;
     force=True rebuilds everything. Without `vae` a VAE already there is kept as it is."""
-    out = Path(out) if out is not None else default_dir()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: exists and is not a folder; give a folder for the sets")
+    out = data_folder(out)
     manifest_path = out / "manifest.json"
     old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     if force or old is None or old.get("format") != FORMAT:
