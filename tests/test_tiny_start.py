@@ -3,8 +3,9 @@
 Both on the embedded data in the default data folder, with the VAE `dloral-exp data prepare`
 trains (the default recipe on embedded-train, about a minute of CPU; built once here), as a
 newcomer's `dloral-exp sweep` gets it. The hand-built start that recipe trains from is not
-enough to learn on: the default experiment's validation PSNR fell from 26.06 to 25.79 dB in its
-first 50 steps with it (with CFR off it stayed at 26.06).
+enough to learn on: in a one-off run of the default experiment with it (the note of issue 18),
+validation PSNR fell from 26.06 to 25.79 dB in the first 50 steps (with CFR off it stayed at
+26.06).
 """
 
 import statistics
