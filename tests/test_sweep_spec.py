@@ -134,3 +134,40 @@ def test_run_workers_is_set_for_the_sweep_not_searched(tmp_path):
     path = _write(tmp_path, '[sweep]\n[sweep.space]\n"run.workers" = [1, 2]\n')
     with pytest.raises(SweepError, match="run.workers cannot be searched"):
         load_experiment(path)
+
+
+def test_a_searched_run_length_is_each_trials_own_end(tmp_path):
+    """`run.max_steps` as a searched key: a trial that ran its own steps finished; it was not
+    'stopped early' against the base config's length (issue: reliability, item 4). Tune's
+    trial events and states are given as Tune gives them; the sweeps in tests/test_sweep.py
+    run the same callback and status through Ray."""
+    import json
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from dloral.sweep.runner import _trial_callback, longest_run, trial_status
+    from dloral.trials import SweepSpec
+
+    path = _write(tmp_path, '[run]\nmax_steps = 6\n[sweep.space]\n"run.max_steps" = [2, 4]\n')
+    exp = load_experiment(path)
+    assert longest_run(exp, exp.train_config({})) == 4  # ASHA's last rung, not the base's 6
+    spec = SweepSpec(
+        path=str(path), sweep={}, base={}, keys=["run.max_steps"], dims=[],
+        sweep_id="s", sweep_dir=str(tmp_path / "s"), threads=1, metric="val/psnr",
+        mlflow_experiment="x", tracking_uri=None, created="", status="running",
+    )  # fmt: skip
+    events = _trial_callback(spec, exp)
+    for trial_id, own, step in [("a", 2, 2), ("b", 4, 4), ("c", 4, 2)]:
+        trial = SimpleNamespace(
+            trial_id=trial_id, config={"run.max_steps": own}, last_result={"step": step}
+        )
+        events.on_trial_complete(0, [], trial)
+        end = (tmp_path / "s" / trial_id / "trial_end.json").read_text()
+        expect = "finished" if step == own else "stopped"
+        assert json.loads(end) == {"status": expect, "step": step}
+        assert trial_status(Trial.TERMINATED, step, own, end) == expect
+    # a trial Tune ended because the driver was interrupted has no end record: unfinished
+    assert trial_status(Trial.TERMINATED, 2, 4, None) == "unfinished"
+    assert trial_status(Trial.PAUSED, 4, 4, None) == "unfinished"
+    assert trial_status(Trial.ERROR, 4, 4, None) == "failed"

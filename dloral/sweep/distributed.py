@@ -47,6 +47,9 @@ class WorkerJob:
     reports: str = "checkpoint"
     trial_id: str = ""
     chaos: dict[str, int] = field(default_factory=dict)  # a sweep's [sweep.chaos] drills
+    # run_dir is a sweep trial's scratch (dloral.sweep.trial.trial_scratch): rank 0 empties it
+    # before each attempt (Ray's checkpoint is what it continues from) and removes it at the end
+    scratch: bool = False
 
 
 # ----- on every worker ------------------------------------------------------------------------
@@ -69,6 +72,8 @@ def run_worker(job_dict: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix=f"dloral-rank{rank}-") as scratch:
         # rank 0 writes the run folder; the others only read their checkpoint, from scratch
         run_dir = Path(job.run_dir) if rank == 0 else Path(scratch) / "run"
+        if job.scratch and rank == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
         start = _restore(job, rank, run_dir)
         tracker = _tracker(job, start) if rank == 0 else None
         if job.reports == "validation":
@@ -87,6 +92,8 @@ def run_worker(job_dict: dict[str, Any]) -> None:
                 _send({"step": step}, saved)
 
             train(cfg, run_dir, resume=start > 0, tracker=tracker, on_checkpoint=at_checkpoint)
+        if job.scratch and rank == 0:  # every checkpoint is in the run's storage
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _restore(job: WorkerJob, rank: int, run_dir: Path) -> int:
@@ -204,7 +211,7 @@ def run_trial_on_workers(config: dict[str, Any], spec: SweepSpec) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from dloral.sweep.spec import experiment_from_spec
-    from dloral.sweep.trial import trial_config, trial_tags
+    from dloral.sweep.trial import trial_config, trial_scratch, trial_tags
 
     exp = experiment_from_spec(spec)
     context = tune.get_context()
@@ -223,7 +230,8 @@ def run_trial_on_workers(config: dict[str, Any], spec: SweepSpec) -> None:
         }
     job = WorkerJob(
         config=cfg.to_dict(),
-        run_dir=str(Path(context.get_trial_dir()) / "run"),  # scratch on rank 0's node
+        run_dir=str(trial_scratch(spec.sweep_id, trial_id)),  # on rank 0's node
+        scratch=True,
         threads=max(1, int(spec.threads)),
         tracker=tracker,
         reports="validation",

@@ -523,15 +523,10 @@ def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_
             sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False
         )
         return _fit_restoring_signals(tuner)
-    max_steps = base.run.max_steps
-    for d in exp.dims:  # a searched run length: ASHA's last rung is the longest trial's end
-        if d.key == "run.max_steps":
-            ends = d.args if d.kind in ("grid", "choice") else d.args[:2]
-            max_steps = max(int(v) for v in ends)
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="step",
-            max_t=max_steps,
+            max_t=longest_run(exp, base),
             grace_period=s.asha.grace_period,
             reduction_factor=s.asha.reduction_factor,
         )
@@ -562,6 +557,15 @@ def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_
         ),
     )
     return _fit_restoring_signals(tuner)
+
+
+def longest_run(exp: Experiment, base: TrainConfig) -> int:
+    """The longest trial's run length: ASHA's last rung. `run.max_steps` may be searched."""
+    for d in exp.dims:
+        if d.key == "run.max_steps":
+            ends = d.args if d.kind in ("grid", "choice") else d.args[:2]
+            return max(int(v) for v in ends)
+    return base.run.max_steps
 
 
 def _trainable(spec: SweepSpec, s, workers: int) -> tuple[Any, int | None]:
@@ -628,22 +632,14 @@ def _rows(grid, spec: SweepSpec, exp: Experiment) -> list[TrialRow]:
         trial_id = str(m.get("trial_id") or r.path.rsplit("/", 1)[-1])
         values = _values(r.config, spec)
         state = states.get(trial_id, Trial.TERMINATED)
+        if r.error is not None:
+            state = Trial.ERROR
         end = _read_text(_join(spec.sweep_dir, trial_id, TRIAL_END_FILE))
-        if r.error is not None or state == Trial.ERROR:
-            status = "failed"
-        elif state != Trial.TERMINATED:
-            status = "unfinished"
-        elif step >= _max_steps(exp, values):
-            status = "finished"
-        elif end is not None and json.loads(end).get("status") == "stopped":
-            status = "stopped"  # by the scheduler (ASHA), at one of its rungs
-        else:
-            status = "unfinished"  # Tune stopped it because the driver was interrupted
         rows.append(
             TrialRow(
                 trial_id=trial_id,
                 values=values,
-                status=status,
+                status=trial_status(state, step, _max_steps(exp, values), end),
                 step=step,
                 metrics={k: float(v) for k, v in m.items() if k in METRICS},
                 checkpoint=_checkpoint_uri(r.checkpoint) or _train_checkpoint(m, spec),
@@ -653,6 +649,22 @@ def _rows(grid, spec: SweepSpec, exp: Experiment) -> list[TrialRow]:
             )
         )
     return rows
+
+
+def trial_status(state: str, step: int, own_end: int, end_record: str | None) -> str:
+    """A trial's status in the results from Tune's state, its last reported step, its own run
+    length (`run.max_steps` may be searched) and its `trial_end.json` (None if absent)."""
+    from ray.tune.experiment import Trial
+
+    if state == Trial.ERROR:
+        return "failed"
+    if state != Trial.TERMINATED:
+        return "unfinished"
+    if step >= own_end:
+        return "finished"
+    if end_record is not None and json.loads(end_record).get("status") == "stopped":
+        return "stopped"  # by the scheduler (ASHA), at one of its rungs
+    return "unfinished"  # Tune stopped it because the driver was interrupted
 
 
 def _checkpoint_uri(ckpt) -> str | None:

@@ -9,6 +9,8 @@ retried trial continues the same MLflow run.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     cfg = trial_config(exp, trial_id, config, spec)
     torch.set_num_threads(max(1, int(spec.threads)))
 
-    # scratch on this node (checkpoints are copied to the sweep storage when reported)
-    run_dir = Path(context.get_trial_dir()) / "run"
+    run_dir = trial_scratch(spec.sweep_id, trial_id)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier attempt's: Tune's checkpoint counts
     start = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -62,6 +64,17 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     reports = TrialReports(send, cfg, exp.sweep.chaos, start, trial_id, tracker)
     train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=reports)
     reports.flush()
+    shutil.rmtree(run_dir, ignore_errors=True)  # every checkpoint is in the sweep storage
+
+
+def trial_scratch(sweep_id: str, trial_id: str) -> Path:
+    """A trial's run folder on the node it runs on, emptied for each attempt: Tune's checkpoint
+    is what an attempt continues from. It lies outside Tune's trial folder, which Tune copies to
+    the sweep storage: a checkpoint reaches the storage once, as the checkpoint reported with
+    it, and no half-written file is caught in a copy. `$DLORAL_SCRATCH` or the system's
+    temporary folder."""
+    root = Path(os.environ.get("DLORAL_SCRATCH") or tempfile.gettempdir())
+    return root / "dloral-trials" / sweep_id / trial_id
 
 
 def trial_config(exp, trial_id: str, config: dict[str, Any], spec: SweepSpec):
