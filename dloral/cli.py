@@ -546,24 +546,16 @@ def _print_comparisons(comparisons) -> None:
     """Each pair of arms: the difference of their means against the spread of their seeds."""
     from rich.table import Table
 
-    from dloral.trials import BEYOND, NOISE_RULE
+    from dloral.trials import BEYOND, COMPARISON_HEADER, NOISE_RULE, comparison_cells
 
     metric = comparisons[0]["metric"]
     table = Table(title=escape(f"arm vs arm on {metric}: mean over seeds (trials run to the end)"))
-    for col in ("arm A", "arm B", "mean A (n)", "mean B (n)", "A - B", "seed spread", "verdict"):
+    for col in COMPARISON_HEADER:
         table.add_column(col, no_wrap=not col.startswith("arm"))
     for c in comparisons:
-        spread = "-" if c["spread"] is None else f"{c['spread']:.4f}"
+        *cells, verdict = (escape(x) for x in comparison_cells(c))
         mark = "bold" if c["verdict"] == BEYOND else "dim"
-        table.add_row(
-            escape(c["a"]),
-            escape(c["b"]),
-            f"{c['mean_a']:.4f} ({c['seeds_a']})",
-            f"{c['mean_b']:.4f} ({c['seeds_b']})",
-            f"{c['diff']:+.4f}",
-            spread,
-            f"[{mark}]{escape(c['verdict'])}[/]",
-        )
+        table.add_row(*cells, f"[{mark}]{verdict}[/]")
     console.print(table)
     console.print(escape(f"rule: {NOISE_RULE}"), style="dim")
 

@@ -89,6 +89,31 @@ class ArmComparison(TypedDict):
     verdict: str  # BEYOND, WITHIN or UNDECIDED
 
 
+COMPARISON_HEADER = (
+    "arm A",
+    "arm B",
+    "mean A (n)",
+    "mean B (n)",
+    "A - B",
+    "seed spread",
+    "verdict",
+)
+
+
+def comparison_cells(c: ArmComparison) -> list[str]:
+    """One comparison as the console table and the report show it (plain text)."""
+    spread = "-" if c["spread"] is None else f"{c['spread']:.4f}"
+    return [
+        c["a"],
+        c["b"],
+        f"{c['mean_a']:.4f} ({c['seeds_a']})",
+        f"{c['mean_b']:.4f} ({c['seeds_b']})",
+        f"{c['diff']:+.4f}",
+        spread,
+        c["verdict"],
+    ]
+
+
 def compare_arms(values: dict[str, list[float]], metric: str) -> list[ArmComparison]:
     """Every pair of arms (in label order) from each arm's final metric per seed."""
     out: list[ArmComparison] = []

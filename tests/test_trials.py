@@ -126,3 +126,37 @@ def test_the_sweep_table_says_which_differences_are_beyond_seed_noise(capsys, mo
     out = " ".join(capsys.readouterr().err.split())
     assert "beyond seed noise" in out and "within seed noise" in out
     assert "+0.6000" in out and "rule: arms A and B" in out
+
+
+def test_the_sweep_report_shows_each_pair_of_arms_with_its_verdict(tmp_path):
+    from dloral.report import build, sources
+    from dloral.sweep.runner import arm_comparisons
+    from dloral.sweep.spec import load_experiment
+
+    exp = load_experiment("default")
+    rows = [
+        _seeded("a1", "full", 1, 24.0),
+        _seeded("a2", "full", 2, 24.4),
+        _seeded("b1", "off", 1, 23.5),
+        _seeded("b2", "off", 2, 23.7),
+    ]
+    summary = SweepSummary(str(tmp_path / "s"), "finished", 9.0, rows, [], [])
+    summary.comparisons = arm_comparisons(rows, exp)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "summary.json").write_text(json.dumps(summary.to_dict()))
+
+    sweep = sources.load_sweep(tmp_path / "s", history=False)
+    md = build.build_report(tmp_path / "report", sweeps=[sweep]).markdown.read_text()
+    section = md[md.index("## Arm vs arm") :]
+    row = next(line for line in section.splitlines() if line.startswith("| variant=full |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == [
+        "variant=full",
+        "variant=off",
+        "24.2000 (2)",
+        "23.6000 (2)",
+        "+0.6000",
+        "0.4000",
+        "beyond seed noise",
+    ]
+    assert "max(range(A), range(B))" in section  # the rule that made the verdict

@@ -33,7 +33,7 @@ from dloral.report import plots, tables
 from dloral.report.sources import BenchRun, SweepRun, higher_is_better, untrained_methods
 from dloral.report.tables import UNTRAINED
 from dloral.report.visuals import visual_grid
-from dloral.trials import EVAL_COLUMNS
+from dloral.trials import COMPARISON_HEADER, EVAL_COLUMNS, NOISE_RULE, comparison_cells
 
 KIND_ORDER = ("full_reference", "no_reference", "temporal", "latency")
 QUALITY_PREFERENCE = ("musiq", "lpips", "clipiqa", "dists", "maniqa", "niqe", "piqe", "psnr")
@@ -659,6 +659,7 @@ def sweep_section(b: _Builder, sweep: SweepRun) -> None:
         )
     )
     _best_table(b, sweep)
+    _comparisons(b, sweep)
     _trials_grid(b, sweep)
     _ablation_plots(b, sweep)
     _curves(b, sweep)
@@ -707,6 +708,23 @@ def _best_table(b: _Builder, sweep: SweepRun) -> None:
     table = tables.comparison_table(agg, rows="method", caption=cap)
     table.corner = "arm"
     b.add(Heading(2, "Best per arm"), Table(table))
+
+
+def _comparisons(b: _Builder, sweep: SweepRun) -> None:
+    """Every pair of arms over their seeds, as the sweep judged them (summary.json)."""
+    comparisons = sweep.summary.comparisons
+    if not comparisons:
+        return
+    metric = comparisons[0]["metric"]
+    b.add(
+        Heading(2, "Arm vs arm"),
+        Grid(
+            list(COMPARISON_HEADER),
+            [comparison_cells(c) for c in comparisons],
+            f"`{metric}` at each trial's last validation, mean over the arm's seeds (n: trials "
+            f"run to the end). Rule: {NOISE_RULE}.",
+        ),
+    )
 
 
 def _trials_grid(b: _Builder, sweep: SweepRun) -> None:
