@@ -306,12 +306,16 @@ def test_sigterm_stops_upscale_keeping_whole_frames(tmp_path, bikes_lq):
         Image.fromarray(to_uint8(bikes_lq[i % len(bikes_lq)])).save(src / f"{i:04d}.png")
     args = ["upscale", str(src), str(out_dir), "--batch-size", "1", "--device", "cpu"]
     proc = _start(args, tmp_path, {**os.environ, "PYTHONUNBUFFERED": "1"})
-    _wait_for(proc, lambda: out_dir.is_dir() and any(out_dir.glob("*.png")), "a first frame")
+
+    def whole_frames() -> list[Path]:  # not an atomic write's temporary .<name>.<random>.png
+        return sorted(p for p in out_dir.glob("*.png") if not p.name.startswith("."))
+
+    _wait_for(proc, lambda: out_dir.is_dir() and bool(whole_frames()), "a first whole frame")
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, out[-3000:]
     assert "SIGTERM" in out and str(out_dir) in " ".join(out.split())
-    written = sorted(out_dir.glob("*.png"))
+    written = whole_frames()
     assert 1 <= len(written) < 6
     for path in written:  # every frame on disk is whole (atomic writes), no temp files left
         assert Image.open(path).size == (256, 192)
