@@ -12,7 +12,8 @@ Recorded per run:
 - ideal_wall_s = trial_s / concurrency, and overhead = wall_s - ideal_wall_s (what Ray, the
   driver and the evaluation add on top of perfectly packed trials);
 - eval_s: the time spent scoring the best trial of each arm (inside overhead_s);
-- steps: optimizer steps trained over all trials (the compute), and the best trial and metric.
+- steps: optimizer steps trained over all trials (the compute), and the best trial and metric;
+- arm_comparisons: each pair of arms, beyond or within the spread of its seeds (summary.json's).
 Results go to benchmarks/results/sweep-<experiment>-<device>.json.
 """
 
@@ -87,6 +88,7 @@ def run(experiment: str, scheduler: str, sets: list[str], workdir: Path) -> dict
         "best_per_arm": [
             {"arm": b["arm"], "trial": b["trial"].trial_id, "eval": b["eval"]} for b in result.best
         ],
+        "arm_comparisons": list(result.comparisons),  # each pair of arms vs its seed spread
     }
 
 

@@ -93,7 +93,9 @@ def run_worker(job_dict: dict[str, Any]) -> None:
 
             train(cfg, run_dir, resume=start > 0, tracker=tracker, on_checkpoint=at_checkpoint)
         if job.scratch and rank == 0:  # every checkpoint is in the run's storage
-            shutil.rmtree(run_dir, ignore_errors=True)
+            from dloral.sweep.trial import remove_scratch
+
+            remove_scratch(run_dir)
 
 
 def _restore(job: WorkerJob, rank: int, run_dir: Path) -> int:

@@ -8,6 +8,7 @@ retried trial continues the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -64,7 +65,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     reports = TrialReports(send, cfg, exp.sweep.chaos, start, trial_id, tracker)
     train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=reports)
     reports.flush()
-    shutil.rmtree(run_dir, ignore_errors=True)  # every checkpoint is in the sweep storage
+    remove_scratch(run_dir)  # every checkpoint is in the sweep storage
 
 
 def trial_scratch(sweep_id: str, trial_id: str) -> Path:
@@ -75,6 +76,13 @@ def trial_scratch(sweep_id: str, trial_id: str) -> Path:
     temporary folder."""
     root = Path(os.environ.get("DLORAL_SCRATCH") or tempfile.gettempdir())
     return root / "dloral-trials" / sweep_id / trial_id
+
+
+def remove_scratch(run_dir: Path) -> None:
+    """A trial's scratch folder, and its sweep's once no other trial's is left in it."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another trial of the sweep still runs here
+        run_dir.parent.rmdir()
 
 
 def trial_config(exp, trial_id: str, config: dict[str, Any], spec: SweepSpec):
