@@ -60,7 +60,6 @@ def run_worker(job_dict: dict[str, Any]) -> None:
     import torch
 
     from dloral.train.config import TrainConfig
-    from dloral.train.recipe import train
 
     job = WorkerJob(**job_dict)
     context = ray.train.get_context()
@@ -74,28 +73,37 @@ def run_worker(job_dict: dict[str, Any]) -> None:
         run_dir = Path(job.run_dir) if rank == 0 else Path(scratch) / "run"
         if job.scratch and rank == 0:
             shutil.rmtree(run_dir, ignore_errors=True)
-        start = _restore(job, rank, run_dir)
-        tracker = _tracker(job, start) if rank == 0 else None
-        if job.reports == "validation":
-            from dloral.sweep.spec import ChaosConfig
-            from dloral.sweep.trial import TrialReports
+        try:
+            _run(job, cfg, rank, world, run_dir)
+        finally:  # a sweep trial's scratch: what it reported is in the run's storage
+            if job.scratch and rank == 0:
+                from dloral.sweep.trial import remove_scratch
 
-            last_rank = rank == world - 1  # the drills stop one worker, not rank 0
-            reports = TrialReports(
-                _send, cfg, ChaosConfig(**job.chaos), start, job.trial_id, tracker, drills=last_rank
-            )
-            train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=reports)
-            reports.flush()
-        else:
+                remove_scratch(run_dir)
 
-            def at_checkpoint(step: int, saved: Path | None) -> None:
-                _send({"step": step}, saved)
 
-            train(cfg, run_dir, resume=start > 0, tracker=tracker, on_checkpoint=at_checkpoint)
-        if job.scratch and rank == 0:  # every checkpoint is in the run's storage
-            from dloral.sweep.trial import remove_scratch
+def _run(job: WorkerJob, cfg, rank: int, world: int, run_dir: Path) -> None:
+    """The recipe on this worker, from the checkpoint `_restore` installs."""
+    from dloral.train.recipe import train
 
-            remove_scratch(run_dir)
+    start = _restore(job, rank, run_dir)
+    tracker = _tracker(job, start) if rank == 0 else None
+    if job.reports == "validation":
+        from dloral.sweep.spec import ChaosConfig
+        from dloral.sweep.trial import TrialReports
+
+        last_rank = rank == world - 1  # the drills stop one worker, not rank 0
+        reports = TrialReports(
+            _send, cfg, ChaosConfig(**job.chaos), start, job.trial_id, tracker, drills=last_rank
+        )
+        train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=reports)
+        reports.flush()
+    else:
+
+        def at_checkpoint(step: int, saved: Path | None) -> None:
+            _send({"step": step}, saved)
+
+        train(cfg, run_dir, resume=start > 0, tracker=tracker, on_checkpoint=at_checkpoint)
 
 
 def _restore(job: WorkerJob, rank: int, run_dir: Path) -> int:

@@ -63,9 +63,11 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         tune.report(payload, checkpoint=ckpt)
 
     reports = TrialReports(send, cfg, exp.sweep.chaos, start, trial_id, tracker)
-    train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=reports)
-    reports.flush()
-    remove_scratch(run_dir)  # every checkpoint is in the sweep storage
+    try:
+        train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=reports)
+        reports.flush()
+    finally:  # also when the trial fails or is stopped: what it reported is in the storage
+        remove_scratch(run_dir)
 
 
 def trial_scratch(sweep_id: str, trial_id: str) -> Path:
