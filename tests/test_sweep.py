@@ -93,7 +93,7 @@ def test_two_trial_sweep_reports_checkpoints_and_an_mlflow_tree(
         # the trial trained in a scratch folder outside the storage, removed at its end: each
         # checkpoint is stored once, as the trial reported it
         assert not (Path(result.sweep_dir) / t.trial_id / "run").exists()
-        assert not trial_scratch(Path(result.sweep_dir).name, t.trial_id).parent.exists()
+        assert not trial_scratch(Path(result.sweep_dir).name, t.trial_id).exists()
     stored = list(Path(result.sweep_dir).rglob("dloral.safetensors"))
     assert len(stored) >= 2 and all(p.parent.name.startswith("checkpoint_") for p in stored)
     # best per arm, scored on the validation set

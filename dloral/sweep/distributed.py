@@ -77,9 +77,7 @@ def run_worker(job_dict: dict[str, Any]) -> None:
             _run(job, cfg, rank, world, run_dir)
         finally:  # a sweep trial's scratch: what it reported is in the run's storage
             if job.scratch and rank == 0:
-                from dloral.sweep.trial import remove_scratch
-
-                remove_scratch(run_dir)
+                shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _run(job: WorkerJob, cfg, rank: int, world: int, run_dir: Path) -> None:

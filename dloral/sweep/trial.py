@@ -8,7 +8,6 @@ retried trial continues the same MLflow run.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -67,7 +66,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         train(cfg, run_dir, resume=start > 0, tracker=tracker, on_validation=reports)
         reports.flush()
     finally:  # also when the trial fails or is stopped: what it reported is in the storage
-        remove_scratch(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def trial_scratch(sweep_id: str, trial_id: str) -> Path:
@@ -75,16 +74,10 @@ def trial_scratch(sweep_id: str, trial_id: str) -> Path:
     is what an attempt continues from. It lies outside Tune's trial folder, which Tune copies to
     the sweep storage: a checkpoint reaches the storage once, as the checkpoint reported with
     it, and no half-written file is caught in a copy. `$DLORAL_SCRATCH` or the system's
-    temporary folder."""
+    temporary folder. One level, `<sweep>.<trial>`: removing it leaves no folder that a trial
+    starting beside it would have to create again."""
     root = Path(os.environ.get("DLORAL_SCRATCH") or tempfile.gettempdir())
-    return root / "dloral-trials" / sweep_id / trial_id
-
-
-def remove_scratch(run_dir: Path) -> None:
-    """A trial's scratch folder, and its sweep's once no other trial's is left in it."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    with contextlib.suppress(OSError):  # another trial of the sweep still runs here
-        run_dir.parent.rmdir()
+    return root / "dloral-trials" / f"{sweep_id}.{trial_id}"
 
 
 def trial_config(exp, trial_id: str, config: dict[str, Any], spec: SweepSpec):
