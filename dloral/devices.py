@@ -34,3 +34,12 @@ def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without stalling the host: on CUDA through pinned memory with
+    a non-blocking copy (a copy from pageable memory waits for the device's queue to drain);
+    elsewhere a plain `.to`. The dtype is kept: convert on the device afterwards."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

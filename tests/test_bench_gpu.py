@@ -2,6 +2,7 @@
 process where PyAV, scikit-video, Ray, MLflow, pyiqa, lpips and OpenCV cannot be imported (CPU
 fallback, tiny profile)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -57,7 +58,7 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv(hires, 
     out = tmp_path / "records"
     command = [
         "benchmarks/bench_gpu.py", "run", "--frames-dir", str(hires), "--device", "cpu",
-        "--modes", "reference-like", "--clip", "2", "--steps", "2",
+        "--modes", "reference-like,sdpa", "--clip", "2", "--steps", "2",
         "--checkpointing", "off", "--out", str(out),
     ]  # fmt: skip
     # one thread: on a shared 2-core machine more threads spin against other processes
@@ -77,12 +78,81 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv(hires, 
     env_ = record["environment"]
     assert env_["device"] == "cpu" and len(env_["git_commit"]) == 40
     assert all(env_["versions"][p] != "not installed" for p in ("torch", "diffusers", "peft"))
+    # every part but CUDA graphs ran (the default), each with its own record and command
+    assert record["parts_run"] == ["latency", "train", "x4"] and record["parts_failed"] == []
+    assert "--lq 16x24" in record["latency"]["command"]
     runs = {r["mode"]: r for r in record["latency"]["runs"]}
-    assert set(runs) == {"reference-like"}  # one mode keeps this test short; all run by default
+    assert set(runs) == {"reference-like", "sdpa"}  # two modes keep this test short
     ref = runs["reference-like"]
     assert ref["previous"] == "reencode" and ref["lora"].startswith("unmerged")
     assert "fp32" in ref["dtype_note"] and ref["attention"].startswith("classic")
     assert ref["sr_size"] == [64, 96] and ref["stages_seconds_per_frame"]["unet"] > 0
+    # its first frames against the plain fp32 path: unmerged LoRAs and re-encoding (another
+    # posterior draw) change them a little, not wholesale
+    diff = ref["vs_plain"]
+    assert diff["mode"] == "sdpa" and diff["frames"] == 2 and 0 < diff["max_abs_diff"] < 0.05
+    assert "vs_plain" not in runs["sdpa"] and "_frames" not in runs["sdpa"]
+    # x4: the paper's square x4 setting, latent-tiled (tiny sizes on CPU), a whole clip timed
+    (x4,) = record["x4"]["runs"]
+    assert x4["sr_size"] == [128, 128] and x4["frames_per_clip"] == 4
+    assert record["x4"]["tiling"]["latent_tile"] == 8
+    assert x4["clip_seconds_median"] == pytest.approx(4 * x4["seconds_per_frame_median"], rel=0.01)
     (train,) = record["train"]["runs"]
     assert train["crop"] == 64 and train["steps"] == 2 and train["lpips"] == "not used (weight 0)"
     assert str(hires) in record["train"]["data"]
+
+
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_a_failing_part_is_reported_and_the_others_still_run(hires, tmp_path):
+    bench_gpu = _benchmark("bench_gpu")
+    out = tmp_path / "records"
+    argv = ["run", "--frames-dir", str(hires), "--device", "cpu", "--parts", "train,x4"]
+    argv += ["--crop", "1024", "--out", str(out)]  # larger than the 1280x720 frames
+    with pytest.raises(SystemExit) as done:
+        bench_gpu.main(argv)
+    assert done.value.code == 1
+    record = json.loads((out / "bench-gpu.json").read_text())
+    assert record["parts_run"] == ["train", "x4"]
+    (failed,) = record["parts_failed"]
+    assert failed.startswith("train: ") and "smaller than the 1024px crop" in failed
+    assert "train" not in record and record["x4"]["runs"][0]["sr_size"] == [128, 128]
+
+
+def test_recompile_watch_counts_what_torch_logs_recompiles_prints():
+    latency = _benchmark("latency")
+    torch = pytest.importorskip("torch")
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    double(torch.ones(2, 3))  # the first compilation: before the watch
+    with latency.RecompileWatch() as same:
+        double(torch.zeros(2, 3))
+    assert same.record() == {"recompiles": 0, "graphs_compiled": 0, "recompile_reasons": []}
+    with latency.RecompileWatch() as other:
+        double(torch.ones(4, 5))  # another shape: guards fail, dynamo compiles again
+    assert other.record()["recompiles"] == 1 and other.record()["graphs_compiled"] == 1
+    assert "Recompiling function" in other.record()["recompile_reasons"][0]
+
+
+def test_a_short_source_is_played_back_and_forth(tmp_path, bikes_lq):
+    latency = _benchmark("latency")
+    for i, frame in enumerate(bikes_lq[:3]):
+        write_png(frame, tmp_path / f"{i:04d}.png")
+    frames = latency.real_frames(7, (24, 32), str(tmp_path))
+    source = latency.real_frames(3, (24, 32), str(tmp_path))
+    order = [0, 1, 2, 1, 0, 1, 2]
+    assert all(torch_equal(f, source[i]) for f, i in zip(frames, order, strict=True))
+    assert "played back and forth to make 7" in latency.input_note("x", 7, 3)
+    # 1280x720 -> a square: the centre 720x720, not a stretched frame
+    square = latency.crop_to_aspect(bikes_lq[0].new_zeros(3, 720, 1280), (512, 512))
+    assert square.shape == (3, 720, 720)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())

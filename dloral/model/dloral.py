@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dloral.devices import to_device
 from dloral.model import lora
 from dloral.model.backbone import TINY_PRETRAINED, Backbone, build_backbone
 from dloral.model.cfr import CrossFrameRetrieval
@@ -163,7 +164,8 @@ class DLoRAL(nn.Module):
                 dtype=dist.mean.dtype,
                 device=generator.device if generator is not None else "cpu",
             )
-            z = dist.mean + dist.std * noise.to(dist.mean.device)
+            # drawn on the host (the same noise on any device), copied without a sync
+            z = dist.mean + dist.std * to_device(noise, dist.mean.device)
         else:
             z = dist.mean
         return z * self.vae.config.scaling_factor

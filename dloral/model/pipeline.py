@@ -27,7 +27,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
-from dloral.devices import synchronize
+from dloral.devices import synchronize, to_device
 from dloral.model.colorfix import color_fix
 from dloral.model.config import UpscaleOptions
 from dloral.model.dloral import DLoRAL
@@ -197,13 +197,15 @@ class VideoUpscaler:
     def _prepare(self, frames: torch.Tensor, proc: tuple[int, int]):
         """Upsampled LQ at proc size (the colour-fix target) and the model's input (a multiple
         of 8), both on the device."""
+        # The small LQ goes to the device first and is upsampled there (PIL's kernel: on CPU by
+        # PIL, on CUDA as matrix products, see resize_frames), so no 4x frame crosses the bus.
         # Bicubic overshoots; the reference's LQ is a uint8 image, i.e. clipped to [0, 1].
-        lq = resize_frames(frames, proc)
+        lq = resize_frames(to_device(frames, self.device), proc)
         size = self.model_size(proc)
         if self.opt.size_to_8 == "lanczos":
             lq = resize_frames(lq, size, "lanczos")
-            return (lq.to(self.device, self.dtype),) * 2
-        lq = lq.to(self.device, self.dtype)
+            return (lq.to(self.dtype),) * 2
+        lq = lq.to(self.dtype)
         ph, pw = size[0] - proc[0], size[1] - proc[1]
         return lq, (F.pad(lq, (0, pw, 0, ph), mode="replicate") if ph or pw else lq)
 
