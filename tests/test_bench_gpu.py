@@ -156,3 +156,41 @@ def test_a_short_source_is_played_back_and_forth(tmp_path, bikes_lq):
 
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
+
+
+def test_unpack_puts_the_pinned_wheels_in_place_and_keeps_what_the_node_has(tmp_path):
+    import zipfile
+
+    bench_gpu = _benchmark("bench_gpu")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("diffusers", "idna"):  # idna is installed here, as on most nodes
+        with zipfile.ZipFile(wheels / f"{name}-9.9-py3-none-any.whl", "w") as archive:
+            archive.writestr(f"{name}/__init__.py", "BUNDLED = True\n")
+            archive.writestr(f"{name}-9.9.dist-info/METADATA", f"Name: {name}\nVersion: 9.9\n")
+    site = tmp_path / "site"
+    bench_gpu.main(["unpack", str(wheels), str(site)])
+    assert (site / "diffusers" / "__init__.py").read_text() == "BUNDLED = True\n"
+    assert not (site / "idna").exists()  # the node's own idna stays in use
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "wheels"]  # no staging left
+    with pytest.raises(SystemExit, match="no wheels"):
+        bench_gpu.main(["unpack", str(tmp_path / "site"), str(tmp_path / "other")])
+
+
+def test_bundle_holds_a_checkout_of_head_the_frames_and_the_node_script(tmp_path):
+    bench_gpu = _benchmark("bench_gpu")
+    out = tmp_path / "bundle"
+    bench_gpu.main(["bundle", str(out), "--count", "2", "--no-wheels"])
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout
+    copied = subprocess.run(
+        ["git", "-C", str(out / "src"), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout
+    assert copied == head and (out / "src" / "benchmarks" / "bench_gpu.py").is_file()
+    frames = open_frames(out / "frames" / "bigbuckbunny")
+    assert len(frames) == 2 and frames.size == (720, 1280)
+    script = (out / "run.sh").read_text()
+    assert 'bench_gpu.py" unpack' in script and 'run --frames-dir "$here/frames"' in script
+    with pytest.raises(SystemExit, match="not empty"):
+        bench_gpu.main(["bundle", str(out), "--no-wheels"])
