@@ -201,6 +201,15 @@ def upscale(
     frames: Annotated[
         int | None, typer.Option(min=1, help="Only the first N frames (a quick look).")
     ] = None,
+    png_compression: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=9,
+            help="zlib level of the output PNGs (lossless at every level): 1 writes a 720p "
+            "frame about 3x faster than PIL's default 6, ~10% larger.",
+        ),
+    ] = 1,
 ) -> None:
     """Upscale a video with DLoRAL: one diffusion step per frame."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -231,6 +240,7 @@ def upscale(
         random_init=random_init,
         seed=seed,
         frames=frames,
+        png_compression=png_compression,
     )
     try:
         job = job.resolved()  # options checked before torch is imported

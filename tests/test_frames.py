@@ -1,3 +1,5 @@
+import threading
+
 import cv2
 import numpy as np
 import pytest
@@ -6,8 +8,10 @@ from PIL import Image
 
 from dloral.data.frames import (
     FrameError,
+    FrameWriter,
     natural_key,
     open_frames,
+    read_ahead,
     read_image,
     to_uint8,
     write_png,
@@ -115,3 +119,56 @@ def test_32bit_float_image_is_refused_naming_the_file(tmp_path):
     assert cv2.imwrite(str(path), np.full((8, 8), 0.5, np.float32))
     with pytest.raises(FrameError, match=r"0001\.tif: 32-bit float pixels"):
         read_image(path)
+
+
+def test_read_ahead_keeps_the_order_raises_where_the_source_failed_and_stops_on_close(
+    tmp_path, bikes_lq
+):
+    for i, frame in enumerate(bikes_lq):
+        write_png(frame, tmp_path / f"{i:04d}.png")
+    source = open_frames(tmp_path)
+    ahead = list(read_ahead(source.frames(), depth=2))
+    assert [n for n, _ in ahead] == list(source.names)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ahead, source.frames(), strict=True))
+
+    def failing():
+        yield from range(3)
+        raise FrameError("clip.mp4: decoding failed at frame 3")
+
+    got = []
+    with pytest.raises(FrameError, match="at frame 3"):
+        for item in read_ahead(failing(), depth=1):
+            got.append(item)
+    assert got == [0, 1, 2]  # everything before the failure arrived, in order
+
+    before = {t.name for t in threading.enumerate()}
+    endless = read_ahead(iter(lambda: 0, 1), depth=2)  # never ends by itself
+    assert next(endless) == 0
+    endless.close()
+    assert "dloral-read-ahead" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_frame_writer_writes_whole_frames_counts_them_and_raises_a_failed_write(tmp_path, bikes_lq):
+    done = []
+    writer = FrameWriter(workers=2, compress_level=1, on_written=lambda: done.append(1))
+    for i, frame in enumerate(bikes_lq):
+        writer.write(frame, tmp_path / "out" / f"{i:04d}.png")
+    writer.close()
+    assert writer.written == len(done) == len(bikes_lq)
+    for i, frame in enumerate(bikes_lq):  # level 1 is lossless: the frame, rounded to 8 bits
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "out" / f"{i:04d}.png")), to_uint8(frame)
+        )
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    writer = FrameWriter(workers=2)
+    writer.write(bikes_lq[0], tmp_path / "ok" / "0000.png")
+    writer.write(bikes_lq[1], tmp_path / "blocked" / "0001.png")
+    writer.write(bikes_lq[2], tmp_path / "ok" / "0002.png")
+    with pytest.raises(OSError):
+        writer.close()
+    assert writer.written == 2 and sorted(p.name for p in (tmp_path / "ok").iterdir()) == [
+        "0000.png",
+        "0002.png",
+    ]

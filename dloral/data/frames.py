@@ -6,11 +6,16 @@ a source knows its frame names and size up front and decodes one frame at a time
 
 from __future__ import annotations
 
+import collections
 import os
+import queue
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dloral.atomic import atomic_write
 
+T = TypeVar("T")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".y4m"}
 
@@ -277,9 +283,94 @@ def _decode_video(path: Path, names: tuple[str, ...], size: tuple[int, int]):
         raise FrameError(f"{path}: truncated, decoded {produced} of {len(names)} frames")
 
 
-def write_png(frame: torch.Tensor, path: Path) -> None:
-    """Write one frame atomically (temp file + rename): readers never see half a PNG."""
-    atomic_write(path, lambda tmp: Image.fromarray(to_uint8(frame)).save(tmp, format="PNG"))
+def write_png(frame: torch.Tensor, path: Path, compress_level: int = 6) -> None:
+    """Write one frame atomically (temp file + rename): readers never see half a PNG.
+    compress_level: zlib's 0-9 (PIL's default 6; 1 writes a 720p frame ~3x faster, ~10% larger,
+    the same pixels)."""
+    image = Image.fromarray(to_uint8(frame))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=compress_level))
+
+
+def read_ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:
+    """The items of `items` in order, produced by a background thread up to `depth` ahead of
+    the consumer: frame decoding overlaps the consumer's work (decoders release the GIL). An
+    error is raised where it happened in the sequence; closing the generator stops the thread."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((end, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            slots.put((end, err))
+
+    thread = threading.Thread(target=produce, name="dloral-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = slots.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+class FrameWriter:
+    """PNG frames written on `workers` threads, at most `window` waiting (memory stays bounded;
+    PNG encoding releases the GIL, so writes overlap the next frames' computation). `written`
+    counts the frames on disk, in submission order; `on_written` is called for each, in the
+    caller's thread. Writes are atomic: whatever stops the job, every frame on disk is whole;
+    `close()` waits for the frames already handed over."""
+
+    def __init__(
+        self,
+        workers: int = 2,
+        compress_level: int = 6,
+        on_written: Callable[[], None] | None = None,
+    ):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dloral-write")
+        self._pending: collections.deque[Future] = collections.deque()
+        self._window = 2 * workers
+        self.compress_level, self.on_written, self.written = compress_level, on_written, 0
+
+    def write(self, frame: torch.Tensor, path: Path) -> None:
+        self._pending.append(self._pool.submit(write_png, frame, path, self.compress_level))
+        while len(self._pending) >= self._window:
+            self._collect()
+
+    def _collect(self) -> None:
+        self._pending.popleft().result()  # a failed write raises here
+        self.written += 1
+        if self.on_written:
+            self.on_written()
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for every frame handed over, counting those written; then the first failed
+        write raises (with raise_errors; without, when something else already stops the job,
+        failures are only not counted)."""
+        failed: Exception | None = None
+        while self._pending:
+            try:
+                self._collect()
+            except Exception as err:  # this write failed; the others still finish
+                failed = failed or err
+        self._pool.shutdown(wait=True)
+        if failed is not None and raise_errors:
+            raise failed
 
 
 def output_name(name: str) -> str:
