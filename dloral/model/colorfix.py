@@ -7,6 +7,8 @@ low frequencies from the input. Inputs/outputs: (N, 3, H, W) in [0, 1].
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -24,9 +26,15 @@ def adain_color_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return ((target - t_mean) / t_std * s_std + s_mean).clamp(0, 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _blur_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 3x3 binomial kernel, made once per dtype and device (building it from a Python list
+    for every call copies it to the device each time: on CUDA a sync)."""
+    return torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=dtype, device=device) / 16
+
+
 def _wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
-    k = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=x.dtype, device=x.device) / 16
-    k = k.expand(x.shape[1], 1, 3, 3)
+    k = _blur_kernel(x.dtype, x.device).expand(x.shape[1], 1, 3, 3)
     x = F.pad(x, (radius,) * 4, mode="replicate")
     return F.conv2d(x, k, groups=x.shape[1], dilation=radius)
 

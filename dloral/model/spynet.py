@@ -109,8 +109,8 @@ class SPyNet(nn.Module):
         flow = F.interpolate(
             self._pyramid_flow(ref_up, supp_up), size=(h, w), mode="bilinear", align_corners=False
         )
-        scale = torch.tensor([w / w_up, h / h_up], device=flow.device, dtype=flow.dtype)
-        return flow * scale.view(1, 2, 1, 1)
+        # per channel by Python floats: no small tensor copied to the device (a sync on CUDA)
+        return torch.cat((flow[:, :1] * (w / w_up), flow[:, 1:] * (h / h_up)), dim=1)
 
 
 # ----- pretrained weights --------------------------------------------------------------------

@@ -13,6 +13,7 @@ the same linear average.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -48,6 +49,12 @@ def gaussian_weights(size: int) -> torch.Tensor:
     return torch.outer(gy, gx)
 
 
+@functools.lru_cache(maxsize=8)
+def _device_weights(size: int, device: torch.device) -> torch.Tensor:
+    """gaussian_weights in float32 on `device`, copied there once, not for every batch."""
+    return gaussian_weights(size).to(device, torch.float32)
+
+
 def needs_tiling(h: int, w: int, tile: int) -> bool:
     """The reference tiles when the latent's area exceeds tile x tile; tile 0 never tiles."""
     return tile > 0 and h * w > tile * tile
@@ -56,7 +63,7 @@ def needs_tiling(h: int, w: int, tile: int) -> bool:
 def blend(tiles: list[torch.Tensor], origins: list[tuple[int, int]], h: int, w: int):
     """Gaussian-weighted average of (B, C, s, s) tiles placed at `origins` -> (B, C, h, w)."""
     size = tiles[0].shape[-1]
-    weight = gaussian_weights(size).to(tiles[0].device, torch.float32)
+    weight = _device_weights(size, tiles[0].device)
     b, c = tiles[0].shape[:2]
     out = torch.zeros(b, c, h, w, device=tiles[0].device, dtype=torch.float32)
     total = torch.zeros(h, w, device=tiles[0].device, dtype=torch.float32)
