@@ -171,3 +171,31 @@ def test_a_searched_run_length_is_each_trials_own_end(tmp_path):
     assert trial_status(Trial.TERMINATED, 2, 4, None) == "unfinished"
     assert trial_status(Trial.PAUSED, 4, 4, None) == "unfinished"
     assert trial_status(Trial.ERROR, 4, 4, None) == "failed"
+
+
+def test_a_local_ray_start_that_times_out_is_a_sweep_error_saying_what_to_do(monkeypatch):
+    import ray
+
+    from dloral.sweep import runner
+
+    def slow_node(**_):  # what ray/_private/node.py raises when its node misses the 30 s
+        raise Exception(
+            "The current node timed out during startup. This could happen because some of the "
+            "raylet failed to startup or the GCS has become overloaded."
+        )
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow_node)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(runner.SweepError) as err:
+        runner.start_ray(None)
+    message = str(err.value)
+    assert "timed out during startup" in message and "--resume" in message
+    assert "ray start --head" in message and "--address" in message
+
+    def broken(**_):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(ray, "init", broken)
+    with pytest.raises(RuntimeError, match="something else"):  # other failures stay as they are
+        runner.start_ray(None)

@@ -206,6 +206,9 @@ def _preflight(exp: Experiment, cfg: TrainConfig) -> None:
 
 
 # ----- Ray ---------------------------------------------------------------------------------
+RAY_START_TIMEOUT = "timed out during startup"  # ray/_private/node.py's message
+
+
 def start_ray(address: str | None, verbose: bool = False) -> bool:
     """Join `address` (or $RAY_ADDRESS), else start Ray on this machine. True if started here."""
     # Under `uv run`, Ray would otherwise rebuild the project's environment for every worker from
@@ -227,7 +230,17 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
     if address is None:
-        ray.init(**options)
+        try:
+            ray.init(**options)
+        except Exception as err:  # Ray raises a bare Exception for this one
+            if RAY_START_TIMEOUT not in str(err):
+                raise
+            raise SweepError(
+                f"Ray's local start-up timed out: {err} Ray waits a fixed 30 s for its node, "
+                "which a loaded machine can miss. Run the sweep again (with --resume: the sweep "
+                "folder is kept), or start Ray once with `ray start --head` and pass its address "
+                "with --address."
+            ) from None
     else:
         try:
             cluster.join(address, **options)
