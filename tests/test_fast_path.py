@@ -110,3 +110,25 @@ def test_stage_profile_covers_every_stage_and_leaves_the_model_unhooked(plain):
     assert times.per_frame()["unet"] == times.seconds["unet"] / 2
     for module in (up.model.unet, up.model.cfr):
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_upsampling_as_on_cuda_gives_the_host_paths_frames(plain, monkeypatch):
+    """On CUDA the LQ batch is upsampled on the device, by PIL's taps as matrix products; here
+    that path is forced on CPU and compared with PIL's (the reference's) on the same frames."""
+    from dloral.model import pipeline
+    from dloral.resize import resize_frames
+
+    model, frames, names_plain, sr_plain = plain
+    calls = []
+
+    def as_on_cuda(x, size, kernel="bicubic"):
+        calls.append(size)
+        return resize_frames(x, size, kernel, backend="torch")
+
+    monkeypatch.setattr(pipeline, "resize_frames", as_on_cuda)
+    up = VideoUpscaler(copy.deepcopy(model), CPU, options=UpscaleOptions(**OPTS))
+    names, sr = _run(up, frames)
+    assert calls == [(64, 96), (64, 96)]  # one upsampling per batch, all by the device path
+    assert names == names_plain and (sr - sr_plain).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="upsample_on must be one of"):
+        UpscaleOptions(upsample_on="gpu")

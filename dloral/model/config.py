@@ -117,6 +117,7 @@ class DLoRALConfig:
 FIRST_FRAME = ("self", "skip")
 SIZE_TO_8 = ("pad", "lanczos")
 PREVIOUS = ("carry", "reencode")
+UPSAMPLE_ON = ("device", "host")
 
 
 @dataclass
@@ -140,6 +141,10 @@ class UpscaleOptions:
     # CUDA: copy each batch's output to pinned host memory without waiting, delivering it after
     # the next batch is queued (one batch later); no effect on CPU, where outputs are on the host
     overlap_copy: bool = False
+    # device: the LQ batch goes to the device and is upsampled there (PIL's kernel as matrix
+    # products on CUDA); host: PIL upsamples on the host and the 4x frames are copied over (the
+    # reference's test script). The same on CPU, where both are PIL.
+    upsample_on: str = "device"
 
     def __post_init__(self):
         if self.scale < 1:
@@ -163,3 +168,5 @@ class UpscaleOptions:
             raise ValueError(f"size_to_8 must be one of {SIZE_TO_8}; got {self.size_to_8!r}")
         if self.previous not in PREVIOUS:
             raise ValueError(f"previous must be one of {PREVIOUS}; got {self.previous!r}")
+        if self.upsample_on not in UPSAMPLE_ON:
+            raise ValueError(f"upsample_on must be one of {UPSAMPLE_ON}; got {self.upsample_on!r}")

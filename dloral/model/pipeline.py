@@ -200,12 +200,14 @@ class VideoUpscaler:
         # The small LQ goes to the device first and is upsampled there (PIL's kernel: on CPU by
         # PIL, on CUDA as matrix products, see resize_frames), so no 4x frame crosses the bus.
         # Bicubic overshoots; the reference's LQ is a uint8 image, i.e. clipped to [0, 1].
-        lq = resize_frames(to_device(frames, self.device), proc)
+        if self.opt.upsample_on == "device":
+            frames = to_device(frames, self.device)
+        lq = resize_frames(frames, proc)
         size = self.model_size(proc)
         if self.opt.size_to_8 == "lanczos":
             lq = resize_frames(lq, size, "lanczos")
-            return (lq.to(self.dtype),) * 2
-        lq = lq.to(self.dtype)
+            return (lq.to(self.device, self.dtype),) * 2
+        lq = lq.to(self.device, self.dtype)
         ph, pw = size[0] - proc[0], size[1] - proc[1]
         return lq, (F.pad(lq, (0, pw, 0, ph), mode="replicate") if ph or pw else lq)
 
