@@ -14,7 +14,7 @@ without pip (`unpack`; requests and co. only where the node lacks them) and runs
 
 `run` measures, from the frames folder only, in parts (`--parts`, default all; each writes its
 record, and bench-gpu.json gathers every part record present in --out, so the parts may run as
-separate commands):
+separate commands; `--parts ""` only gathers them):
 - `latency`: every mode (reference-like, eager, sdpa, fast) at 180x320 -> 720x1280 with its stage
   profile, output difference from the plain fp32 path (`vs_plain`), and for compiled modes the
   recompilations after the warm-up; `fast` also upscales a 64-frame clip with the same model
@@ -229,10 +229,13 @@ def run(args) -> int:
     if not cuda and "graphs" in parts:
         print("graphs: skipped (CUDA graphs need CUDA)")
         parts.remove("graphs")
-    root, frames = _clip_folder(Path(args.frames_dir))
     device = "cuda" if cuda else "cpu"
     out = Path(args.out or HERE / "results" / f"bench-gpu-{opt['profile']}-{device}")
-    commands = _part_commands(args, cuda, opt, root, frames, out)
+    if parts and not args.frames_dir:
+        raise SystemExit("run: --frames-dir is needed to run parts (the folder `prepare` wrote)")
+    if parts:  # `--parts ""` only gathers the part records already in --out
+        root, frames = _clip_folder(Path(args.frames_dir))
+        commands = _part_commands(args, cuda, opt, root, frames, out)
     benchmarks = {"latency": latency.main, "train_speed": train_speed.main}
     failed = []
     for part in parts:
@@ -253,9 +256,10 @@ def run(args) -> int:
         if (out / name).is_file()
     }
     environment = next((r["environment"] for r in records.values() if "environment" in r), None)
+    on_gpu = environment["device"].startswith("cuda") if environment else cuda
     record = {
         "benchmark": "bench_gpu",
-        "mode": "gpu" if cuda else "cpu-fallback (tiny profile, tiny sizes: no GPU numbers)",
+        "mode": "gpu" if on_gpu else "cpu-fallback (tiny profile, tiny sizes: no GPU numbers)",
         "command": "python benchmarks/bench_gpu.py " + " ".join(args.argv),
         "parts_run": parts,
         "parts_failed": failed,
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     u.add_argument("wheels")
     u.add_argument("site")
     r = sub.add_parser("run", help="latency (all modes, stages), training speed, x4, CUDA graphs")
-    r.add_argument("--frames-dir", required=True, help="the folder `prepare` wrote")
+    r.add_argument("--frames-dir", default=None, help="the folder `prepare` wrote")
     r.add_argument("--device", default="auto", choices=["auto", "cpu"])
     r.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
     # fast first: under a time limit the target's numbers come first (latency.json is

@@ -124,6 +124,14 @@ def test_a_failing_part_is_reported_and_the_others_still_run(hires, tmp_path):
     (failed,) = record["parts_failed"]
     assert failed.startswith("train: ") and "smaller than the 1024px crop" in failed
     assert "train" not in record and record["x4"]["runs"][0]["sr_size"] == [128, 128]
+    # the parts of several commands (e.g. on a GPU lent for minutes) gathered afterwards
+    (out / "bench-gpu.json").unlink()
+    with pytest.raises(SystemExit) as done:
+        bench_gpu.main(["run", "--parts", "", "--out", str(out)])
+    assert done.value.code == 0
+    gathered = json.loads((out / "bench-gpu.json").read_text())
+    assert gathered["parts_run"] == [] and gathered["x4"] == record["x4"]
+    assert gathered["mode"].startswith("cpu-fallback")  # from the parts' device, not this one
 
 
 def test_recompile_watch_counts_what_torch_logs_recompiles_prints():
