@@ -306,6 +306,15 @@ def test_jpeg_is_real_and_low_quality_is_blocky(bikes_hr):
     assert errors[0] > errors[1] > errors[2] > 0
 
 
+@pytest.mark.parametrize("quality", [10, 50, 95])
+def test_pils_jpeg_round_trip_is_torchvisions(bikes_hr, quality):
+    """Where torchvision is absent (a GPU node with torch alone) PIL encodes: the same libjpeg
+    settings, the same decoded frames."""
+    assert torch.equal(jpeg(bikes_hr, quality, "pil"), jpeg(bikes_hr, quality, "torchvision"))
+    with pytest.raises(ValueError, match="codec must be"):
+        jpeg(bikes_hr, quality, "cv2")
+
+
 # ---------------------------------------------------------------------------- pipeline
 
 

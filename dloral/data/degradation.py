@@ -12,15 +12,18 @@ stretched against the GT. For pixel-exact pairs, crop the GT first with `crop_to
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+from PIL import Image
 
 from dloral.config import build, read_toml, to_plain
 
@@ -335,13 +338,34 @@ def _reseeded(generator: torch.Generator, seed: int) -> torch.Generator:
     return torch.Generator(device=generator.device).manual_seed(seed)
 
 
-def jpeg(frames: torch.Tensor, quality: int) -> torch.Tensor:
-    """Real JPEG round trip (libjpeg via torchvision, on CPU) of each (T, 3, H, W) frame at
-    quality 1..100; input clamped and rounded to 8 bits, output on the 8-bit grid."""
+def jpeg(frames: torch.Tensor, quality: int, codec: str = "auto") -> torch.Tensor:
+    """Real JPEG round trip (libjpeg, on CPU) of each (T, 3, H, W) frame at quality 1..100;
+    input clamped and rounded to 8 bits, output on the 8-bit grid.
+
+    codec `torchvision` (encode_jpeg / decode_jpeg) or `pil` (Image.save, quality q, PIL's 4:2:0
+    default): the same libjpeg settings, the same bytes decoded (tests/test_degradation.py).
+    `auto`: torchvision where installed, else PIL (a GPU node with torch alone)."""
     x = frames.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).cpu()
-    encoded = encode_jpeg(list(x), quality=int(quality))
-    decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB)
+    if codec == "auto":
+        codec = "torchvision" if importlib.util.find_spec("torchvision") else "pil"
+    if codec == "torchvision":
+        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+        decoded = decode_jpeg(encode_jpeg(list(x), quality=int(quality)), mode=ImageReadMode.RGB)
+    elif codec == "pil":
+        decoded = [_pil_jpeg(frame, int(quality)) for frame in x]
+    else:
+        raise ValueError(f"codec must be auto, torchvision or pil; got {codec!r}")
     return torch.stack(decoded).to(device=frames.device, dtype=frames.dtype) / 255.0
+
+
+def _pil_jpeg(frame: torch.Tensor, quality: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> JPEG at quality -> uint8 (3, H, W), by PIL."""
+    buffer = io.BytesIO()
+    Image.fromarray(frame.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
 # ------------------------------------------------------------------------------ draws
