@@ -1,6 +1,6 @@
 """The GPU benchmark's own path: a prepared 1280x720 frames folder, and `bench_gpu.py run` in a
-process where PyAV, scikit-video, Ray, MLflow, pyiqa, lpips and OpenCV cannot be imported (CPU
-fallback, tiny profile)."""
+process where PyAV, scikit-video, Ray, MLflow, pyiqa, lpips, OpenCV and torchvision cannot be
+imported (CPU fallback, tiny profile); its bundle for an offline node and the node's unpack."""
 
 import importlib
 import json
@@ -18,7 +18,7 @@ from dloral.data.readers import read_dataset
 from dloral.data.sampler import TrainingClips
 
 ROOT = Path(__file__).parents[1]
-ABSENT = ("av", "skvideo", "ray", "mlflow", "pyiqa", "lpips", "cv2")
+ABSENT = ("av", "skvideo", "ray", "mlflow", "pyiqa", "lpips", "cv2", "torchvision")
 # Run a script as a node without these packages would: `import av` raises ImportError (a None
 # entry in sys.modules), and importlib.util.find_spec reports them missing.
 WITHOUT = """
@@ -54,7 +54,9 @@ def test_clips_smaller_than_the_crop_name_their_size_and_how_to_get_larger(tmp_p
     assert "data.train_root" in message and "benchmarks/bench_gpu.py prepare DIR" in message
 
 
-def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv(hires, tmp_path):
+def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvision(
+    hires, tmp_path
+):
     out = tmp_path / "records"
     command = [
         "benchmarks/bench_gpu.py", "run", "--frames-dir", str(hires), "--device", "cpu",
