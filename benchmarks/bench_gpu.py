@@ -24,8 +24,9 @@ separate commands; `--parts ""` only gathers them):
   50-frame clip (`clip_seconds_median`: the clip's time);
 - `graphs`: `fast` with torch.compile's reduce-overhead mode (CUDA graphs); CUDA only.
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
-Pillow) and this source tree on PYTHONPATH: PyAV, scikit-video, Ray, MLflow, pyiqa, lpips and
-OpenCV are not imported (LPIPS terms are dropped from the training benchmark when lpips is absent).
+Pillow) and this source tree on PYTHONPATH: PyAV, scikit-video, Ray, MLflow, pyiqa, lpips, OpenCV
+and torchvision are not needed (LPIPS terms are dropped from the training benchmark when lpips or
+torchvision is absent; the degradation's JPEG is then PIL's, the same frames).
 A part that fails is reported and the others still run; the exit status is then 1.
 
 Without CUDA it runs a CPU fallback (tiny profile, tiny sizes) that checks the path end to end;

@@ -99,35 +99,43 @@ def crop_to_aspect(frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 class RecompileWatch:
     """Counts torch.compile's recompilations (what `TORCH_LOGS=recompiles` prints, with their
-    guard-failure reasons) and the graphs compiled while it is active."""
+    guard-failure reasons) and the graphs compiled while it is active. It reads torch's private
+    logging and counters: where a torch version lacks them, the record says so and the timing
+    it surrounds goes on."""
 
     def __enter__(self):
         import logging
 
-        from torch._dynamo import guards
-        from torch._dynamo.utils import counters
-
         self.reasons: list[str] = []
+        self.graphs, self.error, self._log = None, None, None
         watch = self
 
         class Keep(logging.Handler):
             def emit(self, record):
                 watch.reasons.append(record.getMessage())
 
-        self._handler, self._log = Keep(logging.DEBUG), guards.recompiles_log
-        self._counters = counters
-        torch._logging.set_logs(recompiles=True)
-        self._log.addHandler(self._handler)
-        self._graphs = counters["stats"]["unique_graphs"]
+        try:
+            from torch._dynamo import guards
+            from torch._dynamo.utils import counters
+
+            self._counters, self._graphs = counters, counters["stats"]["unique_graphs"]
+            torch._logging.set_logs(recompiles=True)
+            self._handler, self._log = Keep(logging.DEBUG), guards.recompiles_log
+            self._log.addHandler(self._handler)
+        except Exception as err:  # a private API moved: no count, the numbers still come
+            self.error = f"{type(err).__name__}: {err}"
         return self
 
     def __exit__(self, *exc):
-        self.graphs = self._counters["stats"]["unique_graphs"] - self._graphs
-        self._log.removeHandler(self._handler)
-        torch._logging.set_logs()
+        if self._log is not None:
+            self.graphs = self._counters["stats"]["unique_graphs"] - self._graphs
+            self._log.removeHandler(self._handler)
+            torch._logging.set_logs()
         return False
 
     def record(self) -> dict:
+        if self.error:
+            return {"recompiles": None, "watch_error": self.error}
         return {
             "recompiles": len(self.reasons),
             "graphs_compiled": self.graphs,
