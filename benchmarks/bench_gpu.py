@@ -21,8 +21,10 @@ separate commands; `--parts ""` only gathers them):
   (`long_clip`: peak memory should not grow with the clip's length) (benchmarks/latency.py);
 - `train`: training speed and peak memory at a 512 crop, both stages (benchmarks/train_speed.py);
 - `x4`: the paper's efficiency setting, 512x512 -> 2048x2048 with latent tiling, batch 1, on a
-  50-frame clip (`clip_seconds_median`: the clip's time);
-- `graphs`: `fast` with torch.compile's reduce-overhead mode (CUDA graphs); CUDA only.
+  50-frame clip (`clip_seconds_median`: the clip's time), the 16 latent tiles of a frame
+  restored in one UNet call (--tile-batch 16);
+- `graphs`: `fast` with torch.compile's reduce-overhead mode (CUDA graphs); CUDA only;
+- `x4-serial`: `x4` with one tile per UNet call (as the reference), to judge the tile batch.
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
 Pillow) and this source tree on PYTHONPATH: PyAV, scikit-video, Ray, MLflow, pyiqa, lpips, OpenCV
 and torchvision are not needed (LPIPS terms are dropped from the training benchmark when lpips or
@@ -51,12 +53,13 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-PARTS = ("latency", "train", "x4", "graphs")
+PARTS = ("latency", "train", "x4", "graphs", "x4-serial")
 GPU = {"profile": "sd21", "lq": "180x320", "clip": 8, "repeats": 3, "crop": 512, "steps": 20}
 CPU_FALLBACK = {"profile": "tiny", "lq": "16x24", "clip": 4, "repeats": 1, "crop": 64, "steps": 4}
 # the x4 part: the paper's 512 -> 2048 setting; on CPU a small square with small latent tiles
-X4 = {"lq": "512x512", "frames": 50, "latent_tile": 96, "latent_overlap": 32}
-X4_CPU = {"lq": "32x32", "frames": 4, "latent_tile": 8, "latent_overlap": 2}
+# (16 latent tiles of 96 per 2048x2048 frame, all restored in one UNet call; x4-serial: one)
+X4 = {"lq": "512x512", "frames": 50, "latent_tile": 96, "latent_overlap": 32, "tile_batch": 16}
+X4_CPU = {"lq": "32x32", "frames": 4, "latent_tile": 8, "latent_overlap": 2, "tile_batch": 9}
 LONG_CLIP = 64  # frames of `fast`'s second clip (GPU)
 WHEELS = ("diffusers", "peft", "lpips")  # what a node with torch + transformers lacks
 # diffusers checks at import that requests is installed; unpacked only where the node lacks them
@@ -66,6 +69,7 @@ RECORDS = {
     "train": "train.json",
     "x4": "latency-x4.json",
     "graphs": "latency-graphs.json",
+    "x4-serial": "latency-x4-serial.json",
 }
 
 
@@ -199,13 +203,16 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
             "--checkpointing", args.checkpointing, "--data", str(root), "--lpips", lpips,
             "--out", str(out / RECORDS["train"]),
         ]),
-        "x4": ("latency", [
-            *common, "--lq", x4["lq"], "--frames", str(x4["frames"]), "--repeats", "1",
-            "--batch-size", "1", "--modes", "fast", "--compile", "unet" if cuda else "none",
-            "--latent-tile", str(x4["latent_tile"]),
-            "--latent-overlap", str(x4["latent_overlap"]), "--no-second-clip",
-            "--out", str(out / RECORDS["x4"]),
-        ]),
+        **{
+            part: ("latency", [
+                *common, "--lq", x4["lq"], "--frames", str(x4["frames"]), "--repeats", "1",
+                "--batch-size", "1", "--modes", "fast", "--compile", "unet" if cuda else "none",
+                "--latent-tile", str(x4["latent_tile"]),
+                "--latent-overlap", str(x4["latent_overlap"]), "--tile-batch", str(tiles),
+                "--no-second-clip", "--out", str(out / RECORDS[part]),
+            ])
+            for part, tiles in (("x4", x4["tile_batch"]), ("x4-serial", 1))
+        },
         "graphs": ("latency", [
             *common, "--lq", opt["lq"], "--frames", str(opt["clip"]),
             "--repeats", str(opt["repeats"]), "--modes", "fast", "--compile", "unet",

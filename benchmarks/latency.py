@@ -191,6 +191,7 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
         process_size=args.process_size,
         latent_tile=args.latent_tile,
         latent_overlap=args.latent_overlap,
+        tile_batch=args.tile_batch,
         previous=how["previous"],
         upsample_on=how["upsample_on"],
         channels_last=how["channels_last"],
@@ -392,6 +393,7 @@ def _record(args, argv: list[str] | None, device: torch.device, runs: list[dict]
             "vae_tile": args.tile,
             "latent_tile": args.latent_tile,
             "latent_overlap": args.latent_overlap,
+            "tile_batch": args.tile_batch,
         },
         "environment": environment(device),
         "runs": runs,
@@ -440,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--long-clip-modes", default="fast", help="the modes that run --long-clip")
     p.add_argument("--latent-overlap", type=int, default=32, help="overlap of latent tiles")
+    p.add_argument("--tile-batch", type=int, default=1, help="latent tiles per UNet call")
     p.add_argument("--frames-dir", default=None, help="PNG frames to use instead of bikes.mp4")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/...)")
     args = p.parse_args(argv)

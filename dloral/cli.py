@@ -159,6 +159,14 @@ def upscale(
     latent_overlap: Annotated[
         int, typer.Option(min=0, help="Overlap of latent tiles (the reference's 32).")
     ] = 32,
+    tile_batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Latent tiles restored per CFR + UNet call, stacked along the batch: fewer, "
+            "larger calls (a GPU's lever; the memory check counts them).",
+        ),
+    ] = 1,
     first_frame: Annotated[
         FirstFrame,
         typer.Option(
@@ -226,6 +234,7 @@ def upscale(
         tile=tile,
         latent_tile=latent_tile,
         latent_overlap=latent_overlap,
+        tile_batch=tile_batch,
         first_frame=first_frame.value,
         size_to_8=size_to_8.value,
         precision=precision,

@@ -43,6 +43,7 @@ class UpscaleJob:
     tile: int | None = None  # VAE tile; None: where the latent is tiled; 0: never
     latent_tile: int = 96
     latent_overlap: int = 32
+    tile_batch: int = 1
     first_frame: str = "self"  # skip: no output for frame 0 (the reference)
     size_to_8: str = "pad"  # or lanczos (the reference)
     precision: str = "auto"
@@ -70,6 +71,7 @@ class UpscaleJob:
                 process_size=self.process_size,
                 latent_tile=self.latent_tile,
                 latent_overlap=self.latent_overlap,
+                tile_batch=self.tile_batch,
                 first_frame=self.first_frame,
                 size_to_8=self.size_to_8,
                 seed=self.seed,
@@ -187,6 +189,7 @@ def _check_memory(upscaler, lq_size: tuple[int, int], frames: int) -> None:
     from dloral.model.memory import InsufficientMemory, check_upscaler
 
     flags = {
+        "tile_batch": "--tile-batch {}",
         "latent_tile": "--latent-tile {}",
         "tile": "--tile {}",
         "batch_size": "--batch-size {}",

@@ -81,7 +81,8 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
     assert env_["device"] == "cpu" and len(env_["git_commit"]) == 40
     assert all(env_["versions"][p] != "not installed" for p in ("torch", "diffusers", "peft"))
     # every part but CUDA graphs ran (the default), each with its own record and command
-    assert record["parts_run"] == ["latency", "train", "x4"] and record["parts_failed"] == []
+    assert record["parts_run"] == ["latency", "train", "x4", "x4-serial"]
+    assert record["parts_failed"] == []
     assert "--lq 16x24" in record["latency"]["command"]
     runs = {r["mode"]: r for r in record["latency"]["runs"]}
     assert set(runs) == {"reference-like", "sdpa"}  # two modes keep this test short
@@ -97,7 +98,9 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
     # x4: the paper's square x4 setting, latent-tiled (tiny sizes on CPU), a whole clip timed
     (x4,) = record["x4"]["runs"]
     assert x4["sr_size"] == [128, 128] and x4["frames_per_clip"] == 4
-    assert record["x4"]["tiling"]["latent_tile"] == 8
+    assert record["x4"]["tiling"]["latent_tile"] == 8 and record["x4"]["tiling"]["tile_batch"] == 9
+    (serial,) = record["x4-serial"]["runs"]  # one tile per call: the same frames
+    assert record["x4-serial"]["tiling"]["tile_batch"] == 1 and serial["sr_size"] == [128, 128]
     assert x4["clip_seconds_median"] == pytest.approx(4 * x4["seconds_per_frame_median"], rel=0.01)
     (train,) = record["train"]["runs"]
     assert train["crop"] == 64 and train["steps"] == 2 and train["lpips"] == "not used (weight 0)"

@@ -198,3 +198,27 @@ def test_tiled_restore_equals_the_reference_tiled_forward(bikes_lq):
     assert ours.shape == whole.shape == (1, 4, 40, 56)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert not torch.allclose(ours, whole, atol=1e-3)  # tiles see less context: not trivial
+
+
+def test_tiles_restored_together_equal_the_reference_tiled_forward(bikes_lq):
+    """tile_batch stacks tiles along the batch for fewer, larger UNet calls: the same latent as
+    the reference's one tile at a time, for a batch of 2 frames, with a last group shorter."""
+    model = _model(3)
+    lq = resize_frames(bikes_lq[:3], (320, 448))  # 2 x 2 tiles of 32 (overlap 8) per frame
+    with torch.no_grad():
+        z = model.encode(lq, sample=False)
+        embeds = model.encode_prompt(["a bike"])
+    args = (z[1:], z[:-1], lq[1:], lq[:-1], embeds)  # 2 pairs: frames 1, 2 on 0, 1
+    calls = []
+
+    def counted(*inputs):
+        calls.append(inputs[0].shape[0])
+        return model.restore_latent(*inputs)
+
+    with torch.no_grad():
+        theirs = reference_tiled_restore(model, *args, tile=32, ov=8)
+        for tile_batch, sizes in ((1, [2] * 4), (3, [6, 2]), (4, [8]), (16, [8])):
+            calls.clear()
+            ours = restore_tiled(counted, *args, tile=32, overlap=8, tile_batch=tile_batch)
+            assert calls == sizes  # samples per call: frames x tiles in the group
+            assert torch.allclose(ours, theirs, atol=1e-5), tile_batch

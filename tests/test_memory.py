@@ -185,3 +185,29 @@ def test_tiny_estimate_is_within_a_factor_2_of_the_measured_peak_rss():
         pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
     assert got["out"] == [3, 256, 384]
     assert 0.5 <= got["estimate"] / got["growth"] <= 2.0, got
+
+
+def test_tiles_restored_together_count_in_the_estimate_and_the_guard_offers_one(monkeypatch):
+    size = (2048, 2048)  # a 256 x 256 latent: 4 x 4 tiles of 96 (overlap 32)
+    one = estimate(size, Settings(1, 96, None))
+    four = estimate(size, Settings(1, 96, None, tile_batch=4))
+    many = estimate(size, Settings(1, 96, None, tile_batch=64))
+    assert four.parts["unet+cfr"] == 4 * one.parts["unet+cfr"]
+    assert many.parts["unet+cfr"] == 16 * one.parts["unet+cfr"]  # at most the frame's tiles
+    assert four.parts["vae"] == one.parts["vae"] and four.parts["frames"] == one.parts["frames"]
+    small = (512, 512)  # untiled: one call whatever tile_batch says
+    assert estimate(small, Settings(1, 96, None, tile_batch=8)) == estimate(
+        small, Settings(1, 96, None)
+    )
+    room = (one.bytes + many.bytes) / 2
+    monkeypatch.setattr(memory, "available", lambda device: (room, "test"))
+    with pytest.raises(InsufficientMemory, match="Use --tile-batch 1 "):
+        check_fits(
+            size,
+            Settings(1, 96, None, tile_batch=16),
+            profile="tiny",
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            frame_size=(512, 512),
+            flags={**CLI_FLAGS, "tile_batch": "--tile-batch {}"},
+        )

@@ -132,6 +132,7 @@ class UpscaleOptions:
     seed: int = 0
     latent_tile: int = 96  # CFR + UNet on tiles above this many latent pixels squared; 0: never
     latent_overlap: int = 32  # overlap of neighbouring latent tiles (the reference's 32)
+    tile_batch: int = 1  # latent tiles restored per CFR + UNet call (stacked along the batch)
     first_frame: str = "self"  # self: frame 0 paired with itself; skip: no output for frame 0
     size_to_8: str = "pad"  # pad: replicate-pad to a multiple of 8; lanczos: the reference
     # carry: each frame is VAE-encoded once, its latent carried to the next pair; reencode: the
@@ -155,6 +156,8 @@ class UpscaleOptions:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.tile and (self.tile < 64 or self.tile % 8):
             raise ValueError(f"tile must be 0 or a multiple of 8 >= 64; got {self.tile}")
+        if self.tile_batch < 1:
+            raise ValueError(f"tile_batch must be >= 1; got {self.tile_batch}")
         if self.latent_tile < 0:
             raise ValueError(f"latent_tile must be >= 0 (0: no tiling); got {self.latent_tile}")
         if self.latent_tile and not 0 <= self.latent_overlap < self.latent_tile:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from dloral.model.tiling import needs_tiling
+from dloral.model.tiling import needs_tiling, tile_grid
 
 GIB = 2**30
 SKIP_ENV = "DLORAL_MEMORY_CHECK"  # "off": no guard (the estimate is a model, not a promise)
@@ -85,6 +85,7 @@ class Settings:
     latent_tile: int  # 0: never tiled
     tile: int | None  # VAE tile, pixels; None: 8 x latent_tile where the latent is tiled; 0: never
     latent_overlap: int = 32
+    tile_batch: int = 1  # latent tiles per CFR + UNet call: that many tiles' activations at once
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,15 @@ def working_areas(
     return vae, (h, w)
 
 
+def _tiles_at_once(size: tuple[int, int], settings: Settings) -> int:
+    """Latent tiles restored together: tile_batch, at most the frame's tiles; 1 untiled."""
+    h, w = size[0] // 8, size[1] // 8
+    if settings.tile_batch == 1 or not needs_tiling(h, w, settings.latent_tile):
+        return 1
+    _, origins = tile_grid(h, w, settings.latent_tile, settings.latent_overlap)
+    return min(settings.tile_batch, len(origins))
+
+
 def estimate(
     size: tuple[int, int],
     settings: Settings,
@@ -136,7 +146,7 @@ def estimate(
     parts = {
         "frames": frames * p.frame * size[0] * size[1],
         "vae": frames * p.vae * vh * vw * scale,
-        "unet+cfr": frames * p.unet * lh * lw * scale,
+        "unet+cfr": frames * _tiles_at_once(size, settings) * p.unet * lh * lw * scale,
         "slack": p.slack,
     }
     return Estimate(sum(parts.values()), parts, (vh, vw), (lh, lw))
@@ -244,11 +254,13 @@ def _fitting(size, settings, profile, dtype, device_type, free, flags):
     if "batch_size" in flags:
         batches = sorted({max(1, settings.batch_size // 2**i) for i in range(1, 8)}, reverse=True)
         batches = [b for b in batches if b < settings.batch_size]
-    overlap = settings.latent_overlap
-    candidates = [(c, Settings(settings.batch_size, t, v, overlap)) for c, t, v in tilings]
+    candidates = []
+    if "tile_batch" in flags and settings.tile_batch > 1:  # first: one tile per call
+        candidates.append(({"tile_batch": 1}, replace(settings, tile_batch=1)))
+    candidates += [(c, replace(settings, latent_tile=t, tile=v)) for c, t, v in tilings]
     candidates += [({"batch_size": b}, replace(settings, batch_size=b)) for b in batches]
     candidates += [
-        ({**change, "batch_size": b}, Settings(b, t, v, overlap))
+        ({**change, "batch_size": b}, replace(settings, batch_size=b, latent_tile=t, tile=v))
         for b in batches
         for change, t, v in tilings
     ]
@@ -267,7 +279,11 @@ def check_upscaler(
     proc, _ = upscaler.geometry(lq_size)
     opt = upscaler.opt
     settings = Settings(
-        max(1, min(opt.batch_size, frames)), opt.latent_tile, opt.tile, opt.latent_overlap
+        max(1, min(opt.batch_size, frames)),
+        opt.latent_tile,
+        opt.tile,
+        opt.latent_overlap,
+        opt.tile_batch,
     )
     return check_fits(
         upscaler.model_size(proc),

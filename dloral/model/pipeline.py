@@ -262,6 +262,7 @@ class VideoUpscaler:
                 embeds,
                 self.opt.latent_tile,
                 self.opt.latent_overlap,
+                self.opt.tile_batch,
             )
         with self._stage("vae_decode"):
             sr = model.decode(restored)

@@ -74,21 +74,36 @@ def blend(tiles: list[torch.Tensor], origins: list[tuple[int, int]], h: int, w: 
 
 
 def restore_tiled(
-    restore, current, previous, current_lq, previous_lq, prompt_embeds, tile: int, overlap: int
+    restore,
+    current,
+    previous,
+    current_lq,
+    previous_lq,
+    prompt_embeds,
+    tile: int,
+    overlap: int,
+    tile_batch: int = 1,
 ) -> torch.Tensor:
     """`restore(current, previous, current_lq, previous_lq, embeds)` (DLoRAL.restore_latent) on
     latent tiles, blended; the whole latent at once when its area fits one tile.
 
-    current/previous: (B, 4, h, w) latents; *_lq: (B, 3, 8h, 8w) frames, cut with the tiles."""
+    current/previous: (B, 4, h, w) latents; *_lq: (B, 3, 8h, 8w) frames, cut with the tiles.
+    tile_batch: tiles restored in one call, stacked along the batch (B x tile_batch samples):
+    fewer, larger UNet calls, each sample computed as alone (CFR and the UNet are per sample)."""
     h, w = current.shape[-2:]
     if not needs_tiling(h, w, tile):
         return restore(current, previous, current_lq, previous_lq, prompt_embeds)
     size, origins = tile_grid(h, w, tile, overlap)
-    tiles = []
-    for y, x in origins:
+    b = current.shape[0]
+
+    def cut(y: int, x: int) -> tuple[torch.Tensor, ...]:
         lat = (..., slice(y, y + size), slice(x, x + size))
         pix = (..., slice(8 * y, 8 * (y + size)), slice(8 * x, 8 * (x + size)))
-        tiles.append(
-            restore(current[lat], previous[lat], current_lq[pix], previous_lq[pix], prompt_embeds)
-        )
+        return current[lat], previous[lat], current_lq[pix], previous_lq[pix]
+
+    tiles = []
+    for start in range(0, len(origins), tile_batch):
+        pieces = [cut(y, x) for y, x in origins[start : start + tile_batch]]
+        inputs = (torch.cat(p) if len(p) > 1 else p[0] for p in zip(*pieces, strict=True))
+        tiles.extend(restore(*inputs, prompt_embeds).split(b))
     return blend(tiles, origins, h, w)
