@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from test_sweep import BASE
 
+from dloral.sweep.trial import trial_scratch
+
 # two trials side by side (the default sweep's shape), long enough to be caught mid-run
 SWEEP = (
     BASE.replace("max_steps = 4", "max_steps = 12")
@@ -132,6 +134,8 @@ def _assert_interrupted(out: str, exp: Path, uri: str, tmp_path: Path) -> tuple[
     assert "Traceback" not in out, out[-4000:]
     (sweep_dir,) = (tmp_path / "sweeps").iterdir()
     assert json.loads((sweep_dir / "sweep.json").read_text())["status"] == "interrupted"
+    # no trial scratch left behind: the resume continues from Tune's checkpoints in the storage
+    assert not list(trial_scratch(sweep_dir.name, "*").parent.glob(f"{sweep_dir.name}.*"))
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     statuses = {t["trial_id"]: t["status"] for t in summary["trials"]}

@@ -506,6 +506,10 @@ def run_sweep(
             import ray
 
             ray.shutdown()
+        if owns_ray:  # every trial ran on this machine, and none runs any more
+            from dloral.sweep.trial import remove_sweep_scratch
+
+            remove_sweep_scratch(spec.sweep_id)
     return result
 
 

@@ -69,6 +69,14 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def remove_sweep_scratch(sweep_id: str) -> None:
+    """This node's scratch folders of a sweep, once its trials are gone (the driver, after a
+    local Ray is shut down): a stopped trial's process can end before its own clean-up runs.
+    What a resume continues from is Tune's checkpoint in the storage, never the scratch."""
+    for folder in trial_scratch(sweep_id, "*").parent.glob(f"{sweep_id}.*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def trial_scratch(sweep_id: str, trial_id: str) -> Path:
     """A trial's run folder on the node it runs on, emptied for each attempt: Tune's checkpoint
     is what an attempt continues from. It lies outside Tune's trial folder, which Tune copies to
