@@ -15,16 +15,19 @@ without pip (`unpack`; requests and co. only where the node lacks them) and runs
 `run` measures, from the frames folder only, in parts (`--parts`, default all; each writes its
 record, and bench-gpu.json gathers every part record present in --out, so the parts may run as
 separate commands; `--parts ""` only gathers them):
-- `latency`: every mode (reference-like, eager, sdpa, fast) at 180x320 -> 720x1280 with its stage
-  profile, output difference from the plain fp32 path (`vs_plain`), and for compiled modes the
-  recompilations after the warm-up; `fast` also upscales a 64-frame clip with the same model
-  (`long_clip`: peak memory should not grow with the clip's length) (benchmarks/latency.py);
+- `latency`: every mode (fast, fast-eager, sdpa, reference-like, eager) at 180x320 ->
+  720x1280 with its stage profile, output difference from the plain fp32 path (`vs_plain`),
+  and for compiled modes the recompilations after the warm-up; `fast` also upscales a 64-frame
+  clip with the same model (`long_clip`: peak memory should not grow with the clip's length)
+  (benchmarks/latency.py);
 - `train`: training speed and peak memory at a 512 crop, both stages (benchmarks/train_speed.py);
 - `x4`: the paper's efficiency setting, 512x512 -> 2048x2048 with latent tiling, batch 1, on a
   50-frame clip (`clip_seconds_median`: the clip's time), the 16 latent tiles of a frame
   restored in one UNet call (--tile-batch 16);
 - `graphs`: `fast` with torch.compile's reduce-overhead mode (CUDA graphs); CUDA only;
 - `x4-serial`: `x4` with one tile per UNet call (as the reference), to judge the tile batch.
+bench-gpu.json's `targets` (also targets.md, and printed) judge issue 15's goals from the part
+records present.
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
 Pillow) and this source tree on PYTHONPATH: PyAV, scikit-video, Ray, MLflow, pyiqa, lpips, OpenCV
 and torchvision are not needed (LPIPS terms are dropped from the training benchmark when lpips or
@@ -221,6 +224,86 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
     }  # fmt: skip
 
 
+def _spf(record: dict | None, mode: str) -> dict | None:
+    """The run of `mode` in a latency record, if it ran without error."""
+    runs = (record or {}).get("runs", [])
+    return next((r for r in runs if r.get("mode") == mode and "error" not in r), None)
+
+
+def _sizes(run: dict | None, default: str) -> str:
+    if not run:
+        return default
+    (h, w), (sh, sw) = run["lq_size"], run["sr_size"]
+    return f"{h}x{w} -> {sh}x{sw}"
+
+
+def targets(records: dict) -> list[dict]:
+    """Issue 15's targets against what the part records measured: target, goal, measured,
+    met (None where a part or mode did not run, or where there is nothing to judge)."""
+    lat, x4 = records.get("latency"), records.get("x4")
+    fast, fast_eager = _spf(lat, "fast"), _spf(lat, "fast-eager")
+    ref, big = _spf(lat, "reference-like"), _spf(x4, "fast")
+    serial = _spf(records.get("x4-serial"), "fast")
+    rows = []
+
+    def row(target: str, goal: str, measured=None, met=None) -> None:
+        rows.append({"target": target, "goal": goal, "measured": measured, "met": met})
+
+    spf = fast["seconds_per_frame_median"] if fast else None
+    fps = round(1 / spf, 2) if spf else None
+    row(f"frames/s, fast, {_sizes(fast, '180x320 -> 720x1280')}", ">= 25", fps, fps and fps >= 25)
+    if spf and ref:
+        ratio = ref["seconds_per_frame_median"] / spf
+        row("speed-up of fast over reference-like", ">= 3x", round(ratio, 2), ratio >= 3)
+    else:
+        row("speed-up of fast over reference-like", ">= 3x")
+    if spf and fast_eager and fast["compile"]:
+        gain = fast_eager["seconds_per_frame_median"] / spf
+        row("speed-up of compiled fast over fast-eager", "> 1x", round(gain, 3), gain > 1)
+        count = fast["after_warmup"].get("recompiles")
+        if count is not None:
+            count += (fast.get("long_clip") or {}).get("recompiles") or 0
+        row("recompilations after warm-up, same-size clips", "0", count, count == 0)
+        row("compile warm-up, s", "reported", fast["warmup_seconds"])
+    else:
+        row("speed-up of compiled fast over fast-eager", "> 1x")
+    long = (fast or {}).get("long_clip") or {}
+    if "peak_gpu_memory_gib" in long and "peak_gpu_memory_gib" in fast:
+        growth = long["peak_gpu_memory_gib"] / fast["peak_gpu_memory_gib"]
+        goal, text = (
+            "<= 1.05x",
+            f"peak GPU memory, {long['frames']} vs {fast['frames_per_clip']} frames",
+        )
+        row(text, goal, round(growth, 3), growth <= 1.05)
+    else:
+        row("peak GPU memory, long vs short clip", "<= 1.05x")
+    x4_sizes = _sizes(big, "512x512 -> 2048x2048")
+    big_spf = big["seconds_per_frame_median"] if big else None
+    row(f"s/frame, {x4_sizes}, latent-tiled", "<= 0.5", big_spf, big_spf and big_spf <= 0.5)
+    frames = big["frames_per_clip"] if big else X4["frames"]
+    row(
+        f"clip time, {frames} frames, {x4_sizes}, s", "reported", big and big["clip_seconds_median"]
+    )
+    if big_spf and serial:
+        gain = serial["seconds_per_frame_median"] / big_spf
+        row("speed-up of x4 (tiles per call) over x4-serial", "reported", round(gain, 3))
+    return rows
+
+
+def targets_markdown(rows: list[dict], mode: str) -> str:
+    marks = {True: "met", False: "not met", None: ""}
+    lines = [
+        f"Issue 15 targets ({mode})",
+        "",
+        "| target | goal | measured | |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        measured = "not run" if r["measured"] is None else r["measured"]
+        lines.append(f"| {r['target']} | {r['goal']} | {measured} | {marks[r['met']]} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(args) -> int:
     import latency
     import train_speed
@@ -275,7 +358,13 @@ def run(args) -> int:
         "environment": environment,
         **records,  # each part's record has its own command, and may come from an earlier run
     }
+    record["targets"] = targets(records)
     atomic_write_json(out / "bench-gpu.json", record)
+    from dloral.atomic import atomic_write_text
+
+    table = targets_markdown(record["targets"], record["mode"])
+    atomic_write_text(out / "targets.md", table)
+    print(table)
     print(f"wrote {out / 'bench-gpu.json'}" + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0
 
@@ -308,7 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
     # fast first: under a time limit the target's numbers come first (latency.json is
     # rewritten after every mode), then its plain fp32 comparison and the reference-like baseline
-    r.add_argument("--modes", default=",".join(("fast", "sdpa", "reference-like", "eager")))
+    r.add_argument(
+        "--modes", default=",".join(("fast", "fast-eager", "sdpa", "reference-like", "eager"))
+    )
     r.add_argument("--compile", default="unet,vae", help="what `fast` compiles on CUDA")
     r.add_argument("--checkpointing", default="both", choices=["off", "on", "both"])
     r.add_argument(

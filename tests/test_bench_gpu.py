@@ -99,6 +99,14 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
     (x4,) = record["x4"]["runs"]
     assert x4["sr_size"] == [128, 128] and x4["frames_per_clip"] == 4
     assert record["x4"]["tiling"]["latent_tile"] == 8 and record["x4"]["tiling"]["tile_batch"] == 9
+    # the targets table, from those records (fast did not run here: listed, not judged)
+    assert record["targets"][0] == {
+        "target": "frames/s, fast, 180x320 -> 720x1280", "goal": ">= 25",
+        "measured": None, "met": None,
+    }  # fmt: skip
+    assert "| speed-up of x4 (tiles per call) over x4-serial | reported |" in (
+        (out / "targets.md").read_text()
+    )
     (serial,) = record["x4-serial"]["runs"]  # one tile per call: the same frames
     assert record["x4-serial"]["tiling"]["tile_batch"] == 1 and serial["sr_size"] == [128, 128]
     assert x4["clip_seconds_median"] == pytest.approx(4 * x4["seconds_per_frame_median"], rel=0.01)
@@ -224,3 +232,43 @@ def test_a_mode_that_fails_is_recorded_and_the_exit_status_says_so(tmp_path, mon
     empty.mkdir()
     with pytest.raises(SystemExit, match="folder holds no frames"):
         latency.main([*argv, "--frames-dir", str(empty), "--out", str(tmp_path / "x.json")])
+
+
+def test_targets_judge_the_part_records_against_issue_15s_goals():
+    bench_gpu = _benchmark("bench_gpu")
+
+    def run(mode, spf, **extra):
+        sizes = {"lq_size": [180, 320], "sr_size": [720, 1280], "frames_per_clip": 8}
+        return {"mode": mode, "seconds_per_frame_median": spf, "compile": [], **sizes, **extra}
+
+    fast = run(
+        "fast", 0.032, compile=["unet", "vae"], warmup_seconds=90.0,
+        after_warmup={"recompiles": 0}, peak_gpu_memory_gib=9.6,
+        long_clip={"frames": 64, "recompiles": 1, "peak_gpu_memory_gib": 9.7},
+    )  # fmt: skip
+    x4 = {**run("fast", 0.62), "lq_size": [512, 512], "sr_size": [2048, 2048]}
+    records = {
+        "latency": {"runs": [fast, run("fast-eager", 0.04), run("reference-like", 0.12)]},
+        "x4": {"runs": [{**x4, "frames_per_clip": 50, "clip_seconds_median": 31.0}]},
+        "x4-serial": {"runs": [{**x4, "seconds_per_frame_median": 0.93}]},
+    }
+    rows = {r["target"]: r for r in bench_gpu.targets(records)}
+    assert rows["frames/s, fast, 180x320 -> 720x1280"] == {
+        "target": "frames/s, fast, 180x320 -> 720x1280", "goal": ">= 25",
+        "measured": 31.25, "met": True,
+    }  # fmt: skip
+    assert rows["speed-up of fast over reference-like"]["measured"] == 3.75
+    assert rows["speed-up of compiled fast over fast-eager"]["met"] is True
+    recompiles = rows["recompilations after warm-up, same-size clips"]
+    assert recompiles["measured"] == 1 and recompiles["met"] is False  # the long clip's one
+    memory = rows["peak GPU memory, 64 vs 8 frames"]
+    assert memory["measured"] == 1.01 and memory["met"] is True
+    x4_row = rows["s/frame, 512x512 -> 2048x2048, latent-tiled"]
+    assert x4_row["measured"] == 0.62 and x4_row["met"] is False
+    assert rows["speed-up of x4 (tiles per call) over x4-serial"]["measured"] == 1.5
+    # parts that did not run are listed, not judged
+    empty = bench_gpu.targets({})
+    assert all(r["met"] is None and r["measured"] is None for r in empty)
+    assert "| frames/s, fast, 180x320 -> 720x1280 | >= 25 | not run |  |" in (
+        bench_gpu.targets_markdown(empty, "gpu")
+    )
