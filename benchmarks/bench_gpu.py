@@ -115,18 +115,23 @@ def unpack(args) -> None:
         raise SystemExit(f"{args.wheels}: no wheels (*.whl) in it")
     site.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=site.name + ".", dir=site.parent))
-    for wheel in wheels:
-        name = _distribution(wheel)
-        if name not in WHEELS:
-            try:
-                print(f"{name}: the node has {importlib.metadata.version(name)}; not unpacked")
-                continue
-            except importlib.metadata.PackageNotFoundError:
-                pass
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(staging)
-        print(f"{name}: unpacked {wheel.name}")
-    staging.rename(site)
+    try:
+        for wheel in wheels:
+            name = _distribution(wheel)
+            if name not in WHEELS:
+                try:
+                    have = importlib.metadata.version(name)
+                    print(f"{name}: the node has {have}; not unpacked")
+                    continue
+                except importlib.metadata.PackageNotFoundError:
+                    pass
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(staging)
+            print(f"{name}: unpacked {wheel.name}")
+        staging.rename(site)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def bundle(args) -> None:

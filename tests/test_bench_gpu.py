@@ -196,6 +196,10 @@ def test_unpack_puts_the_pinned_wheels_in_place_and_keeps_what_the_node_has(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "wheels"]  # no staging left
     with pytest.raises(SystemExit, match="no wheels"):
         bench_gpu.main(["unpack", str(tmp_path / "site"), str(tmp_path / "other")])
+    (wheels / "peft-9.9-py3-none-any.whl").write_bytes(b"not a zip")  # a damaged copy
+    with pytest.raises(zipfile.BadZipFile):
+        bench_gpu.main(["unpack", str(wheels), str(tmp_path / "site2")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "wheels"]  # nothing half-made
 
 
 def test_bundle_holds_a_checkout_of_head_the_frames_and_the_node_script(tmp_path):
