@@ -157,10 +157,9 @@ def bundle(args) -> None:
     prepare_hires_frames(out / "frames", args.count)
     if args.wheels:
         pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS + IF_MISSING]
-        pip = shutil.which("pip3") or shutil.which("pip")
         if importlib.util.find_spec("pip"):
             pip_cmd = [sys.executable, "-m", "pip"]
-        elif pip:
+        elif pip := shutil.which("pip3") or shutil.which("pip"):
             pip_cmd = [pip]
         else:
             raise SystemExit("bundle: no pip here to download the wheels; --no-wheels skips them")
@@ -229,7 +228,7 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
     }  # fmt: skip
 
 
-def _spf(record: dict | None, mode: str) -> dict | None:
+def _run_of(record: dict | None, mode: str) -> dict | None:
     """The run of `mode` in a latency record, if it ran without error."""
     runs = (record or {}).get("runs", [])
     return next((r for r in runs if r.get("mode") == mode and "error" not in r), None)
@@ -246,9 +245,9 @@ def targets(records: dict) -> list[dict]:
     """Issue 15's targets against what the part records measured: target, goal, measured,
     met (None where a part or mode did not run, or where there is nothing to judge)."""
     lat, x4 = records.get("latency"), records.get("x4")
-    fast, fast_eager = _spf(lat, "fast"), _spf(lat, "fast-eager")
-    ref, big = _spf(lat, "reference-like"), _spf(x4, "fast")
-    serial = _spf(records.get("x4-serial"), "fast")
+    fast, fast_eager = _run_of(lat, "fast"), _run_of(lat, "fast-eager")
+    ref, big = _run_of(lat, "reference-like"), _run_of(x4, "fast")
+    serial = _run_of(records.get("x4-serial"), "fast")
     rows = []
 
     def row(target: str, goal: str, measured=None, met=None) -> None:

@@ -9,9 +9,8 @@ Modes:
 - `sdpa`: fp32 with PyTorch SDPA (AttnProcessor2_0);
 - `fast`: bf16 on CUDA (fp32 on CPU) + SDPA + channels_last UNet and VAE + output copies to
   pinned host memory overlapped with the next batch (`overlap_copy`) + torch.compile of the
-  modules in --compile (default: the UNet);
-  Until issue 15 `fast` was bf16 + SDPA + compiled UNet only; channels_last and overlap_copy
-  are new, and `--compile unet,vae` adds the VAE;
+  modules in --compile (default: the UNet). Until issue 15 `fast` was bf16 + SDPA + compiled
+  UNet only; channels_last and overlap_copy are new, and `--compile unet,vae` adds the VAE;
 - `fast-eager`: `fast` without torch.compile (what compiling must beat);
 - `reference-like`: what the reference's test script does: fp16 (on CPU fp32, and the record
   says so), LoRA adapters unmerged, classic attention, the previous frame VAE-encoded again for
@@ -363,20 +362,6 @@ def write_result(record: dict, out: Path) -> None:
     atomic_write_json(out, record)
 
 
-def prepare_first_use(profile: str) -> None:
-    """The tiny profile's VAE is trained into the embedded data folder on first use, as
-    `dloral-exp train` does (`dloral-exp data prepare`; about a minute of CPU), unless
-    $DLORAL_TINY_VAE names one."""
-    from dloral.model.tiny_vae import uses_embedded_vae
-
-    if uses_embedded_vae(DLoRALConfig(profile=profile)):
-        from dloral.data.config import default_dir
-        from dloral.data.embedded import prepare_embedded
-        from dloral.model.tiny_vae import TinyVAERecipe
-
-        prepare_embedded(default_dir(), vae=TinyVAERecipe())
-
-
 def _print_run(r: dict) -> None:
     if "error" in r:
         print(f"{r['mode']:>14}: failed: {r['error']}", flush=True)
@@ -395,7 +380,7 @@ def _print_run(r: dict) -> None:
     )
 
 
-def _record(args, argv: list[str] | None, device: torch.device, runs: list[dict]) -> dict:
+def _record(args, argv: list[str] | None, env: dict, runs: list[dict]) -> dict:
     return {
         "benchmark": "latency",
         "command": "uv run python benchmarks/latency.py " + " ".join(argv or sys.argv[1:]),
@@ -411,7 +396,7 @@ def _record(args, argv: list[str] | None, device: torch.device, runs: list[dict]
             "latent_overlap": args.latent_overlap,
             "tile_batch": args.tile_batch,
         },
-        "environment": environment(device),
+        "environment": env,
         "runs": runs,
     }
 
@@ -472,17 +457,19 @@ def main(argv: list[str] | None = None) -> None:
     except FrameError as err:
         raise SystemExit(f"latency: {err}") from None
     device = resolve_device(args.device)
-    prepare_first_use(args.profile)
+    from dloral.train.recipe import prepare_first_use
+
+    prepare_first_use(DLoRALConfig(profile=args.profile))  # the tiny VAE, as `train` builds it
     name = f"latency-{args.profile}-{device.type}-{args.lq[0]}x{args.lq[1]}.json"
     out = Path(args.out) if args.out else RESULTS / name
-    runs, frames = [], {}
+    runs, frames, env = [], {}, environment(device)
     for mode in args.modes.split(","):
         runs.append(run_guarded(args, mode, device))
         if "_frames" in runs[-1]:
             frames[mode] = runs[-1].pop("_frames")
         compare_outputs(runs, frames)
         # written after every mode: a run stopped by a time limit keeps the modes it finished
-        write_result(_record(args, argv, device, runs), out)
+        write_result(_record(args, argv, env, runs), out)
         _print_run(runs[-1])
     print(f"wrote {out}")
     failed = [r["mode"] for r in runs if "error" in r]

@@ -91,12 +91,19 @@ def _resize_matmul(frames: torch.Tensor, size: tuple[int, int], kernel: str) -> 
     x = frames.to(dtype, copy=True)  # clamped in place by the caller
     h, w = size
     if x.shape[-1] != w:
-        wx = torch.from_numpy(pil_weights(x.shape[-1], w, kernel)).to(x.device, dtype)
-        x = x @ wx.T
+        x = x @ _device_weights(x.shape[-1], w, kernel, dtype, x.device).T
     if x.shape[-2] != h:
-        wy = torch.from_numpy(pil_weights(x.shape[-2], h, kernel)).to(x.device, dtype)
-        x = wy @ x
+        x = _device_weights(x.shape[-2], h, kernel, dtype, x.device) @ x
     return x
+
+
+@functools.lru_cache(maxsize=64)
+def _device_weights(
+    in_size: int, out_size: int, kernel: str, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """pil_weights on `device`, copied there once, not for every batch (on CUDA a copy from
+    host memory is a sync)."""
+    return torch.from_numpy(pil_weights(in_size, out_size, kernel)).to(device, dtype)
 
 
 def resize_frames(

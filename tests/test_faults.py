@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from test_sweep import BASE
 
+from dloral.sweep.runner import RAY_START_TIMEOUT
 from dloral.sweep.trial import trial_scratch
 
 # two trials side by side (the default sweep's shape), long enough to be caught mid-run
@@ -101,9 +102,9 @@ def sweep_setup(tmp_path, data_roots):
 
 
 # Ray waits a hard-coded 30 s for its local node (ray/_private/node.py); with the other test
-# worker's Ray processes on the same 2 cores it sometimes does not make it. That is the machine,
-# not the behaviour under test: such a start is made again, once, from scratch.
-RAY_START_TIMEOUT = "timed out during startup"
+# worker's Ray processes on the same 2 cores it sometimes does not make it (the sweep then says
+# RAY_START_TIMEOUT). That is the machine, not the behaviour under test: such a start is made
+# again, once, from scratch.
 
 
 def _stop_sweep(exp: Path, uri: str, env: dict, cwd: Path, sig: int, group: bool) -> str:

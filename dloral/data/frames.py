@@ -299,20 +299,25 @@ def read_ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:
     stop = threading.Event()
     end = object()
 
+    def offer(slot) -> bool:
+        """Put `slot` once there is room; False once the consumer has stopped (a plain put
+        could wait for ever on a full queue nobody reads)."""
+        while not stop.is_set():
+            try:
+                slots.put(slot, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((item, None)):
                     return
-            slots.put((end, None))
+            offer((end, None))
         except BaseException as err:  # handed to the consumer, raised there
-            slots.put((end, err))
+            offer((end, err))
 
     thread = threading.Thread(target=produce, name="dloral-read-ahead", daemon=True)
     thread.start()

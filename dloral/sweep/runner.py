@@ -187,7 +187,7 @@ def _resolve_data(exp: Experiment, cfg: TrainConfig) -> None:
     data["train_root"] = str(cfg.data.train_path().resolve())
     data["val_root"] = str(cfg.data.val_path().resolve())
     if uses_embedded_vae(cfg.model):
-        prepare_first_use(cfg)
+        prepare_first_use(cfg.model)
         path = locate_tiny_vae().resolve()
         exp.base.setdefault("model", {})["tiny_vae_path"] = str(path)
 

@@ -50,6 +50,7 @@ from dloral.data.sampler import StagedClips, TrainingClips, worker_indices
 from dloral.devices import resolve_device
 from dloral.model import lora
 from dloral.model.checkpoint import save_checkpoint
+from dloral.model.config import DLoRALConfig
 from dloral.model.dloral import DLoRAL
 from dloral.model.requirements import Missing, missing_weights, require_weights
 from dloral.model.tiny_vae import TinyVAERecipe, uses_embedded_vae
@@ -89,11 +90,11 @@ def _prepared(path: Path, given: str | None) -> Path:
     return path
 
 
-def prepare_first_use(cfg: TrainConfig) -> None:
+def prepare_first_use(model: DLoRALConfig) -> None:
     """The tiny profile's VAE, when the model loads it from the embedded data folder, is
     trained there on first use (with the embedded sets it learns from), as `dloral-exp data
     prepare` would: before the weights check, which would otherwise find it missing."""
-    if uses_embedded_vae(cfg.model):
+    if uses_embedded_vae(model):
         prepare_embedded(default_dir(), vae=TinyVAERecipe())
 
 
@@ -373,7 +374,7 @@ def train(
     if not lead:
         tracker, progress = None, None
     tracker = tracker or NullTracker()
-    prepare_first_use(cfg)
+    prepare_first_use(cfg.model)
     require_weights(missing_training_weights(cfg))  # all missing weights at once, nothing built
     device = resolve_device(cfg.run.device)
     if device.type == "cuda" and device.index is None and world > 1:
