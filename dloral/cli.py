@@ -123,7 +123,8 @@ def upscale(
     output: Annotated[
         Path | None,
         typer.Argument(
-            help="Folder for the PNG frames, named as the input frames. "
+            help="Folder for the PNG frames, named as the input frames, and upscale.json. "
+            "A stopped upscale into it goes on from its first missing frame. "
             "Default: outputs/upscale/<input name>."
         ),
     ] = None,
@@ -218,8 +219,17 @@ def upscale(
             "frame about 3x faster than PIL's default 6, ~10% larger.",
         ),
     ] = 1,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Start over: write every frame again, even where OUTPUT holds frames of a "
+            "stopped upscale to go on from, or of one made with other settings.",
+        ),
+    ] = False,
 ) -> None:
-    """Upscale a video with DLoRAL: one diffusion step per frame."""
+    """Upscale a video with DLoRAL: one diffusion step per frame. Run the same command again
+    after a stop (Ctrl-C, SIGTERM, a kill) to go on from the first missing frame."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from dloral.upscale import UpscaleError, UpscaleJob, upscale_video
@@ -250,6 +260,7 @@ def upscale(
         seed=seed,
         frames=frames,
         png_compression=png_compression,
+        force=force,
     )
     try:
         job = job.resolved()  # options checked before torch is imported
@@ -270,12 +281,16 @@ def upscale(
         except UpscaleError as err:
             _fail(str(err))
         except KeyboardInterrupt:
-            _stopped(f"frames written so far are in {job.output}")
+            _stopped(
+                f"frames written so far are in {job.output}; run the same command again to go "
+                "on from the first missing frame"
+            )
     (h, w), (sh, sw) = result.lq_size, result.sr_size
+    kept = f" (and {result.kept} kept from an earlier run)" if result.kept else ""
     console.print(
         "[green]done:[/] "
         + escape(
-            f"{result.frames} frames {w}x{h} -> {sw}x{sh} in {result.seconds:.1f} s "
+            f"{result.frames} frames{kept} {w}x{h} -> {sw}x{sh} in {result.seconds:.1f} s "
             f"({result.seconds_per_frame:.3f} s/frame) on {result.device} -> {result.output}"
         )
     )

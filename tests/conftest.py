@@ -106,6 +106,16 @@ def bikes_lq(bikes_path) -> torch.Tensor:
     return read_clip(bikes_path, 6, (40, 200, 192, 256), (48, 64))
 
 
+@pytest.fixture()
+def bikes_folder(tmp_path, bikes_lq) -> Path:
+    """A folder of 4 real LQ frames (48x64), im1.png ... im4.png."""
+    folder = tmp_path / "bikes_lq"
+    folder.mkdir()
+    for i, frame in enumerate(bikes_lq[:4]):
+        write_png(frame, folder / f"im{i + 1}.png")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_roots(tmp_path_factory, bikes_path):
     """A youhq-layout training clip and a udm10-layout validation clip from real bikes frames."""

@@ -15,15 +15,6 @@ FAST = ["--process-size", "64", "--batch-size", "2", "--device", "cpu"]
 
 
 @pytest.fixture()
-def bikes_folder(tmp_path, bikes_lq):
-    folder = tmp_path / "bikes_lq"
-    folder.mkdir()
-    for i, frame in enumerate(bikes_lq[:4]):
-        Image.fromarray(to_uint8(frame)).save(folder / f"im{i + 1}.png")
-    return folder
-
-
-@pytest.fixture()
 def bikes_video(tmp_path, bikes_lq):
     path = tmp_path / "bikes_lq.mp4"
     with av.open(str(path), "w") as out:

@@ -74,22 +74,29 @@ def test_reencoding_the_previous_frame_encodes_twice_and_restores_the_same(plain
     encode, encoded = model.encode, []
 
     def counting(x, *args, **kw):
-        encoded.append(x.shape[0])
-        return encode(x, *args, **kw)
+        encoded.append(encode(x, *args, **kw))
+        return encoded[-1]
 
     model.encode = counting
-    out = {}
+    out, latents = {}, {}
     for previous, sample in (("carry", False), ("reencode", False), ("reencode", True)):
         encoded.clear()
         opts = UpscaleOptions(**OPTS, previous=previous, sample_latent=sample)
         out[previous, sample] = _run(VideoUpscaler(model, CPU, options=opts), frames)[1]
         # each frame is encoded once; re-encoding adds the previous frame of every pair
-        assert sum(encoded) == (2 if previous == "carry" else 4), (previous, encoded)
+        assert sum(z.shape[0] for z in encoded) == (2 if previous == "carry" else 4), previous
+        latents[previous, sample] = list(encoded)
     # the posterior mean is deterministic: re-encoding the previous frame gives its latent again
     same = float((out["reencode", False] - out["carry", False]).abs().max())
     assert same <= 1e-5, same
-    # sampled, the re-encoded previous latent is a new draw (as in the reference): outputs move
-    assert float((out["reencode", True] - sampled_carry).abs().max()) > 1e-3
+    # sampled, the re-encoded previous latent is a new draw (as in the reference): batch 2
+    # encodes frame 1 as current, then frame 0 again as its previous; frame 0's own draw came
+    # in batch 1. Their means are the same, so the draws differ by posterior-std-sized noise.
+    (first, _prev_of_first, _current, prev_of_second) = latents["reencode", True]
+    mean = latents["reencode", False][0]
+    assert float((prev_of_second - first).abs().mean()) > 0.2 * float((first - mean).abs().mean())
+    # and the outputs move away from the carried path's
+    assert float((out["reencode", True] - sampled_carry).abs().max()) > 1e-4
 
 
 def test_stage_profile_covers_every_stage_and_leaves_the_model_unhooked(plain):

@@ -325,6 +325,19 @@ def test_sigterm_stops_upscale_keeping_whole_frames(tmp_path, bikes_lq):
     for path in written:  # every frame on disk is whole (atomic writes), no temp files left
         assert Image.open(path).size == (256, 192)
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]
+    record = json.loads((out_dir / "upscale.json").read_text())
+    assert record["status"] == "interrupted" and record["frames"] == len(written)
+    assert record["status_reason"] == f"interrupted by SIGTERM after {len(written)} of 6 frames"
+    # the same command again goes on from the first missing frame
+    proc = _start(args, tmp_path, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert f"(and {len(written)} kept from an earlier run)" in " ".join(out.split())
+    assert len(whole_frames()) == 6
+    record = json.loads((out_dir / "upscale.json").read_text())
+    assert record["status"] == "finished" and record["frames"] == 6
+    assert [a["status"] for a in record["attempts"]] == ["interrupted", "finished"]
+    assert record["attempts"][1]["first_frame"] == len(written)
 
 
 def test_sigterm_stops_data_prepare_and_the_next_run_completes(tmp_path):

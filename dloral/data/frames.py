@@ -7,6 +7,7 @@ a source knows its frame names and size up front and decodes one frame at a time
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import queue
 import re
@@ -65,12 +66,14 @@ class FrameSource:
     def __len__(self) -> int:
         return len(self.names)
 
-    def frames(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, frame) in order; one frame decoded at a time."""
+    def frames(self, start: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, frame) in order from frame `start`; one frame decoded at a time (a
+        folder reads no file before `start`; a video decodes the frames before it, unshown)."""
         if self.is_video:
-            yield from _decode_video(self.path, self.names, self.size)
+            frames = _decode_video(self.path, self.names, self.size)
+            yield from itertools.islice(frames, start, None)
         else:
-            for name in self.names:
+            for name in self.names[start:]:
                 yield name, self._read_file(name)
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:

@@ -13,6 +13,7 @@ z_hat[t] = z[t] until training moves them (dloral.model.backbone).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -151,19 +152,35 @@ class DLoRAL(nn.Module):
         return self.text_encoder(ids)[0].to(self.unet.dtype)
 
     def encode(
-        self, frames: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+        self,
+        frames: torch.Tensor,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        sample: bool = True,
     ) -> torch.Tensor:
         """frames (N, 3, H, W) in [0, 1] -> scaled latents (N, 4, H/8, W/8).
 
-        sample=True draws from the posterior as the reference does (seeded by generator)."""
+        sample=True draws from the posterior as the reference does, seeded by `generator`: one
+        generator for the batch, or one per frame (each frame's noise then depends on its own
+        generator only, not on the batch it came in)."""
         dist = self.vae.encode((frames * 2 - 1).to(self.vae.dtype)).latent_dist
         if sample:
-            noise = torch.randn(
-                dist.mean.shape,
-                generator=generator,
-                dtype=dist.mean.dtype,
-                device=generator.device if generator is not None else "cpu",
-            )
+            shape, dtype = dist.mean.shape, dist.mean.dtype
+            if isinstance(generator, Sequence):
+                if len(generator) != shape[0]:
+                    raise ValueError(f"{len(generator)} generators for {shape[0]} frames")
+                noise = torch.stack(
+                    [
+                        torch.randn(shape[1:], generator=g, dtype=dtype, device=g.device)
+                        for g in generator
+                    ]
+                )
+            else:
+                noise = torch.randn(
+                    shape,
+                    generator=generator,
+                    dtype=dtype,
+                    device=generator.device if generator is not None else "cpu",
+                )
             # drawn on the host (the same noise on any device), copied without a sync
             z = dist.mean + dist.std * to_device(noise, dist.mean.device)
         else:

@@ -12,6 +12,9 @@ Memory is bounded by `batch_size` frames whatever the video's length: only the p
 frame's LQ and latent are carried between batches; with latent tiling and VAE tiling (`tile`)
 it does not grow with the frame size either. Each frame is VAE-encoded once (`previous` carry);
 `previous="reencode"` encodes the previous frame again for every pair, as the reference does.
+Each frame's posterior noise comes from its own generator, seeded by (seed, frame index), so a
+frame's output does not depend on its batch, and a run resumed at frame t (`resume_at`) gives
+the frames of an uninterrupted one.
 
 `stage_times` (a StageTimes, None by default) profiles the stages: the device is synchronised
 around each one, so they are timed apart (and the run is slower); when None nothing is added.
@@ -24,6 +27,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -92,6 +96,15 @@ class StageTimes:
         return {k: v / max(self.frames, 1) for k, v in self.seconds.items()}
 
 
+def frame_generator(seed: int, index: int, role: int = 0) -> torch.Generator:
+    """The generator of the posterior noise of a clip's frame `index` (role 0: the frame
+    encoded as the current frame; 1: encoded again as the previous frame of the next pair, with
+    `previous="reencode"`): a function of (seed, index, role) only, so a frame gets the same
+    noise whatever batch it comes in, and a resumed run the noise of an uninterrupted one."""
+    words = np.random.SeedSequence([seed % 2**64, index, role]).generate_state(2, np.uint32)
+    return torch.Generator(device="cpu").manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
 class VideoUpscaler:
     def __init__(
         self,
@@ -110,6 +123,7 @@ class VideoUpscaler:
             self.model.vae.to(memory_format=torch.channels_last)
         self.prompt = prompt or PromptSource()
         self.stage_times: StageTimes | None = None
+        self.prompt_text: str | None = None  # the text condition of the clip being upscaled
         self._vae_tiling(self.opt.tile)
 
     def _stage(self, name: str):
@@ -145,15 +159,25 @@ class VideoUpscaler:
 
     @torch.no_grad()
     def upscale(
-        self, frames: Iterable[tuple[str, torch.Tensor]]
+        self,
+        frames: Iterable[tuple[str, torch.Tensor]],
+        resume_at: int = 0,
+        prompt: str | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, LQ frame (3, h, w) in [0, 1]) -> (name, SR frame (3, H, W) in [0, 1]) in order.
-        With first_frame `skip` the first frame has no output (it is only frame 1's previous)."""
-        gen = torch.Generator(device="cpu").manual_seed(self.opt.seed)
+        With first_frame `skip` the first frame has no output (it is only frame 1's previous).
+
+        `resume_at` > 0 (a resumed run): outputs start at the clip's frame `resume_at`, and
+        `frames` start at frame resume_at - 1, its previous frame only (as frame 0 with `skip`).
+        They equal those of a run from frame 0: the posterior noise of a frame depends only on
+        the seed and its index (`frame_generator`). `prompt`: the text condition, instead of
+        asking the prompt source (a resumed run passes the one it recorded); the one used is
+        kept in `self.prompt_text`."""
         state = None  # (prompt_embeds, previous latent, previous LQ, geometry)
+        self.prompt_text = prompt
         pending = None  # with overlap_copy: the last batch's output, on its way to the host
-        for batch in self._batches(frames):
-            state, names, sr = self._run_batch(batch, state, gen)
+        for batch in self._batches(frames, max(resume_at - 1, 0)):
+            state, names, sr = self._run_batch(batch, state, previous_only=resume_at > 0)
             if pending is not None:  # delivered once the next batch is queued
                 yield from self._delivered(pending)
             pending = self._to_host(names, sr)
@@ -163,10 +187,11 @@ class VideoUpscaler:
         if pending is not None:
             yield from self._delivered(pending)
 
-    def _batches(self, frames: Iterable[tuple[str, torch.Tensor]]):
+    def _batches(self, frames: Iterable[tuple[str, torch.Tensor]], first: int):
+        """Batches of (clip index, name, frame)."""
         batch = []
-        for item in frames:
-            batch.append(item)
+        for index, (name, frame) in enumerate(frames, start=first):
+            batch.append((index, name, frame))
             if len(batch) == self.opt.batch_size:
                 yield batch
                 batch = []
@@ -211,17 +236,20 @@ class VideoUpscaler:
         ph, pw = size[0] - proc[0], size[1] - proc[1]
         return lq, (F.pad(lq, (0, pw, 0, ph), mode="replicate") if ph or pw else lq)
 
-    def _run_batch(self, batch, state, gen):
-        names = [n for n, _ in batch]
-        size = tuple(batch[0][1].shape[-2:])
-        for n, f in batch:
+    def _noise(self, indices: list[int], role: int = 0) -> list[torch.Generator]:
+        return [frame_generator(self.opt.seed, i, role) for i in indices]
+
+    def _run_batch(self, batch, state, previous_only: bool = False):
+        indices, names = [i for i, _, _ in batch], [n for _, n, _ in batch]
+        size = tuple(batch[0][2].shape[-2:])
+        for _, n, f in batch:
             if tuple(f.shape[-2:]) != size:
                 raise ValueError(f"frame {n}: size {tuple(f.shape[-2:])} differs from {size}")
         proc, out_size = self.geometry(size)
         if state is not None and state[3] != (proc, out_size):
             raise ValueError(f"frame {names[0]}: size changed inside the clip")
         with self._stage("lq_upsample"):
-            lq, lq_model = self._prepare(torch.stack([f for _, f in batch]), proc)
+            lq, lq_model = self._prepare(torch.stack([f for _, _, f in batch]), proc)
         model = self.model
         if self.opt.tile is None and state is None:  # auto: tile the VAE where the latent is
             h, w = lq_model.shape[-2] // 8, lq_model.shape[-1] // 8
@@ -229,16 +257,17 @@ class VideoUpscaler:
             self._vae_tiling(8 * self.opt.latent_tile if tiled else None)
         if state is None:
             with self._stage("prompt"):
-                text = self.prompt.prompt_for(lq[0].float())
-                log.info("prompt: %r", text)
-                embeds = model.encode_prompt([text])
+                if self.prompt_text is None:
+                    self.prompt_text = self.prompt.prompt_for(lq[0].float())
+                log.info("prompt: %r", self.prompt_text)
+                embeds = model.encode_prompt([self.prompt_text])
         else:
             embeds = state[0]
         with self._stage("vae_encode"):
-            latents = model.encode(lq_model, gen, sample=self.opt.sample_latent)
+            latents = model.encode(lq_model, self._noise(indices), sample=self.opt.sample_latent)
         new_state = (embeds, latents[-1:], lq_model[-1:], (proc, out_size))
-        if state is None and self.opt.first_frame == "skip":
-            # frame 0 is only the previous frame of frame 1: no output of its own
+        if state is None and (self.opt.first_frame == "skip" or previous_only):
+            # the first frame is only the previous frame of the next: no output of its own
             names, lq = names[1:], lq[1:]
             prev_lat, prev_lq = latents[:-1], lq_model[:-1]
             latents, lq_model = latents[1:], lq_model[1:]
@@ -251,7 +280,11 @@ class VideoUpscaler:
             prev_lq = torch.cat([prev_lq, lq_model[:-1]])
         if self.opt.previous == "reencode":
             with self._stage("vae_encode"):
-                prev_lat = model.encode(prev_lq, gen, sample=self.opt.sample_latent)
+                # a new draw for the previous frame, as the reference's re-encoding
+                prev = [i - 1 for i in indices[len(indices) - len(prev_lq) :]]
+                prev_lat = model.encode(
+                    prev_lq, self._noise([max(i, 0) for i in prev], 1), self.opt.sample_latent
+                )
         with self._restore_timed():
             restored = restore_tiled(
                 model.restore_latent,
