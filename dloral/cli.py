@@ -219,6 +219,27 @@ def upscale(
             "frame about 3x faster than PIL's default 6, ~10% larger.",
         ),
     ] = 1,
+    video: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also encode the frames into this video (.mp4, .mkv, .mov; H.264) once all "
+            "are written, with the input video's audio copied where it covers the whole input.",
+            show_default=False,
+        ),
+    ] = None,
+    video_crf: Annotated[
+        int,
+        typer.Option(
+            min=0, max=51, help="H.264 quality of --video: 18 looks lossless, lower is larger."
+        ),
+    ] = 18,
+    fps: Annotated[
+        float | None,
+        typer.Option(
+            help="Frame rate of --video [default: the input video's; 25 for a folder of frames].",
+            show_default=False,
+        ),
+    ] = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -261,6 +282,9 @@ def upscale(
         frames=frames,
         png_compression=png_compression,
         force=force,
+        video=video,
+        video_crf=video_crf,
+        fps=fps,
     )
     try:
         job = job.resolved()  # options checked before torch is imported
@@ -294,6 +318,15 @@ def upscale(
             f"({result.seconds_per_frame:.3f} s/frame) on {result.device} -> {result.output}"
         )
     )
+    if result.video is not None:
+        v = result.video
+        console.print(
+            "[green]video:[/] "
+            + escape(
+                f"{v['path']} ({v['frames']} frames, {v['fps']:g} fps, {v['codec']} crf "
+                f"{v['crf']} {v['pix_fmt']}; audio {v['audio']})"
+            )
+        )
 
 
 @app.command()

@@ -85,6 +85,9 @@ class UpscaleJob:
     frames: int | None = None  # only the first N frames
     png_compression: int = 1  # zlib level of the output PNGs: 1 writes ~3x faster than 6
     force: bool = False  # start over even where the output folder holds a resumable upscale
+    video: Path | None = None  # also encode the frames into this video (mp4, mkv, mov)
+    video_crf: int = 18  # x264's constant rate factor: 0 lossless (in 4:2:0), 18 visually so
+    fps: float | None = None  # the video's frame rate: the input video's, else 25
 
     def options(self) -> UpscaleOptions:
         """The pipeline's options; a bad one is an UpscaleError naming it."""
@@ -111,6 +114,19 @@ class UpscaleJob:
         self.options()
         if not 0 <= self.png_compression <= 9:
             raise UpscaleError(f"png_compression must be in 0..9; got {self.png_compression}")
+        if self.video is not None:
+            from dloral.data.encode import EncodeError, check_video_path
+
+            try:
+                check_video_path(Path(self.video))
+            except EncodeError as err:
+                raise UpscaleError(str(err)) from err
+            if self.input is not None and Path(self.video).resolve() == Path(self.input).resolve():
+                raise UpscaleError(f"{self.video}: is the input; give the video another name")
+        if not 0 <= self.video_crf <= 51:
+            raise UpscaleError(f"video_crf must be in 0..51; got {self.video_crf}")
+        if self.fps is not None and not self.fps > 0:
+            raise UpscaleError(f"fps must be > 0; got {self.fps}")
         for what, path in (("input", self.input), ("checkpoint", self.checkpoint)):
             if path is not None and not Path(path).exists():
                 raise UpscaleError(f"{what} {path}: no such file or folder")
@@ -137,6 +153,7 @@ class UpscaleResult:
     device: str
     notes: list[str] = field(default_factory=list)  # e.g. checkpoint keys ignored, random-init
     kept: int = 0  # frames an earlier, stopped run of the same upscale had written
+    video: dict[str, Any] | None = None  # the encoded video (--video): path, codec, fps, audio
 
     @property
     def seconds_per_frame(self) -> float:
@@ -289,9 +306,45 @@ def upscale_video(
                 seconds_per_frame=attempt["seconds_per_frame"],
             )
             atomic_write_json(job.output / RECORD, record)
-    return UpscaleResult(
+    result = UpscaleResult(
         job.output, writer.written, source.size, out_size, seconds, str(device), notes, kept
     )
+    if job.video is not None:
+        result.video = record["video"] = _encode(job, source, [paths[i] for i in wanted])
+        atomic_write_json(job.output / RECORD, record)
+    return result
+
+
+def _encode(job: UpscaleJob, source, frames: list[Path]) -> dict[str, Any]:
+    """The finished frames as a video; the input's audio copied where the video covers it."""
+    from dloral.data.encode import DEFAULT_FPS, EncodeError, encode_frames
+
+    fps = job.fps or source.fps or DEFAULT_FPS
+    why_not = ""
+    if not source.is_video:
+        why_not = "none: the input is a folder of frames"
+    elif job.first_frame == "skip" or len(frames) < len(source):
+        why_not = (
+            f"not copied: the video has frames {frames and frames[0].stem} to "
+            f"{frames and frames[-1].stem} of {len(source)}, the audio would be out of step"
+        )
+    start = time.perf_counter()
+    try:
+        encoded = encode_frames(
+            frames,
+            Path(job.video),
+            fps,
+            job.video_crf,
+            audio_from=source.path if source.is_video and not why_not else None,
+            audio_why_not=why_not,
+        )
+    except EncodeError as err:
+        raise UpscaleError(str(err)) from err
+    return {
+        **encoded.describe(),
+        "fps_from": "--fps" if job.fps else "the input" if source.fps else "default",
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def _now() -> str:
