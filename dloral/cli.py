@@ -658,6 +658,14 @@ def bench(
         Path | None, typer.Option(help="Results folder [default: outputs/bench/<suite name>].")
     ] = None,
     tracking: Annotated[bool, typer.Option(help="Log to MLflow ($MLFLOW_TRACKING_URI).")] = True,
+    save_outputs: Annotated[
+        bool,
+        typer.Option(
+            help="Keep DLoRAL's output frames in <out>/outputs/<method>/<dataset>/<clip>/ and "
+            "take them from there on the next run instead of running the model again "
+            "(--force runs it again)."
+        ),
+    ] = True,
 ) -> None:
     """Score methods on benchmark datasets (PSNR/SSIM, pyiqa, temporal, latency) -> parquet."""
     from dloral.bench.suite import SuiteError, check_methods, check_metrics, load_suite
@@ -707,6 +715,7 @@ def bench(
                 out_dir=out,
                 progress=report,
                 tracking=tracking,
+                save_outputs=save_outputs,
             )
         except (SuiteError, DatasetError, MethodError, MetricUnavailable, ValueError) as err:
             _fail(str(err))

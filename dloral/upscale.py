@@ -181,6 +181,8 @@ def upscale_video(
 
     import torch
 
+    from dloral.model.checkpoint import weights_sha256
+
     upscaler, model, device, dtype, notes = _build(job)
     _, out_size = upscaler.geometry(source.size)
     total = min(job.frames or len(source), len(source))
@@ -192,7 +194,7 @@ def upscale_video(
         "dtype": str(dtype).removeprefix("torch."),
         "model": model.describe(),
         "checkpoint": str(job.checkpoint) if job.checkpoint else None,
-        "checkpoint_sha256": _checkpoint_sha256(job.checkpoint),
+        "checkpoint_sha256": weights_sha256(job.checkpoint) if job.checkpoint else None,
         "options": vars(upscaler.opt),
         "prompt_source": job.prompt_source,
         "prompt": None,  # the text condition, once the first frame has given it
@@ -414,16 +416,6 @@ def _same_upscale(earlier: dict[str, Any], record: dict[str, Any], output: Path)
             + "; ".join(shown)
             + "); use another output folder, the same settings to go on, or --force to start over"
         )
-
-
-def _checkpoint_sha256(checkpoint: Path | None) -> str | None:
-    if checkpoint is None:
-        return None
-    from dloral.model.checkpoint import WEIGHTS_FILE
-    from dloral.weights import sha256
-
-    path = Path(checkpoint)
-    return sha256(path / WEIGHTS_FILE if path.is_dir() else path)
 
 
 def _remove_partial_writes(output: Path, paths: list[Path]) -> None:

@@ -468,3 +468,82 @@ def test_first_frame_skip_scores_only_frames_the_output_has(udm, tmp_path):
     entry = read_index(out / "visuals")[0]
     xt = np.asarray(Image.open(Path(entry["folder"]) / entry["images"]["dloral-tiny"]["xt"]))
     assert xt.shape[0] == FRAMES and not xt[0].any() and xt[1:].any()  # no frame 0: black row
+
+
+def test_a_models_outputs_are_kept_and_not_run_again(udm, tmp_path, monkeypatch):
+    """DLoRAL's frames go to <out>/outputs and a second run scores them without running the
+    model; a changed frame, another seed or --force run it again; the kept folder also scores
+    as a folder method, to the same values."""
+    from dloral.bench.methods import DLoRALMethod
+
+    suite_path = write_suite(tmp_path, udm, ["dloral:tiny"], ["psnr", "ewarp"])
+    suite, out = load_suite(suite_path), tmp_path / "out"
+    passes, real_pass = [], DLoRALMethod._pass
+    monkeypatch.setattr(
+        DLoRALMethod,
+        "_pass",
+        lambda self, n, lq, s: passes.append(len(n)) or real_pass(self, n, lq, s),
+    )
+    first = harness.run_bench(suite, out_dir=out, tracking=False)
+    assert passes == [2] + [FRAMES] * 3 * 2  # a warm-up, then 3 timed passes per clip
+    kept = out / "outputs" / "dloral-tiny" / "mini"
+    table = first.table
+    for clip in CLIPS:
+        record = json.loads((kept / clip / "output.json").read_text())
+        frames = torch.stack([read_image(kept / clip / f"{i:04d}.png") for i in range(FRAMES)])
+        rows = table[(table["clip"] == clip) & (table["kind"] != "latency")]
+        assert set(rows["output_hash"]) == {output_hash(frames)} == {record["output_hash"]}
+    run = json.loads((out / "run.json").read_text())
+    assert run["outputs"] == {"folder": str(out / "outputs"), "reused": {}}
+
+    passes.clear()
+    again = harness.run_bench(suite, out_dir=out, tracking=False)
+    assert passes == []  # not even the warm-up: the model never ran
+    run = json.loads((out / "run.json").read_text())
+    assert run["outputs"]["reused"] == {"dloral-tiny": ["mini/clipA", "mini/clipB"]}
+    cols = ["method", "clip", "frame", "metric", "value", "output_hash"]
+    pd.testing.assert_frame_equal(
+        first.table[cols].reset_index(drop=True), again.table[cols].reset_index(drop=True)
+    )  # latency rows too: those of the run that computed the output
+
+    # a kept frame changed on disk: that clip's output is made again and replaced
+    frame = kept / "clipB" / "0001.png"
+    write_png(read_image(frame) * 0.5, frame)
+    passes.clear()
+    harness.run_bench(suite, out_dir=out, tracking=False)
+    assert passes == [2] + [FRAMES] * 3
+    assert json.loads((out / "run.json").read_text())["outputs"]["reused"] == {
+        "dloral-tiny": ["mini/clipA"]
+    }
+    restored = torch.stack([read_image(kept / "clipB" / f"{i:04d}.png") for i in range(FRAMES)])
+    assert (
+        output_hash(restored)
+        == json.loads((kept / "clipB" / "output.json").read_text())["output_hash"]
+    )
+
+    # made otherwise (another seed), or --force: run again
+    reseeded = tmp_path / "reseeded.toml"
+    reseeded.write_text(
+        suite_path.read_text().replace("batch_size = 4", "batch_size = 4\nseed = 5")
+    )
+    passes.clear()
+    harness.run_bench(load_suite(reseeded), out_dir=out, tracking=False)
+    assert len(passes) == 1 + 3 * 2
+    passes.clear()
+    harness.run_bench(suite, out_dir=out, tracking=False, force=True)
+    assert len(passes) == 1 + 3 * 2
+
+    # the kept frames scored as a folder method give the model's values
+    folder = load_suite(
+        write_suite(tmp_path, udm, [f"folder:kept={kept}"], ["psnr", "ewarp"], name="f.toml")
+    )
+    as_folder = harness.run_bench(folder, out_dir=tmp_path / "f", tracking=False)
+    model_rows = harness.run_bench(suite, out_dir=out, tracking=False).table
+    values = ["clip", "frame", "metric", "value"]
+    pd.testing.assert_frame_equal(
+        as_folder.table[values].reset_index(drop=True),
+        model_rows[model_rows["kind"] != "latency"][values].reset_index(drop=True),
+    )
+    # without saving: nothing kept
+    harness.run_bench(suite, out_dir=tmp_path / "n", tracking=False, save_outputs=False)
+    assert not (tmp_path / "n" / "outputs").exists()

@@ -172,3 +172,14 @@ def test_frame_writer_writes_whole_frames_counts_them_and_raises_a_failed_write(
         "0000.png",
         "0002.png",
     ]
+
+
+def test_quantized_frames_are_what_their_pngs_hold(bikes_lq, tmp_path):
+    from dloral.data.frames import quantized
+
+    frames = (bikes_lq[:2] * 1.3 - 0.1).clone()  # out of range too: clamped as writers do
+    for i, frame in enumerate(frames):
+        write_png(frame, tmp_path / f"{i}.png")
+    read_back = torch.stack([read_image(tmp_path / f"{i}.png") for i in range(2)])
+    assert torch.equal(quantized(frames), read_back)
+    assert not torch.equal(quantized(frames), frames.clamp(0, 1))

@@ -9,8 +9,14 @@ or at an interrupt or error, aggregate.csv (over complete clips only, with a `cl
 row), skipped.json and run.json (status finished | interrupted | failed, and why) join it, and
 the MLflow run ends FINISHED, KILLED or FAILED. Metric values are cached across runs into the
 same out_dir by (output_hash, metric, implementation) in cache.parquet; `force` recomputes.
-Latency rows (s_per_frame with its fastest and slowest pass, peak_mem_gib) are measured anew
-each run, for methods run here (dloral.bench.methods says how).
+Latency rows (s_per_frame with its fastest and slowest pass, peak_mem_gib) are measured for
+methods run here (dloral.bench.methods says how). A DLoRAL method's output is kept in
+<out_dir>/outputs (dloral.bench.outputs) and a later run into the same out_dir takes it from
+there, with the latency measured when it was computed, instead of running the model again
+(run.json's `outputs.reused` lists those clips); `force` runs it again.
+
+Every method's output is scored as 8-bit frames (what its PNGs hold): a model run here is
+quantised as a folder method's PNGs are, so no method is scored on finer values than another.
 
 A method's output may lack a clip's first frame (DLoRAL with `first_frame = "skip"`, as the
 reference's test script; a folder of the reference's outputs): only the frames both GT and the
@@ -46,9 +52,11 @@ from dloral.bench.methods import (
     output_hash,
 )
 from dloral.bench.metric import MetricInfo
+from dloral.bench.outputs import OutputStore, output_key
 from dloral.bench.registry import ScoredMetric
 from dloral.bench.suite import Suite, check_methods, check_metrics
 from dloral.bench.visuals import VisualRecorder
+from dloral.data.frames import quantized
 from dloral.data.readers import Clip, Dataset, read_dataset
 from dloral.devices import resolve_device
 from dloral.tracking import end_run, experiment_id, log_metrics, log_params, mlflow_client
@@ -277,11 +285,28 @@ def _score_method(
     device: str,
     infos: dict[str, MetricInfo],
     keep: Callable[[str, torch.Tensor], None] | None = None,
+    store: OutputStore | None = None,
+    reuse: bool = True,
+    reused: Callable[[str], None] | None = None,
 ) -> tuple[list[dict], int, int, str, tuple[str, ...]]:
     """Run one method on one clip and score its output on the frames it has: (rows, computed,
     cached, first-frame policy, names of the frames it has). `keep(method, frames)` sees the
-    output (the visual comparisons' crops), with black frames where it has none."""
-    output = runner.run(job)
+    output (the visual comparisons' crops), with black frames where it has none. With `store`,
+    a model's output is kept there, and taken from there when it was made the same way
+    (`reused(method)` is then called) instead of running the model again."""
+    key = None
+    if store is not None and hasattr(runner, "output_facts"):
+        key = output_key(runner.output_facts(job))
+    output = store.get(runner.name, job, key) if key and reuse else None
+    if output is not None and reused is not None:
+        reused(runner.name)
+    if output is None:
+        output = runner.run(job)
+        # scored as 8-bit frames, what its PNGs hold: as peers' outputs (folder methods) are
+        # read, and as kept outputs are read back
+        output.frames = quantized(output.frames)
+        if key:
+            store.put(runner.name, job, key, output, output_hash(output.frames))
     covered = output.names if output.names is not None else job.names
     index = [job.names.index(n) for n in covered]
     if not index or index != list(range(index[0], index[0] + len(index))):
@@ -343,8 +368,13 @@ def run_bench(
     progress: Progress | None = None,
     tracking: bool = True,
     visuals: bool = True,
+    save_outputs: bool = True,
 ) -> BenchResult:
     """Score every suite method on every clip with every metric; see the module doc for files.
+
+    `save_outputs` keeps the outputs of the models run here (DLoRAL) in <out_dir>/outputs and
+    takes them from there on a later run instead of running the model again (unless `force`;
+    dloral.bench.outputs).
 
     `visuals` records each clip's crop and x-t profile of GT, LQ and every method into
     <out_dir>/visuals (dloral.bench.visuals), for `dloral-exp report`.
@@ -368,6 +398,7 @@ def run_bench(
     infos = {n: s.info for n, s in scorers.items()}
     cache = _Cache(out / "cache.parquet", use=not force)
     recorder = VisualRecorder(out / "visuals") if visuals else None
+    store = OutputStore(out / "outputs") if save_outputs else None
     res = BenchResult(out, results.table([]), aggregate_table(results.table([]), {}), skipped)
     run_info = {
         "suite": suite.to_dict(),
@@ -390,6 +421,8 @@ def run_bench(
         "command": sys.argv,
         "command_line": provenance.command_line(),  # as typed, shell-quoted
         "force": force,
+        # the models' outputs kept (dloral.bench.outputs), and those taken from an earlier run
+        "outputs": {"folder": str(store.root) if store else None, "reused": {}},
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -404,6 +437,9 @@ def run_bench(
             skipped_keys.add((metric, dataset))
             entry = {"metric": metric, "reason": why, "dataset": dataset}
             skipped.append(entry | ({"clip": clip} if clip else {}))
+
+    def note_reused(method: str, where: str) -> None:
+        run_info["outputs"]["reused"].setdefault(method, []).append(where)
 
     done = 0
     try:  # from here on, run.json and the MLflow run end in a true state, whatever happens
@@ -448,6 +484,9 @@ def run_bench(
                         str(dev),
                         infos,
                         keep=partial(recorder.add, vis) if recorder else None,
+                        store=store,
+                        reuse=not force,
+                        reused=partial(note_reused, where=f"{spec.name}/{clip.name}"),
                     )
                     if first == "skip":
                         run_info["first_frame"][runner.name] = "skip"

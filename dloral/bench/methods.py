@@ -228,6 +228,8 @@ class DLoRALMethod(_Timed):
         self.seed, self.process_size, self.batch_size = seed, process_size, batch_size
         self._model = None
         self._upscalers: dict[int, object] = {}
+        self._checkpoint: Path | None = None  # the checkpoint loaded (an mlflow: one downloaded)
+        self._checkpoint_sha256: str | None = None
 
     def _tiny_config(self):
         from dloral.model.dloral import DLoRALConfig
@@ -267,6 +269,7 @@ class DLoRALMethod(_Timed):
                     path = Path(self.source)
                 if not path.exists():
                     raise MethodError(f"{self.name}: checkpoint {path} does not exist")
+                self._checkpoint = path
                 model, report = load_checkpoint(path, strict=False)
                 if not report.clean:
                     log.warning("%s: checkpoint %s", self.name, report.summary())
@@ -320,6 +323,20 @@ class DLoRALMethod(_Timed):
                 "first_frame": self.first_frame,
             },
         }
+
+    def output_facts(self, job: ClipJob) -> dict:
+        """What this method's output of `job` depends on (dloral.bench.outputs keys it): the
+        description (model, weights' hashes, dtype, device, options), the checkpoint's sha256,
+        the LQ frames, the scale and the frames' names."""
+        facts = {k: v for k, v in self.describe().items() if k != "untrained"}
+        if self._checkpoint is not None and self._checkpoint_sha256 is None:
+            from dloral.model.checkpoint import weights_sha256
+
+            self._checkpoint_sha256 = weights_sha256(self._checkpoint)
+        facts["checkpoint_sha256"] = self._checkpoint_sha256
+        facts["lq_sha256"] = output_hash(job.lq) if job.lq is not None else None
+        facts.update(scale=job.scale, names=list(job.names), out_size=job.out_size)
+        return facts
 
     def _pass(self, names: tuple[str, ...], lq: torch.Tensor, scale: int) -> torch.Tensor:
         from dloral.model.memory import check_upscaler

@@ -44,6 +44,12 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
+def quantized(frames: torch.Tensor) -> torch.Tensor:
+    """float frames in [0, 1] -> the same frames as 8-bit images hold them (`to_uint8`, then
+    back to float / 255), exactly what reading their PNGs gives."""
+    return frames.detach().cpu().clamp(0, 1).mul(255.0).round_().div_(255.0)
+
+
 def to_uint8(frame: torch.Tensor) -> np.ndarray:
     """float (3, H, W) in [0, 1] -> uint8 HxWx3, rounded as image writers do."""
     out = frame.detach().cpu().clamp(0, 1).mul_(255.0).round_().to(torch.uint8)

@@ -135,6 +135,15 @@ def _stored_config(meta: dict, overrides: dict | None) -> DLoRALConfig:
     return DLoRALConfig.from_dict(model_cfg)
 
 
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint's weights: `dloral.safetensors` of a folder, or the file itself
+    (an official model.pkl): what results record to say which weights made them."""
+    from dloral.weights import sha256
+
+    path = Path(path)
+    return sha256(path / WEIGHTS_FILE if path.is_dir() else path)
+
+
 def checkpoint_config(path: str | os.PathLike, overrides: dict | None = None) -> DLoRALConfig:
     """The model config `load_checkpoint(path, overrides)` would build, read without loading
     any weights (to check which weight files that model needs before building it)."""
