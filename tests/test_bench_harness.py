@@ -521,7 +521,17 @@ def test_a_models_outputs_are_kept_and_not_run_again(udm, tmp_path, monkeypatch)
         == json.loads((kept / "clipB" / "output.json").read_text())["output_hash"]
     )
 
-    # made otherwise (another seed), or --force: run again
+    # made otherwise (another seed, fewer frames), or --force: run again
+    fewer = tmp_path / "fewer.toml"
+    fewer.write_text(suite_path.read_text().replace("scale = 4", "scale = 4\nframes = 2"))
+    passes.clear()
+    harness.run_bench(load_suite(fewer), out_dir=out, tracking=False)
+    assert passes == [2] + [2] * 3 * 2
+    assert sorted(p.name for p in (kept / "clipA").iterdir()) == [
+        "0000.png",
+        "0001.png",
+        "output.json",
+    ]  # the third frame of the earlier output is gone with it
     reseeded = tmp_path / "reseeded.toml"
     reseeded.write_text(
         suite_path.read_text().replace("batch_size = 4", "batch_size = 4\nseed = 5")

@@ -79,6 +79,10 @@ class OutputStore:
         folder = self.folder(method, job)
         (folder / RECORD).unlink(missing_ok=True)
         names = output.names if output.names is not None else job.names
+        files = {output_name(n) for n in names}
+        for stale in folder.glob("*.png"):  # an earlier output's frames this one lacks
+            if stale.name not in files:
+                stale.unlink()
         for name, frame in zip(names, output.frames, strict=True):
             write_png(frame, folder / output_name(name), compress_level=1)
         atomic_write_json(
