@@ -557,3 +557,30 @@ def test_a_models_outputs_are_kept_and_not_run_again(udm, tmp_path, monkeypatch)
     # without saving: nothing kept
     harness.run_bench(suite, out_dir=tmp_path / "n", tracking=False, save_outputs=False)
     assert not (tmp_path / "n" / "outputs").exists()
+
+
+def test_latency_clips_times_only_the_first_clips_of_each_dataset(udm, tmp_path, monkeypatch):
+    from dloral.bench.methods import DLoRALMethod
+    from dloral.bench.suite import SuiteError
+
+    toml = suite_toml(udm, ["bicubic", "dloral:tiny"], ["psnr"])
+    path = tmp_path / "suite.toml"
+    path.write_text(toml.replace("batch_size = 4", "batch_size = 4\nlatency_clips = 1"))
+    passes, real_pass = [], DLoRALMethod._pass
+    monkeypatch.setattr(
+        DLoRALMethod,
+        "_pass",
+        lambda self, n, lq, s: passes.append(len(n)) or real_pass(self, n, lq, s),
+    )
+    res = harness.run_bench(load_suite(path), out_dir=tmp_path / "out", tracking=False)
+    assert passes == [2, FRAMES, FRAMES, FRAMES, FRAMES]  # clipA: warm-up + 3 timed; clipB: 1
+    lat = res.table[res.table["kind"] == "latency"]
+    assert set(lat["clip"]) == {"clipA"} and set(lat["method"]) == {"bicubic", "dloral-tiny"}
+    scored = res.table[res.table["metric"] == "psnr"]
+    assert set(scored["clip"]) == {"clipA", "clipB"}  # every clip is still scored
+    agg = res.aggregate.set_index(["method", "metric"])
+    assert agg.loc[("dloral-tiny", "s_per_frame"), "clips"] == 1
+    assert agg.loc[("dloral-tiny", "psnr"), "clips"] == 2
+    path.write_text(toml.replace("batch_size = 4", "batch_size = 4\nlatency_clips = -1"))
+    with pytest.raises(SuiteError, match="latency_clips"):
+        load_suite(path)

@@ -457,14 +457,15 @@ def run_bench(
         if progress:
             progress({"stage": "start", "total": total, "out_dir": str(out)})
         for spec, _ds, clips, _ in datasets:
-            for clip in clips:
+            for number, clip in enumerate(clips):
                 names, lq, gt = _read_clip(clip, spec.frames)
                 scale = _scale(spec, clip)
                 all_names = (clip.gt or clip.lq).names
                 size = tuple(gt.shape[-2:]) if gt is not None else None
                 if size is None and lq is not None:
                     size = (lq.shape[-2] * scale, lq.shape[-1] * scale)
-                job = ClipJob(spec.name, clip.name, names, all_names, lq, scale, size)
+                timed = not suite.options.latency_clips or number < suite.options.latency_clips
+                job = ClipJob(spec.name, clip.name, names, all_names, lq, scale, size, timed)
                 vis = (
                     recorder.start_clip(spec.name, clip.name, names, lq, gt, scale, size)
                     if recorder

@@ -2,13 +2,15 @@
 (precomputed outputs of any peer method). Each turns one clip's LQ frames into output frames
 (T, 3, sH, sW) float in [0, 1]; the harness runs each method once per clip.
 
-Latency (bicubic and dloral, which the harness runs itself): one warm-up pass over the first
-two frames of the first clip (kernels, allocator), then `latency_repeats` (>= 3) passes over the
-whole clip, each timed end to end with CUDA synchronised; seconds per frame = median pass time /
-T, and the fastest and slowest pass are kept as the spread. The last pass's frames are the
-output (the pipeline is seeded, so passes agree). Peak memory, per method on its own: its model's
-tensors plus the peak increase in memory in use during its timed passes (dloral.bench.memory:
-the CUDA allocator's peak, reset per method; on CPU the RSS), never the process's high-water mark.
+Latency (bicubic and dloral, which the harness runs itself): one warm-up pass over the first two
+frames of the first timed clip (kernels, allocator), then `latency_repeats` (>= 3) passes over
+the whole clip, each timed end to end with CUDA synchronised; seconds per frame = median pass
+time / T, and the fastest and slowest pass are kept as the spread. A clip past the suite's
+`latency_clips` (when set) gets one untimed pass and no latency rows. The last pass's frames are
+the output (the pipeline is seeded, so passes agree). Peak memory, per method on its own: its
+model's tensors plus the peak increase in memory in use during its timed passes
+(dloral.bench.memory: the CUDA allocator's peak, reset per method; on CPU the RSS), never the
+process's high-water mark.
 
 Untrained weights: a method says in `describe()["untrained"]` why its weights are untrained
 (a random-init backbone; no trained checkpoint), or None; reports mark such methods from it.
@@ -60,6 +62,7 @@ class ClipJob:
     lq: torch.Tensor | None  # (T, 3, h, w) in [0, 1]
     scale: int
     out_size: tuple[int, int] | None  # (H, W) the output must have: the GT's, else LQ * scale
+    timed: bool = True  # False: one untimed pass (latency measured on other clips)
 
 
 @dataclass
@@ -116,6 +119,9 @@ class _Timed:
             raise MethodError(
                 f"{self.name}: {job.dataset} clip {job.clip!r} has no LQ frames to upscale"
             )
+        if not job.timed:  # the output only
+            frames = self._pass(names, lq, scale).float().cpu().clamp(0, 1)
+            return self._output(job, frames, None, None, "")
         if not self._warm:
             self._pass(names[:WARMUP_FRAMES], lq[:WARMUP_FRAMES], scale)
             synchronize(self.device)
@@ -132,7 +138,11 @@ class _Timed:
         if memory.peak_bytes is not None:
             peak = (memory.peak_bytes + self.resident_bytes()) / 2**30
         kind = f"this method's model tensors + {memory.kind}"
-        frames = out.float().cpu().clamp(0, 1)
+        return self._output(job, out.float().cpu().clamp(0, 1), seconds, peak, kind)
+
+    def _output(self, job, frames, seconds, peak, kind) -> MethodOutput:
+        """Checked against the clip: frame count and size; the latency over `seconds`."""
+        names, scale = job.names, job.scale
         covered = names[1:] if self.first_frame == "skip" else names
         if len(frames) != len(covered):
             raise MethodError(
@@ -144,6 +154,8 @@ class _Timed:
                 f"{self.name}: {job.dataset} clip {job.clip!r}: output {tuple(frames.shape[-2:])} "
                 f"differs from the GT size {tuple(job.out_size)} (scale {scale})"
             )
+        if not seconds:
+            return MethodOutput(frames, names=covered, first_frame=self.first_frame)
         n = max(len(covered), 1)
         return MethodOutput(
             frames,

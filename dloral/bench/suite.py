@@ -6,7 +6,8 @@ A suite is a TOML file (see benchmarks/*.toml):
     [[datasets]] name, kind (a dloral.data.readers kind), root, lq, scale, clips, frames
     [methods]    names = ["bicubic", "dloral:tiny", "folder:peer=/path/to/outputs"]
     [metrics]    names = ["psnr", "ssim_y", "lpips", "ewarp", ...]
-    [options]    crop_border, flow, device, latency_repeats, seed, process_size, batch_size
+    [options]    crop_border, flow, device, latency_repeats, latency_clips, seed, process_size,
+                 batch_size
 
 `root` may hold `${ENV_VAR}` (an unset variable is an error naming it and the expected layout)
 or be "embedded:<set>" (the embedded real-clip sets, prepared on first use). Relative roots are
@@ -83,6 +84,8 @@ class Options:
     flow: str = "auto"  # flow estimator for ewarp/tof
     device: str = "auto"
     latency_repeats: int = 3  # timed passes per clip (>= 3: the median and the spread)
+    # time the first N clips of each dataset (0: every clip); the others run once, untimed
+    latency_clips: int = 0
     seed: int = 0
     process_size: int = 512  # dloral: the reference's minimum processing short side
     batch_size: int = 4  # dloral: frames upscaled together
@@ -220,7 +223,7 @@ def _dataset(where: str, i: int, table: dict, base: Path | None) -> DatasetSpec:
 def _options(where: str, table: dict) -> Options:
     at = f"{where} [options]"
     opts = _build(Options, at, table)
-    for key in ("crop_border", "seed"):
+    for key in ("crop_border", "seed", "latency_clips"):
         _at_least(at, key, getattr(opts, key), 0)
     _at_least(at, "latency_repeats", opts.latency_repeats, MIN_REPEATS)
     for key in ("process_size", "batch_size"):
