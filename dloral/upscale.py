@@ -319,12 +319,14 @@ def upscale_video(
 
 def _encode(job: UpscaleJob, source, frames: list[Path]) -> dict[str, Any]:
     """The finished frames as a video; the input's audio copied where the video covers it."""
-    from dloral.data.encode import DEFAULT_FPS, EncodeError, encode_frames
+    from dloral.data.encode import DEFAULT_FPS, EncodeError, audio_streams, encode_frames
 
     fps = job.fps or source.fps or DEFAULT_FPS
     why_not = ""
     if not source.is_video:
         why_not = "none: the input is a folder of frames"
+    elif not audio_streams(source.path):
+        why_not = "none: the input has no audio"
     elif job.first_frame == "skip" or len(frames) < len(source):
         why_not = (
             f"not copied: the video has frames {frames and frames[0].stem} to "

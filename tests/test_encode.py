@@ -95,6 +95,23 @@ def test_a_partial_video_gets_no_audio_and_says_why(clip_with_audio, tmp_path):
     assert audio.startswith("not copied: the video has frames") and "of 5" in audio
 
 
+def test_a_video_without_audio_says_so(tmp_path, bikes_lq):
+    src = tmp_path / "silent.mp4"
+    with av.open(str(src), "w") as out:
+        stream = out.add_stream("mpeg4", rate=RATE)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in bikes_lq[:2]:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(to_uint8(frame), format="rgb24")))
+        out.mux(stream.encode())
+    out_dir, video = tmp_path / "sr", tmp_path / "sr.mp4"
+    args = ["upscale", str(src), str(out_dir), *FAST, "--frames", "1", "--video", str(video)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out_dir / "upscale.json").read_text())["video"]
+    assert record["audio"] == "none: the input has no audio"  # not "not copied: ..."
+    assert len(_decoded(video)[0]) == 1
+
+
 def test_a_folder_of_frames_is_encoded_at_the_rate_asked(bikes_folder, tmp_path):
     out_dir, video = tmp_path / "sr", tmp_path / "sr.mov"
     args = ["upscale", str(bikes_folder), str(out_dir), *FAST, "--video", str(video)]

@@ -115,6 +115,17 @@ def encode_frames(
     return Encoded(path, len(frames), float(rate), crf, pix_fmt, audio)
 
 
+def audio_streams(path: Path) -> int:
+    """How many audio streams the video at `path` has (0 where it cannot be read)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return len(container.streams.audio)
+    except av.error.FFmpegError:
+        return 0
+
+
 def _format(path: Path) -> str:
     return {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov"}[path.suffix.lower()]
 
