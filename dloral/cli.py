@@ -305,9 +305,10 @@ def upscale(
         except UpscaleError as err:
             _fail(str(err))
         except KeyboardInterrupt:
+            again = "the same command again" if not job.force else "it again without --force"
             _stopped(
-                f"frames written so far are in {job.output}; run the same command again to go "
-                "on from the first missing frame"
+                f"frames written so far are in {job.output}; run {again} to go on from the "
+                "first missing frame"
             )
     (h, w), (sh, sw) = result.lq_size, result.sr_size
     kept = f" (and {result.kept} kept from an earlier run)" if result.kept else ""

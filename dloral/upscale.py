@@ -22,7 +22,8 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ IDENTITY = (
     "checkpoint",
     "checkpoint_sha256",
     "prompt_source",
+    "prompt_option",
+    "tagger",
 )
 
 
@@ -169,7 +172,7 @@ def upscale_video(
     `on_start(frames to write, notes)` once the model is built, `on_frame()` after each written
     frame."""
     job = job.resolved()
-    from dloral.data.frames import FrameError, FrameWriter, open_frames, output_name, read_ahead
+    from dloral.data.frames import FrameError, open_frames, output_name
 
     try:
         source = open_frames(job.input)
@@ -177,15 +180,14 @@ def upscale_video(
         raise UpscaleError(str(err)) from err
     if job.output.exists() and not job.output.is_dir():
         raise UpscaleError(f"{job.output}: exists and is not a folder")
-    earlier = None if job.force else _earlier_record(job.output)
-
-    import torch
 
     from dloral.model.checkpoint import weights_sha256
 
     upscaler, model, device, dtype, notes = _build(job)
     _, out_size = upscaler.geometry(source.size)
     total = min(job.frames or len(source), len(source))
+    _check_memory(upscaler, source.size, total)
+    prompted = job.prompt_source != "empty"
     record: dict[str, Any] = {
         "input": str(Path(job.input).resolve()),
         "frames_in_input": len(source),
@@ -197,38 +199,59 @@ def upscale_video(
         "checkpoint_sha256": weights_sha256(job.checkpoint) if job.checkpoint else None,
         "options": vars(upscaler.opt),
         "prompt_source": job.prompt_source,
+        "prompt_option": job.prompt if prompted else None,  # --prompt
+        "tagger": job.tagger if job.prompt_source == "tagger" else None,
         "prompt": None,  # the text condition, once the first frame has given it
     }
     # the frames this run is asked for (`skip`: frame 0 has no output), which are on disk
     wanted = range(1 if job.first_frame == "skip" else 0, total)
     paths = {i: job.output / output_name(source.names[i]) for i in wanted}
-    resume_at, prompt, attempts = wanted.start, None, []
-    if earlier is not None:
-        _same_upscale(earlier, record, job.output)
-        resume_at = next((i for i in wanted if not paths[i].is_file()), total)
-        prompt, attempts = earlier.get("prompt"), list(earlier.get("attempts", []))
-        record["prompt"] = prompt
-        if earlier["status"] == "running" and attempts:  # its process ended without a word
-            here = earlier.get("host") == socket.gethostname()  # else: its pid is not checkable
-            attempts[-1] = {**attempts[-1], "status": "killed" if here else "gone"}
-            notes.append(
-                f"note: the earlier run (pid {earlier.get('pid')}) was killed before it could "
-                "write its state"
-                if here
-                else f"note: the earlier run (pid {earlier.get('pid')} on {earlier.get('host')}) "
-                "never wrote its end: taken as stopped"
-            )
-    kept = resume_at - wanted.start
-    if kept:
-        notes.append(
-            f"resumed: {kept} frames already in {job.output}, going on from frame {resume_at}"
-        )
-    _check_memory(upscaler, source.size, total)
-    if on_start:
-        on_start(len(wanted) - kept, notes)
-
     job.output.mkdir(parents=True, exist_ok=True)
-    _remove_partial_writes(job.output, [paths[i] for i in range(resume_at, total)])
+    with _writer_lock(job.output):
+        earlier = None if job.force else _earlier_record(job.output)
+        resume_at, prompt, attempts = wanted.start, None, []
+        if earlier is not None:
+            _same_upscale(earlier, record, job.output)
+            resume_at = next((i for i in wanted if not paths[i].is_file()), total)
+            prompt, attempts = earlier.get("prompt"), list(earlier.get("attempts", []))
+            record["prompt"] = prompt
+            if earlier["status"] == "running" and attempts:  # it ended without a word
+                notes.append(_ended_unrecorded(earlier, attempts))
+        else:  # a fresh start: frames of an earlier upscale here are not this one's
+            for name in source.names:  # all of them: a later resume must not take them
+                (job.output / output_name(name)).unlink(missing_ok=True)
+        kept = resume_at - wanted.start
+        if kept:
+            notes.append(
+                f"resumed: {kept} frames already in {job.output}, going on from frame {resume_at}"
+            )
+        if on_start:
+            on_start(len(wanted) - kept, notes)
+        _remove_partial_writes(job.output, [paths[i] for i in range(resume_at, total)])
+        record["attempts"] = attempts
+        result = _run(job, upscaler, source, record, wanted, resume_at, prompt, on_frame)
+        result.notes, result.kept = notes, kept
+        if job.video is not None:
+            _encode_recorded(job, source, [paths[i] for i in wanted], record, result)
+    return result
+
+
+def _run(
+    job: UpscaleJob,
+    upscaler,
+    source,
+    record: dict[str, Any],
+    wanted: range,
+    resume_at: int,
+    prompt: str | None,
+    on_frame: Callable[[], None] | None,
+) -> UpscaleResult:
+    """Upscale frames resume_at..end into the folder, the record true at every moment."""
+    import torch
+
+    from dloral.data.frames import FrameError, FrameWriter, output_name, read_ahead
+
+    attempts, kept, device = record["attempts"], resume_at - wanted.start, str(upscaler.device)
     # a resumed run starts at the frame before the first missing one, as its previous frame only
     resumed = resume_at > wanted.start
     first = resume_at - 1 if resumed else 0
@@ -236,7 +259,7 @@ def upscale_video(
         "started": _now(),
         "first_frame": resume_at,
         "frames_written": 0,
-        "device": str(device),
+        "device": device,
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "status": "running",
@@ -250,7 +273,7 @@ def upscale_video(
         frames=kept,
         frames_expected=len(wanted),
         png_compression=job.png_compression,
-        device=str(device),
+        device=device,
         versions=provenance.versions(),
         torch_threads=torch.get_num_threads(),
         command_line=provenance.command_line(),
@@ -259,12 +282,14 @@ def upscale_video(
     atomic_write_json(job.output / RECORD, record)
 
     start = time.perf_counter()
-    status, reason = "finished", ""
+    # until the try block ends normally, the run is not finished: a second Ctrl-C anywhere in
+    # the clean-up still leaves a true record
+    status, error = "failed", "stopped before its end"
     # decoding runs ahead and PNG writes run on threads, both overlapping the model's work
     writer = FrameWriter(WRITERS, job.png_compression, on_written=on_frame)
-    frames = read_ahead(itertools.islice(source.frames(first), total - first))
+    frames = read_ahead(itertools.islice(source.frames(first), wanted.stop - first))
     try:
-        if resume_at < total:
+        if resume_at < wanted.stop:
             outputs = upscaler.upscale(frames, resume_at if resumed else 0, prompt)
             for name, frame in outputs:
                 if record["prompt"] is None:  # known once the first batch ran: kept for resuming
@@ -272,26 +297,30 @@ def upscale_video(
                     atomic_write_json(job.output / RECORD, record)
                 writer.write(frame, job.output / output_name(name))
         writer.close()
+        status, error = "finished", ""
     except (FrameError, ValueError) as err:
-        writer.close(raise_errors=False)
-        status, reason = "failed", f"{err} ({writer.written} frames written by this run)"
+        error = str(err)
+        with signals.deferred():
+            writer.close(raise_errors=False)
         raise UpscaleError(f"{err} ({kept + writer.written} frames in {job.output})") from err
     except KeyboardInterrupt:
-        writer.close(raise_errors=False)
         status = "interrupted"
-        reason = (
-            f"interrupted by {signals.name()} after {kept + writer.written} of {len(wanted)} frames"
-        )
         raise
     except BaseException as err:
-        writer.close(raise_errors=False)
-        status, reason = "failed", f"{type(err).__name__}: {err}"
+        error = f"{type(err).__name__}: {err}"
         raise
-    finally:  # a stop (Ctrl-C, SIGTERM, an error) still lets the frames handed over finish whole
-        frames.close()
-        writer.close(raise_errors=False)
-        seconds = time.perf_counter() - start
-        with signals.deferred():  # the record ends true, even under a second Ctrl-C
+    finally:
+        # a stop (Ctrl-C, SIGTERM, an error) still lets the frames handed over finish whole,
+        # and the record ends true, even under a second Ctrl-C
+        with signals.deferred():
+            frames.close()
+            writer.close(raise_errors=False)
+            seconds = time.perf_counter() - start
+            done = kept + writer.written
+            if status == "interrupted":
+                reason = f"interrupted by {signals.name()} after {done} of {len(wanted)} frames"
+            else:
+                reason = error and f"{error} ({writer.written} frames written by this run)"
             attempt.update(
                 status=status,
                 frames_written=writer.written,
@@ -302,19 +331,34 @@ def upscale_video(
             record.update(
                 status=status,
                 status_reason=reason,
-                frames=kept + writer.written,
+                frames=done,
                 # this run's frames and time (attempts has every run's)
                 seconds=attempt["seconds"],
                 seconds_per_frame=attempt["seconds_per_frame"],
             )
             atomic_write_json(job.output / RECORD, record)
-    result = UpscaleResult(
-        job.output, writer.written, source.size, out_size, seconds, str(device), notes, kept
-    )
-    if job.video is not None:
-        result.video = record["video"] = _encode(job, source, [paths[i] for i in wanted])
-        atomic_write_json(job.output / RECORD, record)
-    return result
+    out_size = tuple(record["sr_size"])
+    return UpscaleResult(job.output, writer.written, source.size, out_size, seconds, device)
+
+
+def _encode_recorded(job, source, frames, record, result) -> None:
+    """Encode --video, the record saying how it went (finished, failed or interrupted)."""
+    record["video"] = {"path": str(job.video), "status": "running"}
+    atomic_write_json(job.output / RECORD, record)
+    outcome: dict[str, Any] = {"status": "failed", "reason": "stopped before its end"}
+    try:
+        outcome = {"status": "finished", **_encode(job, source, frames)}
+        result.video = outcome
+    except KeyboardInterrupt:
+        outcome = {"status": "interrupted", "reason": f"interrupted by {signals.name()}"}
+        raise
+    except UpscaleError as err:
+        outcome["reason"] = str(err)
+        raise
+    finally:
+        with signals.deferred():
+            record["video"] = {"path": str(job.video), **outcome}
+            atomic_write_json(job.output / RECORD, record)
 
 
 def _encode(job: UpscaleJob, source, frames: list[Path]) -> dict[str, Any]:
@@ -344,6 +388,8 @@ def _encode(job: UpscaleJob, source, frames: list[Path]) -> dict[str, Any]:
         )
     except EncodeError as err:
         raise UpscaleError(str(err)) from err
+    except OSError as err:  # its folder cannot be made or written, the disk is full, ...
+        raise UpscaleError(f"{job.video}: cannot write the video ({err})") from err
     return {
         **encoded.describe(),
         "fps_from": "--fps" if job.fps else "the input" if source.fps else "default",
@@ -355,10 +401,29 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+@contextmanager
+def _writer_lock(output: Path) -> Iterator[None]:
+    """One upscale at a time writes to `output`: an flock on the folder itself (no lock file to
+    leave behind), released by the kernel whichever way the process ends; another is refused."""
+    import fcntl
+
+    fd = os.open(output, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            raise UpscaleError(
+                f"{output}: another upscale is writing to this folder (it holds the folder's "
+                "lock); wait for it or stop it, or use another output folder"
+            ) from err
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _earlier_record(output: Path) -> dict[str, Any] | None:
     """The record of an earlier upscale into `output` that this one may go on from; None where
-    there is none. Refused: a record another live process is writing, or one this version
-    cannot resume."""
+    there is none. Refused: one this version cannot resume."""
     import json
 
     path = output / RECORD
@@ -375,26 +440,18 @@ def _earlier_record(output: Path) -> dict[str, Any] | None:
             f"{path}: written by an earlier dloral, whose frames a resumed run would not match; "
             "use another output folder or --force to start over"
         )
-    if record["status"] == "running" and record.get("host") == socket.gethostname():
-        pid = record.get("pid")
-        if pid != os.getpid() and _alive(pid):
-            raise UpscaleError(
-                f"{output}: another upscale (pid {pid}) is writing to this folder; wait for it "
-                "or stop it, or use another output folder"
-            )
     return record
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+def _ended_unrecorded(earlier: dict[str, Any], attempts: list[dict]) -> str:
+    """Mark the last attempt of a record left `running` (we hold the folder's lock, so its
+    process is gone: killed where it ran on this host) and say so."""
+    pid, host = earlier.get("pid"), earlier.get("host")
+    here = host == socket.gethostname()
+    attempts[-1] = {**attempts[-1], "status": "killed" if here else "gone"}
+    if here:
+        return f"note: the earlier run (pid {pid}) was killed before it could write its state"
+    return f"note: the earlier run (pid {pid} on {host}) never wrote its end: taken as stopped"
 
 
 def _same_upscale(earlier: dict[str, Any], record: dict[str, Any], output: Path) -> None:
@@ -421,9 +478,10 @@ def _same_upscale(earlier: dict[str, Any], record: dict[str, Any], output: Path)
 
 
 def _remove_partial_writes(output: Path, paths: list[Path]) -> None:
-    """Temporary files of frames a killed run was writing (`.<stem>.<random>.png`)."""
-    stems = {p.stem for p in paths}
-    for tmp in output.glob(".*.png"):
+    """Temporary files a killed run was writing: frames (`.<stem>.<random>.png`) and the
+    record (`.upscale.<random>.json`)."""
+    stems = {p.stem for p in paths} | {Path(RECORD).stem}
+    for tmp in [*output.glob(".*.png"), *output.glob(".*.json")]:
         stem = tmp.name[1:].rsplit(".", 2)[0]
         if stem in stems:
             tmp.unlink(missing_ok=True)

@@ -584,3 +584,29 @@ def test_latency_clips_times_only_the_first_clips_of_each_dataset(udm, tmp_path,
     path.write_text(toml.replace("batch_size = 4", "batch_size = 4\nlatency_clips = -1"))
     with pytest.raises(SuiteError, match="latency_clips"):
         load_suite(path)
+
+
+def test_a_kept_output_timed_otherwise_is_made_again_for_a_clip_timed_now(
+    udm, tmp_path, monkeypatch
+):
+    from dloral.bench.methods import DLoRALMethod
+
+    toml = suite_toml(udm, ["dloral:tiny"], ["psnr"])
+    path, out = tmp_path / "suite.toml", tmp_path / "out"
+    path.write_text(toml.replace("batch_size = 4", "batch_size = 4\nlatency_clips = 1"))
+    passes, real_pass = [], DLoRALMethod._pass
+    monkeypatch.setattr(
+        DLoRALMethod,
+        "_pass",
+        lambda self, n, lq, s: passes.append(len(n)) or real_pass(self, n, lq, s),
+    )
+    harness.run_bench(load_suite(path), out_dir=out, tracking=False)
+    path.write_text(toml)  # every clip timed now: clipB's kept output has no latency
+    passes.clear()
+    res = harness.run_bench(load_suite(path), out_dir=out, tracking=False)
+    assert passes == [2, FRAMES, FRAMES, FRAMES]  # clipB only: warm-up and 3 timed passes
+    lat = res.table[res.table["kind"] == "latency"]
+    assert set(lat["clip"]) == {"clipA", "clipB"}
+    assert json.loads((out / "run.json").read_text())["outputs"]["reused"] == {
+        "dloral-tiny": ["mini/clipA"]
+    }

@@ -77,7 +77,20 @@ def test_the_video_holds_the_frames_at_the_inputs_rate_with_its_audio(clip_with_
     record = json.loads((out_dir / "upscale.json").read_text())["video"]
     assert record["path"] == str(video) and record["frames"] == 5 and record["fps"] == RATE
     assert record["fps_from"] == "the input" and record["audio"].startswith("copied from")
+    assert record["status"] == "finished"
     assert "video: " in result.output and not list(tmp_path.glob(".sr.*"))  # no temp left
+
+
+def test_a_video_that_cannot_be_written_is_recorded_failed(bikes_folder, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    out_dir, video = tmp_path / "sr", tmp_path / "a_file" / "sr.mp4"
+    result = runner.invoke(
+        app, ["upscale", str(bikes_folder), str(out_dir), *FAST, "--video", str(video)]
+    )
+    assert result.exit_code == 2 and "cannot write the video" in " ".join(result.output.split())
+    record = json.loads((out_dir / "upscale.json").read_text())
+    assert record["status"] == "finished" and record["frames"] == 4  # the frames are done
+    assert record["video"]["status"] == "failed" and "sr.mp4" in record["video"]["reason"]
 
 
 def test_a_partial_video_gets_no_audio_and_says_why(clip_with_audio, tmp_path):
@@ -130,6 +143,70 @@ def test_an_ntsc_rate_given_as_a_float_is_kept_exact(tmp_path, bikes_lq):
     encoded = encode_frames(paths, tmp_path / "ntsc.mp4", float(Fraction(30000, 1001)))
     assert _decoded(tmp_path / "ntsc.mp4")[1] == Fraction(30000, 1001)
     assert encoded.fps == 30000 / 1001
+
+
+def _clip(path, fmt, audio_codec, bikes_lq):
+    """12 frames at 12 fps (H.264) and 1 s of a tone in `audio_codec`, in container `fmt`."""
+    with av.open(str(path), "w", format=fmt) as out:
+        video = out.add_stream("libx264", rate=RATE)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream(audio_codec, rate=SAMPLE_RATE)
+        for i in range(12):
+            image = to_uint8(bikes_lq[i % len(bikes_lq)])
+            out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(video.encode())
+        t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+        tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+        if audio_codec == "pcm_s16le":
+            pcm = (tone * 32767).astype(np.int16)
+            samples = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        else:
+            samples = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+        samples.sample_rate = SAMPLE_RATE
+        for packet in [*audio.encode(samples), *audio.encode(None)]:
+            out.mux(packet)
+    return path
+
+
+def _pngs_of(tmp_path, bikes_lq, count=12):
+    paths = [tmp_path / f"f{i}.png" for i in range(count)]
+    for i, path in enumerate(paths):
+        Image.fromarray(to_uint8(bikes_lq[i % len(bikes_lq)])).save(path)
+    return paths
+
+
+def _starts(path):
+    with av.open(str(path)) as container:
+        return {s.type: float(s.start_time * s.time_base) for s in container.streams}
+
+
+def test_audio_keeps_step_with_an_input_that_starts_late_and_is_interleaved(tmp_path, bikes_lq):
+    src = _clip(tmp_path / "late.ts", "mpegts", "aac", bikes_lq)
+    late = _starts(src)
+    assert late["video"] > 0.1 and late["audio"] == pytest.approx(late["video"])  # MPEG-TS
+    encoded = encode_frames(_pngs_of(tmp_path, bikes_lq), tmp_path / "out.mp4", RATE, 18, src)
+    assert encoded.audio.startswith("copied from late.ts (aac")
+    starts = _starts(tmp_path / "out.mp4")
+    assert starts["video"] == 0 and starts["audio"] == pytest.approx(0, abs=1e-3)
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        order = [p.stream.type for p in container.demux() if p.size]
+    # audio muxed as its time comes: the first before the last video packet, not all after
+    assert order.index("audio") < len(order) - 1 - order[::-1].index("video")
+    # the same AAC frames: MPEG-TS carries each behind a 7-byte ADTS header, mp4 without
+    adts = _audio_packets(src)
+    assert all(p[:2] == b"\xff\xf1" for p in adts)  # ADTS sync word, no CRC: 7 bytes
+    assert _audio_packets(tmp_path / "out.mp4") == [p[7:] for p in adts]
+
+
+def test_audio_a_container_refuses_is_left_out_and_said(tmp_path, bikes_lq):
+    src = _clip(tmp_path / "pcm.mkv", "matroska", "pcm_s16le", bikes_lq)
+    frames = _pngs_of(tmp_path, bikes_lq)
+    into_mp4 = encode_frames(frames, tmp_path / "out.mp4", RATE, 18, src)
+    assert into_mp4.audio == "not copied: .mp4 did not take the input's pcm_s16le audio as it is"
+    assert len(_decoded(tmp_path / "out.mp4")[0]) == 12 and not _audio_packets(tmp_path / "out.mp4")
+    into_mkv = encode_frames(frames, tmp_path / "out.mkv", RATE, 18, src)
+    assert into_mkv.audio.startswith("copied from pcm.mkv (pcm_s16le")
+    assert _audio_packets(tmp_path / "out.mkv") == _audio_packets(src)
 
 
 def test_odd_sizes_are_encoded_444_and_a_stray_size_is_named(tmp_path, bikes_lq):

@@ -18,6 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dloral.cli import app
+from dloral.data.frames import to_uint8
 from dloral.model import lora
 from dloral.model.dloral import DLoRAL, DLoRALConfig
 from dloral.model.pipeline import UpscaleOptions, VideoUpscaler, frame_generator
@@ -192,19 +193,89 @@ def test_a_killed_run_is_recorded_killed_and_its_partial_writes_removed(
     assert record["frames"] == 4 and record["status"] == "finished"
 
 
-def test_a_folder_another_live_upscale_writes_to_is_refused(bikes_folder, tmp_path):
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_another_live_upscale_writes_to_is_refused(bikes_folder, tmp_path, force):
     out_dir = tmp_path / "sr"
     assert _upscale(bikes_folder, out_dir, "--frames", "2")[0] == 0
-    record = _record(out_dir)
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+    before = _record(out_dir)
+    args = [sys.executable, "-c", HOLD_LOCK, str(out_dir)]  # the folder is what is locked
+    with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as live:
         try:
-            record.update(status="running", pid=live.pid)
-            (out_dir / "upscale.json").write_text(json.dumps(record))
-            code, out = _upscale(bikes_folder, out_dir)
+            assert live.stdout.readline() == "held\n"  # as an upscale holds it while it runs
+            code, out = _upscale(bikes_folder, out_dir, *(["--force"] if force else []))
         finally:
             live.kill()
-    assert code == 2 and f"another upscale (pid {live.pid}) is writing" in out, out
-    assert _record(out_dir)["pid"] == live.pid  # its record left alone
+    assert code == 2 and "another upscale is writing to this folder" in out, out
+    assert _record(out_dir) == before and len(_pngs(out_dir)) == 2  # nothing touched
+    # once that process is gone (its lock with it), the folder is free again
+    assert _upscale(bikes_folder, out_dir)[0] == 0
+
+
+def test_a_forced_start_that_stops_leaves_no_frame_of_the_earlier_upscale(bikes_folder, tmp_path):
+    out_dir = tmp_path / "sr"
+    assert _upscale(bikes_folder, out_dir)[0] == 0  # 4 frames, seed 0
+    # forced with seed 3, stopped after 2 frames (as --frames 2 does): frames 3-4 were seed 0's
+    assert _upscale(bikes_folder, out_dir, "--seed", "3", "--force", "--frames", "2")[0] == 0
+    assert sorted(_pngs(out_dir)) == ["im1.png", "im2.png"]
+    whole = tmp_path / "whole"
+    assert _upscale(bikes_folder, whole, "--seed", "3")[0] == 0
+    code, out = _upscale(bikes_folder, out_dir, "--seed", "3")
+    assert code == 0 and "2 frames (and 2 kept from an earlier run)" in out, out
+    got, expected = _pngs(out_dir), _pngs(whole)
+    for name in expected:  # every frame is seed 3's
+        assert np.abs(got[name].astype(int) - expected[name].astype(int)).max() <= 1, name
+
+
+def test_another_prompt_is_another_upscale(bikes_folder, tmp_path):
+    out_dir = tmp_path / "sr"
+    fixed = ["--prompt-source", "fixed", "--prompt", "a red car", "--frames", "2"]
+    assert _upscale(bikes_folder, out_dir, *fixed)[0] == 0
+    assert _record(out_dir)["prompt"] == "a red car"
+    other = ["--prompt-source", "fixed", "--prompt", "a blue boat"]
+    code, out = _upscale(bikes_folder, out_dir, *other)
+    assert code == 2 and "prompt_option: 'a red car' there, 'a blue boat' now" in out, out
+
+
+def test_a_second_stop_during_the_clean_up_still_leaves_a_true_record(
+    bikes_folder, tmp_path, monkeypatch
+):
+    """Ctrl-C after the first frame, and again while the frames handed over are finishing."""
+    from dloral.data.frames import FrameWriter
+    from dloral.upscale import UpscaleJob, upscale_video
+
+    close, calls = FrameWriter.close, []
+
+    def close_interrupted_again(self, raise_errors=True):
+        calls.append(raise_errors)
+        if len(calls) == 1:  # the clean-up's first close: a second Ctrl-C arrives
+            import signal
+
+            signal.raise_signal(signal.SIGINT)
+        return close(self, raise_errors)
+
+    stopped = []
+
+    def first_frame_then_stop():  # the first Ctrl-C, once
+        if not stopped:
+            stopped.append(1)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(FrameWriter, "close", close_interrupted_again)
+    job = UpscaleJob(input=bikes_folder, output=tmp_path / "sr", device="cpu", process_size=64)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_video(job, on_frame=first_frame_then_stop)
+    record = _record(tmp_path / "sr")
+    assert record["status"] == "interrupted", record["status_reason"]
+    assert record["attempts"][-1]["status"] == "interrupted"
 
 
 def test_a_record_from_before_resuming_is_refused_until_forced(bikes_folder, tmp_path):
@@ -235,3 +306,29 @@ def test_the_record_says_running_while_frames_are_made(bikes_folder, tmp_path, m
     assert during["status"] == "running" and during["pid"] == os.getpid()
     assert during["attempts"][-1]["status"] == "running" and during["prompt"] == ""
     assert _record(out_dir)["status"] == "finished"
+
+
+def test_a_video_input_with_skip_goes_on_through_the_cli(tmp_path, bikes_lq):
+    """Frame names of a video (<stem>_0000.png) and the reference's `skip`: no frame 0."""
+    import av
+
+    src = tmp_path / "clip.mp4"
+    with av.open(str(src), "w") as out:
+        stream = out.add_stream("libx264", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0"}
+        for frame in bikes_lq[:5]:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(to_uint8(frame), format="rgb24")))
+        out.mux(stream.encode())
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    skip = ["--first-frame", "skip"]
+    assert _upscale(src, whole, *skip)[0] == 0
+    assert _upscale(src, parts, *skip, "--frames", "3")[0] == 0
+    assert sorted(_pngs(parts)) == ["clip_0001.png", "clip_0002.png"]
+    code, out = _upscale(src, parts, *skip)
+    assert code == 0 and "going on from frame 3" in out, out
+    expected, got = _pngs(whole), _pngs(parts)
+    assert sorted(got) == sorted(expected) == [f"clip_000{i}.png" for i in range(1, 5)]
+    for name in expected:
+        assert np.abs(got[name].astype(int) - expected[name].astype(int)).max() <= 1, name
+    assert [a["first_frame"] for a in _record(parts)["attempts"]] == [1, 3]

@@ -297,7 +297,9 @@ def _score_method(
     key = None
     if store is not None and hasattr(runner, "output_facts"):
         key = output_key(runner.output_facts(job))
-    output = store.get(runner.name, job, key) if key and reuse else None
+    # a clip timed here takes a kept output only with the latency of as many timed passes
+    timed = suite.options.latency_repeats if job.timed else 0
+    output = store.get(runner.name, job, key, timed) if key and reuse else None
     if output is not None and reused is not None:
         reused(runner.name)
     if output is None:
@@ -306,7 +308,7 @@ def _score_method(
         # read, and as kept outputs are read back
         output.frames = quantized(output.frames)
         if key:
-            store.put(runner.name, job, key, output, output_hash(output.frames))
+            store.put(runner.name, job, key, output, output_hash(output.frames), timed)
     covered = output.names if output.names is not None else job.names
     index = [job.names.index(n) for n in covered]
     if not index or index != list(range(index[0], index[0] + len(index))):

@@ -23,6 +23,7 @@ and the harness scores only those frames.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ from dloral.bench.memory import PeakMemory, tensor_bytes
 from dloral.bench.suite import TINY, parse_method
 from dloral.data.frames import FrameError, natural_key, open_frames, read_image, to_uint8
 from dloral.devices import resolve_device, resolve_dtype, synchronize
+from dloral.provenance import versions
 from dloral.resize import resize_frames
 
 log = logging.getLogger(__name__)
@@ -339,13 +341,16 @@ class DLoRALMethod(_Timed):
     def output_facts(self, job: ClipJob) -> dict:
         """What this method's output of `job` depends on (dloral.bench.outputs keys it): the
         description (model, weights' hashes, dtype, device, options), the checkpoint's sha256,
-        the LQ frames, the scale and the frames' names."""
+        the pipeline's code and the packages it runs on, the LQ frames, the scale and the
+        frames' names."""
         facts = {k: v for k, v in self.describe().items() if k != "untrained"}
         if self._checkpoint is not None and self._checkpoint_sha256 is None:
             from dloral.model.checkpoint import weights_sha256
 
             self._checkpoint_sha256 = weights_sha256(self._checkpoint)
         facts["checkpoint_sha256"] = self._checkpoint_sha256
+        facts["code_sha256"] = pipeline_code_sha256()
+        facts["versions"] = {k: v for k, v in versions().items() if k in OUTPUT_PACKAGES}
         facts["lq_sha256"] = output_hash(job.lq) if job.lq is not None else None
         facts.update(scale=job.scale, names=list(job.names), out_size=job.out_size)
         return facts
@@ -357,6 +362,21 @@ class DLoRALMethod(_Timed):
         suite_option = {"batch_size": "batch_size = {} in the suite's [options]"}
         check_upscaler(upscaler, tuple(lq.shape[-2:]), self.batch_size, suite_option)
         return torch.stack([f for _, f in upscaler.upscale(zip(names, lq, strict=True))])
+
+
+OUTPUT_PACKAGES = ("torch", "diffusers", "peft", "transformers")
+
+
+@functools.cache
+def pipeline_code_sha256() -> str:
+    """sha256 of the source that turns LQ frames into DLoRAL's output (dloral/model, resize,
+    devices): an edited checkout makes other outputs under the same version number."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted((root / "model").glob("*.py")) + [root / "resize.py", root / "devices.py"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def check_weights(methods: list) -> None:

@@ -2,14 +2,17 @@
 
 A DLoRAL method's output of a clip is written to
 `<out_dir>/outputs/<method>/<dataset>/<clip>/<frame>.png` (8-bit PNG, what `output_hash`
-hashes, so nothing the metrics or the cache see is lost) with `output.json`: the key of what made
-it (the method's description, its checkpoint's sha256, the LQ frames' hash, scale, frame names),
-the output's hash and the latency measured when it was computed. A later run into the same
-out_dir (a resumed bench, another metric, a report) takes the frames from there when the key
-matches and the frames' hash checks, instead of running the model again (and its timed passes:
-the latency rows are those of the run that computed it; run.json lists the reused outputs).
-`force` computes everything again. The folders are laid out for `folder:<label>=<path>`, so a
-saved output can also be scored as a folder method, or handed to other tools.
+hashes, so nothing the metrics or the cache see is lost; names as they are, but for '/') with
+`output.json`: the key of what made it (the method's description, its checkpoint's sha256, the
+pipeline's source and the packages it ran on, the LQ frames' hash, scale, frame names), the
+output's hash and the latency measured when it was computed, with its number of timed passes. A
+later run into the same out_dir (a resumed bench, another metric, a report) takes the frames
+from there when the key matches, the frames' hash checks and, for a clip it times, the kept
+latency came from as many timed passes, instead of running the model again (and its timed
+passes: the latency rows are those of the run that computed it; run.json lists the reused
+outputs). `force` computes everything again. The folders are laid out for
+`folder:<label>=<path>`, so a kept output can also be scored as a folder method, or handed to
+other tools.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def output_key(facts: dict[str, Any]) -> str:
 
 
 def _safe(name: str) -> str:
-    """A folder name for a method label or clip (labels may hold ':' or '/')."""
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip(".") or "_"
+    """A name as a folder name: as it is, but for '/' (and NUL) and leading dots."""
+    return re.sub(r"[/\x00]", "_", name).lstrip(".") or "_"
 
 
 class OutputStore:
@@ -46,15 +49,18 @@ class OutputStore:
     def folder(self, method: str, job: ClipJob) -> Path:
         return self.root / _safe(method) / _safe(job.dataset) / _safe(job.clip)
 
-    def get(self, method: str, job: ClipJob, key: str) -> MethodOutput | None:
-        """The kept output for `key`; None where there is none, it was made otherwise, or a
-        frame is missing or changed (then it is computed again and replaced)."""
+    def get(self, method: str, job: ClipJob, key: str, timed: int = 0) -> MethodOutput | None:
+        """The kept output for `key`; None where there is none, it was made otherwise, a frame
+        is missing or changed, or `timed` (the timed passes this run wants) differs from the
+        passes it was timed with (then it is computed again and replaced)."""
         folder = self.folder(method, job)
         try:
             record = json.loads((folder / RECORD).read_text())
         except (OSError, ValueError):
             return None
         if record.get("key") != key:
+            return None
+        if timed and record.get("timed_passes") != timed:  # timed otherwise, or not at all
             return None
         names = tuple(record["names"])
         try:
@@ -74,8 +80,11 @@ class OutputStore:
             record.get("first_frame", "self"),
         )
 
-    def put(self, method: str, job: ClipJob, key: str, output: MethodOutput, digest: str) -> Path:
-        """Write the frames, then the record (last: a record always has its frames)."""
+    def put(
+        self, method: str, job: ClipJob, key: str, output: MethodOutput, digest: str, timed: int
+    ) -> Path:
+        """Write the frames, then the record (last: a record always has its frames); `timed`:
+        the timed passes its latency is the median of (0: not timed)."""
         folder = self.folder(method, job)
         (folder / RECORD).unlink(missing_ok=True)
         names = output.names if output.names is not None else job.names
@@ -99,6 +108,7 @@ class OutputStore:
                 "seconds_range": list(output.seconds_range) if output.seconds_range else None,
                 "peak_mem_gib": output.peak_mem_gib,
                 "memory_kind": output.memory_kind,
+                "timed_passes": timed if output.seconds_per_frame is not None else 0,
             },
         )
         return folder

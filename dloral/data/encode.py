@@ -68,43 +68,67 @@ def encode_frames(
     audio_why_not: str = "",
 ) -> Encoded:
     """Encode the PNG `frames` (in order, one size) into `path` at `fps`; copy the audio of
-    `audio_from` (a video), or say why not (`audio_why_not`, or: it has none)."""
-    import av
-
+    `audio_from` (a video), or say why not (`audio_why_not`, or: it has none). Audio the
+    container cannot hold (PCM in mp4, ...) is left out, and the result says why."""
     check_video_path(path)
     if not frames:
         raise EncodeError(f"{path}: no frames to encode")
     with Image.open(frames[0]) as first:
-        width, height = first.size
-    pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        size = first.size
+    pix_fmt = "yuv420p" if size[0] % 2 == 0 and size[1] % 2 == 0 else "yuv444p"
     rate = Fraction(fps).limit_denominator(1001)
+    for stale in path.parent.glob(f".{path.stem}.*{path.suffix}"):  # a killed encode's
+        stale.unlink(missing_ok=True)
     audio = audio_why_not or "none: the input has no audio"
+    if audio_from is not None and audio_streams(audio_from):
+        try:
+            audio = _write(path, frames, size, rate, crf, pix_fmt, audio_from)
+        except EncodeError:
+            # FFmpeg says only "invalid argument" when a container refuses a codec (PCM in
+            # mp4, ...): without the audio, a video error is raised again, else it was the audio
+            _write(path, frames, size, rate, crf, pix_fmt, None)
+            codecs = ", ".join(audio_codecs(audio_from))
+            audio = f"not copied: {path.suffix} did not take the input's {codecs} audio as it is"
+    else:
+        _write(path, frames, size, rate, crf, pix_fmt, None)
+    return Encoded(path, len(frames), float(rate), crf, pix_fmt, audio)
+
+
+def _write(path, frames, size, rate, crf, pix_fmt, audio_from: Path | None) -> str:
+    """One encode, written beside `path` and renamed into place; the audio said in words.
+    Audio packets are shifted so that the input's first video frame is time 0 (as the output's
+    is) and muxed as their time comes, between the video frames (not all at the end)."""
+    import av
+
+    said = "none: the input has no audio"
 
     def write(tmp: str) -> None:
-        nonlocal audio
+        nonlocal said
         source = av.open(str(audio_from)) if audio_from is not None else None
         try:
             audio_in = list(source.streams.audio) if source is not None else []
             with av.open(tmp, "w", format=_format(path)) as out:
                 stream = out.add_stream(CODEC, rate=rate)
-                stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+                stream.width, stream.height, stream.pix_fmt = *size, pix_fmt
                 stream.options = {"crf": str(crf), "preset": "medium"}
                 if pix_fmt == "yuv444p":
                     stream.profile = "High 4:4:4 Predictive"
                 copies = {s.index: out.add_stream_from_template(s) for s in audio_in}
+                audio = _shifted_audio(source, audio_in, copies) if copies else iter(())
+                upcoming = next(audio, None)
                 for i, frame_path in enumerate(frames):
-                    image = _read_rgb(frame_path, (width, height), i)
-                    frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                    out.mux(stream.encode(frame))
+                    image = _read_rgb(frame_path, size, i)
+                    out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+                    while upcoming is not None and upcoming[0] <= i / rate:
+                        out.mux(upcoming[1])
+                        upcoming = next(audio, None)
                 out.mux(stream.encode())
-                for packet in source.demux(*audio_in) if copies else ():
-                    if packet.dts is None:  # the demuxer's flush packets
-                        continue
-                    packet.stream = copies[packet.stream.index]
-                    out.mux(packet)
+                while upcoming is not None:
+                    out.mux(upcoming[1])
+                    upcoming = next(audio, None)
                 if copies:
                     names = ", ".join(s.codec_context.name for s in audio_in)
-                    audio = f"copied from {audio_from.name} ({names}, not re-encoded)"
+                    said = f"copied from {audio_from.name} ({names}, not re-encoded)"
         except av.error.FFmpegError as err:
             raise EncodeError(f"{path}: encoding failed ({err})") from err
         finally:
@@ -112,18 +136,44 @@ def encode_frames(
                 source.close()
 
     atomic_write(path, write)
-    return Encoded(path, len(frames), float(rate), crf, pix_fmt, audio)
+    return said
 
 
-def audio_streams(path: Path) -> int:
-    """How many audio streams the video at `path` has (0 where it cannot be read)."""
+def _shifted_audio(source, audio_in, copies):
+    """(time in s, packet) of the audio streams, in file order, shifted by the input's video
+    start (so audio and video stay in step when the input does not start at 0)."""
+    video = source.streams.video[0] if source.streams.video else None
+    start = Fraction(0)
+    if video is not None and video.start_time is not None:
+        start = video.start_time * video.time_base
+    for packet in source.demux(*audio_in):
+        if packet.size == 0:  # the demuxer's end-of-stream packets
+            continue
+        base = packet.time_base
+        shift = round(start / base)
+        if packet.pts is not None:
+            packet.pts -= shift
+        if packet.dts is not None:
+            packet.dts -= shift
+        at = (packet.pts if packet.pts is not None else packet.dts or 0) * base
+        packet.stream = copies[packet.stream.index]
+        yield at, packet
+
+
+def audio_codecs(path: Path) -> list[str]:
+    """The codecs of the audio streams of the video at `path` (none where it cannot be read)."""
     import av
 
     try:
         with av.open(str(path)) as container:
-            return len(container.streams.audio)
+            return [s.codec_context.name for s in container.streams.audio]
     except av.error.FFmpegError:
-        return 0
+        return []
+
+
+def audio_streams(path: Path) -> int:
+    """How many audio streams the video at `path` has (0 where it cannot be read)."""
+    return len(audio_codecs(path))
 
 
 def _format(path: Path) -> str:
@@ -131,10 +181,13 @@ def _format(path: Path) -> str:
 
 
 def _read_rgb(path: Path, size: tuple[int, int], index: int) -> np.ndarray:
-    with Image.open(path) as image:
-        if image.size != size:
-            raise EncodeError(
-                f"{path}: frame {index} is {image.size[0]}x{image.size[1]}, the video's "
-                f"{size[0]}x{size[1]}"
-            )
-        return np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            if image.size != size:
+                raise EncodeError(
+                    f"{path}: frame {index} is {image.size[0]}x{image.size[1]}, the video's "
+                    f"{size[0]}x{size[1]}"
+                )
+            return np.asarray(image.convert("RGB"))
+    except OSError as err:  # missing, truncated, not an image
+        raise EncodeError(f"{path}: frame {index} unreadable ({err})") from err

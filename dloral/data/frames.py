@@ -7,7 +7,6 @@ a source knows its frame names and size up front and decodes one frame at a time
 from __future__ import annotations
 
 import collections
-import itertools
 import os
 import queue
 import re
@@ -76,8 +75,7 @@ class FrameSource:
         """Yield (name, frame) in order from frame `start`; one frame decoded at a time (a
         folder reads no file before `start`; a video decodes the frames before it, unshown)."""
         if self.is_video:
-            frames = _decode_video(self.path, self.names, self.size)
-            yield from itertools.islice(frames, start, None)
+            yield from _decode_video(self.path, self.names, self.size, start)
         else:
             for name in self.names[start:]:
                 yield name, self._read_file(name)
@@ -275,7 +273,8 @@ def _probe_video(path: Path) -> FrameSource:
     return FrameSource(path, names, size, fps)
 
 
-def _decode_video(path: Path, names: tuple[str, ...], size: tuple[int, int]):
+def _decode_video(path: Path, names: tuple[str, ...], size: tuple[int, int], start: int = 0):
+    """Decode in order; frames before `start` are decoded (a codec has to) but not converted."""
     import av
 
     produced = 0
@@ -284,7 +283,8 @@ def _decode_video(path: Path, names: tuple[str, ...], size: tuple[int, int]):
             for frame in container.decode(video=0):
                 if produced == len(names):
                     break
-                yield names[produced], to_tensor(frame.to_ndarray(format="rgb24"))
+                if produced >= start:
+                    yield names[produced], to_tensor(frame.to_ndarray(format="rgb24"))
                 produced += 1
     except av.error.FFmpegError as err:
         raise FrameError(f"{path}: decoding failed at frame {produced} ({err})") from err
