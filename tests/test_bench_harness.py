@@ -470,20 +470,27 @@ def test_first_frame_skip_scores_only_frames_the_output_has(udm, tmp_path):
     assert xt.shape[0] == FRAMES and not xt[0].any() and xt[1:].any()  # no frame 0: black row
 
 
-def test_a_models_outputs_are_kept_and_not_run_again(udm, tmp_path, monkeypatch):
-    """DLoRAL's frames go to <out>/outputs and a second run scores them without running the
-    model; a changed frame, another seed or --force run it again; the kept folder also scores
-    as a folder method, to the same values."""
+@pytest.fixture()
+def passes(monkeypatch) -> list[int]:
+    """The frames of every pass DLoRAL's model makes (warm-up, timed or untimed), in order."""
     from dloral.bench.methods import DLoRALMethod
 
-    suite_path = write_suite(tmp_path, udm, ["dloral:tiny"], ["psnr", "ewarp"])
-    suite, out = load_suite(suite_path), tmp_path / "out"
-    passes, real_pass = [], DLoRALMethod._pass
+    made, real_pass = [], DLoRALMethod._pass
     monkeypatch.setattr(
         DLoRALMethod,
         "_pass",
-        lambda self, n, lq, s: passes.append(len(n)) or real_pass(self, n, lq, s),
+        lambda self, n, lq, s: made.append(len(n)) or real_pass(self, n, lq, s),
     )
+    return made
+
+
+def test_a_models_outputs_are_kept_and_not_run_again(udm, tmp_path, passes):
+    """DLoRAL's frames go to <out>/outputs and a second run scores them without running the
+    model; a changed frame, another seed or --force run it again; the kept folder also scores
+    as a folder method, to the same values."""
+
+    suite_path = write_suite(tmp_path, udm, ["dloral:tiny"], ["psnr", "ewarp"])
+    suite, out = load_suite(suite_path), tmp_path / "out"
     first = harness.run_bench(suite, out_dir=out, tracking=False)
     assert passes == [2] + [FRAMES] * 3 * 2  # a warm-up, then 3 timed passes per clip
     kept = out / "outputs" / "dloral-tiny" / "mini"
@@ -559,19 +566,11 @@ def test_a_models_outputs_are_kept_and_not_run_again(udm, tmp_path, monkeypatch)
     assert not (tmp_path / "n" / "outputs").exists()
 
 
-def test_latency_clips_times_only_the_first_clips_of_each_dataset(udm, tmp_path, monkeypatch):
-    from dloral.bench.methods import DLoRALMethod
-    from dloral.bench.suite import SuiteError
+def test_latency_clips_times_only_the_first_clips_of_each_dataset(udm, tmp_path, passes):
 
     toml = suite_toml(udm, ["bicubic", "dloral:tiny"], ["psnr"])
     path = tmp_path / "suite.toml"
     path.write_text(toml.replace("batch_size = 4", "batch_size = 4\nlatency_clips = 1"))
-    passes, real_pass = [], DLoRALMethod._pass
-    monkeypatch.setattr(
-        DLoRALMethod,
-        "_pass",
-        lambda self, n, lq, s: passes.append(len(n)) or real_pass(self, n, lq, s),
-    )
     res = harness.run_bench(load_suite(path), out_dir=tmp_path / "out", tracking=False)
     assert passes == [2, FRAMES, FRAMES, FRAMES, FRAMES]  # clipA: warm-up + 3 timed; clipB: 1
     lat = res.table[res.table["kind"] == "latency"]
@@ -586,20 +585,11 @@ def test_latency_clips_times_only_the_first_clips_of_each_dataset(udm, tmp_path,
         load_suite(path)
 
 
-def test_a_kept_output_timed_otherwise_is_made_again_for_a_clip_timed_now(
-    udm, tmp_path, monkeypatch
-):
-    from dloral.bench.methods import DLoRALMethod
+def test_a_kept_output_timed_otherwise_is_made_again_for_a_clip_timed_now(udm, tmp_path, passes):
 
     toml = suite_toml(udm, ["dloral:tiny"], ["psnr"])
     path, out = tmp_path / "suite.toml", tmp_path / "out"
     path.write_text(toml.replace("batch_size = 4", "batch_size = 4\nlatency_clips = 1"))
-    passes, real_pass = [], DLoRALMethod._pass
-    monkeypatch.setattr(
-        DLoRALMethod,
-        "_pass",
-        lambda self, n, lq, s: passes.append(len(n)) or real_pass(self, n, lq, s),
-    )
     harness.run_bench(load_suite(path), out_dir=out, tracking=False)
     path.write_text(toml)  # every clip timed now: clipB's kept output has no latency
     passes.clear()
