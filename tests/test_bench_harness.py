@@ -567,7 +567,6 @@ def test_a_models_outputs_are_kept_and_not_run_again(udm, tmp_path, passes):
 
 
 def test_latency_clips_times_only_the_first_clips_of_each_dataset(udm, tmp_path, passes):
-
     toml = suite_toml(udm, ["bicubic", "dloral:tiny"], ["psnr"])
     path = tmp_path / "suite.toml"
     path.write_text(toml.replace("batch_size = 4", "batch_size = 4\nlatency_clips = 1"))
