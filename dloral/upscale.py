@@ -456,20 +456,15 @@ def _ended_unrecorded(earlier: dict[str, Any], attempts: list[dict]) -> str:
 
 def _same_upscale(earlier: dict[str, Any], record: dict[str, Any], output: Path) -> None:
     """Refuse to go on from a record whose settings would give other frames, naming them."""
-    differ = [k for k in IDENTITY if earlier.get(k) != record[k]]
+    pairs = [(k, earlier.get(k), record[k]) for k in IDENTITY]
     old_opts, new_opts = earlier.get("options", {}), record["options"]
-    differ += [
-        f"options.{k}"
+    pairs += [
+        (f"options.{k}", old_opts.get(k), new_opts.get(k))
         for k in sorted(set(old_opts) | set(new_opts))
-        if k not in SPEED_OPTIONS and old_opts.get(k) != new_opts.get(k)
+        if k not in SPEED_OPTIONS
     ]
-    if differ:
-        shown = []
-        for key in differ:
-            head, _, sub = key.partition(".")
-            old = earlier.get(head) if not sub else old_opts.get(sub)
-            new = record[head] if not sub else new_opts.get(sub)
-            shown.append(f"{key}: {old!r} there, {new!r} now")
+    shown = [f"{key}: {old!r} there, {new!r} now" for key, old, new in pairs if old != new]
+    if shown:
         raise UpscaleError(
             f"{output / RECORD}: the frames there were made with other settings ("
             + "; ".join(shown)

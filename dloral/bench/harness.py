@@ -299,16 +299,19 @@ def _score_method(
         key = output_key(runner.output_facts(job))
     # a clip timed here takes a kept output only with the latency of as many timed passes
     timed = suite.options.latency_repeats if job.timed else 0
-    output = store.get(runner.name, job, key, timed) if key and reuse else None
-    if output is not None and reused is not None:
-        reused(runner.name)
-    if output is None:
+    kept = store.get(runner.name, job, key, timed) if key and reuse else None
+    if kept is not None:
+        output, digest = kept  # its hash checked against the kept one
+        if reused is not None:
+            reused(runner.name)
+    else:
         output = runner.run(job)
         # scored as 8-bit frames, what its PNGs hold: as peers' outputs (folder methods) are
         # read, and as kept outputs are read back
         output.frames = quantized(output.frames)
+        digest = output_hash(output.frames)
         if key:
-            store.put(runner.name, job, key, output, output_hash(output.frames), timed)
+            store.put(runner.name, job, key, output, digest, timed)
     covered = output.names if output.names is not None else job.names
     index = [job.names.index(n) for n in covered]
     if not index or index != list(range(index[0], index[0] + len(index))):
@@ -324,7 +327,6 @@ def _score_method(
             shown = output.frames.new_zeros(len(job.names), *output.frames.shape[1:])
             shown[index] = output.frames
         keep(runner.name, shown)
-    digest = output_hash(output.frames)
     records = _latency_rows(job, runner.name, output, digest, suite, device, infos)
     computed = cached = 0
     # one quantisation of the clip for all of psnr/ssim/..., one flow per pair for all metrics

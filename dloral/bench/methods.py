@@ -122,8 +122,7 @@ class _Timed:
                 f"{self.name}: {job.dataset} clip {job.clip!r} has no LQ frames to upscale"
             )
         if not job.timed:  # the output only
-            frames = self._pass(names, lq, scale).float().cpu().clamp(0, 1)
-            return self._output(job, frames, None, None, "")
+            return self._output(job, self._pass(names, lq, scale), None, None, "")
         if not self._warm:
             self._pass(names[:WARMUP_FRAMES], lq[:WARMUP_FRAMES], scale)
             synchronize(self.device)
@@ -140,11 +139,13 @@ class _Timed:
         if memory.peak_bytes is not None:
             peak = (memory.peak_bytes + self.resident_bytes()) / 2**30
         kind = f"this method's model tensors + {memory.kind}"
-        return self._output(job, out.float().cpu().clamp(0, 1), seconds, peak, kind)
+        return self._output(job, out, seconds, peak, kind)
 
-    def _output(self, job, frames, seconds, peak, kind) -> MethodOutput:
-        """Checked against the clip: frame count and size; the latency over `seconds`."""
+    def _output(self, job, out, seconds, peak, kind) -> MethodOutput:
+        """The frames on the host, checked against the clip (count and size); the latency over
+        `seconds` (none: untimed)."""
         names, scale = job.names, job.scale
+        frames = out.float().cpu().clamp(0, 1)
         covered = names[1:] if self.first_frame == "skip" else names
         if len(frames) != len(covered):
             raise MethodError(

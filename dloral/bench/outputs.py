@@ -49,10 +49,12 @@ class OutputStore:
     def folder(self, method: str, job: ClipJob) -> Path:
         return self.root / _safe(method) / _safe(job.dataset) / _safe(job.clip)
 
-    def get(self, method: str, job: ClipJob, key: str, timed: int = 0) -> MethodOutput | None:
-        """The kept output for `key`; None where there is none, it was made otherwise, a frame
-        is missing or changed, or `timed` (the timed passes this run wants) differs from the
-        passes it was timed with (then it is computed again and replaced)."""
+    def get(
+        self, method: str, job: ClipJob, key: str, timed: int = 0
+    ) -> tuple[MethodOutput, str] | None:
+        """The kept output for `key` and its hash; None where there is none, it was made
+        otherwise, a frame is missing or changed, or `timed` (the timed passes this run wants)
+        differs from the passes it was timed with (then it is computed again and replaced)."""
         folder = self.folder(method, job)
         try:
             record = json.loads((folder / RECORD).read_text())
@@ -67,10 +69,11 @@ class OutputStore:
             frames = torch.stack([read_image(folder / output_name(n)) for n in names])
         except (FrameError, OSError, RuntimeError):
             return None
-        if output_hash(frames) != record["output_hash"]:
+        digest = output_hash(frames)
+        if digest != record["output_hash"]:
             return None
         seconds_range = record.get("seconds_range")
-        return MethodOutput(
+        output = MethodOutput(
             frames,
             record.get("seconds_per_frame"),
             tuple(seconds_range) if seconds_range else None,
@@ -79,6 +82,7 @@ class OutputStore:
             names,
             record.get("first_frame", "self"),
         )
+        return output, digest
 
     def put(
         self, method: str, job: ClipJob, key: str, output: MethodOutput, digest: str, timed: int

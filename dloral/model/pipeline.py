@@ -281,10 +281,8 @@ class VideoUpscaler:
         if self.opt.previous == "reencode":
             with self._stage("vae_encode"):
                 # a new draw for the previous frame, as the reference's re-encoding
-                prev = [i - 1 for i in indices[len(indices) - len(prev_lq) :]]
-                prev_lat = model.encode(
-                    prev_lq, self._noise([max(i, 0) for i in prev], 1), self.opt.sample_latent
-                )
+                prev = [max(i - 1, 0) for i in indices[len(indices) - len(prev_lq) :]]
+                prev_lat = model.encode(prev_lq, self._noise(prev, 1), self.opt.sample_latent)
         with self._restore_timed():
             restored = restore_tiled(
                 model.restore_latent,
