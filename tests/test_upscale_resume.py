@@ -150,15 +150,22 @@ def test_a_second_run_goes_on_and_gives_an_uninterrupted_runs_frames(bikes_folde
 def test_other_settings_are_refused_naming_them_and_force_starts_over(bikes_folder, tmp_path):
     out_dir = tmp_path / "sr"
     assert _upscale(bikes_folder, out_dir, "--frames", "2")[0] == 0
-    code, out = _upscale(bikes_folder, out_dir, "--color-fix", "wavelet", "--seed", "3")
+    assert _record(out_dir)["options"]["tile"] == 1968  # the default, recorded as its size
+    code, out = _upscale(
+        bikes_folder, out_dir, "--color-fix", "wavelet", "--seed", "3", "--previous", "reencode"
+    )
     assert code == 2, out
     assert "options.color_fix: 'adain' there, 'wavelet' now" in out
+    assert "options.previous: 'carry' there, 'reencode' now" in out
     assert "options.seed: 0 there, 3 now" in out and "--force" in out
     assert len(_pngs(out_dir)) == 2  # nothing touched
-    code, out = _upscale(bikes_folder, out_dir, "--color-fix", "wavelet", "--force")
+    code, out = _upscale(
+        bikes_folder, out_dir, "--color-fix", "wavelet", "--previous", "reencode", "--force"
+    )
     assert code == 0, out
     record = _record(out_dir)
     assert record["options"]["color_fix"] == "wavelet" and len(record["attempts"]) == 1
+    assert record["options"]["previous"] == "reencode"
     assert record["frames"] == 4 and "kept" not in out
 
 

@@ -114,6 +114,19 @@ class DLoRALConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+# The reference wraps its VAE in a tiled-VAE hook (src/my_utils/vaehook.py) that runs the decoder
+# whole unless a latent side exceeds its tile (224, --vae_decoder_tiled_size) plus twice its
+# padding (11): 246 latent positions, 1968 output pixels (its encoder's limit is higher still).
+# Below this the VAE works on the whole frame, as the reference's; above it diffusers' tiling
+# normalises each tile on its own, where the reference's hook shares the GroupNorm statistics.
+REFERENCE_VAE_TILE = 8 * (224 + 2 * 11)
+
+
+def vae_tile(tile: int | None) -> int:
+    """The VAE tile in output pixels that the `tile` option asks for (0: never tiled)."""
+    return REFERENCE_VAE_TILE if tile is None else tile
+
+
 FIRST_FRAME = ("self", "skip")
 SIZE_TO_8 = ("pad", "lanczos")
 PREVIOUS = ("carry", "reencode")
@@ -125,9 +138,10 @@ class UpscaleOptions:
     scale: int = 4
     color_fix: str = "adain"  # the reference's default
     batch_size: int = 4  # frames encoded/restored/decoded together
-    tile: int | None = None  # VAE tile in output pixels; None: 8 * latent_tile when the latent
-    # is tiled (memory flat in frame size), else none; 0: never
-    process_size: int = 512  # LQ whose short side * scale is below this is enlarged first
+    # VAE tile in output pixels, tiled only where a side exceeds it; None: REFERENCE_VAE_TILE;
+    # 0: never
+    tile: int | None = None
+    process_size: int = 512  # LQ whose short side is below process_size // scale is enlarged first
     sample_latent: bool = True  # draw from the VAE posterior as the reference does
     seed: int = 0
     latent_tile: int = 96  # CFR + UNet on tiles above this many latent pixels squared; 0: never

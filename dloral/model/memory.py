@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from dloral.model.config import vae_tile
 from dloral.model.tiling import needs_tiling, tile_grid
 
 GIB = 2**30
@@ -83,7 +84,7 @@ class Settings:
 
     batch_size: int
     latent_tile: int  # 0: never tiled
-    tile: int | None  # VAE tile, pixels; None: 8 x latent_tile where the latent is tiled; 0: never
+    tile: int | None  # VAE tile, pixels; None: the reference's (REFERENCE_VAE_TILE); 0: never
     latent_overlap: int = 32
     tile_batch: int = 1  # latent tiles per CFR + UNet call: that many tiles' activations at once
 
@@ -112,9 +113,7 @@ def working_areas(
     height, width = size
     h, w = height // 8, width // 8
     latent_tiled = needs_tiling(h, w, settings.latent_tile)
-    tile = settings.tile
-    if tile is None:
-        tile = 8 * settings.latent_tile if latent_tiled else 0
+    tile = vae_tile(settings.tile)
     vae = (min(tile, height), min(tile, width)) if tile else (height, width)
     if latent_tiled:
         t = min(settings.latent_tile, h, w)
@@ -240,16 +239,21 @@ def check_fits(
 
 def _fitting(size, settings, profile, dtype, device_type, free, flags):
     """The first change of the caller's settings (as its flags) whose estimate fits in `free`:
-    smaller latent tiles (VAE tiles following them), then smaller batches, then both."""
+    one latent tile per call, VAE tiles of 8 latent tiles, smaller latent tiles (with VAE tiles
+    of their size), then smaller batches, then both."""
     tilings: list[tuple[dict, int, int | None]] = []
+    vae = vae_tile(settings.tile)
+    small_vae = 8 * (settings.latent_tile or 96)
+    if "tile" in flags and (vae == 0 or vae > small_vae):
+        tilings.append(({"tile": small_vae}, settings.latent_tile, small_vae))
     if "latent_tile" in flags:
         for t in (96, 64, 48):
             if (settings.latent_tile and t >= settings.latent_tile) or t <= settings.latent_overlap:
                 continue
-            if settings.tile is None:  # the VAE tile follows the latent tile
-                tilings.append(({"latent_tile": t}, t, None))
-            elif "tile" in flags:
+            if "tile" in flags:
                 tilings.append(({"latent_tile": t, "tile": 8 * t}, t, 8 * t))
+            else:
+                tilings.append(({"latent_tile": t}, t, settings.tile))
     batches = []
     if "batch_size" in flags:
         batches = sorted({max(1, settings.batch_size // 2**i) for i in range(1, 8)}, reverse=True)

@@ -4,14 +4,17 @@ For each frame: upsample the LQ frame by `scale` (PIL bicubic, as the reference)
 multiple of 8 (`size_to_8`: replicate-pad, or the reference's LANCZOS resize), VAE-encode,
 retrieve from the previous frame (CFR), one UNet step, decode, colour-fix towards the upsampled
 input. CFR and the UNet run on latent tiles above `latent_tile` x `latent_tile`
-(dloral.model.tiling, as the reference). `first_frame`: `self` pairs the first frame with itself
+(dloral.model.tiling, as the reference); the VAE works on the whole frame up to a side of
+REFERENCE_VAE_TILE (1968) pixels, where the reference's tiled VAE starts tiling, and on tiles of
+that size (`tile`) above it. `first_frame`: `self` pairs the first frame with itself
 (zero motion), so every input frame has an output; `skip` is the reference's test script, which
 pairs (t-1, t) and writes no output for frame 0.
 
 Memory is bounded by `batch_size` frames whatever the video's length: only the previous
 frame's LQ and latent are carried between batches; with latent tiling and VAE tiling (`tile`)
-it does not grow with the frame size either. Each frame is VAE-encoded once (`previous` carry);
-`previous="reencode"` encodes the previous frame again for every pair, as the reference does.
+it grows with the frame size only up to the tiles' size. Each frame is VAE-encoded once
+(`previous` carry); `previous="reencode"` encodes the previous frame again for every pair, as
+the reference does.
 Each frame's posterior noise comes from its own generator, seeded by (seed, frame index), so a
 frame's output does not depend on its batch, and a run resumed at frame t (`resume_at`) gives
 the frames of an uninterrupted one.
@@ -33,10 +36,10 @@ import torch.nn.functional as F
 
 from dloral.devices import synchronize, to_device
 from dloral.model.colorfix import color_fix
-from dloral.model.config import UpscaleOptions
+from dloral.model.config import UpscaleOptions, vae_tile
 from dloral.model.dloral import DLoRAL
 from dloral.model.prompts import PromptSource
-from dloral.model.tiling import needs_tiling, restore_tiled
+from dloral.model.tiling import restore_tiled
 from dloral.resize import resize_frames
 
 log = logging.getLogger(__name__)
@@ -124,12 +127,14 @@ class VideoUpscaler:
         self.prompt = prompt or PromptSource()
         self.stage_times: StageTimes | None = None
         self.prompt_text: str | None = None  # the text condition of the clip being upscaled
-        self._vae_tiling(self.opt.tile)
+        self._vae_tiling(vae_tile(self.opt.tile))
 
     def _stage(self, name: str):
         return self.stage_times(name) if self.stage_times is not None else nullcontext()
 
-    def _vae_tiling(self, tile: int | None) -> None:
+    def _vae_tiling(self, tile: int) -> None:
+        """diffusers' VAE tiling with tiles of `tile` output pixels (0: off); it tiles only a
+        frame with a side above the tile."""
         vae = self.model.vae
         if tile:
             vae.enable_tiling()
@@ -139,16 +144,24 @@ class VideoUpscaler:
             vae.disable_tiling()
 
     def geometry(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-        """LQ (h, w) -> (processing size, output size). Processing size is the upsampled size,
-        enlarged so its short side reaches process_size; it is then padded to a multiple of 8
-        (`pad`) or resized down to one (`lanczos`, see `model_size`)."""
+        """LQ (h, w) -> (processing size, output size). Processing size is the upsampled size;
+        an LQ frame whose short side is below process_size // scale is first enlarged to that
+        short side (`enlarged`), as the reference's test script. It is then padded to a multiple
+        of 8 (`pad`) or resized down to one (`lanczos`, see `model_size`)."""
         h, w = size
-        out = (h * self.opt.scale, w * self.opt.scale)
-        short = min(out)
-        if short < self.opt.process_size:
-            f = self.opt.process_size / short
-            return (round(out[0] * f), round(out[1] * f)), out
-        return out, out
+        r = self.opt.scale
+        enlarged = self.enlarged(size)
+        return (enlarged[0] * r, enlarged[1] * r), (h * r, w * r)
+
+    def enlarged(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The LQ size before the x scale upsampling: `size`, or for a small frame test_DLoRAL.py's
+        `int(scale * side)` with scale = (process_size // upscale) / short side."""
+        h, w = size
+        small = self.opt.process_size // self.opt.scale
+        if min(h, w) >= small:
+            return size
+        f = small / min(h, w)
+        return int(f * h), int(f * w)
 
     def model_size(self, proc: tuple[int, int]) -> tuple[int, int]:
         """The size the model sees: proc rounded up (pad) or down (lanczos, as the reference's
@@ -227,6 +240,9 @@ class VideoUpscaler:
         # Bicubic overshoots; the reference's LQ is a uint8 image, i.e. clipped to [0, 1].
         if self.opt.upsample_on == "device":
             frames = to_device(frames, self.device)
+        enlarged = self.enlarged(tuple(frames.shape[-2:]))
+        if enlarged != tuple(frames.shape[-2:]):  # a small frame: two bicubic resizes, as there
+            frames = resize_frames(frames, enlarged)
         lq = resize_frames(frames, proc)
         size = self.model_size(proc)
         if self.opt.size_to_8 == "lanczos":
@@ -251,10 +267,6 @@ class VideoUpscaler:
         with self._stage("lq_upsample"):
             lq, lq_model = self._prepare(torch.stack([f for _, _, f in batch]), proc)
         model = self.model
-        if self.opt.tile is None and state is None:  # auto: tile the VAE where the latent is
-            h, w = lq_model.shape[-2] // 8, lq_model.shape[-1] // 8
-            tiled = needs_tiling(h, w, self.opt.latent_tile)
-            self._vae_tiling(8 * self.opt.latent_tile if tiled else None)
         if state is None:
             with self._stage("prompt"):
                 if self.prompt_text is None:
