@@ -164,3 +164,29 @@ def test_not_an_official_checkpoint_names_missing_entries(tmp_path):
     torch.save({"state_dict_unet": {}}, tmp_path / "model.pkl")
     with pytest.raises(CheckpointError, match="state_dict_bpp"):
         import_official(tmp_path / "model.pkl", profile="tiny")
+
+
+def test_official_export_of_a_lora_alpha_other_than_8_imports_with_the_same_output(tmp_path):
+    """The file has no alpha; the importer reads it as the reference does (alpha 8) and the
+    export scaled lora_B by alpha/8, so the imported model restores what the source does."""
+    model = _trained_model(2, detail={"rank": 4, "alpha": 16}, consistency={"alpha": 16})
+    imported, report = import_official(
+        export_official(model, tmp_path / "model.pkl"), profile="tiny", overrides={"seed": 2}
+    )
+    assert report.clean and imported.cfg.detail.alpha == imported.cfg.consistency.alpha == 8
+    b = next(k for k in model.unet.state_dict() if ".lora_B.detail." in k)
+    assert torch.equal(imported.unet.state_dict()[b], 2 * model.unet.state_dict()[b])
+    assert torch.allclose(_restore(model), _restore(imported), atol=1e-5)
+
+
+def test_a_model_with_merged_loras_is_neither_exported_nor_saved(tmp_path):
+    """Merged, the base weights hold the LoRAs: written with the adapters, they would count
+    twice when loaded."""
+    model = _trained_model(3)
+    model.merge_lora()
+    for write, path in ((export_official, "model.pkl"), (save_checkpoint, "ck")):
+        with pytest.raises(CheckpointError, match="merged.*unmerge_lora"):
+            write(model, tmp_path / path)
+        assert not (tmp_path / path).exists()
+    model.unmerge_lora()
+    export_official(model, tmp_path / "model.pkl")

@@ -177,14 +177,31 @@ class ReferenceGeneratorEval:
 
 
 # ----- tests ------------------------------------------------------------------------------------
-def _trained_model(seed=3):
-    model = DLoRAL(DLoRALConfig.from_dict({"seed": seed}))
+REFERENCE_ADAPTERS = [
+    f"default_{g}_{k}" for k in ("consistency", "quality") for g in ("encoder", "decoder", "others")
+]
+
+
+def _trained_model(seed=3, **cfg):
+    model = DLoRAL(DLoRALConfig.from_dict({"seed": seed, **cfg}))
     g = torch.Generator().manual_seed(seed + 100)
     lora.randomize_lora_b(model.unet, generator=g)
     with torch.no_grad():
         for p in model.cfr.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
     return model
+
+
+def _unet_outputs(model, ref):
+    """Our UNet (both LoRAs active) and the reference's (all six adapters) on one input."""
+    set_weights_and_activate_adapters(ref.unet, REFERENCE_ADAPTERS, [1.0] * 6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 16, 16, generator=g)
+    text = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        ours = model.unet(x, model.timestep, encoder_hidden_states=text).sample
+        theirs = ref.unet(x, torch.tensor([1]), encoder_hidden_states=text).sample
+    return ours, theirs
 
 
 def test_reference_loader_with_load_cfr_reads_the_export(tmp_path):
@@ -203,17 +220,20 @@ def test_reference_loader_with_load_cfr_reads_the_export(tmp_path):
     assert "feat_extract.main.0.weight" in ref_cfr
 
     # the reference's UNet (six peft adapters) computes what ours does with both LoRAs active
-    set_weights_and_activate_adapters(
-        ref.unet,
-        ["default_encoder_consistency", "default_decoder_consistency",
-         "default_others_consistency", "default_encoder_quality",
-         "default_decoder_quality", "default_others_quality"],
-        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
-    )  # fmt: skip
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 8, 16, 16, generator=g)
-    text = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        ours = model.unet(x, model.timestep, encoder_hidden_states=text).sample
-        theirs = ref.unet(x, torch.tensor([1]), encoder_hidden_states=text).sample
+    ours, theirs = _unet_outputs(model, ref)
     assert torch.allclose(ours, theirs, atol=1e-5)  # ref's base UNet had other weights
+
+
+def test_reference_loader_keeps_a_lora_alpha_other_than_8(tmp_path):
+    """The file holds no alpha and the reference runs every adapter at 8/r: the export scales
+    lora_B by alpha/8, so the reference's UNet computes ours (alpha 16 is scale 4 at rank 4)."""
+    model = _trained_model(5, detail={"rank": 4, "alpha": 16}, consistency={"rank": 2, "alpha": 3})
+    sd = torch.load(export_official(model, tmp_path / "model.pkl"), weights_only=True)
+    ref = ReferenceGeneratorEval(build_backbone("tiny", seed=11).unet, sd, load_cfr=True)
+    layer = ref.unet.down_blocks[0].resnets[0].conv1
+    assert layer.scaling["default_encoder_quality"] == 8 / 4  # peft's default lora_alpha, 8
+    assert layer.scaling["default_encoder_consistency"] == 8 / 2
+
+    ours, theirs = _unet_outputs(model, ref)
+    assert ours.abs().max() > 1e-2  # the LoRAs move the output (conv_out starts at zero)
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -7,8 +7,9 @@ The official release is a `torch.save` dict (see `save_model` in the reference's
 src/DLoRAL_model.py): ranks and target lists for six adapters
 (`default_{encoder,decoder,others}_{quality,consistency}`; "quality" is the Detail-LoRA), the
 whole UNet state dict with peft keys (`state_dict_unet`), and the CFR state dict
-(`state_dict_bpp`). It is loaded with `weights_only=True` and mapped key by key; every key that
-does not map is reported.
+(`state_dict_bpp`). It holds no LoRA alpha: the reference's loader builds each adapter with
+peft's default, 8 (OFFICIAL_LORA_ALPHA). It is loaded with `weights_only=True` and mapped key by
+key; every key that does not map is reported.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from dloral.atomic import atomic_write
 from dloral.model.dloral import DLoRAL, DLoRALConfig
-from dloral.model.lora import LoRAConfig
+from dloral.model.lora import LoRAConfig, is_merged
 from dloral.model.spynet import spynet_state
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ CONFIG_FILE = "dloral_config.json"
 FORMAT = "dloral-checkpoint/1"
 
 OFFICIAL_LORA = {"quality": "detail", "consistency": "consistency"}
+# The reference's loader rebuilds each adapter with `LoraConfig(r=rank, ...)` and no lora_alpha:
+# peft's default (8 in the 0.9.0 it pins), so an adapter of the file runs at scale 8/rank.
+OFFICIAL_LORA_ALPHA = 8.0
 OFFICIAL_GROUPS = ("encoder", "decoder", "others")
 # CFR_model modules that the reference builds but never uses in its forward pass.
 OFFICIAL_UNUSED_CFR = (
@@ -83,9 +87,20 @@ def _trained_state(model: DLoRAL) -> dict[str, torch.Tensor]:
     return state
 
 
+def _refuse_merged(model: DLoRAL, what: str) -> None:
+    # Merged, the UNet's base weights (conv_in's, which a checkpoint keeps, among them) hold
+    # both LoRAs already: a loader adding the adapters again would apply them twice.
+    if is_merged(model.unet):
+        raise CheckpointError(
+            f"{what}: the model's LoRAs are merged into the UNet (merge_lora(), as for "
+            "inference), so its base weights hold them already; call model.unmerge_lora() first"
+        )
+
+
 def save_checkpoint(model: DLoRAL, folder: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `folder/dloral.safetensors` and `folder/dloral_config.json` atomically."""
     folder = Path(folder)
+    _refuse_merged(model, str(folder))
     state = {k: v.detach().to("cpu").contiguous() for k, v in _trained_state(model).items()}
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, {"format": FORMAT}))
     meta = {
@@ -243,7 +258,9 @@ def import_official(
     lora_cfgs = {}
     for theirs, ours in OFFICIAL_LORA.items():
         targets = [m for g in OFFICIAL_GROUPS for m in sd[f"unet_lora_{g}_modules_{theirs}"]]
-        lora_cfgs[ours] = LoRAConfig(rank=int(sd[f"lora_rank_unet_{theirs}"]), targets=targets)
+        lora_cfgs[ours] = LoRAConfig(
+            rank=int(sd[f"lora_rank_unet_{theirs}"]), alpha=OFFICIAL_LORA_ALPHA, targets=targets
+        )
     cfg = DLoRALConfig.from_dict({**(overrides or {}), "profile": profile})
     cfg.consistency, cfg.detail = lora_cfgs["consistency"], lora_cfgs["detail"]
     model = DLoRAL(cfg, load_spynet=False)  # the file holds the SPyNet the release used
@@ -328,8 +345,11 @@ def _unused_cfr_shapes(mid: int = 64) -> dict[str, tuple[int, ...]]:
 def export_official(model: DLoRAL, path: str | os.PathLike) -> Path:
     """Write a model in the official `model.pkl` layout. Used to test the importer and to hand
     weights to the reference scripts: the CFR modules the reference never runs are written as
-    zeros, so its loader with `--load_cfr` finds every parameter it copies."""
+    zeros, so its loader with `--load_cfr` finds every parameter it copies. The file has no
+    alpha (the reference's loader uses 8): each lora_B is scaled by alpha/8, so that the
+    reference's B'·A·8/r is our B·A·alpha/r. A model with merged LoRAs is refused."""
     path = Path(path)
+    _refuse_merged(model, str(path))
     theirs = {v: k for k, v in OFFICIAL_LORA.items()}
     sd: dict = {}
     for ours, name in theirs.items():
@@ -340,12 +360,16 @@ def export_official(model: DLoRAL, path: str | os.PathLike) -> Path:
             ]
     unet_state = {}
     for key, tensor in model.unet.state_dict().items():
+        tensor = tensor.detach().cpu().clone()
         m = re.search(r"\.(lora_[AB])\.(consistency|detail)\.", key)
         if m:
             module = key[: m.start()]
             adapter = f"default_{_official_group(module)}_{theirs[m.group(2)]}"
             key = f"{module}.{m.group(1)}.{adapter}.{key[m.end() :]}"
-        unet_state[key] = tensor.detach().cpu().clone()
+            scale = getattr(model.cfg, m.group(2)).alpha / OFFICIAL_LORA_ALPHA
+            if m.group(1) == "lora_B" and scale != 1:
+                tensor = (tensor.double() * scale).to(tensor.dtype)
+        unet_state[key] = tensor
     sd["state_dict_unet"] = unet_state
     cfr = {k: v.detach().cpu().clone() for k, v in model.cfr.state_dict().items()}
     sd["state_dict_bpp"] = {k: torch.zeros(s) for k, s in _unused_cfr_shapes().items()} | cfr
