@@ -494,6 +494,129 @@ def _train_on_workers(
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="dloral checkpoint: a run folder (its latest checkpoint), its "
+            "checkpoints/latest, or a checkpoints/step-XXXXXX folder.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="The model.pkl to write, in the official DLoRAL release's layout.",
+            show_default=False,
+        ),
+    ],
+    sd21_path: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local SD 2.1-base diffusers folder ($DLORAL_SD21_PATH) for an sd21 "
+            "checkpoint: the file holds the whole UNet, base weights included."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a trained checkpoint as the official release's model.pkl, for the reference's
+    scripts (test_DLoRAL.py --pretrained_path) or to publish in the release's layout."""
+    if not checkpoint.exists():
+        _fail(f"checkpoint {checkpoint}: no such file or folder")
+    if out.is_dir():
+        _fail(f"{out}: is a folder; give the path of the model.pkl to write")
+    if out.exists() and not force:
+        _fail(f"{out}: exists; --force replaces it")
+
+    from dloral.model import checkpoint as ckpt
+    from dloral.model.requirements import missing_weights, require_weights
+    from dloral.weights import WeightsMissing, sha256
+
+    if out.suffix not in ckpt.OFFICIAL_SUFFIXES:
+        _fail(
+            f"{out}: an official checkpoint's name ends in {', '.join(ckpt.OFFICIAL_SUFFIXES)} "
+            "(the release's model.pkl), so that --checkpoint and --method dloral: read it as one"
+        )
+    source = _checkpoint_folder(checkpoint)
+    overrides = {"sd21_path": str(sd21_path)} if sd21_path is not None else {}
+    try:
+        require_weights(
+            missing_weights(ckpt.checkpoint_config(source, overrides), spynet_from_checkpoint=True)
+        )
+        with console.status(escape(f"loading {source}")):
+            model, _ = ckpt.load_checkpoint(source, overrides=overrides)  # strict: every key
+            meta = json.loads((source / ckpt.CONFIG_FILE).read_text())
+        with console.status(escape(f"writing {out}")):
+            try:
+                ckpt.export_official(model, out)
+            except OSError as err:  # no permission, disk full: the temp file is removed
+                _fail(f"{out}: not written ({err})")
+    except (ckpt.CheckpointError, WeightsMissing, ValueError, KeyError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _stopped(f"{out} was not written (or replaced)")
+    step = f", step {meta['step']}" if "step" in meta else ""
+    loras = ", ".join(
+        f"{name} rank {c.rank} alpha {c.alpha:g}"
+        for name, c in (("consistency", model.cfg.consistency), ("detail", model.cfg.detail))
+    )
+    size = out.stat().st_size / 2**20
+    lines = [
+        f"{out} ({size:.1f} MiB, sha256 {sha256(out)})",
+        f"from {source}{step} ({ckpt.WEIGHTS_FILE} sha256 {ckpt.weights_sha256(source)})",
+        f"profile {model.profile}, backbone {model.weights}, SPyNet {model.spynet_weights}",
+        f"LoRAs: {loras}; written for the reference's alpha 8 (lora_B x alpha/8)",
+    ]
+    if model.profile == "sd21":
+        lines.append(
+            f"reference: src/test_DLoRAL.py --pretrained_path {out} --load_cfr (and SD 2.1-base "
+            "as --pretrained_model_path)"
+        )
+    else:
+        lines.append(
+            f"the reference's scripts need sd21; `dloral-exp upscale --profile {model.profile} "
+            f"--checkpoint {out}` reads this one (with the tiny VAE it was trained with)"
+        )
+    console.print("[green]exported:[/] " + escape("\n  ".join(lines)), soft_wrap=True)
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """The checkpoint folder PATH names: itself (or the folder of its weights file), or the
+    latest checkpoint of a run, found as `train --resume` finds it (checkpoints/latest)."""
+    from dloral.model.checkpoint import CONFIG_FILE, OFFICIAL_SUFFIXES, WEIGHTS_FILE
+    from dloral.train.recipe import STATE_FILE, latest_checkpoint
+
+    if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
+        _fail(
+            f"{path}: is an official DLoRAL checkpoint already; export writes that layout from "
+            "a dloral checkpoint folder (`upscale --checkpoint` reads this file as it is)"
+        )
+    if path.is_file() and path.name == WEIGHTS_FILE:
+        path = path.parent
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        return path
+    if path.is_file() and path.name == "latest":  # <run>/checkpoints/latest
+        run = path.parent.parent
+    elif path.is_dir() and (path / "latest").is_file():  # <run>/checkpoints
+        run = path.parent
+    elif path.is_dir() and (path / "checkpoints").is_dir():  # <run>
+        run = path
+    else:
+        _fail(
+            f"{path}: not a dloral checkpoint (no {CONFIG_FILE}): give a folder with "
+            f"{WEIGHTS_FILE} and {CONFIG_FILE} (a run's checkpoints/step-XXXXXX), a run's "
+            "checkpoints/latest, or the run folder"
+        )
+    folder = latest_checkpoint(run)
+    if folder is None:
+        pointer = run / "checkpoints" / "latest"
+        _fail(
+            f"{pointer}: no finished checkpoint (missing, or naming a folder without {STATE_FILE})"
+        )
+    return folder
+
+
+@app.command()
 def sweep(
     experiment: Annotated[
         str | None,

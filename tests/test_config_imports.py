@@ -71,6 +71,7 @@ commands = [
     ["bench", "--method", "nonsense", "--no-tracking"],
     ["upscale", clip, "--tile", "10"],
     ["data", "prepare", "--out", clip],
+    ["export", clip + ".missing", "model.pkl"],
 ]
 runner = CliRunner()
 results = [runner.invoke(app, c) for c in commands]
@@ -109,9 +110,9 @@ def test_loading_and_checking_configs_imports_no_heavy_library(tmp_path):
 
 def test_config_and_option_errors_of_every_command_import_no_heavy_library(tmp_path):
     out = _run(CLI, tmp_path)
-    assert out["codes"] == [2] * 9, out["outputs"]
+    assert out["codes"] == [2] * 10, out["outputs"]
     named = ["optim.lrr", "optim.lr", "optim.lrr", "nonexistent_experiment", "nonexistent_suite"]
-    named += ["nonsense", "nonsense", "tile", "not a folder"]
+    named += ["nonsense", "nonsense", "tile", "not a folder", "clip.mp4.missing"]
     for text, name in zip(out["outputs"], named, strict=True):
         assert "error" in text and name in text, text
     assert _heavy(out["modules"]) == []

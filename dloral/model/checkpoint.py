@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "dloral.safetensors"
 CONFIG_FILE = "dloral_config.json"
 FORMAT = "dloral-checkpoint/1"
+OFFICIAL_SUFFIXES = (".pkl", ".pt", ".pth")  # a file with one of these is the official layout
 
 OFFICIAL_LORA = {"quality": "detail", "consistency": "consistency"}
 # The reference's loader rebuilds each adapter with `LoraConfig(r=rank, ...)` and no lora_alpha:
@@ -125,7 +126,7 @@ def _resolve(path: Path) -> tuple[Path, Path]:
 
 
 def _is_official(path: Path) -> bool:
-    return path.suffix in (".pkl", ".pt", ".pth")
+    return path.suffix in OFFICIAL_SUFFIXES
 
 
 def _read_meta(path: Path) -> tuple[Path, dict]:
