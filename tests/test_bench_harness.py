@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dloral.bench import harness
-from dloral.bench.methods import FolderMethod, MethodError, output_hash
+from dloral.bench.methods import FolderMethod, MethodError, build_method, output_hash
 from dloral.bench.suite import SuiteError, load_suite, parse_suite
 from dloral.bench.visuals import read_index
 from dloral.data.frames import read_image, to_uint8, write_png
@@ -329,6 +329,22 @@ def test_suite_errors_name_file_key_and_valid_choices(udm, tmp_path, monkeypatch
                 "options": {"flow": "pwc"},
             }
         )
+    reference_like = {"first_frame": "skip", "size_to_8": "lanczos", "previous": "reencode"}
+    table = {
+        "suite": {"name": "x"},
+        "datasets": [{"name": "d", "kind": "udm10", "root": str(udm)}],
+        "methods": {"names": ["dloral:tiny-random"]},
+        "metrics": {"names": ["psnr"]},
+        "options": reference_like,
+    }
+    with pytest.raises(SuiteError, match=r"\[options\] previous='again'; valid: carry, reencode"):
+        parse_suite({**table, "options": {**reference_like, "previous": "again"}})
+    # the reference's inference switches reach DLoRAL's pipeline and its description
+    suite = parse_suite(table)
+    method = build_method("dloral:tiny-random", device="cpu", options=suite.options)
+    opt = method._upscaler(4).opt
+    assert (opt.first_frame, opt.size_to_8, opt.previous) == ("skip", "lanczos", "reencode")
+    assert reference_like.items() <= method.describe()["options"].items()
 
 
 def test_mlflow_run_finished_with_aggregates_and_killed_on_interrupt(udm, tmp_path, monkeypatch):

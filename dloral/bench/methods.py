@@ -234,10 +234,12 @@ class DLoRALMethod(_Timed):
         process_size: int = 512,
         batch_size: int = 4,
         first_frame: str = "self",
+        size_to_8: str = "pad",
+        previous: str = "carry",
     ) -> None:
         super().__init__()
         self.name, self.source, self.repeats = label, source, repeats
-        self.first_frame = first_frame
+        self.first_frame, self.size_to_8, self.previous = first_frame, size_to_8, previous
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(self.device)
         self.seed, self.process_size, self.batch_size = seed, process_size, batch_size
@@ -302,6 +304,8 @@ class DLoRALMethod(_Timed):
                 process_size=self.process_size,
                 seed=self.seed,
                 first_frame=self.first_frame,
+                size_to_8=self.size_to_8,
+                previous=self.previous,
             )
             self._upscalers[scale] = VideoUpscaler(self._load(), self.device, self.dtype, opts)
         return self._upscalers[scale]
@@ -336,6 +340,8 @@ class DLoRALMethod(_Timed):
                 "color_fix": "adain",
                 "lora": "merged",
                 "first_frame": self.first_frame,
+                "size_to_8": self.size_to_8,
+                "previous": self.previous,
             },
         }
 
@@ -507,4 +513,6 @@ def build_method(spec: str, *, device: str = "auto", options=None) -> Method | F
         process_size=options.process_size if options else 512,
         batch_size=options.batch_size if options else 4,
         first_frame=options.first_frame if options else "self",
+        size_to_8=options.size_to_8 if options else "pad",
+        previous=options.previous if options else "carry",
     )

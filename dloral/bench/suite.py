@@ -7,7 +7,7 @@ A suite is a TOML file (see benchmarks/*.toml):
     [methods]    names = ["bicubic", "dloral:tiny", "folder:peer=/path/to/outputs"]
     [metrics]    names = ["psnr", "ssim_y", "lpips", "ewarp", ...]
     [options]    crop_border, flow, device, latency_repeats, latency_clips, seed, process_size,
-                 batch_size
+                 batch_size, first_frame, size_to_8, previous (the last five: DLoRAL's)
 
 `root` may hold `${ENV_VAR}` (an unset variable is an error naming it and the expected layout)
 or be "embedded:<set>" (the embedded real-clip sets, prepared on first use). Relative roots are
@@ -24,6 +24,7 @@ from pathlib import Path
 from dloral.bench.registry import METRICS, resolve
 from dloral.config import build, check_keys, find_named_toml, read_toml
 from dloral.data.config import KINDS
+from dloral.model.config import FIRST_FRAME, PREVIOUS, SIZE_TO_8
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 EMBEDDED_PREFIX = "embedded:"
@@ -90,6 +91,8 @@ class Options:
     process_size: int = 512  # dloral: the reference's minimum processing short side
     batch_size: int = 4  # dloral: frames upscaled together
     first_frame: str = "self"  # dloral: "skip" writes no output for frame 0 (the reference)
+    size_to_8: str = "pad"  # dloral: "lanczos" resizes to a multiple of 8 (the reference)
+    previous: str = "carry"  # dloral: "reencode" encodes the previous frame per pair (ditto)
 
 
 @dataclass(frozen=True)
@@ -230,8 +233,15 @@ def _options(where: str, table: dict) -> Options:
         _at_least(at, key, getattr(opts, key), 1)
     if opts.flow not in FLOW_KINDS:
         raise SuiteError(f"{where}: [options] flow={opts.flow!r}; valid: {', '.join(FLOW_KINDS)}")
-    if opts.first_frame not in ("self", "skip"):
-        raise SuiteError(f"{where}: [options] first_frame={opts.first_frame!r}; valid: self, skip")
+    for key, valid in (
+        ("first_frame", FIRST_FRAME),
+        ("size_to_8", SIZE_TO_8),
+        ("previous", PREVIOUS),
+    ):
+        if getattr(opts, key) not in valid:
+            raise SuiteError(
+                f"{where}: [options] {key}={getattr(opts, key)!r}; valid: {', '.join(valid)}"
+            )
     return opts
 
 
