@@ -313,6 +313,167 @@ def test_csd_timesteps_in_range(tiny_unet, csd_inputs):
     assert (narrow.sample_timesteps(50, "cpu") == 300).all()
 
 
+class _ReferenceCSD:
+    """Literal: yjsunnn/DLoRAL@40c1308 src/DLoRAL_model.py `CSDLoss` (forward_latent, eps_to_mu,
+    cal_csd, stopgrad); the teacher runs in `dtype` (the reference's fp16 casts) so that it
+    runs on CPU here."""
+
+    def __init__(self, unet_fix, sched, dtype=torch.float32):
+        self.unet_fix, self.sched, self.dtype = unet_fix, sched, dtype
+
+    def forward_latent(self, model, latents, timestep, prompt_embeds):
+        noise_pred = model(
+            latents,
+            timestep=timestep,
+            encoder_hidden_states=prompt_embeds,
+        ).sample
+
+        return noise_pred
+
+    def eps_to_mu(self, scheduler, model_output, sample, timesteps):
+        alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
+        alpha_prod_t = alphas_cumprod[timesteps]
+        while len(alpha_prod_t.shape) < len(sample.shape):
+            alpha_prod_t = alpha_prod_t.unsqueeze(-1)
+        beta_prod_t = 1 - alpha_prod_t
+        pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (
+            0.5
+        )
+        return pred_original_sample
+
+    def cal_csd(
+        self,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        args,
+        noise_csd,
+    ):
+        bsz = latents.shape[0]
+        min_dm_step = int(self.sched.config.num_train_timesteps * args.min_dm_step_ratio)
+        max_dm_step = int(self.sched.config.num_train_timesteps * args.max_dm_step_ratio)
+
+        timestep = torch.randint(min_dm_step, max_dm_step, (bsz,), device=latents.device).long()
+        # noise = torch.randn_like(latents)
+        noise = noise_csd
+        noisy_latents = self.sched.add_noise(latents, noise, timestep)
+
+        with torch.no_grad():
+            noisy_latents_input = torch.cat([noisy_latents] * 2)
+            timestep_input = torch.cat([timestep] * 2)
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
+            noise_pred = self.forward_latent(
+                self.unet_fix,
+                latents=noisy_latents_input.to(dtype=self.dtype),
+                timestep=timestep_input,
+                prompt_embeds=prompt_embeds.to(dtype=self.dtype),
+            )
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + args.cfg_csd * (noise_pred_text - noise_pred_uncond)
+            noise_pred.to(dtype=torch.float32)
+            noise_pred_uncond.to(dtype=torch.float32)
+
+            pred_real_latents = self.eps_to_mu(self.sched, noise_pred, noisy_latents, timestep)
+            pred_fake_latents = self.eps_to_mu(
+                self.sched, noise_pred_uncond, noisy_latents, timestep
+            )
+
+        weighting_factor = torch.abs(latents - pred_real_latents).mean(dim=[1, 2, 3], keepdim=True)
+
+        grad = (pred_fake_latents - pred_real_latents) / weighting_factor
+        loss = F.mse_loss(latents, self.stopgrad(latents - grad))
+
+        return loss
+
+    def stopgrad(self, x):
+        return x.detach()
+
+
+@pytest.fixture()
+def two_pair_batch():
+    """2 samples x 2 frame pairs of latents, sample-major as restore_clip makes them, with
+    each sample's own positive prompt and one shared negative prompt."""
+    g = torch.Generator().manual_seed(10)
+    latents = torch.randn(2 * 2, 4, 8, 8, generator=g)
+    pos = torch.randn(2, 77, 32, generator=g)
+    neg = torch.randn(1, 77, 32, generator=g)
+    return latents, pos, neg
+
+
+def _recorded_noise(csd, monkeypatch):
+    """The noise every call of `csd` adds, in the order of its latents."""
+    seen = []
+    add_noise = csd.scheduler.add_noise
+
+    def spy(original, noise, timesteps):
+        seen.append(noise.clone())
+        return add_noise(original, noise, timesteps)
+
+    monkeypatch.setattr(csd.scheduler, "add_noise", spy)
+    return seen
+
+
+def test_csd_pairs_of_a_sample_share_their_noise_as_the_reference(
+    tiny_unet, two_pair_batch, monkeypatch
+):
+    from types import SimpleNamespace
+
+    latents, pos, neg = two_pair_batch
+    csd = CSDLoss(tiny_unet, cfg_scale=7.5, min_step_ratio=0.02, max_step_ratio=0.5)
+    seen = _recorded_noise(csd, monkeypatch)
+    ours_in = latents.clone().requires_grad_(True)
+    pos_per_latent = pos.repeat_interleave(2, dim=0)
+    ours = csd.pair_losses(
+        ours_in, pos_per_latent, neg, 2, generator=torch.Generator().manual_seed(3)
+    )
+    ours.sum().backward()
+    noise = seen[0].view(2, 2, 4, 8, 8)  # (sample, pair, ...)
+    assert torch.equal(noise[:, 0], noise[:, 1])  # the pairs of a sample: one noise
+    assert not torch.equal(noise[0, 0], noise[1, 0])  # the samples: their own
+    t = csd.last_timesteps.view(2, 2)
+    assert len(set(t.flatten().tolist())) > 1  # a timestep per latent
+
+    # the reference's step: one noise_csd for both cal_csd calls, each drawing its timesteps
+    draws = iter([t[:, 0], t[:, 1]])
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: next(draws))
+    net_csd = _ReferenceCSD(tiny_unet, sd21_ddpm_scheduler())
+    args = SimpleNamespace(min_dm_step_ratio=0.02, max_dm_step_ratio=0.5, cfg_csd=7.5)
+    ref_in = latents.clone().requires_grad_(True)
+    latents_pred1, latents_pred2 = ref_in.view(2, 2, 4, 8, 8).unbind(1)
+    prompt_embeds, neg_prompt_embeds = pos, neg.expand(2, -1, -1)
+    lambda_vsd = 1.0
+    noise_csd = noise[:, 0]  # torch.randn_like(latents_pred1): the noise our call drew
+    loss_csd = (
+        net_csd.cal_csd(latents_pred1, prompt_embeds, neg_prompt_embeds, args, noise_csd)
+        * lambda_vsd
+    )
+    loss_csd_2 = (
+        net_csd.cal_csd(latents_pred2, prompt_embeds, neg_prompt_embeds, args, noise_csd)
+        * lambda_vsd
+    )
+    (loss_csd + loss_csd_2).backward()
+
+    assert torch.allclose(ours, torch.stack([loss_csd, loss_csd_2]).detach(), rtol=1e-5)
+    assert torch.allclose(ours_in.grad, ref_in.grad, rtol=1e-4, atol=1e-4 * ref_in.grad.abs().max())
+
+
+def test_csd_pair_losses_add_up_to_pairs_times_the_mse_over_all_latents(
+    tiny_unet, two_pair_batch, monkeypatch
+):
+    latents, pos, neg = two_pair_batch
+    pos = pos.repeat_interleave(2, dim=0)
+    csd = CSDLoss(tiny_unet)
+    seen = _recorded_noise(csd, monkeypatch)
+    per_pair = csd.pair_losses(latents, pos, neg, 2, generator=torch.Generator().manual_seed(4))
+    assert per_pair.shape == (2,) and (per_pair > 0).all()
+    t = csd.last_timesteps
+    monkeypatch.setattr(csd, "sample_timesteps", lambda *a, **k: t)
+    whole = csd(latents, pos, neg, noise=seen[0])  # one mse over all 4 latents
+    assert per_pair.sum().item() == pytest.approx(2 * whole.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="3 pairs"):
+        csd.pair_losses(latents, pos, neg, 3)
+
+
 def test_csd_rejects_v_prediction(tiny_unet):
     from diffusers import DDPMScheduler
 

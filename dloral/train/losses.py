@@ -208,6 +208,9 @@ class CSDLoss(nn.Module):
     Only `latents` get a gradient. The UNet must be the original 4-channel SD UNet (not the
     LoRA'd 8-channel generator); it is set to eval with requires_grad False here and runs in its
     own dtype (the reference runs it in fp16); the x0 algebra is done in the latents' dtype.
+
+    Training calls `pair_losses`: the reference's one `cal_csd` per frame pair, where both pairs
+    of a sample get the same noise eps (one `noise_csd` per step) and each its own t.
     """
 
     def __init__(
@@ -251,6 +254,17 @@ class CSDLoss(nn.Module):
         )
         return t.to(device)
 
+    @staticmethod
+    def sample_noise(
+        like: torch.Tensor, n: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(n, *like.shape[1:]) standard normal noise in like's dtype, on like's device."""
+        gen_device = generator.device if generator is not None else like.device
+        shape = (n, *like.shape[1:])
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=like.dtype).to(
+            like.device
+        )
+
     def _x0(self, noisy: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         abar = self.scheduler.alphas_cumprod.to(device=noisy.device, dtype=noisy.dtype)[t]
         abar = abar.view(-1, *([1] * (noisy.dim() - 1)))
@@ -263,18 +277,20 @@ class CSDLoss(nn.Module):
         neg_embeds: torch.Tensor,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Scalar CSD loss for latents (B, 4, h, w); embeds (B or 1, 77, D) text states.
+        """CSD loss for latents (B, 4, h, w); embeds (B or 1, 77, D) text states. `reduction`
+        "mean": the scalar mse over all latents; "none": (B,), each latent's mean over its
+        (4, h, w) elements.
 
-        `generator` drives the timestep draw and, when `noise` is None, the noise.
+        `generator` drives the timestep draw and, when `noise` is None, the noise (drawn first).
         The drawn timesteps are kept in `self.last_timesteps`.
         """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
         b = latents.shape[0]
         if noise is None:
-            gen_device = generator.device if generator is not None else latents.device
-            noise = torch.randn(
-                latents.shape, generator=generator, device=gen_device, dtype=latents.dtype
-            ).to(latents.device)
+            noise = self.sample_noise(latents, b, generator)
         t = self.sample_timesteps(b, latents.device, generator)
         self.last_timesteps = t
         pos = pos_embeds.expand(b, *pos_embeds.shape[1:])
@@ -295,7 +311,33 @@ class CSDLoss(nn.Module):
             x0_fake = self._x0(noisy, eps_uncond, t)
             w = (z - x0_real).abs().mean(dim=list(range(1, z.dim())), keepdim=True)
             grad = (x0_fake - x0_real) / w
-        return F.mse_loss(latents, (latents - grad).detach())
+        if reduction == "mean":
+            return F.mse_loss(latents, (latents - grad).detach())
+        return F.mse_loss(latents, (latents - grad).detach(), reduction="none").flatten(1).mean(1)
+
+    def pair_losses(
+        self,
+        latents: torch.Tensor,
+        pos_embeds: torch.Tensor,
+        neg_embeds: torch.Tensor,
+        pairs: int,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(pairs,) CSD loss of each frame pair, as the reference's one `cal_csd` call per pair.
+
+        latents (B * pairs, 4, h, w) are sample-major, as `restore_clip` makes them (sample b's
+        pair k at b * pairs + k); embeds (B * pairs or 1, 77, D). Each sample's noise is drawn
+        once and shared by its pairs (the reference's one `noise_csd`); timesteps are drawn per
+        latent (one `torch.randint` per `cal_csd`). A pair's loss is the mse over its B latents.
+        """
+        n = latents.shape[0]
+        if pairs < 1 or n % pairs:
+            raise ValueError(f"{n} latents do not split into {pairs} pairs per sample")
+        noise = self.sample_noise(latents, n // pairs, generator).repeat_interleave(pairs, 0)
+        per_latent = self(
+            latents, pos_embeds, neg_embeds, generator=generator, noise=noise, reduction="none"
+        )
+        return per_latent.view(n // pairs, pairs).mean(0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,17 +208,12 @@ def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
             term = losses.temporal_consistency_loss(prev_p, cur_p, prev_g, cur_g, flow)
         out["consistency"] = p.consistency * term
     if p.stage == "detail" and p.csd > 0 and ctx["csd"] is not None:
-        b = latents.shape[0]
-        out["csd"] = (
-            p.csd
-            * pairs
-            * ctx["csd"](
-                latents,
-                per_pair(pos, gt.shape[0], pairs),
-                ctx["neg"].expand(b, -1, -1),
-                generator=gen,
-            )
+        # one cal_csd per pair in the reference, both pairs with the same noise: the sum of the
+        # pairs' losses (pairs x the mse over all latents)
+        pair_terms = ctx["csd"].pair_losses(
+            latents, per_pair(pos, gt.shape[0], pairs), ctx["neg"], pairs, generator=gen
         )
+        out["csd"] = p.csd * pair_terms.sum()
     out["total"] = sum(out.values())
     return out
 
