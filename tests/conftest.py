@@ -128,3 +128,28 @@ def data_roots(tmp_path_factory, bikes_path):
         write_png(gt, root / "val" / "GT" / "bikes" / f"{i:05d}.png")
         write_png(lq, root / "val" / "BIx4" / "bikes" / f"{i:05d}.png")
     return root
+
+
+class _NaNTeacher(torch.nn.Module):
+    """A CSD teacher UNet whose noise predictions for the latents at `rows` are NaN (in both
+    classifier-free-guidance branches of CSDLoss's doubled batch)."""
+
+    def __init__(self, unet: torch.nn.Module, rows: list[int]):
+        super().__init__()
+        self.unet, self.rows = unet, rows
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        from types import SimpleNamespace
+
+        out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+        half = out.shape[0] // 2
+        bad = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+        for row in self.rows:
+            bad[row] = bad[half + row] = True
+        return SimpleNamespace(sample=torch.where(bad.view(-1, 1, 1, 1), torch.nan, out))
+
+
+@pytest.fixture()
+def nan_teacher():
+    """nan_teacher(unet, rows): the teacher `unet` with NaN predictions for latents `rows`."""
+    return _NaNTeacher

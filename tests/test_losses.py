@@ -474,6 +474,27 @@ def test_csd_pair_losses_add_up_to_pairs_times_the_mse_over_all_latents(
         csd.pair_losses(latents, pos, neg, 3)
 
 
+def test_csd_non_finite_pair_keeps_its_value_but_passes_no_gradient(
+    tiny_unet, two_pair_batch, nan_teacher
+):
+    latents, pos, neg = two_pair_batch
+    pos = pos.repeat_interleave(2, dim=0)
+
+    def pair_losses(teacher):
+        x = latents.clone().requires_grad_(True)
+        per_pair = CSDLoss(teacher).pair_losses(x, pos, neg, 2, torch.Generator().manual_seed(5))
+        torch.where(per_pair.isfinite(), per_pair, 0.0).sum().backward()
+        return per_pair.detach(), x.grad
+
+    clean, clean_grad = pair_losses(tiny_unet)
+    # latent 2 is sample 1's pair 0: that pair's loss (the mse over both samples) is NaN
+    poisoned, grad = pair_losses(nan_teacher(tiny_unet, [2]))
+    assert poisoned[0].isnan() and poisoned[1] == clean[1]
+    assert torch.isfinite(grad).all()
+    assert torch.count_nonzero(grad[[0, 2]]) == 0  # pair 0, both samples: no gradient
+    assert torch.equal(grad[[1, 3]], clean_grad[[1, 3]]) and clean_grad[[1, 3]].abs().sum() > 0
+
+
 def test_csd_rejects_v_prediction(tiny_unet):
     from diffusers import DDPMScheduler
 

@@ -89,8 +89,9 @@ def test_loss_decreases_when_overfitting(data_roots, tmp_path, monkeypatch):
     assert sum(l2[-3:]) / 3 < 0.85 * sum(l2[:3]) / 3  # measured: 0.094 vs 0.128
 
 
+@pytest.mark.parametrize("nonfinite_csd", ["stop", "zero"])  # "zero" spares CSD only
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
-    data_roots, tmp_path, monkeypatch
+    data_roots, tmp_path, monkeypatch, nonfinite_csd
 ):
     real = recipe.losses.temporal_consistency_loss
     calls = []
@@ -102,11 +103,93 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(recipe.losses, "temporal_consistency_loss", poisoned)
     tracker = MlflowTracker("t", uri=f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = _cfg(data_roots, **{"loss.nonfinite_csd": nonfinite_csd})
     with pytest.raises(TrainingDiverged, match="step 2"):
-        train(_cfg(data_roots), run_dir=tmp_path / "n", tracker=tracker)
+        train(cfg, run_dir=tmp_path / "n", tracker=tracker)
     assert latest_checkpoint(tmp_path / "n").name == "step-000002"
     run = tracker.client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and "step 2" in run.data.tags["dloral.status_reason"]
+
+
+def _detail_step(bikes_lq, teacher_wrap=None, nonfinite_csd="zero"):
+    """One detail-stage step_losses on two 3-frame samples (2 pairs each) of real frames, with a
+    random (teaching) CSD teacher, optionally wrapped; returns its terms, the model and the
+    per-pair CSD losses it computed."""
+    from dloral.train.losses import CSDLoss
+    from dloral.train.prompts import TrainingPrompts
+    from dloral.train.schedule import StepPlan
+
+    cfg = load_config(None, ['model.tiny_init="random"'])
+    torch.manual_seed(0)
+    model = recipe.DLoRAL(cfg.model)
+    model.set_stage("detail")
+    teacher = recipe._frozen_pretrained_unet(model)
+    csd = CSDLoss(teacher_wrap(teacher) if teacher_wrap else teacher)
+    seen = []
+    real_pair_losses = csd.pair_losses
+    csd.pair_losses = lambda *a, **k: seen.append(real_pair_losses(*a, **k)) or seen[-1]
+    ctx = {
+        "device": torch.device("cpu"),
+        "prompts": TrainingPrompts(cfg.loss, model.encode_prompt, torch.device("cpu")),
+        "lpips": None,
+        "temporal": "warped",
+        "csd": csd,
+        "neg": model.encode_prompt([cfg.loss.neg_prompt]),
+        "nonfinite_csd": nonfinite_csd,
+    }
+    gt = torch.stack([bikes_lq[0:3], bikes_lq[3:6]])  # (2, 3, 3, 48, 64)
+    lq = torch.nn.functional.interpolate(gt.flatten(0, 1), scale_factor=0.25, mode="area")
+    batch = {"gt": gt, "lq": lq.view(2, 3, 3, 12, 16)}
+    p = StepPlan(0, "detail", l2=1.0, lpips=0.0, csd=1.0, consistency=10.0, transition=1.0)
+    terms = recipe.step_losses(model, batch, p, ctx, torch.Generator().manual_seed(1))
+    return terms, model, seen[0].detach()
+
+
+def test_zeroed_csd_pair_counts_0_and_the_other_pair_its_normal_loss(bikes_lq, nan_teacher):
+    clean, _, clean_pairs = _detail_step(bikes_lq)
+    stopping, _, _ = _detail_step(bikes_lq, nonfinite_csd="stop")
+    assert torch.isfinite(clean_pairs).all() and (clean_pairs > 0).all()
+    assert clean[recipe.CSD_ZEROED] == 0 and recipe.CSD_ZEROED not in stopping
+    assert clean["csd"] == stopping["csd"] == clean_pairs.sum()  # nothing zeroed: the same loss
+    # latent 2 is sample 1's pair 0 (sample-major): pair 0's loss is NaN, and counts as 0
+    terms, model, pairs = _detail_step(bikes_lq, lambda u: nan_teacher(u, [2]))
+    assert pairs[0].isnan() and pairs[1] == clean_pairs[1]
+    assert terms[recipe.CSD_ZEROED] == 1
+    assert terms["csd"] == clean_pairs[1]
+    assert torch.isfinite(terms["total"])
+    assert terms["total"] == sum(terms[k] for k in ("l2", "consistency", "csd"))
+    terms["total"].backward()
+    grads = [q.grad for q in model.parameters() if q.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("nonfinite_csd", ["stop", "zero"])
+def test_nan_csd_pair_stops_the_run_or_is_zeroed_logged_and_warned(
+    data_roots, tmp_path, monkeypatch, caplog, nan_teacher, nonfinite_csd
+):
+    frozen = recipe._frozen_pretrained_unet
+    monkeypatch.setattr(recipe, "_frozen_pretrained_unet", lambda m: nan_teacher(frozen(m), [0]))
+    sets = {
+        "loss.nonfinite_csd": nonfinite_csd,
+        "schedule.first_stage": "detail",
+        "run.max_steps": 2,
+        "run.validate_every": 100,
+        "run.log_every": 2,
+    }
+    recorder = _Recorder()
+    if nonfinite_csd == "stop":
+        with pytest.raises(TrainingDiverged, match="step 0.*nonfinite_csd = 'zero'"):
+            train(_cfg(data_roots, **sets), run_dir=tmp_path / "s", tracker=recorder)
+        return
+    caplog.set_level("WARNING", logger="dloral.train.recipe")
+    result = train(_cfg(data_roots, **sets), run_dir=tmp_path / "z", tracker=recorder)
+    assert result.status == "finished"
+    zeroed = [(s, v) for s, k, v in recorder.losses if k == "train/detail/csd_zeroed"]
+    assert zeroed == [(1, 1.0), (2, 1.0)]  # each step's pair 0, whether logged or not
+    csd = [v for _, k, v in recorder.losses if k == "train/detail/csd"]
+    assert csd and all(math.isfinite(v) for v in csd)
+    warned = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith("step 0:")
 
 
 def test_mlflow_run_records_params_metrics_samples_and_checkpoint(data_roots, tmp_path):

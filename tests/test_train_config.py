@@ -213,6 +213,7 @@ def test_number_for_a_string_field_in_a_file(tmp_path):
         ("optim.grad_accum=0", "optim.grad_accum"),
         ("loss.lpips=maybe", "loss.lpips"),
         ("loss.temporal=flow", "loss.temporal"),
+        ("loss.nonfinite_csd=skip", "loss.nonfinite_csd"),
         ("loss.max_dm_step_ratio=0.01", "loss.min_dm_step_ratio"),
         ("data.val_kind=reds4", "data.val_lq"),
         ("data.train_kind=imagenet", "data.train_kind"),

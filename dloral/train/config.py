@@ -49,6 +49,7 @@ LPIPS_MODES = ("required", "optional")
 TEMPORAL_LOSSES = ("warped", "reference_flow")
 PROMPT_SOURCES = ("empty", "fixed", "tagger")
 CLIP_GROUPS = ("all", "detail")
+NONFINITE_CSD = ("stop", "zero")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -192,6 +193,9 @@ class LossConfig:
     neg_prompt: str = REFERENCE_NEG_PROMPT
     lpips: str = "required"  # optional: without VGG weights the LPIPS terms are dropped
     temporal: str = "warped"  # or reference_flow: the reference's gradient-free Farneback L1
+    # a frame pair's non-finite CSD loss: "stop" the run (TrainingDiverged, as any non-finite
+    # loss), or "zero": count it as 0 and go on, as the reference (logged as csd_zeroed)
+    nonfinite_csd: str = "stop"
 
     def __post_init__(self):
         _at_least("loss.cfg_csd", self.cfg_csd, 0)
@@ -202,6 +206,7 @@ class LossConfig:
             )
         _choice("loss.lpips", self.lpips, LPIPS_MODES)
         _choice("loss.temporal", self.temporal, TEMPORAL_LOSSES)
+        _choice("loss.nonfinite_csd", self.nonfinite_csd, NONFINITE_CSD)
         _choice("loss.prompt_source", self.prompt_source, PROMPT_SOURCES)
         if self.prompt_source == "empty" and self.pos_prompt:
             raise ValueError(

@@ -281,7 +281,8 @@ class CSDLoss(nn.Module):
     ) -> torch.Tensor:
         """CSD loss for latents (B, 4, h, w); embeds (B or 1, 77, D) text states. `reduction`
         "mean": the scalar mse over all latents; "none": (B,), each latent's mean over its
-        (4, h, w) elements.
+        (4, h, w) elements, where a latent whose guidance is not finite keeps its non-finite
+        loss but no gradient path (so a caller can drop it without NaN gradients).
 
         `generator` drives the timestep draw and, when `noise` is None, the noise (drawn first).
         The drawn timesteps are kept in `self.last_timesteps`.
@@ -313,7 +314,10 @@ class CSDLoss(nn.Module):
             grad = (x0_fake - x0_real) / w
         if reduction == "mean":
             return F.mse_loss(latents, (latents - grad).detach())
-        return F.mse_loss(latents, (latents - grad).detach(), reduction="none").flatten(1).mean(1)
+        bad = ~torch.isfinite(grad).flatten(1).all(1)
+        safe = torch.where(bad.view(-1, *([1] * (grad.dim() - 1))), 0.0, grad)
+        per = F.mse_loss(latents, (latents - safe).detach(), reduction="none").flatten(1).mean(1)
+        return torch.where(bad, grad.square().flatten(1).mean(1), per)
 
     def pair_losses(
         self,
@@ -328,7 +332,8 @@ class CSDLoss(nn.Module):
         latents (B * pairs, 4, h, w) are sample-major, as `restore_clip` makes them (sample b's
         pair k at b * pairs + k); embeds (B * pairs or 1, 77, D). Each sample's noise is drawn
         once and shared by its pairs (the reference's one `noise_csd`); timesteps are drawn per
-        latent (one `torch.randint` per `cal_csd`). A pair's loss is the mse over its B latents.
+        latent (one `torch.randint` per `cal_csd`). A pair's loss is the mse over its B latents;
+        a non-finite one carries no gradient (see `forward`'s reduction "none").
         """
         n = latents.shape[0]
         if pairs < 1 or n % pairs:

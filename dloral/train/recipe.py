@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 STRIP_LABELS = ("LQ", "output", "GT")  # the panels of validate()'s sample strip
+CSD_ZEROED = "csd_zeroed"  # step_losses' count of frame pairs whose CSD loss was replaced by 0
 
 
 class TrainingDiverged(RuntimeError):
@@ -177,7 +178,9 @@ def restore_clip(
 
 
 def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
-    """Every loss term of one micro-batch, already weighted; key "total" is their sum."""
+    """Every loss term of one micro-batch, already weighted; key "total" is their sum. With
+    loss.nonfinite_csd "zero" and CSD computed, key CSD_ZEROED (not in the total) counts the
+    frame pairs whose non-finite CSD loss was replaced by 0."""
     gt, lq = batch["gt"].to(ctx["device"]), batch["lq"].to(ctx["device"])
     lq_up = resize_frames(lq, tuple(gt.shape[-2:]))
     pos = ctx["prompts"].embeds(batch)  # the generator's text condition and CSD's positive
@@ -207,14 +210,21 @@ def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
                 flow = model.cfr.spynet(cur_g * 2 - 1, prev_g * 2 - 1).float()
             term = losses.temporal_consistency_loss(prev_p, cur_p, prev_g, cur_g, flow)
         out["consistency"] = p.consistency * term
+    zeroed = None
     if p.stage == "detail" and p.csd > 0 and ctx["csd"] is not None:
         # one cal_csd per pair in the reference, both pairs with the same noise: the sum of the
         # pairs' losses (pairs x the mse over all latents)
         pair_terms = ctx["csd"].pair_losses(
             latents, per_pair(pos, gt.shape[0], pairs), ctx["neg"], pairs, generator=gen
         )
+        if ctx["nonfinite_csd"] == "zero":  # the reference: `if torch.isnan(loss_csd): 0`
+            finite = pair_terms.isfinite()
+            zeroed = (~finite).sum()
+            pair_terms = torch.where(finite, pair_terms, 0.0)  # no gradient from a dropped pair
         out["csd"] = p.csd * pair_terms.sum()
     out["total"] = sum(out.values())
+    if zeroed is not None:
+        out[CSD_ZEROED] = zeroed
     return out
 
 
@@ -417,6 +427,7 @@ def train(
     ctx["forward"] = _replicated(model, trainable, world)
     ctx["lpips"], ctx["lpips_source"] = _lpips(cfg, device)
     ctx["temporal"], ctx["clipped"] = cfg.loss.temporal, clipped
+    ctx["nonfinite_csd"] = cfg.loss.nonfinite_csd
     ctx["prompts"] = TrainingPrompts(cfg.loss, model.encode_prompt, device)
     if resume:
         ctx["prompts"].load(run_dir)
@@ -584,14 +595,28 @@ def _loop(
                     terms = step_losses(model, next(batches), p, ctx, gen)
                 scaler.scale(terms["total"] / accum).backward()
             for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / accum
+                share = 1 if k == CSD_ZEROED else accum  # a count adds up, a loss is averaged
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / share
         totals = _mean_over_workers(totals, ctx)
+        if CSD_ZEROED in totals:  # the count over every process, not their mean
+            totals[CSD_ZEROED] = float(round(totals[CSD_ZEROED] * world))
         if not all(map(math.isfinite, totals.values())):  # every rank stops at the same step
             tracker.log_metrics({"diverged_at_step": float(step)}, step)
             tracker.finish("FAILED", f"non-finite loss at step {step}: {totals}")
+            hint = ""
+            if not math.isfinite(totals.get("csd", 0.0)) and ctx["nonfinite_csd"] == "stop":
+                hint = "; loss.nonfinite_csd = 'zero' counts a non-finite CSD pair as 0 instead"
             raise TrainingDiverged(
                 f"loss became non-finite at step {step} ({totals}); "
-                f"last good checkpoint: {last_ckpt}"
+                f"last good checkpoint: {last_ckpt}{hint}"
+            )
+        zeroed = totals.get(CSD_ZEROED, 0.0)
+        if zeroed and lead:
+            log.warning(
+                "step %d: the CSD loss of %d frame pair(s) was not finite and counts as 0 "
+                "(loss.nonfinite_csd = 'zero')",
+                step,
+                zeroed,
             )
         scaler.unscale_(optimizer)
         if cfg.optim.grad_clip > 0:
@@ -612,6 +637,8 @@ def _loop(
                 | {"lr": scheduler.get_last_lr()[0], "it_per_s": rate, "transition": p.transition},
                 done,
             )
+        elif zeroed:  # recorded at its step, not only at the next logged one
+            tracker.log_metrics({f"train/{p.stage}/{CSD_ZEROED}": zeroed}, done)
         validated = done % cfg.run.validate_every == 0 or done == cfg.run.max_steps
         if validated and lead:
             metrics, strip = validate(model, cfg, ctx)
