@@ -711,8 +711,14 @@ def _all_trainable(model: DLoRAL) -> list[torch.nn.Parameter]:
 
 def _clipped(model: DLoRAL, trainable: list, clip: str) -> list[torch.nn.Parameter]:
     """The parameters whose joint gradient norm `optim.grad_clip` bounds: every trained one
-    (`all`), or the Detail-LoRA's only (`detail`, the reference's `param_groups[0]`; in the
-    consistency stage they have no gradient, so nothing is clipped there)."""
+    (`all`), or the Detail-LoRA's only (`detail`, the reference's `param_groups[0]`).
+
+    Here a stage trains conv_in's base layer and its own adapter only, so in the consistency
+    stage the D-LoRA has no gradient and `detail` clips nothing. Not so in the reference: its
+    `set_train_consistency` ends with `unet.conv_in.requires_grad_(True)`, which also makes
+    conv_in's D-LoRA trainable (as `set_train_quality` does conv_in's C-LoRA), so conv_in's
+    D-LoRA gets gradients in the consistency stage and `param_groups[0]` clipping applies to
+    them. A known difference (experiments/README.md), deliberately kept."""
     if clip == "all":
         return trainable
     return [q for _, q in lora.adapter_parameters(model.unet, "detail")]
