@@ -142,7 +142,10 @@ def upscale(
     ] = None,
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help="dloral checkpoint folder, or the official model.pkl."),
+        typer.Option(
+            help="dloral checkpoint folder, a training run folder (its latest checkpoint), or "
+            "the official model.pkl."
+        ),
     ] = None,
     scale: Annotated[int, typer.Option(help="Upscaling factor.")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -581,37 +584,32 @@ def export(
 
 
 def _checkpoint_folder(path: Path) -> Path:
-    """The checkpoint folder PATH names: itself (or the folder of its weights file), or the
-    latest checkpoint of a run, found as `train --resume` finds it (checkpoints/latest)."""
-    from dloral.model.checkpoint import CONFIG_FILE, OFFICIAL_SUFFIXES, WEIGHTS_FILE
-    from dloral.train.recipe import STATE_FILE, latest_checkpoint
+    """The dloral checkpoint folder PATH names (a step folder, its weights file, or a run's
+    latest checkpoint: dloral.model.checkpoint.find_checkpoint); exits 2 otherwise."""
+    from dloral.model.checkpoint import (
+        CONFIG_FILE,
+        OFFICIAL_SUFFIXES,
+        WEIGHTS_FILE,
+        CheckpointError,
+        find_checkpoint,
+    )
 
     if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
         _fail(
             f"{path}: is an official DLoRAL checkpoint already; export writes that layout from "
             "a dloral checkpoint folder (`upscale --checkpoint` reads this file as it is)"
         )
-    if path.is_file() and path.name == WEIGHTS_FILE:
-        path = path.parent
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return path
-    if path.is_file() and path.name == "latest":  # <run>/checkpoints/latest
-        run = path.parent.parent
-    elif path.is_dir() and (path / "latest").is_file():  # <run>/checkpoints
-        run = path.parent
-    elif path.is_dir() and (path / "checkpoints").is_dir():  # <run>
-        run = path
-    else:
+    try:
+        folder = find_checkpoint(path)
+    except CheckpointError as err:
+        _fail(str(err))
+    if folder.is_file() and folder.name == WEIGHTS_FILE:
+        folder = folder.parent
+    if not (folder / CONFIG_FILE).is_file():
         _fail(
             f"{path}: not a dloral checkpoint (no {CONFIG_FILE}): give a folder with "
             f"{WEIGHTS_FILE} and {CONFIG_FILE} (a run's checkpoints/step-XXXXXX), a run's "
             "checkpoints/latest, or the run folder"
-        )
-    folder = latest_checkpoint(run)
-    if folder is None:
-        pointer = run / "checkpoints" / "latest"
-        _fail(
-            f"{pointer}: no finished checkpoint (missing, or naming a folder without {STATE_FILE})"
         )
     return folder
 

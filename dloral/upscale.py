@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +183,13 @@ def upscale_video(
     if job.output.exists() and not job.output.is_dir():
         raise UpscaleError(f"{job.output}: exists and is not a folder")
 
-    from dloral.model.checkpoint import weights_sha256
+    from dloral.model.checkpoint import CheckpointError, find_checkpoint, weights_sha256
 
+    if job.checkpoint is not None:  # a run folder: its latest checkpoint, named once for all
+        try:
+            job = replace(job, checkpoint=find_checkpoint(job.checkpoint))
+        except CheckpointError as err:
+            raise UpscaleError(str(err)) from err
     upscaler, model, device, dtype, notes = _build(job)
     _, out_size = upscaler.geometry(source.size)
     total = min(job.frames or len(source), len(source))

@@ -615,3 +615,21 @@ def test_a_kept_output_timed_otherwise_is_made_again_for_a_clip_timed_now(udm, t
     assert json.loads((out / "run.json").read_text())["outputs"]["reused"] == {
         "dloral-tiny": ["mini/clipA"]
     }
+
+
+def test_a_dloral_method_of_a_training_run_loads_its_latest_checkpoint(tmp_path):
+    from dloral.model.checkpoint import save_checkpoint
+    from dloral.model.dloral import DLoRAL, DLoRALConfig
+
+    run = tmp_path / "run"
+    for step, variant in ((2, "full"), (4, "off")):
+        model = DLoRAL(DLoRALConfig.from_dict({"cfr": {"variant": variant}}))
+        save_checkpoint(model, run / "checkpoints" / f"step-{step:06d}")
+    (run / "checkpoints" / "latest").write_text("step-000004")
+    method = build_method(f"dloral:{run}", device="cpu")
+    described = method.describe()
+    assert described["checkpoint"] == str(run / "checkpoints" / "step-000004")
+    assert described["model"]["cfr_variant"] == "off"
+    (run / "checkpoints" / "latest").unlink()
+    with pytest.raises(MethodError, match=r"latest: no finished checkpoint"):
+        build_method(f"dloral:{run}", device="cpu").describe()

@@ -8,10 +8,13 @@ from safetensors.torch import load_file, save_file
 from dloral.model import lora
 from dloral.model.checkpoint import (
     CheckpointError,
+    checkpoint_config,
     export_official,
+    find_checkpoint,
     import_official,
     load_checkpoint,
     save_checkpoint,
+    weights_sha256,
 )
 from dloral.model.dloral import DLoRAL, DLoRALConfig
 from dloral.model.tiny_vae import TinyVAERecipe
@@ -190,3 +193,25 @@ def test_a_model_with_merged_loras_is_neither_exported_nor_saved(tmp_path):
         assert not (tmp_path / path).exists()
     model.unmerge_lora()
     export_official(model, tmp_path / "model.pkl")
+
+
+def test_a_training_run_names_its_latest_checkpoint(tmp_path):
+    model = DLoRAL(DLoRALConfig())
+    run = tmp_path / "run"
+    steps = [run / "checkpoints" / f"step-{s:06d}" for s in (2, 4)]
+    for folder in steps:
+        save_checkpoint(model, folder)
+    (run / "checkpoints" / "latest").write_text("step-000002")
+    for given in (run, run / "checkpoints", run / "checkpoints" / "latest", steps[0]):
+        assert find_checkpoint(given) == steps[0], given
+    assert find_checkpoint(steps[1]) == steps[1]  # a step folder is itself
+    official = tmp_path / "model.pkl"
+    assert find_checkpoint(official) == official  # read as it is, even before it exists
+    assert checkpoint_config(run) == checkpoint_config(steps[0])
+    assert weights_sha256(run) == weights_sha256(steps[0])
+    (run / "checkpoints" / "latest").write_text("step-000006")  # names a folder never written
+    with pytest.raises(CheckpointError, match=r"latest: no finished checkpoint: it names"):
+        load_checkpoint(run)
+    (run / "checkpoints" / "latest").unlink()
+    with pytest.raises(CheckpointError, match=r"latest: no finished checkpoint: the run has none"):
+        find_checkpoint(run)

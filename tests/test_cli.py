@@ -80,6 +80,35 @@ def test_upscale_with_a_checkpoint(bikes_folder, tmp_path):
     assert meta["checkpoint"] == str(tmp_path / "ck")
 
 
+def test_upscale_of_a_training_run_takes_its_latest_checkpoint(bikes_folder, tmp_path):
+    """--checkpoint RUN: the step folder `checkpoints/latest` names (not an older one), recorded
+    as that folder; a run with no finished checkpoint exits 2 naming its pointer."""
+    from dloral.model.checkpoint import save_checkpoint
+    from dloral.model.dloral import DLoRAL, DLoRALConfig
+
+    run = tmp_path / "run"
+    for step, variant in ((2, "full"), (4, "off")):
+        model = DLoRAL(DLoRALConfig.from_dict({"cfr": {"variant": variant}}))
+        save_checkpoint(model, run / "checkpoints" / f"step-{step:06d}")
+    (run / "checkpoints" / "latest").write_text("step-000004")
+    out = tmp_path / "sr"
+    result = runner.invoke(
+        app, ["upscale", str(bikes_folder), str(out), *FAST, "--checkpoint", str(run)]
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "upscale.json").read_text())
+    assert meta["model"]["cfr_variant"] == "off"
+    assert meta["checkpoint"] == str(run / "checkpoints" / "step-000004")
+    (run / "checkpoints" / "latest").unlink()
+    result = runner.invoke(
+        app, ["upscale", str(bikes_folder), str(tmp_path / "sr2"), *FAST, "--checkpoint", str(run)]
+    )
+    assert result.exit_code == 2
+    assert f"{run / 'checkpoints' / 'latest'}: no finished checkpoint" in " ".join(
+        result.output.split()
+    )
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "mixed"])
 def test_bad_input_exits_nonzero_naming_the_file(case, tmp_path, bikes_folder):
     if case == "missing":

@@ -278,7 +278,11 @@ class DLoRALMethod(_Timed):
             if self.source in TINY:
                 model = DLoRAL(self._tiny_config())
             else:
-                from dloral.model.checkpoint import load_checkpoint
+                from dloral.model.checkpoint import (
+                    CheckpointError,
+                    find_checkpoint,
+                    load_checkpoint,
+                )
 
                 if self.source.startswith("mlflow:"):
                     path = mlflow_checkpoint(self.source[len("mlflow:") :])
@@ -286,6 +290,10 @@ class DLoRALMethod(_Timed):
                     path = Path(self.source)
                 if not path.exists():
                     raise MethodError(f"{self.name}: checkpoint {path} does not exist")
+                try:  # a training run: its latest checkpoint, named once for the whole run
+                    path = find_checkpoint(path)
+                except CheckpointError as err:
+                    raise MethodError(f"{self.name}: {err}") from err
                 self._checkpoint = path
                 model, report = load_checkpoint(path, strict=False)
                 if not report.clean:
@@ -327,6 +335,7 @@ class DLoRALMethod(_Timed):
         return {
             "kind": "dloral",
             "source": self.source,
+            "checkpoint": str(self._checkpoint) if self._checkpoint else None,
             "untrained": self.untrained(),
             "weights": model.weights,
             "spynet": model.spynet_weights,  # "random-init" or where SPyNet's weights came from
@@ -350,7 +359,9 @@ class DLoRALMethod(_Timed):
         description (model, weights' hashes, dtype, device, options), the checkpoint's sha256,
         the pipeline's code and the packages it runs on, the LQ frames, the scale and the
         frames' names."""
-        facts = {k: v for k, v in self.describe().items() if k != "untrained"}
+        facts = {
+            k: v for k, v in self.describe().items() if k not in ("untrained", "checkpoint")
+        }  # the checkpoint by its sha256 below, not by where it lies
         if self._checkpoint is not None and self._checkpoint_sha256 is None:
             from dloral.model.checkpoint import weights_sha256
 

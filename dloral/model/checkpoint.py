@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "dloral.safetensors"
 CONFIG_FILE = "dloral_config.json"
 FORMAT = "dloral-checkpoint/1"
+# a training run's layout: <run>/checkpoints/step-XXXXXX/ and the pointer file naming the last
+RUN_CHECKPOINTS = "checkpoints"
+LATEST = "latest"
 OFFICIAL_SUFFIXES = (".pkl", ".pt", ".pth")  # a file with one of these is the official layout
 
 OFFICIAL_LORA = {"quality": "detail", "consistency": "consistency"}
@@ -119,6 +122,31 @@ def save_checkpoint(model: DLoRAL, folder: str | os.PathLike, extra: dict | None
     return folder
 
 
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint `path` names. A checkpoint folder, its weights file or an official file
+    is itself; a training run (`<run>`, `<run>/checkpoints` or `<run>/checkpoints/latest`)
+    names the step folder its `latest` pointer names, the run's last finished checkpoint."""
+    path = Path(path)
+    if _is_official(path) or (path.is_dir() and (path / CONFIG_FILE).is_file()):
+        return path
+    if path.is_file() and path.name == LATEST:
+        pointer = path
+    elif path.is_dir() and (path / LATEST).is_file():
+        pointer = path / LATEST
+    elif path.is_dir() and (path / RUN_CHECKPOINTS).is_dir():
+        pointer = path / RUN_CHECKPOINTS / LATEST
+        if not pointer.is_file():
+            raise CheckpointError(f"{pointer}: no finished checkpoint: the run has none yet")
+    else:
+        return path  # a checkpoint folder or file; _read_meta says what is missing
+    folder = pointer.parent / pointer.read_text().strip()
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{pointer}: no finished checkpoint: it names {folder}, which holds no {CONFIG_FILE}"
+        )
+    return folder
+
+
 def _resolve(path: Path) -> tuple[Path, Path]:
     if path.is_dir():
         return path / WEIGHTS_FILE, path / CONFIG_FILE
@@ -135,7 +163,8 @@ def _read_meta(path: Path) -> tuple[Path, dict]:
         if not f.is_file():
             raise CheckpointError(
                 f"{f}: not found (a dloral checkpoint is a folder with "
-                f"{WEIGHTS_FILE} and {CONFIG_FILE}, or an official model.pkl)"
+                f"{WEIGHTS_FILE} and {CONFIG_FILE}, a training run folder (its latest "
+                "checkpoint), or an official model.pkl)"
             )
     meta = json.loads(config.read_text())
     if meta.get("format") != FORMAT:
@@ -156,14 +185,14 @@ def weights_sha256(path: str | os.PathLike) -> str:
     (an official model.pkl): what results record to say which weights made them."""
     from dloral.weights import sha256
 
-    path = Path(path)
+    path = find_checkpoint(path)
     return sha256(path / WEIGHTS_FILE if path.is_dir() else path)
 
 
 def checkpoint_config(path: str | os.PathLike, overrides: dict | None = None) -> DLoRALConfig:
     """The model config `load_checkpoint(path, overrides)` would build, read without loading
     any weights (to check which weight files that model needs before building it)."""
-    path = Path(path)
+    path = find_checkpoint(path)
     if _is_official(path):
         overrides = dict(overrides or {})
         return DLoRALConfig.from_dict({**overrides, "profile": overrides.get("profile", "sd21")})
@@ -175,8 +204,8 @@ def load_checkpoint(
 ) -> tuple[DLoRAL, LoadReport]:
     """Build the model a checkpoint describes and load it. `overrides` patch the stored config
     (e.g. {"sd21_path": ...}); strict=True raises on any missing or unexpected key. SPyNet
-    comes from the checkpoint (no SPyNet file is needed)."""
-    path = Path(path)
+    comes from the checkpoint (no SPyNet file is needed). `path` as `find_checkpoint` takes it."""
+    path = find_checkpoint(path)
     if _is_official(path):
         overrides = dict(overrides or {})
         return import_official(path, overrides.pop("profile", "sd21"), overrides, strict)

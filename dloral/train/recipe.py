@@ -49,7 +49,7 @@ from dloral.data.readers import read_dataset
 from dloral.data.sampler import StagedClips, TrainingClips, worker_indices
 from dloral.devices import resolve_device
 from dloral.model import lora
-from dloral.model.checkpoint import save_checkpoint
+from dloral.model.checkpoint import LATEST, RUN_CHECKPOINTS, save_checkpoint
 from dloral.model.config import DLoRALConfig
 from dloral.model.dloral import DLoRAL
 from dloral.model.requirements import Missing, missing_weights, require_weights
@@ -231,7 +231,7 @@ def step_losses(model, batch, p: StepPlan, ctx, gen) -> dict[str, torch.Tensor]:
 # ----- checkpoints -------------------------------------------------------------------------
 def _save_state(run_dir: Path, model, optimizer, scheduler, step: int, keep: int, extra: dict):
     """checkpoints/step-XXXXXX/ = model checkpoint + optimizer/scheduler/step; then `latest`."""
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / RUN_CHECKPOINTS
     folder = ckpt_root / f"step-{step:06d}"
     with atomic_folder(folder) as tmp:
         save_checkpoint(model, tmp, extra={"step": step, **extra})
@@ -243,7 +243,7 @@ def _save_state(run_dir: Path, model, optimizer, scheduler, step: int, keep: int
             },
             tmp / STATE_FILE,
         )
-    atomic_write_text(ckpt_root / "latest", folder.name)
+    atomic_write_text(ckpt_root / LATEST, folder.name)
     done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -251,10 +251,10 @@ def _save_state(run_dir: Path, model, optimizer, scheduler, step: int, keep: int
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
+    pointer = run_dir / RUN_CHECKPOINTS / LATEST
     if not pointer.is_file():
         return None
-    folder = run_dir / "checkpoints" / pointer.read_text().strip()
+    folder = pointer.parent / pointer.read_text().strip()
     return folder if (folder / STATE_FILE).is_file() else None
 
 
@@ -271,7 +271,7 @@ def install_checkpoint(folder: str | os.PathLike, run_dir: str | os.PathLike) ->
     its latest checkpoint, so `train(..., resume=True)` continues from it; returns its step."""
     folder, run_dir = Path(folder), Path(run_dir)
     step = checkpoint_step(folder)
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / RUN_CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
     target = ckpt_root / f"step-{step:06d}"
     with atomic_folder(target) as tmp:
@@ -279,7 +279,7 @@ def install_checkpoint(folder: str | os.PathLike, run_dir: str | os.PathLike) ->
     for newer in ckpt_root.glob("step-*"):  # states past the installed one are not trusted
         if newer.is_dir() and newer.name > target.name:
             shutil.rmtree(newer, ignore_errors=True)
-    atomic_write_text(ckpt_root / "latest", target.name)
+    atomic_write_text(ckpt_root / LATEST, target.name)
     return step
 
 
@@ -385,7 +385,7 @@ def train(
     if device.type == "cuda" and device.index is None and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # set by the launcher
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another dir")
     cfg = cfg.resolved()
