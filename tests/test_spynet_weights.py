@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from reference_cfr import SPyNet as RefSPyNet
 from typer.testing import CliRunner
 
 from dloral import doctor
@@ -24,147 +23,7 @@ from dloral.weights import SPYNET_FILE, WeightsMissing, locate_spynet, sha256
 runner = CliRunner()
 
 
-# ----- a literal transcription of the reference's SPyNet (src/cross_frame_retrieval/cfr_main.py,
-# yjsunnn/DLoRAL 40c1308), with minimal stand-ins for mmcv's ConvModule and mmengine's BaseModule
-class BaseModule(nn.Module):
-    pass
-
-
-class ConvModule(nn.Module):
-    """mmcv.cnn.ConvModule with norm_cfg=None: conv (bias), then the activation if any."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, norm_cfg, act_cfg):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True)
-        self.with_activation = act_cfg is not None
-        if self.with_activation:
-            self.activate = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        x = self.conv(x)
-        return self.activate(x) if self.with_activation else x
-
-
-def ref_flow_warp(x, flow, interpolation="bilinear", padding_mode="zeros", align_corners=True):
-    if x.size()[-2:] != flow.size()[1:3]:
-        raise ValueError(
-            f"The spatial sizes of input ({x.size()[-2:]}) and "
-            f"flow ({flow.size()[1:3]}) are not the same."
-        )
-    _, _, h, w = x.size()
-    device = flow.device
-    grid_y, grid_x = torch.meshgrid(
-        torch.arange(0, h, device=device, dtype=x.dtype),
-        torch.arange(0, w, device=device, dtype=x.dtype),
-        indexing="ij",
-    )
-    grid = torch.stack((grid_x, grid_y), 2)  # h, w, 2
-    grid.requires_grad = False
-
-    grid_flow = grid + flow
-    grid_flow_x = 2.0 * grid_flow[:, :, :, 0] / max(w - 1, 1) - 1.0
-    grid_flow_y = 2.0 * grid_flow[:, :, :, 1] / max(h - 1, 1) - 1.0
-    grid_flow = torch.stack((grid_flow_x, grid_flow_y), dim=3)
-    grid_flow = grid_flow.type(x.type())
-    output = F.grid_sample(
-        x, grid_flow, mode=interpolation, padding_mode=padding_mode, align_corners=align_corners
-    )
-    return output
-
-
-class RefSPyNet(BaseModule):
-    def __init__(self, pretrained):
-        super().__init__()
-
-        self.basic_module = nn.ModuleList([RefSPyNetBasicModule() for _ in range(6)])
-
-        if isinstance(pretrained, str):
-            raise NotImplementedError("the test saves the state dict itself")
-        elif pretrained is not None:
-            raise TypeError(f"[pretrained] should be str or None, but got {type(pretrained)}.")
-
-        self.register_buffer("mean", torch.Tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.Tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def compute_flow(self, ref, supp):
-        n, _, h, w = ref.size()
-
-        # normalize the input images
-        ref = [(ref - self.mean) / self.std]
-        supp = [(supp - self.mean) / self.std]
-
-        # generate downsampled frames
-        for level in range(5):  # noqa: B007 (as transcribed)
-            ref.append(
-                F.avg_pool2d(input=ref[-1], kernel_size=2, stride=2, count_include_pad=False)
-            )
-            supp.append(
-                F.avg_pool2d(input=supp[-1], kernel_size=2, stride=2, count_include_pad=False)
-            )
-        ref = ref[::-1]
-        supp = supp[::-1]
-
-        # flow computation
-        flow = ref[0].new_zeros(n, 2, h // 32, w // 32)
-        for level in range(len(ref)):
-            if level == 0:
-                flow_up = flow
-            else:
-                flow_up = (
-                    F.interpolate(input=flow, scale_factor=2, mode="bilinear", align_corners=True)
-                    * 2.0
-                )
-
-            # add the residue to the upsampled flow
-            flow = flow_up + self.basic_module[level](
-                torch.cat(
-                    [
-                        ref[level],
-                        ref_flow_warp(
-                            supp[level], flow_up.permute(0, 2, 3, 1), padding_mode="border"
-                        ),
-                        flow_up,
-                    ],
-                    1,
-                )
-            )
-
-        return flow
-
-    def forward(self, ref, supp):
-        # upsize to a multiple of 32
-        h, w = ref.shape[2:4]
-        w_up = w if (w % 32) == 0 else 32 * (w // 32 + 1)
-        h_up = h if (h % 32) == 0 else 32 * (h // 32 + 1)
-        ref = F.interpolate(input=ref, size=(h_up, w_up), mode="bilinear", align_corners=False)
-        supp = F.interpolate(input=supp, size=(h_up, w_up), mode="bilinear", align_corners=False)
-
-        # compute flow, and resize back to the original resolution
-        flow = F.interpolate(
-            input=self.compute_flow(ref, supp), size=(h, w), mode="bilinear", align_corners=False
-        )
-
-        # adjust the flow values
-        flow[:, 0, :, :] *= float(w) / float(w_up)
-        flow[:, 1, :, :] *= float(h) / float(h_up)
-
-        return flow
-
-
-class RefSPyNetBasicModule(BaseModule):
-    def __init__(self):
-        super().__init__()
-
-        self.basic_module = nn.Sequential(
-            ConvModule(8, 32, 7, 1, 3, norm_cfg=None, act_cfg=dict(type="ReLU")),
-            ConvModule(32, 64, 7, 1, 3, norm_cfg=None, act_cfg=dict(type="ReLU")),
-            ConvModule(64, 32, 7, 1, 3, norm_cfg=None, act_cfg=dict(type="ReLU")),
-            ConvModule(32, 16, 7, 1, 3, norm_cfg=None, act_cfg=dict(type="ReLU")),
-            ConvModule(16, 2, 7, 1, 3, norm_cfg=None, act_cfg=None),
-        )
-
-    def forward(self, tensor_input):
-        return self.basic_module(tensor_input)
+# The reference's SPyNet is transcribed literally in reference_cfr.py (with CFR's other parts).
 
 
 # ----- fixtures -------------------------------------------------------------------------------
