@@ -47,13 +47,22 @@ def test_workers_give_the_same_batches(train_root):
     assert all(torch.equal(x, y) for x, y in zip(plain, workers, strict=True))
 
 
-def test_transforms_and_degradation_are_shared_by_all_frames(train_root):
+def test_transforms_and_degradation_are_shared_by_all_frames_but_the_noise_sample(train_root):
     still = [c for c in read_dataset("youhq", train_root).clips if c.name == "still"]
-    ds = TrainingClips(still, SamplerConfig(crop=64, samples=6, frames=3))
-    for i in range(len(ds)):
-        item = ds[i]  # 2 identical frames, padded to 3 by repeating the last
+    frozen = TrainingClips(
+        still, SamplerConfig(crop=64, samples=6, frames=3, per_frame_noise=False)
+    )
+    fresh = TrainingClips(still, SamplerConfig(crop=64, samples=6, frames=3))  # the default
+    for i in range(len(frozen)):
+        item, noisy = frozen[i], fresh[i]  # 2 identical frames, padded to 3 by repeating the last
         assert all(torch.equal(item["gt"][0], f) for f in item["gt"])
-        assert all(torch.equal(item["lq"][0], f) for f in item["lq"])
+        assert torch.equal(item["gt"], noisy["gt"])  # the same crop and transform
+        assert all(torch.equal(item["lq"][0], f) for f in item["lq"])  # one frozen noise field
+        # each frame its own noise sample, of the same level: frames differ, by about as much
+        # as each differs from the frozen clip's frame
+        apart = (noisy["lq"][0] - noisy["lq"][1]).abs().mean()
+        from_frozen = (noisy["lq"][0] - item["lq"][0]).abs().mean()
+        assert apart > 0 and 0.5 < float(apart / from_frozen) < 2
 
 
 def test_frames_are_consecutive_ground_truth(train_root):

@@ -64,7 +64,9 @@ class SamplerConfig:
     # flip_transpose: random horizontal flip and random H/W swap (4 of the 8 dihedral
     # transforms); dihedral: one of all 8, as the reference's Augment_RGB_torch; none
     augment: str = "flip_transpose"
-    per_frame_noise: bool = False
+    # true: each frame its own noise sample (the clip's kind and level), as real video noise and
+    # RealBasicVSR's RandomNoise; false: one noise field frozen over the clip's frames
+    per_frame_noise: bool = True
 
     def __post_init__(self):
         if self.crop % self.scale:

@@ -2,8 +2,9 @@
 
 Frames are float tensors (T, 3, H, W) in [0, 1], RGB, on any device. A `ClipDraw` holds every
 random choice for one clip and is applied identically to all its frames, so the LQ clip is
-temporally consistent (RealBasicVSR-style); with `per_frame_noise=True` only the noise sample
-changes from frame to frame, its kind and level stay the clip's.
+temporally consistent; with `per_frame_noise=True` (the training sampler's default) the noise
+sample changes from frame to frame, its kind and level staying the clip's, as RealBasicVSR's
+RandomNoise (mmedit) draws it (which also lets the level drift a little; ours stays fixed).
 
 Sizes: the LQ clip is (H // scale, W // scale); as in BasicSR the whole frame is resized to
 that size, so when H or W is not a multiple of scale the LQ pixel grid is very slightly
