@@ -152,9 +152,10 @@ def upscale(
     tile: Annotated[
         int | None,
         typer.Option(
-            help="VAE tile size in output pixels: frames with a side above it are encoded and "
-            "decoded in tiles; 0: never tile the VAE [default: 1968, where the reference's "
-            "tiled VAE starts tiling; e.g. 768 to save memory].",
+            help="VAE tile size in output pixels, a multiple of 32: frames with a side above "
+            "it are encoded and decoded in tiles; 0: never tile the VAE [default: the whole "
+            "frame up to a side of 1968, where the reference's tiled VAE decoder starts "
+            "tiling, tiles of 1920 above; e.g. 768 to save memory].",
             show_default=False,
         ),
     ] = None,

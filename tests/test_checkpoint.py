@@ -1,5 +1,6 @@
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -215,3 +216,19 @@ def test_a_training_run_names_its_latest_checkpoint(tmp_path):
     (run / "checkpoints" / "latest").unlink()
     with pytest.raises(CheckpointError, match=r"latest: no finished checkpoint: the run has none"):
         find_checkpoint(run)
+
+
+@pytest.mark.parametrize("broken", ["config", "weights", "pointer"])
+def test_a_damaged_checkpoint_is_an_error_naming_the_file(broken, tmp_path):
+    folder = tmp_path / "run" / "checkpoints" / "step-000002"
+    save_checkpoint(DLoRAL(DLoRALConfig()), folder)
+    pointer = tmp_path / "run" / "checkpoints" / "latest"
+    pointer.write_text(folder.name)
+    named = {
+        "config": folder / "dloral_config.json",
+        "weights": folder / "dloral.safetensors",
+        "pointer": pointer,
+    }[broken]
+    named.write_bytes(b"\xff{ truncated" if broken != "weights" else b"\x10\x00\x00")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(named))}: unreadable"):
+        load_checkpoint(tmp_path / "run")

@@ -59,10 +59,10 @@ def test_estimate_grows_with_size_and_batch_and_tiling_lowers_it(profile):
 
 def test_guard_refuses_naming_estimate_available_memory_and_the_flag_that_fits(monkeypatch):
     need = estimate((1440, 2560), UNTILED, "tiny")
-    vae_only = estimate((1440, 2560), Settings(4, 0, 768), "tiny")
+    batch_1 = estimate((1440, 2560), Settings(1, 0, 0), "tiny")
     fits = estimate((1440, 2560), Settings(4, 96, 768), "tiny")
-    assert fits.bytes < vae_only.bytes < need.bytes
-    room = (fits.bytes + vae_only.bytes) / 2  # VAE tiles alone do not fit, with latent tiles do
+    assert fits.bytes < batch_1.bytes < need.bytes
+    room = (fits.bytes + batch_1.bytes) / 2  # no smaller batch fits; tiles do
     untiled_720p = partial(
         check_fits,
         (1440, 2560),
@@ -81,6 +81,26 @@ def test_guard_refuses_naming_estimate_available_memory_and_the_flag_that_fits(m
     assert f"need about {need.bytes / GIB:.1f} GiB" in message
     assert f"{room / GIB:.1f} GiB is available (MemAvailable (test))" in message
     assert f"Use --latent-tile 96 --tile 768 (about {fits.bytes / GIB:.1f} GiB)" in message
+
+    # a smaller batch first where one fits: it leaves the frames as they are (tiles do not)
+    batch_2 = estimate((1440, 2560), Settings(2, 0, 0), "tiny")
+    monkeypatch.setattr(memory, "available", lambda d: ((batch_2.bytes + need.bytes) / 2, "t"))
+    with pytest.raises(InsufficientMemory, match=r"Use --batch-size 2 "):
+        untiled_720p()
+    # at batch 1, VAE tiles of 8 latent tiles before smaller latent tiles
+    alone = estimate((1440, 2560), Settings(1, 0, 768), "tiny")
+    assert alone.bytes < batch_1.bytes
+    monkeypatch.setattr(memory, "available", lambda d: ((alone.bytes + batch_1.bytes) / 2, "t"))
+    with pytest.raises(InsufficientMemory, match=r"Use --tile 768 "):
+        check_fits(
+            (1440, 2560),
+            Settings(1, 0, 0),
+            profile="tiny",
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            frame_size=(360, 640),
+            flags=CLI_FLAGS,
+        )
 
     # enough memory: no error; the estimate comes back
     monkeypatch.setattr(memory, "available", lambda device: (need.bytes * 1.01, "test"))

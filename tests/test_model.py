@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dloral.model import lora
+from dloral.model.config import vae_tile
 from dloral.model.dloral import DLoRAL, DLoRALConfig
 from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
 
@@ -224,9 +225,10 @@ def test_default_vae_tiles_only_where_the_references_tiled_vae_does(bikes_lq):
     calls = []
     decoder_forward = model.vae.decoder.forward
     model.vae.decoder.forward = lambda *a, **k: calls.append(a[0].shape) or decoder_forward(*a, **k)
-    VideoUpscaler(model, CPU, options=UpscaleOptions())  # the default tile
+    up = VideoUpscaler(model, CPU, options=UpscaleOptions())  # the default tile
     for side in (245, 246, 247, 256):
         calls.clear()
+        up._vae_tiling(vae_tile(None, (8 * side, 64)))  # as the pipeline sets it per clip
         with torch.no_grad():
             model.vae.decode(torch.zeros(1, 4, side, 8))
         assert (len(calls) > 1) == _reference_vae_hook_tiles(side, 8), side
@@ -236,6 +238,31 @@ def test_default_vae_tiles_only_where_the_references_tiled_vae_does(bikes_lq):
     out = _upscale(model, lq, batch_size=1)
     assert out.shape == (1, 3, 800, 800)
     assert [tuple(s[-2:]) for s in calls] == [(100, 100)]
+
+
+@pytest.mark.parametrize("tile", [1920, 768])
+def test_vae_tiles_keep_the_frames_grid(tile, bikes_lq):
+    """diffusers' tiling is exact in size and place only for tiles of a multiple of 32 pixels
+    (1968 gave 2052 pixels for a 256-latent side, shifted 4 pixels past each seam): a tiled
+    encode and decode keep the sizes and stay close to the whole frame's."""
+    model = _model()
+    wide = torch.nn.functional.interpolate(bikes_lq[:1], size=(64, 4096 // 4), mode="area")
+    frame = torch.nn.functional.interpolate(wide, scale_factor=4, mode="bicubic").clamp(0, 1)
+    up = VideoUpscaler(model, CPU, options=UpscaleOptions(tile=tile))
+    with torch.no_grad():
+        tiled_z = model.encode(frame, sample=False)
+        tiled_x = model.decode(tiled_z)
+        up._vae_tiling(0)
+        whole_z = model.encode(frame, sample=False)
+        whole_x = model.decode(whole_z)
+    assert tiled_z.shape == whole_z.shape == (1, 4, 32, 512)
+    assert tiled_x.shape == whole_x.shape == (1, 3, 256, 4096)
+    # per-tile GroupNorm moves values a little (latents 0.4% (1920) and 0.8% (768) of their mean
+    # magnitude here); a shifted grid would move them far more
+    assert float((tiled_z - whole_z).abs().mean()) < 0.02 * float(whole_z.abs().mean())
+    assert float((tiled_x - whole_x).abs().mean()) < 0.02  # measured: 0.005 (1920), 0.009 (768)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        UpscaleOptions(tile=1968)
 
 
 def _reference_widen_conv_in(unet, out_channels):

@@ -78,7 +78,7 @@ def test_loss_decreases_when_overfitting(data_roots, tmp_path, monkeypatch):
     cfg = _cfg(
         data_roots,
         **{
-            "run.max_steps": 12,
+            "run.max_steps": 20,
             "schedule.alternation_period": 100,
             "run.validate_every": 100,
             "run.checkpoint_every": 100,
@@ -86,7 +86,8 @@ def test_loss_decreases_when_overfitting(data_roots, tmp_path, monkeypatch):
         },
     )
     train(cfg, run_dir=tmp_path / "o", progress=lambda s, p, losses: l2.append(losses["l2"]))
-    assert sum(l2[-3:]) / 3 < 0.85 * sum(l2[:3]) / 3  # measured: 0.094 vs 0.128
+    # one sample's L2 moves with its posterior draw and noise: means of 5 steps, measured 0.61x
+    assert sum(l2[-5:]) / 5 < 0.85 * sum(l2[:5]) / 5
 
 
 @pytest.mark.parametrize("nonfinite_csd", ["stop", "zero"])  # "zero" spares CSD only

@@ -150,7 +150,7 @@ def test_a_second_run_goes_on_and_gives_an_uninterrupted_runs_frames(bikes_folde
 def test_other_settings_are_refused_naming_them_and_force_starts_over(bikes_folder, tmp_path):
     out_dir = tmp_path / "sr"
     assert _upscale(bikes_folder, out_dir, "--frames", "2")[0] == 0
-    assert _record(out_dir)["options"]["tile"] == 1968  # the default, recorded as its size
+    assert _record(out_dir)["options"]["tile"] == "whole up to 1968 px, else tiles of 1920"
     code, out = _upscale(
         bikes_folder, out_dir, "--color-fix", "wavelet", "--seed", "3", "--previous", "reencode"
     )

@@ -292,10 +292,10 @@ class DLoRALMethod(_Timed):
                     raise MethodError(f"{self.name}: checkpoint {path} does not exist")
                 try:  # a training run: its latest checkpoint, named once for the whole run
                     path = find_checkpoint(path)
+                    model, report = load_checkpoint(path, strict=False)
                 except CheckpointError as err:
                     raise MethodError(f"{self.name}: {err}") from err
                 self._checkpoint = path
-                model, report = load_checkpoint(path, strict=False)
                 if not report.clean:
                     log.warning("%s: checkpoint %s", self.name, report.summary())
             model.merge_lora()

@@ -133,13 +133,18 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         pointer = path
     elif path.is_dir() and (path / LATEST).is_file():
         pointer = path / LATEST
+    elif path.is_dir() and path.name == RUN_CHECKPOINTS and not (path / WEIGHTS_FILE).exists():
+        raise CheckpointError(f"{path / LATEST}: no finished checkpoint: the run has none yet")
     elif path.is_dir() and (path / RUN_CHECKPOINTS).is_dir():
         pointer = path / RUN_CHECKPOINTS / LATEST
         if not pointer.is_file():
             raise CheckpointError(f"{pointer}: no finished checkpoint: the run has none yet")
     else:
         return path  # a checkpoint folder or file; _read_meta says what is missing
-    folder = pointer.parent / pointer.read_text().strip()
+    try:
+        folder = pointer.parent / pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{pointer}: unreadable ({err})") from err
     if not (folder / CONFIG_FILE).is_file():
         raise CheckpointError(
             f"{pointer}: no finished checkpoint: it names {folder}, which holds no {CONFIG_FILE}"
@@ -166,9 +171,13 @@ def _read_meta(path: Path) -> tuple[Path, dict]:
                 f"{WEIGHTS_FILE} and {CONFIG_FILE}, a training run folder (its latest "
                 "checkpoint), or an official model.pkl)"
             )
-    meta = json.loads(config.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{config}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        meta = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{config}: unreadable ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{config}: format {found!r}, expected {FORMAT!r}")
     return weights, meta
 
 
@@ -219,7 +228,11 @@ def load_checkpoint(
             "work in that VAE's latent space. Give that file as model.tiny_vae_path "
             "(overrides={'tiny_vae_path': ...}, `--set model.tiny_vae_path=...`)."
         )
-    report = load_into(model, load_file(weights), str(weights))
+    try:
+        state = load_file(weights)
+    except Exception as err:  # safetensors' errors: a truncated or foreign file
+        raise CheckpointError(f"{weights}: unreadable ({type(err).__name__}: {err})") from err
+    report = load_into(model, state, str(weights))
     if any(k.startswith("cfr.spynet.basic_module.") for k in report.missing):
         model.spynet_weights = "random-init"  # not in the file: the init stays
     else:

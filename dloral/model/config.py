@@ -116,15 +116,31 @@ class DLoRALConfig:
 
 # The reference wraps its VAE in a tiled-VAE hook (src/my_utils/vaehook.py) that runs the decoder
 # whole unless a latent side exceeds its tile (224, --vae_decoder_tiled_size) plus twice its
-# padding (11): 246 latent positions, 1968 output pixels (its encoder's limit is higher still).
-# Below this the VAE works on the whole frame, as the reference's; above it diffusers' tiling
-# normalises each tile on its own, where the reference's hook shares the GroupNorm statistics.
-REFERENCE_VAE_TILE = 8 * (224 + 2 * 11)
+# padding (11): 246 latent positions, 1968 output pixels. Its encoder tiles above 1024 + 2 x 32
+# = 1088 pixels by the test script's default (above 4160 with its README's 4096), but its tiles
+# share the GroupNorm statistics of the whole frame, so it computes nearly the whole-frame
+# encoding. By default the VAE here works on the whole frame up to VAE_WHOLE_UP_TO, and above it
+# on diffusers' tiles of VAE_REFERENCE_TILE, which normalise each tile on its own.
+VAE_WHOLE_UP_TO = 8 * (224 + 2 * 11)
+# diffusers' tiling blends correctly only for latent tiles of a multiple of 4 (pixel tiles of a
+# multiple of 32): the largest such tile within VAE_WHOLE_UP_TO
+VAE_REFERENCE_TILE = 1920
 
 
-def vae_tile(tile: int | None) -> int:
-    """The VAE tile in output pixels that the `tile` option asks for (0: never tiled)."""
-    return REFERENCE_VAE_TILE if tile is None else tile
+def vae_tile(tile: int | None, size: tuple[int, int]) -> int:
+    """The VAE tile, in output pixels, for a model input of `size` (H, W); 0: the whole frame.
+    `tile` None (the default): the whole frame up to a side of VAE_WHOLE_UP_TO, as the reference
+    decodes it, else tiles of VAE_REFERENCE_TILE. diffusers tiles only a frame above the tile."""
+    if tile is None:
+        return 0 if max(size) <= VAE_WHOLE_UP_TO else VAE_REFERENCE_TILE
+    return tile
+
+
+def vae_tile_setting(tile: int | None) -> int | str:
+    """The `tile` option as a record states it."""
+    if tile is None:
+        return f"whole up to {VAE_WHOLE_UP_TO} px, else tiles of {VAE_REFERENCE_TILE}"
+    return tile
 
 
 FIRST_FRAME = ("self", "skip")
@@ -138,8 +154,8 @@ class UpscaleOptions:
     scale: int = 4
     color_fix: str = "adain"  # the reference's default
     batch_size: int = 4  # frames encoded/restored/decoded together
-    # VAE tile in output pixels, tiled only where a side exceeds it; None: REFERENCE_VAE_TILE;
-    # 0: never
+    # VAE tile in output pixels (a multiple of 32), tiled only where a side exceeds it; None: the
+    # whole frame up to VAE_WHOLE_UP_TO (as the reference), else VAE_REFERENCE_TILE; 0: never
     tile: int | None = None
     process_size: int = 512  # LQ whose short side is below process_size // scale is enlarged first
     sample_latent: bool = True  # draw from the VAE posterior as the reference does
@@ -168,8 +184,11 @@ class UpscaleOptions:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}; got {self.color_fix!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.tile and (self.tile < 64 or self.tile % 8):
-            raise ValueError(f"tile must be 0 or a multiple of 8 >= 64; got {self.tile}")
+        if self.tile and (self.tile < 64 or self.tile % 32):
+            raise ValueError(
+                f"tile must be 0 or a multiple of 32 >= 64 (diffusers' VAE tiling blends "
+                f"tiles of a multiple of 4 latent positions); got {self.tile}"
+            )
         if self.tile_batch < 1:
             raise ValueError(f"tile_batch must be >= 1; got {self.tile_batch}")
         if self.latent_tile < 0:

@@ -84,7 +84,7 @@ class Settings:
 
     batch_size: int
     latent_tile: int  # 0: never tiled
-    tile: int | None  # VAE tile, pixels; None: the reference's (REFERENCE_VAE_TILE); 0: never
+    tile: int | None  # VAE tile, pixels; None: the default (config.vae_tile); 0: never
     latent_overlap: int = 32
     tile_batch: int = 1  # latent tiles per CFR + UNet call: that many tiles' activations at once
 
@@ -113,7 +113,7 @@ def working_areas(
     height, width = size
     h, w = height // 8, width // 8
     latent_tiled = needs_tiling(h, w, settings.latent_tile)
-    tile = vae_tile(settings.tile)
+    tile = vae_tile(settings.tile, size)
     vae = (min(tile, height), min(tile, width)) if tile else (height, width)
     if latent_tiled:
         t = min(settings.latent_tile, h, w)
@@ -239,18 +239,19 @@ def check_fits(
 
 def _fitting(size, settings, profile, dtype, device_type, free, flags):
     """The first change of the caller's settings (as its flags) whose estimate fits in `free`:
-    one latent tile per call, VAE tiles of 8 latent tiles, smaller latent tiles (with VAE tiles
-    of their size), then smaller batches, then both."""
+    one latent tile per call, then smaller batches (neither changes the frames, and a resumed
+    upscale may change them), then VAE tiles of 8 latent tiles, smaller latent tiles (with VAE
+    tiles of their size), then both."""
     tilings: list[tuple[dict, int, int | None]] = []
-    vae = vae_tile(settings.tile)
-    small_vae = 8 * (settings.latent_tile or 96)
+    vae = vae_tile(settings.tile, size)
+    small_vae = 32 * max(2, 8 * (settings.latent_tile or 96) // 32)  # a valid VAE tile
     if "tile" in flags and (vae == 0 or vae > small_vae):
         tilings.append(({"tile": small_vae}, settings.latent_tile, small_vae))
     if "latent_tile" in flags:
         for t in (96, 64, 48):
             if (settings.latent_tile and t >= settings.latent_tile) or t <= settings.latent_overlap:
                 continue
-            if "tile" in flags:
+            if "tile" in flags:  # 8 * t: a multiple of 32
                 tilings.append(({"latent_tile": t, "tile": 8 * t}, t, 8 * t))
             else:
                 tilings.append(({"latent_tile": t}, t, settings.tile))
@@ -261,8 +262,8 @@ def _fitting(size, settings, profile, dtype, device_type, free, flags):
     candidates = []
     if "tile_batch" in flags and settings.tile_batch > 1:  # first: one tile per call
         candidates.append(({"tile_batch": 1}, replace(settings, tile_batch=1)))
-    candidates += [(c, replace(settings, latent_tile=t, tile=v)) for c, t, v in tilings]
     candidates += [({"batch_size": b}, replace(settings, batch_size=b)) for b in batches]
+    candidates += [(c, replace(settings, latent_tile=t, tile=v)) for c, t, v in tilings]
     candidates += [
         ({**change, "batch_size": b}, replace(settings, batch_size=b, latent_tile=t, tile=v))
         for b in batches

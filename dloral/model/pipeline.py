@@ -4,15 +4,16 @@ For each frame: upsample the LQ frame by `scale` (PIL bicubic, as the reference)
 multiple of 8 (`size_to_8`: replicate-pad, or the reference's LANCZOS resize), VAE-encode,
 retrieve from the previous frame (CFR), one UNet step, decode, colour-fix towards the upsampled
 input. CFR and the UNet run on latent tiles above `latent_tile` x `latent_tile`
-(dloral.model.tiling, as the reference); the VAE works on the whole frame up to a side of
-REFERENCE_VAE_TILE (1968) pixels, where the reference's tiled VAE starts tiling, and on tiles of
-that size (`tile`) above it. `first_frame`: `self` pairs the first frame with itself
-(zero motion), so every input frame has an output; `skip` is the reference's test script, which
-pairs (t-1, t) and writes no output for frame 0.
+(dloral.model.tiling, as the reference); by default the VAE works on the whole frame up to a
+side of 1968 pixels, where the reference's tiled VAE decoder starts tiling, and on tiles of 1920
+above it (`tile` sets the tile; see dloral.model.config.vae_tile). `first_frame`: `self`
+pairs the first frame with itself (zero motion), so every input frame has an output; `skip` is
+the reference's test script, which pairs (t-1, t) and writes no output for frame 0.
 
-Memory is bounded by `batch_size` frames whatever the video's length: only the previous
-frame's LQ and latent are carried between batches; with latent tiling and VAE tiling (`tile`)
-it grows with the frame size only up to the tiles' size. Each frame is VAE-encoded once
+Memory is bounded by `batch_size` frames whatever the video's length: only the previous frame's
+LQ and latent are carried between batches; with latent tiling and VAE tiling (`tile`) the
+model's working memory stops growing with the frame size at the tiles' size (buffers of whole
+frames, such as the upsampled input and the output, still grow). Each frame is VAE-encoded once
 (`previous` carry); `previous="reencode"` encodes the previous frame again for every pair, as
 the reference does.
 Each frame's posterior noise comes from its own generator, seeded by (seed, frame index), so a
@@ -127,7 +128,7 @@ class VideoUpscaler:
         self.prompt = prompt or PromptSource()
         self.stage_times: StageTimes | None = None
         self.prompt_text: str | None = None  # the text condition of the clip being upscaled
-        self._vae_tiling(vae_tile(self.opt.tile))
+        self._vae_tiling(self.opt.tile or 0)  # the default's is set per clip, by its frame size
 
     def _stage(self, name: str):
         return self.stage_times(name) if self.stage_times is not None else nullcontext()
@@ -267,6 +268,8 @@ class VideoUpscaler:
         with self._stage("lq_upsample"):
             lq, lq_model = self._prepare(torch.stack([f for _, _, f in batch]), proc)
         model = self.model
+        if state is None and self.opt.tile is None:  # a clip's first batch
+            self._vae_tiling(vae_tile(None, tuple(lq_model.shape[-2:])))
         if state is None:
             with self._stage("prompt"):
                 if self.prompt_text is None:
