@@ -153,3 +153,28 @@ class _NaNTeacher(torch.nn.Module):
 def nan_teacher():
     """nan_teacher(unet, rows): the teacher `unet` with NaN predictions for latents `rows`."""
     return _NaNTeacher
+
+
+def trained_model(seed: int = 0, **cfg):
+    """A tiny DLoRAL whose LoRAs, CFR and conv_in hold non-zero, seeded values: stand-ins for
+    trained ones, so that checkpoint round trips compare weights that matter."""
+    from dloral.model import lora
+    from dloral.model.dloral import DLoRAL, DLoRALConfig
+
+    model = DLoRAL(DLoRALConfig.from_dict({"seed": seed, **cfg}))
+    g = torch.Generator().manual_seed(seed + 100)
+    lora.randomize_lora_b(model.unet, generator=g)
+    with torch.no_grad():
+        for p in model.cfr.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        model.unet.conv_in.base_layer.weight.add_(0.01)
+    return model
+
+
+def restored_pair(model, seed: int = 0) -> torch.Tensor:
+    """The restored latent of one seeded random pair: what two models must agree on."""
+    g = torch.Generator().manual_seed(seed)
+    lq = torch.rand(2, 3, 64, 80, generator=g)
+    with torch.no_grad():
+        z = model.encode(lq, sample=False)
+        return model.restore_latent(z[1:], z[:1], lq[1:], lq[:1], model.encode_prompt(["a bike"]))

@@ -4,9 +4,9 @@ import re
 
 import pytest
 import torch
+from conftest import restored_pair, trained_model
 from safetensors.torch import load_file, save_file
 
-from dloral.model import lora
 from dloral.model.checkpoint import (
     CheckpointError,
     checkpoint_config,
@@ -21,27 +21,8 @@ from dloral.model.dloral import DLoRAL, DLoRALConfig
 from dloral.model.tiny_vae import TinyVAERecipe
 
 
-def _trained_model(seed=0, **cfg):
-    model = DLoRAL(DLoRALConfig.from_dict({"seed": seed, **cfg}))
-    g = torch.Generator().manual_seed(seed + 100)
-    lora.randomize_lora_b(model.unet, generator=g)
-    with torch.no_grad():  # stand-ins for trained CFR and conv_in values
-        for p in model.cfr.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.01)
-        model.unet.conv_in.base_layer.weight.add_(0.01)
-    return model
-
-
-def _restore(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lq = torch.rand(2, 3, 64, 80, generator=g)
-    with torch.no_grad():
-        z = model.encode(lq, sample=False)
-        return model.restore_latent(z[1:], z[:1], lq[1:], lq[:1], model.encode_prompt(["a bike"]))
-
-
 def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path):
-    model = _trained_model(4, cfr={"topk": 8})
+    model = trained_model(4, cfr={"topk": 8})
     save_checkpoint(model, tmp_path / "ck")
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
         "dloral.safetensors",
@@ -54,13 +35,13 @@ def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path):
     loaded, report = load_checkpoint(tmp_path / "ck")
     assert report.clean
     assert loaded.cfg.cfr.topk == 8
-    assert torch.equal(_restore(model), _restore(loaded))
+    assert torch.equal(restored_pair(model), restored_pair(loaded))
     # a model that was not loaded differs, so the equality above is not trivial
-    assert not torch.allclose(_restore(model), _restore(DLoRAL(DLoRALConfig(seed=4))))
+    assert not torch.allclose(restored_pair(model), restored_pair(DLoRAL(DLoRALConfig(seed=4))))
 
 
 def test_checkpoint_needs_the_tiny_vae_it_was_trained_with(tmp_path, tiny_vae_file, bikes_lq):
-    save_checkpoint(_trained_model(), tmp_path / "ck")
+    save_checkpoint(trained_model(), tmp_path / "ck")
     other = tmp_path / "other-vae.safetensors"
     TinyVAERecipe(steps=1, batch_size=3, crop=32).build(list(bikes_lq[:2]), other)
     with pytest.raises(CheckpointError) as err:
@@ -69,13 +50,13 @@ def test_checkpoint_needs_the_tiny_vae_it_was_trained_with(tmp_path, tiny_vae_fi
     assert f"trained with the tiny VAE {tiny_vae_file}" in msg and str(other) in msg
     assert "model.tiny_vae_path" in msg
     loaded, _ = load_checkpoint(tmp_path / "ck")
-    assert loaded.vae_sha256 == _trained_model().vae_sha256
+    assert loaded.vae_sha256 == trained_model().vae_sha256
 
 
 def test_checkpoint_from_before_tiny_init_loads_the_all_random_tiny(tmp_path):
     """Checkpoints written before the pretrained tiny profile were trained on random weights:
     they load onto those, not onto the trained VAE."""
-    model = _trained_model(cfr={"topk": 8}, tiny_init="random")
+    model = trained_model(cfr={"topk": 8}, tiny_init="random")
     save_checkpoint(model, tmp_path / "ck")
     meta_file = tmp_path / "ck" / "dloral_config.json"
     meta = json.loads(meta_file.read_text())
@@ -84,11 +65,11 @@ def test_checkpoint_from_before_tiny_init_loads_the_all_random_tiny(tmp_path):
     meta_file.write_text(json.dumps(meta))
     loaded, report = load_checkpoint(tmp_path / "ck")
     assert report.clean and loaded.weights == "random-init"
-    assert torch.equal(_restore(model), _restore(loaded))
+    assert torch.equal(restored_pair(model), restored_pair(loaded))
 
 
 def test_checkpoint_with_unknown_or_missing_keys_is_reported(tmp_path):
-    save_checkpoint(_trained_model(), tmp_path / "ck")
+    save_checkpoint(trained_model(), tmp_path / "ck")
     weights = tmp_path / "ck" / "dloral.safetensors"
     state = load_file(weights)
     dropped = next(k for k in state if ".lora_B.detail." in k)
@@ -108,7 +89,7 @@ def test_missing_checkpoint_names_the_file(tmp_path):
 
 
 def test_official_layout_roundtrip(tmp_path):
-    model = _trained_model(7)
+    model = trained_model(7)
     pkl = export_official(model, tmp_path / "model.pkl")
     sd = torch.load(pkl, weights_only=True)
     # the reference's layout: six adapters, ranks, module lists, whole UNet, CFR
@@ -136,11 +117,11 @@ def test_official_layout_roundtrip(tmp_path):
     }  # fmt: skip
     assert report.unexpected == ["state_dict_unet.not_a_layer.weight"]
     assert report.missing == []
-    assert torch.equal(_restore(model), _restore(imported))
+    assert torch.equal(restored_pair(model), restored_pair(imported))
 
 
 def test_official_import_reports_missing_keys(tmp_path):
-    model = _trained_model(1)
+    model = trained_model(1)
     pkl = export_official(model, tmp_path / "model.pkl")
     sd = torch.load(pkl, weights_only=True)
     gone = "cross_attn_module.query_conv.weight"
@@ -173,20 +154,20 @@ def test_not_an_official_checkpoint_names_missing_entries(tmp_path):
 def test_official_export_of_a_lora_alpha_other_than_8_imports_with_the_same_output(tmp_path):
     """The file has no alpha; the importer reads it as the reference does (alpha 8) and the
     export scaled lora_B by alpha/8, so the imported model restores what the source does."""
-    model = _trained_model(2, detail={"rank": 4, "alpha": 16}, consistency={"alpha": 16})
+    model = trained_model(2, detail={"rank": 4, "alpha": 16}, consistency={"alpha": 16})
     imported, report = import_official(
         export_official(model, tmp_path / "model.pkl"), profile="tiny", overrides={"seed": 2}
     )
     assert report.clean and imported.cfg.detail.alpha == imported.cfg.consistency.alpha == 8
     b = next(k for k in model.unet.state_dict() if ".lora_B.detail." in k)
     assert torch.equal(imported.unet.state_dict()[b], 2 * model.unet.state_dict()[b])
-    assert torch.allclose(_restore(model), _restore(imported), atol=1e-5)
+    assert torch.allclose(restored_pair(model), restored_pair(imported), atol=1e-5)
 
 
 def test_a_model_with_merged_loras_is_neither_exported_nor_saved(tmp_path):
     """Merged, the base weights hold the LoRAs: written with the adapters, they would count
     twice when loaded."""
-    model = _trained_model(3)
+    model = trained_model(3)
     model.merge_lora()
     for write, path in ((export_official, "model.pkl"), (save_checkpoint, "ck")):
         with pytest.raises(CheckpointError, match="merged.*unmerge_lora"):

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import restored_pair, trained_model
 from typer.testing import CliRunner
 
 from dloral import cli
 from dloral.cli import app
-from dloral.model import lora
 from dloral.model.checkpoint import import_official, save_checkpoint
 from dloral.model.dloral import DLoRAL, DLoRALConfig
 from dloral.train.recipe import STATE_FILE
@@ -32,27 +32,8 @@ def _run_folder(root, model, step=2):
     return folder
 
 
-def _trained_model(seed=6):
-    model = DLoRAL(DLoRALConfig.from_dict({"seed": seed, "detail": {"rank": 4, "alpha": 16}}))
-    g = torch.Generator().manual_seed(seed + 100)
-    lora.randomize_lora_b(model.unet, generator=g)
-    with torch.no_grad():  # stand-ins for trained CFR and conv_in values
-        for p in model.cfr.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.01)
-        model.unet.conv_in.base_layer.weight.add_(0.01)
-    return model
-
-
-def _restore(model):
-    g = torch.Generator().manual_seed(0)
-    lq = torch.rand(2, 3, 48, 64, generator=g)
-    with torch.no_grad():
-        z = model.encode(lq, sample=False)
-        return model.restore_latent(z[1:], z[:1], lq[1:], lq[:1], model.encode_prompt([""]))
-
-
 def test_export_of_a_run_folder_imports_as_the_same_model(tmp_path):
-    model = _trained_model()
+    model = trained_model(6, detail={"rank": 4, "alpha": 16})
     step = _run_folder(tmp_path / "run", model)
     out = tmp_path / "release" / "model.pkl"
     result = runner.invoke(app, ["export", str(tmp_path / "run"), str(out)])
@@ -71,7 +52,7 @@ def test_export_of_a_run_folder_imports_as_the_same_model(tmp_path):
         assert torch.equal(theirs[key], value * scale), key
     for key, value in model.cfr.state_dict().items():
         assert torch.equal(imported.cfr.state_dict()[key], value), key
-    assert torch.allclose(_restore(model), _restore(imported), atol=1e-5)
+    assert torch.allclose(restored_pair(model), restored_pair(imported), atol=1e-5)
 
 
 def test_export_finds_the_checkpoint_as_train_resume_does(tmp_path):

@@ -6,13 +6,12 @@ src/cross_frame_retrieval/cfr_main.py `CFR_model` and uncertainty_topk.py
 
 import torch
 import torch.nn as nn
+from conftest import trained_model
 from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 from peft import LoraConfig
 
-from dloral.model import lora
 from dloral.model.backbone import build_backbone
 from dloral.model.checkpoint import export_official
-from dloral.model.dloral import DLoRAL, DLoRALConfig
 
 
 # ----- the reference's CFR module tree, transcribed (parameters only; forward is not needed) -----
@@ -182,16 +181,6 @@ REFERENCE_ADAPTERS = [
 ]
 
 
-def _trained_model(seed=3, **cfg):
-    model = DLoRAL(DLoRALConfig.from_dict({"seed": seed, **cfg}))
-    g = torch.Generator().manual_seed(seed + 100)
-    lora.randomize_lora_b(model.unet, generator=g)
-    with torch.no_grad():
-        for p in model.cfr.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    return model
-
-
 def _unet_outputs(model, ref):
     """Our UNet (both LoRAs active) and the reference's (all six adapters) on one input."""
     set_weights_and_activate_adapters(ref.unet, REFERENCE_ADAPTERS, [1.0] * 6)
@@ -205,7 +194,7 @@ def _unet_outputs(model, ref):
 
 
 def test_reference_loader_with_load_cfr_reads_the_export(tmp_path):
-    model = _trained_model()
+    model = trained_model()
     sd = torch.load(export_official(model, tmp_path / "model.pkl"), weights_only=True)
     fresh_unet = build_backbone("tiny", seed=11).unet  # other base weights: all are overwritten
     ref = ReferenceGeneratorEval(fresh_unet, sd, load_cfr=True)  # raised KeyError before
@@ -227,7 +216,7 @@ def test_reference_loader_with_load_cfr_reads_the_export(tmp_path):
 def test_reference_loader_keeps_a_lora_alpha_other_than_8(tmp_path):
     """The file holds no alpha and the reference runs every adapter at 8/r: the export scales
     lora_B by alpha/8, so the reference's UNet computes ours (alpha 16 is scale 4 at rank 4)."""
-    model = _trained_model(5, detail={"rank": 4, "alpha": 16}, consistency={"rank": 2, "alpha": 3})
+    model = trained_model(5, detail={"rank": 4, "alpha": 16}, consistency={"rank": 2, "alpha": 3})
     sd = torch.load(export_official(model, tmp_path / "model.pkl"), weights_only=True)
     ref = ReferenceGeneratorEval(build_backbone("tiny", seed=11).unet, sd, load_cfr=True)
     layer = ref.unet.down_blocks[0].resnets[0].conv1
