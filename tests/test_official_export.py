@@ -4,6 +4,7 @@
 src/cross_frame_retrieval/cfr_main.py `CFR_model` and uncertainty_topk.py
 `CrossFrameAbsoluteAttn`, mmcv's ConvModule replaced by a module holding `conv` as mmcv's does)."""
 
+import reference_cfr
 import torch
 import torch.nn as nn
 from conftest import trained_model
@@ -14,7 +15,8 @@ from dloral.model.backbone import build_backbone
 from dloral.model.checkpoint import export_official
 
 
-# ----- the reference's CFR module tree, transcribed (parameters only; forward is not needed) -----
+# ----- the reference's CFR module tree, transcribed (parameters only; forward is not needed);
+# spynet and cross_attn_module are reference_cfr.py's, whose forward the CFR parity test runs
 def make_layer(block, num_blocks, **kwarg):
     layers = []
     for _ in range(num_blocks):
@@ -41,67 +43,20 @@ class ResidualBlocksWithInputConv(nn.Module):
         self.main = nn.Sequential(*main)
 
 
-class ConvModule(nn.Module):  # mmcv.cnn.ConvModule with norm_cfg=None: `conv` (+ activation)
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, norm_cfg, act_cfg):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
-        if act_cfg is not None:
-            self.activate = nn.ReLU()
+class CFR_model(reference_cfr.CFR_model):  # noqa: N801 (the reference's name)
+    """The reference's whole CFR_model tree: reference_cfr's (spynet, cross_attn_module) and the
+    modules its forward never runs, which its loader with --load_cfr still copies."""
 
-
-class SPyNetBasicModule(nn.Module):
-    def __init__(self):
-        super().__init__()
-        relu = dict(type="ReLU")
-        self.basic_module = nn.Sequential(
-            ConvModule(8, 32, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=relu),
-            ConvModule(32, 64, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=relu),
-            ConvModule(64, 32, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=relu),
-            ConvModule(32, 16, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=relu),
-            ConvModule(16, 2, kernel_size=7, stride=1, padding=3, norm_cfg=None, act_cfg=None),
-        )
-
-
-class SPyNet(nn.Module):
-    def __init__(self, pretrained):
-        super().__init__()
-        self.basic_module = nn.ModuleList([SPyNetBasicModule() for _ in range(6)])
-        self.register_buffer("mean", torch.Tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.Tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-
-class CrossFrameAbsoluteAttn(nn.Module):
-    def __init__(self, in_channels=3, feat_dim=4, embed_dim=32, heads=9):
-        super().__init__()
-        self.heads = heads
-        self.embed_dim = embed_dim
-        self.query_conv = nn.Conv2d(in_channels, embed_dim * heads, kernel_size=1)
-        self.key_conv = nn.Conv2d(in_channels, embed_dim * heads, kernel_size=1)
-        self.value_conv = nn.Conv2d(feat_dim, embed_dim * heads, kernel_size=1)
-        self.proj_out = nn.Conv2d(embed_dim * heads, feat_dim, kernel_size=1)
-        self.temperature = torch.tensor(3000.0)
-        self.threshold_fc = nn.Linear(embed_dim, 1)
-
-
-class CFR_model(nn.Module):  # noqa: N801 (the reference's name)
     def __init__(
-        self,
-        mid_channels=64,
-        num_blocks=7,
-        max_residue_magnitude=10,
-        is_low_res_input=True,
-        spynet_pretrained=None,
-        cpu_cache_length=100,
+        self, mid_channels=64, num_blocks=7, is_low_res_input=True, spynet_pretrained=None
     ):
-        super().__init__()
-        self.mid_channels = mid_channels
-        self.is_low_res_input = is_low_res_input
-        self.cpu_cache_length = cpu_cache_length
-        self.feat_extract = ResidualBlocksWithInputConv(4, mid_channels, 5)
-        self.spynet = SPyNet(pretrained=spynet_pretrained)
-        self.cross_attn_module = CrossFrameAbsoluteAttn(
-            in_channels=4, feat_dim=4, embed_dim=64, heads=9
+        super().__init__(
+            mid_channels=mid_channels,
+            num_blocks=num_blocks,
+            is_low_res_input=is_low_res_input,
+            spynet_pretrained=spynet_pretrained,
         )
+        self.feat_extract = ResidualBlocksWithInputConv(4, mid_channels, 5)
         self.weight_predict = ResidualBlocksWithInputConv(3, mid_channels, 5)
         self.weight_predict_final = ResidualBlocksWithInputConv(mid_channels, 1, 1)
         self.reconstruction_feat = ResidualBlocksWithInputConv(mid_channels, mid_channels, 5)
