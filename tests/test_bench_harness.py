@@ -329,7 +329,12 @@ def test_suite_errors_name_file_key_and_valid_choices(udm, tmp_path, monkeypatch
                 "options": {"flow": "pwc"},
             }
         )
-    reference_like = {"first_frame": "skip", "size_to_8": "lanczos", "previous": "reencode"}
+    reference_like = {
+        "first_frame": "skip",
+        "size_to_8": "lanczos",
+        "previous": "reencode",
+        "color_fix": "wavelet",
+    }
     table = {
         "suite": {"name": "x"},
         "datasets": [{"name": "d", "kind": "udm10", "root": str(udm)}],
@@ -343,7 +348,12 @@ def test_suite_errors_name_file_key_and_valid_choices(udm, tmp_path, monkeypatch
     suite = parse_suite(table)
     method = build_method("dloral:tiny-random", device="cpu", options=suite.options)
     opt = method._upscaler(4).opt
-    assert (opt.first_frame, opt.size_to_8, opt.previous) == ("skip", "lanczos", "reencode")
+    assert (opt.first_frame, opt.size_to_8, opt.previous, opt.color_fix) == (
+        "skip",
+        "lanczos",
+        "reencode",
+        "wavelet",
+    )
     assert reference_like.items() <= method.describe()["options"].items()
 
 

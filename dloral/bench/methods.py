@@ -221,8 +221,8 @@ def mlflow_checkpoint(ref: str, dst: str | os.PathLike | None = None) -> Path:
 class DLoRALMethod(_Timed):
     """DLoRAL from a checkpoint folder, the official model.pkl, `tiny` (the tiny profile as
     training starts it: trained VAE, identity one step) or `tiny-random` (every weight random,
-    the code path only); LoRAs merged, set up as `dloral-exp upscale` does (dtype auto, colour
-    fix adain)."""
+    the code path only); LoRAs merged, set up as `dloral-exp upscale` does (dtype auto; colour
+    fix, first frame, size to 8 and previous frame from the suite's [options])."""
 
     def __init__(
         self,
@@ -236,10 +236,12 @@ class DLoRALMethod(_Timed):
         first_frame: str = "self",
         size_to_8: str = "pad",
         previous: str = "carry",
+        color_fix: str = "adain",
     ) -> None:
         super().__init__()
         self.name, self.source, self.repeats = label, source, repeats
         self.first_frame, self.size_to_8, self.previous = first_frame, size_to_8, previous
+        self.color_fix = color_fix
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(self.device)
         self.seed, self.process_size, self.batch_size = seed, process_size, batch_size
@@ -314,6 +316,7 @@ class DLoRALMethod(_Timed):
                 first_frame=self.first_frame,
                 size_to_8=self.size_to_8,
                 previous=self.previous,
+                color_fix=self.color_fix,
             )
             self._upscalers[scale] = VideoUpscaler(self._load(), self.device, self.dtype, opts)
         return self._upscalers[scale]
@@ -346,7 +349,7 @@ class DLoRALMethod(_Timed):
                 "process_size": self.process_size,
                 "batch_size": self.batch_size,
                 "seed": self.seed,
-                "color_fix": "adain",
+                "color_fix": self.color_fix,
                 "lora": "merged",
                 "first_frame": self.first_frame,
                 "size_to_8": self.size_to_8,
@@ -526,4 +529,5 @@ def build_method(spec: str, *, device: str = "auto", options=None) -> Method | F
         first_frame=options.first_frame if options else "self",
         size_to_8=options.size_to_8 if options else "pad",
         previous=options.previous if options else "carry",
+        color_fix=options.color_fix if options else "adain",
     )

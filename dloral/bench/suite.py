@@ -7,7 +7,7 @@ A suite is a TOML file (see benchmarks/*.toml):
     [methods]    names = ["bicubic", "dloral:tiny", "folder:peer=/path/to/outputs"]
     [metrics]    names = ["psnr", "ssim_y", "lpips", "ewarp", ...]
     [options]    crop_border, flow, device, latency_repeats, latency_clips, seed, process_size,
-                 batch_size, first_frame, size_to_8, previous (the last five: DLoRAL's)
+                 batch_size, first_frame, size_to_8, previous, color_fix (the last six: DLoRAL's)
 
 `root` may hold `${ENV_VAR}` (an unset variable is an error naming it and the expected layout)
 or be "embedded:<set>" (the embedded real-clip sets, prepared on first use). Relative roots are
@@ -24,7 +24,7 @@ from pathlib import Path
 from dloral.bench.registry import METRICS, resolve
 from dloral.config import build, check_keys, find_named_toml, read_toml
 from dloral.data.config import KINDS
-from dloral.model.config import FIRST_FRAME, PREVIOUS, SIZE_TO_8
+from dloral.model.config import COLOR_FIXES, FIRST_FRAME, PREVIOUS, SIZE_TO_8
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 EMBEDDED_PREFIX = "embedded:"
@@ -93,6 +93,7 @@ class Options:
     first_frame: str = "self"  # dloral: "skip" writes no output for frame 0 (the reference)
     size_to_8: str = "pad"  # dloral: "lanczos" resizes to a multiple of 8 (the reference)
     previous: str = "carry"  # dloral: "reencode" encodes the previous frame per pair (ditto)
+    color_fix: str = "adain"  # dloral: adain (the reference's default), wavelet or none
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ def _options(where: str, table: dict) -> Options:
         ("first_frame", FIRST_FRAME),
         ("size_to_8", SIZE_TO_8),
         ("previous", PREVIOUS),
+        ("color_fix", COLOR_FIXES),
     ):
         if getattr(opts, key) not in valid:
             raise SuiteError(
