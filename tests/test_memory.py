@@ -102,6 +102,23 @@ def test_guard_refuses_naming_estimate_available_memory_and_the_flag_that_fits(m
             flags=CLI_FLAGS,
         )
 
+    # a VAE tile already asked for is not proposed again
+    at_512 = Settings(1, 96, 512)
+    smaller = estimate((1440, 2560), Settings(1, 64, 512), "tiny")
+    current = estimate((1440, 2560), at_512, "tiny")
+    assert smaller.bytes < current.bytes
+    monkeypatch.setattr(memory, "available", lambda d: ((smaller.bytes + current.bytes) / 2, "t"))
+    with pytest.raises(InsufficientMemory, match=r"Use --latent-tile 64 \(about"):
+        check_fits(
+            (1440, 2560),
+            at_512,
+            profile="tiny",
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            frame_size=(360, 640),
+            flags=CLI_FLAGS,
+        )
+
     # enough memory: no error; the estimate comes back
     monkeypatch.setattr(memory, "available", lambda device: (need.bytes * 1.01, "test"))
     ok = untiled_720p()

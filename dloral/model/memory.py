@@ -251,9 +251,9 @@ def _fitting(size, settings, profile, dtype, device_type, free, flags):
         for t in (96, 64, 48):
             if (settings.latent_tile and t >= settings.latent_tile) or t <= settings.latent_overlap:
                 continue
-            if "tile" in flags:  # 8 * t: a multiple of 32
+            if "tile" in flags and settings.tile != 8 * t:  # 8 * t: a multiple of 32
                 tilings.append(({"latent_tile": t, "tile": 8 * t}, t, 8 * t))
-            else:
+            else:  # the VAE tile stays as it is (the caller cannot set it, or it is 8 * t)
                 tilings.append(({"latent_tile": t}, t, settings.tile))
     batches = []
     if "batch_size" in flags:
