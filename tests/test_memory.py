@@ -63,16 +63,16 @@ def test_guard_refuses_naming_estimate_available_memory_and_the_flag_that_fits(m
     fits = estimate((1440, 2560), Settings(4, 96, 768), "tiny")
     assert fits.bytes < batch_1.bytes < need.bytes
     room = (fits.bytes + batch_1.bytes) / 2  # no smaller batch fits; tiles do
-    untiled_720p = partial(
+    guard = partial(
         check_fits,
         (1440, 2560),
-        UNTILED,
         profile="tiny",
         dtype=torch.float32,
         device=torch.device("cpu"),
         frame_size=(360, 640),
         flags=CLI_FLAGS,
     )
+    untiled_720p = partial(guard, UNTILED)
     monkeypatch.setattr(memory, "available", lambda device: (room, "MemAvailable (test)"))
     with pytest.raises(InsufficientMemory) as err:
         untiled_720p()
@@ -92,15 +92,7 @@ def test_guard_refuses_naming_estimate_available_memory_and_the_flag_that_fits(m
     assert alone.bytes < batch_1.bytes
     monkeypatch.setattr(memory, "available", lambda d: ((alone.bytes + batch_1.bytes) / 2, "t"))
     with pytest.raises(InsufficientMemory, match=r"Use --tile 768 "):
-        check_fits(
-            (1440, 2560),
-            Settings(1, 0, 0),
-            profile="tiny",
-            dtype=torch.float32,
-            device=torch.device("cpu"),
-            frame_size=(360, 640),
-            flags=CLI_FLAGS,
-        )
+        guard(Settings(1, 0, 0))
 
     # a VAE tile already asked for is not proposed again
     at_512 = Settings(1, 96, 512)
@@ -109,15 +101,7 @@ def test_guard_refuses_naming_estimate_available_memory_and_the_flag_that_fits(m
     assert smaller.bytes < current.bytes
     monkeypatch.setattr(memory, "available", lambda d: ((smaller.bytes + current.bytes) / 2, "t"))
     with pytest.raises(InsufficientMemory, match=r"Use --latent-tile 64 \(about"):
-        check_fits(
-            (1440, 2560),
-            at_512,
-            profile="tiny",
-            dtype=torch.float32,
-            device=torch.device("cpu"),
-            frame_size=(360, 640),
-            flags=CLI_FLAGS,
-        )
+        guard(at_512)
 
     # enough memory: no error; the estimate comes back
     monkeypatch.setattr(memory, "available", lambda device: (need.bytes * 1.01, "test"))
