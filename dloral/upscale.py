@@ -68,7 +68,7 @@ class UpscaleJob:
     checkpoint: Path | None = None
     scale: int = 4
     device: str = "auto"
-    tile: int | None = None  # VAE tile; None: the reference's (1968 px); 0: never
+    tile: int | None = None  # VAE tile; None: whole up to 1968 px, else 1920; 0: never
     latent_tile: int = 96
     latent_overlap: int = 32
     tile_batch: int = 1
