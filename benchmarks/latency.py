@@ -56,7 +56,11 @@ from dloral.atomic import atomic_write_json  # noqa: E402
 from dloral.data.frames import FrameError, open_frames, packaged_clip  # noqa: E402
 from dloral.devices import resolve_device, resolve_dtype, synchronize  # noqa: E402
 from dloral.model import lora  # noqa: E402
-from dloral.model.config import vae_tile_setting  # noqa: E402
+from dloral.model.config import (  # noqa: E402
+    VAE_DECODER_TILE,
+    VAE_ENCODER_TILE,
+    vae_tile_setting,
+)
 from dloral.model.dloral import DLoRAL, DLoRALConfig  # noqa: E402
 from dloral.model.pipeline import StageTimes, UpscaleOptions, VideoUpscaler  # noqa: E402
 
@@ -393,6 +397,8 @@ def _record(args, argv: list[str] | None, env: dict, runs: list[dict]) -> dict:
         ),
         "tiling": {
             "vae_tile": vae_tile_setting(args.tile),  # 0: never tiled
+            # the reference's tiled VAE's tiles (encoder pixels, decoder latent positions)
+            "vae_tiles": None if args.tile is not None else [VAE_ENCODER_TILE, VAE_DECODER_TILE],
             "latent_tile": args.latent_tile,
             "latent_overlap": args.latent_overlap,
             "tile_batch": args.tile_batch,
@@ -413,7 +419,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--tile", type=int, default=None, help="VAE tile; 0: none (default: auto)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="diffusers' VAE tile; 0: none (default: the reference's tiled VAE)",
+    )
     p.add_argument("--latent-tile", type=int, default=96, help="0: no latent tiling")
     p.add_argument("--process-size", type=int, default=0, help="0: run at the exact x scale size")
     p.add_argument("--modes", default="eager,sdpa", help=f"comma-separated: {', '.join(MODES)}")

@@ -152,13 +152,27 @@ def upscale(
     tile: Annotated[
         int | None,
         typer.Option(
-            help="VAE tile size in output pixels, a multiple of 32: frames with a side above "
-            "it are encoded and decoded in tiles; 0: never tile the VAE [default: the whole "
-            "frame up to a side of 1968, where the reference's tiled VAE decoder starts "
-            "tiling, tiles of 1920 above; e.g. 768 to save memory].",
+            help="diffusers' VAE tiling with tiles of this many output pixels, a multiple of "
+            "32, each normalised on its own (e.g. 768 to save memory); 0: never tile the VAE "
+            "[default: the reference's tiled VAE, whose tiles share the GroupNorm statistics: "
+            "see --vae-encoder-tile, --vae-decoder-tile].",
             show_default=False,
         ),
     ] = None,
+    vae_encoder_tile: Annotated[
+        int,
+        typer.Option(
+            help="The reference's tiled VAE: encoder tiles of this many pixels (a multiple of "
+            "32), padded by 32, for model inputs above it + 64 (its --vae_encoder_tiled_size).",
+        ),
+    ] = 1024,
+    vae_decoder_tile: Annotated[
+        int,
+        typer.Option(
+            help="The reference's tiled VAE: decoder tiles of this many latent positions, "
+            "padded by 11, for latents above it + 22 (its --vae_decoder_tiled_size).",
+        ),
+    ] = 224,
     latent_tile: Annotated[
         int,
         typer.Option(
@@ -286,6 +300,8 @@ def upscale(
         scale=scale,
         device=device,
         tile=tile,
+        vae_encoder_tile=vae_encoder_tile,
+        vae_decoder_tile=vae_decoder_tile,
         latent_tile=latent_tile,
         latent_overlap=latent_overlap,
         tile_batch=tile_batch,

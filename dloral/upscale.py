@@ -68,7 +68,9 @@ class UpscaleJob:
     checkpoint: Path | None = None
     scale: int = 4
     device: str = "auto"
-    tile: int | None = None  # VAE tile; None: whole up to 1968 px, else 1920; 0: never
+    tile: int | None = None  # diffusers' VAE tile; None: the reference's tiled VAE; 0: never
+    vae_encoder_tile: int = 1024  # the reference's tiled VAE: pixels
+    vae_decoder_tile: int = 224  # latent positions
     latent_tile: int = 96
     latent_overlap: int = 32
     tile_batch: int = 1
@@ -101,6 +103,8 @@ class UpscaleJob:
                 color_fix=self.color_fix,
                 batch_size=self.batch_size,
                 tile=self.tile,
+                vae_encoder_tile=self.vae_encoder_tile,
+                vae_decoder_tile=self.vae_decoder_tile,
                 process_size=self.process_size,
                 latent_tile=self.latent_tile,
                 latent_overlap=self.latent_overlap,

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from dloral.model import lora
-from dloral.model.config import vae_tile
+from dloral.model import lora, vae_tiles
 from dloral.model.dloral import DLoRAL, DLoRALConfig
 from dloral.model.pipeline import UpscaleOptions, VideoUpscaler
+from dloral.model.vae_tiles import VAETiles
 
 CPU = torch.device("cpu")
 
@@ -212,32 +212,53 @@ def test_tiled_vae_decodes_in_tiles(bikes_lq):
     assert len(calls) > 1 and all(s[-1] <= 64 // 8 for s in calls)  # tiles, not the full frame
 
 
-def _reference_vae_hook_tiles(h: int, w: int, tile_size: int = 224, pad: int = 11) -> bool:
-    """Literal condition: yjsunnn/DLoRAL@40c1308 src/my_utils/vaehook.py `VAEHook.__call__` on
-    the decoder (pad 11; test_DLoRAL.py's --vae_decoder_tiled_size 224): True where it tiles."""
+def _reference_vae_hook_tiles(h: int, w: int, tile_size: int, pad: int) -> bool:
+    """Literal condition: yjsunnn/DLoRAL@40c1308 src/my_utils/vaehook.py `VAEHook.__call__`
+    (pad 11 on the decoder, 32 on the encoder; test_DLoRAL.py's --vae_decoder_tiled_size 224,
+    --vae_encoder_tiled_size 1024): True where it tiles."""
     if max(h, w) <= pad * 2 + tile_size:
         return False  # "the input size is tiny and unnecessary to tile"
     return True
 
 
-def test_default_vae_tiles_only_where_the_references_tiled_vae_does(bikes_lq):
+def _grids(monkeypatch) -> list[tuple[str, int]]:
+    """(network, tiles) of every tiled VAE pass from now on."""
+    grids = []
+    run = vae_tiles.run_in_step
+
+    def spy(steps, net, x, tiles, factor):
+        grids.append((steps.__name__.strip("_"), len(tiles)))
+        return run(steps, net, x, tiles, factor)
+
+    monkeypatch.setattr(vae_tiles, "run_in_step", spy)
+    return grids
+
+
+def test_default_vae_tiles_where_the_references_tiled_vae_does(bikes_lq, monkeypatch):
     model = _model()
-    calls = []
-    decoder_forward = model.vae.decoder.forward
-    model.vae.decoder.forward = lambda *a, **k: calls.append(a[0].shape) or decoder_forward(*a, **k)
-    up = VideoUpscaler(model, CPU, options=UpscaleOptions())  # the default tile
-    for side in (245, 246, 247, 256):
-        calls.clear()
-        up._vae_tiling(vae_tile(None, (8 * side, 64)))  # as the pipeline sets it per clip
-        with torch.no_grad():
-            model.vae.decode(torch.zeros(1, 4, side, 8))
-        assert (len(calls) > 1) == _reference_vae_hook_tiles(side, 8), side
-    # a frame whose latent is tiled (100 x 100 > 96 x 96) is still decoded whole, as there
-    lq = torch.nn.functional.interpolate(bikes_lq[:1], size=(200, 200), mode="area")
-    calls.clear()
+    up = VideoUpscaler(model, CPU, options=UpscaleOptions())  # the default tiling
+    assert up.vae_tiles == VAETiles(encoder=1024, decoder=224)
+    grids = _grids(monkeypatch)
+    with torch.no_grad():
+        for side in (245, 246, 247, 256):
+            grids.clear()
+            model.decode(torch.zeros(1, 4, side, 8), tiles=up.vae_tiles)
+            assert bool(grids) == _reference_vae_hook_tiles(side, 8, 224, 11), side
+        for side in (1088, 1096):
+            grids.clear()
+            model.encode(torch.zeros(1, 3, 64, side), sample=False, tiles=up.vae_tiles)
+            assert bool(grids) == _reference_vae_hook_tiles(64, side, 1024, 32), side
+    # a 280x200 frame: model input 1120x800, encoded in two tiles (1120 > 1088), its latent
+    # (140 x 100, restored in latent tiles) decoded whole; close to the whole frame's output
+    lq = torch.nn.functional.interpolate(bikes_lq[:1], size=(200, 280), mode="area")
+    grids.clear()
     out = _upscale(model, lq, batch_size=1)
-    assert out.shape == (1, 3, 800, 800)
-    assert [tuple(s[-2:]) for s in calls] == [(100, 100)]
+    assert out.shape == (1, 3, 800, 1120)
+    assert grids == [("encoder", 2)]
+    whole = _upscale(model, lq, batch_size=1, tile=0)
+    assert grids == [("encoder", 2)]
+    mse = float(((out - whole) ** 2).mean())
+    assert 0 < mse < 10 ** (-35 / 10), mse  # within 35 dB of the whole frame's
 
 
 @pytest.mark.parametrize("tile", [1920, 768])

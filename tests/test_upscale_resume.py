@@ -150,11 +150,17 @@ def test_a_second_run_goes_on_and_gives_an_uninterrupted_runs_frames(bikes_folde
 def test_other_settings_are_refused_naming_them_and_force_starts_over(bikes_folder, tmp_path):
     out_dir = tmp_path / "sr"
     assert _upscale(bikes_folder, out_dir, "--frames", "2")[0] == 0
-    assert _record(out_dir)["options"]["tile"] == "whole up to 1968 px, else tiles of 1920"
+    options = _record(out_dir)["options"]
+    assert options["tile"] == "the reference's tiled VAE (tiles in step, shared GroupNorm)"
+    assert (options["vae_encoder_tile"], options["vae_decoder_tile"]) == (1024, 224)
     code, out = _upscale(
-        bikes_folder, out_dir, "--color-fix", "wavelet", "--seed", "3", "--previous", "reencode"
+        bikes_folder,
+        out_dir,
+        *("--color-fix", "wavelet", "--seed", "3", "--previous", "reencode"),
+        *("--vae-decoder-tile", "200"),
     )
     assert code == 2, out
+    assert "options.vae_decoder_tile: 224 there, 200 now" in out
     assert "options.color_fix: 'adain' there, 'wavelet' now" in out
     assert "options.previous: 'carry' there, 'reencode' now" in out
     assert "options.seed: 0 there, 3 now" in out and "--force" in out

@@ -334,6 +334,8 @@ class DLoRALMethod(_Timed):
         return tensor_bytes(self._model, self.device)
 
     def describe(self) -> dict:
+        from dloral.model.vae_tiles import VAETiles
+
         model = self._load()
         return {
             "kind": "dloral",
@@ -354,6 +356,7 @@ class DLoRALMethod(_Timed):
                 "first_frame": self.first_frame,
                 "size_to_8": self.size_to_8,
                 "previous": self.previous,
+                "vae_tiling": VAETiles().describe(),
             },
         }
 

@@ -114,32 +114,20 @@ class DLoRALConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# The reference wraps its VAE in a tiled-VAE hook (src/my_utils/vaehook.py) that runs the decoder
-# whole unless a latent side exceeds its tile (224, --vae_decoder_tiled_size) plus twice its
-# padding (11): 246 latent positions, 1968 output pixels. Its encoder tiles above 1024 + 2 x 32
-# = 1088 pixels by the test script's default (above 4160 with its README's 4096), but its tiles
-# share the GroupNorm statistics of the whole frame, so it computes nearly the whole-frame
-# encoding. By default the VAE here works on the whole frame up to VAE_WHOLE_UP_TO, and above it
-# on diffusers' tiles of VAE_REFERENCE_TILE, which normalise each tile on its own.
-VAE_WHOLE_UP_TO = 8 * (224 + 2 * 11)
-# diffusers' tiling blends correctly only for latent tiles of a multiple of 4 (pixel tiles of a
-# multiple of 32): the largest such tile within VAE_WHOLE_UP_TO
-VAE_REFERENCE_TILE = 1920
-
-
-def vae_tile(tile: int | None, size: tuple[int, int]) -> int:
-    """The VAE tile, in output pixels, for a model input of `size` (H, W); 0: the whole frame.
-    `tile` None (the default): the whole frame up to a side of VAE_WHOLE_UP_TO, as the reference
-    decodes it, else tiles of VAE_REFERENCE_TILE. diffusers tiles only a frame above the tile."""
-    if tile is None:
-        return 0 if max(size) <= VAE_WHOLE_UP_TO else VAE_REFERENCE_TILE
-    return tile
+# The VAE's tiling (UpscaleOptions.tile). None, the default, is the reference's tiled VAE
+# (src/my_utils/vaehook.py, dloral.model.vae_tiles): a frame above a tile plus twice its padding
+# is cut into tiles that run the encoder or decoder in step, sharing every GroupNorm's
+# statistics; test_DLoRAL.py's tiles are 1024 pixels for the encoder (padding 32: frames above
+# 1088 pixels) and 224 latent positions for the decoder (padding 11: outputs above 1968 pixels).
+# A number is diffusers' tiling (blended tiles, each normalised on its own), 0 the whole frame.
+VAE_ENCODER_TILE = 1024  # the reference's --vae_encoder_tiled_size, pixels
+VAE_DECODER_TILE = 224  # the reference's --vae_decoder_tiled_size, latent positions
 
 
 def vae_tile_setting(tile: int | None) -> int | str:
     """The `tile` option as a record states it."""
     if tile is None:
-        return f"whole up to {VAE_WHOLE_UP_TO} px, else tiles of {VAE_REFERENCE_TILE}"
+        return "the reference's tiled VAE (tiles in step, shared GroupNorm)"
     return tile
 
 
@@ -154,9 +142,12 @@ class UpscaleOptions:
     scale: int = 4
     color_fix: str = "adain"  # the reference's default
     batch_size: int = 4  # frames encoded/restored/decoded together
-    # VAE tile in output pixels (a multiple of 32), tiled only where a side exceeds it; None: the
-    # whole frame up to VAE_WHOLE_UP_TO (as the reference), else VAE_REFERENCE_TILE; 0: never
+    # None: the reference's tiled VAE, with tiles of vae_encoder_tile pixels (encoder) and
+    # vae_decoder_tile latent positions (decoder); N: diffusers' tiles of N output pixels (a
+    # multiple of 32), each normalised on its own, where a side exceeds N; 0: never tiled
     tile: int | None = None
+    vae_encoder_tile: int = VAE_ENCODER_TILE
+    vae_decoder_tile: int = VAE_DECODER_TILE
     process_size: int = 512  # LQ whose short side is below process_size // scale is enlarged first
     sample_latent: bool = True  # draw from the VAE posterior as the reference does
     seed: int = 0
@@ -188,6 +179,15 @@ class UpscaleOptions:
             raise ValueError(
                 f"tile must be 0 or a multiple of 32 >= 64 (diffusers' VAE tiling blends "
                 f"tiles of a multiple of 4 latent positions); got {self.tile}"
+            )
+        if self.vae_encoder_tile < 64 or self.vae_encoder_tile % 32:
+            raise ValueError(  # then every tile's edge falls on the latent grid (see vae_tiles)
+                f"vae_encoder_tile must be a multiple of 32 >= 64 (pixels); "
+                f"got {self.vae_encoder_tile}"
+            )
+        if self.vae_decoder_tile < 8:
+            raise ValueError(
+                f"vae_decoder_tile must be >= 8 (latent positions); got {self.vae_decoder_tile}"
             )
         if self.tile_batch < 1:
             raise ValueError(f"tile_batch must be >= 1; got {self.tile_batch}")

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from dloral.devices import to_device
-from dloral.model import lora
+from dloral.model import lora, vae_tiles
 from dloral.model.backbone import TINY_PRETRAINED, Backbone, build_backbone
 from dloral.model.cfr import CrossFrameRetrieval
 from dloral.model.config import ADAPTERS, CONV_IN_BIASES, STAGES, DLoRALConfig
 from dloral.model.spynet import ZERO_FLOW, load_spynet_file, zero_flow
+from dloral.model.vae_tiles import VAETiles
 from dloral.weights import SPYNET_FILE, locate_spynet, sha256
 
 log = logging.getLogger(__name__)
@@ -156,13 +157,18 @@ class DLoRAL(nn.Module):
         frames: torch.Tensor,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sample: bool = True,
+        tiles: VAETiles | None = None,
     ) -> torch.Tensor:
         """frames (N, 3, H, W) in [0, 1] -> scaled latents (N, 4, H/8, W/8).
+
+        `tiles`: the reference's tiled VAE (dloral.model.vae_tiles; inference only) for frames
+        above its encoder tile; None: the VAE as it is set (whole, or diffusers' tiling).
 
         sample=True draws from the posterior as the reference does, seeded by `generator`: one
         generator for the batch, or one per frame (each frame's noise then depends on its own
         generator only, not on the batch it came in)."""
-        dist = self.vae.encode((frames * 2 - 1).to(self.vae.dtype)).latent_dist
+        x = (frames * 2 - 1).to(self.vae.dtype)
+        dist = vae_tiles.encode(self.vae, x, tiles) if tiles else self.vae.encode(x).latent_dist
         if sample:
             shape, dtype = dist.mean.shape, dist.mean.dtype
             if isinstance(generator, Sequence):
@@ -187,9 +193,10 @@ class DLoRAL(nn.Module):
             z = dist.mean
         return z * self.vae.config.scaling_factor
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> frames in [0, 1]."""
-        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+    def decode(self, latents: torch.Tensor, tiles: VAETiles | None = None) -> torch.Tensor:
+        """Scaled latents -> frames in [0, 1]; `tiles` as in `encode`."""
+        z = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+        x = vae_tiles.decode(self.vae, z, tiles) if tiles else self.vae.decode(z).sample
         return (x.clamp(-1, 1) + 1) / 2
 
     def restore_latent(

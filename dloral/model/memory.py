@@ -10,9 +10,12 @@ H x W pixels (latent h x w = H/8 x W/8):
 
 - FRAME: buffers at the whole frame size, never tiled: the upsampled LQ (fp32 and model dtype),
   the padded model input, the decoded and colour-fixed output.
-- Hv x Wv: the VAE's working area: one VAE tile (min(tile, H) x min(tile, W)) when the VAE is
-  tiled, else the frame; hl x wl: one latent tile (min(latent_tile, h, w) squared) when the
-  latent is tiled, else the latent. CFR and the UNet work on latent tiles.
+- Hv x Wv: the VAE's working area: one VAE tile (min(tile, H) x min(tile, W)) with diffusers'
+  tiling (`tile` N), the frame untiled (`tile` 0), and with the reference's tiled VAE (the
+  default) the frame plus its tiles' padding, since those tiles run in step, all on the device
+  (the sum of the decoder's or, if larger, the encoder's padded tiles: dloral.model.vae_tiles).
+  hl x wl: one latent tile (min(latent_tile, h, w) squared) when the latent is tiled, else the
+  latent. CFR and the UNet work on latent tiles.
 - s: the model dtype's element size / 4 for the vae and unet terms (they were measured in fp32).
 - batch_share: what each frame past the first adds; less than 1 on CPU, where buffers of the
   batch's stages are reused by the allocator.
@@ -47,8 +50,9 @@ from pathlib import Path
 
 import torch
 
-from dloral.model.config import vae_tile
+from dloral.model.config import VAE_DECODER_TILE, VAE_ENCODER_TILE
 from dloral.model.tiling import needs_tiling, tile_grid
+from dloral.model.vae_tiles import DECODER_PAD, ENCODER_PAD, split
 
 GIB = 2**30
 SKIP_ENV = "DLORAL_MEMORY_CHECK"  # "off": no guard (the estimate is a model, not a promise)
@@ -84,9 +88,11 @@ class Settings:
 
     batch_size: int
     latent_tile: int  # 0: never tiled
-    tile: int | None  # VAE tile, pixels; None: the default (config.vae_tile); 0: never
+    tile: int | None  # diffusers' VAE tile, pixels; None: the reference's tiled VAE; 0: never
     latent_overlap: int = 32
     tile_batch: int = 1  # latent tiles per CFR + UNet call: that many tiles' activations at once
+    vae_encoder_tile: int = VAE_ENCODER_TILE  # the reference's tiled VAE (tile None)
+    vae_decoder_tile: int = VAE_DECODER_TILE
 
 
 @dataclass(frozen=True)
@@ -113,12 +119,32 @@ def working_areas(
     height, width = size
     h, w = height // 8, width // 8
     latent_tiled = needs_tiling(h, w, settings.latent_tile)
-    tile = vae_tile(settings.tile, size)
-    vae = (min(tile, height), min(tile, width)) if tile else (height, width)
+    if settings.tile is None:
+        vae = max(
+            _padded(height, width, settings.vae_encoder_tile, ENCODER_PAD, 1),
+            _padded(h, w, settings.vae_decoder_tile, DECODER_PAD, 8),
+            key=lambda a: a[0] * a[1],
+        )
+    elif settings.tile:
+        vae = (min(settings.tile, height), min(settings.tile, width))
+    else:
+        vae = (height, width)
     if latent_tiled:
         t = min(settings.latent_tile, h, w)
         return vae, (t, t)
     return vae, (h, w)
+
+
+def _padded(height: int, width: int, tile: int, pad: int, factor: int) -> tuple[int, int]:
+    """The reference's VAE tiles of a (height, width) input, side by side: (sum of the rows'
+    padded heights, sum of the columns' padded widths) x `factor` (output pixels per input unit).
+    A frame within one tile is (height, width) x factor."""
+    if max(height, width) <= tile + 2 * pad:
+        return height * factor, width * factor
+    grid = split(height, width, tile, pad)
+    rows = {t.box[0]: t.box[1] - t.box[0] for t in grid}
+    cols = {t.box[2]: t.box[3] - t.box[2] for t in grid}
+    return sum(rows.values()) * factor, sum(cols.values()) * factor
 
 
 def _tiles_at_once(size: tuple[int, int], settings: Settings) -> int:
@@ -243,7 +269,7 @@ def _fitting(size, settings, profile, dtype, device_type, free, flags):
     upscale may change them), then VAE tiles of 8 latent tiles, smaller latent tiles (with VAE
     tiles of their size), then both."""
     tilings: list[tuple[dict, int, int | None]] = []
-    vae = vae_tile(settings.tile, size)
+    vae = settings.tile or 0
     small_vae = 32 * max(2, 8 * (settings.latent_tile or 96) // 32)  # a valid VAE tile
     if "tile" in flags and (vae == 0 or vae > small_vae):
         tilings.append(({"tile": small_vae}, settings.latent_tile, small_vae))
@@ -289,6 +315,8 @@ def check_upscaler(
         opt.tile,
         opt.latent_overlap,
         opt.tile_batch,
+        opt.vae_encoder_tile,
+        opt.vae_decoder_tile,
     )
     return check_fits(
         upscaler.model_size(proc),

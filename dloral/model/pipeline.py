@@ -4,16 +4,19 @@ For each frame: upsample the LQ frame by `scale` (PIL bicubic, as the reference)
 multiple of 8 (`size_to_8`: replicate-pad, or the reference's LANCZOS resize), VAE-encode,
 retrieve from the previous frame (CFR), one UNet step, decode, colour-fix towards the upsampled
 input. CFR and the UNet run on latent tiles above `latent_tile` x `latent_tile`
-(dloral.model.tiling, as the reference); by default the VAE works on the whole frame up to a
-side of 1968 pixels, where the reference's tiled VAE decoder starts tiling, and on tiles of 1920
-above it (`tile` sets the tile; see dloral.model.config.vae_tile). `first_frame`: `self`
+(dloral.model.tiling, as the reference); by default the VAE is the reference's tiled VAE
+(dloral.model.vae_tiles: tiles in step sharing the GroupNorm statistics, for model inputs above
+1088 pixels and outputs above 1968), `tile` N is diffusers' tiling instead and 0 the whole
+frame (see dloral.model.config). `first_frame`: `self`
 pairs the first frame with itself (zero motion), so every input frame has an output; `skip` is
 the reference's test script, which pairs (t-1, t) and writes no output for frame 0.
 
 Memory is bounded by `batch_size` frames whatever the video's length: only the previous frame's
-LQ and latent are carried between batches; with latent tiling and VAE tiling (`tile`) the
-model's working memory stops growing with the frame size at the tiles' size (buffers of whole
-frames, such as the upsampled input and the output, still grow). Each frame is VAE-encoded once
+LQ and latent are carried between batches; with latent tiling and diffusers' VAE tiling
+(`tile` N) the model's working memory stops growing with the frame size at the tiles' size
+(buffers of whole frames, such as the upsampled input and the output, still grow); the
+reference's VAE tiles run in step on the device, so its working memory is about the whole
+frame's. Each frame is VAE-encoded once
 (`previous` carry); `previous="reencode"` encodes the previous frame again for every pair, as
 the reference does.
 Each frame's posterior noise comes from its own generator, seeded by (seed, frame index), so a
@@ -37,10 +40,11 @@ import torch.nn.functional as F
 
 from dloral.devices import synchronize, to_device
 from dloral.model.colorfix import color_fix
-from dloral.model.config import UpscaleOptions, vae_tile
+from dloral.model.config import UpscaleOptions
 from dloral.model.dloral import DLoRAL
 from dloral.model.prompts import PromptSource
 from dloral.model.tiling import restore_tiled
+from dloral.model.vae_tiles import VAETiles
 from dloral.resize import resize_frames
 
 log = logging.getLogger(__name__)
@@ -128,7 +132,11 @@ class VideoUpscaler:
         self.prompt = prompt or PromptSource()
         self.stage_times: StageTimes | None = None
         self.prompt_text: str | None = None  # the text condition of the clip being upscaled
-        self._vae_tiling(self.opt.tile or 0)  # the default's is set per clip, by its frame size
+        self._vae_tiling(self.opt.tile or 0)
+        # the reference's tiled VAE (the default), passed to encode and decode; None: diffusers'
+        self.vae_tiles: VAETiles | None = None
+        if self.opt.tile is None:
+            self.vae_tiles = VAETiles(self.opt.vae_encoder_tile, self.opt.vae_decoder_tile)
 
     def _stage(self, name: str):
         return self.stage_times(name) if self.stage_times is not None else nullcontext()
@@ -268,8 +276,6 @@ class VideoUpscaler:
         with self._stage("lq_upsample"):
             lq, lq_model = self._prepare(torch.stack([f for _, _, f in batch]), proc)
         model = self.model
-        if state is None and self.opt.tile is None:  # a clip's first batch
-            self._vae_tiling(vae_tile(None, tuple(lq_model.shape[-2:])))
         if state is None:
             with self._stage("prompt"):
                 if self.prompt_text is None:
@@ -279,7 +285,9 @@ class VideoUpscaler:
         else:
             embeds = state[0]
         with self._stage("vae_encode"):
-            latents = model.encode(lq_model, self._noise(indices), sample=self.opt.sample_latent)
+            latents = model.encode(
+                lq_model, self._noise(indices), self.opt.sample_latent, tiles=self.vae_tiles
+            )
         new_state = (embeds, latents[-1:], lq_model[-1:], (proc, out_size))
         if state is None and (self.opt.first_frame == "skip" or previous_only):
             # the first frame is only the previous frame of the next: no output of its own
@@ -297,7 +305,9 @@ class VideoUpscaler:
             with self._stage("vae_encode"):
                 # a new draw for the previous frame, as the reference's re-encoding
                 prev = [max(i - 1, 0) for i in indices[len(indices) - len(prev_lq) :]]
-                prev_lat = model.encode(prev_lq, self._noise(prev, 1), self.opt.sample_latent)
+                prev_lat = model.encode(
+                    prev_lq, self._noise(prev, 1), self.opt.sample_latent, tiles=self.vae_tiles
+                )
         with self._restore_timed():
             restored = restore_tiled(
                 model.restore_latent,
@@ -311,7 +321,7 @@ class VideoUpscaler:
                 self.opt.tile_batch,
             )
         with self._stage("vae_decode"):
-            sr = model.decode(restored)
+            sr = model.decode(restored, tiles=self.vae_tiles)
         with self._stage("color_fix"):
             sr = sr[..., : lq.shape[-2], : lq.shape[-1]].float()
             sr = color_fix(sr, lq.float(), self.opt.color_fix)

@@ -1,0 +1,110 @@
+"""The reference's tiled VAE (dloral.model.vae_tiles) against a literal transcription of its
+hook (tests/reference_vaehook.py), on real frames."""
+
+import pytest
+import reference_vaehook as ref
+import torch
+from conftest import read_clip
+
+from dloral.model import vae_tiles
+from dloral.model.vae_tiles import DECODER_PAD, VAETiles
+
+
+def sd_layout_vae(seed: int = 0):
+    """A random VAE of SD 2.1's layout (4 blocks, 2 resnets per encoder block, 32 groups, mid
+    attention) with narrow channels: the layout the reference's hook assumes."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        norm_num_groups=32,
+        latent_channels=4,
+    ).eval()
+
+
+def hooked(net, tile, is_decoder):
+    """The reference's hook on `net`, as its _init_tiled_vae sets it (fast modes off)."""
+    net.original_forward = net.forward
+    return ref.VAEHook(
+        net, tile, is_decoder, fast_decoder=False, fast_encoder=False, color_fix=False
+    )
+
+
+@pytest.fixture(scope="module")
+def frames(bikes_path):
+    """2 real bikes frames, 200x264 (a side not a multiple of 32), in [-1, 1]."""
+    return read_clip(bikes_path, 2, (0, 0, 400, 528), (200, 264)) * 2 - 1
+
+
+@pytest.mark.parametrize(
+    "height,width,tile,pad",
+    [
+        (200, 264, 64, 32),
+        (1080, 1920, 1024, 32),
+        (720, 1280, 1024, 32),
+        (2160, 3840, 1024, 32),
+        (90, 160, 224, 11),
+        (256, 480, 224, 11),
+        (270, 480, 224, 11),
+        (33, 300, 16, 11),
+    ],
+)
+def test_split_is_the_references_grid(height, width, tile, pad):
+    hook = ref.VAEHook(
+        None,
+        tile,
+        is_decoder=pad == DECODER_PAD,
+        fast_decoder=False,
+        fast_encoder=False,
+        color_fix=False,
+    )
+    boxes, cores = hook.split_tiles(height, width)
+    factor = 8 if pad == DECODER_PAD else 1 / 8
+    grid = vae_tiles.split(height, width, tile, pad)
+    assert [[t.box[2], t.box[3], t.box[0], t.box[1]] for t in grid] == boxes
+    assert [
+        [int(v * factor) for v in (t.core[2], t.core[3], t.core[0], t.core[1])] for t in grid
+    ] == cores
+
+
+def test_tiled_encoder_is_the_references_hook_on_real_frames(frames):
+    vae = sd_layout_vae()
+    tiles = VAETiles(encoder=64, decoder=8)
+    assert tiles.encoder_tiled(frames.shape[-2:])  # 264 > 64 + 2 x 32: a 3 x 4 grid
+    with torch.no_grad():
+        expected = vae.quant_conv(hooked(vae.encoder, 64, False)(frames))
+        whole = vae.quant_conv(vae.encoder.original_forward(frames))
+        ours = vae_tiles.encode(vae, frames, tiles).parameters
+    assert ours.shape == expected.shape == whole.shape
+    err = (ours - expected).abs().max().item()
+    assert err < 1e-4 * expected.abs().max().item(), err
+    # the tiles make a difference the test can see: not the whole frame's encoding
+    assert (whole - expected).abs().max().item() > 100 * err
+
+
+def test_tiled_decoder_is_the_references_hook_on_real_frames(frames):
+    vae = sd_layout_vae()
+    tiles = VAETiles(encoder=64, decoder=8)
+    with torch.no_grad():
+        z = vae.encode(frames).latent_dist.mean  # 25 x 33 latent positions
+        assert tiles.decoder_tiled(z.shape[-2:])  # 33 > 8 + 2 x 11
+        expected = hooked(vae.decoder, 8, True)(vae.post_quant_conv(z))
+        whole = vae.decoder.original_forward(vae.post_quant_conv(z))
+        ours = vae_tiles.decode(vae, z, tiles)
+    assert ours.shape == expected.shape == (2, 3, 200, 264)
+    err = (ours - expected).abs().max().item()
+    assert err < 1e-4 * expected.abs().max().item(), err
+    assert (whole - expected).abs().max().item() > 100 * err
+
+
+def test_a_frame_within_one_tile_runs_whole(frames):
+    vae = sd_layout_vae()
+    tiles = VAETiles(encoder=200, decoder=11)  # 264 <= 200 + 64; 33 <= 11 + 22
+    with torch.no_grad():
+        z = vae.encode(frames).latent_dist.mean
+        assert torch.equal(vae_tiles.encode(vae, frames, tiles).mean, z)
+        assert torch.equal(vae_tiles.decode(vae, z, tiles), vae.decode(z).sample)
