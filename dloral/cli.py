@@ -163,7 +163,7 @@ def upscale(
         int,
         typer.Option(
             help="The reference's tiled VAE: encoder tiles of this many pixels (a multiple of "
-            "32), padded by 32, for model inputs above it + 64 (its --vae_encoder_tiled_size).",
+            "8), padded by 32, for model inputs above it + 64 (its --vae_encoder_tiled_size).",
         ),
     ] = 1024,
     vae_decoder_tile: Annotated[

@@ -208,7 +208,7 @@ def upscale_video(
         "model": model.describe(),
         "checkpoint": str(job.checkpoint) if job.checkpoint else None,
         "checkpoint_sha256": weights_sha256(job.checkpoint) if job.checkpoint else None,
-        "options": {**vars(upscaler.opt), "tile": vae_tile_setting(upscaler.opt.tile)},
+        "options": _options_record(upscaler.opt),
         "prompt_source": job.prompt_source,
         "prompt_option": job.prompt if prompted else None,  # --prompt
         "tagger": job.tagger if job.prompt_source == "tagger" else None,
@@ -491,6 +491,15 @@ def _remove_partial_writes(output: Path, paths: list[Path]) -> None:
         stem = tmp.name[1:].rsplit(".", 2)[0]
         if stem in stems:
             tmp.unlink(missing_ok=True)
+
+
+def _options_record(opt) -> dict:
+    """The pipeline's options as upscale.json records them: the reference's VAE tile sizes only
+    where its tiled VAE runs (with diffusers' tiling or none they change no frame)."""
+    record = {**vars(opt), "tile": vae_tile_setting(opt.tile)}
+    if opt.tile is not None:
+        record.update(vae_encoder_tile=None, vae_decoder_tile=None)
+    return record
 
 
 def _check_memory(upscaler, lq_size: tuple[int, int], frames: int) -> None:

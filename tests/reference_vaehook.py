@@ -11,9 +11,12 @@ departures, each marked `# STAND-IN` or `# OMITTED` where it is, are:
 - `src.my_utils.devices` is replaced by the tiles' own device (`devices.device`); the move of
   the net to the GPU and back around each call (`to_gpu`, `vae_to_gpu=True` by default), the
   `perfcount` timing, the progress bar (tqdm) and the prints are dropped;
-- the fast-mode estimation (`estimate_group_norm`, taken only with fast_encoder/fast_decoder,
-  which the reference's DLoRAL sets False) and the branches for other attention classes
-  (`attn_forward`, `xformer_attn_forward`, behind `if False:` in attn2task) are not transcribed;
+- the fast-mode estimation (`estimate_group_norm`, `GroupNormParam.from_tile`, taken only with
+  fast_encoder/fast_decoder, which the reference's DLoRAL sets False), the branches for other
+  attention classes (`attn_forward`, `xformer_attn_forward`, behind `if False:` in attn2task),
+  the recommended tile sizes for a GPU (`get_recommend_*_tile_size`, the `DEFAULT_*` globals:
+  DLoRAL passes its own sizes), the unused `tile_size` local of vae_tile_forward and its
+  commented-out code are not transcribed;
 - the tasks are run under torch.no_grad() as the reference's @torch.no_grad() decorator does.
 
 As the reference, build_sampling assumes SD's VAE layout (2 resnets per encoder block, 3 per
@@ -393,6 +396,7 @@ class VAEHook:
 
         # Dummy result
         result = None
+        result_approx = None
         # Free memory of input latent tensor
         del z
 
@@ -477,4 +481,4 @@ class VAEHook:
 
         # Done!
         result = result.to(dtype=weight_dtype_z)
-        return result
+        return result if result is not None else result_approx.to(device)

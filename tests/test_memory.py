@@ -234,3 +234,25 @@ def test_tiles_restored_together_count_in_the_estimate_and_the_guard_offers_one(
             frame_size=(512, 512),
             flags={**CLI_FLAGS, "tile_batch": "--tile-batch {}"},
         )
+
+
+@pytest.mark.parametrize("size", [(720, 1280), (1440, 2560), (2160, 3840)])
+def test_the_references_tiled_vae_counts_all_its_padded_tiles(size):
+    """Its tiles run in step on the device: the VAE's working area is the sum of the padded
+    tiles (the reference's own grid, tests/reference_vaehook.py), of the encoder's or the
+    decoder's, whichever is larger; at least the whole frame's."""
+    import reference_vaehook as ref
+
+    def padded(h, w, tile, decoder):
+        hook = ref.VAEHook(None, tile, decoder, False, False, False)
+        if max(h, w) <= hook.pad * 2 + tile:
+            return h * w * (64 if decoder else 1)
+        boxes, _ = hook.split_tiles(h, w)
+        return sum((x2 - x1) * (y2 - y1) for x1, x2, y1, y2 in boxes) * (64 if decoder else 1)
+
+    h, w = size
+    expected = max(padded(h, w, 1024, False), padded(h // 8, w // 8, 224, True))
+    default = estimate(size, Settings(batch_size=1, latent_tile=96, tile=None))
+    whole = estimate(size, Settings(batch_size=1, latent_tile=96, tile=0))
+    assert default.vae_area[0] * default.vae_area[1] == expected
+    assert default.parts["vae"] >= whole.parts["vae"]

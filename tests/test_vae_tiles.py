@@ -101,6 +101,36 @@ def test_tiled_decoder_is_the_references_hook_on_real_frames(frames):
     assert (whole - expected).abs().max().item() > 100 * err
 
 
+def test_tiled_encoder_is_the_references_hook_on_sides_not_a_multiple_of_8(bikes_path):
+    """The tiles' areas differ from layer to layer in proportion only on a grid of 8: each
+    GroupNorm weighs them by their area there, and the latent is (H // 8, W // 8)."""
+    frames = read_clip(bikes_path, 2, (0, 0, 408, 540), (204, 270)) * 2 - 1
+    vae = sd_layout_vae()
+    with torch.no_grad():
+        expected = vae.quant_conv(hooked(vae.encoder, 64, False)(frames))
+        ours = vae_tiles.encode(vae, frames, VAETiles(encoder=64, decoder=8)).parameters
+    assert ours.shape == expected.shape == (2, 8, 25, 33)
+    err = (ours - expected).abs().max().item()
+    assert err < 1e-4 * expected.abs().max().item(), err
+
+
+def test_in_bf16_the_tiles_stay_as_close_to_fp32_as_the_references_do(frames):
+    """Statistics and normalisation in fp32 (the reference: in the activations' dtype): in
+    bf16 both are off the fp32 result by bf16's rounding, ours no more than the reference's."""
+    x = frames[:1]
+    with torch.no_grad():
+        fp32 = sd_layout_vae()
+        exact = fp32.quant_conv(hooked(fp32.encoder, 64, False)(x))
+        low = sd_layout_vae().to(torch.bfloat16)
+        ref_low = low.quant_conv(hooked(low.encoder, 64, False)(x.bfloat16())).float()
+        ours_low = vae_tiles.encode(low, x.bfloat16(), VAETiles(64, 8)).parameters.float()
+    scale = exact.abs().max()
+    ref_err = float((ref_low - exact).abs().max() / scale)
+    ours_err = float((ours_low - exact).abs().max() / scale)
+    assert 0 < ref_err < 0.1
+    assert ours_err <= 1.25 * ref_err, (ours_err, ref_err)
+
+
 def test_a_frame_within_one_tile_runs_whole(frames):
     vae = sd_layout_vae()
     tiles = VAETiles(encoder=200, decoder=11)  # 264 <= 200 + 64; 33 <= 11 + 22

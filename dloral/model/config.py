@@ -180,9 +180,12 @@ class UpscaleOptions:
                 f"tile must be 0 or a multiple of 32 >= 64 (diffusers' VAE tiling blends "
                 f"tiles of a multiple of 4 latent positions); got {self.tile}"
             )
-        if self.vae_encoder_tile < 64 or self.vae_encoder_tile % 32:
-            raise ValueError(  # then every tile's edge falls on the latent grid (see vae_tiles)
-                f"vae_encoder_tile must be a multiple of 32 >= 64 (pixels); "
+        if self.vae_encoder_tile < 64 or self.vae_encoder_tile % 8:
+            # the tiles are shrunk to an even share rounded up to a multiple of 32, 16 or 8 that
+            # stays within this size: a multiple of 8 keeps every tile edge on the latent grid
+            # (the reference's own hook fails on other sizes)
+            raise ValueError(
+                f"vae_encoder_tile must be a multiple of 8 >= 64 (pixels); "
                 f"got {self.vae_encoder_tile}"
             )
         if self.vae_decoder_tile < 8:

@@ -7,9 +7,12 @@ is cut into a grid of non-overlapping core regions, each widened by `pad` on eve
 the frame, and every tile runs the network layer by layer in step with the others:
 
 - at each GroupNorm, each tile's mean and (biased) variance per frame and group are computed,
-  averaged over the tiles weighted by the tile's area (padding included), and every tile is
-  normalised with those averages. Like the reference, the average of the variances leaves out
-  the spread of the tiles' means, so this is close to, not equal to, the whole frame's norm;
+  averaged over the tiles weighted by the tile's area at that layer (padding included), and
+  every tile is normalised with those averages. Like the reference, the average of the
+  variances leaves out the spread of the tiles' means, so this is close to, not equal to, the
+  whole frame's norm. The statistics and the normalisation are computed in fp32 (the reference
+  computes them in the activations' dtype): equal to the reference in fp32, within bf16/fp16
+  rounding of it otherwise;
 - convolutions, up- and downsampling, SiLU and residual additions run on each tile;
 - the mid block's self-attention attends within each tile;
 - each tile's output is cropped to its core region (no blending) and pasted in place.
@@ -21,8 +24,10 @@ these are the defaults here (`VAETiles`). The reference keeps the tiles waiting 
 in host memory; here they stay on the model's device (the same numbers, and the VAE's working
 memory is then about the whole frame's: see dloral.model.memory).
 
-Inference only (no gradients). Tested against a transcription of the reference's hook in
-tests/reference_vaehook.py.
+Inference only (no gradients). With input sides and an encoder tile that are multiples of 8 (the
+pipeline's model input is; UpscaleOptions checks the tile) every tile edge falls on the latent
+grid; other sides give what the reference's hook gives, a latent of (H // 8, W // 8). Tested
+against a transcription of the reference's hook in tests/reference_vaehook.py.
 """
 
 from __future__ import annotations
@@ -80,11 +85,6 @@ class Tile:
 
     box: tuple[int, int, int, int]
     core: tuple[int, int, int, int]
-
-    @property
-    def area(self) -> int:
-        top, bottom, left, right = self.box
-        return (bottom - top) * (right - left)
 
 
 def _fitted(size: int, most: int) -> int:
@@ -219,8 +219,6 @@ def run_in_step(
     """Run `steps` on each tile of `x`, all tiles in step, sharing GroupNorm statistics; paste
     each tile's output core into the result. `factor`: output size / input size (8, or 1/8)."""
     boxes = [tile.box for tile in tiles]
-    areas = torch.tensor([t.area for t in tiles], dtype=torch.float32, device=x.device)
-    weights = (areas / areas.sum())[:, None, None]
     runs = [steps(net, x[..., top:bottom, left:right]) for top, bottom, left, right in boxes]
     waiting = [next(run) for run in runs]
     outputs: list[torch.Tensor | None] = [None] * len(tiles)
@@ -231,6 +229,9 @@ def run_in_step(
         if not isinstance(norm, nn.GroupNorm):
             raise TypeError(f"tiled VAE: expected a GroupNorm, found {type(norm).__name__}")
         stats = [_group_stats(h, norm.num_groups) for _, h in waiting]
+        # each tile weighs its area at this layer (as the reference counts it, layer by layer)
+        areas = torch.tensor([h.shape[-2] * h.shape[-1] for _, h in waiting], device=x.device)
+        weights = (areas / areas.sum()).float()[:, None, None]
         mean = (torch.stack([m for m, _ in stats]) * weights).sum(0)
         var = (torch.stack([v for _, v in stats]) * weights).sum(0)
         finished = 0
@@ -247,7 +248,7 @@ def run_in_step(
             break
         if finished:
             raise RuntimeError("tiles out of step: some finished before the others")
-    height, width = round(x.shape[-2] * factor), round(x.shape[-1] * factor)
+    height, width = int(x.shape[-2] * factor), int(x.shape[-1] * factor)  # H // 8 for encoding
     result = None
     for tile, out in zip(tiles, outputs, strict=True):
         if result is None:
