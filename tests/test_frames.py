@@ -1,4 +1,5 @@
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,6 +14,8 @@ from dloral.data.frames import (
     open_frames,
     read_ahead,
     read_image,
+    seek_point,
+    to_tensor,
     to_uint8,
     write_png,
 )
@@ -183,3 +186,89 @@ def test_quantized_frames_are_what_their_pngs_hold(bikes_lq, tmp_path):
     read_back = torch.stack([read_image(tmp_path / f"{i}.png") for i in range(2)])
     assert torch.equal(quantized(frames), read_back)
     assert not torch.equal(quantized(frames), frames.clamp(0, 1))
+
+
+def _decoded_frames(path: Path) -> list[torch.Tensor]:
+    """Every frame of a video, decoded from the first (no seeking)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [to_tensor(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+
+
+def _gop_video(path: Path, frames: torch.Tensor, codec: str, options: dict) -> Path:
+    """Real frames encoded with a keyframe every 8 frames (B-frames where the codec has them)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[-1], frames.shape[-2], "yuv420p"
+        stream.options = options
+        for frame in frames:
+            image = av.VideoFrame.from_ndarray(to_uint8(frame), format="rgb24")
+            out.mux(stream.encode(image))
+        out.mux(stream.encode())
+    return path
+
+
+@pytest.fixture()
+def seeks(monkeypatch) -> list[str]:
+    """How each seeking decode went from now on: "landed" (frames came from the keyframe
+    before the start) or "missed" (decoded from the first frame instead)."""
+    from dloral.data import frames as module
+
+    decode_from, outcomes = module._decode_from, []
+
+    def spy(*args):
+        try:
+            yield from decode_from(*args)
+            outcomes.append("landed")
+        except module._SeekMissed:
+            outcomes.append("missed")
+            raise
+
+    monkeypatch.setattr(module, "_decode_from", spy)
+    return outcomes
+
+
+@pytest.mark.parametrize("start", [1, 29, 30, 31, 76, 100, 200, 249])
+def test_a_late_start_seeks_and_gives_the_frames_of_a_whole_decode(bikes_path, start, seeks):
+    """bikes.mp4 has keyframes at packets 0, 30, 76, 137, 187, 242 and B-frames (its decode
+    order is not its presentation order): frames from `start` equal the whole decode's."""
+    import av
+
+    source = open_frames(bikes_path)
+    whole = _decoded_frames(bikes_path)
+    with av.open(str(bikes_path)) as container:
+        point = seek_point(container, len(source), start)
+    if start >= 30:  # a keyframe after frame 0 precedes it: decoding starts there
+        assert point is not None and point[0] <= point[1]
+    got = list(source.frames(start))
+    assert [n for n, _ in got] == list(source.names[start:])
+    for (_, frame), expected in zip(got, whole[start:], strict=True):
+        assert torch.equal(frame, expected)
+    assert seeks == (["landed"] if start >= 30 else [])
+
+
+@pytest.mark.parametrize(
+    "suffix,codec,options",
+    [
+        (".mp4", "libx264", {"g": "8", "bf": "2", "keyint_min": "8", "sc_threshold": "0"}),
+        (".mkv", "libx264", {"g": "8", "bf": "3", "keyint_min": "8", "sc_threshold": "0"}),
+        (".avi", "mpeg4", {"g": "8"}),
+    ],
+)
+def test_seeking_in_other_containers_gives_the_frames_of_a_whole_decode(
+    tmp_path, bikes_lq, suffix, codec, options, seeks
+):
+    frames = torch.cat([bikes_lq, bikes_lq.flip(-1), bikes_lq.flip(-2), bikes_lq])  # 24 frames
+    path = _gop_video(tmp_path / f"gop{suffix}", frames, codec, options)
+    source = open_frames(path)
+    whole = _decoded_frames(path)
+    assert len(source) == len(whole) == 24
+    for start in (0, 7, 8, 9, 17, 23):
+        seeks.clear()
+        got = list(source.frames(start))
+        assert [n for n, _ in got] == list(source.names[start:])
+        assert all(torch.equal(f, e) for (_, f), e in zip(got, whole[start:], strict=True))
+        assert seeks == (["landed"] if start >= 8 else []), (start, seeks)

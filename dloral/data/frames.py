@@ -73,7 +73,8 @@ class FrameSource:
 
     def frames(self, start: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, frame) in order from frame `start`; one frame decoded at a time (a
-        folder reads no file before `start`; a video decodes the frames before it, unshown)."""
+        folder reads no file before `start`; a video seeks to the keyframe before it and
+        decodes from there, see _decode_video)."""
         if self.is_video:
             yield from _decode_video(self.path, self.names, self.size, start)
         else:
@@ -82,12 +83,13 @@ class FrameSource:
 
     def read(self, indices: Sequence[int]) -> torch.Tensor:
         """Frames at `indices` (in that order) as (len(indices), 3, H, W); a folder reads only
-        those files, a video decodes up to the last one asked for."""
+        those files, a video decodes from the first one asked for (see `frames`) to the last."""
         if not self.is_video:
             return torch.stack([self._read_file(self.names[i]) for i in indices])
         wanted = set(indices)
         got: dict[int, torch.Tensor] = {}
-        for i, (_, frame) in enumerate(self.frames()):
+        first = min(wanted)
+        for i, (_, frame) in enumerate(self.frames(first), start=first):
             if i in wanted:
                 got[i] = frame
             if len(got) == len(wanted):
@@ -273,10 +275,49 @@ def _probe_video(path: Path) -> FrameSource:
     return FrameSource(path, names, size, fps)
 
 
+def seek_point(container, count: int, start: int) -> tuple[int, int] | None:
+    """(pts of the last keyframe at or before frame `start`, pts of frame `start`) in the first
+    video stream, from one pass over its packets (demuxed, not decoded), frames ranked by
+    presentation time; None where that cannot be trusted (a packet without pts, two frames at
+    one time, another frame count than `count`) or gains nothing (the keyframe is frame 0)."""
+    stream = container.streams.video[0]
+    times, keys = [], []
+    for packet in container.demux(stream):
+        if not packet.size:
+            continue
+        if packet.pts is None:
+            return None
+        times.append(packet.pts)
+        if packet.is_keyframe:
+            keys.append(packet.pts)
+    times.sort()
+    if len(times) != count or len(set(times)) != count or not 0 <= start < count:
+        return None
+    target = times[start]
+    before = [k for k in keys if k <= target]
+    if not before or max(before) <= times[0]:
+        return None
+    return max(before), target
+
+
 def _decode_video(path: Path, names: tuple[str, ...], size: tuple[int, int], start: int = 0):
-    """Decode in order; frames before `start` are decoded (a codec has to) but not converted."""
+    """Decode in order from frame `start`. A later start seeks to the keyframe before it (see
+    seek_point) and decodes from there, skipping frames until the start's presentation time;
+    where seeking cannot be trusted, or does not land at or before that frame, every frame
+    from the first is decoded and those before `start` skipped unconverted."""
     import av
 
+    if start > 0:
+        try:
+            with av.open(str(path)) as container:
+                point = seek_point(container, len(names), start)
+                if point is not None:
+                    yield from _decode_from(container, names, point, start, path)
+                    return
+        except _SeekMissed:
+            pass
+        except av.error.FFmpegError:
+            pass  # the plain decode below reports a damaged file, naming the frame
     produced = 0
     try:
         with av.open(str(path)) as container:
@@ -288,6 +329,42 @@ def _decode_video(path: Path, names: tuple[str, ...], size: tuple[int, int], sta
                 produced += 1
     except av.error.FFmpegError as err:
         raise FrameError(f"{path}: decoding failed at frame {produced} ({err})") from err
+    if produced < len(names):
+        raise FrameError(f"{path}: truncated, decoded {produced} of {len(names)} frames")
+
+
+class _SeekMissed(Exception):
+    """Seeking did not land at or before the frame asked for: decode from the first instead."""
+
+
+def _decode_from(container, names, point: tuple[int, int], start: int, path: Path):
+    """Frames `start`.. after seeking to `point` (keyframe pts, start's pts): _SeekMissed before
+    anything is yielded if the first frame at or after the start's time is not the start."""
+    import av
+
+    key, target = point
+    stream = container.streams.video[0]
+    container.seek(key, stream=stream, backward=True, any_frame=False)
+    produced = start
+    try:
+        for frame in container.decode(stream):
+            if produced == start:
+                if frame.pts is None:
+                    raise _SeekMissed
+                if frame.pts < target:
+                    continue  # between the keyframe and the start
+                if frame.pts != target:
+                    raise _SeekMissed
+            if produced == len(names):
+                break
+            yield names[produced], to_tensor(frame.to_ndarray(format="rgb24"))
+            produced += 1
+    except av.error.FFmpegError as err:
+        if produced == start:
+            raise _SeekMissed from err
+        raise FrameError(f"{path}: decoding failed at frame {produced} ({err})") from err
+    if produced == start:
+        raise _SeekMissed
     if produced < len(names):
         raise FrameError(f"{path}: truncated, decoded {produced} of {len(names)} frames")
 
