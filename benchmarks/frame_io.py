@@ -16,8 +16,6 @@ are the same at every level (checked). Record (command, versions, commit) -> ben
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ from PIL import Image
 
 from dloral.atomic import atomic_write_json
 from dloral.data.frames import FrameWriter, open_frames, packaged_clip, write_png
-from dloral.provenance import git_state, versions
+from dloral.provenance import cpu_environment
 from dloral.upscale import WRITERS
 
 RESULTS = Path(__file__).parent / "results"
@@ -93,13 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         "writers": WRITERS,
         "rows": rows,
         "same_pixels_at_every_level": True,
-        "environment": {
-            "cpu_count": os.cpu_count(),
-            "machine": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "versions": versions(),
-            **git_state(),
-        },
+        "environment": cpu_environment(),
     }
     atomic_write_json(Path(args.out), record)
     for row in rows:

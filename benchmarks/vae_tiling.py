@@ -19,8 +19,6 @@ Record (command, versions, commit) -> benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from dloral.atomic import atomic_write_json
 from dloral.data.frames import open_frames, packaged_clip
 from dloral.model import vae_tiles
 from dloral.model.vae_tiles import DECODER_PAD, ENCODER_PAD, VAETiles
-from dloral.provenance import git_state, versions
+from dloral.provenance import cpu_environment
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("whole", "reference", "diffusers-1920", "diffusers-768")
@@ -128,13 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "vae": source,
         "input": f"{clip.path}, first {len(frames)} frames, 1280x720 and x2 bicubic",
         "rows": rows,
-        "environment": {
-            "cpu_count": os.cpu_count(),
-            "machine": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "versions": versions(),
-            **git_state(),
-        },
+        "environment": cpu_environment(),
     }
     atomic_write_json(Path(args.out), record)
     print(f"wrote {args.out}")

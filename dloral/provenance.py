@@ -60,6 +60,18 @@ def device() -> dict[str, Any]:
     return info
 
 
+def cpu_environment() -> dict[str, Any]:
+    """Where a CPU benchmark ran, for its record: cores, processor, Python, the packages'
+    versions and the checkout's commit."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        **git_state(),
+    }
+
+
 def git_state() -> dict[str, Any]:
     """The checkout's commit and whether tracked files differ from it (numbers from
     uncommitted code say so); "unknown" outside a git checkout."""

@@ -7,6 +7,7 @@ import torch
 from conftest import read_clip
 
 from dloral.model import vae_tiles
+from dloral.model.backbone import SD21_VAE
 from dloral.model.vae_tiles import DECODER_PAD, VAETiles
 
 
@@ -16,14 +17,7 @@ def sd_layout_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        norm_num_groups=32,
-        latent_channels=4,
-    ).eval()
+    return AutoencoderKL(**{**SD21_VAE, "block_out_channels": (32, 32, 64, 64)}).eval()
 
 
 def hooked(net, tile, is_decoder):
