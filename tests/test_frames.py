@@ -196,19 +196,30 @@ def _decoded_frames(path: Path) -> list[torch.Tensor]:
         return [to_tensor(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
 
 
-def _gop_video(path: Path, frames: torch.Tensor, codec: str, options: dict) -> Path:
-    """Real frames encoded with a keyframe every 8 frames (B-frames where the codec has them)."""
+def _gop_video(
+    path: Path, frames: torch.Tensor, codec: str, options: dict, first_pts: int = 0
+) -> Path:
+    """Real frames encoded with the codec's `options` (a keyframe every 8 frames, B-frames
+    where the codec has them); `first_pts` < 0 puts the first frames before time 0 (an mp4
+    edit list then cuts them: what `ffmpeg -ss T -c copy` writes)."""
+    import fractions
+
     import av
 
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = frames.shape[-1], frames.shape[-2], "yuv420p"
         stream.options = options
-        for frame in frames:
+        stream.codec_context.time_base = fractions.Fraction(1, 25)
+        for i, frame in enumerate(frames):
             image = av.VideoFrame.from_ndarray(to_uint8(frame), format="rgb24")
+            image.pts, image.time_base = first_pts + i, fractions.Fraction(1, 25)
             out.mux(stream.encode(image))
         out.mux(stream.encode())
     return path
+
+
+X264_GOP8 = {"g": "8", "keyint_min": "8", "sc_threshold": "0"}
 
 
 @pytest.fixture()
@@ -235,14 +246,11 @@ def seeks(monkeypatch) -> list[str]:
 def test_a_late_start_seeks_and_gives_the_frames_of_a_whole_decode(bikes_path, start, seeks):
     """bikes.mp4 has keyframes at packets 0, 30, 76, 137, 187, 242 and B-frames (its decode
     order is not its presentation order): frames from `start` equal the whole decode's."""
-    import av
-
     source = open_frames(bikes_path)
     whole = _decoded_frames(bikes_path)
-    with av.open(str(bikes_path)) as container:
-        point = seek_point(container, len(source), start)
+    point = seek_point(bikes_path, len(source), start)
     if start >= 30:  # a keyframe after frame 0 precedes it: decoding starts there
-        assert point is not None and point[0] <= point[1]
+        assert point is not None and 30 <= point[0] <= start
     got = list(source.frames(start))
     assert [n for n, _ in got] == list(source.names[start:])
     for (_, frame), expected in zip(got, whole[start:], strict=True):
@@ -251,15 +259,20 @@ def test_a_late_start_seeks_and_gives_the_frames_of_a_whole_decode(bikes_path, s
 
 
 @pytest.mark.parametrize(
-    "suffix,codec,options",
+    "suffix,codec,options,seeking",
     [
-        (".mp4", "libx264", {"g": "8", "bf": "2", "keyint_min": "8", "sc_threshold": "0"}),
-        (".mkv", "libx264", {"g": "8", "bf": "3", "keyint_min": "8", "sc_threshold": "0"}),
-        (".avi", "mpeg4", {"g": "8"}),
+        (".mp4", "libx264", {**X264_GOP8, "bf": "2"}, True),
+        (".mkv", "libx264", {**X264_GOP8, "bf": "3"}, True),
+        (".mov", "libx264", {**X264_GOP8, "x264-params": "open_gop=1", "bf": "3"}, True),
+        (".webm", "libvpx-vp9", {"g": "8", "deadline": "realtime", "cpu-used": "8"}, True),
+        # AVI stores no presentation times: FFmpeg makes them up in decode order, which with
+        # B-frames is not the order frames come out in (seeking would land on other frames)
+        (".avi", "libx264", {**X264_GOP8, "bf": "3"}, False),
+        (".avi", "mpeg4", {"g": "8"}, False),
     ],
 )
 def test_seeking_in_other_containers_gives_the_frames_of_a_whole_decode(
-    tmp_path, bikes_lq, suffix, codec, options, seeks
+    tmp_path, bikes_lq, suffix, codec, options, seeking, seeks
 ):
     frames = torch.cat([bikes_lq, bikes_lq.flip(-1), bikes_lq.flip(-2), bikes_lq])  # 24 frames
     path = _gop_video(tmp_path / f"gop{suffix}", frames, codec, options)
@@ -271,4 +284,54 @@ def test_seeking_in_other_containers_gives_the_frames_of_a_whole_decode(
         got = list(source.frames(start))
         assert [n for n, _ in got] == list(source.names[start:])
         assert all(torch.equal(f, e) for (_, f), e in zip(got, whole[start:], strict=True))
-        assert seeks == (["landed"] if start >= 8 else []), (start, seeks)
+        assert seeks == (["landed"] if seeking and start >= 8 else []), (start, seeks)
+
+
+def test_frames_an_edit_list_cuts_are_never_seeked_past(tmp_path, bikes_lq):
+    """An mp4 whose first 3 frames lie before time 0: its edit list has the decoder drop them,
+    so the packets are 3 more than the frames. Seeking by the packets would name every frame 3
+    later: instead a late start decodes from the first frame and fails as a whole decode does."""
+    frames = torch.cat([bikes_lq, bikes_lq.flip(-1), bikes_lq.flip(-2), bikes_lq])
+    path = _gop_video(tmp_path / "cut.mp4", frames, "libx264", {**X264_GOP8, "bf": "3"}, -3)
+    source = open_frames(path)
+    assert seek_point(path, len(source), 17) is None
+    with pytest.raises(FrameError, match="truncated") as whole:
+        list(source.frames(0))
+    with pytest.raises(FrameError, match="truncated") as late:
+        list(source.frames(17))
+    assert str(late.value) == str(whole.value)
+
+
+def test_a_stream_cut_at_an_open_gop_keyframe_is_never_seeked(tmp_path, bikes_lq):
+    """A copy of an open-GOP stream from its second keyframe on (what `ffmpeg -ss T -c copy`
+    makes): the pictures shown before that keyframe reference the cut GOP and the decoder drops
+    them, which nothing in the packets says. Packets shown before the first keyframe refuse
+    seeking: a late start fails as a whole decode does, never with frames renamed."""
+    import av
+
+    frames = torch.cat([bikes_lq, bikes_lq.flip(-1), bikes_lq.flip(-2), bikes_lq])
+    options = {**X264_GOP8, "x264-params": "open_gop=1", "bf": "3"}
+    full = _gop_video(tmp_path / "open.mkv", frames, "libx264", options)
+    with av.open(str(full)) as src:
+        packets = [(p.pts, p.is_keyframe) for p in src.demux(src.streams.video[0]) if p.size]
+    # the first keyframe after frame 0 with a leading picture (shown before it, decoded after)
+    cut = next(i for i, (pts, key) in enumerate(packets) if key and i and packets[i + 1][0] < pts)
+    path = tmp_path / "cut.mkv"
+    with av.open(str(full)) as src, av.open(str(path), "w") as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        kept = (p for p in src.demux(src.streams.video[0]) if p.size)
+        for i, packet in enumerate(kept):
+            if i >= cut:
+                packet.stream = stream
+                out.mux(packet)
+    source = open_frames(path)
+    assert seek_point(path, len(source), len(source) - 2) is None
+    try:
+        whole = [f for _, f in source.frames(0)]
+    except FrameError as err:  # the decoder dropped the leading pictures
+        with pytest.raises(FrameError) as late:
+            list(source.frames(len(source) - 2))
+        assert str(late.value) == str(err)
+    else:  # it decoded them all: then a late start gives the same frames
+        got = [f for _, f in source.frames(len(source) - 2)]
+        assert all(torch.equal(a, b) for a, b in zip(got, whole[-2:], strict=True))

@@ -7,6 +7,7 @@ a source knows its frame names and size up front and decodes one frame at a time
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import queue
 import re
@@ -275,49 +276,75 @@ def _probe_video(path: Path) -> FrameSource:
     return FrameSource(path, names, size, fps)
 
 
-def seek_point(container, count: int, start: int) -> tuple[int, int] | None:
-    """(pts of the last keyframe at or before frame `start`, pts of frame `start`) in the first
-    video stream, from one pass over its packets (demuxed, not decoded), frames ranked by
-    presentation time; None where that cannot be trusted (a packet without pts, two frames at
-    one time, another frame count than `count`) or gains nothing (the keyframe is frame 0)."""
-    stream = container.streams.video[0]
+# Containers that store each frame's presentation time. AVI stores none: FFmpeg makes them up in
+# decode order, which with B-frames is not the order the frames come out in, so a video there is
+# always decoded from its first frame.
+SEEKABLE_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm"}
+
+
+@functools.lru_cache(maxsize=32)
+def _packet_times(
+    path: str, mtime_ns: int, size: int
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(the frames' presentation times in order, the keyframes' times) of the first video
+    stream, from one pass over its packets (demuxed, not decoded; cached per file version), or
+    None where the packets cannot rank the decoder's frames: a packet without a time, one
+    flagged discard (an edit list cutting frames the decoder drops), two at one time, or one
+    shown before the first keyframe (an open GOP's leading pictures whose references were cut
+    off, which the decoder drops)."""
+    import av
+
     times, keys = [], []
-    for packet in container.demux(stream):
-        if not packet.size:
-            continue
-        if packet.pts is None:
-            return None
-        times.append(packet.pts)
-        if packet.is_keyframe:
-            keys.append(packet.pts)
-    times.sort()
-    if len(times) != count or len(set(times)) != count or not 0 <= start < count:
+    with av.open(path) as container:
+        for packet in container.demux(container.streams.video[0]):
+            if not packet.size:
+                continue
+            if packet.pts is None or packet.is_discard:
+                return None
+            times.append(packet.pts)
+            if packet.is_keyframe:
+                keys.append(packet.pts)
+    if not keys or min(times) < keys[0] or len(set(times)) != len(times):
         return None
-    target = times[start]
-    before = [k for k in keys if k <= target]
-    if not before or max(before) <= times[0]:
+    return tuple(sorted(times)), tuple(keys)
+
+
+def seek_point(path: Path, count: int, start: int) -> tuple[int, tuple[int, ...]] | None:
+    """(index of the last keyframe at or before frame `start`, every frame's presentation
+    time) of a video, to decode from that keyframe instead of the first frame; None where
+    seeking gains nothing (that keyframe is frame 0) or cannot be trusted: a container without
+    presentation times (SEEKABLE_SUFFIXES), packets that cannot rank the frames
+    (_packet_times) or whose count is not `count`."""
+    if path.suffix.lower() not in SEEKABLE_SUFFIXES or not 0 < start < count:
         return None
-    return max(before), target
+    stat = path.stat()
+    found = _packet_times(str(path), stat.st_mtime_ns, stat.st_size)
+    if found is None or len(found[0]) != count:
+        return None
+    times, keys = found
+    rank = {t: i for i, t in enumerate(times)}
+    key = max((rank[k] for k in keys if rank[k] <= start), default=0)
+    return (key, times) if key > 0 else None
 
 
 def _decode_video(path: Path, names: tuple[str, ...], size: tuple[int, int], start: int = 0):
     """Decode in order from frame `start`. A later start seeks to the keyframe before it (see
-    seek_point) and decodes from there, skipping frames until the start's presentation time;
-    where seeking cannot be trusted, or does not land at or before that frame, every frame
-    from the first is decoded and those before `start` skipped unconverted."""
+    seek_point) and decodes from there (_decode_from); where seeking cannot be trusted, or the
+    frames from the keyframe to the start do not come out at their presentation times, every
+    frame from the first is decoded and those before `start` skipped unconverted."""
     import av
 
-    if start > 0:
+    try:
+        point = seek_point(path, len(names), start)
+    except (OSError, av.error.FFmpegError):
+        point = None  # the plain decode below reports a damaged file, naming the frame
+    if point is not None:
         try:
             with av.open(str(path)) as container:
-                point = seek_point(container, len(names), start)
-                if point is not None:
-                    yield from _decode_from(container, names, point, start, path)
-                    return
-        except _SeekMissed:
-            pass
-        except av.error.FFmpegError:
-            pass  # the plain decode below reports a damaged file, naming the frame
+                yield from _decode_from(container, names, point, start, path)
+                return
+        except (_SeekMissed, av.error.FFmpegError):
+            pass  # nothing was yielded (_decode_from raises FrameError after a frame)
     produced = 0
     try:
         with av.open(str(path)) as container:
@@ -337,36 +364,44 @@ class _SeekMissed(Exception):
     """Seeking did not land at or before the frame asked for: decode from the first instead."""
 
 
-def _decode_from(container, names, point: tuple[int, int], start: int, path: Path):
-    """Frames `start`.. after seeking to `point` (keyframe pts, start's pts): _SeekMissed before
-    anything is yielded if the first frame at or after the start's time is not the start."""
+def _decode_from(container, names, point: tuple[int, tuple[int, ...]], start: int, path: Path):
+    """Frames `start`.. after seeking to the keyframe `point[0]` (an index into the frames'
+    presentation times `point[1]`). Every frame from the keyframe on must come out at its own
+    time: up to the start, _SeekMissed otherwise (nothing was yielded: the caller decodes from
+    the first frame); past it, a FrameError naming the frame (never a frame under another's
+    name)."""
     import av
 
-    key, target = point
+    key, times = point
     stream = container.streams.video[0]
-    container.seek(key, stream=stream, backward=True, any_frame=False)
-    produced = start
+    container.seek(times[key], stream=stream, backward=True, any_frame=False)
+    index = key  # the frame the next one out must be, from the keyframe on
     try:
         for frame in container.decode(stream):
-            if produced == start:
-                if frame.pts is None:
-                    raise _SeekMissed
-                if frame.pts < target:
-                    continue  # between the keyframe and the start
-                if frame.pts != target:
-                    raise _SeekMissed
-            if produced == len(names):
+            if index == key and frame.pts is not None and frame.pts < times[key]:
+                continue  # before the keyframe (an earlier keyframe's frames)
+            if index == len(names):
                 break
-            yield names[produced], to_tensor(frame.to_ndarray(format="rgb24"))
-            produced += 1
+            if frame.pts != times[index]:
+                if index <= start:
+                    raise _SeekMissed
+                raise FrameError(
+                    f"{path}: after seeking to frame {key}, frame {index} came out at time "
+                    f"{frame.pts}, not at its presentation time {times[index]}: its timestamps "
+                    f"cannot be trusted for resuming; remux it (e.g. ffmpeg -i IN -c copy "
+                    f"OUT.mkv) or start over (upscale --force)"
+                )
+            if index >= start:
+                yield names[index], to_tensor(frame.to_ndarray(format="rgb24"))
+            index += 1
     except av.error.FFmpegError as err:
-        if produced == start:
+        if index <= start:
             raise _SeekMissed from err
-        raise FrameError(f"{path}: decoding failed at frame {produced} ({err})") from err
-    if produced == start:
+        raise FrameError(f"{path}: decoding failed at frame {index} ({err})") from err
+    if index <= start:
         raise _SeekMissed
-    if produced < len(names):
-        raise FrameError(f"{path}: truncated, decoded {produced} of {len(names)} frames")
+    if index < len(names):
+        raise FrameError(f"{path}: truncated, decoded {index} of {len(names)} frames")
 
 
 def write_png(frame: torch.Tensor, path: Path, compress_level: int = 6) -> None:
