@@ -46,6 +46,7 @@ SPEED_OPTIONS = ("batch_size", "tile_batch", "channels_last", "overlap_copy", "u
 # what a resumed run must share with the record (the options apart, see SPEED_OPTIONS)
 IDENTITY = (
     "input",
+    "input_fingerprint",
     "frames_in_input",
     "lq_size",
     "sr_size",
@@ -206,6 +207,7 @@ def upscale_video(
     prompted = job.prompt_source != "empty"
     record: dict[str, Any] = {
         "input": str(Path(job.input).resolve()),
+        "input_fingerprint": input_fingerprint(source),
         "frames_in_input": len(source),
         "lq_size": list(source.size),
         "sr_size": list(out_size),
@@ -227,7 +229,7 @@ def upscale_video(
         earlier = None if job.force else _earlier_record(job.output)
         resume_at, prompt, attempts = wanted.start, None, []
         if earlier is not None:
-            _same_upscale(earlier, record, job.output)
+            notes += _same_upscale(earlier, record, job.output)
             resume_at = next((i for i in wanted if not paths[i].is_file()), total)
             prompt, attempts = earlier.get("prompt"), list(earlier.get("attempts", []))
             record["prompt"] = prompt
@@ -470,9 +472,49 @@ def _ended_unrecorded(earlier: dict[str, Any], attempts: list[dict]) -> str:
     return f"note: the earlier run (pid {pid} on {host}) never wrote its end: taken as stopped"
 
 
-def _same_upscale(earlier: dict[str, Any], record: dict[str, Any], output: Path) -> None:
-    """Refuse to go on from a record whose settings would give other frames, naming them."""
-    pairs = [(k, earlier.get(k), record[k]) for k in IDENTITY]
+FINGERPRINT_BYTES = 1 << 20  # of a video file's start and end, read for its fingerprint
+
+
+def input_fingerprint(source) -> str:
+    """sha256 of what identifies the input's frames wherever it lies: for a folder, every
+    frame file's name and byte size and the bytes of the first and last; for a video, its byte
+    size, frame count and frame size and the first and last MiB of the file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if source.is_video:
+        size = source.path.stat().st_size
+        digest.update(f"video {size} {len(source)} {source.size}\n".encode())
+        with open(source.path, "rb") as file:
+            digest.update(file.read(FINGERPRINT_BYTES))
+            file.seek(max(0, size - FINGERPRINT_BYTES))
+            digest.update(file.read(FINGERPRINT_BYTES))
+    else:
+        for name in source.names:
+            digest.update(f"{name} {(source.path / name).stat().st_size}\n".encode())
+        for name in dict.fromkeys((source.names[0], source.names[-1])):
+            digest.update((source.path / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _same_upscale(earlier: dict[str, Any], record: dict[str, Any], output: Path) -> list[str]:
+    """Refuse to go on from a record whose settings would give other frames, naming them.
+    An input or checkpoint that moved is the same one where its fingerprint or sha256 is the
+    same: the notes say so, and the record keeps the new place."""
+    notes = []
+    moved = {
+        "input": earlier.get("input_fingerprint") == record["input_fingerprint"],
+        "checkpoint": earlier.get("checkpoint_sha256") is not None
+        and earlier.get("checkpoint_sha256") == record["checkpoint_sha256"],
+    }
+    how = {"input": "fingerprint (input_fingerprint)", "checkpoint": "sha256"}
+    for key, same in moved.items():
+        if same and earlier.get(key) != record[key]:
+            notes.append(
+                f"note: the {key} was {earlier.get(key)} in the earlier run; the same {how[key]} "
+                f"here, so the upscale goes on"
+            )
+    pairs = [(k, earlier.get(k), record[k]) for k in IDENTITY if not moved.get(k)]
     old_opts, new_opts = earlier.get("options", {}), record["options"]
     pairs += [
         (f"options.{k}", old_opts.get(k), new_opts.get(k))
@@ -486,6 +528,7 @@ def _same_upscale(earlier: dict[str, Any], record: dict[str, Any], output: Path)
             + "; ".join(shown)
             + "); use another output folder, the same settings to go on, or --force to start over"
         )
+    return notes
 
 
 def _remove_partial_writes(output: Path, paths: list[Path]) -> None:

@@ -147,6 +147,31 @@ def test_a_second_run_goes_on_and_gives_an_uninterrupted_runs_frames(bikes_folde
     assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.png")} == before
 
 
+def test_a_moved_input_goes_on_and_one_changed_in_place_is_refused(bikes_folder, tmp_path):
+    import shutil
+
+    out_dir = tmp_path / "sr"
+    assert _upscale(bikes_folder, out_dir, "--frames", "2")[0] == 0
+    first = _record(out_dir)["input_fingerprint"]
+    kept = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("*.png")}
+    moved = shutil.move(bikes_folder, tmp_path / "elsewhere" / "bikes_lq")
+    code, out = _upscale(moved, out_dir, "--frames", "3")
+    assert code == 0, out
+    assert f"the input was {bikes_folder} in the earlier run; the same fingerprint" in out
+    record = _record(out_dir)
+    assert record["input"] == str(moved) and record["input_fingerprint"] == first
+    assert record["frames"] == 3 and len(record["attempts"]) == 2
+    assert {n: t for n, t in kept.items()} == {
+        p.name: p.stat().st_mtime_ns for p in out_dir.glob("*.png") if p.name in kept
+    }  # the frames of the first run kept, not made again
+    # the last frame replaced by another (same name): other frames, refused before any frame
+    last = moved / "im4.png"
+    Image.fromarray(np.asarray(Image.open(last))[::-1].copy()).save(last)
+    code, out = _upscale(moved, out_dir)
+    assert code == 2 and "input_fingerprint:" in out, out
+    assert len(_pngs(out_dir)) == 3
+
+
 def test_other_settings_are_refused_naming_them_and_force_starts_over(bikes_folder, tmp_path):
     out_dir = tmp_path / "sr"
     assert _upscale(bikes_folder, out_dir, "--frames", "2")[0] == 0
@@ -345,3 +370,17 @@ def test_a_video_input_with_skip_goes_on_through_the_cli(tmp_path, bikes_lq):
     for name in expected:
         assert np.abs(got[name].astype(int) - expected[name].astype(int)).max() <= 1, name
     assert [a["first_frame"] for a in _record(parts)["attempts"]] == [1, 3]
+
+
+def test_a_videos_fingerprint_follows_its_bytes_not_its_place(bikes_path, tmp_path):
+    import shutil
+
+    from dloral.data.frames import open_frames
+    from dloral.upscale import input_fingerprint
+
+    copy = shutil.copy(bikes_path, tmp_path / "copy.mp4")
+    assert input_fingerprint(open_frames(copy)) == input_fingerprint(open_frames(bikes_path))
+    data = bytearray(copy.read_bytes())
+    data[-100] ^= 0xFF  # one byte in its last MiB (the moov index or the last frames)
+    copy.write_bytes(bytes(data))
+    assert input_fingerprint(open_frames(copy)) != input_fingerprint(open_frames(bikes_path))
