@@ -161,7 +161,7 @@ def test_a_moved_input_goes_on_and_one_changed_in_place_is_refused(bikes_folder,
     record = _record(out_dir)
     assert record["input"] == str(moved) and record["input_fingerprint"] == first
     assert record["frames"] == 3 and len(record["attempts"]) == 2
-    assert {n: t for n, t in kept.items()} == {
+    assert kept == {
         p.name: p.stat().st_mtime_ns for p in out_dir.glob("*.png") if p.name in kept
     }  # the frames of the first run kept, not made again
     # the last frame replaced by another (same name): other frames, refused before any frame

@@ -6,6 +6,7 @@ a source knows its frame names and size up front and decodes one frame at a time
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import os
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -322,8 +324,8 @@ def seek_point(path: Path, count: int, start: int) -> tuple[int, tuple[int, ...]
     if found is None or len(found[0]) != count:
         return None
     times, keys = found
-    rank = {t: i for i, t in enumerate(times)}
-    key = max((rank[k] for k in keys if rank[k] <= start), default=0)
+    # a keyframe's index: its place among the sorted times (no per-call map of every frame)
+    key = max((i for i in map(partial(bisect.bisect_left, times), keys) if i <= start), default=0)
     return (key, times) if key > 0 else None
 
 

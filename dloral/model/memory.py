@@ -33,8 +33,9 @@ Constants (bytes per pixel, per latent position), and how they were measured:
   at most 1.8x above (the largest: the tiled 1024x1024 point; a symmetric fit is within 1.35x
   both ways but underestimates). The reference's tiled VAE (the default since fd01322), checked
   with `/usr/bin/time -v dloral-exp upscale` of 2 bigbuckbunny frames, 640x360 -> 2560x1440
-  (tiles: encoder 6, decoder 2): 3.2 GiB peak RSS, 1.1 GiB for two 64x36 frames, so about
-  2.1 GiB of growth; the estimate is 2.1 GiB. batch_share 0.5: the second frame added
+  (tiles: encoder 6, decoder 2): 3.2 GiB peak RSS, 1.1 GiB for two 64x36 frames
+  (`--process-size 0`), so about 2.1 GiB of growth; the estimate is 2.1 GiB. batch_share 0.5:
+  the second frame added
   0.07 GiB at 512x512 and 0.22 GiB at 1024x1024, 38-45% of the first frame's growth.
 - sd21: the full-size architecture in bf16 with SDPA on one H200, untiled, from the design
   notes (720x1280 batch 4 9.6 GiB, 2048x2048 batch 1 12.0 GiB, max_memory_allocated), less the
