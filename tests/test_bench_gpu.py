@@ -81,8 +81,12 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
     assert env_["device"] == "cpu" and len(env_["git_commit"]) == 40
     assert all(env_["versions"][p] != "not installed" for p in ("torch", "diffusers", "peft"))
     # every part but CUDA graphs ran (the default), each with its own record and command
-    assert record["parts_run"] == ["latency", "train", "x4", "x4-serial"]
+    assert record["parts_run"] == ["latency", "train", "x4", "x4-serial", "vae-wait"]
     assert record["parts_failed"] == []
+    # the VAE's tiles waiting on the host (on a CPU, the same memory) give the same frame
+    (wait,) = record["vae-wait"]["rows"]
+    assert wait["tiles"] == {"encoder": 2, "decoder": 2}
+    assert wait["max_abs_diff_host_vs_device"] == 0
     assert "--lq 16x24" in record["latency"]["command"]
     runs = {r["mode"]: r for r in record["latency"]["runs"]}
     assert set(runs) == {"reference-like", "sdpa"}  # two modes keep this test short

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +16,14 @@ from PIL import Image
 from dloral.bench.methods import ClipJob, DLoRALMethod
 from dloral.data.frames import to_uint8
 from dloral.model import memory
-from dloral.model.memory import GIB, InsufficientMemory, Settings, check_fits, estimate
+from dloral.model.memory import (
+    GIB,
+    InsufficientMemory,
+    Settings,
+    check_fits,
+    check_upscaler,
+    estimate,
+)
 from dloral.upscale import UpscaleError, UpscaleJob, upscale_video
 
 UNTILED = Settings(batch_size=4, latent_tile=0, tile=0)
@@ -256,3 +264,97 @@ def test_the_references_tiled_vae_counts_all_its_padded_tiles(size):
     whole = estimate(size, Settings(batch_size=1, latent_tile=96, tile=0))
     assert default.vae_area[0] * default.vae_area[1] == expected
     assert default.parts["vae"] >= whole.parts["vae"]
+
+
+def _largest_reference_tile(h, w, tile, decoder):
+    """The largest padded tile of the reference's own grid (tests/reference_vaehook.py), in
+    output pixels; a frame within one tile, whole."""
+    import reference_vaehook as ref
+
+    factor = 64 if decoder else 1
+    hook = ref.VAEHook(None, tile, decoder, False, False, False)
+    if max(h, w) <= hook.pad * 2 + tile:
+        return h * w * factor
+    boxes, _ = hook.split_tiles(h, w)
+    return max((x2 - x1) * (y2 - y1) for x1, x2, y1, y2 in boxes) * factor
+
+
+@pytest.mark.parametrize("size", [(720, 1280), (1440, 2560), (2160, 3840)])
+def test_tiles_waiting_on_the_host_leave_the_vae_one_tile(size):
+    """The reference's way: the device holds one tile at a time, the largest of the encoder's
+    or the decoder's (a network whose input fits one tile works on the whole frame)."""
+    h, w = size
+    expected = max(
+        _largest_reference_tile(h, w, 1024, False),
+        _largest_reference_tile(h // 8, w // 8, 224, True),
+    )
+    host = estimate(size, Settings(1, 96, None, vae_tiles_wait="host"), "sd21", torch.bfloat16)
+    device = estimate(size, Settings(1, 96, None), "sd21", torch.bfloat16)
+    assert host.vae_area[0] * host.vae_area[1] == expected
+    if size == (720, 1280):  # the decoder does not tile a 90x160 latent: the whole frame
+        assert expected == h * w
+    else:
+        assert host.parts["vae"] < 0.6 * device.parts["vae"]  # 1440p: 2 decoder tiles
+
+
+def test_auto_puts_the_vae_tiles_on_the_host_only_where_the_device_cannot_hold_them(monkeypatch):
+    size, cuda = (2160, 3840), torch.device("cuda")
+    settings = Settings(1, 96, None)
+    kw = {"profile": "sd21", "dtype": torch.bfloat16}
+    device = estimate(size, settings, device_type="cuda", **kw).bytes
+    host = estimate(size, Settings(1, 96, None, vae_tiles_wait="host"), device_type="cuda", **kw)
+
+    def wait(option, room, on=cuda, settings=settings, host_room=1e15):
+        def available(d):
+            if d.type == "cpu":  # the host's memory
+                return host_room, "host (test)"
+            return None if room is None else (room, "gpu (test)")
+
+        monkeypatch.setattr(memory, "available", available)
+        return memory.where_vae_tiles_wait(option, size, settings, device=on, **kw)
+
+    assert host.bytes < device
+    assert wait("auto", (host.bytes + device) / 2) == "host"
+    assert wait("auto", host.bytes / 2) == "host"  # it will be refused, but needing less
+    assert wait("auto", device * 1.01) == "device"
+    assert wait("auto", None) == "device"  # memory unknown: as asked by default
+    # the tiles would not fit on the host either (what they take on the device, at most)
+    assert wait("auto", (host.bytes + device) / 2, host_room=host.bytes) == "device"
+    for option in ("auto", "host"):
+        assert wait(option, 1.0, on=torch.device("cpu")) == "device"  # the same memory
+        assert wait(option, 1.0, settings=Settings(1, 96, 768)) == "device"  # diffusers' tiles
+    assert wait("device", 1.0) == "device" and wait("host", None) == "host"  # as asked
+    monkeypatch.setenv(memory.SKIP_ENV, "off")  # no estimate decides anything
+    assert wait("auto", 1.0) == "device" and wait("host", 1.0) == "host"
+    monkeypatch.delenv(memory.SKIP_ENV)
+    # asked to keep them on the device and too large: the guard offers the host first
+    monkeypatch.setattr(memory, "available", lambda d: ((host.bytes + device) / 2, "test"))
+    flags = {"vae_tiles_wait": "--vae-tiles-wait {}", **CLI_FLAGS}
+    with pytest.raises(InsufficientMemory, match="Use --vae-tiles-wait host "):
+        check_fits(size, settings, device=cuda, frame_size=(540, 960), flags=flags, **kw)
+
+
+def test_the_upscalers_vae_tiles_wait_where_the_check_chose(monkeypatch):
+    """check_upscaler sets where the upscaler's tiles wait, for each clip's frame size: the
+    host for a 4K output a GPU with 10 GiB free would not hold, the device for a small one."""
+    method = DLoRALMethod("dloral-tiny", "tiny", device="cpu", process_size=0, batch_size=1)
+    upscaler = method._upscaler(4)
+    assert upscaler.opt.vae_tiles_wait == "auto" and upscaler.vae_tiles.wait_on == "device"
+    monkeypatch.setattr(upscaler, "device", torch.device("cuda"))  # only the check sees it
+    monkeypatch.setattr(upscaler.model, "profile", "sd21")
+    monkeypatch.setattr(upscaler, "dtype", torch.bfloat16)
+    host_room = [64 * GIB]
+    monkeypatch.setattr(
+        memory,
+        "available",
+        lambda d: (host_room[0], "host (test)") if d.type == "cpu" else (10 * GIB, "gpu (test)"),
+    )
+    need = check_upscaler(upscaler, (540, 960), 1, {})
+    assert upscaler.vae_tiles.wait_on == "host" and need.bytes < 10 * GIB
+    check_upscaler(upscaler, (180, 320), 1, {})
+    assert upscaler.vae_tiles.wait_on == "device"
+    # asked for the host, which has no room for the waiting tiles: refused, naming it
+    monkeypatch.setattr(upscaler, "opt", replace(upscaler.opt, vae_tiles_wait="host"))
+    host_room[0] = 4 * GIB
+    with pytest.raises(InsufficientMemory, match="not enough host memory for the VAE's tiles"):
+        check_upscaler(upscaler, (540, 960), 1, {})

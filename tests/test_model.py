@@ -226,9 +226,9 @@ def _grids(monkeypatch) -> list[tuple[str, int]]:
     grids = []
     run = vae_tiles.run_in_step
 
-    def spy(steps, net, x, tiles, factor):
+    def spy(steps, net, x, tiles, factor, parking=None):
         grids.append((steps.__name__.strip("_"), len(tiles)))
-        return run(steps, net, x, tiles, factor)
+        return run(steps, net, x, tiles, factor, parking)
 
     monkeypatch.setattr(vae_tiles, "run_in_step", spy)
     return grids

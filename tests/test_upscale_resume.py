@@ -123,8 +123,11 @@ def test_a_second_run_goes_on_and_gives_an_uninterrupted_runs_frames(bikes_folde
     assert code == 0, out
     assert sorted(_pngs(parts)) == ["im1.png", "im2.png"]
     assert _record(parts)["status"] == "finished" and _record(parts)["frames"] == 2
-    # a smaller batch on the second run: a speed setting, not a frame-changing one
-    code, out = _upscale(bikes_folder, parts, "--batch-size", "1")
+    assert _record(parts)["options"]["vae_tiles_wait"] == "auto"
+    assert _record(parts)["vae_tiles_wait_on"] == "device"  # a CPU's host is its device
+    # a smaller batch and the VAE's tiles on the host on the second run: speed settings, not
+    # frame-changing ones
+    code, out = _upscale(bikes_folder, parts, "--batch-size", "1", "--vae-tiles-wait", "host")
     assert code == 0, out
     assert "2 frames (and 2 kept from an earlier run)" in out
     assert "going on from frame 2" in out
@@ -140,6 +143,8 @@ def test_a_second_run_goes_on_and_gives_an_uninterrupted_runs_frames(bikes_folde
     assert [a["frames_written"] for a in record["attempts"]] == [2, 2]
     assert {a["status"] for a in record["attempts"]} == {"finished"}
     assert record["prompt"] == "" and record["options"]["batch_size"] == 1
+    assert record["options"]["vae_tiles_wait"] == "host"
+    assert record["vae_tiles_wait_on"] == "device"  # a CPU's host is its device
     # nothing left to do: nothing is written again
     before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.png")}
     code, out = _upscale(bikes_folder, parts)

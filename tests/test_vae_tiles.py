@@ -1,6 +1,8 @@
 """The reference's tiled VAE (dloral.model.vae_tiles) against a literal transcription of its
 hook (tests/reference_vaehook.py), on real frames."""
 
+import weakref
+
 import pytest
 import reference_vaehook as ref
 import torch
@@ -8,7 +10,7 @@ from conftest import read_clip
 
 from dloral.model import vae_tiles
 from dloral.model.backbone import SD21_VAE
-from dloral.model.vae_tiles import DECODER_PAD, VAETiles
+from dloral.model.vae_tiles import DECODER_PAD, Parking, VAETiles
 
 
 def sd_layout_vae(seed: int = 0):
@@ -132,3 +134,73 @@ def test_a_frame_within_one_tile_runs_whole(frames):
         z = vae.encode(frames).latent_dist.mean
         assert torch.equal(vae_tiles.encode(vae, frames, tiles).mean, z)
         assert torch.equal(vae_tiles.decode(vae, z, tiles), vae.decode(z).sample)
+
+
+class Fp64Host:
+    """Parking whose 'host' is fp64 (fp32 -> fp64 -> fp32 is exact): the tensors it was handed
+    on the 'device' must be gone (no reference left anywhere) before any tile comes back."""
+
+    def __init__(self):
+        self.handed: list[weakref.ref] = []
+        self.parks = self.unparks = 0
+        self.most_left = 0
+
+    def park(self, t: torch.Tensor) -> torch.Tensor:
+        assert t.dtype == torch.float32
+        self.parks += 1
+        self.handed.append(weakref.ref(t))
+        return t.double()
+
+    def unpark(self, t: torch.Tensor) -> torch.Tensor:
+        assert t.dtype == torch.float64, "a tile brought back that was not parked"
+        self.unparks += 1
+        self.most_left = max(self.most_left, sum(r() is not None for r in self.handed))
+        return t.float()
+
+    def parking(self) -> Parking:
+        return Parking(self.park, self.unpark)
+
+
+@pytest.mark.parametrize("network", ["encoder", "decoder"])
+def test_tiles_waiting_on_the_host_free_the_device_and_change_no_number(frames, network):
+    """The reference keeps the waiting tiles in host memory. Parked, a tile leaves nothing on
+    the device (every tensor it held there is freed before the next tile runs: one tile on the
+    device at a time), and the result is the very same."""
+    vae = sd_layout_vae()
+    with torch.no_grad():
+        z = vae.encode(frames).latent_dist.mean
+        if network == "encoder":
+            steps, net, x, tile, pad, factor = (
+                vae_tiles._encoder,
+                vae.encoder,
+                frames,
+                64,
+                32,
+                1 / 8,
+            )
+        else:
+            steps, net, x, tile, pad, factor = vae_tiles._decoder, vae.decoder, z, 8, 11, 8
+        grid = vae_tiles.split(x.shape[-2], x.shape[-1], tile, pad)
+        host = Fp64Host()
+        parked = vae_tiles.run_in_step(steps, net, x, grid, factor, host.parking())
+        on_device = vae_tiles.run_in_step(steps, net, x, grid, factor)
+    assert len(grid) >= 2  # encoder 3 x 4, decoder 1 x 2
+    assert torch.equal(parked, on_device)
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    blocks = sum(isinstance(m, ResnetBlock2D | Attention) for m in net.modules())
+    # every tile but the one at the turn waits parked at each GroupNorm, and every tile's
+    # residuals wait parked from the block's input to its sum (the reference's way); all return
+    assert host.parks == norms * (len(grid) - 1) + blocks * len(grid)
+    assert host.unparks == host.parks
+    assert host.most_left == 0
+
+
+def test_tiles_wait_on_the_host_only_off_a_cpu():
+    assert VAETiles().parking(torch.device("cuda")) is None
+    assert VAETiles(wait_on="host").parking(torch.device("cpu")) is None  # the same memory
+    assert isinstance(VAETiles(wait_on="host").parking(torch.device("cuda", 1)), Parking)
+    with pytest.raises(ValueError, match="wait on one of"):
+        VAETiles(wait_on="disk")

@@ -115,6 +115,10 @@ class _Timed:
         """Bytes of this method's own model tensors on its device (0: it has no model)."""
         return 0
 
+    def memory_note(self, scale: int) -> str:
+        """What the peak memory of the last timed passes at `scale` needs said beside it."""
+        return ""
+
     def run(self, job: ClipJob) -> MethodOutput:
         names, lq, scale = job.names, job.lq, job.scale
         if lq is None:
@@ -138,7 +142,7 @@ class _Timed:
         peak = None
         if memory.peak_bytes is not None:
             peak = (memory.peak_bytes + self.resident_bytes()) / 2**30
-        kind = f"this method's model tensors + {memory.kind}"
+        kind = f"this method's model tensors + {memory.kind}{self.memory_note(scale)}"
         return self._output(job, out, seconds, peak, kind)
 
     def _output(self, job, out, seconds, peak, kind) -> MethodOutput:
@@ -333,6 +337,12 @@ class DLoRALMethod(_Timed):
     def resident_bytes(self) -> int:
         return tensor_bytes(self._model, self.device)
 
+    def memory_note(self, scale: int) -> str:
+        tiles = self._upscaler(scale).vae_tiles
+        if tiles is not None and tiles.wait_on == "host":  # chosen for this clip's frame size
+            return "; the VAE's tiles waited in host memory (vae_tiles_wait auto)"
+        return ""
+
     def describe(self) -> dict:
         from dloral.model.vae_tiles import VAETiles
 
@@ -357,6 +367,9 @@ class DLoRALMethod(_Timed):
                 "size_to_8": self.size_to_8,
                 "previous": self.previous,
                 "vae_tiling": VAETiles().describe(),
+                # where its tiles wait: the device, or the host where a clip would not fit
+                # (the same frames; the latency's memory kind says when it was the host)
+                "vae_tiles_wait": "auto",
             },
         }
 

@@ -122,6 +122,7 @@ class DLoRALConfig:
 # A number is diffusers' tiling (blended tiles, each normalised on its own), 0 the whole frame.
 VAE_ENCODER_TILE = 1024  # the reference's --vae_encoder_tiled_size, pixels
 VAE_DECODER_TILE = 224  # the reference's --vae_decoder_tiled_size, latent positions
+VAE_TILES_WAIT = ("auto", "device", "host")  # UpscaleOptions.vae_tiles_wait
 
 
 def vae_tile_setting(tile: int | None) -> int | str:
@@ -148,6 +149,10 @@ class UpscaleOptions:
     tile: int | None = None
     vae_encoder_tile: int = VAE_ENCODER_TILE
     vae_decoder_tile: int = VAE_DECODER_TILE
+    # where the reference's VAE tiles wait between GroupNorm steps: device (no copies), host
+    # (one tile on the device at a time, the reference's way), auto (the device unless a batch
+    # would not fit there: dloral.model.memory.where_vae_tiles_wait). The same frames either way
+    vae_tiles_wait: str = "auto"
     process_size: int = 512  # LQ whose short side is below process_size // scale is enlarged first
     sample_latent: bool = True  # draw from the VAE posterior as the reference does
     seed: int = 0
@@ -187,6 +192,10 @@ class UpscaleOptions:
             raise ValueError(
                 f"vae_encoder_tile must be a multiple of 8 >= 64 (pixels); "
                 f"got {self.vae_encoder_tile}"
+            )
+        if self.vae_tiles_wait not in VAE_TILES_WAIT:
+            raise ValueError(
+                f"vae_tiles_wait must be one of {VAE_TILES_WAIT}; got {self.vae_tiles_wait!r}"
             )
         if self.vae_decoder_tile < 8:
             raise ValueError(

@@ -13,7 +13,10 @@ H x W pixels (latent h x w = H/8 x W/8):
 - Hv x Wv: the VAE's working area: one VAE tile (min(tile, H) x min(tile, W)) with diffusers'
   tiling (`tile` N), the frame untiled (`tile` 0), and with the reference's tiled VAE (the
   default) the frame plus its tiles' padding, since those tiles run in step, all on the device
-  (the sum of the decoder's or, if larger, the encoder's padded tiles: dloral.model.vae_tiles).
+  (the sum of the decoder's or, if larger, the encoder's padded tiles: dloral.model.vae_tiles),
+  or, with its tiles waiting on the host (`vae_tiles_wait` host, the reference's way), its
+  largest padded tile (the decoder's or the encoder's; a network that does not tile works on
+  the whole frame).
   hl x wl: one latent tile (min(latent_tile, h, w) squared) when the latent is tiled, else the
   latent. CFR and the UNet work on latent tiles.
 - s: the model dtype's element size / 4 for the vae and unet terms (they were measured in fp32).
@@ -97,6 +100,9 @@ class Settings:
     tile_batch: int = 1  # latent tiles per CFR + UNet call: that many tiles' activations at once
     vae_encoder_tile: int = VAE_ENCODER_TILE  # the reference's tiled VAE (tile None)
     vae_decoder_tile: int = VAE_DECODER_TILE
+    # where its tiles wait between GroupNorm steps: device (all on the device), host (one tile
+    # on the device at a time, the reference's way); the same memory on a CPU
+    vae_tiles_wait: str = "device"
 
 
 @dataclass(frozen=True)
@@ -124,9 +130,10 @@ def working_areas(
     h, w = height // 8, width // 8
     latent_tiled = needs_tiling(h, w, settings.latent_tile)
     if settings.tile is None:
+        tiles = _largest if settings.vae_tiles_wait == "host" else _padded
         vae = max(
-            _padded(height, width, settings.vae_encoder_tile, ENCODER_PAD, 1),
-            _padded(h, w, settings.vae_decoder_tile, DECODER_PAD, 8),
+            tiles(height, width, settings.vae_encoder_tile, ENCODER_PAD, 1),
+            tiles(h, w, settings.vae_decoder_tile, DECODER_PAD, 8),
             key=lambda a: a[0] * a[1],
         )
     elif settings.tile:
@@ -149,6 +156,18 @@ def _padded(height: int, width: int, tile: int, pad: int, factor: int) -> tuple[
     rows = {t.box[0]: t.box[1] - t.box[0] for t in grid}
     cols = {t.box[2]: t.box[3] - t.box[2] for t in grid}
     return sum(rows.values()) * factor, sum(cols.values()) * factor
+
+
+def _largest(height: int, width: int, tile: int, pad: int, factor: int) -> tuple[int, int]:
+    """The largest of the reference's padded VAE tiles of a (height, width) input (the one on
+    the device while the others wait on the host) x `factor`; a frame within one tile, whole."""
+    if max(height, width) <= tile + 2 * pad:
+        return height * factor, width * factor
+    box = max(
+        ((t.box[1] - t.box[0], t.box[3] - t.box[2]) for t in split(height, width, tile, pad)),
+        key=lambda a: a[0] * a[1],
+    )
+    return box[0] * factor, box[1] * factor
 
 
 def _tiles_at_once(size: tuple[int, int], settings: Settings) -> int:
@@ -269,8 +288,9 @@ def check_fits(
 
 def _fitting(size, settings, profile, dtype, device_type, free, flags):
     """The first change of the caller's settings (as its flags) whose estimate fits in `free`:
-    one latent tile per call, then smaller batches (neither changes the frames, and a resumed
-    upscale may change them), then VAE tiles of 8 latent tiles, smaller latent tiles (with VAE
+    the reference's VAE tiles waiting on the host, one latent tile per call, then smaller
+    batches (none of these changes the frames, and a resumed upscale may change them), then VAE
+    tiles of 8 latent tiles, smaller latent tiles (with VAE
     tiles of their size), then both."""
     tilings: list[tuple[dict, int, int | None]] = []
     vae = settings.tile or 0
@@ -290,7 +310,14 @@ def _fitting(size, settings, profile, dtype, device_type, free, flags):
         batches = sorted({max(1, settings.batch_size // 2**i) for i in range(1, 8)}, reverse=True)
         batches = [b for b in batches if b < settings.batch_size]
     candidates = []
-    if "tile_batch" in flags and settings.tile_batch > 1:  # first: one tile per call
+    if (  # first: the reference's VAE tiles wait on the host (the same frames)
+        "vae_tiles_wait" in flags
+        and settings.tile is None
+        and settings.vae_tiles_wait == "device"
+        and device_type != "cpu"
+    ):
+        candidates.append(({"vae_tiles_wait": "host"}, replace(settings, vae_tiles_wait="host")))
+    if "tile_batch" in flags and settings.tile_batch > 1:  # one tile per call
         candidates.append(({"tile_batch": 1}, replace(settings, tile_batch=1)))
     candidates += [({"batch_size": b}, replace(settings, batch_size=b)) for b in batches]
     candidates += [(c, replace(settings, latent_tile=t, tile=v)) for c, t, v in tilings]
@@ -310,9 +337,13 @@ def check_upscaler(
     upscaler, lq_size: tuple[int, int], frames: int, flags: dict[str, str]
 ) -> Estimate:
     """check_fits for a VideoUpscaler about to upscale `frames` LQ frames of `lq_size` (H, W):
-    its geometry, options, model profile, dtype and device."""
+    its geometry, options, model profile, dtype and device. First, where the reference's VAE
+    tiles wait (`vae_tiles_wait`, see where_vae_tiles_wait); the upscaler is set so
+    (`upscaler.vae_tiles.wait_on`)."""
     proc, _ = upscaler.geometry(lq_size)
     opt = upscaler.opt
+    size = upscaler.model_size(proc)
+    profile, dtype, device = upscaler.model.profile, upscaler.dtype, upscaler.device
     settings = Settings(
         max(1, min(opt.batch_size, frames)),
         opt.latent_tile,
@@ -322,12 +353,73 @@ def check_upscaler(
         opt.vae_encoder_tile,
         opt.vae_decoder_tile,
     )
+    wait = where_vae_tiles_wait(opt.vae_tiles_wait, size, settings, profile, dtype, device)
+    settings = replace(settings, vae_tiles_wait=wait)
+    if upscaler.vae_tiles is not None:
+        upscaler.vae_tiles = replace(upscaler.vae_tiles, wait_on=wait)
+    if wait == "host":
+        check_host_room(size, settings, profile, dtype, device.type)
     return check_fits(
-        upscaler.model_size(proc),
+        size,
         settings,
-        profile=upscaler.model.profile,
-        dtype=upscaler.dtype,
-        device=upscaler.device,
+        profile=profile,
+        dtype=dtype,
+        device=device,
         frame_size=lq_size,
         flags=flags,
     )
+
+
+def where_vae_tiles_wait(
+    option: str,
+    size: tuple[int, int],
+    settings: Settings,
+    profile: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> str:
+    """Where the reference's VAE tiles wait between GroupNorm steps, "device" or "host", for the
+    `vae_tiles_wait` option at model input `size`. On a CPU (the host is the device) and with
+    diffusers' tiling or none (`tile` not None: nothing waits) always "device". Otherwise as
+    asked; "auto" is the device, unless one batch with the tiles there is estimated not to fit
+    in the device's memory available now while with them on the host it needs less, and the
+    host has room for them (then the host). With the memory check off (DLORAL_MEMORY_CHECK=off)
+    "auto" is the device: no estimate decides anything."""
+    if device.type == "cpu" or settings.tile is not None:
+        return "device"
+    if option != "auto":
+        return option
+    if os.environ.get(SKIP_ENV, "").lower() == "off":
+        return "device"
+    on_device = estimate(
+        size, replace(settings, vae_tiles_wait="device"), profile, dtype, device.type
+    )
+    room = available(device)
+    if room is None or on_device.bytes <= room[0]:
+        return "device"
+    parked = estimate(size, replace(settings, vae_tiles_wait="host"), profile, dtype, device.type)
+    host = available(torch.device("cpu"))
+    if parked.bytes >= on_device.bytes or (host is not None and host[0] < on_device.parts["vae"]):
+        return "device"
+    return "host"
+
+
+def check_host_room(
+    size: tuple[int, int], settings: Settings, profile: str, dtype: torch.dtype, device_type: str
+) -> None:
+    """Refuse (InsufficientMemory) when the reference's VAE tiles are to wait on the host and
+    the host has no room for them: at most what they would take on the device (the estimate's
+    VAE part with them there; a waiting tile holds its activation and a residual)."""
+    if os.environ.get(SKIP_ENV, "").lower() == "off":
+        return
+    on_device = estimate(
+        size, replace(settings, vae_tiles_wait="device"), profile, dtype, device_type
+    )
+    room = available(torch.device("cpu"))
+    if room is not None and on_device.parts["vae"] > room[0]:
+        raise InsufficientMemory(
+            f"not enough host memory for the VAE's tiles waiting there (--vae-tiles-wait host): "
+            f"up to {gib(on_device.parts['vae'])} per batch, and {gib(room[0])} is available "
+            f"({room[1]}). Use a smaller --batch-size, --vae-tiles-wait device on a larger GPU, "
+            f"or smaller frames; {SKIP_ENV}=off skips this check."
+        )

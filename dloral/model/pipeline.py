@@ -133,10 +133,13 @@ class VideoUpscaler:
         self.stage_times: StageTimes | None = None
         self.prompt_text: str | None = None  # the text condition of the clip being upscaled
         self._vae_tiling(self.opt.tile or 0)
-        # the reference's tiled VAE (the default), passed to encode and decode; None: diffusers'
+        # the reference's tiled VAE (the default), passed to encode and decode; None: diffusers'.
+        # Its tiles wait on the host only if asked: "auto" is resolved by the memory check
+        # (dloral.model.memory.check_upscaler), which knows the frame size; the device otherwise
         self.vae_tiles: VAETiles | None = None
         if self.opt.tile is None:
-            self.vae_tiles = VAETiles(self.opt.vae_encoder_tile, self.opt.vae_decoder_tile)
+            wait = "host" if self.opt.vae_tiles_wait == "host" else "device"
+            self.vae_tiles = VAETiles(self.opt.vae_encoder_tile, self.opt.vae_decoder_tile, wait)
 
     def _stage(self, name: str):
         return self.stage_times(name) if self.stage_times is not None else nullcontext()

@@ -20,9 +20,12 @@ the frame, and every tile runs the network layer by layer in step with the other
 A frame within `tile + 2 * pad` runs the plain, whole-frame forward. The reference's test script
 sets encoder tiles of 1024 pixels (`--vae_encoder_tiled_size`, padding 32) and decoder tiles of
 224 latent positions (`--vae_decoder_tiled_size`, padding 11), without its "fast" estimation;
-these are the defaults here (`VAETiles`). The reference keeps the tiles waiting at a GroupNorm
-in host memory; here they stay on the model's device (the same numbers, and the VAE's working
-memory is then about the whole frame's: see dloral.model.memory).
+these are the defaults here (`VAETiles`). The reference runs one tile at a time and keeps the
+others, waiting at a GroupNorm, in host memory: its VAE holds one tile on the GPU whatever the
+frame's size, at the cost of copying every tile out and back at each GroupNorm. Here the tiles
+wait on the device by default (no copies; the VAE's working memory is then about the whole
+frame's: see dloral.model.memory), or in host memory as the reference (`VAETiles.wait_on`
+"host"; the upscaler chooses it when the frame would not fit otherwise). The numbers are the same.
 
 Inference only (no gradients). With input sides and an encoder tile that are multiples of 8 (the
 pipeline's model input is; UpscaleOptions checks the tile) every tile edge falls on the latent
@@ -44,9 +47,7 @@ from dloral.model.config import VAE_DECODER_TILE, VAE_ENCODER_TILE
 
 ENCODER_PAD = 32  # pixels around an encoder tile (the reference's VAEHook)
 DECODER_PAD = 11  # latent positions around a decoder tile
-
-# A tile's forward, suspended at each GroupNorm: yields (norm layer, input), receives the output
-Steps = Generator[tuple[nn.GroupNorm, torch.Tensor], torch.Tensor, torch.Tensor]
+WAIT_ON = ("device", "host")  # where tiles wait between steps (VAETiles.wait_on)
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,24 @@ class VAETiles:
 
     encoder: int = VAE_ENCODER_TILE
     decoder: int = VAE_DECODER_TILE
+    # where the tiles wait between GroupNorm steps: "device" (the VAE's device: no copies, and
+    # the VAE's working memory is about the whole frame's) or "host" (the reference's: host
+    # memory, so the device holds one tile's tensors at a time, at the cost of copies). Same
+    # numbers either way; on a CPU both are the same memory
+    wait_on: str = "device"
 
     def __post_init__(self):
         for name, value in (("encoder", self.encoder), ("decoder", self.decoder)):
             if value < 8:
                 raise ValueError(f"VAE {name} tile must be >= 8; got {value}")
+        if self.wait_on not in WAIT_ON:
+            raise ValueError(f"VAE tiles wait on one of {WAIT_ON}; got {self.wait_on!r}")
+
+    def parking(self, device: torch.device) -> Parking | None:
+        """How tiles on `device` wait: None where they stay (on the device, or on a CPU)."""
+        if self.wait_on == "host" and device.type != "cpu":
+            return Parking.host(device)
+        return None
 
     def encoder_tiled(self, size: tuple[int, int]) -> bool:
         """Whether a model input of `size` (H, W) pixels is encoded in tiles."""
@@ -129,19 +143,50 @@ def split(height: int, width: int, tile: int, pad: int) -> list[Tile]:
     return tiles
 
 
-def _resnet(block: nn.Module, x: torch.Tensor) -> Steps:
+class _Live:
+    """A tile's tensors that outlive a GroupNorm step: `x`, the activation (the input of the
+    GroupNorm the tile waits at), and the input of the residual block it is in, kept with
+    `keep` and taken back with `kept`: with `parking` it waits parked from the moment it is
+    kept to the moment it is added, as the reference's residuals do. The steps below keep no
+    other tensor across a step, so parking `x` moves the rest of the tile."""
+
+    __slots__ = ("x", "res", "parking")
+
+    def __init__(self, x: torch.Tensor, parking: Parking | None = None):
+        self.x: torch.Tensor = x
+        self.res: torch.Tensor | None = None
+        self.parking = parking
+
+    def keep(self, res: torch.Tensor) -> None:
+        self.res = self.parking.park(res) if self.parking is not None else res
+
+    def kept(self) -> torch.Tensor:
+        res, self.res = self.res, None
+        return self.parking.unpark(res) if self.parking is not None else res
+
+
+# A tile's forward, suspended at each GroupNorm: yields the norm, whose input is `live.x` and
+# whose output the driver puts back in `live.x`; at its end `live.x` is the tile's output
+Steps = Generator[nn.GroupNorm, None, None]
+
+
+def _resnet(block: nn.Module, live: _Live) -> Steps:
     """diffusers' ResnetBlock2D as the VAE uses it (no time embedding, no resampling)."""
-    h = yield block.norm1, x
-    h = block.conv1(block.nonlinearity(h))
-    h = yield block.norm2, h
-    h = block.conv2(block.dropout(block.nonlinearity(h)))
-    shortcut = block.conv_shortcut(x) if block.conv_shortcut is not None else x
-    return (shortcut + h) / block.output_scale_factor
+    live.keep(live.x)
+    yield block.norm1
+    live.x = block.conv1(block.nonlinearity(live.x))
+    yield block.norm2
+    h = block.conv2(block.dropout(block.nonlinearity(live.x)))
+    res = live.kept()
+    shortcut = block.conv_shortcut(res) if block.conv_shortcut is not None else res
+    live.x = (shortcut + h) / block.output_scale_factor
 
 
-def _attention(attn: nn.Module, x: torch.Tensor) -> Steps:
+def _attention(attn: nn.Module, live: _Live) -> Steps:
     """diffusers' VAE self-attention on one tile (the tile's positions attend to each other)."""
-    h = yield attn.group_norm, x
+    live.keep(live.x)
+    yield attn.group_norm
+    h = live.x
     b, c, height, width = h.shape
     seq = h.reshape(b, c, height * width).transpose(1, 2)
     q, k, v = attn.to_q(seq), attn.to_k(seq), attn.to_v(seq)
@@ -151,46 +196,46 @@ def _attention(attn: nn.Module, x: torch.Tensor) -> Steps:
     out = out.transpose(1, 2).reshape(b, height * width, -1).to(h.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     out = out.transpose(1, 2).reshape(b, c, height, width)
+    res = live.kept()
     if attn.residual_connection:
-        out = out + x
-    return out / attn.rescale_output_factor
+        out = out + res
+    live.x = out / attn.rescale_output_factor
 
 
-def _mid(block: nn.Module, x: torch.Tensor) -> Steps:
-    x = yield from _resnet(block.resnets[0], x)
+def _mid(block: nn.Module, live: _Live) -> Steps:
+    yield from _resnet(block.resnets[0], live)
     for attn, resnet in zip(block.attentions, block.resnets[1:], strict=True):
         if attn is not None:
-            x = yield from _attention(attn, x)
-        x = yield from _resnet(resnet, x)
-    return x
+            yield from _attention(attn, live)
+        yield from _resnet(resnet, live)
 
 
-def _encoder(net: nn.Module, x: torch.Tensor) -> Steps:
+def _encoder(net: nn.Module, live: _Live) -> Steps:
     """diffusers' Encoder.forward, suspended at each GroupNorm."""
-    x = net.conv_in(x)
+    live.x = net.conv_in(live.x)
     for block in net.down_blocks:
         for resnet in block.resnets:
-            x = yield from _resnet(resnet, x)
+            yield from _resnet(resnet, live)
         for down in block.downsamplers or ():
-            x = down(x)
-    x = yield from _mid(net.mid_block, x)
-    x = yield net.conv_norm_out, x
-    return net.conv_out(net.conv_act(x))
+            live.x = down(live.x)
+    yield from _mid(net.mid_block, live)
+    yield net.conv_norm_out
+    live.x = net.conv_out(net.conv_act(live.x))
 
 
-def _decoder(net: nn.Module, z: torch.Tensor) -> Steps:
+def _decoder(net: nn.Module, live: _Live) -> Steps:
     """diffusers' Decoder.forward (no latent embeddings), suspended at each GroupNorm."""
-    x = net.conv_in(z)
+    live.x = net.conv_in(live.x)
     up_dtype = next(iter(net.up_blocks.parameters())).dtype
-    x = yield from _mid(net.mid_block, x)
-    x = x.to(up_dtype)
+    yield from _mid(net.mid_block, live)
+    live.x = live.x.to(up_dtype)
     for block in net.up_blocks:
         for resnet in block.resnets:
-            x = yield from _resnet(resnet, x)
+            yield from _resnet(resnet, live)
         for up in block.upsamplers or ():
-            x = up(x)
-    x = yield net.conv_norm_out, x
-    return net.conv_out(net.conv_act(x))
+            live.x = up(live.x)
+    yield net.conv_norm_out
+    live.x = net.conv_out(net.conv_act(live.x))
 
 
 def _group_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,58 +254,103 @@ def _normalise(x, norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> 
     return y.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class Parking:
+    """Where tiles wait between steps: `park` moves a tensor there, `unpark` brings it back to
+    the device the VAE runs on (host memory: `Parking.host(device)`)."""
+
+    park: Callable[[torch.Tensor], torch.Tensor]
+    unpark: Callable[[torch.Tensor], torch.Tensor]
+
+    @staticmethod
+    def host(device: torch.device) -> Parking:
+        return Parking(lambda t: t.to("cpu"), lambda t: t.to(device))
+
+
 def run_in_step(
-    steps: Callable[[nn.Module, torch.Tensor], Steps],
+    steps: Callable[[nn.Module, _Live], Steps],
     net: nn.Module,
     x: torch.Tensor,
     tiles: list[Tile],
     factor: float,
+    parking: Parking | None = None,
 ) -> torch.Tensor:
     """Run `steps` on each tile of `x`, all tiles in step, sharing GroupNorm statistics; paste
-    each tile's output core into the result. `factor`: output size / input size (8, or 1/8)."""
-    boxes = [tile.box for tile in tiles]
-    runs = [steps(net, x[..., top:bottom, left:right]) for top, bottom, left, right in boxes]
-    waiting = [next(run) for run in runs]
-    outputs: list[torch.Tensor | None] = [None] * len(tiles)
-    while True:
-        norm = waiting[0][0]
-        if any(n is not norm for n, _ in waiting):
-            raise RuntimeError("tiles out of step: the VAE's forward differs between tiles")
-        if not isinstance(norm, nn.GroupNorm):
-            raise TypeError(f"tiled VAE: expected a GroupNorm, found {type(norm).__name__}")
-        stats = [_group_stats(h, norm.num_groups) for _, h in waiting]
-        # each tile weighs its area at this layer (as the reference counts it, layer by layer)
-        areas = torch.tensor([h.shape[-2] * h.shape[-1] for _, h in waiting], device=x.device)
-        weights = (areas / areas.sum()).float()[:, None, None]
-        mean = (torch.stack([m for m, _ in stats]) * weights).sum(0)
-        var = (torch.stack([v for _, v in stats]) * weights).sum(0)
-        finished = 0
-        for i, run in enumerate(runs):
-            h = waiting[i][1]
-            waiting[i] = None  # type: ignore[call-overload]
-            try:
-                waiting[i] = run.send(_normalise(h, norm, mean, var))
-            except StopIteration as end:
-                outputs[i] = end.value
-                finished += 1
-            del h
-        if finished == len(runs):
-            break
-        if finished:
-            raise RuntimeError("tiles out of step: some finished before the others")
+    each tile's output core into the result. `factor`: output size / input size (8, or 1/8).
+
+    One tile at a time runs to its next GroupNorm, and its statistics are taken there. With
+    `parking`, every other tile waits parked (the reference's order: back and forth over the
+    tiles, so the tile at each turn stays on the device for the next step), and every
+    residual from when it is kept to when it is added: the device then holds the input, the
+    result and one tile's activations. The numbers do not depend on parking:
+    each tile's statistics are combined in the tiles' order."""
+    n = len(tiles)
+    lives = [
+        _Live(x[..., top:bottom, left:right], parking)
+        for top, bottom, left, right in (t.box for t in tiles)
+    ]
+    runs = [steps(net, live) for live in lives]
+    parked = [False] * n
+    norms: list[nn.GroupNorm | None] = [None] * n
+    stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
+    areas = [0] * n
+    shared: tuple[nn.GroupNorm, torch.Tensor, torch.Tensor] | None = None
     height, width = int(x.shape[-2] * factor), int(x.shape[-1] * factor)  # H // 8 for encoding
     result = None
-    for tile, out in zip(tiles, outputs, strict=True):
-        if result is None:
-            result = out.new_zeros((out.shape[0], out.shape[1], height, width))
-        bt, bb, bl, br = (int(v * factor) for v in tile.box)
-        ct, cb, cl, cr = (int(v * factor) for v in tile.core)
-        # offsets from the tile output's own edges (an encoder tile not a multiple of 8 wide
-        # comes out a fraction shorter than box * factor: crop from its end, as the reference)
-        rows = slice(ct - bt, out.shape[-2] + (cb - bb))
-        cols = slice(cl - bl, out.shape[-1] + (cr - br))
-        result[..., ct:cb, cl:cr] = out[..., rows, cols]
-    return result
+    order = list(range(n))
+    while True:
+        finished = 0
+        for position, i in enumerate(order):
+            live = lives[i]
+            if parked[i]:  # (its residual stays parked until it is added)
+                live.x = parking.unpark(live.x)
+                parked[i] = False
+            if shared is not None:
+                norm, mean, var = shared
+                live.x = _normalise(live.x, norm, mean, var)
+            try:
+                norms[i] = next(runs[i])
+            except StopIteration:
+                out = live.x
+                lives[i] = None  # type: ignore[call-overload]
+                if result is None:
+                    result = out.new_zeros((out.shape[0], out.shape[1], height, width))
+                _paste(result, out, tiles[i], factor)
+                del out, live
+                finished += 1
+                continue
+            if not isinstance(norms[i], nn.GroupNorm):
+                raise TypeError(f"tiled VAE: expected a GroupNorm, found {type(norms[i]).__name__}")
+            stats[i] = _group_stats(live.x, norms[i].num_groups)
+            areas[i] = live.x.shape[-2] * live.x.shape[-1]
+            if parking is not None and position < n - 1:
+                live.x = parking.park(live.x)
+                parked[i] = True
+            del live
+        if finished == n:
+            return result
+        if finished:
+            raise RuntimeError("tiles out of step: some finished before the others")
+        norm = norms[0]
+        if any(other is not norm for other in norms):
+            raise RuntimeError("tiles out of step: the VAE's forward differs between tiles")
+        # each tile weighs its area at this layer (as the reference counts it, layer by layer)
+        weights = (torch.tensor(areas, device=x.device) / sum(areas)).float()[:, None, None]
+        mean = (torch.stack([m for m, _ in stats]) * weights).sum(0)
+        var = (torch.stack([v for _, v in stats]) * weights).sum(0)
+        shared = (norm, mean, var)
+        order.reverse()
+
+
+def _paste(result: torch.Tensor, out: torch.Tensor, tile: Tile, factor: float) -> None:
+    """Put a tile's output core in its place in `result`."""
+    bt, bb, bl, br = (int(v * factor) for v in tile.box)
+    ct, cb, cl, cr = (int(v * factor) for v in tile.core)
+    # offsets from the tile output's own edges (an encoder tile not a multiple of 8 wide comes
+    # out a fraction shorter than box * factor: crop from its end, as the reference)
+    rows = slice(ct - bt, out.shape[-2] + (cb - bb))
+    cols = slice(cl - bl, out.shape[-1] + (cr - br))
+    result[..., ct:cb, cl:cr] = out[..., rows, cols]
 
 
 @torch.no_grad()
@@ -272,7 +362,7 @@ def encode(vae: nn.Module, x: torch.Tensor, tiles: VAETiles):
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     grid = split(x.shape[-2], x.shape[-1], tiles.encoder, ENCODER_PAD)
-    moments = run_in_step(_encoder, vae.encoder, x, grid, 1 / 8)
+    moments = run_in_step(_encoder, vae.encoder, x, grid, 1 / 8, tiles.parking(x.device))
     if getattr(vae, "quant_conv", None) is not None:
         moments = vae.quant_conv(moments)
     return DiagonalGaussianDistribution(moments)
@@ -287,4 +377,4 @@ def decode(vae: nn.Module, z: torch.Tensor, tiles: VAETiles) -> torch.Tensor:
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
     grid = split(z.shape[-2], z.shape[-1], tiles.decoder, DECODER_PAD)
-    return run_in_step(_decoder, vae.decoder, z, grid, 8)
+    return run_in_step(_decoder, vae.decoder, z, grid, 8, tiles.parking(z.device))
