@@ -198,6 +198,14 @@ def test_tiles_waiting_on_the_host_free_the_device_and_change_no_number(frames, 
     assert host.most_left == 0
 
 
+def test_host_parking_copies_out_and_back_exactly(frames):
+    host = Parking.host(torch.device("cpu"))  # a CUDA device pins and does not wait
+    for t in (frames, frames.to(memory_format=torch.channels_last), frames.bfloat16()):
+        parked = host.park(t)
+        assert parked.data_ptr() != t.data_ptr() and parked.stride() == t.stride()
+        assert torch.equal(host.unpark(parked), t)
+
+
 def test_tiles_wait_on_the_host_only_off_a_cpu():
     assert VAETiles().parking(torch.device("cuda")) is None
     assert VAETiles(wait_on="host").parking(torch.device("cpu")) is None  # the same memory

@@ -264,7 +264,16 @@ class Parking:
 
     @staticmethod
     def host(device: torch.device) -> Parking:
-        return Parking(lambda t: t.to("cpu"), lambda t: t.to(device))
+        """Host memory; from a CUDA device pinned and copied without waiting: both copies are
+        queued on the device's current stream, so a copy back follows its copy out, PyTorch
+        keeps a pinned block until the copies queued on it are done, and the host never
+        reads the parked tensors itself."""
+        pin = device.type == "cuda"
+
+        def park(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty_like(t, device="cpu", pin_memory=pin).copy_(t, non_blocking=pin)
+
+        return Parking(park, lambda t: t.to(device, non_blocking=pin))
 
 
 def run_in_step(
