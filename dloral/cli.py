@@ -843,13 +843,11 @@ def bench(
     ] = True,
 ) -> None:
     """Score methods on benchmark datasets (PSNR/SSIM, pyiqa, temporal, latency) -> parquet."""
-    from dloral.bench.suite import SuiteError, check_methods, check_metrics, load_suite
+    from dloral.bench.suite import SuiteError, check_metrics, load_suite
 
     metric_names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     try:  # the suite and the options checked before torch and the metrics are imported
-        spec = load_suite(suite)
-        if method:
-            check_methods(method, "--method")
+        spec = load_suite(suite, methods=method or None)  # --method: the suite's are not run
         if metric_names:
             check_metrics(metric_names, "--metrics")
     except SuiteError as err:
@@ -1108,6 +1106,74 @@ def data_prepare(
         + escape(
             f"{len(manifest['files'])} files verified in {folder} "
             f"({time.perf_counter() - start:.1f} s); manifest: {folder / 'manifest.json'}"
+        )
+    )
+
+
+@data_app.command("degrade")
+def data_degrade(
+    kind: Annotated[
+        str, typer.Argument(help="The GT set's layout: udm10, spmcs, vid4, reds4, reds30, ...")
+    ],
+    root: Annotated[Path, typer.Argument(help="The set's root folder.")],
+    out: Annotated[
+        Path, typer.Option(help="Where to write LQ/, GT/ (links to the GT clips), manifest.json.")
+    ],
+    lq: Annotated[
+        str | None,
+        typer.Option(help="The set's LQ folder where it has two (BIx4, BDx4): only to read it."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="The set's seed (each clip's: from it and its name).")
+    ] = 0,
+    scale: Annotated[int, typer.Option(min=1, help="GT size / LQ size.")] = 4,
+    per_frame_noise: Annotated[
+        bool,
+        typer.Option(
+            help="A new noise sample per frame, its kind and level the clip's (as the "
+            "training sampler); off: one noise sample for the whole clip."
+        ),
+    ] = True,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="A degradation TOML [default: dloral/data/realesrgan.toml, training's]."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Make real-world-degraded LQ frames for a GT set, once: the training pipeline (Real-ESRGAN
+    second order), one seeded draw per clip, in DOVE's GT/ + LQ/ layout with a manifest."""
+    if out.exists() and not force:
+        _fail(f"{out} already exists; use another --out, or --force to replace it")
+    from dloral.data.synthetic import DegradeError, degrade_set
+
+    start = time.perf_counter()
+
+    def progress(name: str, done: int, total: int) -> None:
+        console.print(escape(f"  {name}: degraded ({done}/{total})"))
+
+    try:
+        manifest = degrade_set(
+            kind,
+            root,
+            out,
+            lq=lq,
+            scale=scale,
+            seed=seed,
+            per_frame_noise=per_frame_noise,
+            config=config,
+            progress=progress,
+        )
+    except DegradeError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _stopped(f"nothing was written to {out}; run the same command again")
+    console.print(
+        "[green]done:[/] "
+        + escape(
+            f"{len(manifest['clips'])} clips, {len(manifest['files'])} LQ frames in {out / 'LQ'} "
+            f"({time.perf_counter() - start:.1f} s); manifest: {out / 'manifest.json'}. "
+            f'Score it with kind = "udm10", root = "{out}", lq = "LQ" in a suite '
+            f"(benchmarks/udm10-real.toml)."
         )
     )
 

@@ -247,8 +247,12 @@ def _options(where: str, table: dict) -> Options:
     return opts
 
 
-def parse_suite(data: dict, path: Path | None = None) -> Suite:
-    """A suite from a parsed TOML table; `path` names it in errors and anchors relative roots."""
+def parse_suite(
+    data: dict, path: Path | None = None, methods: list[str] | tuple[str, ...] | None = None
+) -> Suite:
+    """A suite from a parsed TOML table; `path` names it in errors and anchors relative roots.
+    `methods` (the command's --method) replace the suite's own, which are then neither checked
+    nor expanded (a suite's `dloral:${DLORAL_CHECKPOINT}` needs no checkpoint when not run)."""
     where = _where(path)
     _check_keys(where, data, _SECTIONS)
     head = data.get("suite", {})
@@ -271,7 +275,9 @@ def parse_suite(data: dict, path: Path | None = None) -> Suite:
         description=str(head.get("description", "")),
         path=path,
         datasets=datasets,
-        methods=check_methods(data.get("methods", {}).get("names", []), where),
+        methods=check_methods(methods, "--method")
+        if methods
+        else check_methods(data.get("methods", {}).get("names", []), where),
         metrics=check_metrics(data.get("metrics", {}).get("names", []), where),
         options=_options(where, data.get("options", {})),
     )
@@ -290,11 +296,14 @@ def suite_path(name_or_path: str | os.PathLike) -> Path:
     raise SuiteError(f"unknown suite {text!r}; shipped: {', '.join(known)}, or a TOML path")
 
 
-def load_suite(name_or_path: str | os.PathLike) -> Suite:
-    """Read and check a suite TOML (name under benchmarks/ or a path)."""
+def load_suite(
+    name_or_path: str | os.PathLike, methods: list[str] | tuple[str, ...] | None = None
+) -> Suite:
+    """Read and check a suite TOML (name under benchmarks/ or a path); `methods`: see
+    parse_suite."""
     path = suite_path(name_or_path)
     try:
         data = read_toml(path)
     except ValueError as err:
         raise SuiteError(str(err)) from err
-    return parse_suite(data, path)
+    return parse_suite(data, path, methods)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from dloral.atomic import atomic_folder, atomic_write_json
 from dloral.data.config import default_dir
-from dloral.weights import TINY_VAE_FILE
+from dloral.weights import TINY_VAE_FILE, sha256
 
 if TYPE_CHECKING:
     import torch
@@ -128,11 +128,7 @@ def _write_clip(frames: torch.Tensor, folder: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256(path)
 
 
 def _build_udm10(tmp: Path) -> dict:

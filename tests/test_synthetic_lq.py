@@ -1,0 +1,133 @@
+"""Real-world-degraded LQ for a GT benchmark set (dloral.data.synthetic, `dloral-exp data
+degrade`): made with the training sampler's pipeline, one seeded draw per clip, written in DOVE's
+GT/ + LQ/ layout with a manifest, the same files from the same command. Real bikes frames."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_clip, write_udm_set
+from PIL import Image
+from typer.testing import CliRunner
+
+from dloral.cli import app
+from dloral.data.degradation import VideoDegradation
+from dloral.data.frames import write_png
+from dloral.data.readers import read_dataset
+from dloral.data.synthetic import DegradeError, clip_seed, degrade_set
+
+CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}
+
+
+@pytest.fixture(scope="module")
+def gt_set(tmp_path_factory, bikes_path):
+    return write_udm_set(tmp_path_factory.mktemp("udm"), bikes_path, CLIPS, 3, blur=3)
+
+
+def _png(path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+
+def test_each_clip_is_the_training_pipelines_draw_from_its_own_seed(gt_set, tmp_path):
+    manifest = degrade_set("udm10", gt_set, tmp_path / "real", seed=3)
+    made = read_dataset("udm10", tmp_path / "real", lq="LQ")
+    source = read_dataset("udm10", gt_set)
+    assert [c.name for c in made.clips] == ["clipA", "clipB"] and made.scale == 4
+    pipeline = VideoDegradation(scale=4)
+    for clip, original in zip(made.clips, source.clips, strict=True):
+        assert clip.names == original.names and clip.lq.size == (16, 16)
+        gt = torch.stack([f for _, f in original.gt.frames()])
+        generator = torch.Generator().manual_seed(clip_seed(3, clip.name))
+        draw = pipeline.sample(generator)
+        expected = pipeline.apply(gt, draw, generator, per_frame_noise=True)
+        lq = torch.stack([f for _, f in clip.lq.frames()])
+        assert torch.equal((lq * 255).round(), (expected * 255).round())
+        # the GT side is the source's own frames, through a link
+        assert torch.equal(torch.stack([f for _, f in clip.gt.frames()]), gt)
+        record = next(r for r in manifest["clips"] if r["name"] == clip.name)
+        assert record["seed"] == clip_seed(3, clip.name) and record["draw"] == draw.describe()
+        assert record["gt_size"] == [64, 64] and record["lq_size"] == [16, 16]
+    # not the classic input: a real-world degradation, and each clip its own draw
+    bi = torch.stack([f for _, f in source.clips[0].lq.frames()])
+    assert not torch.equal(bi, torch.stack([f for _, f in made.clips[0].lq.frames()]))
+    assert manifest["clips"][0]["draw"] != manifest["clips"][1]["draw"]
+    on_disk = json.loads((tmp_path / "real" / "manifest.json").read_text())
+    assert on_disk["per_frame_noise"] is True and on_disk["source"]["kind"] == "udm10"
+    assert len(on_disk["files"]) == 6 and on_disk["git_commit"]
+
+
+def test_the_same_command_gives_the_same_files_and_a_clip_does_not_depend_on_the_others(
+    gt_set, tmp_path, bikes_path
+):
+    first = degrade_set("udm10", gt_set, tmp_path / "a", seed=3)["files"]
+    again = degrade_set("udm10", gt_set, tmp_path / "b", seed=3)["files"]
+    assert first == again
+    alone = write_udm_set(tmp_path / "alone", bikes_path, {"clipB": CLIPS["clipB"]}, 3, blur=3)
+    only_b = degrade_set("udm10", alone, tmp_path / "c", seed=3)["files"]
+    assert only_b == {k: v for k, v in first.items() if "/clipB/" in k}
+    other_seed = degrade_set("udm10", gt_set, tmp_path / "d", seed=4)["files"]
+    assert set(other_seed) == set(first) and other_seed != first
+
+
+def test_a_gt_only_set_is_degraded_and_gt_off_the_scales_grid_refused(tmp_path, bikes_path):
+    """GT-only layouts (youhq: root/<clip>/ frames) work too; GT whose sides are not a
+    multiple of the scale would give an LQ grid off the GT's: refused, naming the clip."""
+    root = tmp_path / "gt-only"
+    for clip, size in (("even", (64, 64)), ("odd", (64, 62))):
+        for i, frame in enumerate(read_clip(bikes_path, 2, (0, 0, 64, 64), size)):
+            write_png(frame, root / clip / f"{i:04d}.png")
+    with pytest.raises(DegradeError, match=r"clip 'odd': GT frames 62x64 are not a multiple"):
+        degrade_set("youhq", root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    (root / "odd" / "0000.png").unlink(), (root / "odd" / "0001.png").unlink()
+    (root / "odd").rmdir()
+    manifest = degrade_set("youhq", root, tmp_path / "out")
+    assert [c["name"] for c in manifest["clips"]] == ["even"]
+    assert read_dataset("udm10", tmp_path / "out", lq="LQ").scale == 4
+
+
+def test_the_cli_writes_the_set_and_will_not_overwrite_one(gt_set, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "udm10-real"
+    done = runner.invoke(app, ["data", "degrade", "udm10", str(gt_set), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "2 clips" in done.output and 'lq = "LQ"' in done.output
+    assert len(list((out / "LQ").glob("*/*.png"))) == 6
+    again = runner.invoke(app, ["data", "degrade", "udm10", str(gt_set), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output and "--force" in again.output
+    forced = ["data", "degrade", "udm10", str(gt_set), "--out", str(out), "--force", "--seed", "1"]
+    assert runner.invoke(app, forced).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 1
+
+
+def test_the_real_suite_scores_the_made_set(gt_set, tmp_path, monkeypatch):
+    """benchmarks/udm10-real.toml reads what `data degrade` wrote; bicubic scores lower on
+    those real-world-degraded frames than on the classic bicubic-downsampled ones."""
+    from dloral.bench import harness
+    from dloral.bench.suite import SuiteError, load_suite
+
+    degrade_set("udm10", gt_set, tmp_path / "real", seed=0)
+    monkeypatch.setenv("DLORAL_UDM10_REAL", str(tmp_path / "real"))
+    monkeypatch.setenv("DLORAL_UDM10", str(gt_set))
+    monkeypatch.delenv("DLORAL_CHECKPOINT", raising=False)  # the suite's dloral method
+    psnr = {}
+    with pytest.raises(SuiteError, match=r"udm10-real.toml: method.*DLORAL_CHECKPOINT"):
+        load_suite("udm10-real")
+    for name in ("udm10-real", "udm10"):
+        suite = load_suite(name, methods=["bicubic"])  # as --method: the suite's are not run
+        assert suite.datasets[0].lq == ("LQ" if name == "udm10-real" else "BDx4")
+        assert suite.methods == ("bicubic",)
+        if name == "udm10":  # the test set has BIx4 only
+            from dataclasses import replace
+
+            suite = replace(suite, datasets=(replace(suite.datasets[0], lq="BIx4"),))
+        res = harness.run_bench(
+            suite,
+            metrics=["psnr"],
+            out_dir=tmp_path / name,
+            tracking=False,
+            visuals=False,
+        )
+        psnr[name] = res.aggregate.query("metric == 'psnr'")["value"].item()
+    assert psnr["udm10-real"] < psnr["udm10"] - 1, psnr
