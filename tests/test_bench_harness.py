@@ -484,6 +484,23 @@ def test_first_frame_skip_scores_only_frames_the_output_has(udm, tmp_path):
         .map(math.isinf)
         .all()
     )
+    # every method's mean over the same frames: bicubic's frame 0 and pair (0, 1) left out
+    agg = pd.read_csv(out / "aggregate.csv").set_index(["method", "metric"])
+    for metric, dropped in (("psnr", 0), (pair, 0)):
+        ours = scored[(scored["method"] == "bicubic") & (scored["metric"] == metric)]
+        shared = ours[ours["frame"] > dropped].groupby("clip")["value"].mean().mean()
+        assert agg.loc[("bicubic", metric), "value"] == pytest.approx(shared, rel=1e-12)
+        assert agg.loc[("bicubic", metric), "value"] != pytest.approx(
+            ours.groupby("clip")["value"].mean().mean(), rel=1e-9
+        )
+        assert agg.loc[("bicubic", metric), "left_out"] == len(CLIPS)
+        assert agg.loc[("ref", metric), "left_out"] == agg.loc[("ref", metric), "noted"] == 0
+    from dloral.report import build, sources
+
+    made = build.build_report(tmp_path / "report", [sources.load_bench(out)])
+    text = made.markdown.read_text()
+    assert "averaged over the frames (pairs) all methods have on a clip" in text
+    assert f"{2 * len(CLIPS)} values left out" in text  # bicubic's frame 0 and pair (0, 1)
     run = json.loads((out / "run.json").read_text())
     assert run["first_frame"] == {"bicubic": "self", "ref": "skip", "dloral-tiny": "skip"}
     scored_frames = run["frames_scored"]

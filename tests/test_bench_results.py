@@ -62,3 +62,26 @@ def test_piqe_of_a_frame_without_active_blocks_is_100_and_noted():
     assert agg["noted"].tolist() == [1]
     # a PSNR of 100 is an ordinary value
     assert table(rows("ds", "m", "c", PSNR, [100.0], "cpu", "h"))["note"].tolist() == [""]
+
+
+def test_methods_are_averaged_over_the_frames_they_all_have():
+    """A method without frame 0 (the reference's outputs): every method's mean on that clip is
+    over frames 1.., the value left out counted; a clip-level value of that clip covers other
+    frames for each method, so it is noted (shown, not ranked); a clip every method covers
+    alike is untouched."""
+    records = rows("ds", "all", "a", PSNR, [10.0, 30.0, 32.0], "cpu", "h1")
+    records += rows("ds", "skip", "a", PSNR, [29.0, 33.0], "cpu", "h2", first=1)
+    records += rows("ds", "all", "b", PSNR, [20.0, 22.0], "cpu", "h3")
+    records += rows("ds", "skip", "b", PSNR, [21.0, 23.0], "cpu", "h4")
+    records += rows("ds", "all", "a", DOVER, [0.7], "cpu", "h1")
+    records += rows("ds", "skip", "a", DOVER, [0.6], "cpu", "h2")
+    records += rows("ds", "all", "b", DOVER, [0.5], "cpu", "h3")
+    records += rows("ds", "skip", "b", DOVER, [0.4], "cpu", "h4")
+    agg = aggregate(table(records)).set_index(["method", "metric"])
+    assert agg.loc[("all", "psnr"), "value"] == pytest.approx((31.0 + 21.0) / 2)  # not 24 on a
+    assert agg.loc[("skip", "psnr"), "value"] == pytest.approx((31.0 + 22.0) / 2)
+    assert agg.loc[("all", "psnr"), "left_out"] == 1 and agg.loc[("skip", "psnr"), "left_out"] == 0
+    assert agg.loc[("all", "psnr"), "noted"] == agg.loc[("skip", "psnr"), "noted"] == 0
+    # DOVER on clip a covers frames 0-2 for one method, 1-2 for the other: noted; b is not
+    assert agg.loc[("all", "dover"), "noted"] == agg.loc[("skip", "dover"), "noted"] == 1
+    assert agg.loc[("all", "dover"), "value"] == pytest.approx(0.6)  # still shown

@@ -5,7 +5,7 @@ Each row carries how it was made (direction, kind, level, implementation, flow e
 device) so that any aggregate or report can say it. Aggregates are computed from the table,
 never stored by hand:
 
-    per clip:    mean over the clip's frames (or pairs)
+    per clip:    mean over the clip's frames (or pairs) that every method has on that clip
     per dataset: mean over clips of the per-clip means (each clip counts once, as BasicSR's and
                  the VSR papers' per-sequence averages do)
 """
@@ -90,18 +90,57 @@ def _noted(df: pd.DataFrame) -> pd.Series:
     return (df["note"].fillna("").astype(str) != "").astype(int)
 
 
+def shared_frames(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with `left_out` (1: a frame or pair value not every method scored on that clip has,
+    left out of the means) and `unaligned` (1: a clip-level value of a clip whose methods scored
+    different frames, told by their frame values). A method without frame 0 (DLoRAL with
+    first_frame "skip", as the reference's test script; the reference's outputs) so takes frame 0
+    and the pair (0, 1) out of every method's mean on that clip: each is averaged over the same
+    frames. Latency rows are not frames of a comparison and are left as they are."""
+    df = df.assign(left_out=0, unaligned=0)
+    scored = df["kind"] != "latency"
+    framed = scored & df["level"].isin(["frame", "pair"])
+    if framed.any():
+        keys = ["dataset", "clip", "metric"]
+        methods = df[framed].groupby(keys)["method"].transform("nunique")
+        having = df[framed].groupby([*keys, "frame"])["method"].transform("nunique")
+        df.loc[framed, "left_out"] = (having < methods).astype(int)
+        frames = df[framed & (df["level"] == "frame")]
+        covered = frames.groupby(["dataset", "clip", "method"])["frame"].agg(
+            lambda f: tuple(sorted(set(f)))
+        )
+        differ = covered.groupby(["dataset", "clip"]).nunique()
+        differ = {key for key, n in differ.items() if n > 1}
+        at_clip = scored & (df["level"] == "clip")
+        rows = [(d, c) in differ for d, c in zip(df["dataset"], df["clip"], strict=True)]
+        df.loc[at_clip & pd.Series(rows, index=df.index), "unaligned"] = 1
+    return df
+
+
 def per_clip(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each clip's values; `noted`: how many of them carry a note."""
+    """Mean of each clip's values over the frames (pairs) every method has on that clip;
+    `noted`: how many of them carry a note or cover other frames than another method's
+    (clip-level values); `left_out`: values left out because another method lacks them."""
     keys = ["dataset", "method", "metric", "clip", "higher_is_better", "implementation"]
-    df = df.assign(noted=_noted(df))
-    return df.groupby(keys, as_index=False).agg(value=("value", "mean"), noted=("noted", "sum"))
+    df = shared_frames(df)
+    df = df.assign(
+        noted=_noted(df) + df["unaligned"],
+        value=df["value"].where(df["left_out"] == 0),
+    )
+    return df.groupby(keys, as_index=False).agg(
+        value=("value", "mean"), noted=("noted", "sum"), left_out=("left_out", "sum")
+    )
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """dataset x method x metric: mean over clips of per-clip means, with clip count and the
-    number of values with a note (`noted`: a report shows such a mean but does not rank it)."""
+    """dataset x method x metric: mean over clips of per-clip means, with clip count, the
+    number of values with a note (`noted`: a report shows such a mean but does not rank it)
+    and of values left out because not every method has them (`left_out`)."""
     clips = per_clip(df)
     keys = ["dataset", "method", "metric", "higher_is_better", "implementation"]
     return clips.groupby(keys, as_index=False).agg(
-        value=("value", "mean"), clips=("clip", "count"), noted=("noted", "sum")
+        value=("value", "mean"),
+        clips=("clip", "count"),
+        noted=("noted", "sum"),
+        left_out=("left_out", "sum"),
     )

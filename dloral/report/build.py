@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from dloral.atomic import atomic_write_text
+from dloral.bench import results
 from dloral.bench.registry import resolve
 from dloral.report import plots, tables
 from dloral.report.sources import BenchRun, SweepRun, higher_is_better, untrained_methods
@@ -359,9 +360,18 @@ def bench_section(
             "second underlined (where a worse value exists); – not measured; name@protocol: the "
             "published code a temporal metric reproduces (README, Benchmarks and metrics)."
         )
+        if "left_out" in sub and (sub["left_out"].fillna(0) > 0).any():
+            cap += (
+                " Every method is averaged over the frames (pairs) all methods have on a clip: "
+                f"{int(sub['left_out'].sum())} values left out where a method lacks a clip's "
+                "first frame (first_frame skip, as the reference's test script)."
+            )
         if "noted" in sub and (sub["noted"].fillna(0) > 0).any():
-            notes = df.loc[(df["dataset"] == dataset) & (df["note"].fillna("") != ""), "note"]
-            cap += f" {tables.NOTED} shown, not ranked: " + "; ".join(dict.fromkeys(notes)) + "."
+            mine = df[df["dataset"] == dataset]
+            notes = list(dict.fromkeys(mine.loc[mine["note"].fillna("") != "", "note"]))
+            if results.shared_frames(mine)["unaligned"].any():
+                notes.append("a clip-level value over other frames than another method's")
+            cap += f" {tables.NOTED} shown, not ranked: " + "; ".join(notes) + "."
         cap += marks.note(sub["method"]) + _timing_note(sub, df, dataset)
         shown = sub[~sub["metric"].isin(SPREAD)]
         table = _dataset_table(shown, order, cap, marks.unranked)
