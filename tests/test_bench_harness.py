@@ -660,3 +660,29 @@ def test_a_dloral_method_of_a_training_run_loads_its_latest_checkpoint(tmp_path)
     (run / "checkpoints" / "latest").unlink()
     with pytest.raises(MethodError, match=r"latest: no finished checkpoint"):
         build_method(f"dloral:{run}", device="cpu").describe()
+
+
+def test_pyiqas_ssim_convention_scores_as_pyiqa_does_beside_basicsrs(udm, tmp_path):
+    """ssim_y_pyiqa: pyiqa.create_metric("ssim") with its defaults, the SSIM column of papers
+    scored with pyiqa (DOVE's eval_metrics.py), on the same 8-bit frames as BasicSR's ssim_y."""
+    import pyiqa
+
+    blur = udm / "peers" / "blur"
+    suite = load_suite(
+        write_suite(tmp_path, udm, [f"folder:blur={blur}"], ["ssim_y", "ssim_y_pyiqa"])
+    )
+    res = harness.run_bench(suite, out_dir=tmp_path / "out", tracking=False, visuals=False)
+    table = res.table.set_index(["metric", "clip", "frame"])["value"]
+    reference = pyiqa.create_metric("ssim", device="cpu")
+    for clip in CLIPS:
+        for i in range(FRAMES):
+            out = read_image(blur / clip / f"{i:04d}.png")[None]
+            gt = read_image(udm / "GT" / clip / f"{i:04d}.png")[None]
+            expected = reference(out, gt).item()
+            assert table["ssim_y_pyiqa", clip, i] == pytest.approx(expected, abs=1e-6)
+            # not BasicSR's: another Y, another rounding
+            assert abs(table["ssim_y", clip, i] - expected) > 1e-4
+    crop = write_suite(tmp_path, udm, ["bicubic"], ["ssim_y_pyiqa"])
+    crop.write_text(crop.read_text() + "crop_border = 4\n")
+    res = harness.run_bench(load_suite(crop), out_dir=tmp_path / "c", tracking=False, visuals=False)
+    assert "crops nothing" in res.skipped[0]["reason"]

@@ -191,6 +191,17 @@ def _pyiqa(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
     return ScoredMetric(metric.info, metric, str(shared.device))
 
 
+def _pyiqa_fullref(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
+    """pyiqa's own PSNR/SSIM conventions, as papers that score with pyiqa's defaults print
+    them (DOVE's eval_metrics.py: pyiqa.create_metric('ssim'), no crop); never cropped."""
+    if shared.crop_border:
+        raise MetricUnavailable(
+            f"{spec.name}: pyiqa's convention crops nothing, and [options] crop_border = "
+            f"{shared.crop_border}; use ssim_y / psnr_y (BasicSR, cropped) or crop_border = 0"
+        )
+    return _pyiqa(spec, shared)
+
+
 # ---- temporal (dloral.bench.temporal) and DOVER (dloral.bench.dover): name@protocol --------
 
 # A temporal metric is a name plus a protocol: the published code whose numbers it reproduces.
@@ -352,6 +363,9 @@ def _tlp(spec: MetricSpec, shared: _Shared) -> ScoredMetric:
 
 _BASICSR = "BasicSR calculate_{}: uint8, crop_border from [options], float64"
 _EWARP = "E*warp, {}"
+# pyiqa's defaults: its Y (YIQ luma, in [0, 1]; SSIM on it rounded to integers), no crop; the
+# SSIM column of papers that score with pyiqa.create_metric("ssim") (DOVE's eval_metrics.py)
+_PYIQA = "pyiqa {} default: Y as pyiqa computes it, no crop"
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
@@ -367,6 +381,8 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("maniqa", True, NR, "frame", False, "MANIQA KonIQ-10k (pyiqa)", _pyiqa),
         MetricSpec("niqe", False, NR, "frame", False, "NIQE (pyiqa)", _pyiqa),
         MetricSpec("piqe", False, NR, "frame", False, "PIQE (pyiqa)", _pyiqa),
+        MetricSpec("psnr_y_pyiqa", True, FR, "frame", True, _PYIQA.format("psnry"), _pyiqa_fullref),
+        MetricSpec("ssim_y_pyiqa", True, FR, "frame", True, _PYIQA.format("ssim"), _pyiqa_fullref),
         *(
             MetricSpec(name, True, NR, "clip", False, source, _dover)
             for name, source in PROTOCOL_SOURCES.items()
