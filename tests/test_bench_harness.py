@@ -686,3 +686,30 @@ def test_pyiqas_ssim_convention_scores_as_pyiqa_does_beside_basicsrs(udm, tmp_pa
     crop.write_text(crop.read_text() + "crop_border = 4\n")
     res = harness.run_bench(load_suite(crop), out_dir=tmp_path / "c", tracking=False, visuals=False)
     assert "crops nothing" in res.skipped[0]["reason"]
+
+
+def test_the_reference_scripts_frame_names_are_matched_by_index(udm, tmp_path):
+    """The reference's test script writes <clip>/frame_%04d.png by clip frame index, from 1:
+    a folder of those is scored as the GT-named copy is, and run.json says how it matched."""
+    named, numbered = udm / "peers" / "blur", tmp_path / "reference"
+    for clip in CLIPS:
+        for i in range(1, FRAMES):
+            (numbered / clip).mkdir(parents=True, exist_ok=True)
+            shutil.copy(named / clip / f"{i:04d}.png", numbered / clip / f"frame_{i:04d}.png")
+    methods = [f"folder:named={named}", f"folder:ref={numbered}"]
+    suite = load_suite(write_suite(tmp_path, udm, methods, ["psnr"]))
+    res = harness.run_bench(suite, out_dir=tmp_path / "out", tracking=False, visuals=False)
+    table = res.table[res.table["metric"] == "psnr"].set_index(["method", "clip", "frame"])
+    for clip in CLIPS:
+        for i in range(1, FRAMES):
+            assert table.loc[("ref", clip, i), "value"] == table.loc[("named", clip, i), "value"]
+    assert ("ref", "clipA", 0) not in table.index
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["methods"]["ref"]["frame_names"] == [
+        "frame_%04d.png by clip frame index (the reference's)"
+    ]
+    assert run["first_frame"]["ref"] == "skip"
+    # a file named otherwise among them: no index matching, the names must be the clip's
+    shutil.copy(named / "clipA" / "0002.png", numbered / "clipA" / "extra.png")
+    with pytest.raises(MethodError, match=r"missing frame\(s\) 0000, 0001"):
+        harness.run_bench(suite, out_dir=tmp_path / "out2", tracking=False, visuals=False)

@@ -431,17 +431,37 @@ def check_weights(methods: list) -> None:
         raise MethodError(str(err)) from err
 
 
+REFERENCE_NAME = re.compile(r"frame_(\d{4,})")  # the reference's test script: frame_%04d.png
+
+
 class FolderMethod:
     """Precomputed outputs: <path>/<clip>/ (or <path>/<dataset>/<clip>/) frames matched by
-    stem to the clip's GT frame names (LQ names on sets without GT)."""
+    stem to the clip's GT frame names (LQ names on sets without GT), or, in a folder none of
+    whose files has such a name, named as the reference's test script names them:
+    frame_<clip frame index, %04d>.png (yjsunnn/DLoRAL src/test_DLoRAL.py)."""
 
     measures_latency = False
 
     def __init__(self, label: str, path: str) -> None:
         self.name, self.path = label, Path(path).expanduser()
+        self.naming: set[str] = set()  # how the clips' files were matched (run.json)
 
     def describe(self) -> dict:
-        return {"kind": "folder", "path": str(self.path)}
+        out = {"kind": "folder", "path": str(self.path)}
+        if self.naming:
+            out["frame_names"] = sorted(self.naming)
+        return out
+
+    @staticmethod
+    def _by_reference_index(found: tuple[str, ...], all_names: tuple[str, ...]) -> dict | None:
+        """{GT stem: file} when every file is frame_<index>.png of an index of the clip."""
+        indices = {}
+        for name in found:
+            match = REFERENCE_NAME.fullmatch(Path(name).stem)
+            if match is None or int(match.group(1)) >= len(all_names):
+                return None
+            indices[Path(all_names[int(match.group(1))]).stem] = name
+        return indices if len(indices) == len(found) else None
 
     def _clip_dir(self, dataset: str, clip: str) -> Path:
         for folder in (self.path / dataset / clip, self.path / clip):
@@ -464,9 +484,15 @@ class FolderMethod:
             raise MethodError(f"{self.name}: {dataset} clip {clip!r}: {err}") from err
         by_stem = {Path(n).stem: n for n in found}
         wanted = [Path(n).stem for n in all_names]
+        naming = "the clip's frame names"
+        if found and not set(by_stem) & set(wanted):
+            indexed = self._by_reference_index(found, all_names)
+            if indexed is not None:
+                by_stem, naming = indexed, "frame_%04d.png by clip frame index (the reference's)"
         missing = [s for s in wanted if s not in by_stem]
         extra = sorted(set(by_stem) - set(wanted), key=natural_key)
         if missing == wanted[:1] and len(wanted) > 1 and not extra:  # first frame skipped
+            self.naming.add(naming)
             return [folder / by_stem[Path(n).stem] for n in names if Path(n).stem in by_stem]
         if missing or extra:
             raise MethodError(
@@ -476,6 +502,7 @@ class FolderMethod:
                 + (f"extra frame(s) {', '.join(extra[:5])}" if extra else "")
                 + f" ({len(found)} files for {len(all_names)} clip frames)"
             )
+        self.naming.add(naming)
         return [folder / by_stem[Path(n).stem] for n in names]
 
     def run(self, job: ClipJob) -> MethodOutput:
