@@ -1121,7 +1121,14 @@ def data_degrade(
     ],
     lq: Annotated[
         str | None,
-        typer.Option(help="The set's LQ folder where it has two (BIx4, BDx4): only to read it."),
+        typer.Option(
+            help="The LQ folder where the layout is read with one (the original SPMCS layout); "
+            "udm10, spmcs and vid4 sets with a GT/ folder are read from GT/ alone."
+        ),
+    ] = None,
+    gt_root: Annotated[
+        Path | None,
+        typer.Option(help="The GT of a folders or videos set (as the bench's gt_root)."),
     ] = None,
     seed: Annotated[
         int, typer.Option(help="The set's seed (each clip's: from it and its name).")
@@ -1157,6 +1164,7 @@ def data_degrade(
             root,
             out,
             lq=lq,
+            gt_root=gt_root,
             scale=scale,
             seed=seed,
             per_frame_noise=per_frame_noise,

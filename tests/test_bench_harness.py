@@ -497,6 +497,14 @@ def test_first_frame_skip_scores_only_frames_the_output_has(udm, tmp_path):
         assert agg.loc[("ref", metric), "left_out"] == agg.loc[("ref", metric), "noted"] == 0
     from dloral.report import build, sources
 
+    # a run written by older code (no left_out, means over each method's own frames): the
+    # report takes the means from the table as this code does
+    old = agg.reset_index().drop(columns=["left_out", "clips_left_out"])
+    old.loc[old["method"] == "bicubic", "value"] += 1.0
+    old.to_csv(out / "aggregate.csv", index=False)
+    loaded = sources.load_bench(out).aggregate.set_index(["method", "metric"])
+    assert loaded.loc[("bicubic", "psnr"), "value"] == agg.loc[("bicubic", "psnr"), "value"]
+    assert loaded.loc[("bicubic", "psnr"), "scale"] == agg.loc[("bicubic", "psnr"), "scale"]
     made = build.build_report(tmp_path / "report", [sources.load_bench(out)])
     text = made.markdown.read_text()
     assert "averaged over the frames (pairs) all methods have on a clip" in text

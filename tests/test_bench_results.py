@@ -85,3 +85,21 @@ def test_methods_are_averaged_over_the_frames_they_all_have():
     # DOVER on clip a covers frames 0-2 for one method, 1-2 for the other: noted; b is not
     assert agg.loc[("all", "dover"), "noted"] == agg.loc[("skip", "dover"), "noted"] == 1
     assert agg.loc[("all", "dover"), "value"] == pytest.approx(0.6)  # still shown
+
+
+def test_a_nan_is_no_value_and_a_clip_one_method_lacks_is_no_ones():
+    """A NaN pair (no valid pixel under an empty="nan" protocol) leaves that pair out of every
+    method's mean; a clip where one method has no value of a metric (e.g. too few frames for
+    it) leaves that clip out of every method's mean of that metric."""
+    records = rows("ds", "x", "a", PSNR, [10.0, 20.0, 30.0], "cpu", "h1")
+    records += rows("ds", "y", "a", PSNR, [11.0, float("nan"), 31.0], "cpu", "h2")
+    records += rows("ds", "x", "b", PSNR, [40.0, 40.0], "cpu", "h3")
+    records += rows("ds", "x", "a", DOVER, [0.5], "cpu", "h1")
+    records += rows("ds", "y", "a", DOVER, [0.4], "cpu", "h2")
+    agg = aggregate(table(records)).set_index(["method", "metric"])
+    assert agg.loc[("x", "psnr"), "value"] == pytest.approx(20.0)  # frames 0, 2 of clip a
+    assert agg.loc[("y", "psnr"), "value"] == pytest.approx(21.0)
+    assert agg.loc[("x", "psnr"), "left_out"] == 1  # its frame 1 on clip a
+    assert agg.loc[("x", "psnr"), "clips"] == 1 and agg.loc[("x", "psnr"), "clips_left_out"] == 1
+    assert agg.loc[("y", "psnr"), "clips_left_out"] == 0
+    assert agg.loc[("x", "dover"), "clips"] == agg.loc[("y", "dover"), "clips"] == 1

@@ -3,6 +3,7 @@ degrade`): made with the training sampler's pipeline, one seeded draw per clip, 
 GT/ + LQ/ layout with a manifest, the same files from the same command. Real bikes frames."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from dloral.cli import app
 from dloral.data.degradation import VideoDegradation
 from dloral.data.frames import write_png
 from dloral.data.readers import read_dataset
-from dloral.data.synthetic import DegradeError, clip_seed, degrade_set
+from dloral.data.synthetic import DegradeError, clip_seed, degrade_set, frame_seed
 
 CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}
 
@@ -38,9 +39,16 @@ def test_each_clip_is_the_training_pipelines_draw_from_its_own_seed(gt_set, tmp_
     for clip, original in zip(made.clips, source.clips, strict=True):
         assert clip.names == original.names and clip.lq.size == (16, 16)
         gt = torch.stack([f for _, f in original.gt.frames()])
-        generator = torch.Generator().manual_seed(clip_seed(3, clip.name))
-        draw = pipeline.sample(generator)
-        expected = pipeline.apply(gt, draw, generator, per_frame_noise=True)
+        seed = clip_seed(3, clip.name)
+        draw = pipeline.sample(torch.Generator().manual_seed(seed))
+        expected = torch.cat(  # the clip's draw; each frame's noise from its own seed
+            [
+                pipeline.apply(
+                    frame[None], draw, torch.Generator().manual_seed(frame_seed(seed, t)), True
+                )
+                for t, frame in enumerate(gt)
+            ]
+        )
         lq = torch.stack([f for _, f in clip.lq.frames()])
         assert torch.equal((lq * 255).round(), (expected * 255).round())
         # the GT side is the source's own frames, through a link
@@ -131,3 +139,36 @@ def test_the_real_suite_scores_the_made_set(gt_set, tmp_path, monkeypatch):
         )
         psnr[name] = res.aggregate.query("metric == 'psnr'")["value"].item()
     assert psnr["udm10-real"] < psnr["udm10"] - 1, psnr
+
+
+def test_an_out_inside_or_around_the_source_is_refused_and_the_lq_folders_not_needed(
+    gt_set, tmp_path, bikes_path
+):
+    """--out equal to, above or inside the set would change or (with --force) delete its GT:
+    refused before anything is written. A peer layout is read from GT/ alone: one with both
+    BIx4/ and BDx4/ (UDM10 as published) or none needs no --lq."""
+    root = write_udm_set(tmp_path / "udm", bikes_path, {"clipA": CLIPS["clipA"]}, 2, blur=3)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for out in (root, root / "GT", root / "GT" / "real", tmp_path):
+        with pytest.raises(DegradeError, match="overlaps the source"):
+            degrade_set("udm10", root, out)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    (root / "BIx4").rename(root / "BDx4")
+    shutil.copytree(root / "BDx4", root / "BIx4")
+    both = degrade_set("udm10", root, tmp_path / "both")
+    shutil.rmtree(root / "BIx4"), shutil.rmtree(root / "BDx4")
+    assert degrade_set("udm10", root, tmp_path / "gt-only")["files"] == both["files"]
+
+
+def test_one_noise_sample_per_clip_repeats_on_every_frame(tmp_path, bikes_path):
+    """--no-per-frame-noise: the clip's seed for every frame's noise, so two identical GT
+    frames give identical LQ frames; with a sample per frame they differ."""
+    root = tmp_path / "still"
+    frame = read_clip(bikes_path, 1, (0, 0, 64, 64), (64, 64))[0]
+    for i in range(2):
+        write_png(frame, root / "clip" / f"{i:04d}.png")
+    for per_frame, same in ((False, True), (True, False)):
+        out = tmp_path / f"out-{per_frame}"
+        degrade_set("youhq", root, out, seed=5, per_frame_noise=per_frame)
+        a, b = (_png(out / "LQ" / "clip" / f"{i:04d}.png") for i in range(2))
+        assert torch.equal(a, b) is same

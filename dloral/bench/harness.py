@@ -230,7 +230,7 @@ def aggregate_table(df: pd.DataFrame, infos: dict[str, MetricInfo]) -> pd.DataFr
     if not len(df):
         return pd.DataFrame(
             columns=["dataset", "method", "metric", "higher_is_better", "implementation"]
-            + ["value", "clips", "noted", "kind", "level", "scale"]
+            + ["value", "clips", "noted", "left_out", "clips_left_out", "kind", "level", "scale"]
         )
     agg = results.aggregate(df)
     agg["kind"] = [infos[m].kind if m in infos else "" for m in agg["metric"]]

@@ -103,7 +103,9 @@ def shared_frames(df: pd.DataFrame) -> pd.DataFrame:
     if framed.any():
         keys = ["dataset", "clip", "metric"]
         methods = df[framed].groupby(keys)["method"].transform("nunique")
-        having = df[framed].groupby([*keys, "frame"])["method"].transform("nunique")
+        # a NaN (e.g. a pair with no valid pixel under an empty="nan" protocol) is no value
+        present = df[framed].assign(method=df["method"].where(df["value"].notna()))
+        having = present.groupby([*keys, "frame"])["method"].transform("nunique")
         df.loc[framed, "left_out"] = (having < methods).astype(int)
         frames = df[framed & (df["level"] == "frame")]
         covered = frames.groupby(["dataset", "clip", "method"])["frame"].agg(
@@ -133,14 +135,25 @@ def per_clip(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """dataset x method x metric: mean over clips of per-clip means, with clip count, the
-    number of values with a note (`noted`: a report shows such a mean but does not rank it)
-    and of values left out because not every method has them (`left_out`)."""
+    """dataset x method x metric: mean over clips of per-clip means, over the clips every
+    method has a value of that metric for (a metric one method could not score on a clip, e.g.
+    too few frames, takes that clip out of every method's mean: `clips_left_out`), with clip
+    count, the number of values with a note (`noted`: a report shows such a mean but does not
+    rank it) and of values left out because not every method has them (`left_out`)."""
     clips = per_clip(df)
+    scored = clips["value"].notna()
+    methods = clips.groupby(["dataset", "metric"])["method"].transform("nunique")
+    having = clips.assign(method=clips["method"].where(scored))
+    having = having.groupby(["dataset", "metric", "clip"])["method"].transform("nunique")
+    shared = having == methods
+    clips = clips.assign(
+        clips_left_out=(~shared & scored).astype(int), value=clips["value"].where(shared)
+    )
     keys = ["dataset", "method", "metric", "higher_is_better", "implementation"]
     return clips.groupby(keys, as_index=False).agg(
         value=("value", "mean"),
-        clips=("clip", "count"),
+        clips=("value", "count"),
         noted=("noted", "sum"),
         left_out=("left_out", "sum"),
+        clips_left_out=("clips_left_out", "sum"),
     )

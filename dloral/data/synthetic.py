@@ -8,10 +8,14 @@ datasets/README.md). `degrade_set(kind, root, out)` does this for any GT set the
 
 - every clip's GT frames are degraded with dloral.data.degradation.VideoDegradation, the same
   pipeline (and, by default, the same config) the training sampler draws from: one parameter
-  draw per clip, the noise sample changing from frame to frame (`per_frame_noise`, as the
-  sampler; off: one noise sample for the clip);
-- each clip's seed is derived from the set's seed and the clip's name (sha256), so a clip's LQ
-  does not depend on which other clips the set holds;
+  draw per clip (blur kernels, resizes, noise kind and level, JPEG qualities), applied to one
+  frame at a time (memory does not grow with the clip), the noise sample changing from frame to
+  frame (`per_frame_noise`, as the sampler; off: the same sample for every frame);
+- each clip's seed is derived from the set's seed and the clip's name (sha256), and each frame's
+  noise seed from the clip's seed and the frame's index, so a clip's LQ does not depend on which
+  other clips the set holds;
+- a peer layout (udm10, spmcs, vid4) is read from its GT/ alone (whatever LQ folders it has);
+  an --out that is, holds or lies in the source is refused (it would change the GT);
 - out/LQ/<clip>/<GT frame stem>.png are the LQ frames, out/GT/<clip> a symbolic link to the GT
   clip's folder: DOVE's layout, read by the ``udm10`` kind with ``lq = "LQ"`` (the suites'
   `*-real` files); out/manifest.json records the source set, the pipeline's config, every clip's
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,51 @@ def clip_seed(seed: int, clip: str) -> int:
     """The seed of one clip: a function of the set's seed and the clip's name only."""
     digest = hashlib.sha256(f"{seed}:{clip}".encode()).hexdigest()
     return int(digest[:15], 16)
+
+
+def frame_seed(clip: int, index: int) -> int:
+    """The noise seed of frame `index` of a clip whose seed is `clip`."""
+    return int(hashlib.sha256(f"{clip}:{index}".encode()).hexdigest()[:15], 16)
+
+
+PEER_KINDS = ("udm10", "spmcs", "vid4")  # root/GT/<clip>/ beside root/<LQ>/<clip>/
+
+
+def _gt_set(kind: str, root: Path, lq: str | None, gt_root: str | Path | None):
+    """The source's clips with their GT: a peer layout's GT/ alone (its LQ folders are not
+    needed, whichever it has), else the set as read_dataset reads it."""
+    from dloral.data.readers import DatasetError, read_dataset
+
+    try:
+        if kind in PEER_KINDS and (root / "GT").is_dir() and gt_root is None:
+            return read_dataset("youhq", root / "GT")  # GT/<clip>/ frames, nothing else read
+        return read_dataset(kind, root, lq=lq, gt_root=gt_root)
+    except DatasetError as err:
+        raise DegradeError(str(err)) from err
+
+
+def _check_apart(out: Path, sources: list[Path]) -> None:
+    """Refuse an --out that is, holds or lies inside a source folder: writing it (or replacing
+    it with --force) would change or delete the GT."""
+    target = out.resolve()
+    for source in sources:
+        if target == source or target in source.parents or source in target.parents:
+            raise DegradeError(
+                f"--out {out} overlaps the source {source}: writing there would change or "
+                f"delete the GT; choose a folder outside the set"
+            )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("dloral", "torch", "torchvision", "pillow", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def degrade_set(
@@ -63,61 +112,67 @@ def degrade_set(
     from dloral.atomic import atomic_folder, atomic_write_json
     from dloral.data.degradation import DegradationConfig, VideoDegradation
     from dloral.data.frames import write_png
-    from dloral.data.readers import DatasetError, read_dataset
-    from dloral.provenance import git_state, versions
+    from dloral.provenance import git_state
     from dloral.weights import sha256
 
-    out = Path(out)
-    try:
-        dataset = read_dataset(kind, root, lq=lq, gt_root=gt_root)
-    except DatasetError as err:
-        raise DegradeError(str(err)) from err
+    out, root = Path(out), Path(root)
+    dataset = _gt_set(kind, root, lq, gt_root)
     clips = [c for c in dataset.clips if c.gt is not None]
     if not clips:
         raise DegradeError(f"{kind} at {root}: no clip has GT frames to degrade")
+    sources = [root.resolve()] + ([Path(gt_root).resolve()] if gt_root else [])
+    _check_apart(out, sources + [c.gt.path.resolve() for c in clips])
+    for clip in clips:
+        gt = clip.gt
+        if "/" in clip.name or "\\" in clip.name:
+            raise DegradeError(
+                f"{kind} clip {clip.name!r}: a nested clip name; the degraded set holds "
+                f"LQ/<clip>/ folders one level deep (degrade each category's folder on its own)"
+            )
+        if not gt.path.is_dir():
+            raise DegradeError(
+                f"{kind} clip {clip.name!r}: its GT {gt.path} is not a folder of frames (a video "
+                f"or a still image); degrade reads GT frame folders (decode a video to PNG first)"
+            )
+        height, width = gt.size
+        if height % scale or width % scale:
+            raise DegradeError(
+                f"{kind} clip {clip.name!r}: GT frames {width}x{height} are not a multiple of "
+                f"the scale {scale}; the LQ grid would not align with the GT"
+            )
     cfg = DegradationConfig.from_toml(config) if config else DegradationConfig.from_toml()
+    cfg = replace(cfg, scale=scale)
     pipeline = VideoDegradation(cfg, scale=scale)
     records = []
     with atomic_folder(out) as tmp, torch.no_grad():
         files: dict[str, str] = {}
         for clip in clips:
             gt = clip.gt
-            if gt.is_video:
-                raise DegradeError(
-                    f"{kind} clip {clip.name!r}: its GT is a video ({gt.path}); degrade reads GT "
-                    f"frame folders (decode the video to PNG frames first)"
-                )
-            height, width = gt.size
-            if height % scale or width % scale:
-                raise DegradeError(
-                    f"{kind} clip {clip.name!r}: GT frames {width}x{height} are not a multiple of "
-                    f"the scale {scale}; the LQ grid would not align with the GT"
-                )
-            frames = torch.stack([frame for _, frame in gt.frames()])
             seed_ = clip_seed(seed, clip.name)
-            generator = torch.Generator().manual_seed(seed_)
-            draw = pipeline.sample(generator)
-            degraded = pipeline.apply(frames, draw, generator, per_frame_noise)
-            del frames
+            draw = pipeline.sample(torch.Generator().manual_seed(seed_))
             folder = tmp / "LQ" / clip.name
-            for name, frame in zip(gt.names, degraded, strict=True):
+            digest = hashlib.sha256()
+            # one frame at a time (memory flat in the clip's length): the clip's draw, and the
+            # frame's noise from its own seed (one seed for every frame: one noise sample)
+            for index, (name, frame) in enumerate(gt.frames()):
+                noise = frame_seed(seed_, index) if per_frame_noise else seed_
+                generator = torch.Generator().manual_seed(noise)
+                lq_frame = pipeline.apply(frame[None], draw, generator, per_frame_noise=True)[0]
                 path = folder / f"{Path(name).stem}.png"
-                write_png(frame, path)
+                write_png(lq_frame, path)
                 files[path.relative_to(tmp).as_posix()] = sha256(path)
+                digest.update(f"{name}:{sha256(gt.path / name)}\n".encode())
             link = tmp / "GT" / clip.name
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(gt.path.resolve(), target_is_directory=True)
-            gt_digest = hashlib.sha256()
-            for path in sorted(p for p in gt.path.iterdir() if p.is_file()):
-                gt_digest.update(f"{path.name}:{sha256(path)}\n".encode())
             records.append(
                 {
                     "name": clip.name,
                     "frames": len(gt.names),
                     "gt": str(gt.path.resolve()),
                     "gt_size": [height, width],
-                    "lq_size": list(degraded.shape[-2:]),
-                    "gt_sha256": gt_digest.hexdigest(),
+                    "lq_size": list(lq_frame.shape[-2:]),
+                    "gt_sha256": digest.hexdigest(),
                     "seed": seed_,
                     "draw": draw.describe(),
                 }
@@ -129,14 +184,24 @@ def degrade_set(
             "layout": 'udm10 kind, lq = "LQ" (GT/ + LQ/, DOVE\'s release layout)',
             "source": {
                 "kind": kind,
-                "root": str(Path(root).resolve()),
+                "root": str(root.resolve()),
                 "lq": lq,
                 "gt_root": str(gt_root) if gt_root else None,
             },
             "scale": scale,
             "seed": seed,
-            "clip_seed": "int(sha256(f'{seed}:{clip name}')[:15], 16)",
+            "clip_seed": "int(sha256(f'{seed}:{clip name}')[:15], 16): the clip's draw",
+            "noise": (
+                "each frame on its own, the clip's draw; noise from "
+                + (
+                    "int(sha256(f'{clip seed}:{frame index}')[:15], 16) (a new sample per frame)"
+                    if per_frame_noise
+                    else "the clip's seed for every frame (one noise sample for the clip)"
+                )
+            ),
             "per_frame_noise": per_frame_noise,
+            "gt_sha256": "sha256 of the lines '<frame file>:<its sha256>', in frame order",
+            "gt_links": "GT/<clip> links to the absolute GT folder recorded as `gt`",
             "degradation": {
                 "pipeline": "dloral.data.degradation.VideoDegradation (Real-ESRGAN second order, "
                 "one draw per clip)",
@@ -145,7 +210,7 @@ def degrade_set(
             },
             "clips": records,
             "files": files,
-            "versions": {k: v for k, v in versions().items() if k in ("dloral", "torch", "numpy")},
+            "versions": _versions(),
             **git_state(),
         }
         atomic_write_json(tmp / MANIFEST, manifest)

@@ -363,8 +363,14 @@ def bench_section(
         if "left_out" in sub and (sub["left_out"].fillna(0) > 0).any():
             cap += (
                 " Every method is averaged over the frames (pairs) all methods have on a clip: "
-                f"{int(sub['left_out'].sum())} values left out where a method lacks a clip's "
-                "first frame (first_frame skip, as the reference's test script)."
+                f"{int(sub['left_out'].sum())} values left out where another method has none "
+                "(e.g. a method without a clip's first frame: first_frame skip, as the "
+                "reference's test script)."
+            )
+        if "clips_left_out" in sub and (sub["clips_left_out"].fillna(0) > 0).any():
+            cap += (
+                " A metric is averaged over the clips every method has it for: "
+                f"{int(sub['clips_left_out'].sum())} per-clip values left out."
             )
         if "noted" in sub and (sub["noted"].fillna(0) > 0).any():
             mine = df[df["dataset"] == dataset]

@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from dloral.bench import results
 from dloral.bench.registry import DEFAULT_PROTOCOL
 from dloral.bench.visuals import read_index
 from dloral.trials import METRICS, SUMMARY_FILE, SWEEP_FILE, SweepSpec, SweepSummary
@@ -32,6 +33,16 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # best-arm evaluation, plus its seconds per frame
 SWEEP_DIRECTIONS = {k.rsplit("/", 1)[-1]: mode == "max" for k, mode in METRICS.items()}
 SWEEP_DIRECTIONS["s_per_frame"] = False
+# what dloral.bench.results.aggregate computes from the table (the rest of aggregate.csv is kept)
+_RECOMPUTED = {
+    "higher_is_better",
+    "implementation",
+    "value",
+    "clips",
+    "noted",
+    "left_out",
+    "clips_left_out",
+}
 
 
 class ReportError(ValueError):
@@ -141,6 +152,11 @@ def read_bench(folder: Path, origin: str) -> BenchRun:
     table, agg = _protocols_named(table), _protocols_named(agg)
     if "note" not in table.columns:
         table["note"] = ""
+    if len(table) and {"level", "kind"} <= set(table.columns):
+        # the means as this code takes them (a run's aggregate.csv may come from older code)
+        keys = ["dataset", "method", "metric"]
+        kept = [c for c in agg.columns if c in keys or c not in _RECOMPUTED]
+        agg = results.aggregate(table).merge(agg[kept], on=keys, how="left")
     if "noted" not in agg.columns:
         agg["noted"] = 0
     name = (run.get("suite") or {}).get("name") or folder.name
