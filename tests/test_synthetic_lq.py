@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from dloral.cli import app
 from dloral.data.degradation import VideoDegradation
 from dloral.data.frames import write_png
-from dloral.data.readers import read_dataset
+from dloral.data.readers import DatasetError, read_dataset
 from dloral.data.synthetic import DegradeError, clip_seed, degrade_set, frame_seed
 
 CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}
@@ -139,6 +139,23 @@ def test_the_real_suite_scores_the_made_set(gt_set, tmp_path, monkeypatch):
         )
         psnr[name] = res.aggregate.query("metric == 'psnr'")["value"].item()
     assert psnr["udm10-real"] < psnr["udm10"] - 1, psnr
+    # run.json names the degraded set it scored, its LQ checked against the manifest
+    facts = json.loads((tmp_path / "udm10-real" / "run.json").read_text())["datasets"]
+    assert facts["udm10-real"]["lq_verified"] is True and facts["udm10-real"]["seed"] == 0
+    assert facts["udm10-real"]["degraded_set"] == str(tmp_path / "real" / "manifest.json")
+    classic = json.loads((tmp_path / "udm10" / "run.json").read_text())["datasets"]["udm10"]
+    assert "degraded_set" not in classic
+    # an LQ frame changed since: the manifest no longer describes what would be scored
+    changed = tmp_path / "real" / "LQ" / "clipB" / "0001.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(changed)
+    with pytest.raises(DatasetError, match=r"1 LQ file\(s\) differ.*LQ/clipB/0001.png"):
+        harness.run_bench(
+            load_suite("udm10-real", methods=["bicubic"]),
+            metrics=["psnr"],
+            out_dir=tmp_path / "again",
+            tracking=False,
+            visuals=False,
+        )
 
 
 def test_an_out_inside_or_around_the_source_is_refused_and_the_lq_folders_not_needed(

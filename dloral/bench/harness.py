@@ -57,7 +57,9 @@ from dloral.bench.registry import ScoredMetric
 from dloral.bench.suite import Suite, check_methods, check_metrics
 from dloral.bench.visuals import VisualRecorder
 from dloral.data.frames import quantized
-from dloral.data.readers import Clip, Dataset, read_dataset
+from dloral.data.readers import Clip, Dataset, DatasetError, read_dataset
+from dloral.data.synthetic import DegradeError
+from dloral.data.synthetic import read_manifest as read_degraded_manifest
 from dloral.devices import resolve_device
 from dloral.tracking import end_run, experiment_id, log_metrics, log_params, mlflow_client
 
@@ -170,6 +172,11 @@ def _open_datasets(suite: Suite) -> list[tuple]:
         ds: Dataset = read_dataset(spec.kind, root, lq=spec.lq)
         clips = ds.clips[: spec.clips] if spec.clips else ds.clips
         manifest = _embedded_manifest(spec.embedded, root) if spec.embedded else {}
+        if not spec.embedded and spec.lq == "LQ":  # a set `dloral-exp data degrade` made?
+            try:
+                manifest = read_degraded_manifest(root) or {}
+            except DegradeError as err:
+                raise DatasetError(f"dataset {spec.name}: {err}") from err
         out.append((spec, ds, clips, manifest))
     return out
 

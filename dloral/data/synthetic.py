@@ -215,3 +215,42 @@ def degrade_set(
         }
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def read_manifest(root: str | Path) -> dict[str, Any] | None:
+    """What a benchmark records of a degraded set at `root` (its manifest's path, sha256, seed,
+    source and noise), after checking every LQ file against the manifest's sha256; None where
+    `root` holds no degraded set's manifest. A file that differs is a DegradeError naming it:
+    the manifest would describe other frames than those scored."""
+    from dloral.weights import sha256
+
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    try:
+        manifest = json.loads(data)
+    except ValueError as err:
+        raise DegradeError(f"{path}: not a JSON manifest ({err})") from err
+    if manifest.get("format") != FORMAT:
+        return None
+    differ = [
+        rel
+        for rel, digest in manifest.get("files", {}).items()
+        if not (Path(root) / rel).is_file() or sha256(Path(root) / rel) != digest
+    ]
+    if differ:
+        raise DegradeError(
+            f"{root}: {len(differ)} LQ file(s) differ from {path} (e.g. {', '.join(differ[:3])}); "
+            f"the manifest no longer describes these frames: make the set again with "
+            f"`dloral-exp data degrade ... --force`"
+        )
+    return {
+        "degraded_set": str(path),
+        "manifest_sha256": hashlib.sha256(data).hexdigest(),
+        "files": len(manifest.get("files", {})),
+        "lq_verified": True,
+        "seed": manifest.get("seed"),
+        "per_frame_noise": manifest.get("per_frame_noise"),
+        "source": manifest.get("source"),
+    }
