@@ -1173,6 +1173,8 @@ def data_degrade(
         )
     except DegradeError as err:
         _fail(str(err))
+    except OSError as err:  # writing frames, the temporary folder, the GT links
+        _fail(f"{out}: could not write the set ({err}); nothing was kept")
     except KeyboardInterrupt:
         _stopped(f"nothing was written to {out}; run the same command again")
     console.print(

@@ -29,6 +29,7 @@ def test_the_table_lists_every_suite_metric_in_order():
     assert list(METRICS) == [
         *("psnr", "ssim", "psnr_y", "ssim_y"),
         *("lpips", "lpips_vgg", "dists", "musiq", "clipiqa", "maniqa", "niqe", "piqe"),
+        *("psnr_y_pyiqa", "ssim_y_pyiqa"),
         *("dover@overall", "dover@technical", "dover@aesthetic"),
         *("ewarp@lai2018", "ewarp@evalcrafter", "ewarp@dloral-inframe"),
         *("tof@tecogan", "tof@dloral", "tlp@tecogan", "tlp@dloral"),

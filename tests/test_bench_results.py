@@ -103,3 +103,14 @@ def test_a_nan_is_no_value_and_a_clip_one_method_lacks_is_no_ones():
     assert agg.loc[("x", "psnr"), "clips"] == 1 and agg.loc[("x", "psnr"), "clips_left_out"] == 1
     assert agg.loc[("y", "psnr"), "clips_left_out"] == 0
     assert agg.loc[("x", "dover"), "clips"] == agg.loc[("y", "dover"), "clips"] == 1
+
+
+def test_a_clip_level_value_is_noted_when_only_pair_values_tell_the_frames_differ():
+    EWARP = MetricInfo("ewarp", False, "temporal", "pair", "test")
+    records = rows("ds", "all", "a", EWARP, [1.0, 2.0, 3.0], "cpu", "h1")
+    records += rows("ds", "skip", "a", EWARP, [2.5, 3.5], "cpu", "h2", first=1)
+    records += rows("ds", "all", "a", DOVER, [0.7], "cpu", "h1")
+    records += rows("ds", "skip", "a", DOVER, [0.6], "cpu", "h2")
+    agg = aggregate(table(records)).set_index(["method", "metric"])
+    assert agg.loc[("all", "dover"), "noted"] == agg.loc[("skip", "dover"), "noted"] == 1
+    assert agg.loc[("all", "ewarp"), "value"] == pytest.approx(2.5)  # pairs 1, 2 only

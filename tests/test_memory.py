@@ -328,10 +328,23 @@ def test_auto_puts_the_vae_tiles_on_the_host_only_where_the_device_cannot_hold_t
     assert wait("auto", 1.0) == "device" and wait("host", 1.0) == "host"
     monkeypatch.delenv(memory.SKIP_ENV)
     # asked to keep them on the device and too large: the guard offers the host first
-    monkeypatch.setattr(memory, "available", lambda d: ((host.bytes + device) / 2, "test"))
+    monkeypatch.setattr(
+        memory,
+        "available",
+        lambda d: (1e15, "host") if d.type == "cpu" else ((host.bytes + device) / 2, "gpu"),
+    )
     flags = {"vae_tiles_wait": "--vae-tiles-wait {}", **CLI_FLAGS}
     with pytest.raises(InsufficientMemory, match="Use --vae-tiles-wait host "):
         check_fits(size, settings, device=cuda, frame_size=(540, 960), flags=flags, **kw)
+    # ... but not where the host has no room for the waiting tiles either
+    monkeypatch.setattr(
+        memory,
+        "available",
+        lambda d: (host.bytes / 8, "host") if d.type == "cpu" else ((host.bytes + device) / 2, "g"),
+    )
+    with pytest.raises(InsufficientMemory) as refused:
+        check_fits(size, settings, device=cuda, frame_size=(540, 960), flags=flags, **kw)
+    assert "--vae-tiles-wait" not in str(refused.value)
 
 
 def test_the_upscalers_vae_tiles_wait_where_the_check_chose(monkeypatch):
@@ -358,3 +371,17 @@ def test_the_upscalers_vae_tiles_wait_where_the_check_chose(monkeypatch):
     host_room[0] = 4 * GIB
     with pytest.raises(InsufficientMemory, match="not enough host memory for the VAE's tiles"):
         check_upscaler(upscaler, (540, 960), 1, {})
+
+
+def test_the_bench_says_which_clips_tiles_waited_on_the_host(bikes_lq, monkeypatch):
+    """Recorded in the method's description (run.json), never in the outputs' key (where the
+    tiles wait changes no frame) nor in the latency rows' implementation."""
+    method = DLoRALMethod("dloral-tiny", "tiny", device="cpu", process_size=0, batch_size=4)
+    names = tuple(f"{i:04d}" for i in range(2))
+    job = ClipJob("set", "bikes", names, names, bikes_lq[:2], 4, None)
+    before = method.output_facts(job)
+    monkeypatch.setattr(memory, "where_vae_tiles_wait", lambda *a, **k: "host")
+    out = method.run(job)
+    assert method.describe()["vae_tiles_waited_on_host"] == ["set/bikes"]
+    assert method.output_facts(job) == before
+    assert "host" not in out.memory_kind

@@ -189,3 +189,18 @@ def test_one_noise_sample_per_clip_repeats_on_every_frame(tmp_path, bikes_path):
         degrade_set("youhq", root, out, seed=5, per_frame_noise=per_frame)
         a, b = (_png(out / "LQ" / "clip" / f"{i:04d}.png") for i in range(2))
         assert torch.equal(a, b) is same
+
+
+def test_each_clip_records_its_own_size_and_bad_settings_are_named(tmp_path, bikes_path):
+    root = tmp_path / "sizes"
+    for clip, size in (("big", (64, 64)), ("small", (32, 48))):
+        for i, frame in enumerate(read_clip(bikes_path, 2, (0, 0, 64, 64), size)):
+            write_png(frame, root / clip / f"{i:04d}.png")
+    manifest = degrade_set("youhq", root, tmp_path / "out")
+    sizes = {c["name"]: (c["gt_size"], c["lq_size"]) for c in manifest["clips"]}
+    assert sizes == {"big": ([64, 64], [16, 16]), "small": ([32, 48], [8, 12])}
+    runner = CliRunner()
+    command = ["data", "degrade", "youhq", str(root), "--out", str(tmp_path / "x")]
+    done = runner.invoke(app, [*command, "--config", str(tmp_path / "absent.toml")])
+    assert done.exit_code == 2 and "--config" in done.output and "absent.toml" in done.output
+    assert not (tmp_path / "x").exists()

@@ -507,6 +507,9 @@ def run_bench(
                     run_info["frames_scored"].setdefault(runner.name, {})[
                         f"{spec.name}/{clip.name}"
                     ] = {"first": covered[0], "last": covered[-1], "frames": len(covered)}
+                    # what a run learns about a method as it goes (DLoRAL: the clips whose VAE
+                    # tiles waited in host memory)
+                    run_info["methods"][runner.name] = runner.describe()
                     clip_rows += rows
                     computed += n_new
                     cached += n_cached

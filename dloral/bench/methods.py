@@ -115,10 +115,6 @@ class _Timed:
         """Bytes of this method's own model tensors on its device (0: it has no model)."""
         return 0
 
-    def memory_note(self, scale: int) -> str:
-        """What the peak memory of the last timed passes at `scale` needs said beside it."""
-        return ""
-
     def run(self, job: ClipJob) -> MethodOutput:
         names, lq, scale = job.names, job.lq, job.scale
         if lq is None:
@@ -142,7 +138,7 @@ class _Timed:
         peak = None
         if memory.peak_bytes is not None:
             peak = (memory.peak_bytes + self.resident_bytes()) / 2**30
-        kind = f"this method's model tensors + {memory.kind}{self.memory_note(scale)}"
+        kind = f"this method's model tensors + {memory.kind}"
         return self._output(job, out, seconds, peak, kind)
 
     def _output(self, job, out, seconds, peak, kind) -> MethodOutput:
@@ -251,6 +247,7 @@ class DLoRALMethod(_Timed):
         self.seed, self.process_size, self.batch_size = seed, process_size, batch_size
         self._model = None
         self._upscalers: dict[int, object] = {}
+        self._waited_on_host: list[str] = []  # "dataset/clip" where its VAE tiles waited there
         self._checkpoint: Path | None = None  # the checkpoint loaded (an mlflow: one downloaded)
         self._checkpoint_sha256: str | None = None
 
@@ -337,11 +334,12 @@ class DLoRALMethod(_Timed):
     def resident_bytes(self) -> int:
         return tensor_bytes(self._model, self.device)
 
-    def memory_note(self, scale: int) -> str:
-        tiles = self._upscaler(scale).vae_tiles
+    def run(self, job: ClipJob) -> MethodOutput:
+        output = super().run(job)
+        tiles = self._upscaler(job.scale).vae_tiles
         if tiles is not None and tiles.wait_on == "host":  # chosen for this clip's frame size
-            return "; the VAE's tiles waited in host memory (vae_tiles_wait auto)"
-        return ""
+            self._waited_on_host.append(f"{job.dataset}/{job.clip}")
+        return output
 
     def describe(self) -> dict:
         from dloral.model.vae_tiles import VAETiles
@@ -368,9 +366,14 @@ class DLoRALMethod(_Timed):
                 "previous": self.previous,
                 "vae_tiling": VAETiles().describe(),
                 # where its tiles wait: the device, or the host where a clip would not fit
-                # (the same frames; the latency's memory kind says when it was the host)
+                # (the same frames; the clips where it was the host are listed below)
                 "vae_tiles_wait": "auto",
             },
+            **(
+                {"vae_tiles_waited_on_host": list(self._waited_on_host)}
+                if self._waited_on_host
+                else {}
+            ),
         }
 
     def output_facts(self, job: ClipJob) -> dict:
@@ -379,8 +382,11 @@ class DLoRALMethod(_Timed):
         the pipeline's code and the packages it runs on, the LQ frames, the scale and the
         frames' names."""
         facts = {
-            k: v for k, v in self.describe().items() if k not in ("untrained", "checkpoint")
-        }  # the checkpoint by its sha256 below, not by where it lies
+            k: v
+            for k, v in self.describe().items()
+            if k not in ("untrained", "checkpoint", "vae_tiles_waited_on_host")
+        }  # the checkpoint by its sha256 below, not by where it lies; where tiles waited
+        # changes no frame
         if self._checkpoint is not None and self._checkpoint_sha256 is None:
             from dloral.model.checkpoint import weights_sha256
 

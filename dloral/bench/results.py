@@ -91,12 +91,13 @@ def _noted(df: pd.DataFrame) -> pd.Series:
 
 
 def shared_frames(df: pd.DataFrame) -> pd.DataFrame:
-    """`df` with `left_out` (1: a frame or pair value not every method scored on that clip has,
+    """`df` with `left_out` (1: a frame or pair value that not every method has on that clip,
     left out of the means) and `unaligned` (1: a clip-level value of a clip whose methods scored
-    different frames, told by their frame values). A method without frame 0 (DLoRAL with
-    first_frame "skip", as the reference's test script; the reference's outputs) so takes frame 0
-    and the pair (0, 1) out of every method's mean on that clip: each is averaged over the same
-    frames. Latency rows are not frames of a comparison and are left as they are."""
+    different frames, told by their frame values, else their pair values). A method without
+    frame 0 (DLoRAL with first_frame "skip", as the reference's test script; the reference's
+    outputs) so takes frame 0 and the pair (0, 1) out of every method's mean on that clip: each
+    is averaged over the same frames. Latency rows are not frames of a comparison and are left
+    as they are."""
     df = df.assign(left_out=0, unaligned=0)
     scored = df["kind"] != "latency"
     framed = scored & df["level"].isin(["frame", "pair"])
@@ -107,9 +108,20 @@ def shared_frames(df: pd.DataFrame) -> pd.DataFrame:
         present = df[framed].assign(method=df["method"].where(df["value"].notna()))
         having = present.groupby([*keys, "frame"])["method"].transform("nunique")
         df.loc[framed, "left_out"] = (having < methods).astype(int)
+        # the frames each method scored on a clip: its frame values', else its pair values'
         frames = df[framed & (df["level"] == "frame")]
-        covered = frames.groupby(["dataset", "clip", "method"])["frame"].agg(
-            lambda f: tuple(sorted(set(f)))
+        with_frames = set(zip(frames["dataset"], frames["clip"], strict=True))
+        pairs = df[framed & (df["level"] == "pair")]
+        pairs = pairs[
+            [
+                (d, c) not in with_frames
+                for d, c in zip(pairs["dataset"], pairs["clip"], strict=True)
+            ]
+        ]
+        covered = (
+            pd.concat([frames, pairs])
+            .groupby(["dataset", "clip", "method"])["frame"]
+            .agg(lambda f: tuple(sorted(set(f))))
         )
         differ = covered.groupby(["dataset", "clip"]).nunique()
         differ = {key for key, n in differ.items() if n > 1}

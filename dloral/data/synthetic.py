@@ -60,9 +60,12 @@ def _gt_set(kind: str, root: Path, lq: str | None, gt_root: str | Path | None):
     needed, whichever it has), else the set as read_dataset reads it."""
     from dloral.data.readers import DatasetError, read_dataset
 
+    if kind in PEER_KINDS and (root / "GT").is_dir() and gt_root is None:
+        try:  # GT/<clip>/ frames (read as the youhq kind reads a folder), nothing else read
+            return read_dataset("youhq", root / "GT")
+        except DatasetError as err:
+            raise DegradeError(f"{kind} GT {root / 'GT'}: {err}") from err
     try:
-        if kind in PEER_KINDS and (root / "GT").is_dir() and gt_root is None:
-            return read_dataset("youhq", root / "GT")  # GT/<clip>/ frames, nothing else read
         return read_dataset(kind, root, lq=lq, gt_root=gt_root)
     except DatasetError as err:
         raise DegradeError(str(err)) from err
@@ -117,6 +120,7 @@ def degrade_set(
 
     out, root = Path(out), Path(root)
     dataset = _gt_set(kind, root, lq, gt_root)
+    from_gt = kind in PEER_KINDS and (root / "GT").is_dir() and gt_root is None
     clips = [c for c in dataset.clips if c.gt is not None]
     if not clips:
         raise DegradeError(f"{kind} at {root}: no clip has GT frames to degrade")
@@ -140,8 +144,11 @@ def degrade_set(
                 f"{kind} clip {clip.name!r}: GT frames {width}x{height} are not a multiple of "
                 f"the scale {scale}; the LQ grid would not align with the GT"
             )
-    cfg = DegradationConfig.from_toml(config) if config else DegradationConfig.from_toml()
-    cfg = replace(cfg, scale=scale)
+    try:
+        cfg = DegradationConfig.from_toml(config) if config else DegradationConfig.from_toml()
+        cfg = replace(cfg, scale=scale)
+    except (OSError, ValueError, KeyError) as err:
+        raise DegradeError(f"--config {config}: {err}") from err
     pipeline = VideoDegradation(cfg, scale=scale)
     records = []
     with atomic_folder(out) as tmp, torch.no_grad():
@@ -149,6 +156,7 @@ def degrade_set(
         for clip in clips:
             gt = clip.gt
             seed_ = clip_seed(seed, clip.name)
+            height, width = gt.size
             draw = pipeline.sample(torch.Generator().manual_seed(seed_))
             folder = tmp / "LQ" / clip.name
             digest = hashlib.sha256()
@@ -185,7 +193,8 @@ def degrade_set(
             "source": {
                 "kind": kind,
                 "root": str(root.resolve()),
-                "lq": lq,
+                "read": "GT/ alone" if from_gt else "as the kind's reader reads it",
+                "lq": None if from_gt else lq,
                 "gt_root": str(gt_root) if gt_root else None,
             },
             "scale": scale,

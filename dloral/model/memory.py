@@ -315,6 +315,7 @@ def _fitting(size, settings, profile, dtype, device_type, free, flags):
         and settings.tile is None
         and settings.vae_tiles_wait == "device"
         and device_type != "cpu"
+        and not host_lacks_room(size, settings, profile, dtype, device_type)
     ):
         candidates.append(({"vae_tiles_wait": "host"}, replace(settings, vae_tiles_wait="host")))
     if "tile_batch" in flags and settings.tile_batch > 1:  # one tile per call
@@ -398,28 +399,42 @@ def where_vae_tiles_wait(
     if room is None or on_device.bytes <= room[0]:
         return "device"
     parked = estimate(size, replace(settings, vae_tiles_wait="host"), profile, dtype, device.type)
-    host = available(torch.device("cpu"))
-    if parked.bytes >= on_device.bytes or (host is not None and host[0] < on_device.parts["vae"]):
+    if parked.bytes >= on_device.bytes or host_lacks_room(
+        size, settings, profile, dtype, device.type
+    ):
         return "device"
     return "host"
+
+
+def host_lacks_room(
+    size: tuple[int, int], settings: Settings, profile: str, dtype: torch.dtype, device_type: str
+) -> tuple[float, float, str] | None:
+    """(bytes the waiting tiles may take on the host, bytes available there, where that number
+    comes from) when the host has no room for the reference's VAE tiles, else None: at most what
+    they would take on the device (the estimate's VAE part with them there; a waiting tile holds
+    its activation and a residual)."""
+    on_device = estimate(
+        size, replace(settings, vae_tiles_wait="device"), profile, dtype, device_type
+    )
+    room = available(torch.device("cpu"))
+    if room is not None and on_device.parts["vae"] > room[0]:
+        return on_device.parts["vae"], room[0], room[1]
+    return None
 
 
 def check_host_room(
     size: tuple[int, int], settings: Settings, profile: str, dtype: torch.dtype, device_type: str
 ) -> None:
     """Refuse (InsufficientMemory) when the reference's VAE tiles are to wait on the host and
-    the host has no room for them: at most what they would take on the device (the estimate's
-    VAE part with them there; a waiting tile holds its activation and a residual)."""
+    the host has no room for them (host_lacks_room)."""
     if os.environ.get(SKIP_ENV, "").lower() == "off":
         return
-    on_device = estimate(
-        size, replace(settings, vae_tiles_wait="device"), profile, dtype, device_type
-    )
-    room = available(torch.device("cpu"))
-    if room is not None and on_device.parts["vae"] > room[0]:
+    lacking = host_lacks_room(size, settings, profile, dtype, device_type)
+    if lacking is not None:
+        need, room, source = lacking
         raise InsufficientMemory(
             f"not enough host memory for the VAE's tiles waiting there (--vae-tiles-wait host): "
-            f"up to {gib(on_device.parts['vae'])} per batch, and {gib(room[0])} is available "
-            f"({room[1]}). Use a smaller --batch-size, --vae-tiles-wait device on a larger GPU, "
-            f"or smaller frames; {SKIP_ENV}=off skips this check."
+            f"up to {gib(need)} per batch, and {gib(room)} is available ({source}). Use a "
+            f"smaller --batch-size, --vae-tiles-wait device on a larger GPU, or smaller frames; "
+            f"{SKIP_ENV}=off skips this check."
         )

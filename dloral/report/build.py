@@ -363,7 +363,7 @@ def bench_section(
         if "left_out" in sub and (sub["left_out"].fillna(0) > 0).any():
             cap += (
                 " Every method is averaged over the frames (pairs) all methods have on a clip: "
-                f"{int(sub['left_out'].sum())} values left out where another method has none "
+                f"{int(sub['left_out'].sum())} values left out where not every method has one "
                 "(e.g. a method without a clip's first frame: first_frame skip, as the "
                 "reference's test script)."
             )
