@@ -161,9 +161,9 @@ def degrade_set(
             folder = tmp / "LQ" / clip.name
             digest = hashlib.sha256()
             # one frame at a time (memory flat in the clip's length): the clip's draw, and the
-            # frame's noise from its own seed (one seed for every frame: one noise sample)
+            # frame's noise from its own seed (frame 0's for every frame: one noise sample)
             for index, (name, frame) in enumerate(gt.frames()):
-                noise = frame_seed(seed_, index) if per_frame_noise else seed_
+                noise = frame_seed(seed_, index if per_frame_noise else 0)
                 generator = torch.Generator().manual_seed(noise)
                 lq_frame = pipeline.apply(frame[None], draw, generator, per_frame_noise=True)[0]
                 path = folder / f"{Path(name).stem}.png"
@@ -205,7 +205,8 @@ def degrade_set(
                 + (
                     "int(sha256(f'{clip seed}:{frame index}')[:15], 16) (a new sample per frame)"
                     if per_frame_noise
-                    else "the clip's seed for every frame (one noise sample for the clip)"
+                    else "frame 0's seed, int(sha256(f'{clip seed}:0')[:15], 16), for every "
+                    "frame (one noise sample for the clip)"
                 )
             ),
             "per_frame_noise": per_frame_noise,
