@@ -372,7 +372,7 @@ def run(args) -> int:
         if (out / name).is_file()
     }
     environment = next((r["environment"] for r in records.values() if "environment" in r), None)
-    on_gpu = environment["device"].startswith("cuda") if environment else cuda
+    on_gpu = str(environment.get("device", "")).startswith("cuda") if environment else cuda
     record = {
         "benchmark": "bench_gpu",
         "mode": "gpu" if on_gpu else "cpu-fallback (tiny profile, tiny sizes: no GPU numbers)",

@@ -54,7 +54,7 @@ def _frame(frames_dir: str | None) -> torch.Tensor:
         pngs = sorted(folder.glob("*.png"))
         if not pngs:
             raise SystemExit(f"{folder}: no PNG frames (bench_gpu.py prepare DIR writes them)")
-        array = np.asarray(Image.open(pngs[0]).convert("RGB"))
+        array = np.array(Image.open(pngs[0]).convert("RGB"))
         return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
     from dloral.data.frames import open_frames, packaged_clip
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             (outputs["host"] - outputs["device"]).abs().max()
         )
         rows.append(row)
-    environment = cpu_environment()
+    environment = {"device": str(device), **cpu_environment()}
     if cuda:
         environment["gpu"] = torch.cuda.get_device_name(device)
         environment["cuda"] = torch.version.cuda

@@ -280,3 +280,20 @@ def test_targets_judge_the_part_records_against_issue_15s_goals():
     assert "| frames/s, fast, 180x320 -> 720x1280 | >= 25 | not run |  |" in (
         bench_gpu.targets_markdown(empty, "gpu")
     )
+
+
+def test_the_vae_wait_part_runs_and_gathers_on_its_own(hires, tmp_path):
+    """A part run alone (as the GPU session's last call may be) is gathered with its own record."""
+    bench_gpu = _benchmark("bench_gpu")
+    out = tmp_path / "records"
+    argv = ["run", "--frames-dir", str(hires), "--device", "cpu", "--parts", "vae-wait"]
+    with pytest.raises(SystemExit) as done:
+        bench_gpu.main([*argv, "--out", str(out)])
+    assert done.value.code == 0
+    record = json.loads((out / "bench-gpu.json").read_text())
+    assert record["mode"].startswith("cpu-fallback") and record["parts_run"] == ["vae-wait"]
+    assert record["vae-wait"]["environment"]["device"] == "cpu"
+    (wait,) = record["vae-wait"]["rows"]
+    assert wait["max_abs_diff_host_vs_device"] == 0
+    rows = {r["target"]: r for r in record["targets"]}
+    assert rows["VAE tiles on the host vs the device, 288x512: output difference"]["met"] is True
