@@ -110,25 +110,22 @@ def shared_frames(df: pd.DataFrame) -> pd.DataFrame:
         df.loc[framed, "left_out"] = (having < methods).astype(int)
         # the frames each method scored on a clip: its frame values', else its pair values'
         frames = df[framed & (df["level"] == "frame")]
-        with_frames = set(zip(frames["dataset"], frames["clip"], strict=True))
         pairs = df[framed & (df["level"] == "pair")]
-        pairs = pairs[
-            [
-                (d, c) not in with_frames
-                for d, c in zip(pairs["dataset"], pairs["clip"], strict=True)
-            ]
-        ]
+        pairs = pairs[~_clip_keys(pairs).isin(_clip_keys(frames))]
         covered = (
             pd.concat([frames, pairs])
             .groupby(["dataset", "clip", "method"])["frame"]
             .agg(lambda f: tuple(sorted(set(f))))
         )
         differ = covered.groupby(["dataset", "clip"]).nunique()
-        differ = {key for key, n in differ.items() if n > 1}
         at_clip = scored & (df["level"] == "clip")
-        rows = [(d, c) in differ for d, c in zip(df["dataset"], df["clip"], strict=True)]
-        df.loc[at_clip & pd.Series(rows, index=df.index), "unaligned"] = 1
+        in_differ = _clip_keys(df).isin(differ.index[differ > 1])
+        df.loc[at_clip & in_differ, "unaligned"] = 1
     return df
+
+
+def _clip_keys(df: pd.DataFrame) -> pd.MultiIndex:
+    return pd.MultiIndex.from_frame(df[["dataset", "clip"]])
 
 
 def per_clip(df: pd.DataFrame) -> pd.DataFrame:

@@ -56,17 +56,18 @@ PEER_KINDS = ("udm10", "spmcs", "vid4")  # root/GT/<clip>/ beside root/<LQ>/<cli
 
 
 def _gt_set(kind: str, root: Path, lq: str | None, gt_root: str | Path | None):
-    """The source's clips with their GT: a peer layout's GT/ alone (its LQ folders are not
-    needed, whichever it has), else the set as read_dataset reads it."""
+    """(the source's clips with their GT, whether it was read from GT/ alone): a peer layout's
+    GT/ alone (its LQ folders are not needed, whichever it has), else the set as read_dataset
+    reads it."""
     from dloral.data.readers import DatasetError, read_dataset
 
     if kind in PEER_KINDS and (root / "GT").is_dir() and gt_root is None:
         try:  # GT/<clip>/ frames (read as the youhq kind reads a folder), nothing else read
-            return read_dataset("youhq", root / "GT")
+            return read_dataset("youhq", root / "GT"), True
         except DatasetError as err:
             raise DegradeError(f"{kind} GT {root / 'GT'}: {err}") from err
     try:
-        return read_dataset(kind, root, lq=lq, gt_root=gt_root)
+        return read_dataset(kind, root, lq=lq, gt_root=gt_root), False
     except DatasetError as err:
         raise DegradeError(str(err)) from err
 
@@ -84,14 +85,16 @@ def _check_apart(out: Path, sources: list[Path]) -> None:
 
 
 def _versions() -> dict[str, str]:
+    """The versions the frames depend on: provenance's, and Pillow's (it writes the PNGs)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for name in ("dloral", "torch", "torchvision", "pillow", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
+    from dloral.provenance import versions
+
+    out = {k: v for k, v in versions().items() if k in ("dloral", "torch", "torchvision", "numpy")}
+    try:
+        out["pillow"] = version("pillow")
+    except PackageNotFoundError:
+        out["pillow"] = "not installed"
     return out
 
 
@@ -119,8 +122,7 @@ def degrade_set(
     from dloral.weights import sha256
 
     out, root = Path(out), Path(root)
-    dataset = _gt_set(kind, root, lq, gt_root)
-    from_gt = kind in PEER_KINDS and (root / "GT").is_dir() and gt_root is None
+    dataset, from_gt = _gt_set(kind, root, lq, gt_root)
     clips = [c for c in dataset.clips if c.gt is not None]
     if not clips:
         raise DegradeError(f"{kind} at {root}: no clip has GT frames to degrade")
