@@ -50,6 +50,9 @@ SPEED_OPTIONS = (
     "upsample_on",
     "vae_tiles_wait",
 )
+# options that change frames only where they cut them into tiles: a resumed run may change them
+# where the record's "tiling" (VideoUpscaler.tiling: per part, the tiles or "whole") stays the same
+TILE_OPTIONS = ("tile", "vae_encoder_tile", "vae_decoder_tile", "latent_tile", "latent_overlap")
 # what a resumed run must share with the record (the options apart, see SPEED_OPTIONS)
 IDENTITY = (
     "input",
@@ -225,6 +228,8 @@ def upscale_video(
         "checkpoint": str(job.checkpoint) if job.checkpoint else None,
         "checkpoint_sha256": weights_sha256(job.checkpoint) if job.checkpoint else None,
         "options": _options_record(upscaler.opt),
+        # what the tile options do to frames of this size (see TILE_OPTIONS)
+        "tiling": upscaler.tiling(source.size),
         # where the reference's VAE tiles waited (options.vae_tiles_wait auto: as chosen)
         "vae_tiles_wait_on": upscaler.vae_tiles.wait_on if upscaler.vae_tiles else None,
         "prompt_source": job.prompt_source,
@@ -527,11 +532,18 @@ def _same_upscale(earlier: dict[str, Any], record: dict[str, Any], output: Path)
             )
     pairs = [(k, earlier.get(k), record[k]) for k in IDENTITY if not moved.get(k)]
     old_opts, new_opts = earlier.get("options", {}), record["options"]
+    # tile options are compared by what they do (a record from before "tiling": by value)
+    by_effect = "tiling" in earlier
     pairs += [
         (f"options.{k}", old_opts.get(k), new_opts.get(k))
         for k in sorted(set(old_opts) | set(new_opts))
-        if k not in SPEED_OPTIONS
+        if k not in SPEED_OPTIONS and not (by_effect and k in TILE_OPTIONS)
     ]
+    if by_effect:
+        pairs += [
+            (f"tiling.{k}", earlier["tiling"].get(k), record["tiling"].get(k))
+            for k in sorted(set(earlier["tiling"]) | set(record["tiling"]))
+        ]
     shown = [f"{key}: {old!r} there, {new!r} now" for key, old, new in pairs if old != new]
     if shown:
         raise UpscaleError(

@@ -187,10 +187,11 @@ def test_other_settings_are_refused_naming_them_and_force_starts_over(bikes_fold
         bikes_folder,
         out_dir,
         *("--color-fix", "wavelet", "--seed", "3", "--previous", "reencode"),
-        *("--vae-decoder-tile", "200"),
+        *("--vae-decoder-tile", "8"),  # tiles these frames' 24x32 latents, whole before
     )
     assert code == 2, out
-    assert "options.vae_decoder_tile: 224 there, 200 now" in out
+    assert "tiling.vae_decoder: 'whole' there, 'reference tiles of 8 latent' now" in out
+    assert "options.vae_decoder_tile" not in out  # named by what it does to the frames
     assert "options.color_fix: 'adain' there, 'wavelet' now" in out
     assert "options.previous: 'carry' there, 'reencode' now" in out
     assert "options.seed: 0 there, 3 now" in out and "--force" in out
@@ -203,6 +204,49 @@ def test_other_settings_are_refused_naming_them_and_force_starts_over(bikes_fold
     assert record["options"]["color_fix"] == "wavelet" and len(record["attempts"]) == 1
     assert record["options"]["previous"] == "reencode"
     assert record["frames"] == 4 and "kept" not in out
+
+
+def test_tile_options_that_cut_no_frame_go_on_and_an_older_record_compares_them(
+    bikes_folder, tmp_path
+):
+    """48x64 LQ frames: a 192x256 model input, a 24x32 latent, tiled by none of the parts."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _upscale(bikes_folder, whole)[0] == 0
+    assert _upscale(bikes_folder, parts, "--frames", "2")[0] == 0
+    parts_tiled = ("vae_encoder", "vae_decoder", "latent")
+    assert _record(parts)["tiling"] == dict.fromkeys(parts_tiled, "whole")
+    code, out = _upscale(
+        bikes_folder,
+        parts,
+        *("--frames", "3", "--vae-encoder-tile", "192", "--vae-decoder-tile", "10"),
+        *("--latent-tile", "28", "--latent-overlap", "20"),
+    )
+    assert code == 0 and "going on from frame 2" in out, out
+    assert _record(parts)["options"]["latent_tile"] == 28  # what the last run was given
+    code, out = _upscale(bikes_folder, parts, "--tile", "0")  # the plain VAE: the same here
+    assert code == 0 and "going on from frame 3" in out, out
+    for name, frame in _pngs(whole).items():
+        assert np.abs(_pngs(parts)[name].astype(int) - frame.astype(int)).max() <= 1, name
+    # each part tiled in turn is refused, naming it
+    for args, part, now in [
+        (("--vae-encoder-tile", "96"), "vae_encoder", "reference tiles of 96 px"),
+        (("--tile", "128"), "vae_encoder", "diffusers tiles of 128 px"),
+        (("--tile", "64"), "vae_decoder", "diffusers tiles of 8 latent"),
+        # a latent tile larger than the latent's short side, its overlap halved (tile_overlap)
+        (
+            ("--latent-tile", "27", "--latent-overlap", "26"),
+            "latent",
+            "tiles of 24 latent, overlap 12",
+        ),
+    ]:
+        code, out = _upscale(bikes_folder, parts, *args)
+        assert code == 2 and f"tiling.{part}: 'whole' there, '{now}' now" in out, (args, out)
+    # a record written before "tiling" compares the tile options by value, as it did
+    record = _record(parts)
+    del record["tiling"]
+    (parts / "upscale.json").write_text(json.dumps(record))
+    code, out = _upscale(bikes_folder, parts, "--latent-tile", "40")
+    assert code == 2 and "options.latent_tile: 96 there, 40 now" in out, out
 
 
 @pytest.mark.parametrize("elsewhere", [False, True])

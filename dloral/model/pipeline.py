@@ -15,8 +15,9 @@ Memory is bounded by `batch_size` frames whatever the video's length: only the p
 LQ and latent are carried between batches; with latent tiling and diffusers' VAE tiling
 (`tile` N) the model's working memory stops growing with the frame size at the tiles' size
 (buffers of whole frames, such as the upsampled input and the output, still grow); the
-reference's VAE tiles run in step on the device, so its working memory is about the whole
-frame's. Each frame is VAE-encoded once
+reference's VAE tiles run in step: waiting on the device (`vae_tiles_wait` device) its working
+memory is about the whole frame's, waiting in host memory (host, as the reference) about one
+tile's. Each frame is VAE-encoded once
 (`previous` carry); `previous="reencode"` encodes the previous frame again for every pair, as
 the reference does.
 Each frame's posterior noise comes from its own generator, seeded by (seed, frame index), so a
@@ -43,7 +44,7 @@ from dloral.model.colorfix import color_fix
 from dloral.model.config import UpscaleOptions
 from dloral.model.dloral import DLoRAL
 from dloral.model.prompts import PromptSource
-from dloral.model.tiling import restore_tiled
+from dloral.model.tiling import needs_tiling, restore_tiled, tile_overlap
 from dloral.model.vae_tiles import VAETiles
 from dloral.resize import resize_frames
 
@@ -181,6 +182,29 @@ class VideoUpscaler:
         if self.opt.size_to_8 == "lanczos":
             return tuple(max(8, s - s % 8) for s in proc)
         return tuple(s + -s % 8 for s in proc)
+
+    def tiling(self, size: tuple[int, int]) -> dict[str, str]:
+        """How frames of LQ `size` (h, w) are cut into tiles: per part (the VAE's encoder and
+        decoder, CFR + UNet on the latent) the setting that cuts it, or "whole" where that part
+        sees the whole frame. Tile options that leave this unchanged give the same frames."""
+        h, w = self.model_size(self.geometry(size)[0])
+        latent = (h // 8, w // 8)
+        encoder = decoder = "whole"
+        if self.vae_tiles is not None:
+            if self.vae_tiles.encoder_tiled((h, w)):
+                encoder = f"reference tiles of {self.vae_tiles.encoder} px"
+            if self.vae_tiles.decoder_tiled(latent):
+                decoder = f"reference tiles of {self.vae_tiles.decoder} latent"
+        elif self.opt.tile:  # diffusers' tiling: a side above its tile
+            if max(h, w) > self.opt.tile:
+                encoder = f"diffusers tiles of {self.opt.tile} px"
+            if max(latent) > self.opt.tile // 8:
+                decoder = f"diffusers tiles of {self.opt.tile // 8} latent"
+        unet = "whole"
+        if needs_tiling(*latent, self.opt.latent_tile):
+            tile = min(self.opt.latent_tile, *latent)
+            unet = f"tiles of {tile} latent, overlap {tile_overlap(tile, self.opt.latent_overlap)}"
+        return {"vae_encoder": encoder, "vae_decoder": decoder, "latent": unet}
 
     @torch.no_grad()
     def upscale(
