@@ -84,6 +84,15 @@ def test_report_tables_follow_the_results_and_every_image_exists(report, bench_r
         row = next(line for line in md.splitlines() if line.startswith(f"| {other} |"))
         # two methods: the other one is the worse, never underlined as "second"
         assert f"| {sub[other]:.{digits}f} |" in row and "<u>" not in row
+    # each method against the best, clip by clip (dloral.bench.paired): two clips give no
+    # interval, and a p no smaller than 2 / 2^2
+    psnr = agg[agg["metric"] == "psnr"].set_index("method")["value"]
+    best, other = psnr.idxmax(), psnr.idxmin()
+    row = next(line for line in md.splitlines() if line.startswith(f"| psnr↑ | {other} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:5] == [best, f"{psnr[other] - psnr[best]:+.3f}", "–"]
+    assert cells[5].endswith("of 2") and float(cells[6]) >= 0.5
+    assert "a sign-flip permutation test over clips" in md
     ewarp = agg[agg["metric"] == "ewarp@evalcrafter"].set_index("method")["value"]
     assert "ewarp@evalcrafter (×10⁻³)↓" in md and f"{ewarp.min() * 1000:.4f}" in md
     # per-clip breakdown on request: one column per clip, values = the clip's frame mean

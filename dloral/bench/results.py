@@ -143,21 +143,27 @@ def per_clip(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """dataset x method x metric: mean over clips of per-clip means, over the clips every
-    method has a value of that metric for (a metric one method could not score on a clip, e.g.
-    too few frames, takes that clip out of every method's mean: `clips_left_out`), with clip
-    count, the number of values with a note (`noted`: a report shows such a mean but does not
-    rank it) and of values left out because not every method has them (`left_out`)."""
+def shared_clips(df: pd.DataFrame) -> pd.DataFrame:
+    """`per_clip`, its value NaN on a clip where not every method has that metric (a metric one
+    method could not score on a clip, e.g. too few frames, takes that clip out of every
+    method's mean: `clips_left_out` 1): the per-clip values the dataset means average."""
     clips = per_clip(df)
     scored = clips["value"].notna()
     methods = clips.groupby(["dataset", "metric"])["method"].transform("nunique")
     having = clips.assign(method=clips["method"].where(scored))
     having = having.groupby(["dataset", "metric", "clip"])["method"].transform("nunique")
     shared = having == methods
-    clips = clips.assign(
+    return clips.assign(
         clips_left_out=(~shared & scored).astype(int), value=clips["value"].where(shared)
     )
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """dataset x method x metric: mean over clips of per-clip means, over the clips every
+    method has a value of that metric for (`shared_clips`), with clip count, the number of
+    values with a note (`noted`: a report shows such a mean but does not rank it) and of values
+    left out because not every method has them (`left_out`, `clips_left_out`)."""
+    clips = shared_clips(df)
     keys = ["dataset", "method", "metric", "higher_is_better", "implementation"]
     return clips.groupby(keys, as_index=False).agg(
         value=("value", "mean"),

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from dloral.atomic import atomic_write_text
-from dloral.bench import results
+from dloral.bench import paired, results
 from dloral.bench.registry import resolve
 from dloral.report import plots, tables
 from dloral.report.sources import BenchRun, SweepRun, higher_is_better, untrained_methods
@@ -395,11 +395,33 @@ def bench_section(
                 unranked=marks.unranked,
             )
             b.add(Table(t))
+        _paired(b, df[df["dataset"] == dataset], sub, marks)
     _bench_plots(b, run, agg, df, marks, max_clips, quality)
     _bench_visuals(b, run, marks, max_clips)
     _skipped(b, run)
     b.add(Heading(2, "Provenance"))
     _bench_provenance(b, run)
+
+
+def _paired(b: _Builder, df: pd.DataFrame, agg: pd.DataFrame, marks: _Marks) -> None:
+    """Each ranked method against the best of each metric, clip by clip (dloral.bench.paired)."""
+    pairs = paired.against_best(df, unranked=marks.unranked)
+    if pairs.empty:
+        return
+    order = _metric_order(agg, [])
+    pairs = pairs.sort_values("metric", key=lambda m: m.map(order.index), kind="stable")
+    b.add(
+        Grid(
+            list(tables.PAIRED_HEADER),
+            tables.paired_rows(pairs, tables.metric_scales(agg, None)),
+            "Each method against the best of each metric on the same clips: Δ mean is the "
+            "difference of the two means above, in their units; 95% CI a paired bootstrap "
+            f"over clips (from {paired.MIN_CLIPS_FOR_INTERVAL} clips); p a sign-flip "
+            "permutation test over clips (exact up to 16 clips; with n clips no p is below "
+            "2/2^n). A difference whose interval holds 0, or whose p is not small, may be "
+            "which clips the set has rather than the methods.",
+        )
+    )
 
 
 def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, list[str]]:

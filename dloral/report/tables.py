@@ -211,6 +211,40 @@ def _rank_column(
     ]
 
 
+PAIRED_HEADER = ("metric", "method", "against", "Δ mean", "95% CI", "clips better / worse", "p")
+
+
+def paired_rows(pairs: pd.DataFrame, scales: dict[str, float]) -> list[list[str]]:
+    """Rows of PAIRED_HEADER from `dloral.bench.paired.against_best`: differences in the
+    table's printed units and digits (one more digit), signed; "–" for no interval."""
+
+    def num(metric: str, v: float, sign: str = "+") -> str:
+        if math.isnan(v):
+            return MISSING
+        return f"{v * scales.get(metric, 1.0):{sign}.{_digits(metric, None) + 1}f}"
+
+    out = []
+    for r in pairs.to_dict("records"):
+        m, scale = r["metric"], scales.get(r["metric"], 1.0)
+        interval = (
+            MISSING
+            if math.isnan(r["ci_low"])
+            else f"[{num(m, r['ci_low'], '')}, {num(m, r['ci_high'], '')}]"
+        )
+        out.append(
+            [
+                metric_label(m, bool(r["higher_is_better"]), scale),
+                str(r["method"]),
+                str(r["best"]),
+                num(m, r["diff"]),
+                interval,
+                f"{r['better']} / {r['worse']} of {r['clips']}",
+                MISSING if math.isnan(r["p"]) else f"{r['p']:.3g}",
+            ]
+        )
+    return out
+
+
 def metric_scales(agg: pd.DataFrame, scales: dict[str, float] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     if "scale" in agg.columns:

@@ -1,0 +1,171 @@
+"""Paired comparisons over clips (dloral.bench.paired) on a real benchmark run: 6 clips of real
+bikes frames; bicubic, a blurred peer, a noisy one (the GT with +-1 level of noise) and the GT
+itself (infinite PSNR), scored by the harness."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import write_udm_set
+from PIL import Image
+
+from dloral.bench import harness, paired, results
+from dloral.bench.suite import load_suite
+
+CLIPS = {f"c{i}": (10 + 40 * i, 30 + 60 * i) for i in range(6)}
+FRAMES = 3
+SUITE = """
+[suite]
+name = "paired"
+
+[[datasets]]
+name = "six"
+kind = "udm10"
+root = "{root}"
+lq = "BIx4"
+scale = 4
+
+[methods]
+names = [
+    "bicubic",
+    "folder:blur={root}/peers/blur",
+    "folder:noisy={root}/peers/noisy",
+    "folder:gt={root}/peers/gt",
+]
+
+[metrics]
+names = ["psnr", "ssim"]
+"""
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, bikes_path) -> pd.DataFrame:
+    root = write_udm_set(
+        tmp_path_factory.mktemp("six"), bikes_path, CLIPS, FRAMES, blur=3, gt_peer=True
+    )
+    rng = np.random.default_rng(0)
+    for path in sorted((root / "GT").glob("*/*.png")):
+        gt = np.asarray(Image.open(path)).astype(int)
+        noisy = np.clip(gt + rng.integers(-1, 2, size=gt.shape), 0, 255).astype(np.uint8)
+        (root / "peers" / "noisy" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noisy).save(root / "peers" / "noisy" / path.parent.name / path.name)
+    (root / "suite.toml").write_text(SUITE.format(root=root))
+    out = tmp_path_factory.mktemp("bench") / "paired"
+    harness.run_bench(load_suite(root / "suite.toml"), out_dir=out, tracking=False)
+    return pd.read_parquet(out / "results.parquet")
+
+
+def _enumerated_p(d):
+    """A literal two-sided sign-flip test: every sign pattern, one at a time."""
+    d = [float(x) for x in d]
+    observed = abs(sum(d) / len(d))
+    hits = 0
+    for signs in itertools.product((1, -1), repeat=len(d)):
+        flipped = abs(sum(s * x for s, x in zip(signs, d, strict=True)) / len(d))
+        hits += flipped >= observed - 1e-12
+    return hits / 2 ** len(d)
+
+
+def _clip_diffs(df, metric, method, best):
+    clips = results.shared_clips(df)
+    wide = clips[clips["metric"] == metric].pivot(index="clip", columns="method", values="value")
+    return (wide[method] - wide[best]).to_numpy()
+
+
+def test_each_method_against_the_best_follows_the_table_and_an_enumerated_test(table):
+    pairs = paired.against_best(table, unranked={"gt"})
+    agg = results.aggregate(table).set_index(["metric", "method"])["value"]
+    # the best is the table's best, s_per_frame (latency) is not compared
+    assert set(pairs["metric"]) == {"psnr", "ssim"}
+    for metric in ("psnr", "ssim"):
+        sub = pairs[pairs["metric"] == metric].set_index("method")
+        best = agg[metric].drop("gt").idxmax()
+        assert set(sub["best"]) == {best} and len(sub) == 2 and best not in sub.index
+        for method, row in sub.iterrows():
+            # the mean difference is the difference of the table's two means
+            want = agg[metric, method] - agg[metric, best]
+            assert row["diff"] == pytest.approx(want, abs=1e-9)
+            d = _clip_diffs(table, metric, method, best)
+            assert row["clips"] == len(CLIPS) == len(d)
+            assert row["p"] == pytest.approx(_enumerated_p(d), abs=1e-12)
+            assert (row["better"], row["worse"]) == ((d > 0).sum(), (d < 0).sum())
+            assert d.min() <= row["ci_low"] <= row["diff"] <= row["ci_high"] <= d.max()
+    # +-1 level of noise beats both on every clip: the smallest p six clips can give, 2 / 2^6
+    psnr = pairs[pairs["metric"] == "psnr"].set_index("method")
+    assert psnr.loc["bicubic", "worse"] == 6 and psnr.loc["bicubic", "better"] == 0
+    assert psnr.loc["bicubic", "p"] == 2 / 64 and psnr.loc["bicubic", "ci_high"] < 0
+    # the blur is behind by about 2 dB on average but ahead on some clips: no clear difference
+    blur = psnr.loc["blur"]
+    assert blur["diff"] < -1 and blur["better"] >= 1 and blur["ci_low"] < 0 < blur["ci_high"]
+    assert blur["p"] > 0.05
+    # without the noisy peer the blur is the best, and bicubic is set against it
+    other = paired.against_best(table, unranked={"gt", "noisy"}).set_index(["metric", "method"])
+    row = other.loc["psnr", "bicubic"]
+    d = _clip_diffs(table, "psnr", "bicubic", "blur")
+    assert row["best"] == "blur" and row["diff"] == pytest.approx(d.mean())
+    assert row["p"] == pytest.approx(_enumerated_p(d), abs=1e-12)
+
+
+def test_an_infinite_psnr_has_no_interval_nor_p_and_its_clips_still_count(table):
+    pairs = paired.against_best(table).set_index(["metric", "method"])
+    row = pairs.loc["psnr", "noisy"]  # against the GT itself: infinite PSNR on every clip
+    assert row["best"] == "gt" and row["diff"] == -math.inf and row["worse"] == 6
+    assert math.isnan(row["p"]) and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
+    ssim = pairs.loc["ssim", "noisy"]  # SSIM of the GT is finite (1): compared as usual
+    assert ssim["best"] == "gt" and ssim["p"] == 2 / 64
+
+
+def test_a_lower_is_better_metric_takes_the_lowest_mean_as_best(table):
+    psnr = table[table["metric"] == "psnr"]
+    flipped = psnr.assign(metric="neg_psnr", value=-psnr["value"], higher_is_better=False)
+    both = pd.concat([psnr, flipped])
+    pairs = paired.against_best(both, unranked={"gt"}).set_index(["metric", "method"])
+    assert set(pairs["best"]) == {"noisy"}
+    for method in ("bicubic", "blur"):
+        up, down = pairs.loc["psnr", method], pairs.loc["neg_psnr", method]
+        assert down["diff"] == pytest.approx(-up["diff"])
+        assert (down["better"], down["worse"]) == (up["better"], up["worse"])
+        assert down["p"] == up["p"]
+        assert (down["ci_low"], down["ci_high"]) == pytest.approx((-up["ci_high"], -up["ci_low"]))
+
+
+def test_few_clips_give_no_interval_and_a_p_no_smaller_than_two_over_two_to_the_n(table):
+    four = table[table["clip"].isin(["c0", "c1", "c2", "c3"])]
+    pairs = paired.against_best(four, unranked={"gt"}).set_index(["metric", "method"])
+    row = pairs.loc["psnr", "bicubic"]
+    assert row["clips"] == 4 and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
+    assert row["worse"] == 4 and row["p"] == 2 / 16  # every clip worse, still not < 0.05
+
+
+def test_left_out_clips_untrained_methods_and_noted_values_as_the_table_leaves_them(table):
+    # blur without clip c5: c5 leaves every method's psnr mean, and the comparison
+    missing = table[~((table["method"] == "blur") & (table["clip"] == "c5"))]
+    pairs = paired.against_best(missing, unranked={"gt"}).set_index(["metric", "method"])
+    assert pairs.loc[("psnr", "bicubic"), "clips"] == 5
+    agg = results.aggregate(missing).set_index(["metric", "method"])["value"]
+    assert pairs.loc[("psnr", "bicubic"), "diff"] == pytest.approx(
+        agg["psnr", "bicubic"] - agg["psnr", "noisy"]
+    )
+    # unranked methods are neither the best nor compared
+    pairs = paired.against_best(table, unranked={"gt", "noisy"}).set_index(["metric", "method"])
+    assert sorted(pairs.index) == [("psnr", "bicubic"), ("ssim", "bicubic")]
+    assert set(pairs["best"]) == {"blur"}
+    # a metric with a noted value (shown with a dagger, not ranked) is not compared
+    noted = table.copy()
+    noted.loc[(noted["metric"] == "ssim") & (noted["clip"] == "c2"), "note"] = "test note"
+    assert set(paired.against_best(noted, unranked={"gt"})["metric"]) == {"psnr"}
+
+
+def test_above_sixteen_clips_random_sign_patterns_match_the_enumeration(table):
+    psnr = table[(table["metric"] == "psnr") & (table["frame"] >= 0)]
+    wide = psnr.pivot_table(index=["clip", "frame"], columns="method", values="value")
+    d = (wide["blur"] - wide["bicubic"]).to_numpy()  # 18 real per-frame differences
+    assert len(d) == 18 > paired.EXACT_UP_TO
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    exact = float(np.mean(np.abs(signs @ d) / len(d) >= abs(d.mean()) - 1e-12))
+    p = paired.sign_flip_p(d)
+    spread = math.sqrt(max(exact * (1 - exact), 1e-4) / paired.DRAWS)
+    assert abs(p - exact) <= 5 * spread + 1 / paired.DRAWS
+    assert p == paired.sign_flip_p(d)  # seeded
