@@ -225,7 +225,7 @@ def test_two_runs_share_one_table_without_mixing_metric_implementations(mini, be
         load_suite(tmp_path / "s2.toml"), out_dir=out2, tracking=False, metrics=["psnr", "ewarp"]
     )
     runs = [sources.load_bench(bench_run), sources.load_bench(out2)]
-    agg, notes = build.combine(runs)
+    agg, _, notes = build.combine(runs)
     psnr = agg[agg["metric"] == "psnr"].set_index("method")["value"]
     # bicubic is deterministic: both runs agree, so it is one row; blur and gt from each run
     assert sorted(psnr.index) == ["bicubic", "blur", "gt"] and psnr["gt"] == float("inf")
@@ -264,8 +264,62 @@ def test_a_run_from_before_protocols_never_shares_a_column_with_a_protocol(
     runs = [sources.load_bench(bench_run), sources.load_bench(old)]
     assert "ewarp@unrecorded" in set(runs[1].aggregate["metric"])
     assert "ewarp" not in set(runs[1].table["metric"])
-    combined, _ = build.combine(runs)
+    combined, _, _ = build.combine(runs)
     now = combined[combined["metric"] == "ewarp@evalcrafter"]
     assert len(now) and (now["implementation"].str.contains("EvalCrafter")).all()
     then = combined[combined["metric"] == "ewarp@unrecorded"]
     assert len(then) == len(now)  # its own column, beside the protocol's
+
+
+def _copy_run(bench_run, folder, name, edit_table, edit_run=None):
+    """The run at bench_run as another suite `name` would have written it, its results table
+    (and aggregate.csv's rows) passed through edit_table, its run.json through edit_run."""
+    shutil.copytree(bench_run, folder)
+    table = edit_table(pd.read_parquet(folder / "results.parquet"))
+    table.to_parquet(folder / "results.parquet", index=False)
+    agg = pd.read_csv(folder / "aggregate.csv")
+    agg = agg[agg["method"].isin(set(table["method"]))]
+    agg.to_csv(folder / "aggregate.csv", index=False)
+    run = json.loads((folder / "run.json").read_text())
+    run["suite"]["name"] = name
+    (folder / "run.json").write_text(json.dumps(edit_run(run) if edit_run else run))
+    return sources.load_bench(folder)
+
+
+def test_runs_together_are_averaged_over_shared_frames_and_compared_clip_by_clip(
+    bench_run, tmp_path
+):
+    def late_peer(t):  # a peer that, like the reference's test script, lacks frame 0
+        t = t[t["method"] == "blur"].assign(method="late")
+        return t[(t["frame"] != 0) | (t["level"] == "clip")]
+
+    first = sources.load_bench(bench_run)
+    second = _copy_run(bench_run, tmp_path / "late", "late", late_peer)
+    agg, table, notes = build.combine([first, second])
+    assert notes == [] and set(table["method"]) == {"bicubic", "blur", "late"}
+    psnr = agg[agg["metric"] == "psnr"].set_index("method")["value"]
+    # every method over frames 1.. of each clip, as the late peer has them
+    own = first.table[(first.table["metric"] == "psnr") & (first.table["frame"] >= 1)]
+    for method in ("bicubic", "blur"):
+        clips = own[own["method"] == method].groupby("clip")["value"].mean()
+        assert psnr[method] == pytest.approx(clips.mean())
+        assert psnr[method] != pytest.approx(
+            first.aggregate.set_index(["metric", "method"]).loc[("psnr", method), "value"]
+        )
+    assert psnr["late"] == pytest.approx(psnr["blur"])  # the same frames
+    md = build.build_report(tmp_path / "rep", [first, second]).markdown.read_text()
+    together = md.split("## All benchmark runs together")[1].split("# Benchmark:")[0]
+    assert "values left out where not every method has one" in together
+    assert "| psnr↑ | bicubic |" in together and "a sign-flip permutation test" in together
+
+    # a run of the same dataset name on other LQ frames is not put in the same table
+    def other_lq(run):
+        run["suite"]["datasets"][0]["lq"] = "BDx4"
+        return run
+
+    third = _copy_run(bench_run, tmp_path / "bd", "bd", late_peer, other_lq)
+    agg, _, notes = build.combine([first, third])
+    assert agg.empty and len(notes) == 1
+    assert "mini-udm not put together: its runs scored other data (lq: mini: BIx4; bd: BDx4)" in (
+        notes[0]
+    )

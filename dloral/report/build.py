@@ -360,18 +360,7 @@ def bench_section(
             "second underlined (where a worse value exists); – not measured; name@protocol: the "
             "published code a temporal metric reproduces (README, Benchmarks and metrics)."
         )
-        if "left_out" in sub and (sub["left_out"].fillna(0) > 0).any():
-            cap += (
-                " Every method is averaged over the frames (pairs) all methods have on a clip: "
-                f"{int(sub['left_out'].sum())} values left out where not every method has one "
-                "(e.g. a method without a clip's first frame: first_frame skip, as the "
-                "reference's test script)."
-            )
-        if "clips_left_out" in sub and (sub["clips_left_out"].fillna(0) > 0).any():
-            cap += (
-                " A metric is averaged over the clips every method has it for: "
-                f"{int(sub['clips_left_out'].sum())} per-clip values left out."
-            )
+        cap += _left_out_note(sub)
         if "noted" in sub and (sub["noted"].fillna(0) > 0).any():
             mine = df[df["dataset"] == dataset]
             notes = list(dict.fromkeys(mine.loc[mine["note"].fillna("") != "", "note"]))
@@ -403,6 +392,24 @@ def bench_section(
     _bench_provenance(b, run)
 
 
+def _left_out_note(sub: pd.DataFrame) -> str:
+    """What the means of one dataset's aggregate left out, to be the same for every method."""
+    out = ""
+    if "left_out" in sub and (sub["left_out"].fillna(0) > 0).any():
+        out += (
+            " Every method is averaged over the frames (pairs) all methods have on a clip: "
+            f"{int(sub['left_out'].sum())} values left out where not every method has one "
+            "(e.g. a method without a clip's first frame: first_frame skip, as the "
+            "reference's test script)."
+        )
+    if "clips_left_out" in sub and (sub["clips_left_out"].fillna(0) > 0).any():
+        out += (
+            " A metric is averaged over the clips every method has it for: "
+            f"{int(sub['clips_left_out'].sum())} per-clip values left out."
+        )
+    return out
+
+
 def _paired(b: _Builder, df: pd.DataFrame, agg: pd.DataFrame, marks: _Marks) -> None:
     """Each ranked method against the best of each metric, clip by clip (dloral.bench.paired)."""
     pairs = paired.against_best(df, unranked=marks.unranked)
@@ -424,51 +431,106 @@ def _paired(b: _Builder, df: pd.DataFrame, agg: pd.DataFrame, marks: _Marks) -> 
     )
 
 
-def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, list[str]]:
-    """All runs' aggregates in one table, for datasets more than one run scored.
+def _data_of(run: BenchRun, dataset: str) -> dict[str, Any]:
+    """What a run's dataset was: its reader kind, LQ, scale and, where recorded, its files'
+    digest (a manifest's), which two runs must share to be put in one table."""
+    spec = next(
+        (d for d in (run.run.get("suite") or {}).get("datasets", []) if d.get("name") == dataset),
+        {},
+    )
+    files = (run.run.get("datasets") or {}).get(dataset) or {}
+    data = {k: spec.get(k) for k in ("kind", "lq", "scale") if spec.get(k) is not None}
+    digest = files.get("files_sha256") or files.get("manifest_sha256")
+    return {**data, "files": digest} if digest else data
 
-    A method name that two runs both have, with different values, is labelled "method (suite)".
-    A metric computed by different implementations in different runs (RAFT vs DIS flow, another
-    crop border, ...) is not comparable: it is left out, and the notes say which and why.
-    `untrained` is True for a method its run recorded as untrained.
+
+def _same_data(benches: list[BenchRun], dataset: str) -> str:
+    """ "" where the runs that scored `dataset` scored the same data (as far as they recorded
+    it), else how they differ."""
+    runs = [r for r in benches if (r.table["dataset"] == dataset).any()]
+    seen = [(r.name, _data_of(r, dataset)) for r in runs]
+    for key in ("kind", "lq", "scale", "files"):
+        values = {n: d[key] for n, d in seen if key in d}
+        if len(set(map(str, values.values()))) > 1:
+            what = "; ".join(f"{n}: {str(v)[:16]}" for n, v in values.items())
+            return f"{dataset} not put together: its runs scored other data ({key}: {what})"
+    return ""
+
+
+def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """All runs' results in one table, for datasets more than one run scored: (aggregate,
+    results table, notes). The means are taken from the joined results table, so every method
+    is averaged over the frames and clips all of them have (`results.aggregate`), whichever run
+    scored it, and the methods can be set against each other clip by clip.
+
+    A dataset whose runs recorded other data (reader kind, LQ folder, scale, or the files'
+    digest of a manifest) is left out. A method name that two runs both have, with different
+    values, is labelled "method (suite)"; with the same values each of its metrics is kept
+    once, from the first run that has it (its latency too: every run measures it anew). A
+    metric computed by different implementations in different runs (RAFT vs DIS flow, another
+    crop border, ...) is not comparable: it is left out. The notes say which and why. `untrained` is True for a method
+    its run recorded as untrained.
     """
-    frames = []
+    frames, meta = [], []
     for run in benches:
-        a = run.aggregate.copy()
-        a["run"] = run.name
-        a["untrained"] = a["method"].isin(list(untrained_methods(run.run)))
-        frames.append(a)
-    agg = pd.concat(frames, ignore_index=True)
-    shared = agg.groupby("dataset")["run"].nunique()
-    agg = agg[agg["dataset"].isin(shared[shared > 1].index)]
+        t = run.table.copy()
+        t["run"] = run.name
+        t["untrained"] = t["method"].isin(list(untrained_methods(run.run)))
+        frames.append(t)
+        cols = [c for c in ("metric", "kind", "scale") if c in run.aggregate.columns]
+        meta.append(run.aggregate[cols])
+    table = pd.concat(frames, ignore_index=True)
+    shared = table.groupby("dataset")["run"].nunique()
+    table = table[table["dataset"].isin(shared[shared > 1].index)]
     notes = []
-    impl = agg.groupby(["dataset", "metric"])["implementation"].nunique()
+    for dataset in dict.fromkeys(table["dataset"]):
+        differ = _same_data(benches, dataset)
+        if differ:
+            notes.append(differ)
+            table = table[table["dataset"] != dataset]
+    impl = table.groupby(["dataset", "metric"])["implementation"].nunique()
     for dataset, metric in impl[impl > 1].index:
-        runs = agg[(agg["dataset"] == dataset) & (agg["metric"] == metric)]
+        runs = table[(table["dataset"] == dataset) & (table["metric"] == metric)]
         runs = runs.drop_duplicates(["run", "implementation"])
         ways = "; ".join(
             f"{r}: {i}" for r, i in zip(runs["run"], runs["implementation"], strict=True)
         )
         notes.append(f"{metric} on {dataset} left out, computed differently: {ways}")
-        agg = agg[~((agg["dataset"] == dataset) & (agg["metric"] == metric))]
-    # the same method scored by two runs: kept once when its quality values agree (its latency
-    # is measured anew by every run; the first run's is shown), else labelled by run
-    quality = agg[agg.get("kind", pd.Series("", index=agg.index)) != "latency"]
+        table = table[~((table["dataset"] == dataset) & (table["metric"] == metric))]
+    # the same method scored by two runs: kept once when its quality values agree, from the
+    # first run, else labelled by run
+    own = pd.concat([r.aggregate.assign(run=r.name) for r in benches], ignore_index=True)
+    remaining = pd.MultiIndex.from_frame(table[["dataset", "metric"]]).unique()
+    own = own[pd.MultiIndex.from_frame(own[["dataset", "metric"]]).isin(remaining)]
+    quality = own[~own["metric"].isin(set(table.loc[table["kind"] == "latency", "metric"]))]
     clash = quality.groupby(["dataset", "method", "metric"])["value"].nunique(dropna=False)
     clashing = {(d, m) for (d, m, _), n in clash.items() if n > 1}
-    agg = agg.assign(
+    keys = ["dataset", "method", "metric", "run"]
+    first = set(table.drop_duplicates(keys[:3])[keys].itertuples(index=False, name=None))
+    keep = [
+        (d, m) in clashing or (d, m, x, r) in first
+        for d, m, x, r in zip(*(table[k] for k in keys), strict=True)
+    ]
+    table = table[pd.Series(keep, index=table.index, dtype=bool)]
+    table = table.assign(
         method=[
             f"{m} ({r})" if (d, m) in clashing else m
-            for d, m, r in zip(agg["dataset"], agg["method"], agg["run"], strict=True)
+            for d, m, r in zip(table["dataset"], table["method"], table["run"], strict=True)
         ]
     )
-    agg = agg.drop_duplicates(["dataset", "method", "metric"])
-    return agg.drop(columns="run"), notes
+    untrained = set(table.loc[table["untrained"], "method"])
+    agg = results.aggregate(table.drop(columns=["run", "untrained"]))
+    meta = pd.concat(meta, ignore_index=True).drop_duplicates("metric")
+    agg = agg.merge(meta, on="metric", how="left")
+    agg["untrained"] = agg["method"].isin(untrained)
+    return agg, table.drop(columns="run"), notes
 
 
 def combined_section(b: _Builder, benches: list[BenchRun], rank_untrained: bool = False) -> None:
-    agg, notes = combine(benches)
+    agg, table, notes = combine(benches)
     if agg.empty:
+        for note in notes:
+            b.add(Para(note + "."))
         return
     why = {m: r for run in benches for m, r in untrained_methods(run.run).items()}
     label = {  # "dloral-tiny (embedded)" is the untrained dloral-tiny of run embedded
@@ -480,23 +542,27 @@ def combined_section(b: _Builder, benches: list[BenchRun], rank_untrained: bool 
         rank_untrained,
     )
     agg = marks.apply(agg[~agg["metric"].isin(SPREAD)])
+    table = marks.apply(table)
     names = ", ".join(r.name for r in benches)
     b.add(Heading(1, "All benchmark runs together"))
     b.add(
         Para(
-            f"Methods of {names} on the datasets more than one run scored, each value as its "
-            "run computed it; each run's own section below gives its provenance."
+            f"Methods of {names} on the datasets more than one run scored, from their results "
+            "joined: every method averaged over the frames and clips all of them have; each "
+            "run's own section below gives its provenance."
         )
     )
     order = _metric_order(agg, [])
     for dataset in dict.fromkeys(agg["dataset"]):
         sub = agg[agg["dataset"] == dataset]
         cap = (
-            f"{dataset}: every run's methods; best bold, second underlined (where a worse value "
-            "exists)." + marks.note(sub["method"])
+            f"{dataset}: every run's methods, mean over {int(sub['clips'].max())} clip(s) of "
+            "per-clip means over the frames every method has; best bold, second underlined "
+            "(where a worse value exists)." + _left_out_note(sub) + marks.note(sub["method"])
         )
-        table = _dataset_table(sub, order, cap, marks.unranked)
-        b.add(Heading(2, f"{dataset} (all runs)"), Table(table))
+        t = _dataset_table(sub, order, cap, marks.unranked)
+        b.add(Heading(2, f"{dataset} (all runs)"), Table(t))
+        _paired(b, table[table["dataset"] == dataset], sub, marks)
     for note in notes:
         b.add(Para(note + "."))
 
