@@ -468,8 +468,8 @@ def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, pd.DataFrame, list[s
     values, is labelled "method (suite)"; with the same values each of its metrics is kept
     once, from the first run that has it (its latency too: every run measures it anew). A
     metric computed by different implementations in different runs (RAFT vs DIS flow, another
-    crop border, ...) is not comparable: it is left out. The notes say which and why. `untrained` is True for a method
-    its run recorded as untrained.
+    crop border, ...) is not comparable: it is left out. The notes say which and why.
+    `untrained` is True for a method its run recorded as untrained.
     """
     frames, meta = [], []
     for run in benches:
