@@ -320,6 +320,7 @@ def test_runs_together_are_averaged_over_shared_frames_and_compared_clip_by_clip
     third = _copy_run(bench_run, tmp_path / "bd", "bd", late_peer, other_lq)
     agg, _, notes = build.combine([first, third])
     assert agg.empty and len(notes) == 1
-    assert "mini-udm not put together: its runs scored other data (lq: mini: BIx4; bd: BDx4)" in (
-        notes[0]
+    assert (
+        "mini-udm not put together: its runs scored other data (lq: mini: BIx4; bd: BDx4)"
+        in (notes[0])
     )
