@@ -1044,10 +1044,38 @@ def _print_bench_table(result) -> None:
         cells = [f"{values[m]:.4g}" if m in values else "-" for m in metrics]
         table.add_row(escape(str(dataset)), escape(str(method)), *cells)
     console.print(table)
+    _print_paired(result, scales)
     for item in result.skipped:
         where = f" ({item['dataset']})" if item.get("dataset") else ""
         first = " ".join(item["reason"].splitlines()[:2])
         console.print("[yellow]skipped[/] " + escape(f"{item['metric']}{where}: {first}"))
+
+
+def _print_paired(result, scales: dict) -> None:
+    """Each ranked method against the best of each metric, clip by clip (as the report)."""
+    from rich.table import Table
+
+    from dloral.bench import paired
+    from dloral.report.sources import untrained_methods
+    from dloral.report.tables import PAIRED_HEADER, paired_rows
+
+    try:
+        run = json.loads((result.out_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        run = {}
+    pairs = paired.against_best(result.table, unranked=set(untrained_methods(run)))
+    if pairs.empty:
+        return
+    table = Table(title="against the best, clip by clip (95% CI: paired bootstrap; p: sign-flip)")
+    table.add_column("dataset")
+    for name in PAIRED_HEADER:
+        table.add_column(
+            name, justify="left" if name in ("metric", "method", "against") else "right"
+        )
+    scales = {m: float(s) for m, s in scales.items()}
+    for dataset, row in zip(pairs["dataset"], paired_rows(pairs, scales), strict=True):
+        table.add_row(escape(str(dataset)), *map(escape, row))
+    console.print(table)
 
 
 data_app = typer.Typer(

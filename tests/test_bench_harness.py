@@ -422,6 +422,11 @@ def test_cli_bench_prints_table_and_exits_2_on_bad_suite(udm, tmp_path):
     assert result.exit_code == 0, result.output
     assert "psnr ↑" in result.output and "s_per_frame ↓" in result.output
     assert "mini" in result.output and "inf" in result.output
+    # each method against the best, clip by clip: the GT's PSNR is infinite, so no p
+    assert "against the best, clip by clip" in result.output
+    assert re.search(
+        r"mini\s*│ psnr↑\s*│ bicubic │ gt\s*│\s*-inf │\s*– │\s*0 / 2 of 2 │ – │", result.output
+    )
     assert (out / "results.parquet").is_file()
     bad = write_suite(tmp_path, udm, ["bicubic"], ["psnr", "sharpness"], name="bad.toml")
     result = runner.invoke(app, ["bench", str(bad), "--out", str(out), "--no-tracking"])
