@@ -1066,7 +1066,7 @@ def _print_paired(result, scales: dict) -> None:
     pairs = paired.against_best(result.table, unranked=set(untrained_methods(run)))
     if pairs.empty:
         return
-    table = Table(title="against the best, clip by clip (95% CI: paired bootstrap; p: sign-flip)")
+    table = Table(title="against the best, clip by clip (p: sign-flip test; 95% CI: its inversion)")
     table.add_column("dataset")
     for name in PAIRED_HEADER:
         table.add_column(

@@ -68,6 +68,18 @@ def _enumerated_p(d):
     return hits / 2 ** len(d)
 
 
+def _assert_inverts_the_test(d, row):
+    """The interval's bounds are where the enumerated test starts to reject the shift, and it
+    holds 0 exactly when p > 0.05."""
+    scale = d.max() - d.min()
+    step = 1e-6 * scale
+    assert d.min() - step <= row["ci_low"] <= row["diff"] <= row["ci_high"] <= d.max() + step
+    for bound, outward in ((row["ci_low"], -step), (row["ci_high"], step)):
+        assert _enumerated_p(d - (bound - outward)) > 0.05  # just inside: not rejected
+        assert _enumerated_p(d - (bound + outward)) <= 0.05  # just outside: rejected
+    assert (row["ci_low"] <= 0 <= row["ci_high"]) == (row["p"] > 0.05)
+
+
 def _clip_diffs(df, metric, method, best):
     clips = results.shared_clips(df)
     wide = clips[clips["metric"] == metric].pivot(index="clip", columns="method", values="value")
@@ -91,7 +103,7 @@ def test_each_method_against_the_best_follows_the_table_and_an_enumerated_test(t
             assert row["clips"] == len(CLIPS) == len(d)
             assert row["p"] == pytest.approx(_enumerated_p(d), abs=1e-12)
             assert (row["better"], row["worse"]) == ((d > 0).sum(), (d < 0).sum())
-            assert d.min() <= row["ci_low"] <= row["diff"] <= row["ci_high"] <= d.max()
+            _assert_inverts_the_test(d, row)
     # +-1 level of noise beats both on every clip: the smallest p six clips can give, 2 / 2^6
     psnr = pairs[pairs["metric"] == "psnr"].set_index("method")
     assert psnr.loc["bicubic", "worse"] == 6 and psnr.loc["bicubic", "better"] == 0
@@ -152,10 +164,15 @@ def test_left_out_clips_untrained_methods_and_noted_values_as_the_table_leaves_t
     pairs = paired.against_best(table, unranked={"gt", "noisy"}).set_index(["metric", "method"])
     assert sorted(pairs.index) == [("psnr", "bicubic"), ("ssim", "bicubic")]
     assert set(pairs["best"]) == {"blur"}
-    # a metric with a noted value (shown with a dagger, not ranked) is not compared
+    # a method's mean with a noted value (shown with a dagger, not ranked) is not compared,
+    # the other methods' are
     noted = table.copy()
-    noted.loc[(noted["metric"] == "ssim") & (noted["clip"] == "c2"), "note"] = "test note"
-    assert set(paired.against_best(noted, unranked={"gt"})["metric"]) == {"psnr"}
+    where = (noted["metric"] == "ssim") & (noted["clip"] == "c2") & (noted["method"] == "noisy")
+    noted.loc[where & (noted["frame"] == 0), "note"] = "test note"
+    pairs = paired.against_best(noted, unranked={"gt"}).set_index(["metric", "method"])
+    assert sorted(pairs.loc["ssim"].index) == ["bicubic"]
+    assert pairs.loc[("ssim", "bicubic"), "best"] == "blur"
+    assert sorted(pairs.loc["psnr"].index) == ["bicubic", "blur"]
 
 
 def test_above_sixteen_clips_random_sign_patterns_match_the_enumeration(table):

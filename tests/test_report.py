@@ -92,7 +92,7 @@ def test_report_tables_follow_the_results_and_every_image_exists(report, bench_r
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:5] == [best, f"{psnr[other] - psnr[best]:+.3f}", "–"]
     assert cells[5].endswith("of 2") and float(cells[6]) >= 0.5
-    assert "a sign-flip permutation test over clips" in md
+    assert "two-sided sign-flip permutation test over clips" in md
     ewarp = agg[agg["metric"] == "ewarp@evalcrafter"].set_index("method")["value"]
     assert "ewarp@evalcrafter (×10⁻³)↓" in md and f"{ewarp.min() * 1000:.4f}" in md
     # per-clip breakdown on request: one column per clip, values = the clip's frame mean
@@ -310,17 +310,61 @@ def test_runs_together_are_averaged_over_shared_frames_and_compared_clip_by_clip
     md = build.build_report(tmp_path / "rep", [first, second]).markdown.read_text()
     together = md.split("## All benchmark runs together")[1].split("# Benchmark:")[0]
     assert "values left out where not every method has one" in together
-    assert "| psnr↑ | bicubic |" in together and "a sign-flip permutation test" in together
+    assert "| psnr↑ | bicubic |" in together and "sign-flip permutation test" in together
+
+    assert first.run["datasets"]["mini-udm"]["lq_read"] == "BIx4"  # what the harness read
 
     # a run of the same dataset name on other LQ frames is not put in the same table
     def other_lq(run):
-        run["suite"]["datasets"][0]["lq"] = "BDx4"
+        run["suite"]["datasets"][0]["lq"] = run["datasets"]["mini-udm"]["lq_read"] = "BDx4"
         return run
 
     third = _copy_run(bench_run, tmp_path / "bd", "bd", late_peer, other_lq)
     agg, _, notes = build.combine([first, third])
     assert agg.empty and len(notes) == 1
-    assert (
-        "mini-udm not put together: its runs scored other data (lq: mini: BIx4; bd: BDx4)"
-        in (notes[0])
+    assert notes[0] == (
+        "mini-udm not put together: its runs scored other data (LQ folder: mini: BIx4; bd: BDx4)"
     )
+
+    # a run that recorded no LQ folder (suite lq left to the reader, before lq_read): joined,
+    # and the note says what could not be compared
+    def unrecorded(run):
+        run["suite"]["datasets"][0]["lq"] = None
+        del run["datasets"]["mini-udm"]["lq_read"]
+        return run
+
+    older = _copy_run(bench_run, tmp_path / "older", "older", late_peer, unrecorded)
+    agg, _, notes = build.combine([first, older])
+    assert not agg.empty
+    assert notes == ["mini-udm: the runs' LQ folder not compared, older did not record it"]
+
+
+def test_runs_together_tell_one_method_from_two_by_their_frames(bench_run, tmp_path):
+    first = sources.load_bench(bench_run)
+
+    def bicubic_and_late(t):  # bicubic as it was, beside a peer without frame 0
+        late = t[(t["method"] == "blur") & (t["frame"] != 0)].assign(method="late")
+        return pd.concat([t[t["method"] == "bicubic"], late])
+
+    # bicubic scored alike by both runs, though each run's own mean differs (other frames)
+    second = _copy_run(bench_run, tmp_path / "late", "late", bicubic_and_late)
+    own = [
+        r.aggregate.set_index(["metric", "method"]).loc[("psnr", "bicubic"), "value"]
+        for r in (first, second)
+    ]
+    assert own[0] != pytest.approx(own[1])
+    agg, _, _ = build.combine([first, second])
+    assert sorted(set(agg["method"])) == ["bicubic", "blur", "late"]
+
+    # the same suite run again with other values: each run's own, labelled apart
+    def brighter(t):
+        return t.assign(value=t["value"].where(t["metric"] != "psnr", t["value"] + 1))
+
+    again = _copy_run(bench_run, tmp_path / "again", "mini", brighter)
+    agg, _, _ = build.combine([first, again])
+    psnr = agg[agg["metric"] == "psnr"].set_index("method")["value"]
+    mine = first.aggregate.set_index(["metric", "method"])["value"]
+    labels = ["bicubic (mini)", "bicubic (mini#2)", "blur (mini)", "blur (mini#2)"]
+    assert sorted(psnr.index) == sorted(labels)
+    assert psnr["bicubic (mini)"] == pytest.approx(mine["psnr", "bicubic"])
+    assert psnr["bicubic (mini#2)"] == pytest.approx(mine["psnr", "bicubic"] + 1)

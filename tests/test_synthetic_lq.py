@@ -16,7 +16,13 @@ from dloral.cli import app
 from dloral.data.degradation import VideoDegradation
 from dloral.data.frames import write_png
 from dloral.data.readers import DatasetError, read_dataset
-from dloral.data.synthetic import DegradeError, clip_seed, degrade_set, frame_seed
+from dloral.data.synthetic import (
+    DegradeError,
+    clip_seed,
+    degrade_set,
+    frame_seed,
+    read_manifest,
+)
 
 CLIPS = {"clipA": (100, 300), "clipB": (20, 40)}
 
@@ -71,6 +77,13 @@ def test_the_same_command_gives_the_same_files_and_a_clip_does_not_depend_on_the
     first = degrade_set("udm10", gt_set, tmp_path / "a", seed=3)["files"]
     again = degrade_set("udm10", gt_set, tmp_path / "b", seed=3)["files"]
     assert first == again
+    # the same set made from a copy of the GT elsewhere: other paths in the manifests, the
+    # same frames digest, which a report joining two runs compares
+    shutil.copytree(gt_set, tmp_path / "copy")
+    degrade_set("udm10", tmp_path / "copy", tmp_path / "e", seed=3)
+    made = [read_manifest(tmp_path / x) for x in ("a", "e")]
+    assert made[0]["manifest_sha256"] != made[1]["manifest_sha256"]
+    assert made[0]["files_sha256"] == made[1]["files_sha256"]
     alone = write_udm_set(tmp_path / "alone", bikes_path, {"clipB": CLIPS["clipB"]}, 3, blur=3)
     only_b = degrade_set("udm10", alone, tmp_path / "c", seed=3)["files"]
     assert only_b == {k: v for k, v in first.items() if "/clipB/" in k}

@@ -190,7 +190,7 @@ def test_other_settings_are_refused_naming_them_and_force_starts_over(bikes_fold
         *("--vae-decoder-tile", "8"),  # tiles these frames' 24x32 latents, whole before
     )
     assert code == 2, out
-    assert "tiling.vae_decoder: 'whole' there, 'reference tiles of 8 latent' now" in out
+    assert "tiling.vae_decoder: 'whole' there, 'reference tiles: 1x2 of 8x8 latent' now" in out
     assert "options.vae_decoder_tile" not in out  # named by what it does to the frames
     assert "options.color_fix: 'adain' there, 'wavelet' now" in out
     assert "options.previous: 'carry' there, 'reencode' now" in out
@@ -229,18 +229,24 @@ def test_tile_options_that_cut_no_frame_go_on_and_an_older_record_compares_them(
         assert np.abs(_pngs(parts)[name].astype(int) - frame.astype(int)).max() <= 1, name
     # each part tiled in turn is refused, naming it
     for args, part, now in [
-        (("--vae-encoder-tile", "96"), "vae_encoder", "reference tiles of 96 px"),
+        (("--vae-encoder-tile", "96"), "vae_encoder", "reference tiles: 2x2 of 64x96 px"),
         (("--tile", "128"), "vae_encoder", "diffusers tiles of 128 px"),
         (("--tile", "64"), "vae_decoder", "diffusers tiles of 8 latent"),
         # a latent tile larger than the latent's short side, its overlap halved (tile_overlap)
         (
             ("--latent-tile", "27", "--latent-overlap", "26"),
             "latent",
-            "tiles of 24 latent, overlap 12",
+            "tiles of 24 latent at rows [0], columns [0, 8]",
         ),
     ]:
         code, out = _upscale(bikes_folder, parts, *args)
         assert code == 2 and f"tiling.{part}: 'whole' there, '{now}' now" in out, (args, out)
+    # another tile size that cuts the frames into the same grid goes on: 96 and 104 px both
+    # give 2x2 cores of 64x96 px on the 192x256 input
+    tiled = tmp_path / "tiled"
+    assert _upscale(bikes_folder, tiled, "--frames", "2", "--vae-encoder-tile", "96")[0] == 0
+    code, out = _upscale(bikes_folder, tiled, "--vae-encoder-tile", "104")
+    assert code == 0 and "going on from frame 2" in out, out
     # a record written before "tiling" compares the tile options by value, as it did
     record = _record(parts)
     del record["tiling"]

@@ -143,6 +143,19 @@ class _Cache:
         results.write_parquet(df, self.path)
 
 
+def _lq_read(ds: Dataset) -> str | None:
+    """The folder (or file kind) under the dataset's root its clips' LQ frames were read from,
+    e.g. "BIx4" (the suite's `lq` may leave it to the reader), "." for clips at the root."""
+    for clip in ds.clips:
+        if clip.lq is not None:
+            try:
+                rel = Path(clip.lq.path).resolve().relative_to(Path(ds.root).resolve())
+            except ValueError:
+                return str(clip.lq.path.parent)
+            return str(rel.parent)
+    return None
+
+
 def _embedded_manifest(name: str, root: Path) -> dict:
     path = root.parent / "manifest.json"
     if not path.is_file():
@@ -423,7 +436,10 @@ def run_bench(
         # per method: "skip" where its output lacked a clip's frame 0 (those frames not scored)
         "first_frame": {m.name: getattr(m, "first_frame", "self") for m in runners},
         "frames_scored": {},  # method -> "dataset/clip" -> {first, last, frames}
-        "datasets": {s.name: {"kind": s.kind, "root": s.root, **m} for s, _, _, m in datasets},
+        "datasets": {
+            s.name: {"kind": s.kind, "root": s.root, "lq_read": _lq_read(ds), **m}
+            for s, ds, _, m in datasets
+        },
         # the same facts as `dloral-exp doctor`: versions, device, every weight found or missing
         "versions": provenance.versions(),
         "machine": provenance.device(),

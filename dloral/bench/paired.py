@@ -6,8 +6,11 @@ set against the best one of a metric on the same clips, the per-clip means the t
 
 - `diff`: the mean of the per-clip differences (method - best), which is the difference of the
   table's two means;
-- `ci_low`, `ci_high`: a 95% paired bootstrap interval of that mean (the clips resampled with
-  replacement, 10,000 times, from a fixed seed; percentile interval), given from 5 clips on;
+- `ci_low`, `ci_high`: a 95% interval of that mean, the shifts the test below does not reject
+  (the differences less a shift whose sign-flip p stays above 0.05; bounds found by bisection):
+  it holds 0 exactly when p > 0.05, and like the test it assumes only that each clip's
+  difference is symmetric about the shift. With 5 clips or fewer no shift is rejected (p is
+  never below 2/2^n = 0.0625), so there is no interval (NaN);
 - `better`, `worse`: on how many clips the method is better or worse than the best, in the
   metric's direction;
 - `p`: the two-sided p-value of a sign-flip permutation test of the mean difference (under "no
@@ -31,52 +34,73 @@ import pandas as pd
 
 from dloral.bench import results
 
-LEVEL = 0.95
-RESAMPLES = 10_000
-MIN_CLIPS_FOR_INTERVAL = 5
+ALPHA = 0.05  # 95% intervals
 EXACT_UP_TO = 16  # clips; 2^16 sign patterns
 DRAWS = 100_000  # random sign patterns above EXACT_UP_TO
 SEED = 0
+BISECTIONS = 40  # the bounds to 2^-40 of the differences' spread
+
+
+def _signs(n: int, seed: int) -> np.ndarray:
+    """Every sign pattern of n clips (n <= EXACT_UP_TO), else DRAWS random ones."""
+    if n <= EXACT_UP_TO:
+        return np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+    return np.random.default_rng(seed).choice((1.0, -1.0), size=(DRAWS, n))
+
+
+def _p(d: np.ndarray, signs: np.ndarray) -> float:
+    observed = abs(d.mean())
+    # a flipped pattern equal to the observed one up to rounding counts as at least as extreme
+    tolerance = 1e-9 * max(float(np.abs(d).mean()), np.finfo(np.float64).tiny)
+    extreme = int(np.sum(np.abs(signs @ d / len(d)) >= observed - tolerance))
+    if len(d) <= EXACT_UP_TO:
+        return extreme / len(signs)
+    return (1 + extreme) / (1 + len(signs))
 
 
 def sign_flip_p(diffs: np.ndarray, seed: int = SEED) -> float:
     """Two-sided p of mean(diffs) == 0 under random signs (see the module's doc)."""
     d = np.asarray(diffs, dtype=np.float64)
-    observed = abs(d.mean())
-    # a flipped pattern equal to the observed one up to rounding counts as at least as extreme
-    tolerance = 1e-9 * max(float(np.abs(d).mean()), np.finfo(np.float64).tiny)
-    if len(d) <= EXACT_UP_TO:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
-        return float(np.mean(np.abs(signs @ d / len(d)) >= observed - tolerance))
-    rng = np.random.default_rng(seed)
-    signs = rng.choice((1.0, -1.0), size=(DRAWS, len(d)))
-    extreme = int(np.sum(np.abs(signs @ d / len(d)) >= observed - tolerance))
-    return (1 + extreme) / (1 + DRAWS)
+    return _p(d, _signs(len(d), seed))
 
 
-def bootstrap_interval(diffs: np.ndarray, seed: int = SEED) -> tuple[float, float]:
-    """95% percentile interval of mean(diffs) over clips resampled with replacement; NaNs below
-    MIN_CLIPS_FOR_INTERVAL clips."""
+def sign_flip_interval(diffs: np.ndarray, seed: int = SEED) -> tuple[float, float]:
+    """The shifts m whose sign_flip_p(diffs - m) is above ALPHA, as (low, high): bisection from
+    the mean (p = 1) out to beyond the farthest difference (p = 2/2^n, or about it); NaNs
+    where no shift is rejected (5 clips or fewer)."""
     d = np.asarray(diffs, dtype=np.float64)
-    if len(d) < MIN_CLIPS_FOR_INTERVAL:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(RESAMPLES, len(d)))].mean(axis=1)
-    tail = (1 - LEVEL) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
+    signs = _signs(len(d), seed)
+    spread = float(d.max() - d.min()) or max(abs(float(d.mean())), 1.0)
+    bounds = []
+    for far in (d.min() - spread, d.max() + spread):
+        if _p(d - far, signs) > ALPHA:
+            return float("nan"), float("nan")
+        inside, outside = float(d.mean()), float(far)
+        for _ in range(BISECTIONS):
+            mid = (inside + outside) / 2
+            if _p(d - mid, signs) > ALPHA:
+                inside = mid
+            else:
+                outside = mid
+        bounds.append(inside)
+    return bounds[0], bounds[1]
 
 
 def against_best(df: pd.DataFrame, unranked: Collection[str] = ()) -> pd.DataFrame:
     """Per dataset and metric, every ranked method against the best one (`df`: the results
-    table). Left out, as the table leaves them unranked: latency and memory, means made of
-    noted values, `unranked` methods (untrained weights), and metrics with fewer than two
-    methods or two clips."""
+    table). Left out, as the table leaves them unranked: latency and memory, a method's
+    mean made of noted values (its `noted` in `results.aggregate`), `unranked` methods
+    (untrained weights), and metrics with fewer than two methods or two clips."""
     clips = results.shared_clips(df)
-    clips = clips[clips["value"].notna() & ~clips["method"].isin(list(unranked))]
+    # noted as the aggregate counts it: over all the method's clips, left out ones included
+    noted = clips.groupby(["dataset", "metric", "method"])["noted"].transform("sum") > 0
     latency = set(df.loc[df["kind"] == "latency", "metric"])
-    noted = clips.groupby(["dataset", "metric"])["noted"].transform("sum") > 0
-    clips = clips[~clips["metric"].isin(latency) & ~noted]
+    clips = clips[
+        clips["value"].notna()
+        & ~clips["method"].isin(list(unranked))
+        & ~clips["metric"].isin(latency)
+        & ~noted
+    ]
     out = []
     for (dataset, metric), sub in clips.groupby(["dataset", "metric"], sort=False):
         wide = sub.pivot_table(index="clip", columns="method", values="value", aggfunc="first")
@@ -91,7 +115,7 @@ def against_best(df: pd.DataFrame, unranked: Collection[str] = ()) -> pd.DataFra
                 continue
             d = (wide[method] - wide[best]).to_numpy()
             finite = bool(np.isfinite(d).all())  # PSNR of a frame equal to the GT is inf
-            low, high = bootstrap_interval(d) if finite else (float("nan"),) * 2
+            low, high = sign_flip_interval(d) if finite else (float("nan"),) * 2
             ahead = d > 0 if higher else d < 0
             behind = d < 0 if higher else d > 0
             out.append(

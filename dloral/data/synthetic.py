@@ -261,6 +261,17 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
         "degraded_set": str(path),
         "manifest_sha256": hashlib.sha256(data).hexdigest(),
         "files": len(manifest.get("files", {})),
+        # the frames alone (LQ files and GT clips by content, no paths): the same for the same
+        # set wherever it was made or moved, to tell runs on the same frames
+        "files_sha256": hashlib.sha256(
+            json.dumps(
+                {
+                    "lq": manifest.get("files", {}),
+                    "gt": {c.get("name"): c.get("gt_sha256") for c in manifest.get("clips", [])},
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest(),
         "lq_verified": True,
         "seed": manifest.get("seed"),
         "per_frame_noise": manifest.get("per_frame_noise"),

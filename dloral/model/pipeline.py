@@ -44,8 +44,9 @@ from dloral.model.colorfix import color_fix
 from dloral.model.config import UpscaleOptions
 from dloral.model.dloral import DLoRAL
 from dloral.model.prompts import PromptSource
-from dloral.model.tiling import needs_tiling, restore_tiled, tile_overlap
-from dloral.model.vae_tiles import VAETiles
+from dloral.model.tiling import needs_tiling, restore_tiled, tile_grid
+from dloral.model.vae_tiles import DECODER_PAD, ENCODER_PAD, VAETiles
+from dloral.model.vae_tiles import grid as vae_grid
 from dloral.resize import resize_frames
 
 log = logging.getLogger(__name__)
@@ -185,25 +186,30 @@ class VideoUpscaler:
 
     def tiling(self, size: tuple[int, int]) -> dict[str, str]:
         """How frames of LQ `size` (h, w) are cut into tiles: per part (the VAE's encoder and
-        decoder, CFR + UNet on the latent) the setting that cuts it, or "whole" where that part
+        decoder, CFR + UNet on the latent) the grid that cuts it, or "whole" where that part
         sees the whole frame. Tile options that leave this unchanged give the same frames."""
         h, w = self.model_size(self.geometry(size)[0])
         latent = (h // 8, w // 8)
         encoder = decoder = "whole"
-        if self.vae_tiles is not None:
-            if self.vae_tiles.encoder_tiled((h, w)):
-                encoder = f"reference tiles of {self.vae_tiles.encoder} px"
-            if self.vae_tiles.decoder_tiled(latent):
-                decoder = f"reference tiles of {self.vae_tiles.decoder} latent"
-        elif self.opt.tile:  # diffusers' tiling: a side above its tile
+        tiles = self.vae_tiles
+        if tiles is not None:
+            if tiles.encoder_tiled((h, w)):
+                rows, cols, th, tw = vae_grid(h, w, tiles.encoder, ENCODER_PAD)
+                encoder = f"reference tiles: {rows}x{cols} of {th}x{tw} px"
+            if tiles.decoder_tiled(latent):
+                rows, cols, th, tw = vae_grid(*latent, tiles.decoder, DECODER_PAD)
+                decoder = f"reference tiles: {rows}x{cols} of {th}x{tw} latent"
+        elif self.opt.tile:  # diffusers' tiling: a side above its tile, which sets its grid
             if max(h, w) > self.opt.tile:
                 encoder = f"diffusers tiles of {self.opt.tile} px"
             if max(latent) > self.opt.tile // 8:
                 decoder = f"diffusers tiles of {self.opt.tile // 8} latent"
         unet = "whole"
         if needs_tiling(*latent, self.opt.latent_tile):
-            tile = min(self.opt.latent_tile, *latent)
-            unet = f"tiles of {tile} latent, overlap {tile_overlap(tile, self.opt.latent_overlap)}"
+            tile, origins = tile_grid(*latent, self.opt.latent_tile, self.opt.latent_overlap)
+            tops = sorted({y for y, _ in origins})
+            lefts = sorted({x for _, x in origins})
+            unet = f"tiles of {tile} latent at rows {tops}, columns {lefts}"
         return {"vae_encoder": encoder, "vae_decoder": decoder, "latent": unet}
 
     @torch.no_grad()

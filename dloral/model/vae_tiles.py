@@ -114,14 +114,20 @@ def _fitted(size: int, most: int) -> int:
     return size
 
 
-def split(height: int, width: int, tile: int, pad: int) -> list[Tile]:
-    """The reference's grid: as few cores of at most `tile` as cover the frame less `pad` on
-    each side, shrunk to an even share (rounded up to a multiple of 32 where that fits); a core
-    within `pad` of the frame's edge reaches the edge. Row-major order."""
+def grid(height: int, width: int, tile: int, pad: int) -> tuple[int, int, int, int]:
+    """(rows, cols, core height, core width) of `split`'s grid, which they decide."""
     rows = max(math.ceil((height - 2 * pad) / tile), 1)
     cols = max(math.ceil((width - 2 * pad) / tile), 1)
     th = _fitted(math.ceil((height - 2 * pad) / rows), tile)
     tw = _fitted(math.ceil((width - 2 * pad) / cols), tile)
+    return rows, cols, th, tw
+
+
+def split(height: int, width: int, tile: int, pad: int) -> list[Tile]:
+    """The reference's grid: as few cores of at most `tile` as cover the frame less `pad` on
+    each side, shrunk to an even share (rounded up to a multiple of 32 where that fits); a core
+    within `pad` of the frame's edge reaches the edge. Row-major order."""
+    rows, cols, th, tw = grid(height, width, tile, pad)
     tiles = []
     for i in range(rows):
         for j in range(cols):

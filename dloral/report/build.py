@@ -361,12 +361,7 @@ def bench_section(
             "published code a temporal metric reproduces (README, Benchmarks and metrics)."
         )
         cap += _left_out_note(sub)
-        if "noted" in sub and (sub["noted"].fillna(0) > 0).any():
-            mine = df[df["dataset"] == dataset]
-            notes = list(dict.fromkeys(mine.loc[mine["note"].fillna("") != "", "note"]))
-            if results.shared_frames(mine)["unaligned"].any():
-                notes.append("a clip-level value over other frames than another method's")
-            cap += f" {tables.NOTED} shown, not ranked: " + "; ".join(notes) + "."
+        cap += _noted_note(sub, df[df["dataset"] == dataset])
         cap += marks.note(sub["method"]) + _timing_note(sub, df, dataset)
         shown = sub[~sub["metric"].isin(SPREAD)]
         table = _dataset_table(shown, order, cap, marks.unranked)
@@ -390,6 +385,16 @@ def bench_section(
     _skipped(b, run)
     b.add(Heading(2, "Provenance"))
     _bench_provenance(b, run)
+
+
+def _noted_note(sub: pd.DataFrame, mine: pd.DataFrame) -> str:
+    """Why values of one dataset's aggregate `sub` (from the results `mine`) show a dagger."""
+    if "noted" not in sub or not (sub["noted"].fillna(0) > 0).any():
+        return ""
+    notes = list(dict.fromkeys(mine.loc[mine["note"].fillna("") != "", "note"]))
+    if results.shared_frames(mine)["unaligned"].any():
+        notes.append("a clip-level value over other frames than another method's")
+    return f" {tables.NOTED} shown, not ranked: " + "; ".join(notes) + "."
 
 
 def _left_out_note(sub: pd.DataFrame) -> str:
@@ -422,39 +427,65 @@ def _paired(b: _Builder, df: pd.DataFrame, agg: pd.DataFrame, marks: _Marks) -> 
             list(tables.PAIRED_HEADER),
             tables.paired_rows(pairs, tables.metric_scales(agg, None)),
             "Each method against the best of each metric on the same clips: Δ mean is the "
-            "difference of the two means above, in their units; 95% CI a paired bootstrap "
-            f"over clips (from {paired.MIN_CLIPS_FOR_INTERVAL} clips); p a sign-flip "
+            "difference of the two means above, in their units; p a two-sided sign-flip "
             "permutation test over clips (exact up to 16 clips; with n clips no p is below "
-            "2/2^n). A difference whose interval holds 0, or whose p is not small, may be "
-            "which clips the set has rather than the methods.",
+            "2/2^n); 95% CI the shifts that test does not reject (– with 5 clips or fewer), so "
+            "it holds 0 exactly when p > 0.05. p is not adjusted for comparing several methods "
+            "with a best picked from the same clips: among many methods, some p below 0.05 "
+            "come by chance. A difference whose interval holds 0 may be which clips the set "
+            "has rather than the methods.",
         )
     )
 
 
+def _run_labels(benches: list[BenchRun]) -> list[str]:
+    """Each run's label: its suite's name, with #2, #3, ... after a name an earlier run has."""
+    seen: dict[str, int] = {}
+    out = []
+    for run in benches:
+        seen[run.name] = seen.get(run.name, 0) + 1
+        out.append(run.name if seen[run.name] == 1 else f"{run.name}#{seen[run.name]}")
+    return out
+
+
+_DATA_KEYS = {"kind": "reader kind", "scale": "scale", "lq": "LQ folder", "files": "files digest"}
+
+
 def _data_of(run: BenchRun, dataset: str) -> dict[str, Any]:
-    """What a run's dataset was: its reader kind, LQ, scale and, where recorded, its files'
-    digest (a manifest's), which two runs must share to be put in one table."""
+    """What a run recorded of its dataset: the reader kind, the scale, the LQ folder it read
+    (`lq_read`, else the suite's `lq` where it named one) and the files' digest of an embedded
+    or degraded set's manifest (its frames' content, not paths)."""
     spec = next(
         (d for d in (run.run.get("suite") or {}).get("datasets", []) if d.get("name") == dataset),
         {},
     )
     files = (run.run.get("datasets") or {}).get(dataset) or {}
-    data = {k: spec.get(k) for k in ("kind", "lq", "scale") if spec.get(k) is not None}
-    digest = files.get("files_sha256") or files.get("manifest_sha256")
-    return {**data, "files": digest} if digest else data
+    data = {
+        "kind": spec.get("kind"),
+        "scale": spec.get("scale"),
+        "lq": files.get("lq_read") or spec.get("lq"),
+        "files": files.get("files_sha256"),
+    }
+    return {k: v for k, v in data.items() if v is not None}
 
 
-def _same_data(benches: list[BenchRun], dataset: str) -> str:
-    """ "" where the runs that scored `dataset` scored the same data (as far as they recorded
-    it), else how they differ."""
-    runs = [r for r in benches if (r.table["dataset"] == dataset).any()]
-    seen = [(r.name, _data_of(r, dataset)) for r in runs]
-    for key in ("kind", "lq", "scale", "files"):
-        values = {n: d[key] for n, d in seen if key in d}
+def _same_data(runs: list[tuple[str, BenchRun]], dataset: str) -> tuple[str, list[str]]:
+    """(why the (label, run) pairs that scored `dataset` did not score the same data, "" where
+    nothing they recorded differs; notes on what only some of them recorded, so was not
+    checked)."""
+    seen = [(label, _data_of(run, dataset)) for label, run in runs]
+    unchecked = []
+    for key, what in _DATA_KEYS.items():
+        values = {label: d[key] for label, d in seen if key in d}
         if len(set(map(str, values.values()))) > 1:
-            what = "; ".join(f"{n}: {str(v)[:16]}" for n, v in values.items())
-            return f"{dataset} not put together: its runs scored other data ({key}: {what})"
-    return ""
+            shown = "; ".join(f"{label}: {str(v)[:16]}" for label, v in values.items())
+            return f"{dataset} not put together: its runs scored other data ({what}: {shown})", []
+        lacking = [label for label, d in seen if key not in d]
+        if values and lacking:
+            unchecked.append(
+                f"{dataset}: the runs' {what} not compared, {', '.join(lacking)} did not record it"
+            )
+    return "", unchecked
 
 
 def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -463,18 +494,20 @@ def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, pd.DataFrame, list[s
     is averaged over the frames and clips all of them have (`results.aggregate`), whichever run
     scored it, and the methods can be set against each other clip by clip.
 
-    A dataset whose runs recorded other data (reader kind, LQ folder, scale, or the files'
-    digest of a manifest) is left out. A method name that two runs both have, with different
-    values, is labelled "method (suite)"; with the same values each of its metrics is kept
-    once, from the first run that has it (its latency too: every run measures it anew). A
-    metric computed by different implementations in different runs (RAFT vs DIS flow, another
-    crop border, ...) is not comparable: it is left out. The notes say which and why.
-    `untrained` is True for a method its run recorded as untrained.
+    A dataset whose runs recorded other data (reader kind, scale, LQ folder read, or the files'
+    digest of a manifest) is left out. A method that two runs both scored is one method where
+    their values agree on every frame both have (and keeps the frames either has; its latency
+    and memory from the first run, every run measuring them anew), else it is labelled by run,
+    "method (suite)" (suite#2, ... for a second run of a suite). A metric computed by different
+    implementations in different runs (RAFT vs DIS flow, another crop border, ...) is not
+    comparable: it is left out. The notes say which and why. `untrained` is True for a method
+    its run recorded as untrained.
     """
+    labelled = list(zip(_run_labels(benches), benches, strict=True))
     frames, meta = [], []
-    for run in benches:
+    for label, run in labelled:
         t = run.table.copy()
-        t["run"] = run.name
+        t["run"] = label
         t["untrained"] = t["method"].isin(list(untrained_methods(run.run)))
         frames.append(t)
         cols = [c for c in ("metric", "kind", "scale") if c in run.aggregate.columns]
@@ -484,9 +517,10 @@ def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, pd.DataFrame, list[s
     table = table[table["dataset"].isin(shared[shared > 1].index)]
     notes = []
     for dataset in dict.fromkeys(table["dataset"]):
-        differ = _same_data(benches, dataset)
+        runs = [(label, run) for label, run in labelled if (run.table["dataset"] == dataset).any()]
+        differ, unchecked = _same_data(runs, dataset)
+        notes += [differ] if differ else unchecked
         if differ:
-            notes.append(differ)
             table = table[table["dataset"] != dataset]
     impl = table.groupby(["dataset", "metric"])["implementation"].nunique()
     for dataset, metric in impl[impl > 1].index:
@@ -497,21 +531,21 @@ def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, pd.DataFrame, list[s
         )
         notes.append(f"{metric} on {dataset} left out, computed differently: {ways}")
         table = table[~((table["dataset"] == dataset) & (table["metric"] == metric))]
-    # the same method scored by two runs: kept once when its quality values agree, from the
-    # first run, else labelled by run
-    own = pd.concat([r.aggregate.assign(run=r.name) for r in benches], ignore_index=True)
-    remaining = pd.MultiIndex.from_frame(table[["dataset", "metric"]]).unique()
-    own = own[pd.MultiIndex.from_frame(own[["dataset", "metric"]]).isin(remaining)]
-    quality = own[~own["metric"].isin(set(table.loc[table["kind"] == "latency", "metric"]))]
-    clash = quality.groupby(["dataset", "method", "metric"])["value"].nunique(dropna=False)
-    clashing = {(d, m) for (d, m, _), n in clash.items() if n > 1}
-    keys = ["dataset", "method", "metric", "run"]
-    first = set(table.drop_duplicates(keys[:3])[keys].itertuples(index=False, name=None))
-    keep = [
-        (d, m) in clashing or (d, m, x, r) in first
-        for d, m, x, r in zip(*(table[k] for k in keys), strict=True)
-    ]
-    table = table[pd.Series(keep, index=table.index, dtype=bool)]
+    # the same method scored by two runs: one method where every frame both have agrees
+    latency = table["kind"] == "latency"
+    at = ["dataset", "method", "metric", "clip", "frame"]
+    differ = table[~latency].groupby(at)["value"].nunique(dropna=False)
+    clashing = set(differ[differ > 1].index.droplevel([2, 3, 4]))
+    apart = pd.Series(
+        [(d, m) in clashing for d, m in zip(table["dataset"], table["method"], strict=True)],
+        index=table.index,
+        dtype=bool,
+    )
+    once = ~apart & ~latency & ~table.duplicated(at)  # the first run's value of each frame
+    # latency and memory of the first run that measured them
+    first = table[latency].drop_duplicates(at[:3])[[*at[:3], "run"]]
+    timed = pd.MultiIndex.from_frame(table[[*at[:3], "run"]]).isin(pd.MultiIndex.from_frame(first))
+    table = table[apart | once | (~apart & latency & timed)]
     table = table.assign(
         method=[
             f"{m} ({r})" if (d, m) in clashing else m
@@ -558,7 +592,10 @@ def combined_section(b: _Builder, benches: list[BenchRun], rank_untrained: bool 
         cap = (
             f"{dataset}: every run's methods, mean over {int(sub['clips'].max())} clip(s) of "
             "per-clip means over the frames every method has; best bold, second underlined "
-            "(where a worse value exists)." + _left_out_note(sub) + marks.note(sub["method"])
+            "(where a worse value exists)."
+            + _left_out_note(sub)
+            + _noted_note(sub, table[table["dataset"] == dataset])
+            + marks.note(sub["method"])
         )
         t = _dataset_table(sub, order, cap, marks.unranked)
         b.add(Heading(2, f"{dataset} (all runs)"), Table(t))
