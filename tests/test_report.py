@@ -293,8 +293,13 @@ def test_runs_together_are_averaged_over_shared_frames_and_compared_clip_by_clip
         t = t[t["method"] == "blur"].assign(method="late")
         return t[(t["frame"] != 0) | (t["level"] == "clip")]
 
-    first = sources.load_bench(bench_run)
-    second = _copy_run(bench_run, tmp_path / "late", "late", late_peer)
+    def with_dover(t):  # a clip-level score per method and clip, as DOVER's
+        one = t[(t["metric"] == "psnr") & (t["frame"] == 0)]
+        clip = one.assign(metric="dover@overall", frame=-1, level="clip", kind="no_reference")
+        return pd.concat([t, clip.assign(value=0.5, implementation="test")])
+
+    first = _copy_run(bench_run, tmp_path / "first", "mini", with_dover)
+    second = _copy_run(bench_run, tmp_path / "late", "late", lambda t: late_peer(with_dover(t)))
     agg, table, notes = build.combine([first, second])
     assert notes == [] and set(table["method"]) == {"bicubic", "blur", "late"}
     psnr = agg[agg["metric"] == "psnr"].set_index("method")["value"]
@@ -310,6 +315,9 @@ def test_runs_together_are_averaged_over_shared_frames_and_compared_clip_by_clip
     md = build.build_report(tmp_path / "rep", [first, second]).markdown.read_text()
     together = md.split("## All benchmark runs together")[1].split("# Benchmark:")[0]
     assert "values left out where not every method has one" in together
+    # DOVER of the whole clip, where the late peer scored other frames: shown, not ranked
+    assert "0.5000†" in together
+    assert "† shown, not ranked: a clip-level value over other frames" in together
     assert "| psnr↑ | bicubic |" in together and "sign-flip permutation test" in together
 
     assert first.run["datasets"]["mini-udm"]["lq_read"] == "BIx4"  # what the harness read
