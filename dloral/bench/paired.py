@@ -38,7 +38,7 @@ ALPHA = 0.05  # 95% intervals
 EXACT_UP_TO = 16  # clips; 2^16 sign patterns
 DRAWS = 100_000  # random sign patterns above EXACT_UP_TO
 SEED = 0
-BISECTIONS = 40  # the bounds to 2^-40 of the differences' spread
+BISECTIONS = 32  # the bounds to 2^-32 of the differences' spread
 
 
 def _signs(n: int, seed: int) -> np.ndarray:
