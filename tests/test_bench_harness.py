@@ -265,6 +265,23 @@ def test_folder_outputs_of_every_clip_checked_before_any_scoring(udm, tmp_path):
     assert not (out / "results.parquet").exists() and not (out / "run.json").exists()
 
 
+def test_a_frames_limit_takes_a_folder_holding_only_the_scored_frames(udm, tmp_path):
+    """A suite scoring each clip's first 2 frames takes outputs of those 2 alone (a run with
+    the same limit kept only those, README: kept outputs read back as a folder method); with
+    every frame scored the third is missing again."""
+    peers = tmp_path / "peers"
+    shutil.copytree(udm / "peers" / "gt", peers)
+    for clip in CLIPS:
+        (peers / clip / "0002.png").unlink()
+    limited = write_suite(tmp_path, udm, [f"folder:peer={peers}"], ["psnr"], extra="frames = 2")
+    res = harness.run_bench(load_suite(limited), out_dir=tmp_path / "a", tracking=False)
+    psnr = res.table[res.table["metric"] == "psnr"]
+    assert sorted(set(psnr["frame"])) == [0, 1] and len(psnr) == 2 * len(CLIPS)
+    every = write_suite(tmp_path, udm, [f"folder:peer={peers}"], ["psnr"], name="all.toml")
+    with pytest.raises(MethodError, match=r"clipA.*missing frame\(s\) 0002 \(2 files for 3"):
+        harness.run_bench(load_suite(every), out_dir=tmp_path / "b", tracking=False)
+
+
 def test_gt_less_set_skips_fullref_and_scores_ewarp(udm, tmp_path):
     lq_only = tmp_path / "videolq"
     shutil.copytree(udm / "BIx4", lq_only)
