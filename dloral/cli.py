@@ -112,6 +112,12 @@ def _stopped(message: str) -> None:
     raise typer.Exit(code=signals.exit_code())
 
 
+# the suites benchmarks/ ships, for --help (dloral.bench.suite.suite_path reads the same folder)
+_SHIPPED_SUITES = ", ".join(
+    sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.toml"))
+)
+
+
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
@@ -359,6 +365,7 @@ def upscale(
         try:
             result = upscale_video(job, on_start=started, on_frame=lambda: bar.advance(task))
         except UpscaleError as err:
+            bar.update(task, visible=False)  # no bar left under the error
             _fail(str(err))
         except KeyboardInterrupt:
             again = "the same command again" if not job.force else "it again without --force"
@@ -455,6 +462,14 @@ def train(
     except TrainingDiverged as err:
         _fail(str(err))
     except KeyboardInterrupt:
+        from dloral.train.recipe import latest_checkpoint
+
+        if latest_checkpoint(Path(run_dir)) is None:
+            _stopped(
+                f"the MLflow run is marked KILLED; it stopped before its first checkpoint "
+                f"(run.checkpoint_every {cfg.run.checkpoint_every} steps), so {run_dir} has "
+                "nothing to resume from: run the command again to start over"
+            )
         _stopped(
             "the MLflow run is marked KILLED; continue from the last checkpoint with "
             f"`dloral-exp train --resume {run_dir}`"
@@ -806,10 +821,7 @@ def _print_comparisons(comparisons) -> None:
 def bench(
     suite: Annotated[
         str,
-        typer.Argument(
-            help="Suite name under benchmarks/ (embedded, udm10, videolq, spmcs, vid4, reds4) "
-            "or a TOML path."
-        ),
+        typer.Argument(help=f"Suite name under benchmarks/ ({_SHIPPED_SUITES}) or a TOML path."),
     ] = "embedded",
     method: Annotated[
         list[str] | None,
@@ -846,6 +858,8 @@ def bench(
     from dloral.bench.suite import SuiteError, check_metrics, load_suite
 
     metric_names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    if metrics is not None and not metric_names:
+        _fail(f"--metrics {metrics!r} names no metric (comma-separated names, e.g. psnr,ssim)")
     try:  # the suite and the options checked before torch and the metrics are imported
         spec = load_suite(suite, methods=method or None)  # --method: the suite's are not run
         if metric_names:
@@ -891,6 +905,7 @@ def bench(
                 save_outputs=save_outputs,
             )
         except (SuiteError, DatasetError, MethodError, MetricUnavailable, ValueError) as err:
+            bar.update(task, visible=False)  # no bar left under the error
             _fail(str(err))
         except KeyboardInterrupt:
             _stopped(

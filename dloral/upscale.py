@@ -141,6 +141,11 @@ class UpscaleJob:
         self.options()
         if not 0 <= self.png_compression <= 9:
             raise UpscaleError(f"png_compression must be in 0..9; got {self.png_compression}")
+        if self.prompt_source == "fixed" and not (self.prompt or "").strip():
+            raise UpscaleError(
+                "--prompt-source fixed needs the text: --prompt TEXT (no text: --prompt-source "
+                "empty)"
+            )
         if self.video is not None:
             from dloral.data.encode import EncodeError, check_video_path
 
@@ -212,6 +217,9 @@ def upscale_video(
             job = replace(job, checkpoint=find_checkpoint(job.checkpoint))
         except CheckpointError as err:
             raise UpscaleError(str(err)) from err
+    if job.output.is_dir():  # a folder another upscale writes to: refused before the model is
+        with _writer_lock(job.output):  # built (the lock is taken again, and held, below)
+            pass
     upscaler, model, device, dtype, notes = _build(job)
     _, out_size = upscaler.geometry(source.size)
     total = min(job.frames or len(source), len(source))
@@ -250,7 +258,12 @@ def upscale_video(
             prompt, attempts = earlier.get("prompt"), list(earlier.get("attempts", []))
             record["prompt"] = prompt
             if earlier["status"] == "running" and attempts:  # it ended without a word
-                notes.append(_ended_unrecorded(earlier, attempts))
+                first = int(attempts[-1].get("first_frame", 0))
+                on_disk = sum(
+                    (job.output / output_name(source.names[i])).is_file()
+                    for i in range(first, len(source))
+                )
+                notes.append(_ended_unrecorded(earlier, attempts, on_disk))
         else:  # a fresh start: frames of an earlier upscale here are not this one's
             for name in source.names:  # all of them: a later resume must not take them
                 (job.output / output_name(name)).unlink(missing_ok=True)
@@ -477,12 +490,17 @@ def _earlier_record(output: Path) -> dict[str, Any] | None:
     return record
 
 
-def _ended_unrecorded(earlier: dict[str, Any], attempts: list[dict]) -> str:
+def _ended_unrecorded(earlier: dict[str, Any], attempts: list[dict], on_disk: int) -> str:
     """Mark the last attempt of a record left `running` (we hold the folder's lock, so its
-    process is gone: killed where it ran on this host) and say so."""
+    process is gone: killed where it ran on this host) and say so; the frames it wrote are
+    those on disk from its first frame on (`on_disk`: its record could not count them)."""
     pid, host = earlier.get("pid"), earlier.get("host")
     here = host == socket.gethostname()
-    attempts[-1] = {**attempts[-1], "status": "killed" if here else "gone"}
+    attempts[-1] = {
+        **attempts[-1],
+        "status": "killed" if here else "gone",
+        "frames_written": max(on_disk, int(attempts[-1].get("frames_written", 0))),
+    }
     if here:
         return f"note: the earlier run (pid {pid}) was killed before it could write its state"
     return f"note: the earlier run (pid {pid} on {host}) never wrote its end: taken as stopped"

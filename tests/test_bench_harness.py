@@ -450,6 +450,15 @@ def test_cli_bench_prints_table_and_exits_2_on_bad_suite(udm, tmp_path):
     assert result.exit_code == 2 and "sharpness" in result.output
     result = runner.invoke(app, ["bench", str(path), "--metrics", "psnr,blur", "--no-tracking"])
     assert result.exit_code == 2 and "blur" in result.output
+    # an --out that is a file, a device torch does not know: named, no traceback
+    (tmp_path / "a-file").write_text("x")
+    args = ["bench", str(path), "--no-tracking", "--out", str(tmp_path / "a-file")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "a-file: exists and is not a folder" in result.output
+    result = runner.invoke(app, ["bench", str(path), "--no-tracking", "--device", "foo"])
+    assert result.exit_code == 2 and "device must be auto, cpu, cuda or cuda:N; got 'foo'" in (
+        result.output
+    )
 
 
 def test_dloral_method_loads_the_checkpoint_a_run_or_trial_logged_to_mlflow(tmp_path, monkeypatch):

@@ -81,3 +81,23 @@ def test_train_workers_and_address_are_checked_before_anything_runs():
     assert result.exit_code == 2 and "--address needs more than one worker" in _text(result)
     result = runner.invoke(app, ["train", "--workers", "0"])
     assert result.exit_code == 2 and "--workers" in _text(result)
+
+
+def test_bad_upscale_options_are_named_without_a_traceback(tmp_path, bikes_folder):
+    """A device torch does not know, a fixed prompt without its text, a file that is no
+    checkpoint: each named, exit 2, before any frame."""
+    out = tmp_path / "out"
+    not_a_checkpoint = tmp_path / "notes.md"
+    not_a_checkpoint.write_text("# notes")
+    for args, said in [
+        (["--device", "foo"], "device must be auto, cpu, cuda or cuda:N; got 'foo'"),
+        (["--prompt-source", "fixed"], "--prompt-source fixed needs the text: --prompt TEXT"),
+        (
+            ["--checkpoint", str(not_a_checkpoint)],
+            f"{not_a_checkpoint}: not a checkpoint, no dloral_config.json beside it",
+        ),
+    ]:
+        result = runner.invoke(app, ["upscale", str(bikes_folder), str(out), *args])
+        assert result.exit_code == 2 and said in _text(result), (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not list(out.glob("*.png"))

@@ -202,6 +202,13 @@ def test_cli_report_writes_the_report_and_names_bad_sources(bench_run, tmp_path,
     (broken / "run.json").write_text((bench_run / "run.json").read_text())
     res = runner.invoke(app, ["report", "--bench", str(broken)])
     assert res.exit_code == 2 and "results.parquet: missing" in res.output
+    # an --out that is a file, a --quality no run has: named, no traceback
+    (tmp_path / "a-file").write_text("x")
+    res = runner.invoke(app, ["report", "--bench", str(bench_run), "--out", "a-file"])
+    assert res.exit_code == 2 and "a-file: exists and is not a folder" in res.output
+    res = runner.invoke(app, ["report", "--bench", str(bench_run), "--quality", "musiq"])
+    assert res.exit_code == 2 and "--quality musiq: no benchmark run" in res.output
+    assert "psnr" in res.output
 
 
 def test_texture_box_finds_the_textured_window():

@@ -180,6 +180,13 @@ def test_sd21_needs_spynet_and_tiny_runs_random(no_weights):
     assert not DLoRALConfig(profile="sd21", random_init=True).pretrained_spynet()
     assert DLoRALConfig(cfr=CFRConfig(spynet="pretrained")).pretrained_spynet()
     assert not DLoRALConfig(profile="sd21", cfr=CFRConfig(spynet="random")).pretrained_spynet()
+    # CFR off runs no SPyNet: none is looked for, even if asked for, and the model says so
+    off = CFRConfig(variant="off", spynet="pretrained")
+    assert not DLoRALConfig(profile="sd21", cfr=off).pretrained_spynet()
+    assert [m.name for m in missing_weights(DLoRALConfig(profile="sd21", cfr=off))] == [
+        "SD 2.1-base"
+    ]
+    assert DLoRAL(DLoRALConfig(cfr=off)).spynet_weights == "unused (cfr off)"
     # sd21 fails on SPyNet first, before the (large) backbone is built
     with pytest.raises(WeightsMissing, match=SPYNET_FILE):
         DLoRAL(DLoRALConfig(profile="sd21"))

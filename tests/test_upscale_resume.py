@@ -268,7 +268,7 @@ def test_a_killed_run_is_recorded_killed_and_its_partial_writes_removed(
     record.update(status="running", pid=dead.pid)
     if elsewhere:  # a requeued job on another node of a shared file system
         record["host"] = "node-that-is-not-this-one"
-    record["attempts"][-1]["status"] = "running"
+    record["attempts"][-1].update(status="running", frames_written=0)  # its count not written
     (out_dir / "upscale.json").write_text(json.dumps(record))
     (out_dir / "im3.png").unlink()  # written out of order: frame 3 lost, 1 and 2 kept
     partial = out_dir / ".im3.k2x9q1.png"
@@ -283,6 +283,7 @@ def test_a_killed_run_is_recorded_killed_and_its_partial_writes_removed(
     record = _record(out_dir)
     ended = "gone" if elsewhere else "killed"
     assert [a["status"] for a in record["attempts"]] == [ended, "finished"]
+    assert record["attempts"][0]["frames_written"] == 2  # counted on disk: im1, im2
     assert record["frames"] == 4 and record["status"] == "finished"
 
 
@@ -296,12 +297,18 @@ time.sleep(60)
 
 
 @pytest.mark.parametrize("force", [False, True])
-def test_a_folder_another_live_upscale_writes_to_is_refused(bikes_folder, tmp_path, force):
+def test_a_folder_another_live_upscale_writes_to_is_refused(
+    bikes_folder, tmp_path, force, monkeypatch
+):
+    import dloral.upscale
+
     out_dir = tmp_path / "sr"
     assert _upscale(bikes_folder, out_dir, "--frames", "2")[0] == 0
     before = _record(out_dir)
     args = [sys.executable, "-c", HOLD_LOCK, str(out_dir)]  # the folder is what is locked
-    with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as live:
+    live = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    with live, monkeypatch.context() as patch:  # refused before the model is built
+        patch.setattr(dloral.upscale, "_build", lambda job: pytest.fail("model built"))
         try:
             assert live.stdout.readline() == "held\n"  # as an upscale holds it while it runs
             code, out = _upscale(bikes_folder, out_dir, *(["--force"] if force else []))

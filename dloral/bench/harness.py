@@ -406,12 +406,14 @@ def run_bench(
     methods/metrics override the suite's lists; device overrides [options] device.
     `progress(event)` is called with {"stage": "start"|"clip", ...} after each clip is on disk.
     """
+    out = Path(out_dir) if out_dir is not None else Path("outputs") / "bench" / suite.name
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder (the run's results go in a folder)")
     method_specs = check_methods(methods or list(suite.methods), "--method")
     metric_names = check_metrics(metrics or list(suite.metrics), "--metrics")
     dev = resolve_device(device or suite.options.device)
     runners = [build_method(s, device=str(dev), options=suite.options) for s in method_specs]
     check_weights(runners)  # every missing weight of every method at once, nothing built yet
-    out = Path(out_dir) if out_dir is not None else Path("outputs") / "bench" / suite.name
     out.mkdir(parents=True, exist_ok=True)
     datasets = _open_datasets(suite)
     check_folders(

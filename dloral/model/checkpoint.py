@@ -164,13 +164,15 @@ def _is_official(path: Path) -> bool:
 
 def _read_meta(path: Path) -> tuple[Path, dict]:
     weights, config = _resolve(path)
+    what = (
+        f"a dloral checkpoint is a folder with {WEIGHTS_FILE} and {CONFIG_FILE}, a training run "
+        "folder (its latest checkpoint), or an official model.pkl"
+    )
+    if path.is_file() and not config.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint, no {CONFIG_FILE} beside it ({what})")
     for f in (weights, config):
         if not f.is_file():
-            raise CheckpointError(
-                f"{f}: not found (a dloral checkpoint is a folder with "
-                f"{WEIGHTS_FILE} and {CONFIG_FILE}, a training run folder (its latest "
-                "checkpoint), or an official model.pkl)"
-            )
+            raise CheckpointError(f"{f}: not found ({what})")
     try:
         meta = json.loads(config.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:

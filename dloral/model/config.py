@@ -97,7 +97,9 @@ class DLoRALConfig:
 
     def pretrained_spynet(self) -> bool:
         """Whether SPyNet loads BasicVSR's weights (`cfr.spynet`; `auto`: for sd21 with real
-        weights, not for tiny or sd21 random_init)."""
+        weights, not for tiny or sd21 random_init); never with CFR off, which runs no SPyNet."""
+        if self.cfr.variant == "off":
+            return False
         if self.cfr.spynet == "auto":
             return self.profile == "sd21" and not self.random_init
         return self.cfr.spynet == "pretrained"

@@ -1033,6 +1033,17 @@ def build_report(
 
     if not benches and not sweeps:
         raise ValueError("a report needs at least one benchmark run or sweep")
+    for folder in (Path(out), Path(out) / "images"):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder}: exists and is not a folder (a report is a folder)")
+    if quality is not None and benches:
+        quality = resolve(quality)
+        have = sorted(set().union(*(set(r.aggregate["metric"]) for r in benches)))
+        if quality not in have:
+            raise ValueError(
+                f"--quality {quality}: no benchmark run in this report has it; they have "
+                + ", ".join(have)
+            )
     names = [r.name for r in benches] + [s.name for s in sweeps]
     report = Report(title or f"dloral report: {', '.join(names)}", out=Path(out))
     b = _Builder(report)
