@@ -219,6 +219,8 @@ def test_number_for_a_string_field_in_a_file(tmp_path):
         ("data.train_kind=imagenet", "data.train_kind"),
         ("run.validate_every=0", "run.validate_every"),
         ("run.workers=0", "run.workers"),
+        ("run.device=foo", "run.device"),
+        ("run.device=gpu:0", "run.device"),
         ("schedule.transition_steps=60", "schedule.transition_steps"),
         ("loss.weights.csd=-1", "loss.weights.csd"),
     ],

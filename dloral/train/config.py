@@ -9,6 +9,7 @@ key; an optional field is set to None with the string "none").
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -264,6 +265,8 @@ class RunConfig:
             "sample_every",
         ):
             _at_least(f"run.{name}", getattr(self, name), 1)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"run.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
 
 @dataclass
