@@ -626,6 +626,7 @@ def _build(job: UpscaleJob):
     from dloral.model.pipeline import VideoUpscaler
     from dloral.model.prompts import PromptSource, load_tagger
     from dloral.model.requirements import missing_weights, require_weights
+    from dloral.model.spynet import SPYNET_UNUSED
     from dloral.weights import WeightsMissing, tagger_spec
 
     notes = []
@@ -647,11 +648,13 @@ def _build(job: UpscaleJob):
                 {"seed": job.seed, **overrides, "cfr": {"variant": job.cfr}}
             )
         tagger = tagger_spec(job.tagger) if job.prompt_source == "tagger" else job.tagger
+        cfr_off = cfg.cfr.variant == "off"  # CFR is SPyNet's only user at inference
         # Every missing weight in one error, before any model is built.
         require_weights(
             missing_weights(
                 cfg,
                 spynet_from_checkpoint=job.checkpoint is not None,
+                spynet_unused=cfr_off,
                 tagger=job.prompt_source == "tagger",
                 tagger_spec=tagger,
             )
@@ -661,7 +664,9 @@ def _build(job: UpscaleJob):
             if not report.clean or report.ignored:
                 notes.append(f"checkpoint: {report.summary()}")
         else:
-            model = DLoRAL(cfg)
+            model = DLoRAL(cfg, load_spynet=not cfr_off)
+        if cfr_off:
+            model.spynet_weights, model.spynet_sha256 = SPYNET_UNUSED, None
         tag = load_tagger(tagger, device) if tagger else None
         prompts = PromptSource(job.prompt_source, job.prompt, tag)
     except (WeightsMissing, ckpt.CheckpointError, ValueError, KeyError) as err:

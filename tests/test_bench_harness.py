@@ -280,6 +280,18 @@ def test_a_frames_limit_takes_a_folder_holding_only_the_scored_frames(udm, tmp_p
     every = write_suite(tmp_path, udm, [f"folder:peer={peers}"], ["psnr"], name="all.toml")
     with pytest.raises(MethodError, match=r"clipA.*missing frame\(s\) 0002 \(2 files for 3"):
         harness.run_bench(load_suite(every), out_dir=tmp_path / "b", tracking=False)
+    # scoring 1 frame, a folder of 2 of the 3 is neither the whole clip nor the scored frames
+    # (as a folder shifted by a frame would be): refused, naming what is missing
+    one = write_suite(
+        tmp_path, udm, [f"folder:peer={peers}"], ["psnr"], extra="frames = 1", name="one.toml"
+    )
+    with pytest.raises(MethodError, match=r"missing frame\(s\) 0002 \(2 files for 1 scored"):
+        harness.run_bench(load_suite(one), out_dir=tmp_path / "c", tracking=False)
+    # the scored frames without the clip's first (the reference's outputs): frame 1 scored
+    for clip in CLIPS:
+        (peers / clip / "0000.png").unlink()
+    res = harness.run_bench(load_suite(limited), out_dir=tmp_path / "d", tracking=False)
+    assert sorted(set(res.table.loc[res.table["metric"] == "psnr", "frame"])) == [1]
 
 
 def test_gt_less_set_skips_fullref_and_scores_ewarp(udm, tmp_path):
@@ -454,6 +466,8 @@ def test_cli_bench_prints_table_and_exits_2_on_bad_suite(udm, tmp_path):
     (tmp_path / "a-file").write_text("x")
     args = ["bench", str(path), "--no-tracking", "--out", str(tmp_path / "a-file")]
     result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "a-file: exists and is not a folder" in result.output
+    result = runner.invoke(app, [*args[:-1], str(tmp_path / "a-file" / "sub")])  # under a file
     assert result.exit_code == 2 and "a-file: exists and is not a folder" in result.output
     result = runner.invoke(app, ["bench", str(path), "--no-tracking", "--device", "foo"])
     assert result.exit_code == 2 and "device must be auto, cpu, cuda or cuda:N; got 'foo'" in (
@@ -752,3 +766,17 @@ def test_the_reference_scripts_frame_names_are_matched_by_index(udm, tmp_path):
     shutil.copy(named / "clipA" / "0002.png", numbered / "clipA" / "extra.png")
     with pytest.raises(MethodError, match=r"missing frame\(s\) 0000, 0001"):
         harness.run_bench(suite, out_dir=tmp_path / "out2", tracking=False, visuals=False)
+
+
+def test_the_lq_folder_read_is_recorded_with_the_clip_as_a_placeholder(udm, tmp_path):
+    """run.json's datasets.<name>.lq_read tells runs on other LQ apart (the report joins runs
+    only on the same): the folder under the root, the clip's own name as <clip>."""
+    from dloral.data.readers import read_dataset
+
+    frame, gt = torch.rand(3, 16, 16), torch.rand(3, 64, 64)
+    for seq in ("seqA", "seqB"):  # SPMCS's own layout: <seq>/truth, <seq>/input4
+        for i in range(2):
+            write_png(gt, tmp_path / "spmcs" / seq / "truth" / f"{i:04d}.png")
+            write_png(frame, tmp_path / "spmcs" / seq / "input4" / f"{i:04d}.png")
+    assert harness._lq_read(read_dataset("spmcs", tmp_path / "spmcs")) == "<clip>/input4"
+    assert harness._lq_read(read_dataset("udm10", udm, lq="BIx4")) == "BIx4/<clip>"

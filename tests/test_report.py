@@ -327,18 +327,20 @@ def test_runs_together_are_averaged_over_shared_frames_and_compared_clip_by_clip
     assert "† shown, not ranked: a clip-level value over other frames" in together
     assert "| psnr↑ | bicubic |" in together and "sign-flip permutation test" in together
 
-    assert first.run["datasets"]["mini-udm"]["lq_read"] == "BIx4"  # what the harness read
+    assert first.run["datasets"]["mini-udm"]["lq_read"] == "BIx4/<clip>"  # what it read
 
     # a run of the same dataset name on other LQ frames is not put in the same table
     def other_lq(run):
-        run["suite"]["datasets"][0]["lq"] = run["datasets"]["mini-udm"]["lq_read"] = "BDx4"
+        run["suite"]["datasets"][0]["lq"] = "BDx4"
+        run["datasets"]["mini-udm"]["lq_read"] = "BDx4/<clip>"
         return run
 
     third = _copy_run(bench_run, tmp_path / "bd", "bd", late_peer, other_lq)
     agg, _, notes = build.combine([first, third])
     assert agg.empty and len(notes) == 1
     assert notes[0] == (
-        "mini-udm not put together: its runs scored other data (LQ folder: mini: BIx4; bd: BDx4)"
+        "mini-udm not put together: its runs scored other data "
+        "(LQ folder: mini: BIx4/<clip>; bd: BDx4/<clip>)"
     )
 
     # a run that recorded no LQ folder (suite lq left to the reader, before lq_read): joined,

@@ -180,13 +180,12 @@ def test_sd21_needs_spynet_and_tiny_runs_random(no_weights):
     assert not DLoRALConfig(profile="sd21", random_init=True).pretrained_spynet()
     assert DLoRALConfig(cfr=CFRConfig(spynet="pretrained")).pretrained_spynet()
     assert not DLoRALConfig(profile="sd21", cfr=CFRConfig(spynet="random")).pretrained_spynet()
-    # CFR off runs no SPyNet: none is looked for, even if asked for, and the model says so
-    off = CFRConfig(variant="off", spynet="pretrained")
-    assert not DLoRALConfig(profile="sd21", cfr=off).pretrained_spynet()
-    assert [m.name for m in missing_weights(DLoRALConfig(profile="sd21", cfr=off))] == [
-        "SD 2.1-base"
-    ]
-    assert DLoRAL(DLoRALConfig(cfr=off)).spynet_weights == "unused (cfr off)"
+    # CFR off: training still warps the GT with SPyNet's flow (the temporal loss), so its
+    # weights are needed; inference runs no SPyNet and needs none
+    off = DLoRALConfig(profile="sd21", cfr=CFRConfig(variant="off"))
+    assert off.pretrained_spynet()
+    assert [m.name for m in missing_weights(off)] == ["SD 2.1-base", "SPyNet"]
+    assert [m.name for m in missing_weights(off, spynet_unused=True)] == ["SD 2.1-base"]
     # sd21 fails on SPyNet first, before the (large) backbone is built
     with pytest.raises(WeightsMissing, match=SPYNET_FILE):
         DLoRAL(DLoRALConfig(profile="sd21"))
@@ -304,6 +303,14 @@ def test_upscale_names_every_missing_weight_at_once(no_weights, tmp_path, bikes_
     text = " ".join(result.output.split())
     assert "3 required weight(s) missing: SD 2.1-base, SPyNet, tagger module" in text
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    # with CFR off the upscale runs no SPyNet: none is asked for, and the record says so
+    result = runner.invoke(app, [*args, "--profile", "sd21", "--cfr", "off"])
+    assert result.exit_code == 2
+    assert "1 required weight(s) missing: SD 2.1-base" in " ".join(result.output.split())
+    result = runner.invoke(app, [*args, "--cfr", "off", "--process-size", "64"])  # tiny
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "o" / "upscale.json").read_text())
+    assert record["model"]["spynet"] == "unused (cfr off)"
 
 
 def test_bench_checks_dloral_methods_before_building(no_weights, tmp_path, monkeypatch):

@@ -144,15 +144,20 @@ class _Cache:
 
 
 def _lq_read(ds: Dataset) -> str | None:
-    """The folder (or file kind) under the dataset's root its clips' LQ frames were read from,
-    e.g. "BIx4" (the suite's `lq` may leave it to the reader), "." for clips at the root."""
+    """Where under the dataset's root its clips' LQ frames were read from, the clip's own name
+    as <clip>: e.g. "BIx4/<clip>" (the suite's `lq` may leave BIx4/BDx4 to the reader),
+    "<clip>/input4" (SPMCS), "<clip>.mp4"; None for a set without LQ."""
     for clip in ds.clips:
         if clip.lq is not None:
+            path = Path(clip.lq.path)
             try:
-                rel = Path(clip.lq.path).resolve().relative_to(Path(ds.root).resolve())
+                rel = path.resolve().relative_to(Path(ds.root).resolve())
             except ValueError:
-                return str(clip.lq.path.parent)
-            return str(rel.parent)
+                rel = path
+            parts = [
+                "<clip>" + Path(p).suffix if Path(p).stem == clip.name else p for p in rel.parts
+            ]
+            return "/".join(parts)
     return None
 
 
@@ -407,8 +412,11 @@ def run_bench(
     `progress(event)` is called with {"stage": "start"|"clip", ...} after each clip is on disk.
     """
     out = Path(out_dir) if out_dir is not None else Path("outputs") / "bench" / suite.name
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder (the run's results go in a folder)")
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(
+                f"{folder}: exists and is not a folder (the run's results go in {out})"
+            )
     method_specs = check_methods(methods or list(suite.methods), "--method")
     metric_names = check_metrics(metrics or list(suite.metrics), "--metrics")
     dev = resolve_device(device or suite.options.device)

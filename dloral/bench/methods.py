@@ -481,11 +481,13 @@ class FolderMethod:
     def frames_for(
         self, dataset: str, clip: str, names: tuple[str, ...], all_names: tuple[str, ...]
     ) -> list[Path]:
-        """Paths of the output frames for the scored `names` (the first of a clip's
-        `all_names`, as a suite's `frames` limit scores them). The folder must hold every scored
-        frame, or all but the clip's first (the reference writes no output for frame 0): then
-        `names[1:]`; frames of the clip past the scored ones may be there or not (a run with the
-        same limit kept only those), and a file that is no frame of the clip is an error."""
+        """Paths of the output frames for the scored `names`, the first len(names) of a clip's
+        `all_names` (a suite's `frames` limit scores the first N), matched by position to
+        `all_names`. The folder holds every frame of the clip, or exactly the scored ones (as a
+        run with the same limit kept them), either of them possibly without the clip's first
+        frame (the reference writes no output for frame 0): then `names[1:]`. Anything else
+        (a missing frame, frames past the scored ones in part, a file that is no frame of the
+        clip) is an error naming them: a folder shifted by a frame is not scored."""
         folder = self._clip_dir(dataset, clip)
         try:
             found = open_frames(folder).names
@@ -493,29 +495,37 @@ class FolderMethod:
             raise MethodError(f"{self.name}: {dataset} clip {clip!r}: {err}") from err
         by_stem = {Path(n).stem: n for n in found}
         in_clip = [Path(n).stem for n in all_names]
-        wanted = [Path(n).stem for n in names]
+        wanted = in_clip[: len(names)]
         naming = "the clip's frame names"
         if found and not set(by_stem) & set(in_clip):
             indexed = self._by_reference_index(found, all_names)
             if indexed is not None:
                 by_stem, naming = indexed, "frame_%04d.png by clip frame index (the reference's)"
-        missing = [s for s in wanted if s not in by_stem]
         extra = sorted(set(by_stem) - set(in_clip), key=natural_key)
-        first_skipped = missing == wanted[:1] == in_clip[:1] and len(wanted) > 1
-        if first_skipped and not extra:
-            self.naming.add(naming)
-            return [folder / by_stem[Path(n).stem] for n in names if Path(n).stem in by_stem]
-        if missing or extra:
-            scored = "" if len(names) == len(all_names) else f"{len(names)} scored of "
-            raise MethodError(
-                f"{self.name}: {dataset} clip {clip!r} in {folder}: "
-                + (f"missing frame(s) {', '.join(missing[:5])}" if missing else "")
-                + ("; " if missing and extra else "")
-                + (f"extra frame(s) {', '.join(extra[:5])}" if extra else "")
-                + f" ({len(found)} files for {scored}{len(all_names)} clip frames)"
-            )
-        self.naming.add(naming)
-        return [folder / by_stem[Path(n).stem] for n in names]
+        present = {s for s in in_clip if s in by_stem}
+        layouts = {"every frame of the clip": set(in_clip), "the scored frames": set(wanted)}
+        for layout in layouts.values():
+            if extra:
+                break
+            if present == layout:
+                self.naming.add(naming)
+                return [folder / by_stem[s] for s in wanted]
+            if len(wanted) > 1 and present == layout - {in_clip[0]}:  # first frame skipped
+                self.naming.add(naming)
+                return [folder / by_stem[s] for s in wanted[1:]]
+        missing = [s for s in wanted if s not in by_stem]
+        if not missing and not extra:  # the scored frames there, the frames past them in part
+            missing = [s for s in in_clip if s not in by_stem]
+        scored = "" if len(names) == len(all_names) else f"{len(names)} scored of "
+        raise MethodError(
+            f"{self.name}: {dataset} clip {clip!r} in {folder}: "
+            + (f"missing frame(s) {', '.join(missing[:5])}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"extra frame(s) {', '.join(extra[:5])}" if extra else "")
+            + f" ({len(found)} files for {scored}{len(all_names)} clip frames; a folder holds "
+            + " or ".join(layouts)
+            + ", possibly without the first)"
+        )
 
     def run(self, job: ClipJob) -> MethodOutput:
         dataset, clip, size = job.dataset, job.clip, job.out_size

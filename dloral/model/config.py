@@ -97,9 +97,9 @@ class DLoRALConfig:
 
     def pretrained_spynet(self) -> bool:
         """Whether SPyNet loads BasicVSR's weights (`cfr.spynet`; `auto`: for sd21 with real
-        weights, not for tiny or sd21 random_init); never with CFR off, which runs no SPyNet."""
-        if self.cfr.variant == "off":
-            return False
+        weights, not for tiny or sd21 random_init). With CFR off training still uses SPyNet
+        (the temporal loss warps the GT with its flow); inference does not (see
+        dloral.upscale._build)."""
         if self.cfr.spynet == "auto":
             return self.profile == "sd21" and not self.random_init
         return self.cfr.spynet == "pretrained"

@@ -24,7 +24,7 @@ from dloral.model import lora, vae_tiles
 from dloral.model.backbone import TINY_PRETRAINED, Backbone, build_backbone
 from dloral.model.cfr import CrossFrameRetrieval
 from dloral.model.config import ADAPTERS, CONV_IN_BIASES, STAGES, DLoRALConfig
-from dloral.model.spynet import SPYNET_UNUSED, ZERO_FLOW, load_spynet_file, zero_flow
+from dloral.model.spynet import ZERO_FLOW, load_spynet_file, zero_flow
 from dloral.model.vae_tiles import VAETiles
 from dloral.weights import SPYNET_FILE, locate_spynet, sha256
 
@@ -84,16 +84,13 @@ class DLoRAL(nn.Module):
         if bb.weights == TINY_PRETRAINED:  # CFR adds nothing yet: the one step is the identity
             nn.init.zeros_(self.cfr.cross_attn_module.proj_out.weight)
             nn.init.zeros_(self.cfr.cross_attn_module.proj_out.bias)
-        # Where SPyNet's weights came from: "random-init", "zero-flow", a file (and its sha256),
-        # or "unused (cfr off)".
+        # Where SPyNet's weights came from: "random-init", "zero-flow", or a file (and its sha256).
         self.spynet_weights, self.spynet_sha256 = "random-init", None
         if bb.weights == TINY_PRETRAINED and cfg.cfr.spynet == "auto":
             # The tiny profile has no trained SPyNet: a random one would hand CFR a previous
             # frame moved by random flow. With zero flow CFR sees it where it was (no alignment).
             zero_flow(self.cfr.spynet)
             self.spynet_weights = ZERO_FLOW
-        if cfg.cfr.variant == "off":  # CFR, SPyNet's only user, does not run
-            self.spynet_weights = SPYNET_UNUSED
         if spynet_file is not None:
             load_spynet_file(self.cfr.spynet, spynet_file)
             self.spynet_weights, self.spynet_sha256 = str(spynet_file), sha256(spynet_file)

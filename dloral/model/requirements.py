@@ -53,6 +53,7 @@ def missing_weights(
     model: DLoRALConfig,
     *,
     spynet_from_checkpoint: bool = False,
+    spynet_unused: bool = False,
     lpips: bool = False,
     tagger: bool = False,
     tagger_spec: str | None = None,
@@ -60,8 +61,10 @@ def missing_weights(
     """Every weight the run needs and this machine lacks (empty: all there).
 
     model: the config of the DLoRAL model to build; spynet_from_checkpoint: a checkpoint will
-    fill SPyNet (no SPyNet file needed); lpips: the LPIPS loss is required (VGG16 trunk);
-    tagger: prompts come from a tagger, `tagger_spec` (module:factory) or $DLORAL_TAGGER."""
+    fill SPyNet (no SPyNet file needed); spynet_unused: nothing runs SPyNet (inference with CFR
+    off; training with CFR off still warps the GT with its flow); lpips: the LPIPS loss is
+    required (VGG16 trunk); tagger: prompts come from a tagger, `tagger_spec`
+    (module:factory) or $DLORAL_TAGGER."""
     out: list[Missing] = []
     if model.profile == "sd21" and not model.random_init:
         out += _check("SD 2.1-base", "model.profile = sd21", lambda: locate_sd21(model.sd21_path))
@@ -71,7 +74,7 @@ def missing_weights(
             'model.profile = tiny (tiny_init = "pretrained")',
             lambda: locate_tiny_vae(model.tiny_vae_path),
         )
-    if model.pretrained_spynet() and not spynet_from_checkpoint:
+    if model.pretrained_spynet() and not (spynet_from_checkpoint or spynet_unused):
         why = f"model.cfr.spynet = {model.cfr.spynet}" + (
             f" with profile {model.profile}" if model.cfr.spynet == "auto" else ""
         )

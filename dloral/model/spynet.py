@@ -116,7 +116,7 @@ class SPyNet(nn.Module):
 # ----- pretrained weights --------------------------------------------------------------------
 # mmedit/BasicVSR (the file the reference loads, and the official checkpoint's `spynet.` keys):
 ZERO_FLOW = "zero-flow"  # provenance of a SPyNet set by `zero_flow`
-SPYNET_UNUSED = "unused (cfr off)"  # provenance of SPyNet in a model whose CFR is off
+SPYNET_UNUSED = "unused (cfr off)"  # SPyNet of an inference model whose CFR is off
 
 
 def zero_flow(spynet: SPyNet) -> None:

@@ -1033,7 +1033,7 @@ def build_report(
 
     if not benches and not sweeps:
         raise ValueError("a report needs at least one benchmark run or sweep")
-    for folder in (Path(out), Path(out) / "images"):
+    for folder in (Path(out) / "images", Path(out), *Path(out).parents):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{folder}: exists and is not a folder (a report is a folder)")
     if quality is not None and benches:

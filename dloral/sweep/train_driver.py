@@ -48,7 +48,7 @@ def train_on_workers(
 
     from dloral.sweep.runner import _absolute_tracking_uri, start_ray
     from dloral.tracking import tracking_uri
-    from dloral.train.recipe import RunResult, latest_checkpoint
+    from dloral.train.recipe import RunResult, latest_checkpoint, stop_reason
 
     run_dir = Path(run_dir).resolve()
     if resume and latest_checkpoint(run_dir) is None:
@@ -99,8 +99,7 @@ def train_on_workers(
         except KeyboardInterrupt:
             with signals.deferred():
                 ray.shutdown()  # the workers belong to this driver: they stop with it
-                reason = f"stopped by {signals.name()}; resume with --resume {run_dir}"
-                _close(job, "KILLED", reason)
+                _close(job, "KILLED", stop_reason(run_dir))
             raise
         except BaseException as err:
             _close(job, "FAILED", f"{type(err).__name__}: {_first_line(err)}")

@@ -265,7 +265,7 @@ class RunConfig:
             "sample_every",
         ):
             _at_least(f"run.{name}", getattr(self, name), 1)
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+        if not re.fullmatch(r"auto|cpu(:\d+)?|cuda(:\d+)?", self.device):
             raise ValueError(f"run.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
 

@@ -258,6 +258,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder if (folder / STATE_FILE).is_file() else None
 
 
+def stop_reason(run_dir: Path) -> str:
+    """The KILLED reason of a run stopped by a signal: how to go on, where it can."""
+    if latest_checkpoint(run_dir) is None:
+        how = "before its first checkpoint: nothing to resume, run it again"
+    else:
+        how = f"resume with --resume {run_dir}"
+    return f"stopped by {signals.name()}; {how}"
+
+
 def checkpoint_step(folder: str | os.PathLike) -> int:
     """The step a saved step folder was written at."""
     state = Path(folder) / STATE_FILE
@@ -477,7 +486,7 @@ def train(
         raise  # already marked FAILED with its reason
     except KeyboardInterrupt:
         with signals.deferred():
-            tracker.finish("KILLED", f"stopped by {signals.name()}; resume with --resume {run_dir}")
+            tracker.finish("KILLED", stop_reason(run_dir))
         raise
     except SystemExit:
         raise  # the host ends this process (Ray Tune stopping a trial) and owns the run's status
