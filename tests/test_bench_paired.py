@@ -68,6 +68,17 @@ def _enumerated_p(d):
     return hits / 2 ** len(d)
 
 
+def _holm(ps):
+    """Holm's step-down adjustment, literally: the k-th smallest of m times (m - k + 1), the
+    largest so far, at most 1."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, top = [0.0] * len(ps), 0.0
+    for k, i in enumerate(order):
+        top = max(top, min(1.0, (len(ps) - k) * ps[i]))
+        out[i] = top
+    return out
+
+
 def _assert_inverts_the_test(d, row):
     """The interval's bounds are where the enumerated test starts to reject the shift, and it
     holds 0 exactly when p > 0.05."""
@@ -104,6 +115,10 @@ def test_each_method_against_the_best_follows_the_table_and_an_enumerated_test(t
             assert row["p"] == pytest.approx(_enumerated_p(d), abs=1e-12)
             assert (row["better"], row["worse"]) == ((d > 0).sum(), (d < 0).sum())
             _assert_inverts_the_test(d, row)
+    # p adjusted by Holm over each metric's comparisons with its best
+    for _, sub in pairs.groupby("metric"):
+        assert sub["p_holm"].tolist() == pytest.approx(_holm(sub["p"].tolist()))
+        assert (sub["p_holm"] >= sub["p"]).all()
     # +-1 level of noise beats both on every clip: the smallest p six clips can give, 2 / 2^6
     psnr = pairs[pairs["metric"] == "psnr"].set_index("method")
     assert psnr.loc["bicubic", "worse"] == 6 and psnr.loc["bicubic", "better"] == 0
@@ -125,6 +140,7 @@ def test_an_infinite_psnr_has_no_interval_nor_p_and_its_clips_still_count(table)
     row = pairs.loc["psnr", "noisy"]  # against the GT itself: infinite PSNR on every clip
     assert row["best"] == "gt" and row["diff"] == -math.inf and row["worse"] == 6
     assert math.isnan(row["p"]) and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
+    assert math.isnan(row["p_holm"])  # no test, and none counted in Holm's m
     ssim = pairs.loc["ssim", "noisy"]  # SSIM of the GT is finite (1): compared as usual
     assert ssim["best"] == "gt" and ssim["p"] == 2 / 64
 
@@ -186,3 +202,12 @@ def test_above_sixteen_clips_random_sign_patterns_match_the_enumeration(table):
     spread = math.sqrt(max(exact * (1 - exact), 1e-4) / paired.DRAWS)
     assert abs(p - exact) <= 5 * spread + 1 / paired.DRAWS
     assert p == paired.sign_flip_p(d)  # seeded
+
+
+def test_holm_leaves_out_what_has_no_test():
+    p = pd.Series([0.01, math.nan, 0.04, 0.03], index=list("abcd"))
+    adjusted = paired.holm(p)
+    assert math.isnan(adjusted["b"])
+    want = dict(zip("acd", _holm([0.01, 0.04, 0.03]), strict=True))  # m = 3, not 4
+    assert adjusted[list("acd")].tolist() == pytest.approx([want[k] for k in "acd"])
+    assert want == pytest.approx({"a": 0.03, "c": 0.06, "d": 0.06})

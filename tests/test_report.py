@@ -92,6 +92,7 @@ def test_report_tables_follow_the_results_and_every_image_exists(report, bench_r
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:5] == [best, f"{psnr[other] - psnr[best]:+.3f}", "–"]
     assert cells[5].endswith("of 2") and float(cells[6]) >= 0.5
+    assert cells[7] == cells[6]  # one comparison: Holm leaves p as it is
     assert "two-sided sign-flip permutation test over clips" in md
     ewarp = agg[agg["metric"] == "ewarp@evalcrafter"].set_index("method")["value"]
     assert "ewarp@evalcrafter (×10⁻³)↓" in md and f"{ewarp.min() * 1000:.4f}" in md

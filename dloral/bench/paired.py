@@ -16,7 +16,10 @@ set against the best one of a metric on the same clips, the per-clip means the t
 - `p`: the two-sided p-value of a sign-flip permutation test of the mean difference (under "no
   difference" each clip's difference is as likely to have either sign): exact, every one of the
   2^n sign patterns, up to 16 clips, else 100,000 random patterns from a fixed seed. With n clips
-  no p is below 2 / 2^n: four clips can never give p < 0.05.
+  no p is below 2 / 2^n: four clips can never give p < 0.05;
+- `p_holm`: p adjusted by Holm's step-down method over one metric's comparisons (every method
+  against the same best), which keeps the chance of any false "ahead" among them at 0.05 when
+  p_holm < 0.05. It does not undo picking the best from the same clips.
 
 Where a per-clip value is infinite (the PSNR of outputs equal to the GT) the mean difference is
 infinite and there is no interval nor p (NaN); the clip counts still say who is ahead.
@@ -135,4 +138,18 @@ def against_best(df: pd.DataFrame, unranked: Collection[str] = ()) -> pd.DataFra
                 }
             )
     columns = ["dataset", "metric", "method", "best", "clips", "diff", "ci_low", "ci_high"]
-    return pd.DataFrame(out, columns=[*columns, "better", "worse", "p", "higher_is_better"])
+    columns += ["better", "worse", "p", "p_holm", "higher_is_better"]
+    pairs = pd.DataFrame(out, columns=columns)
+    if len(pairs):
+        pairs["p_holm"] = pairs.groupby(["dataset", "metric"], sort=False)["p"].transform(holm)
+    return pairs
+
+
+def holm(p: pd.Series) -> pd.Series:
+    """Holm's step-down adjustment of the p-values of one metric's comparisons (each method
+    against the best): the k-th smallest of m is multiplied by m - k + 1, kept at least its
+    predecessor's, capped at 1; NaN (no test) stays NaN and is not counted in m."""
+    tested = p.dropna().sort_values(kind="stable")
+    m = len(tested)
+    scaled = (tested * np.arange(m, 0, -1)).cummax().clip(upper=1.0)
+    return scaled.reindex(p.index)

@@ -430,10 +430,11 @@ def _paired(b: _Builder, df: pd.DataFrame, agg: pd.DataFrame, marks: _Marks) -> 
             "difference of the two means above, in their units; p a two-sided sign-flip "
             "permutation test over clips (exact up to 16 clips; with n clips no p is below "
             "2/2^n); 95% CI the shifts that test does not reject (– with 5 clips or fewer), so "
-            "it holds 0 exactly when p > 0.05. p is not adjusted for comparing several methods "
-            "with a best picked from the same clips: among many methods, some p below 0.05 "
-            "come by chance. A difference whose interval holds 0 may be which clips the set "
-            "has rather than the methods.",
+            "it holds 0 exactly when p > 0.05. p (Holm) adjusts p for comparing several "
+            "methods with the best of a metric (Holm's step-down): read that one when there "
+            "are many methods; neither undoes picking the best from the same clips. A "
+            "difference whose interval holds 0 may be which clips the set has rather than the "
+            "methods.",
         )
     )
 

@@ -211,7 +211,16 @@ def _rank_column(
     ]
 
 
-PAIRED_HEADER = ("metric", "method", "against", "Δ mean", "95% CI", "clips better / worse", "p")
+PAIRED_HEADER = (
+    "metric",
+    "method",
+    "against",
+    "Δ mean",
+    "95% CI",
+    "clips better / worse",
+    "p",
+    "p (Holm)",
+)
 
 
 def paired_rows(pairs: pd.DataFrame, scales: dict[str, float]) -> list[list[str]]:
@@ -240,6 +249,7 @@ def paired_rows(pairs: pd.DataFrame, scales: dict[str, float]) -> list[list[str]
                 interval,
                 f"{r['better']} / {r['worse']} of {r['clips']}",
                 MISSING if math.isnan(r["p"]) else f"{r['p']:.3g}",
+                MISSING if math.isnan(r["p_holm"]) else f"{r['p_holm']:.3g}",
             ]
         )
     return out
