@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from dloral.bench.suite import shipped_suites
+
 app = typer.Typer(
     help="Train, ablate and benchmark DLoRAL one-step video super-resolution.",
     no_args_is_help=True,
@@ -112,10 +114,7 @@ def _stopped(message: str) -> None:
     raise typer.Exit(code=signals.exit_code())
 
 
-# the suites benchmarks/ ships, for --help (dloral.bench.suite.suite_path reads the same folder)
-_SHIPPED_SUITES = ", ".join(
-    sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.toml"))
-)
+_SHIPPED_SUITES = ", ".join(shipped_suites())  # for bench --help
 
 
 @app.callback()

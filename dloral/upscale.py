@@ -51,7 +51,7 @@ SPEED_OPTIONS = (
     "vae_tiles_wait",
 )
 # options that change frames only where they cut them into tiles: a resumed run may change them
-# where the record's "tiling" (VideoUpscaler.tiling: per part, the tiles or "whole") stays the same
+# where the record's "tiling" (VideoUpscaler.tiling: per part, the grid or "whole") stays the same
 TILE_OPTIONS = ("tile", "vae_encoder_tile", "vae_decoder_tile", "latent_tile", "latent_overlap")
 # what a resumed run must share with the record (the options apart, see SPEED_OPTIONS)
 IDENTITY = (

@@ -232,7 +232,7 @@ def test_tile_options_that_cut_no_frame_go_on_and_an_older_record_compares_them(
         (("--vae-encoder-tile", "96"), "vae_encoder", "reference tiles: 2x2 of 64x96 px"),
         (("--tile", "128"), "vae_encoder", "diffusers tiles of 128 px"),
         (("--tile", "64"), "vae_decoder", "diffusers tiles of 8 latent"),
-        # a latent tile larger than the latent's short side, its overlap halved (tile_overlap)
+        # a latent tile larger than the latent's short side, its overlap halved (tile_grid)
         (
             ("--latent-tile", "27", "--latent-overlap", "26"),
             "latent",

@@ -29,7 +29,6 @@ Clips, not frames, are the unit: a clip's frames are not independent samples.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Collection
 
 import numpy as np
@@ -45,9 +44,11 @@ BISECTIONS = 32  # the bounds to 2^-32 of the differences' spread
 
 
 def _signs(n: int, seed: int) -> np.ndarray:
-    """Every sign pattern of n clips (n <= EXACT_UP_TO), else DRAWS random ones."""
+    """Every sign pattern of n clips (n <= EXACT_UP_TO: the bits of 0 .. 2^n - 1), else DRAWS
+    random ones."""
     if n <= EXACT_UP_TO:
-        return np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+        bits = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+        return 1.0 - 2.0 * bits
     return np.random.default_rng(seed).choice((1.0, -1.0), size=(DRAWS, n))
 
 
@@ -72,7 +73,10 @@ def sign_flip_interval(diffs: np.ndarray, seed: int = SEED) -> tuple[float, floa
     the mean (p = 1) out to beyond the farthest difference (p = 2/2^n, or about it); NaNs
     where no shift is rejected (5 clips or fewer)."""
     d = np.asarray(diffs, dtype=np.float64)
-    signs = _signs(len(d), seed)
+    return _interval(d, _signs(len(d), seed))
+
+
+def _interval(d: np.ndarray, signs: np.ndarray) -> tuple[float, float]:
     spread = float(d.max() - d.min()) or max(abs(float(d.mean())), 1.0)
     bounds = []
     for far in (d.min() - spread, d.max() + spread):
@@ -118,7 +122,8 @@ def against_best(df: pd.DataFrame, unranked: Collection[str] = ()) -> pd.DataFra
                 continue
             d = (wide[method] - wide[best]).to_numpy()
             finite = bool(np.isfinite(d).all())  # PSNR of a frame equal to the GT is inf
-            low, high = sign_flip_interval(d) if finite else (float("nan"),) * 2
+            signs = _signs(len(d), SEED)  # one set of patterns for the test and its interval
+            low, high = _interval(d, signs) if finite else (float("nan"),) * 2
             ahead = d > 0 if higher else d < 0
             behind = d < 0 if higher else d > 0
             out.append(
@@ -133,7 +138,7 @@ def against_best(df: pd.DataFrame, unranked: Collection[str] = ()) -> pd.DataFra
                     "ci_high": high,
                     "better": int(ahead.sum()),
                     "worse": int(behind.sum()),
-                    "p": sign_flip_p(d) if finite else float("nan"),
+                    "p": _p(d, signs) if finite else float("nan"),
                     "higher_is_better": higher,
                 }
             )

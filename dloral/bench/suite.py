@@ -292,8 +292,13 @@ def suite_path(name_or_path: str | os.PathLike) -> Path:
         raise SuiteError(f"no such suite file: {err}") from err
     if found is not None:
         return found
-    known = sorted(p.stem for p in BENCHMARKS_DIR.glob("*.toml"))
-    raise SuiteError(f"unknown suite {text!r}; shipped: {', '.join(known)}, or a TOML path")
+    known = ", ".join(shipped_suites())
+    raise SuiteError(f"unknown suite {text!r}; shipped: {known}, or a TOML path")
+
+
+def shipped_suites() -> list[str]:
+    """The names of the suites benchmarks/ ships."""
+    return sorted(p.stem for p in BENCHMARKS_DIR.glob("*.toml"))
 
 
 def load_suite(

@@ -26,18 +26,14 @@ def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [i * stride for i in range(count - 1)] + [length - tile]
 
 
-def tile_overlap(size: int, overlap: int) -> int:
-    """The overlap tiles of `size` get: `overlap`, or size // 2 where it is not below the size."""
-    return size // 2 if overlap >= size else overlap
-
-
 def tile_grid(h: int, w: int, tile: int, overlap: int) -> tuple[int, list[tuple[int, int]]]:
     """(tile size, [(top, left), ...]) for an (h, w) latent; tile size is min(tile, h, w).
 
     Where the reference's loop would not end (tile size <= overlap: a latent narrower than the
     overlap), the overlap is halved to the tile size's half instead."""
     size = min(tile, h, w)
-    overlap = tile_overlap(size, overlap)
+    if overlap >= size:
+        overlap = size // 2
     rows, cols = axis_starts(h, size, overlap), axis_starts(w, size, overlap)
     return size, [(y, x) for y in rows for x in cols]
 

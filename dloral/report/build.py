@@ -360,8 +360,9 @@ def bench_section(
             "second underlined (where a worse value exists); – not measured; name@protocol: the "
             "published code a temporal metric reproduces (README, Benchmarks and metrics)."
         )
+        mine = df[df["dataset"] == dataset]
         cap += _left_out_note(sub)
-        cap += _noted_note(sub, df[df["dataset"] == dataset])
+        cap += _noted_note(sub, mine)
         cap += marks.note(sub["method"]) + _timing_note(sub, df, dataset)
         shown = sub[~sub["metric"].isin(SPREAD)]
         table = _dataset_table(shown, order, cap, marks.unranked)
@@ -379,7 +380,7 @@ def bench_section(
                 unranked=marks.unranked,
             )
             b.add(Table(t))
-        _paired(b, df[df["dataset"] == dataset], sub, marks)
+        _paired(b, mine, sub, marks)
     _bench_plots(b, run, agg, df, marks, max_clips, quality)
     _bench_visuals(b, run, marks, max_clips)
     _skipped(b, run)
@@ -589,18 +590,18 @@ def combined_section(b: _Builder, benches: list[BenchRun], rank_untrained: bool 
     )
     order = _metric_order(agg, [])
     for dataset in dict.fromkeys(agg["dataset"]):
-        sub = agg[agg["dataset"] == dataset]
+        sub, mine = agg[agg["dataset"] == dataset], table[table["dataset"] == dataset]
         cap = (
             f"{dataset}: every run's methods, mean over {int(sub['clips'].max())} clip(s) of "
             "per-clip means over the frames every method has; best bold, second underlined "
             "(where a worse value exists)."
             + _left_out_note(sub)
-            + _noted_note(sub, table[table["dataset"] == dataset])
+            + _noted_note(sub, mine)
             + marks.note(sub["method"])
         )
         t = _dataset_table(sub, order, cap, marks.unranked)
         b.add(Heading(2, f"{dataset} (all runs)"), Table(t))
-        _paired(b, table[table["dataset"] == dataset], sub, marks)
+        _paired(b, mine, sub, marks)
     for note in notes:
         b.add(Para(note + "."))
 
