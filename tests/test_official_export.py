@@ -181,3 +181,12 @@ def test_reference_loader_keeps_a_lora_alpha_other_than_8(tmp_path):
     ours, theirs = _unet_outputs(model, ref)
     assert ours.abs().max() > 1e-2  # the LoRAs move the output (conv_out starts at zero)
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_the_same_model_exported_twice_gives_the_same_bytes(tmp_path):
+    """A release's sha256 names its weights: two exports of one model, under other names and
+    folders, are the same file (the zip's root folder was named after the random temp file)."""
+    model = trained_model()
+    first = export_official(model, tmp_path / "a" / "model.pkl").read_bytes()
+    second = export_official(model, tmp_path / "b" / "dloral_release.pkl").read_bytes()
+    assert first == second

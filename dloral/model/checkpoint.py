@@ -418,5 +418,13 @@ def export_official(model: DLoRAL, path: str | os.PathLike) -> Path:
     sd["state_dict_unet"] = unet_state
     cfr = {k: v.detach().cpu().clone() for k, v in model.cfr.state_dict().items()}
     sd["state_dict_bpp"] = {k: torch.zeros(s) for k, s in _unused_cfr_shapes().items()} | cfr
-    atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    atomic_write(path, lambda tmp: _save_reproducibly(sd, tmp))
     return path
+
+
+def _save_reproducibly(obj, path: str) -> None:
+    """torch.save through an open file: given a path, torch names the zip archive's root folder
+    after the file (here a random temp name), so the same model exported twice had two sha256s.
+    Through a file object the root is always `archive/`: the same weights give the same bytes."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
