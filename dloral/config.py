@@ -46,6 +46,15 @@ def find_named_toml(name_or_path: str | os.PathLike, folder: Path) -> Path | Non
     return candidate if candidate.is_file() else None
 
 
+def shipped_folder(name: str, package: Path | None = None) -> Path:
+    """A folder of TOML files the project ships beside its package (`experiments`, `benchmarks`).
+    A wheel holds copies under dloral/_shipped/ (pyproject's force-include), taken where present;
+    in a checkout or an editable install, the repository's own folder beside the package."""
+    package = package or Path(__file__).resolve().parent
+    wheel = package / "_shipped" / name
+    return wheel if wheel.is_dir() else package.parent / name
+
+
 # ----- typing ------------------------------------------------------------------------------
 
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dloral.bench.registry import METRICS, resolve
-from dloral.config import build, check_keys, find_named_toml, read_toml
+from dloral.config import build, check_keys, find_named_toml, read_toml, shipped_folder
 from dloral.data.config import KINDS
 from dloral.model.config import COLOR_FIXES, FIRST_FRAME, PREVIOUS, SIZE_TO_8
 
-BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+BENCHMARKS_DIR = shipped_folder("benchmarks")
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SETS = ("embedded-udm10", "embedded-videolq")
 

@@ -22,6 +22,7 @@ from dloral.config import (
     parse_override,
     read_toml,
     set_key,
+    shipped_folder,
     to_plain,
     to_toml,
 )
@@ -36,7 +37,7 @@ from dloral.data.config import (
 from dloral.model.config import DLoRALConfig
 from dloral.train.schedule import LossWeightsConfig, ScheduleConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "default.toml"
+DEFAULT_CONFIG = shipped_folder("experiments") / "default.toml"
 
 REFERENCE_NEG_PROMPT = (
     "painting, oil painting, illustration, drawing, art, sketch, oil painting, cartoon, "
