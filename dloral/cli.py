@@ -1159,7 +1159,7 @@ def data_degrade(
     ],
     root: Annotated[Path, typer.Argument(help="The set's root folder.")],
     out: Annotated[
-        Path, typer.Option(help="Where to write LQ/, GT/ (links to the GT clips), manifest.json.")
+        Path, typer.Option(help="Where to write LQ/, GT/ (the GT clips), manifest.json.")
     ],
     lq: Annotated[
         str | None,
@@ -1187,6 +1187,13 @@ def data_degrade(
         Path | None,
         typer.Option(help="A degradation TOML [default: dloral/data/realesrgan.toml, training's]."),
     ] = None,
+    gt: Annotated[
+        str,
+        typer.Option(
+            help="GT/<clip>: link (to the GT clip's folder) or copy (its frames: a set that can "
+            "be moved or sent on its own)."
+        ),
+    ] = "link",
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Make real-world-degraded LQ frames for a GT set, once: the training pipeline (Real-ESRGAN
@@ -1211,11 +1218,12 @@ def data_degrade(
             seed=seed,
             per_frame_noise=per_frame_noise,
             config=config,
+            gt=gt,
             progress=progress,
         )
     except DegradeError as err:
         _fail(str(err))
-    except OSError as err:  # writing frames, the temporary folder, the GT links
+    except OSError as err:  # writing frames, the temporary folder, the GT links or copies
         _fail(f"{out}: could not write the set ({err}); nothing was kept")
     except KeyboardInterrupt:
         _stopped(f"nothing was written to {out}; run the same command again")

@@ -120,6 +120,11 @@ def test_the_cli_writes_the_set_and_will_not_overwrite_one(gt_set, tmp_path):
     forced = ["data", "degrade", "udm10", str(gt_set), "--out", str(out), "--force", "--seed", "1"]
     assert runner.invoke(app, forced).exit_code == 0
     assert json.loads((out / "manifest.json").read_text())["seed"] == 1
+    assert (out / "GT" / "clipA").is_symlink()
+    assert runner.invoke(app, [*forced, "--gt", "copy"]).exit_code == 0
+    assert not (out / "GT" / "clipA").is_symlink() and len(list(out.glob("GT/*/*.png"))) == 6
+    wrong = runner.invoke(app, [*forced, "--gt", "move"])
+    assert wrong.exit_code == 2 and "--gt 'move': one of link, copy" in wrong.output
 
 
 def test_the_real_suite_scores_the_made_set(gt_set, tmp_path, monkeypatch):
@@ -217,3 +222,51 @@ def test_each_clip_records_its_own_size_and_bad_settings_are_named(tmp_path, bik
     done = runner.invoke(app, [*command, "--config", str(tmp_path / "absent.toml")])
     assert done.exit_code == 2 and "--config" in done.output and "absent.toml" in done.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_copied_gt_moves_with_the_set_and_a_changed_or_lost_gt_is_named(
+    tmp_path, bikes_path, monkeypatch
+):
+    """--gt copy: GT/<clip> holds the GT frames, so the set scores after a move; the manifest
+    checks each clip's GT as it checks the LQ: a link whose GT moved, or a GT frame changed, is
+    an error naming the clip (the table would be scored against other frames)."""
+    from dloral.bench import harness
+    from dloral.bench.suite import load_suite
+
+    source = write_udm_set(tmp_path / "udm", bikes_path, CLIPS, 3, blur=3)
+    linked = degrade_set("udm10", source, tmp_path / "linked", seed=2)
+    copied = degrade_set("udm10", source, tmp_path / "copied", seed=2, gt="copy")
+    assert linked["files"] == copied["files"] and copied["gt_folders"] == "copy"
+    for clip in CLIPS:
+        folder = tmp_path / "copied" / "GT" / clip
+        assert folder.is_dir() and not folder.is_symlink()
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            p.name for p in (source / "GT" / clip).iterdir()
+        )
+        for frame in folder.iterdir():
+            assert frame.read_bytes() == (source / "GT" / clip / frame.name).read_bytes()
+    made = {x: read_manifest(tmp_path / x) for x in ("linked", "copied")}
+    assert made["linked"]["files_sha256"] == made["copied"]["files_sha256"]  # same frames
+    assert made["copied"]["gt_verified"] is True
+
+    # the copied set, moved, scores as before; the linked one lost its GT when the source moved
+    (tmp_path / "copied").rename(tmp_path / "moved")
+    source.rename(tmp_path / "udm-moved")
+    assert read_manifest(tmp_path / "moved")["files_sha256"] == made["copied"]["files_sha256"]
+    with pytest.raises(DegradeError, match=r"GT of 2 clip\(s\) differs.*GT/clipA \(a link to"):
+        read_manifest(tmp_path / "linked")
+    monkeypatch.setenv("DLORAL_UDM10_REAL", str(tmp_path / "moved"))
+    suite = load_suite("udm10-real", methods=["bicubic"])
+    res = harness.run_bench(
+        suite, metrics=["psnr"], out_dir=tmp_path / "bench", tracking=False, visuals=False
+    )
+    psnr = res.table.query("metric == 'psnr'")["value"]
+    assert psnr.notna().all() and len(psnr) == 2 * 3  # every frame of both clips
+
+    # a GT frame changed since the set was made: named, nothing scored
+    frame = tmp_path / "moved" / "GT" / "clipB" / "0001.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(frame)  # same size
+    with pytest.raises(DegradeError, match=r"GT/clipB: its 3 frame\(s\) are not the 3 the LQ"):
+        read_manifest(tmp_path / "moved")
+    with pytest.raises(DegradeError, match="--gt 'move': one of link, copy"):
+        degrade_set("udm10", tmp_path / "udm-moved", tmp_path / "x", gt="move")

@@ -17,7 +17,8 @@ datasets/README.md). `degrade_set(kind, root, out)` does this for any GT set the
 - a peer layout (udm10, spmcs, vid4) is read from its GT/ alone (whatever LQ folders it has);
   an --out that is, holds or lies in the source is refused (it would change the GT);
 - out/LQ/<clip>/<GT frame stem>.png are the LQ frames, out/GT/<clip> a symbolic link to the GT
-  clip's folder: DOVE's layout, read by the ``udm10`` kind with ``lq = "LQ"`` (the suites'
+  clip's folder (`gt="copy"`: a copy of its frames, a set that can be moved or sent on its
+  own): DOVE's layout, read by the ``udm10`` kind with ``lq = "LQ"`` (the suites'
   `*-real` files); out/manifest.json records the source set, the pipeline's config, every clip's
   seed and draw, the GT frames' sha256 and the written files' sha256, the versions and commit.
 
@@ -29,12 +30,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 FORMAT = "dloral-degraded/1"
 MANIFEST = "manifest.json"
+GT_MODES = {
+    "link": "GT/<clip> links to the absolute GT folder recorded as `gt`",
+    "copy": "GT/<clip> holds copies of the GT frames of the folder recorded as `gt`",
+}
 
 
 class DegradeError(ValueError):
@@ -109,10 +115,14 @@ def degrade_set(
     seed: int = 0,
     per_frame_noise: bool = True,
     config: str | Path | None = None,
+    gt: str = "link",
     progress=None,
 ) -> dict[str, Any]:
-    """Write `out` (LQ/, GT/ links, manifest.json) from the GT clips of the set `kind` at
-    `root` (`lq`, `gt_root`: as read_dataset takes them, to find the GT); the manifest."""
+    """Write `out` (LQ/, GT/ links or copies as `gt` says, manifest.json) from the GT clips of
+    the set `kind` at `root` (`lq`, `gt_root`: as read_dataset takes them, to find the GT);
+    the manifest."""
+    import shutil
+
     import torch
 
     from dloral.atomic import atomic_folder, atomic_write_json
@@ -122,6 +132,8 @@ def degrade_set(
     from dloral.weights import sha256
 
     out, root = Path(out), Path(root)
+    if gt not in GT_MODES:
+        raise DegradeError(f"--gt {gt!r}: one of {', '.join(GT_MODES)}")
     dataset, from_gt = _gt_set(kind, root, lq, gt_root)
     clips = [c for c in dataset.clips if c.gt is not None]
     if not clips:
@@ -129,18 +141,19 @@ def degrade_set(
     sources = [root.resolve()] + ([Path(gt_root).resolve()] if gt_root else [])
     _check_apart(out, sources + [c.gt.path.resolve() for c in clips])
     for clip in clips:
-        gt = clip.gt
+        source = clip.gt
         if "/" in clip.name or "\\" in clip.name:
             raise DegradeError(
                 f"{kind} clip {clip.name!r}: a nested clip name; the degraded set holds "
                 f"LQ/<clip>/ folders one level deep (degrade each category's folder on its own)"
             )
-        if not gt.path.is_dir():
+        if not source.path.is_dir():
             raise DegradeError(
-                f"{kind} clip {clip.name!r}: its GT {gt.path} is not a folder of frames (a video "
-                f"or a still image); degrade reads GT frame folders (decode a video to PNG first)"
+                f"{kind} clip {clip.name!r}: its GT {source.path} is not a folder of frames (a "
+                f"video or a still image); degrade reads GT frame folders (decode a video to PNG "
+                f"first)"
             )
-        height, width = gt.size
+        height, width = source.size
         if height % scale or width % scale:
             raise DegradeError(
                 f"{kind} clip {clip.name!r}: GT frames {width}x{height} are not a multiple of "
@@ -156,30 +169,35 @@ def degrade_set(
     with atomic_folder(out) as tmp, torch.no_grad():
         files: dict[str, str] = {}
         for clip in clips:
-            gt = clip.gt
+            source = clip.gt
             seed_ = clip_seed(seed, clip.name)
-            height, width = gt.size
+            height, width = source.size
             draw = pipeline.sample(torch.Generator().manual_seed(seed_))
             folder = tmp / "LQ" / clip.name
             digest = hashlib.sha256()
             # one frame at a time (memory flat in the clip's length): the clip's draw, and the
             # frame's noise from its own seed (frame 0's for every frame: one noise sample)
-            for index, (name, frame) in enumerate(gt.frames()):
+            for index, (name, frame) in enumerate(source.frames()):
                 noise = frame_seed(seed_, index if per_frame_noise else 0)
                 generator = torch.Generator().manual_seed(noise)
                 lq_frame = pipeline.apply(frame[None], draw, generator, per_frame_noise=True)[0]
                 path = folder / f"{Path(name).stem}.png"
                 write_png(lq_frame, path)
                 files[path.relative_to(tmp).as_posix()] = sha256(path)
-                digest.update(f"{name}:{sha256(gt.path / name)}\n".encode())
-            link = tmp / "GT" / clip.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(gt.path.resolve(), target_is_directory=True)
+                digest.update(f"{name}:{sha256(source.path / name)}\n".encode())
+            gt_folder = tmp / "GT" / clip.name
+            gt_folder.parent.mkdir(parents=True, exist_ok=True)
+            if gt == "copy":  # the frames read, nothing else of the folder
+                gt_folder.mkdir()
+                for name in source.names:
+                    shutil.copy2(source.path / name, gt_folder / name)
+            else:
+                gt_folder.symlink_to(source.path.resolve(), target_is_directory=True)
             records.append(
                 {
                     "name": clip.name,
-                    "frames": len(gt.names),
-                    "gt": str(gt.path.resolve()),
+                    "frames": len(source.names),
+                    "gt": str(source.path.resolve()),
                     "gt_size": [height, width],
                     "lq_size": list(lq_frame.shape[-2:]),
                     "gt_sha256": digest.hexdigest(),
@@ -213,7 +231,8 @@ def degrade_set(
             ),
             "per_frame_noise": per_frame_noise,
             "gt_sha256": "sha256 of the lines '<frame file>:<its sha256>', in frame order",
-            "gt_links": "GT/<clip> links to the absolute GT folder recorded as `gt`",
+            "gt_folders": gt,
+            "gt_folders_are": GT_MODES[gt],
             "degradation": {
                 "pipeline": "dloral.data.degradation.VideoDegradation (Real-ESRGAN second order, "
                 "one draw per clip)",
@@ -257,6 +276,13 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
             f"the manifest no longer describes these frames: make the set again with "
             f"`dloral-exp data degrade ... --force`"
         )
+    gt_differ = _gt_differ(Path(root), manifest.get("clips", []))
+    if gt_differ:
+        raise DegradeError(
+            f"{root}: the GT of {len(gt_differ)} clip(s) differs from {path}: "
+            f"{'; '.join(gt_differ[:3])}. The manifest no longer describes these frames: make "
+            f"the set again (`--gt copy` keeps a copy of the GT inside it, so that it can move)"
+        )
     return {
         "degraded_set": str(path),
         "manifest_sha256": hashlib.sha256(data).hexdigest(),
@@ -273,7 +299,35 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
             ).encode()
         ).hexdigest(),
         "lq_verified": True,
+        "gt_verified": True,
+        "gt_folders": manifest.get("gt_folders", "link"),
         "seed": manifest.get("seed"),
         "per_frame_noise": manifest.get("per_frame_noise"),
         "source": manifest.get("source"),
     }
+
+
+def _gt_differ(root: Path, clips: list[dict]) -> list[str]:
+    """What differs between each clip's GT/<clip> and its manifest record: a folder that is gone
+    (a link whose GT moved) or frames other than those digested as `gt_sha256`."""
+    from dloral.data.frames import FrameError, open_frames
+    from dloral.weights import sha256
+
+    differ = []
+    for clip in clips:
+        folder = root / "GT" / str(clip.get("name"))
+        try:
+            names = open_frames(folder).names
+        except FrameError as err:
+            where = f" (a link to {os.readlink(folder)})" if folder.is_symlink() else ""
+            differ.append(f"GT/{clip.get('name')}{where}: {err}")
+            continue
+        digest = hashlib.sha256()
+        for name in names:
+            digest.update(f"{name}:{sha256(folder / name)}\n".encode())
+        if digest.hexdigest() != clip.get("gt_sha256"):
+            differ.append(
+                f"GT/{clip.get('name')}: its {len(names)} frame(s) are not the "
+                f"{clip.get('frames')} the LQ was made from (their sha256 differ)"
+            )
+    return differ
