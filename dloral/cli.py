@@ -442,14 +442,35 @@ def train(
             cfg = load_config(resume / "config.toml", sets)
         else:
             cfg = load_config(experiment, sets)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
+    except FileNotFoundError as err:
+        _fail(str(err))
+    except (KeyError, ValueError) as err:  # named with the file, as `sweep` names it
+        from dloral.config import error_text
+        from dloral.train.config import DEFAULT_CONFIG
+
+        source = resume / "config.toml" if resume is not None else experiment or DEFAULT_CONFIG
+        _fail(f"{source}: {error_text(err)}")
     if address and cfg.run.workers == 1:
         _fail("--address needs more than one worker (--workers N): one trains in this process")
 
     from dloral.tracking import tracking_uri
-    from dloral.train.recipe import TrainingDiverged, default_run_dir
+    from dloral.train.recipe import (
+        TrainingDiverged,
+        checkpoint_step,
+        default_run_dir,
+        latest_checkpoint,
+    )
 
+    if resume is not None:  # before any model is built or the run's config rewritten
+        last = latest_checkpoint(resume)
+        step = None if last is None else checkpoint_step(last)
+        if step is None:
+            _fail(f"{resume}: no checkpoint to resume from; run the command again to start over")
+        if step >= cfg.run.max_steps:
+            _fail(
+                f"{resume}: finished at step {step} (run.max_steps {cfg.run.max_steps}); nothing "
+                f"to resume. To train further: --resume {resume} --set run.max_steps=N, N > {step}"
+            )
     run_dir = resume or run_dir or default_run_dir(cfg)
     try:
         if cfg.run.workers > 1:
@@ -479,8 +500,8 @@ def train(
     console.print(
         "[green]done:[/] "
         + escape(
-            f"{result.step} steps in {result.run_dir} (resume: --resume "
-            f"{result.run_dir}), checkpoint {result.last_checkpoint}, "
+            f"{result.step} steps in {result.run_dir} (to train further: --resume "
+            f"{result.run_dir} --set run.max_steps=N), checkpoint {result.last_checkpoint}, "
             f"val {json.dumps({k: round(v, 4) for k, v in result.metrics.items()})}{where}"
         )
     )

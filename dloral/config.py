@@ -46,6 +46,14 @@ def find_named_toml(name_or_path: str | os.PathLike, folder: Path) -> Path | Non
     return candidate if candidate.is_file() else None
 
 
+def error_text(err: BaseException) -> str:
+    """An error's message as written: str() of a KeyError quotes it (repr), so a message that
+    ends in a quoted value would lose its closing quote to a strip."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err)
+
+
 def shipped_folder(name: str, package: Path | None = None) -> Path:
     """A folder of TOML files the project ships beside its package (`experiments`, `benchmarks`).
     A wheel holds copies under dloral/_shipped/ (pyproject's force-include), taken where present;

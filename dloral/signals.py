@@ -46,6 +46,11 @@ def install() -> None:
         signal.signal(signal.SIGINT, _on_sigint)
 
 
+def record(signum: int) -> None:
+    """Note a signal another handler caught (Ray's, while it starts), for exit_code and name."""
+    _received.append(signum)
+
+
 def received() -> bool:
     """Whether SIGINT or SIGTERM arrived since install()."""
     return bool(_received)

@@ -194,6 +194,15 @@ def test_cli_report_writes_the_report_and_names_bad_sources(bench_run, tmp_path,
     (tmp_path / "half" / "sweep.json").write_text("{}")
     res = runner.invoke(app, ["report", "--sweep", str(tmp_path / "half")])
     assert res.exit_code == 2 and "no summary.json yet" in res.output
+    # a sweep stopped before any trial reported (while Ray started): reported as such
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "summary.json").write_text(
+        json.dumps({"sweep_dir": str(tmp_path / "stopped"), "status": "interrupted", "trials": []})
+    )
+    res = runner.invoke(app, ["report", "--sweep", "stopped", "--out", "reports/s"])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "reports" / "s" / "report.md").read_text()
+    assert "Status interrupted: no trial had reported" in text
     res = runner.invoke(app, ["report", "--bench", str(bench_run), "--out", "reports/x"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "reports" / "x" / "index.html").is_file()

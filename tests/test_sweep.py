@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dloral.sweep.runner import run_sweep, start_ray
-from dloral.sweep.spec import load_experiment
+from dloral.sweep.spec import SweepError, load_experiment
 from dloral.sweep.trial import trial_scratch
 
 BASE = """
@@ -205,6 +205,50 @@ def test_trial_failing_past_its_retries_is_marked_failed_and_the_sweep_goes_on(
     assert status[failed.trial_id].info.status == "FAILED"
     assert "missing-train" in status[failed.trial_id].data.tags["dloral.status_reason"]
     assert not [r for r in children if r.info.status == "RUNNING"]
+
+
+def test_a_sweep_whose_every_trial_failed_is_a_failure_not_a_success(
+    ray_local, mlflow_uri, tmp_path, data_roots
+):
+    space = f'"data.train_root" = ["{tmp_path}/missing-a", "{tmp_path}/missing-b"]\n'
+    with pytest.raises(SweepError, match=r"every trial failed \(2\); the first error: .*missing"):
+        run_sweep(_experiment(tmp_path, data_roots, space), evaluate=False)
+    _, parents, children = _runs(mlflow_uri)
+    assert (
+        parents[0].info.status == "FAILED"
+        and "every trial failed" in (parents[0].data.tags["dloral.status_reason"])
+    )
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED"]
+    (summary,) = tmp_path.rglob("summary.json")
+    record = json.loads(summary.read_text())
+    assert record["status"] == "failed" and [t["status"] for t in record["trials"]] == [
+        "failed",
+        "failed",
+    ]
+
+
+def test_a_sweep_stopped_while_ray_started_resumes_by_starting_its_trials(
+    ray_local, mlflow_uri, tmp_path, data_roots, monkeypatch
+):
+    """Stopped before Tune saved any state (Ray starting: 15-25 s of every sweep here): the
+    printed --resume starts the trials in the same folder, under the same MLflow run."""
+    from dloral.sweep import runner
+    from dloral.sweep.runner import SweepInterrupted
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    exp = _experiment(tmp_path, data_roots, '"run.seed" = [1]\n')
+    monkeypatch.setattr(runner, "start_ray", stopped)
+    with pytest.raises(SweepInterrupted) as err:
+        run_sweep(exp, evaluate=False)
+    monkeypatch.undo()
+    record = json.loads((Path(err.value.sweep_dir) / "summary.json").read_text())
+    assert record["status"] == "interrupted" and record["trials"] == []
+    result = run_sweep(exp, resume=err.value.sweep_dir, evaluate=False)
+    assert result.status == "finished" and [t.status for t in result.trials] == ["finished"]
+    _, parents, children = _runs(mlflow_uri)
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 1
 
 
 def test_killed_trial_process_is_retried_from_its_checkpoint(

@@ -199,3 +199,49 @@ def test_a_local_ray_start_that_times_out_is_a_sweep_error_saying_what_to_do(mon
     monkeypatch.setattr(ray, "init", broken)
     with pytest.raises(RuntimeError, match="something else"):  # other failures stay as they are
         runner.start_ray(None)
+
+
+def test_a_sigterm_while_ray_starts_stops_the_sweep_as_ctrl_c(monkeypatch):
+    """ray.init installs a handler that turns SIGTERM into sys.exit(15) before dloral's is
+    back: that is an interrupt (exit 143, KILLED, resumable), not a failure."""
+    import signal
+
+    import ray
+
+    from dloral import signals
+    from dloral.sweep import runner
+
+    def terminated(**_):
+        raise SystemExit(signal.SIGTERM)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", terminated)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(signals, "_received", [])
+    with pytest.raises(KeyboardInterrupt):
+        runner.start_ray(None)
+    assert signals.exit_code() == 143 and signals.name() == "SIGTERM"
+
+
+def test_sweeps_started_in_the_same_second_get_a_folder_each(tmp_path):
+    from dloral.sweep.runner import _claim_sweep_id
+
+    ids = [_claim_sweep_id(str(tmp_path), "default-20261201-063855") for _ in range(3)]
+    assert ids == [
+        "default-20261201-063855",
+        "default-20261201-063855-2",
+        "default-20261201-063855-3",
+    ]
+    assert all((tmp_path / i).is_dir() for i in ids)
+
+
+def test_messages_keep_their_closing_quotes(tmp_path):
+    from dloral.config import error_text
+
+    assert error_text(KeyError("unknown key 'a.b'")) == "unknown key 'a.b'"
+    assert error_text(ValueError("got str 'ten'")) == "got str 'ten'"
+    path = tmp_path / "s.toml"
+    path.write_text("[sweep]\n[sweep.space]\n'run.max_steps' = ['ten']\n")
+    with pytest.raises(SweepError) as err:
+        load_experiment(path)
+    assert str(err.value).count("'") % 2 == 0, str(err.value)  # every quote closed

@@ -241,6 +241,7 @@ def test_train_cli_runs_resumes_and_rejects_unknown_keys(data_roots, tmp_path, m
     runner = CliRunner()
     bad = runner.invoke(app, ["train", "--set", "optim.lrr=1"])
     assert bad.exit_code == 2 and "optim.lrr" in bad.output
+    assert "experiments/default.toml: " in bad.output  # the file, as `sweep` names it
     sets = [
         f"{k}={_toml(v)}"
         for k, v in {
@@ -266,6 +267,16 @@ def test_train_cli_runs_resumes_and_rejects_unknown_keys(data_roots, tmp_path, m
     )
     assert resumed.exit_code == 0, resumed.output
     assert latest_checkpoint(tmp_path / "run").name == "step-000003"
+    # a finished run has nothing to resume: refused before anything is built or rewritten
+    config = (tmp_path / "run" / "config.toml").read_bytes()
+    done = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+    assert done.exit_code == 2, done.output
+    assert "finished at step 3" in done.output and "run.max_steps=N, N > 3" in done.output
+    assert (tmp_path / "run" / "config.toml").read_bytes() == config
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.toml").write_bytes(config)
+    none = runner.invoke(app, ["train", "--resume", str(tmp_path / "empty")])
+    assert none.exit_code == 2 and "no checkpoint to resume from" in none.output
     from mlflow.tracking import MlflowClient
 
     run_id = (tmp_path / "run" / "mlflow_run_id").read_text()

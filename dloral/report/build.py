@@ -790,6 +790,17 @@ def sweep_section(b: _Builder, sweep: SweepRun) -> None:
     s = sweep.spec.sweep if sweep.spec is not None else {}
     summary = sweep.summary
     b.add(Heading(1, f"Sweep: {sweep.name}"))
+    if sweep.trials.empty:  # stopped or failed before any trial reported (Ray starting, say)
+        b.add(
+            Para(
+                f"{_sentence(s.get('description'))}Status {summary.status}: no trial had "
+                f"reported when the sweep stopped, so there is nothing to compare. "
+                f"Source: `{sweep.origin}`."
+            )
+        )
+        b.add(Heading(2, "Provenance"))
+        _sweep_provenance(b, sweep)
+        return
     counts = sweep.trials["status"].value_counts().to_dict()
     wall = summary.wall_s
     b.add(

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +157,23 @@ def check_trusted(sweep_dir: str) -> None:
             )
 
 
+def _claim_sweep_id(storage: str, sweep_id: str) -> str:
+    """`sweep_id`, or `sweep_id`-2, -3, ...: on a local storage the sweep's folder is made here,
+    at once and exclusively, so two sweeps started in the same second get a folder each (the
+    folder's sweep.json comes only after the data and the MLflow run, seconds later)."""
+    if _is_uri(storage):
+        return sweep_id
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = sweep_id if n == 1 else f"{sweep_id}-{n}"
+        try:
+            (Path(storage) / candidate).mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise SweepError(f"{storage}: 999 sweep folders named {sweep_id}[-N]; clean some up")
+
+
 def _storage(exp: Experiment) -> str:
     s = exp.sweep.storage
     return s if _is_uri(s) else str(Path(s).resolve())
@@ -209,8 +227,9 @@ def _preflight(exp: Experiment, cfg: TrainConfig) -> None:
 RAY_START_TIMEOUT = "timed out during startup"  # ray/_private/node.py's message
 
 
-def start_ray(address: str | None, verbose: bool = False) -> bool:
-    """Join `address` (or $RAY_ADDRESS), else start Ray on this machine. True if started here."""
+def _ray_environment() -> None:
+    """Ray's settings from the environment, which Ray reads once, when it is first imported:
+    set before any `import ray` here."""
     # Under `uv run`, Ray would otherwise rebuild the project's environment for every worker from
     # a copy of the working folder; our workers use this interpreter (and on a cluster, the
     # environment each node was set up with). Set it to 1 to get Ray's uv behaviour back.
@@ -219,6 +238,11 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
     # small trials report checkpoints often; Tune's "snapshotting may become a bottleneck"
     # warning is noise at this scale
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def start_ray(address: str | None, verbose: bool = False) -> bool:
+    """Join `address` (or $RAY_ADDRESS), else start Ray on this machine. True if started here."""
+    _ray_environment()
     import ray
 
     if ray.is_initialized():
@@ -232,6 +256,13 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
     if address is None:
         try:
             ray.init(**options)
+        except SystemExit as err:
+            # ray.init installs a SIGTERM handler that calls sys.exit(15) before ours is back:
+            # a SIGTERM while Ray starts stops the sweep as Ctrl-C does, resumable
+            if err.code != signal.SIGTERM:
+                raise
+            signals.record(signal.SIGTERM)
+            raise KeyboardInterrupt from None
         except Exception as err:  # Ray raises a bare Exception for this one
             if RAY_START_TIMEOUT not in str(err):
                 raise
@@ -253,6 +284,7 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
 
 
 def _ray_running() -> bool:
+    _ray_environment()
     import ray
 
     return ray.is_initialized()
@@ -426,16 +458,16 @@ def run_sweep(
         exp = experiment_from_spec(spec)
         base = exp.train_config({})
     else:
-        storage = _storage(exp)
-        sweep_id = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sweep_dir = _join(storage, sweep_id)
-        if _read_text(_join(sweep_dir, SWEEP_FILE)) is not None:
-            raise SweepError(f"{sweep_dir} already exists; resume it with --resume")
         given = exp.train_config({})
         if not (address or os.environ.get("RAY_ADDRESS")):
             _preflight(exp, given)  # on a cluster the weights live on the workers, not the driver
         _resolve_data(exp, given)
         base = exp.train_config({})  # with the data roots pinned: what every trial starts from
+        storage = _storage(exp)  # the folder, once nothing before it can fail
+        sweep_id = _claim_sweep_id(storage, f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        sweep_dir = _join(storage, sweep_id)
+        if _read_text(_join(sweep_dir, SWEEP_FILE)) is not None:
+            raise SweepError(f"{sweep_dir} already exists; resume it with --resume")
         spec = SweepSpec(
             path=str(exp.path),
             sweep=exp.to_dict()["sweep"],
@@ -475,6 +507,12 @@ def run_sweep(
         unfinished = any(t.status == "unfinished" for t in result.trials)
         if unfinished or len(result.trials) < exp.trial_count():
             raise KeyboardInterrupt
+        if all(t.status == "failed" for t in result.trials):  # nothing to compare: a failure
+            first = next((t.error for t in result.trials if t.error), "no error recorded")
+            raise SweepError(
+                f"every trial failed ({len(result.trials)}); the first error: {first}. Each "
+                f"trial's error is in {_join(sweep_dir, SUMMARY_FILE)}"
+            )
         result.status = "finished"
         _close_all(tracker, parent, result.trials)
         result.best = best_per_arm(result.trials, exp)
@@ -533,9 +571,14 @@ def _fit(exp: Experiment, spec: SweepSpec, base: TrainConfig, resume: bool, max_
     s = exp.sweep
     trainable, auto_concurrent = _trainable(spec, s, base.run.workers)
     sweep_dir = spec.sweep_dir
-    if resume:
-        if not tune.Tuner.can_restore(sweep_dir):
+    if resume and not tune.Tuner.can_restore(sweep_dir):
+        summary = json.loads(_read_text(_join(sweep_dir, SUMMARY_FILE)) or "{}")
+        if summary.get("trials"):
             raise SweepError(f"{sweep_dir}: Tune has no experiment state to resume")
+        # stopped before Tune saved its state (Ray was starting): no trial ran, so the sweep
+        # starts its trials now, in its folder, under its MLflow run
+        log.info("%s: no trial had started; starting them", sweep_dir)
+    elif resume:
         tuner = tune.Tuner.restore(
             sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False
         )

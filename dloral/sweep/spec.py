@@ -21,6 +21,7 @@ from typing import Any
 from dloral.config import (
     OverrideError,
     build,
+    error_text,
     field_types,
     find_named_toml,
     parse_override,
@@ -228,7 +229,7 @@ def load_experiment(name_or_path: str | Path | None = None, overrides=()) -> Exp
         except OverrideError as e:  # names the --set item itself
             raise SweepError(str(e)) from e
         except (KeyError, ValueError) as e:
-            raise SweepError(f"--set {item}: {str(e).strip(chr(39))}") from e
+            raise SweepError(f"--set {item}: {error_text(e)}") from e
     return _check(path, data, table)
 
 
@@ -248,7 +249,7 @@ def _check(path: Path, base: dict[str, Any], table: dict[str, Any]) -> Experimen
         sweep = build(SweepConfig, table, "sweep")
         TrainConfig.from_dict(copy.deepcopy(base))
     except (KeyError, ValueError) as e:
-        raise SweepError(where + str(e).strip("'\"")) from e
+        raise SweepError(where + error_text(e)) from e
     sweep.name = sweep.name or path.stem
     sweep.family = sweep.family or sweep.name
     if sweep.metric not in METRICS:
@@ -359,6 +360,6 @@ def _dimension(where: str, base: dict[str, Any], key: str, spec: Any) -> Dimensi
             set_key(data, key, value, TrainConfig)
             TrainConfig.from_dict(data)
         except (KeyError, ValueError) as e:
-            msg = str(e).strip(chr(39))
+            msg = error_text(e)
             raise SweepError(f"{where}sweep.space.{key} = {value!r}: {msg}") from e
     return Dimension(key, kind, list(args))
