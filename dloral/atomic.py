@@ -1,4 +1,5 @@
-"""Atomic writes: files that others read appear whole or not at all (temp file + rename).
+"""Atomic writes: files that others read appear whole or not at all (temp file + rename); and
+the lock one writer holds on a folder.
 
 mkstemp/mkdtemp create 0600 files and 0700 folders; what is renamed into place gets the mode a
 plain open()/mkdir would give it under the process umask (0644/0755 under umask 022), so shared
@@ -69,3 +70,24 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class FolderBusy(OSError):
+    """Another process holds the folder's lock."""
+
+
+@contextmanager
+def folder_lock(path: str | os.PathLike) -> Iterator[None]:
+    """One writer at a time in `path`: an flock on the folder itself (no lock file to leave
+    behind), released by the kernel whichever way the process ends; FolderBusy if held."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            raise FolderBusy(f"{path}: another process holds this folder's lock") from err
+        yield
+    finally:
+        os.close(fd)  # releases the lock

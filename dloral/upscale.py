@@ -450,22 +450,20 @@ def _now() -> str:
 
 @contextmanager
 def _writer_lock(output: Path) -> Iterator[None]:
-    """One upscale at a time writes to `output`: an flock on the folder itself (no lock file to
-    leave behind), released by the kernel whichever way the process ends; another is refused."""
-    import fcntl
+    """One upscale at a time writes to `output` (dloral.atomic.folder_lock); another is refused."""
+    from contextlib import ExitStack
 
-    fd = os.open(output, os.O_RDONLY)
-    try:
+    from dloral.atomic import FolderBusy, folder_lock
+
+    with ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
+            held.enter_context(folder_lock(output))
+        except FolderBusy as err:
             raise UpscaleError(
                 f"{output}: another upscale is writing to this folder (it holds the folder's "
                 "lock); wait for it or stop it, or use another output folder"
             ) from err
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _earlier_record(output: Path) -> dict[str, Any] | None:

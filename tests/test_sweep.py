@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dloral.atomic import folder_lock
 from dloral.sweep.runner import run_sweep, start_ray
 from dloral.sweep.spec import SweepError, load_experiment
 from dloral.sweep.trial import trial_scratch
@@ -245,6 +246,13 @@ def test_a_sweep_stopped_while_ray_started_resumes_by_starting_its_trials(
     monkeypatch.undo()
     record = json.loads((Path(err.value.sweep_dir) / "summary.json").read_text())
     assert record["status"] == "interrupted" and record["trials"] == []
+    # while another driver runs the sweep (holding its folder's lock) a resume is refused,
+    # touching nothing
+    files = {p: p.read_bytes() for p in Path(err.value.sweep_dir).glob("*.json")}
+    with folder_lock(err.value.sweep_dir):
+        with pytest.raises(SweepError, match="another dloral-exp sweep is running this sweep"):
+            run_sweep(exp, resume=err.value.sweep_dir, evaluate=False)
+    assert {p: p.read_bytes() for p in Path(err.value.sweep_dir).glob("*.json")} == files
     result = run_sweep(exp, resume=err.value.sweep_dir, evaluate=False)
     assert result.status == "finished" and [t.status for t in result.trials] == ["finished"]
     _, parents, children = _runs(mlflow_uri)

@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,23 @@ def _claim_sweep_id(storage: str, sweep_id: str) -> str:
         except FileExistsError:
             continue
     raise SweepError(f"{storage}: 999 sweep folders named {sweep_id}[-N]; clean some up")
+
+
+def _hold(sweep_dir: str) -> ExitStack:
+    """The lock of a local sweep folder, held until the ExitStack is closed (or the process
+    ends); a SweepError naming the folder when another driver holds it."""
+    from dloral.atomic import FolderBusy, folder_lock
+
+    held = ExitStack()
+    if not _is_uri(sweep_dir):
+        try:
+            held.enter_context(folder_lock(sweep_dir))
+        except FolderBusy as err:
+            raise SweepError(
+                f"{sweep_dir}: another dloral-exp sweep is running this sweep (it holds the "
+                "folder's lock); wait for it, or stop it and then resume"
+            ) from err
+    return held
 
 
 def _storage(exp: Experiment) -> str:
@@ -490,10 +508,15 @@ def run_sweep(
             spec.parent_run_id = t.start_parent(exp, base, sweep_id, sweep_dir)
         _write_spec(spec)
 
-    tracker = Tracking(spec.tracking_uri, spec.mlflow_experiment) if spec.tracking_uri else None
-    parent = spec.parent_run_id
-    if tracker and resume:
-        reopen_run(tracker.client, parent)
+    held = _hold(sweep_dir)  # one driver per sweep folder: a --resume while it runs is refused
+    try:
+        tracker = Tracking(spec.tracking_uri, spec.mlflow_experiment) if spec.tracking_uri else None
+        parent = spec.parent_run_id
+        if tracker and resume:
+            reopen_run(tracker.client, parent)
+    except BaseException:
+        held.close()
+        raise
 
     result = SweepResult(sweep_dir, "failed", parent_run_id=parent)
     owns_ray = not _ray_running()
@@ -548,6 +571,7 @@ def run_sweep(
             from dloral.sweep.trial import remove_sweep_scratch
 
             remove_sweep_scratch(spec.sweep_id)
+        held.close()  # last: another driver may take the folder from here
     return result
 
 
