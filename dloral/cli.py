@@ -740,14 +740,17 @@ def sweep(
             "[yellow]note:[/] resuming uses the definition saved in sweep.json; --set is ignored"
         )
 
-    console.print(
-        f"sweep [bold]{escape(exp.name)}[/] "
-        + escape(
-            f"({exp.sweep.family}): "
-            + ", ".join(f"{d.key} {d.describe()}" for d in exp.dims)
-            + f"; {exp.sweep.scheduler}, {exp.sweep.metric} {exp.sweep.mode}"
+    if resume:  # the saved definition, which the TOML (or --set) may no longer match
+        console.print(f"resuming a sweep of [bold]{escape(exp.name)}[/] as saved in its sweep.json")
+    else:
+        console.print(
+            f"sweep [bold]{escape(exp.name)}[/] "
+            + escape(
+                f"({exp.sweep.family}): "
+                + ", ".join(f"{d.key} {d.describe()}" for d in exp.dims)
+                + f"; {exp.sweep.scheduler}, {exp.sweep.metric} {exp.sweep.mode}"
+            )
         )
-    )
     try:
         result = run_sweep(
             exp,

@@ -257,6 +257,9 @@ def test_a_sweep_stopped_while_ray_started_resumes_by_starting_its_trials(
     assert result.status == "finished" and [t.status for t in result.trials] == ["finished"]
     _, parents, children = _runs(mlflow_uri)
     assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 1
+    # a finished sweep has nothing to resume (it would be evaluated and logged again)
+    with pytest.raises(SweepError, match="finished; nothing to resume"):
+        run_sweep(exp, resume=err.value.sweep_dir, evaluate=False)
 
 
 def test_killed_trial_process_is_retried_from_its_checkpoint(

@@ -473,6 +473,11 @@ def run_sweep(
         if saved is None:
             raise SweepError(f"{sweep_dir}: no {SWEEP_FILE}, not a dloral sweep folder")
         spec = SweepSpec.from_dict(json.loads(saved), _join(sweep_dir, SWEEP_FILE))
+        if spec.status == "finished":  # resuming would evaluate it and log its results again
+            raise SweepError(
+                f"{sweep_dir}: finished; nothing to resume (its results: "
+                f"`dloral-exp report --sweep {sweep_dir}`; a new sweep: drop --resume)"
+            )
         exp = experiment_from_spec(spec)
         base = exp.train_config({})
     else:
