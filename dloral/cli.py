@@ -454,19 +454,16 @@ def train(
         _fail("--address needs more than one worker (--workers N): one trains in this process")
 
     from dloral.tracking import tracking_uri
-    from dloral.train.recipe import (
-        TrainingDiverged,
-        checkpoint_step,
-        default_run_dir,
-        latest_checkpoint,
-    )
+    from dloral.train.recipe import TrainingDiverged, default_run_dir, latest_checkpoint
 
     if resume is not None:  # before any model is built or the run's config rewritten
         last = latest_checkpoint(resume)
-        step = None if last is None else checkpoint_step(last)
-        if step is None:
+        if last is None:
             _fail(f"{resume}: no checkpoint to resume from; run the command again to start over")
-        if step >= cfg.run.max_steps:
+        step = int(last.name.removeprefix("step-"))  # _save_state's step-XXXXXX
+        # finished (result.json written); a run stopped after its last checkpoint, before its
+        # end, goes on to write it
+        if step >= cfg.run.max_steps and (resume / "result.json").is_file():
             _fail(
                 f"{resume}: finished at step {step} (run.max_steps {cfg.run.max_steps}); nothing "
                 f"to resume. To train further: --resume {resume} --set run.max_steps=N, N > {step}"

@@ -273,6 +273,11 @@ def test_train_cli_runs_resumes_and_rejects_unknown_keys(data_roots, tmp_path, m
     assert done.exit_code == 2, done.output
     assert "finished at step 3" in done.output and "run.max_steps=N, N > 3" in done.output
     assert (tmp_path / "run" / "config.toml").read_bytes() == config
+    # stopped after its last checkpoint, before its end (no result.json yet): it goes on
+    (tmp_path / "run" / "result.json").unlink()
+    ended = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+    assert ended.exit_code == 0, ended.output
+    assert (tmp_path / "run" / "result.json").is_file()
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.toml").write_bytes(config)
     none = runner.invoke(app, ["train", "--resume", str(tmp_path / "empty")])
