@@ -69,8 +69,8 @@ class MlflowTracker(NullTracker):
         id_file.write_text(self.run_id)
         params = tracking.flatten(cfg.to_dict())
         if "backbone_weights" in info:
-            # what was built, as the backbone_weights tag says: the tiny profile is random-init
-            # although its config leaves random_init (an sd21 switch) false
+            # what was built, as the backbone_weights tag says: tiny with tiny_init = "random" is
+            # random-init although its config leaves random_init (an sd21 switch) false
             params["model.random_init"] = str(info["backbone_weights"] == "random-init")
         tracking.log_params(self.client, self.run_id, params)
         self.client.log_artifact(self.run_id, str(run_dir / "config.toml"))
