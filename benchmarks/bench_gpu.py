@@ -140,11 +140,10 @@ def unpack(args) -> None:
                 try:
                     have = importlib.metadata.version(name)
                 except importlib.metadata.PackageNotFoundError:
-                    pass
-                else:
-                    if name not in IF_OLDER or _at_least(have, IF_OLDER[name][0]):
-                        print(f"{name}: the node has {have}; not unpacked")
-                        continue
+                    have = None
+                if have and (name not in IF_OLDER or _at_least(have, IF_OLDER[name][0])):
+                    print(f"{name}: the node has {have}; not unpacked")
+                    continue
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(staging)
             print(f"{name}: unpacked {wheel.name}")

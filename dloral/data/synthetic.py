@@ -174,7 +174,6 @@ def degrade_set(
             height, width = source.size
             draw = pipeline.sample(torch.Generator().manual_seed(seed_))
             folder = tmp / "LQ" / clip.name
-            digest = hashlib.sha256()
             # one frame at a time (memory flat in the clip's length): the clip's draw, and the
             # frame's noise from its own seed (frame 0's for every frame: one noise sample)
             for index, (name, frame) in enumerate(source.frames()):
@@ -184,7 +183,6 @@ def degrade_set(
                 path = folder / f"{Path(name).stem}.png"
                 write_png(lq_frame, path)
                 files[path.relative_to(tmp).as_posix()] = sha256(path)
-                digest.update(f"{name}:{sha256(source.path / name)}\n".encode())
             gt_folder = tmp / "GT" / clip.name
             gt_folder.parent.mkdir(parents=True, exist_ok=True)
             if gt == "copy":  # the frames read, nothing else of the folder
@@ -200,7 +198,7 @@ def degrade_set(
                     "gt": str(source.path.resolve()),
                     "gt_size": [height, width],
                     "lq_size": list(lq_frame.shape[-2:]),
-                    "gt_sha256": digest.hexdigest(),
+                    "gt_sha256": _gt_digest(source.path, source.names),
                     "seed": seed_,
                     "draw": draw.describe(),
                 }
@@ -307,11 +305,20 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
     }
 
 
+def _gt_digest(folder: Path, names) -> str:
+    """A clip's `gt_sha256`: sha256 of the lines '<frame file>:<its sha256>', in frame order."""
+    from dloral.weights import sha256
+
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}:{sha256(folder / name)}\n".encode())
+    return digest.hexdigest()
+
+
 def _gt_differ(root: Path, clips: list[dict]) -> list[str]:
     """What differs between each clip's GT/<clip> and its manifest record: a folder that is gone
     (a link whose GT moved) or frames other than those digested as `gt_sha256`."""
     from dloral.data.frames import FrameError, open_frames
-    from dloral.weights import sha256
 
     differ = []
     for clip in clips:
@@ -322,10 +329,7 @@ def _gt_differ(root: Path, clips: list[dict]) -> list[str]:
             where = f" (a link to {os.readlink(folder)})" if folder.is_symlink() else ""
             differ.append(f"GT/{clip.get('name')}{where}: {err}")
             continue
-        digest = hashlib.sha256()
-        for name in names:
-            digest.update(f"{name}:{sha256(folder / name)}\n".encode())
-        if digest.hexdigest() != clip.get("gt_sha256"):
+        if _gt_digest(folder, names) != clip.get("gt_sha256"):
             differ.append(
                 f"GT/{clip.get('name')}: its {len(names)} frame(s) are not the "
                 f"{clip.get('frames')} the LQ was made from (their sha256 differ)"
