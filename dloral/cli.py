@@ -110,8 +110,13 @@ def _stopped(message: str) -> None:
     """Ctrl-C or SIGTERM: say what was kept and how to go on; exit 130 or 143."""
     from dloral import signals
 
+    global _said_stopped
+    _said_stopped = True
     console.print(f"[yellow]interrupted ({signals.name()}):[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=signals.exit_code())
+
+
+_said_stopped = False  # a command's own handling said what an interrupt kept (entry() below)
 
 
 _SHIPPED_SUITES = ", ".join(shipped_suites())  # for bench --help
@@ -779,9 +784,17 @@ def sweep(
         + escape(
             f"{len(result.trials)} trials "
             f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) "
-            f"in {result.wall_s:.0f} s; results in {result.sweep_dir}{where}"
+            f"in {result.wall_s_run:.0f} s{_over_runs(result)}; results in "
+            f"{result.sweep_dir}{where}"
         )
     )
+
+
+def _over_runs(result) -> str:
+    """A resumed sweep's wall time over every run of its driver."""
+    if result.driver_runs < 2:
+        return ""
+    return f" ({result.wall_s:.0f} s over its {result.driver_runs} driver runs)"
 
 
 def _print_sweep_table(result, exp) -> None:
@@ -1305,8 +1318,11 @@ def entry() -> None:
         raise SystemExit(signals.exit_code()) from None
     except SystemExit as done:
         # click turns an interrupt it catches itself into "Aborted!" and exit 1, typer into a
-        # silent exit 130 (also for SIGTERM)
-        if done.code in (1, 130) and signals.received():
+        # silent exit 130 (also for SIGTERM): an interrupt outside a command's own handling,
+        # while it imports and checks what it was given
+        if done.code in (1, 130, 143) and signals.received():
+            if not _said_stopped:
+                console.print(f"[yellow]interrupted ({signals.name()})[/] during start-up")
             raise SystemExit(signals.exit_code()) from None
         raise
 

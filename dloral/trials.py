@@ -69,9 +69,11 @@ NOISE_RULE = (
     "arms A and B, each over its trials that ran to the end (one per seed): the difference is "
     "beyond seed noise when |mean(A) - mean(B)| > max(range(A), range(B)), range = max - min "
     "over the arm's seeds; within seed noise otherwise; undecided when an arm has fewer than "
-    "2 such trials"
+    "2 such trials; not compared when an arm has none (ASHA stopped every one of its trials "
+    "before the end, where values are taken at other steps)"
 )
 BEYOND, WITHIN, UNDECIDED = "beyond seed noise", "within seed noise", "undecided (< 2 seeds)"
+NOT_COMPARED = "not compared (an arm has no trial that ran to the end)"
 
 
 class ArmComparison(TypedDict):
@@ -80,13 +82,13 @@ class ArmComparison(TypedDict):
     a: str  # arm labels, as ArmBest's
     b: str
     metric: str
-    mean_a: float
-    mean_b: float
+    mean_a: float | None  # None: the arm has no trial that ran to the end
+    mean_b: float | None
     seeds_a: int  # trials that ran to the end
     seeds_b: int
-    diff: float  # mean_a - mean_b
+    diff: float | None  # mean_a - mean_b
     spread: float | None  # max(range_a, range_b); None when undecided
-    verdict: str  # BEYOND, WITHIN or UNDECIDED
+    verdict: str  # BEYOND, WITHIN, UNDECIDED or NOT_COMPARED
 
 
 COMPARISON_HEADER = (
@@ -102,14 +104,17 @@ COMPARISON_HEADER = (
 
 def comparison_cells(c: ArmComparison) -> list[str]:
     """One comparison as the console table and the report show it (plain text)."""
-    spread = "-" if c["spread"] is None else f"{c['spread']:.4f}"
+
+    def num(x: float | None, fmt: str) -> str:  # None (and NaN from older summaries): none
+        return "-" if x is None or math.isnan(x) else format(x, fmt)
+
     return [
         c["a"],
         c["b"],
-        f"{c['mean_a']:.4f} ({c['seeds_a']})",
-        f"{c['mean_b']:.4f} ({c['seeds_b']})",
-        f"{c['diff']:+.4f}",
-        spread,
+        f"{num(c['mean_a'], '.4f')} ({c['seeds_a']})",
+        f"{num(c['mean_b'], '.4f')} ({c['seeds_b']})",
+        num(c["diff"], "+.4f"),
+        num(c["spread"], ".4f"),
         c["verdict"],
     ]
 
@@ -119,10 +124,12 @@ def compare_arms(values: dict[str, list[float]], metric: str) -> list[ArmCompari
     out: list[ArmComparison] = []
     for a, b in itertools.combinations(sorted(values), 2):
         va, vb = values[a], values[b]
-        mean_a = sum(va) / len(va) if va else math.nan
-        mean_b = sum(vb) / len(vb) if vb else math.nan
-        diff = mean_a - mean_b
-        if len(va) < 2 or len(vb) < 2:
+        mean_a = sum(va) / len(va) if va else None
+        mean_b = sum(vb) / len(vb) if vb else None
+        diff = None if mean_a is None or mean_b is None else mean_a - mean_b
+        if diff is None:
+            spread, verdict = None, NOT_COMPARED
+        elif len(va) < 2 or len(vb) < 2:
             spread, verdict = None, UNDECIDED
         else:
             spread = max(max(va) - min(va), max(vb) - min(vb))
@@ -238,6 +245,15 @@ class SweepSpec:
     provenance: dict[str, Any] = field(default_factory=dict)
     experiment_id: str | None = None
     parent_run_id: str | None = None
+    # one entry per driver run of this sweep (the first, then each --resume): the command as
+    # typed, its git commit, when it started, its wall time and how it ended (an entry with no
+    # "ended" is a driver that was killed)
+    invocations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def wall_s(self) -> float:
+        """The drivers' wall time over every invocation that recorded one."""
+        return sum(float(i.get("wall_s") or 0.0) for i in self.invocations)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

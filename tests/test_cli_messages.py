@@ -101,3 +101,32 @@ def test_bad_upscale_options_are_named_without_a_traceback(tmp_path, bikes_folde
         assert result.exit_code == 2 and said in _text(result), (args, result.output)
         assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_outside_a_commands_own_handling_is_said(monkeypatch, capsys, sig, code):
+    """A signal while `train` reads its config (its imports: seconds of every run) reached
+    typer, which exits 130 without a word; the exit code stays the signal's, and it is said."""
+    import os
+    import signal
+    import sys
+
+    from dloral import signals
+
+    def config_read_when_the_signal_comes(*_, **__):
+        os.kill(os.getpid(), getattr(signal, sig))  # handled by dloral.signals, as in a run
+        raise AssertionError("the signal did not stop the command")
+
+    monkeypatch.setattr("dloral.train.config.load_config", config_read_when_the_signal_comes)
+    monkeypatch.setattr(signals, "_received", [])
+    monkeypatch.setattr(sys, "argv", ["dloral-exp", "train", "--no-tracking"])
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.entry()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert done.value.code == code
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"interrupted ({sig}) during start-up" in said, said

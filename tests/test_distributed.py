@@ -197,3 +197,25 @@ def test_workers_outside_a_process_group_are_refused(data_roots, tmp_path):
     with pytest.raises(ValueError, match=r"run.workers = 2, but this process is one of 1"):
         train(_cfg(data_roots, 2, 1, 2), tmp_path / "r")
     assert not (tmp_path / "r" / "config.toml").exists()
+
+
+def test_a_runs_worker_folders_are_removed_and_no_other_runs(tmp_path, monkeypatch):
+    """A worker stopped by Ray (SIGTERM to the driver after a checkpoint, seen here) can end
+    before its own clean-up: the driver removes its run's workers' temporary folders, named by
+    the run's tag, and leaves another run's (it may still be training beside it)."""
+    import tempfile
+
+    from dloral.sweep.distributed import _rank_prefix, remove_rank_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ours = [tempfile.mkdtemp(prefix=_rank_prefix(r, "5e7dad28945d")) for r in (0, 1, 12)]
+    theirs = [
+        tempfile.mkdtemp(prefix=_rank_prefix(0, tag))
+        for tag in ("5e7dad28945", "x", "a-5e7dad28945d")  # a sweep named `a-<ours>`
+    ]
+    (Path(ours[0]) / "run" / "checkpoints").mkdir(parents=True)
+    remove_rank_scratch("5e7dad28945d")
+    assert not any(Path(p).exists() for p in ours)
+    assert all(Path(p).is_dir() for p in theirs)
+    remove_rank_scratch("")  # no tag (a job made before tags): nothing is guessed at
+    assert all(Path(p).is_dir() for p in theirs)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,6 +166,12 @@ def _assert_resumed(exp: Path, uri: str, env: dict, cwd: Path, sweep_dir: Path, 
     assert proc.returncode == 0, out[-4000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["status"] == "finished"
+    # each run of the driver is recorded, as typed: the first interrupted, the last finished
+    runs = json.loads((sweep_dir / "sweep.json").read_text())["invocations"]
+    assert runs[0]["ended"] == "interrupted" and "--resume" not in runs[0]["command_line"]
+    assert runs[-1]["ended"] == "finished" and "--resume" in runs[-1]["command_line"]
+    assert summary["wall_s"] == pytest.approx(sum(r["wall_s"] for r in runs))
+    assert f"over its {len(runs)} driver runs" in " ".join(out.split()), out[-2000:]
     assert [t["status"] for t in summary["trials"]] == ["finished"] * TRIALS
     client, parents, children = _sweep_runs(uri)
     assert [p.info.status for p in parents] == ["FINISHED"]
@@ -288,10 +295,18 @@ def test_sigterm_stops_a_two_worker_training_run_truthfully(tmp_path, data_roots
             return False
         return bool(_metric_steps(MlflowClient(uri), id_file.read_text(), "lr"))
 
+    def scratch() -> set[Path]:  # the workers' temporary folders (dloral.sweep.distributed)
+        return set(Path(tempfile.gettempdir()).glob("dloral-rank*"))
+
+    before = scratch()
     _wait_for(proc, training, "a logged training step")
+    workers = scratch() - before
+    assert len(workers) >= 2, workers  # one per rank, made as each worker started
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, out[-3000:]
+    # the workers were stopped before their own clean-up: the driver removed their folders
+    assert not workers & scratch(), workers & scratch()
     # stopped before its first checkpoint (every 100 steps): no resume command that would fail
     said = " ".join(out.split())
     assert "stopped before its first checkpoint (run.checkpoint_every 100 steps)" in said
@@ -413,3 +428,4 @@ def test_a_stop_during_start_up_exits_with_the_signal_code(tmp_path, sig, code):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == code, out[-3000:]
     assert "Traceback" not in out
+    assert f"interrupted ({sig.name})" in out, out[-3000:]  # never a silent stop

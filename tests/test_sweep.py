@@ -260,6 +260,23 @@ def test_a_sweep_stopped_while_ray_started_resumes_by_starting_its_trials(
     # a finished sweep has nothing to resume (it would be evaluated and logged again)
     with pytest.raises(SweepError, match="finished; nothing to resume"):
         run_sweep(exp, resume=err.value.sweep_dir, evaluate=False)
+    # sweep.json records each run of the driver (the refused ones are none): the command, its
+    # code, how it ended and after how long; summary.json's wall time is theirs together
+    folder = Path(err.value.sweep_dir)
+    runs = json.loads((folder / "sweep.json").read_text())["invocations"]
+    assert [(r["resume"], r["ended"]) for r in runs] == [(False, "interrupted"), (True, "finished")]
+    assert all(r["command_line"] and r["git_commit"] and r["wall_s"] > 0 for r in runs)
+    assert result.driver_runs == 2 and result.wall_s_run > runs[0]["wall_s"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["wall_s"] == pytest.approx(runs[0]["wall_s"] + runs[1]["wall_s"])
+    # and a report of the sweep cites them (it said "command: not recorded")
+    from dloral.report.build import build_report
+    from dloral.report.sources import read_sweep
+
+    report = build_report(tmp_path / "report", sweeps=[read_sweep(folder, str(folder))])
+    text = report.markdown.read_text()
+    assert "then resumed once with `--resume`" in text and "not recorded" not in text
+    assert "driver run 2" in text and "ended finished after" in text, text
 
 
 def test_killed_trial_process_is_retried_from_its_checkpoint(

@@ -160,3 +160,36 @@ def test_the_sweep_report_shows_each_pair_of_arms_with_its_verdict(tmp_path):
         "beyond seed noise",
     ]
     assert "max(range(A), range(B))" in section  # the rule that made the verdict
+
+
+def test_an_arm_asha_stopped_entirely_is_not_compared_and_shows_no_nan(capsys, monkeypatch):
+    """Values are compared at the end only; an arm with no trial that ran to the end has no
+    mean. Its comparison says so (it printed `nan (0)` and wrote NaN, which is not JSON)."""
+    from dloral import cli
+    from dloral.sweep.runner import arm_comparisons
+    from dloral.sweep.spec import load_experiment
+    from dloral.trials import NOT_COMPARED
+
+    exp = load_experiment("default")
+    rows = [
+        _seeded("a1", "full", 1, 24.0),
+        _seeded("a2", "full", 2, 24.4),
+        _seeded("b1", "off", 1, 23.5, status="stopped"),
+        _seeded("b2", "off", 2, 23.7, status="stopped"),
+    ]
+    (c,) = arm_comparisons(rows, exp)
+    assert (c["mean_a"], c["seeds_a"], c["mean_b"], c["seeds_b"]) == (
+        pytest.approx(24.2),
+        2,
+        None,
+        0,
+    )
+    assert c["diff"] is None and c["spread"] is None and c["verdict"] == NOT_COMPARED
+    summary = SweepSummary("/s", "finished", 1.0, rows, [], [c])
+    text = json.dumps(summary.to_dict(), allow_nan=False)  # strict JSON
+    assert SweepSummary.from_dict(json.loads(text), "summary.json").comparisons == [c]
+    monkeypatch.setattr(cli.console, "width", 200)
+    cli._print_comparisons([c])
+    out = " ".join(capsys.readouterr().err.split())
+    assert "24.2000 (2)" in out and "- (0)" in out and "nan" not in out.lower()
+    assert "no trial that ran to the end" in out

@@ -34,7 +34,13 @@ from dloral.report import plots, tables
 from dloral.report.sources import BenchRun, SweepRun, higher_is_better, untrained_methods
 from dloral.report.tables import UNTRAINED
 from dloral.report.visuals import visual_grid
-from dloral.trials import COMPARISON_HEADER, EVAL_COLUMNS, NOISE_RULE, comparison_cells
+from dloral.trials import (
+    COMPARISON_HEADER,
+    EVAL_COLUMNS,
+    NOISE_RULE,
+    SweepSpec,
+    comparison_cells,
+)
 
 KIND_ORDER = ("full_reference", "no_reference", "temporal", "latency")
 QUALITY_PREFERENCE = ("musiq", "lpips", "clipiqa", "dists", "maniqa", "niqe", "piqe", "psnr")
@@ -803,11 +809,13 @@ def sweep_section(b: _Builder, sweep: SweepRun) -> None:
         return
     counts = sweep.trials["status"].value_counts().to_dict()
     wall = summary.wall_s
+    runs = len(sweep.spec.invocations) if sweep.spec is not None else 0
+    over = f" over {runs} driver runs" if runs > 1 else ""
     b.add(
         Para(
             f"{_sentence(s.get('description'))}Family `{s.get('family', '?')}`; status "
             f"{summary.status}; trials {counts}; wall "
-            f"{_fmt(wall, 0) if wall else '?'} s. Judged on `{sweep.metric}` "
+            f"{_fmt(wall, 0) if wall else '?'} s{over}. Judged on `{sweep.metric}` "
             f"({s.get('mode', '?')}), scheduler {s.get('scheduler', '?')}. "
             f"Source: `{sweep.origin}`."
         )
@@ -1025,7 +1033,34 @@ def _sweep_provenance(b: _Builder, sweep: SweepRun) -> None:
             ]
         )
     rows.append(["started", spec.created])
+    if spec.invocations and spec.invocations[0].get("resume"):
+        rows.append(["driver runs", "the first not recorded (made before dloral recorded them)"])
+    for i, inv in enumerate(spec.invocations, 1):
+        rows.append([f"driver run {i}", _invocation_text(inv)])
     b.add(Grid(["what", "value"], rows))
+
+
+def _invocation_text(inv: dict[str, Any]) -> str:
+    """One run of a sweep's driver: its command, code, start and how it ended."""
+    code = _git_line(inv) if inv.get("git_commit") else "git not recorded"
+    if inv.get("ended"):
+        end = f"ended {inv['ended']} after {_fmt(inv.get('wall_s'), 0)} s"
+    else:
+        end = "did not record its end (the driver was killed)"
+    return f"`{inv.get('command_line', '?')}` at {code}, started {inv.get('started')}, {end}"
+
+
+def _sweep_command(spec: SweepSpec | None) -> str:
+    """The command that made a sweep, and how many times it was resumed."""
+    runs = spec.invocations if spec is not None else []
+    if not runs:
+        return "not recorded"
+    first = f"`{runs[0].get('command_line', '?')}`"
+    if runs[0].get("resume"):
+        first = f"(first run not recorded) {first}"
+    resumed = sum(1 for r in runs[1:] if r.get("resume"))
+    times = "once" if resumed == 1 else f"{resumed} times"
+    return first + (f", then resumed {times} with `--resume`" if resumed else "")
 
 
 # ----- the report --------------------------------------------------------------------------
@@ -1072,7 +1107,7 @@ def build_report(
         prov = sweep.spec.provenance if sweep.spec is not None else {}
         code = _git_line(prov) if prov.get("git_commit") else "not recorded"
         started = sweep.spec.created if sweep.spec is not None else "?"
-        rows.append([f"results: sweep {sweep.name} ({started})", "not recorded", code])
+        rows.append([f"results: sweep {sweep.name} ({started})", _sweep_command(sweep.spec), code])
     rows.append(
         [
             f"this report ({made})",

@@ -19,6 +19,7 @@ spans several machines, as the sweep's storage must be.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,9 @@ class WorkerJob:
     # run_dir is a sweep trial's scratch (dloral.sweep.trial.trial_scratch): rank 0 empties it
     # before each attempt (Ray's checkpoint is what it continues from) and removes it at the end
     scratch: bool = False
+    # names this run's workers' temporary folders (remove_rank_scratch): the training run's
+    # own token, or a sweep's id
+    scratch_tag: str = ""
 
 
 # ----- on every worker ------------------------------------------------------------------------
@@ -68,7 +72,7 @@ def run_worker(job_dict: dict[str, Any]) -> None:
         os.chdir(job.cwd)  # Ray starts workers in its own folder
     torch.set_num_threads(max(1, job.threads))
     cfg = TrainConfig.from_dict(job.config)
-    with tempfile.TemporaryDirectory(prefix=f"dloral-rank{rank}-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=_rank_prefix(rank, job.scratch_tag)) as scratch:
         # rank 0 writes the run folder; the others only read their checkpoint, from scratch
         run_dir = Path(job.run_dir) if rank == 0 else Path(scratch) / "run"
         if job.scratch and rank == 0:
@@ -78,6 +82,24 @@ def run_worker(job_dict: dict[str, Any]) -> None:
         finally:  # a sweep trial's scratch: what it reported is in the run's storage
             if job.scratch and rank == 0:
                 shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _rank_prefix(rank: int | str, tag: str) -> str:
+    return f"dloral-rank{rank}-{tag}-" if tag else f"dloral-rank{rank}-"
+
+
+def remove_rank_scratch(tag: str) -> None:
+    """The temporary folders of a run's workers on this machine, once they are gone (the
+    driver, after its local Ray is shut down): a worker stopped by Ray (Ctrl-C, SIGTERM) can
+    end before its own clean-up runs."""
+    if not tag:
+        return
+    # exactly this tag: rank digits, then mkdtemp's suffix (no "-"), so that a sweep named
+    # `my-default` is not taken for `default`
+    name = re.compile(re.escape(_rank_prefix(0, tag)).replace("rank0", r"rank\d+") + r"[^-]+")
+    for folder in Path(tempfile.gettempdir()).glob(_rank_prefix("*", tag) + "*"):
+        if name.fullmatch(folder.name):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run(job: WorkerJob, cfg, rank: int, world: int, run_dir: Path) -> None:
@@ -240,6 +262,7 @@ def run_trial_on_workers(config: dict[str, Any], spec: SweepSpec) -> None:
         config=cfg.to_dict(),
         run_dir=str(trial_scratch(spec.sweep_id, trial_id)),  # on rank 0's node
         scratch=True,
+        scratch_tag=spec.sweep_id,
         threads=max(1, int(spec.threads)),
         tracker=tracker,
         reports="validation",

@@ -72,6 +72,8 @@ class SweepResult(SweepSummary):
     """summary.json's record plus the parent MLflow run of the sweep."""
 
     parent_run_id: str | None = None
+    wall_s_run: float = 0.0  # this driver's wall time (wall_s: every driver run of the sweep)
+    driver_runs: int = 1  # the first run and each --resume
 
 
 # ----- storage (a local folder or any pyarrow filesystem URI) --------------------------------
@@ -515,6 +517,7 @@ def run_sweep(
 
     held = _hold(sweep_dir)  # one driver per sweep folder: a --resume while it runs is refused
     try:
+        _begin_invocation(spec, bool(resume))
         tracker = Tracking(spec.tracking_uri, spec.mlflow_experiment) if spec.tracking_uri else None
         parent = spec.parent_run_id
         if tracker and resume:
@@ -573,17 +576,43 @@ def run_sweep(
 
             ray.shutdown()
         if owns_ray:  # every trial ran on this machine, and none runs any more
+            from dloral.sweep.distributed import remove_rank_scratch
             from dloral.sweep.trial import remove_sweep_scratch
 
             remove_sweep_scratch(spec.sweep_id)
+            remove_rank_scratch(spec.sweep_id)
         held.close()  # last: another driver may take the folder from here
     return result
 
 
+def _begin_invocation(spec: SweepSpec, resume: bool) -> None:
+    """Record this driver run in sweep.json before it starts anything: the command as typed and
+    the code it ran (a resume may run other code than the first run did)."""
+    from dloral import provenance
+
+    spec.invocations.append(
+        {
+            "command_line": provenance.command_line(),
+            **provenance.git_state(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "resume": resume,
+        }
+    )
+    _write_spec(spec)
+
+
 def _finish_records(spec: SweepSpec, result: SweepResult, t_start: float) -> None:
     """sweep.json's status and summary.json, also when interrupted: which trials are done,
-    which will resume."""
-    result.wall_s = time.perf_counter() - t_start
+    which will resume; this driver run's wall time and end, and the sweep's over every run."""
+    result.wall_s_run = time.perf_counter() - t_start
+    if spec.invocations:
+        spec.invocations[-1].update(
+            wall_s=round(result.wall_s_run, 1),
+            ended=result.status,
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+    result.wall_s = spec.wall_s or result.wall_s_run
+    result.driver_runs = max(1, len(spec.invocations))
     spec.status = result.status
     _write_spec(spec)
     _write_text(_join(spec.sweep_dir, SUMMARY_FILE), json.dumps(result.to_dict(), indent=2))

@@ -16,11 +16,18 @@ import logging
 import math
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 from dloral import signals
-from dloral.sweep.distributed import ClusterTooSmall, WorkerJob, check_cluster, trainer
+from dloral.sweep.distributed import (
+    ClusterTooSmall,
+    WorkerJob,
+    check_cluster,
+    remove_rank_scratch,
+    trainer,
+)
 from dloral.tracking import close_if_running, experiment_id, find_run, mlflow_client
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ def train_on_workers(
         resume=resume,
         threads=max(1, math.floor(cpus_per_worker)),
         cwd=os.getcwd(),
+        scratch_tag=uuid.uuid4().hex[:12],
         tracker=(
             None
             if uri is None
@@ -108,6 +116,8 @@ def train_on_workers(
     finally:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
+        if owns_ray:  # every worker ran on this machine, and none runs any more
+            remove_rank_scratch(job.scratch_tag)
     done = run_dir / "result.json"  # rank 0's, when its node shares this file system
     record = json.loads(done.read_text()) if done.is_file() else {}
     checkpoint = record.get("checkpoint") or getattr(outcome.checkpoint, "path", None)
