@@ -52,6 +52,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,6 +106,7 @@ if [ ! -d "$site" ]; then
 fi
 export PYTHONPATH="$here/src:$site${{PYTHONPATH:+:$PYTHONPATH}}"
 export DLORAL_TINY_VAE="${{DLORAL_TINY_VAE:-$here/tiny-vae.safetensors}}"
+export DLORAL_BUNDLE_COMMAND="sh $0 $*"  # what the records cite: this, not bench_gpu.py run
 exec {python} "$here/src/benchmarks/bench_gpu.py" run --frames-dir "$here/frames" "$@"
 """
 
@@ -380,16 +383,25 @@ def run(args) -> int:
         "train_speed": train_speed.main,
         "vae_wait": vae_wait.main,
     }
+    from dloral.provenance import BENCH_VIA_ENV
+
+    # the command as typed: run.sh's on a node (it runs this file), else this file's
+    command = os.environ.get("DLORAL_BUNDLE_COMMAND") or shlex.join(
+        ["python", "benchmarks/bench_gpu.py", *args.argv]
+    )
     failed = []
     for part in parts:
         script, argv = commands[part]
         print(f"== {part}: benchmarks/{script}.py {' '.join(argv)}", flush=True)
+        os.environ[BENCH_VIA_ENV] = command  # each part's record says what ran it
         try:
             if benchmarks[script](argv):  # a non-zero status (vae_wait: the outputs differ)
                 failed.append(f"{part}: exit status 1")
         except (Exception, SystemExit) as err:  # the other parts still run: keep what works
             traceback.print_exc()
             failed.append(f"{part}: {type(err).__name__}: {err}")
+        finally:
+            os.environ.pop(BENCH_VIA_ENV, None)
         if cuda:
             torch.cuda.empty_cache()
     from dloral.atomic import atomic_write_json
@@ -404,7 +416,7 @@ def run(args) -> int:
     record = {
         "benchmark": "bench_gpu",
         "mode": "gpu" if on_gpu else "cpu-fallback (tiny profile, tiny sizes: no GPU numbers)",
-        "command": "python benchmarks/bench_gpu.py " + " ".join(args.argv),
+        "command": command,
         "parts_run": parts,
         "parts_failed": failed,
         "settings": opt,

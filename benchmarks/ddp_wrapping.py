@@ -38,6 +38,8 @@ warnings.filterwarnings("ignore", message=".*kernels-community.*")
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import environment, write_result  # noqa: E402
 
+from dloral.provenance import bench_command  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 MODES = ("one wrapper, no find_unused", "one wrapper, find_unused", "rebuilt per stage")
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[mode].append(json.loads(Path(out).read_text()))
     record = {
         "benchmark": "ddp_wrapping",
-        "command": "uv run python benchmarks/ddp_wrapping.py " + " ".join(argv or sys.argv[1:]),
+        "command": bench_command("ddp_wrapping.py", argv),
         "profile": "tiny",
         "setting": "2 processes x 1 torch thread, gloo, crop 32, 3 frames, detail stage",
         "load_average_1_5_15": list(os.getloadavg()),

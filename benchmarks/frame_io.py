@@ -16,7 +16,6 @@ are the same at every level (checked). Record (command, versions, commit) -> ben
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from PIL import Image
 
 from dloral.atomic import atomic_write_json
 from dloral.data.frames import FrameWriter, open_frames, packaged_clip, write_png
-from dloral.provenance import cpu_environment
+from dloral.provenance import bench_command, cpu_environment
 from dloral.upscale import WRITERS
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     h, w = frames[0].shape[-2:]
     record = {
         "benchmark": "frame_io",
-        "command": "uv run python benchmarks/frame_io.py " + " ".join(argv or sys.argv[1:]),
+        "command": bench_command("frame_io.py", argv),
         "input": f"{source.path}, first {len(frames)} frames, {w}x{h}",
         "writers": WRITERS,
         "rows": rows,

@@ -62,6 +62,8 @@ warnings.filterwarnings("ignore", message=".*kernels-community.*")
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import environment, write_result  # noqa: E402
 
+from dloral.provenance import bench_command  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 DATASET = "embedded-udm10"
 METRICS = ["psnr", "ssim", "psnr_y", "ssim_y", "piqe", "ewarp@evalcrafter", "tof@tecogan"]
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         sides_out[key] = entry
     record = {
         "benchmark": "harness-speed",
-        "command": "uv run python benchmarks/harness_speed.py " + " ".join(argv or sys.argv[1:]),
+        "command": bench_command("harness_speed.py", argv),
         "dataset": f"{DATASET} (BIx4 LQ, GT)",
         "clips": runs["plain"][-1]["clips"],
         "method": "bicubic (dloral.resize PIL bicubic x4)",

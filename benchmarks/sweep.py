@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from latency import environment, write_result  # noqa: E402
 
+from dloral.provenance import bench_command  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "sweep",
         "experiment": args.experiment,
         "overrides": args.sets,
-        "command": "uv run python benchmarks/sweep.py " + " ".join(argv or sys.argv[1:]),
+        "command": bench_command("sweep.py", argv),
         "environment": environment(torch.device("cpu")),  # versions include ray
         "runs": runs,
     }

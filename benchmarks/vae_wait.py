@@ -108,7 +108,7 @@ def measure(vae, x: torch.Tensor, tiles) -> tuple[torch.Tensor, float, float | N
 
 def main(argv: list[str] | None = None) -> int:
     from dloral.model.vae_tiles import DECODER_PAD, ENCODER_PAD, VAETiles, split
-    from dloral.provenance import cpu_environment
+    from dloral.provenance import bench_command, cpu_environment
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--profile", choices=("tiny", "sd21"), default="tiny")
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype_name = str(dtype).removeprefix("torch.")
     record = {
         "benchmark": "vae_wait",
-        "command": "python benchmarks/vae_wait.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": bench_command("vae_wait.py", argv),
         "vae": f"{args.profile} architecture, random weights (seed 0), {dtype_name}",
         "tiles": {"encoder_px": encoder_tile, "decoder_latent": decoder_tile},
         "input": "bigbuckbunny's first frame, bicubic to each size",

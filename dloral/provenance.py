@@ -92,6 +92,20 @@ def git_state() -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": dirty}
 
 
+BENCH_VIA_ENV = "DLORAL_BENCH_VIA"  # the command that runs a benchmark as one of its parts
+
+
+def bench_command(script: str, argv: list[str] | None = None) -> str:
+    """A benchmark script's command for its record: `uv run python benchmarks/<script> ARGS`
+    (its arguments as given, or as typed), and the command that ran it as a part
+    (`$DLORAL_BENCH_VIA`: bench_gpu.py, the GPU bundle's run.sh), which is what reproduces it
+    there."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["uv", "run", "python", f"benchmarks/{script}", *args])
+    via = os.environ.get(BENCH_VIA_ENV)
+    return f"{command} (a part of `{via}`)" if via else command
+
+
 def command_line(argv: list[str] | None = None, orig_argv: list[str] | None = None) -> str:
     """The command as the user typed it, shell-quoted: a console script found on PATH by its
     name (`dloral-exp bench embedded`, not the venv's full path), a module run as

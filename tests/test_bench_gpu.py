@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,11 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / "bench-gpu.json").read_text())
     assert record["mode"].startswith("cpu-fallback")
-    assert record["command"] == "python benchmarks/bench_gpu.py " + " ".join(command[1:])
+    assert record["command"] == "python benchmarks/bench_gpu.py " + shlex.join(command[1:])
+    # each part's record: its own command, and the one that ran it (what reproduces it)
+    for part in ("latency", "train", "x4", "x4-serial", "vae-wait"):
+        assert record[part]["command"].startswith("uv run python benchmarks/"), part
+        assert record[part]["command"].endswith(f" (a part of `{record['command']}`)"), part
     env_ = record["environment"]
     assert env_["device"] == "cpu" and len(env_["git_commit"]) == 40
     assert all(env_["versions"][p] != "not installed" for p in ("torch", "diffusers", "peft"))
@@ -249,6 +254,7 @@ def test_bundle_holds_a_checkout_of_head_the_frames_and_the_node_script(tmp_path
     assert 'bench_gpu.py" unpack' in script and 'run --frames-dir "$here/frames"' in script
     # the CPU fallback's tiny VAE, which a node without scikit-video cannot train
     assert 'DLORAL_TINY_VAE="${DLORAL_TINY_VAE:-$here/tiny-vae.safetensors}"' in script
+    assert 'export DLORAL_BUNDLE_COMMAND="sh $0 $*"' in script  # what the records cite
     no_wheels = hashlib.sha256(b"").hexdigest()[:12]  # the site is named after the wheels
     assert f"site=${{DLORAL_BUNDLE_SITE:-/tmp/dloral-bundle-site-{no_wheels}}}" in script
     assert (out / "tiny-vae.safetensors").read_bytes() == Path(
@@ -330,3 +336,28 @@ def test_the_vae_wait_part_runs_and_gathers_on_its_own(hires, tmp_path):
     assert wait["max_abs_diff_host_vs_device"] == 0
     rows = {r["target"]: r for r in record["targets"]}
     assert rows["VAE tiles on the host vs the device, 288x512: output difference"]["met"] is True
+
+
+def test_records_made_through_the_bundle_cite_its_command(tmp_path, monkeypatch):
+    """On a node, run.sh runs `bench_gpu.py run`: the records say `sh run.sh ...` (they said
+    `python benchmarks/bench_gpu.py` and, per part, `uv run python`, neither of which is
+    there), and a benchmark run on its own says only its own command."""
+    from dloral.provenance import BENCH_VIA_ENV, bench_command
+
+    bench_gpu = _benchmark("bench_gpu")
+    out = tmp_path / "records"
+    monkeypatch.setenv("DLORAL_BUNDLE_COMMAND", "sh bundle/run.sh --parts latency")
+    with pytest.raises(SystemExit) as done:
+        bench_gpu.main(["run", "--parts", "", "--device", "cpu", "--out", str(out)])
+    assert done.value.code in (0, None)
+    assert json.loads((out / "bench-gpu.json").read_text())["command"] == (
+        "sh bundle/run.sh --parts latency"
+    )
+    assert BENCH_VIA_ENV not in os.environ  # only while a part runs
+    assert bench_command("latency.py", ["--lq", "16x24", "--modes", "a b"]) == (
+        "uv run python benchmarks/latency.py --lq 16x24 --modes 'a b'"
+    )
+    monkeypatch.setenv(BENCH_VIA_ENV, "sh bundle/run.sh --parts latency")
+    assert bench_command("latency.py", []) == (
+        "uv run python benchmarks/latency.py (a part of `sh bundle/run.sh --parts latency`)"
+    )
