@@ -100,7 +100,8 @@ def trial_config(exp, trial_id: str, config: dict[str, Any], spec: SweepSpec):
 
 def trial_tracker(spec: SweepSpec, exp, cfg, trial_id: str, start: int):
     """The trial's MLflow run, nested under the sweep's parent; an earlier attempt's is
-    continued (found by parent and trial id)."""
+    continued (found by parent and trial id). The trial does not end it FINISHED: the driver
+    does, once Tune has recorded the trial's end (MlflowTracker.finish)."""
     from dloral.train.tracking import continued_tracker
 
     return continued_tracker(
@@ -110,14 +111,17 @@ def trial_tracker(spec: SweepSpec, exp, cfg, trial_id: str, start: int):
         tags=trial_tags(spec, exp, cfg),
         parent_run_id=spec.parent_run_id,
         restored_from=start,
+        ends_finished=False,
     )
 
 
 class TrialReports:
     """The recipe's on_validation hook of a trial: each validation is sent to Tune (val metrics,
     step, training time, MLflow run id) with the checkpoint saved at that step. The last one is
-    held back until the recipe has closed its MLflow run (`flush`), and the [sweep.chaos] drills
-    fire right after their step's report (only where `drills` is set)."""
+    held back until the recipe has ended, its final checkpoint logged to MLflow (`flush`;
+    Tune may end the trial at that report, and its driver then ends the MLflow run FINISHED),
+    and the [sweep.chaos] drills fire right after their step's report (only where `drills` is
+    set)."""
 
     def __init__(self, send, cfg, chaos, start: int, trial_id: str, tracker, drills=True):
         self.send, self.cfg, self.chaos, self.drills = send, cfg, chaos, drills
@@ -126,7 +130,7 @@ class TrialReports:
         self.last: tuple | None = None
 
     def __call__(self, step: int, metrics: dict[str, float], saved: Path | None) -> None:
-        if step == self.cfg.run.max_steps:  # reported after the recipe has closed its run
+        if step == self.cfg.run.max_steps:  # reported after the recipe has ended
             self.last = (step, metrics, saved)
             return
         self._send(step, metrics, saved)
