@@ -134,6 +134,7 @@ def _assert_interrupted(out: str, exp: Path, uri: str, tmp_path: Path) -> tuple[
     sweep folder and the end times of the trials that had finished."""
     assert f"dloral-exp sweep {exp} --resume" in out, out[-3000:]
     assert "Traceback" not in out, out[-4000:]
+    assert "Tuner.restore" not in out, out[-4000:]  # Ray's hint, which resumes no dloral sweep
     (sweep_dir,) = (tmp_path / "sweeps").iterdir()
     assert json.loads((sweep_dir / "sweep.json").read_text())["status"] == "interrupted"
     # no trial scratch left behind: the resume continues from Tune's checkpoints in the storage

@@ -245,3 +245,23 @@ def test_messages_keep_their_closing_quotes(tmp_path):
     with pytest.raises(SweepError) as err:
         load_experiment(path)
     assert str(err.value).count("'") % 2 == 0, str(err.value)  # every quote closed
+
+
+def test_rays_resume_hint_is_dropped_and_its_other_warnings_kept(caplog):
+    """Ray Tune logs "Resume experiment with: Tuner.restore(...)" at every stop, before
+    dloral's message; that call resumes no dloral sweep. Its other warnings stay."""
+    import logging
+
+    from dloral.sweep.runner import _drop_ray_resume_hints
+
+    _drop_ray_resume_hints()
+    _drop_ray_resume_hints()  # once per process, however often Ray is started
+    log = logging.getLogger("ray.tune.tune")
+    assert len(log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="ray.tune.tune"):
+        log.warning(
+            "Experiment has been interrupted, but the most recent state was saved.\n"
+            'Resume experiment with: Tuner.restore(path="/s", trainable=...)'
+        )
+        log.warning("Trials did not complete: [t_00000]")
+    assert [r.getMessage() for r in caplog.records] == ["Trials did not complete: [t_00000]"]

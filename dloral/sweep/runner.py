@@ -260,11 +260,28 @@ def _ray_environment() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
+class _RayResumeHint(logging.Filter):
+    """Ray Tune's "... interrupted ... Resume experiment with: Tuner.restore(...)", printed
+    before dloral's own message at every stop: that call does not resume a dloral sweep or
+    run (`dloral-exp sweep --resume`, `train --resume` do; their messages say so)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("has been interrupted" in text and ".restore(" in text)
+
+
+def _drop_ray_resume_hints() -> None:
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _RayResumeHint) for f in tune_log.filters):
+        tune_log.addFilter(_RayResumeHint())
+
+
 def start_ray(address: str | None, verbose: bool = False) -> bool:
     """Join `address` (or $RAY_ADDRESS), else start Ray on this machine. True if started here."""
     _ray_environment()
     import ray
 
+    _drop_ray_resume_hints()
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
