@@ -261,6 +261,16 @@ def test_one_error_lists_every_missing_weight(no_weights, monkeypatch):
     for needle in ("DLORAL_SD21_PATH", SPYNET_FILE, "DLORAL_SPYNET_WEIGHTS",
                    "vgg16-397923af.pth", "DLORAL_TAGGER"):  # fmt: skip
         assert needle in text
+    # a sweep trial's error crosses processes pickled (Ray): it arrives whole; it arrived as
+    # "AttributeError: 'str' object has no attribute 'name'", rebuilt from its message
+    import pickle
+
+    import cloudpickle
+
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        again = pickle.loads(dumps(err))
+        assert type(again) is MissingWeights and str(again) == text
+        assert again.missing == missing
     # a checkpoint brings its own SPyNet; random_init needs no SD 2.1 and no SPyNet
     names = [m.name for m in missing_weights(cfg, spynet_from_checkpoint=True)]
     assert names == ["SD 2.1-base"]

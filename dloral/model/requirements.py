@@ -40,6 +40,9 @@ class MissingWeights(WeightsMissing):
             lines.append(f"- {m.name} (needed for {m.needed_for}): {text}")
         super().__init__("\n".join(lines))
 
+    def __reduce__(self):  # pickled whole (a Ray trial's error), not rebuilt from its message
+        return type(self), (self.missing,)
+
 
 def _check(name: str, needed_for: str, locate) -> list[Missing]:
     try:
