@@ -165,6 +165,7 @@ def _assert_resumed(exp: Path, uri: str, env: dict, cwd: Path, sweep_dir: Path, 
         if proc.returncode == 0 or RAY_START_TIMEOUT not in out:
             break
     assert proc.returncode == 0, out[-4000:]
+    assert "Failed to fetch metrics" not in out and "Tuner.restore" not in out, out[-4000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["status"] == "finished"
     # each run of the driver is recorded, as typed: the first interrupted, the last finished

@@ -265,3 +265,5 @@ def test_rays_resume_hint_is_dropped_and_its_other_warnings_kept(caplog):
         )
         log.warning("Trials did not complete: [t_00000]")
     assert [r.getMessage() for r in caplog.records] == ["Trials did not complete: [t_00000]"]
+    # "Failed to fetch metrics" for trials that never started (summary.json lists them)
+    assert logging.getLogger("ray.tune.analysis.experiment_analysis").level == logging.ERROR

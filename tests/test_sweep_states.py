@@ -97,14 +97,18 @@ def test_only_a_sweep_trials_workers_leave_finished_to_the_driver(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = {"experiment": "e", "uri": uri, "key": {"dloral.trial_id": TRIAL}}
     job = {"config": {}, "run_dir": str(tmp_path), "tracker": spec}
-    assert _tracker(WorkerJob(**job, reports="validation"), 0).ends_finished is False
-    assert _tracker(WorkerJob(**job, reports="checkpoint"), 0).ends_finished is True
+    assert _tracker(WorkerJob(**job, reports="validation"), 0).driver_ends is True
+    assert _tracker(WorkerJob(**job, reports="checkpoint"), 0).driver_ends is False
 
 
 def test_a_sweep_trial_still_ends_its_own_run_failed(trial):
-    """Only FINISHED waits for the driver: a failure's reason is the trial's to give."""
+    """FINISHED and KILLED wait for the driver: a failure's reason is the trial's to give."""
     tracking, _, start = trial
     tracker = start(0)
+    # a stop's reason from the recipe would name the trial's scratch folder as --resume's
+    tracker.finish("KILLED", "stopped by SIGINT; resume with --resume /tmp/dloral-trials/s.t")
+    run = tracking.client.get_run(tracker.run_id)
+    assert run.info.status == "RUNNING" and "dloral.status_reason" not in run.data.tags
     tracker.finish("FAILED", "RuntimeError: boom")
     run = tracking.client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.tags["dloral.status_reason"].endswith("boom")

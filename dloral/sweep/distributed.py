@@ -164,7 +164,7 @@ def _tracker(job: WorkerJob, start: int):
         tags=spec.get("tags"),
         parent_run_id=spec.get("parent"),
         restored_from=start,
-        ends_finished=job.reports != "validation",  # a sweep trial's: the driver's to end
+        driver_ends=job.reports == "validation",  # a sweep trial's: the driver ends it
     )
 
 

@@ -271,6 +271,9 @@ class _RayResumeHint(logging.Filter):
 
 
 def _drop_ray_resume_hints() -> None:
+    # after an interrupt, and as a resume restores, Tune warns once per trial that never
+    # started ("Failed to fetch metrics"); summary.json lists those trials as unfinished
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     tune_log = logging.getLogger("ray.tune.tune")
     if not any(isinstance(f, _RayResumeHint) for f in tune_log.filters):
         tune_log.addFilter(_RayResumeHint())
@@ -741,9 +744,6 @@ def _fit_restoring_signals(tuner):
 
     if threading.current_thread() is not threading.main_thread():
         return tuner.fit()
-    # after an interrupt, Tune warns once per trial that never started ("Could not fetch
-    # metrics"); summary.json lists those trials as unfinished
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
     try:
         return tuner.fit()

@@ -111,7 +111,7 @@ def trial_tracker(spec: SweepSpec, exp, cfg, trial_id: str, start: int):
         tags=trial_tags(spec, exp, cfg),
         parent_run_id=spec.parent_run_id,
         restored_from=start,
-        ends_finished=False,
+        driver_ends=True,
     )
 
 

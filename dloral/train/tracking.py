@@ -40,13 +40,13 @@ class MlflowTracker(NullTracker):
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
-        ends_finished: bool = True,
+        driver_ends: bool = False,
     ):
         self.client = tracking.mlflow_client(uri)
         self.experiment, self.parent, self.tags = experiment, parent_run_id, tags or {}
         self.run_id: str | None = run_id  # given: continue that run (a retried sweep trial)
-        # False for a sweep trial: its FINISHED is the sweep driver's to set (see finish)
-        self.ends_finished = ends_finished
+        # True for a sweep trial: FINISHED and KILLED are the sweep driver's to set (finish)
+        self.driver_ends = driver_ends
         self.logged_until: dict[str, int] = {}  # a continued run's last step per metric
 
     def start(self, cfg, run_dir: Path, resume: bool, info: dict) -> None:
@@ -103,13 +103,15 @@ class MlflowTracker(NullTracker):
             self.client.log_artifacts(self.run_id, str(folder), artifact_path="checkpoint")
 
     def finish(self, status: str, reason: str | None = None) -> None:
-        """End the run. A sweep trial's run (`ends_finished=False`) is left RUNNING at its end:
+        """End the run. A sweep trial's run (`driver_ends=True`) is left RUNNING at its end:
         the trial has finished only once Tune has recorded its last result, and the driver then
         ends the run FINISHED (its on_trial_complete). A trial that reaches its end after the
         driver was stopped (Tune's graceful stop lets it run on for seconds, its last result
         never recorded) is unfinished, resumed from its last recorded checkpoint, and the
-        driver ends its run KILLED; FINISHED set here would contradict summary.json."""
-        if self.run_id is None or (status == "FINISHED" and not self.ends_finished):
+        driver ends its run KILLED; FINISHED set here would contradict summary.json. A stop is
+        the driver's to record too (its reason names the sweep's --resume; the recipe's would
+        name the trial's scratch folder). A failure's reason is the trial's own."""
+        if self.run_id is None or (self.driver_ends and status in ("FINISHED", "KILLED")):
             return
         tracking.end_run(self.client, self.run_id, status, reason)
 
@@ -121,13 +123,13 @@ def continued_tracker(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     restored_from: int = 0,
-    ends_finished: bool = True,
+    driver_ends: bool = False,
 ) -> MlflowTracker:
     """The tracker of a run that an earlier attempt may have begun (a retried sweep trial, a
     worker group Ray Train restarted): it continues the run whose tags match `key`, else starts
     one tagged with `key`, so a run has one MLflow run however often it restarts. The step it
-    was restored from and the attempt count are tagged. `ends_finished`: see
-    MlflowTracker.finish (False for a sweep trial)."""
+    was restored from and the attempt count are tagged. `driver_ends`: see
+    MlflowTracker.finish (True for a sweep trial)."""
     client = tracking.mlflow_client(uri)
     earlier = tracking.find_run(client, tracking.experiment_id(client, experiment), key)
     tags = {**(tags or {}), **key}
@@ -144,5 +146,5 @@ def continued_tracker(
         parent_run_id=parent_run_id,
         tags=tags,
         run_id=earlier,
-        ends_finished=ends_finished,
+        driver_ends=driver_ends,
     )
