@@ -106,7 +106,7 @@ if [ ! -d "$site" ]; then
 fi
 export PYTHONPATH="$here/src:$site${{PYTHONPATH:+:$PYTHONPATH}}"
 export DLORAL_TINY_VAE="${{DLORAL_TINY_VAE:-$here/tiny-vae.safetensors}}"
-export DLORAL_BUNDLE_COMMAND="sh $0 $*"  # what the records cite: this, not bench_gpu.py run
+export DLORAL_BUNDLE_SCRIPT="$0"  # the records cite `sh run.sh ...`, not bench_gpu.py run
 exec {python} "$here/src/benchmarks/bench_gpu.py" run --frames-dir "$here/frames" "$@"
 """
 
@@ -385,10 +385,13 @@ def run(args) -> int:
     }
     from dloral.provenance import BENCH_VIA_ENV
 
-    # the command as typed: run.sh's on a node (it runs this file), else this file's
-    command = os.environ.get("DLORAL_BUNDLE_COMMAND") or shlex.join(
-        ["python", "benchmarks/bench_gpu.py", *args.argv]
-    )
+    # the command as typed: run.sh's on a node (it runs `run --frames-dir DIR "$@"`), else
+    # this file's
+    script = os.environ.get("DLORAL_BUNDLE_SCRIPT")
+    if script and args.argv[:2] == ["run", "--frames-dir"]:
+        command = shlex.join(["sh", script, *args.argv[3:]])
+    else:
+        command = shlex.join(["python", "benchmarks/bench_gpu.py", *args.argv])
     failed = []
     for part in parts:
         script, argv = commands[part]

@@ -794,7 +794,7 @@ def _over_runs(result) -> str:
     """A resumed sweep's wall time over every run of its driver."""
     if result.driver_runs < 2:
         return ""
-    return f" ({result.wall_s:.0f} s over its {result.driver_runs} driver runs)"
+    return f" ({result.wall_s:.0f} s over all runs of its driver)"
 
 
 def _print_sweep_table(result, exp) -> None:
@@ -1310,6 +1310,8 @@ def entry() -> None:
     before a command's own handling starts (imports, config checks), ending 130 or 143."""
     from dloral import signals
 
+    global _said_stopped
+    _said_stopped = False
     signals.install()
     try:
         app()
@@ -1318,11 +1320,11 @@ def entry() -> None:
         raise SystemExit(signals.exit_code()) from None
     except SystemExit as done:
         # click turns an interrupt it catches itself into "Aborted!" and exit 1, typer into a
-        # silent exit 130 (also for SIGTERM): an interrupt outside a command's own handling,
-        # while it imports and checks what it was given
+        # silent exit 130 (also for SIGTERM): an interrupt outside a command's own handling
+        # (its imports and checks; report and doctor have none)
         if done.code in (1, 130, 143) and signals.received():
             if not _said_stopped:
-                console.print(f"[yellow]interrupted ({signals.name()})[/] during start-up")
+                console.print(f"[yellow]interrupted ({signals.name()})[/]")
             raise SystemExit(signals.exit_code()) from None
         raise
 

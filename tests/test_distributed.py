@@ -213,9 +213,12 @@ def test_a_runs_worker_folders_are_removed_and_no_other_runs(tmp_path, monkeypat
         tempfile.mkdtemp(prefix=_rank_prefix(0, tag))
         for tag in ("5e7dad28945", "x", "a-5e7dad28945d")  # a sweep named `a-<ours>`
     ]
+    odd = [tempfile.mkdtemp(prefix=_rank_prefix(r, "ab[1]-2026")) for r in (0, 1)]  # a glob
     (Path(ours[0]) / "run" / "checkpoints").mkdir(parents=True)
     remove_rank_scratch("5e7dad28945d")
     assert not any(Path(p).exists() for p in ours)
+    remove_rank_scratch("ab[1]-2026")  # its name is no pattern
+    assert not any(Path(p).exists() for p in odd)
     assert all(Path(p).is_dir() for p in theirs)
     remove_rank_scratch("")  # no tag (a job made before tags): nothing is guessed at
     assert all(Path(p).is_dir() for p in theirs)

@@ -253,6 +253,18 @@ def test_a_sweep_stopped_while_ray_started_resumes_by_starting_its_trials(
         with pytest.raises(SweepError, match="another dloral-exp sweep is running this sweep"):
             run_sweep(exp, resume=err.value.sweep_dir, evaluate=False)
     assert {p: p.read_bytes() for p in Path(err.value.sweep_dir).glob("*.json")} == files
+
+    # a resume that fails before it starts anything (MLflow unreachable) ends its own driver
+    # run, failed, and leaves the sweep as it was: interrupted, resumable
+    def unreachable(*_, **__):
+        raise ConnectionError("MLflow is not reachable")
+
+    monkeypatch.setattr(runner, "reopen_run", unreachable)
+    with pytest.raises(ConnectionError):
+        run_sweep(exp, resume=err.value.sweep_dir, evaluate=False)
+    monkeypatch.undo()
+    spec = json.loads((Path(err.value.sweep_dir) / "sweep.json").read_text())
+    assert spec["status"] == "interrupted" and spec["invocations"][-1]["ended"] == "failed"
     result = run_sweep(exp, resume=err.value.sweep_dir, evaluate=False)
     assert result.status == "finished" and [t.status for t in result.trials] == ["finished"]
     _, parents, children = _runs(mlflow_uri)
@@ -264,18 +276,28 @@ def test_a_sweep_stopped_while_ray_started_resumes_by_starting_its_trials(
     # code, how it ended and after how long; summary.json's wall time is theirs together
     folder = Path(err.value.sweep_dir)
     runs = json.loads((folder / "sweep.json").read_text())["invocations"]
-    assert [(r["resume"], r["ended"]) for r in runs] == [(False, "interrupted"), (True, "finished")]
-    assert all(r["command_line"] and r["git_commit"] and r["wall_s"] > 0 for r in runs)
-    assert result.driver_runs == 2 and result.wall_s_run > runs[0]["wall_s"]
+    assert [(r["resume"], r["ended"]) for r in runs] == [
+        (False, "interrupted"),
+        (True, "failed"),
+        (True, "finished"),
+    ]
+    assert all(r["command_line"] and r["git_commit"] and r["wall_s"] >= 0 for r in runs)
+    assert runs[0]["wall_s"] > 0 and runs[2]["wall_s"] > 0  # the failed one: at once
+    assert result.driver_runs == 3 and result.wall_s_run > runs[0]["wall_s"]
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["wall_s"] == pytest.approx(runs[0]["wall_s"] + runs[1]["wall_s"])
+    assert summary["wall_s"] == pytest.approx(sum(r["wall_s"] for r in runs))
+    # the parent run's copies (what `report --sweep <run id>` reads) say the same
+    client, (parent,), _ = _runs(mlflow_uri)
+    copied = client.download_artifacts(parent.info.run_id, "sweep.json", str(tmp_path / "dl"))
+    copy = json.loads(Path(copied).read_text())
+    assert copy["status"] == "finished" and copy["invocations"][-1] == runs[-1]
     # and a report of the sweep cites them (it said "command: not recorded")
     from dloral.report.build import build_report
     from dloral.report.sources import read_sweep
 
     report = build_report(tmp_path / "report", sweeps=[read_sweep(folder, str(folder))])
     text = report.markdown.read_text()
-    assert "then resumed once with `--resume`" in text and "not recorded" not in text
+    assert "then resumed 2 times with `--resume`" in text and "not recorded" not in text
     assert "driver run 2" in text and "ended finished after" in text, text
 
 

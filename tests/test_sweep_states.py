@@ -112,3 +112,23 @@ def test_a_sweep_trial_still_ends_its_own_run_failed(trial):
     tracker.finish("FAILED", "RuntimeError: boom")
     run = tracking.client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.tags["dloral.status_reason"].endswith("boom")
+
+
+def test_the_drivers_end_stands_against_a_late_failure_and_an_earlier_attempts(trial):
+    """A trial process still alive after the driver ended its run (Tune waits seconds for it)
+    fails: the driver's KILLED stands. A trial whose attempt failed and that Tune retries on
+    --resume (summary.json: unfinished) is KILLED, not left FAILED."""
+    tracking, parent, start = trial
+    tracker = start(0)
+    row = TrialRow(TRIAL, {"run.seed": 1}, "unfinished", 8, {}, None, tracker.run_id)
+    _close_all(tracking, parent, [row])
+    tracker.finish("FAILED", "RuntimeError: stopped by Ray")
+    run = tracking.client.get_run(tracker.run_id)
+    assert run.info.status == "KILLED" and "--resume" in run.data.tags["dloral.status_reason"]
+
+    again = start(8)  # the resume's attempt fails; Tune will retry it
+    again.finish("FAILED", "RuntimeError: boom")
+    assert tracking.client.get_run(again.run_id).info.status == "FAILED"
+    _close_all(tracking, parent, [row])  # the driver stopped before the retry ran
+    run = tracking.client.get_run(again.run_id)
+    assert run.info.status == "KILLED" and "--resume" in run.data.tags["dloral.status_reason"]

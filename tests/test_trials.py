@@ -193,3 +193,59 @@ def test_an_arm_asha_stopped_entirely_is_not_compared_and_shows_no_nan(capsys, m
     out = " ".join(capsys.readouterr().err.split())
     assert "24.2000 (2)" in out and "- (0)" in out and "nan" not in out.lower()
     assert "no trial that ran to the end" in out
+
+
+def test_a_sweep_from_before_driver_runs_were_recorded_keeps_its_time_and_trials(tmp_path):
+    """Resumed, a sweep.json without `invocations` gets one entry for the runs before them
+    (the old summary's wall time, the status they left); the report says so and counts the
+    resumes it knows. A driver run that got no trials from Tune (it failed or stopped first)
+    keeps the trials summary.json had, so a later --resume knows they ran."""
+    from dloral.report.build import _invocation_text, _sweep_command
+    from dloral.sweep.runner import SweepResult, _begin_invocation, _finish_records
+
+    folder = tmp_path / "old-20250101-000000"
+    folder.mkdir()
+    rows = [_row("a", "finished", 24.0), _row("b", "unfinished", 23.0)]
+    old = SweepSummary(str(folder), "interrupted", 1000.0, rows, [], [])
+    (folder / "summary.json").write_text(json.dumps(old.to_dict()))
+    spec = SweepSpec.from_dict(
+        {**_spec_dict(folder), "status": "interrupted"}, "sweep.json"
+    )  # as written before invocations existed: no such key
+    _begin_invocation(spec, True)
+    earlier, this = spec.invocations
+    assert earlier == {"recorded": False, "wall_s": 1000.0, "ended": "interrupted"}
+    assert this["resume"] is True and "ended" not in this
+    result = SweepResult(str(folder), "failed")  # e.g. Tune had no state to resume
+    _finish_records(spec, result, t_start=0.0)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert [t["trial_id"] for t in summary["trials"]] == ["a", "b"]
+    assert summary["status"] == "failed" and summary["wall_s"] > 1000.0
+    assert _sweep_command(spec).startswith("(earlier runs not recorded) `")
+    assert ", then resumed" not in _sweep_command(spec)
+    assert "the last of them took 1000 s and left the sweep interrupted" in _invocation_text(
+        earlier
+    )
+    spec.invocations.append({"command_line": "dloral-exp sweep x --resume", "resume": True})
+    assert _sweep_command(spec).endswith(", then resumed once with `--resume`")
+    assert "no end recorded (the driver was killed, or is still running)" in _invocation_text(
+        spec.invocations[-1]
+    )
+
+
+def _spec_dict(folder) -> dict:
+    """A sweep.json's fields as dloral wrote them before it recorded driver runs."""
+    return {
+        "path": "experiments/default.toml",
+        "sweep": {"metric": "val/psnr"},
+        "base": {},
+        "keys": ["run.seed"],
+        "dims": [["run.seed", "grid", [1, 2]]],
+        "sweep_id": folder.name,
+        "sweep_dir": str(folder),
+        "threads": 1,
+        "metric": "val/psnr",
+        "mlflow_experiment": "dloral-sweeps",
+        "tracking_uri": None,
+        "created": "2025-01-01T00:00:00",
+        "status": "running",
+    }

@@ -809,8 +809,10 @@ def sweep_section(b: _Builder, sweep: SweepRun) -> None:
         return
     counts = sweep.trials["status"].value_counts().to_dict()
     wall = summary.wall_s
-    runs = len(sweep.spec.invocations) if sweep.spec is not None else 0
-    over = f" over {runs} driver runs" if runs > 1 else ""
+    runs = sweep.spec.invocations if sweep.spec is not None else []
+    over = f" over {len(runs)} driver runs" if len(runs) > 1 else ""
+    if any(r.get("recorded") is False for r in runs):
+        over = " over its driver runs (of those before dloral recorded them, only the last)"
     b.add(
         Para(
             f"{_sentence(s.get('description'))}Family `{s.get('family', '?')}`; status "
@@ -1033,8 +1035,6 @@ def _sweep_provenance(b: _Builder, sweep: SweepRun) -> None:
             ]
         )
     rows.append(["started", spec.created])
-    if spec.invocations and spec.invocations[0].get("resume"):
-        rows.append(["driver runs", "the first not recorded (made before dloral recorded them)"])
     for i, inv in enumerate(spec.invocations, 1):
         rows.append([f"driver run {i}", _invocation_text(inv)])
     b.add(Grid(["what", "value"], rows))
@@ -1042,25 +1042,31 @@ def _sweep_provenance(b: _Builder, sweep: SweepRun) -> None:
 
 def _invocation_text(inv: dict[str, Any]) -> str:
     """One run of a sweep's driver: its command, code, start and how it ended."""
+    if inv.get("recorded") is False:
+        return (
+            f"the runs before dloral recorded them (their commands and code unknown); the last "
+            f"of them took {_fmt(inv.get('wall_s'), 0)} s and left the sweep {inv.get('ended')}"
+        )
     code = _git_line(inv) if inv.get("git_commit") else "git not recorded"
     if inv.get("ended"):
         end = f"ended {inv['ended']} after {_fmt(inv.get('wall_s'), 0)} s"
     else:
-        end = "did not record its end (the driver was killed)"
+        end = "no end recorded (the driver was killed, or is still running)"
     return f"`{inv.get('command_line', '?')}` at {code}, started {inv.get('started')}, {end}"
 
 
 def _sweep_command(spec: SweepSpec | None) -> str:
     """The command that made a sweep, and how many times it was resumed."""
     runs = spec.invocations if spec is not None else []
-    if not runs:
+    recorded = [r for r in runs if r.get("recorded") is not False]
+    if not recorded:
         return "not recorded"
-    first = f"`{runs[0].get('command_line', '?')}`"
-    if runs[0].get("resume"):
-        first = f"(first run not recorded) {first}"
-    resumed = sum(1 for r in runs[1:] if r.get("resume"))
-    times = "once" if resumed == 1 else f"{resumed} times"
-    return first + (f", then resumed {times} with `--resume`" if resumed else "")
+    first = f"`{recorded[0].get('command_line', '?')}`"
+    if len(recorded) < len(runs):
+        first = f"(earlier runs not recorded) {first}"
+    more = len(recorded) - 1  # every recorded run after the first is a --resume
+    times = "once" if more == 1 else f"{more} times"
+    return first + (f", then resumed {times} with `--resume`" if more else "")
 
 
 # ----- the report --------------------------------------------------------------------------

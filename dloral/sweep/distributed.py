@@ -18,6 +18,7 @@ spans several machines, as the sweep's storage must be.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -97,7 +98,7 @@ def remove_rank_scratch(tag: str) -> None:
     # exactly this tag: rank digits, then mkdtemp's suffix (no "-"), so that a sweep named
     # `my-default` is not taken for `default`
     name = re.compile(re.escape(_rank_prefix(0, tag)).replace("rank0", r"rank\d+") + r"[^-]+")
-    for folder in Path(tempfile.gettempdir()).glob(_rank_prefix("*", tag) + "*"):
+    for folder in Path(tempfile.gettempdir()).glob(_rank_prefix("*", glob.escape(tag)) + "*"):
         if name.fullmatch(folder.name):
             shutil.rmtree(folder, ignore_errors=True)
 

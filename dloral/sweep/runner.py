@@ -536,17 +536,22 @@ def run_sweep(
         _write_spec(spec)
 
     held = _hold(sweep_dir)  # one driver per sweep folder: a --resume while it runs is refused
+    result = SweepResult(sweep_dir, "failed", parent_run_id=spec.parent_run_id)
     try:
         _begin_invocation(spec, bool(resume))
         tracker = Tracking(spec.tracking_uri, spec.mlflow_experiment) if spec.tracking_uri else None
         parent = spec.parent_run_id
         if tracker and resume:
             reopen_run(tracker.client, parent)
-    except BaseException:
+    except BaseException as err:  # this driver run ends here; the sweep stays as it was
+        with signals.deferred():
+            if isinstance(err, KeyboardInterrupt):
+                result.status = "interrupted"
+            _end_invocation(spec, result, t_start)
+            _write_spec(spec)
         held.close()
         raise
 
-    result = SweepResult(sweep_dir, "failed", parent_run_id=parent)
     owns_ray = not _ray_running()
     started_here = False
     try:
@@ -572,7 +577,9 @@ def run_sweep(
             evaluate_best(result.best, exp, spec, in_process=started_here)
         if on_table:
             on_table(result, exp)
-        if tracker:
+        if tracker:  # the copies in MLflow (`report --sweep <run id>`) as the files end
+            _end_invocation(spec, result, t_start)
+            spec.status = result.status
             tracker.client.log_dict(parent, spec.to_dict(), SWEEP_FILE)
             _log_summary(tracker, parent, result, exp)
     except KeyboardInterrupt as err:
@@ -610,6 +617,11 @@ def _begin_invocation(spec: SweepSpec, resume: bool) -> None:
     the code it ran (a resume may run other code than the first run did)."""
     from dloral import provenance
 
+    if resume and not spec.invocations:  # a sweep made before dloral recorded its driver runs
+        old = json.loads(_read_text(_join(spec.sweep_dir, SUMMARY_FILE)) or "{}")
+        spec.invocations.append(
+            {"recorded": False, "wall_s": old.get("wall_s") or 0.0, "ended": spec.status}
+        )
     spec.invocations.append(
         {
             "command_line": provenance.command_line(),
@@ -621,19 +633,32 @@ def _begin_invocation(spec: SweepSpec, resume: bool) -> None:
     _write_spec(spec)
 
 
-def _finish_records(spec: SweepSpec, result: SweepResult, t_start: float) -> None:
-    """sweep.json's status and summary.json, also when interrupted: which trials are done,
-    which will resume; this driver run's wall time and end, and the sweep's over every run."""
-    result.wall_s_run = time.perf_counter() - t_start
-    if spec.invocations:
-        spec.invocations[-1].update(
+def _end_invocation(spec: SweepSpec, result: SweepResult, t_start: float) -> None:
+    """This driver run's wall time and end, once (the MLflow copies and the files then say the
+    same), and the sweep's wall time over every run of its driver."""
+    last = spec.invocations[-1] if spec.invocations else {}
+    if not last.get("ended"):
+        result.wall_s_run = time.perf_counter() - t_start
+        last.update(
             wall_s=round(result.wall_s_run, 1),
             ended=result.status,
             finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
     result.wall_s = spec.wall_s or result.wall_s_run
     result.driver_runs = max(1, len(spec.invocations))
+
+
+def _finish_records(spec: SweepSpec, result: SweepResult, t_start: float) -> None:
+    """sweep.json's status and summary.json, also when interrupted: which trials are done,
+    which will resume; this driver run's wall time and end, and the sweep's over every run."""
+    _end_invocation(spec, result, t_start)
     spec.status = result.status
+    if not result.trials:  # Tune gave this run no trials (it failed or stopped first): the
+        # trials an earlier run recorded stay, so a later --resume knows they ran
+        old = json.loads(_read_text(_join(spec.sweep_dir, SUMMARY_FILE)) or "{}")
+        if old.get("trials"):
+            where = _join(spec.sweep_dir, SUMMARY_FILE)
+            result.trials = SweepSummary.from_dict(old, where).trials
     _write_spec(spec)
     _write_text(_join(spec.sweep_dir, SUMMARY_FILE), json.dumps(result.to_dict(), indent=2))
 
@@ -839,7 +864,12 @@ def _close_all(tracker: Tracking | None, parent, rows: list[TrialRow]) -> None:
     for trial_id, run in runs.items():
         row = by_id.get(trial_id)
         if row is None or row.status == "unfinished":
-            tracker.close(run, "KILLED", "sweep driver stopped; continue with --resume")
+            stopped = "sweep driver stopped; continue with --resume"
+            if row is not None and run.info.status == "FAILED":  # an attempt failed; Tune
+                # retries it on --resume (summary.json: unfinished), so the run says KILLED
+                end_run(tracker.client, run.info.run_id, "KILLED", stopped)
+            else:
+                tracker.close(run, "KILLED", stopped)
         elif row.status == "failed":
             tracker.close(run, "FAILED", row.error)
         else:

@@ -8,6 +8,7 @@ retried trial continues the same MLflow run.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -73,7 +74,7 @@ def remove_sweep_scratch(sweep_id: str) -> None:
     """This node's scratch folders of a sweep, once its trials are gone (the driver, after a
     local Ray is shut down): a stopped trial's process can end before its own clean-up runs.
     What a resume continues from is Tune's checkpoint in the storage, never the scratch."""
-    for folder in trial_scratch(sweep_id, "*").parent.glob(f"{sweep_id}.*"):
+    for folder in trial_scratch(sweep_id, "*").parent.glob(f"{glob.escape(sweep_id)}.*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -113,6 +113,10 @@ class MlflowTracker(NullTracker):
         name the trial's scratch folder). A failure's reason is the trial's own."""
         if self.run_id is None or (self.driver_ends and status in ("FINISHED", "KILLED")):
             return
+        if self.driver_ends:  # a trial failing as the driver ends its run keeps the driver's
+            run = self.client.get_run(self.run_id)
+            tracking.close_if_running(self.client, run, status, reason)
+            return
         tracking.end_run(self.client, self.run_id, status, reason)
 
 
