@@ -1006,6 +1006,14 @@ def report(
             "checkpoint) in tables and Pareto fronts too; they stay marked ‡.",
         ),
     ] = False,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against",
+            help="Set every method against this one clip by clip (e.g. the method a paper "
+            "proposes, named before the results), not against the best of each metric.",
+        ),
+    ] = None,
 ) -> None:
     """Comparison report (index.html + report.md + images) from benchmark runs and sweeps.
 
@@ -1041,6 +1049,7 @@ def report(
             max_clips=clips,
             quality=quality,
             rank_untrained=rank_untrained,
+            against=against,
         )
     except (ReportError, ValueError) as err:
         _fail(str(err))

@@ -211,3 +211,31 @@ def test_holm_leaves_out_what_has_no_test():
     want = dict(zip("acd", _holm([0.01, 0.04, 0.03]), strict=True))  # m = 3, not 4
     assert adjusted[list("acd")].tolist() == pytest.approx([want[k] for k in "acd"])
     assert want == pytest.approx({"a": 0.03, "c": 0.06, "d": 0.06})
+
+
+def test_every_method_against_a_named_reference_not_the_best(table):
+    """--against: the comparisons are with a method named before the results (here the blur,
+    not the best), each by the same enumerated test; Holm over those comparisons; a dataset
+    or metric where the reference has no values gets none."""
+    pairs = paired.against_best(table, unranked={"gt"}, reference="blur")
+    assert set(pairs["best"]) == {"blur"} and "blur" not in set(pairs["method"])
+    for metric in ("psnr", "ssim"):
+        sub = pairs[pairs["metric"] == metric].set_index("method")
+        assert set(sub.index) == {"bicubic", "noisy"}
+        for method, row in sub.iterrows():
+            d = _clip_diffs(table, metric, method, "blur")
+            assert row["diff"] == pytest.approx(d.mean())
+            assert row["p"] == pytest.approx(_enumerated_p(d), abs=1e-12)
+            _assert_inverts_the_test(d, row)
+        assert sub["p_holm"].tolist() == pytest.approx(_holm(sub["p"].tolist()))
+    # the signs turned round: the noisy peer is ahead of the blur (the blur was behind it)
+    noisy = pairs.set_index(["metric", "method"]).loc["psnr", "noisy"]
+    best = paired.against_best(table, unranked={"gt"}).set_index(["metric", "method"])
+    assert noisy["diff"] == pytest.approx(-best.loc[("psnr", "blur"), "diff"])
+    assert (noisy["better"], noisy["worse"]) == (
+        best.loc[("psnr", "blur"), "worse"],
+        best.loc[("psnr", "blur"), "better"],
+    )
+    # a reference without values (an unranked or absent method) gives no comparisons
+    assert paired.against_best(table, unranked={"gt"}, reference="gt").empty
+    assert paired.against_best(table, reference="no-such-method").empty

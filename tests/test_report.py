@@ -395,3 +395,28 @@ def test_runs_together_tell_one_method_from_two_by_their_frames(bench_run, tmp_p
     assert sorted(psnr.index) == sorted(labels)
     assert psnr["bicubic (mini)"] == pytest.approx(mine["psnr", "bicubic"])
     assert psnr["bicubic (mini#2)"] == pytest.approx(mine["psnr", "bicubic"] + 1)
+
+
+def test_report_sets_every_method_against_a_named_one(bench_run, tmp_path, monkeypatch):
+    """`report --against METHOD`: the clip-by-clip table compares with that method, as named
+    (not the best of each metric), and says so; a method no run has is named with the ones
+    they have."""
+    from dloral.bench import paired
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["report", "--bench", str(bench_run), "--against", "blur", "--out", "r"]
+    )
+    assert res.exit_code == 0, res.output
+    md = " ".join((tmp_path / "r" / "report.md").read_text().split())
+    assert "Each method against blur (named with --against) on the same clips" in md
+    assert "the method compared with was named, not picked from these clips" in md
+    table = pd.read_parquet(bench_run / "results.parquet")
+    want = paired.against_best(table, reference="blur").set_index("metric")
+    assert set(want["method"]) == {"bicubic"} and set(want["best"]) == {"blur"}
+    diff = want.loc["psnr", "diff"]  # the report's row: bicubic against blur, its Δ
+    assert f"| psnr↑ | bicubic | blur | {diff:+.3f} |" in md
+    res = runner.invoke(app, ["report", "--bench", str(bench_run), "--against", "uav"])
+    assert res.exit_code == 2 and "--against uav: no benchmark run" in res.output
+    assert "bicubic, blur" in res.output

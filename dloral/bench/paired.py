@@ -21,6 +21,10 @@ set against the best one of a metric on the same clips, the per-clip means the t
   against the same best), which keeps the chance of any false "ahead" among them at 0.05 when
   p_holm < 0.05. It does not undo picking the best from the same clips.
 
+With a `reference` (a method named before the results are seen, e.g. the one a paper
+proposes) every method is set against it instead: nothing is picked from the clips, and
+p_holm holds for the comparisons made.
+
 Where a per-clip value is infinite (the PSNR of outputs equal to the GT) the mean difference is
 infinite and there is no interval nor p (NaN); the clip counts still say who is ahead.
 
@@ -93,11 +97,14 @@ def _interval(d: np.ndarray, signs: np.ndarray) -> tuple[float, float]:
     return bounds[0], bounds[1]
 
 
-def against_best(df: pd.DataFrame, unranked: Collection[str] = ()) -> pd.DataFrame:
+def against_best(
+    df: pd.DataFrame, unranked: Collection[str] = (), reference: str | None = None
+) -> pd.DataFrame:
     """Per dataset and metric, every ranked method against the best one (`df`: the results
-    table). Left out, as the table leaves them unranked: latency and memory, a method's
-    mean made of noted values (its `noted` in `results.aggregate`), `unranked` methods
-    (untrained weights), and metrics with fewer than two methods or two clips."""
+    table), or against `reference` where that method has values (the `best` column names it).
+    Left out, as the table leaves them unranked: latency and memory, a method's mean made of
+    noted values (its `noted` in `results.aggregate`), `unranked` methods (untrained
+    weights), and metrics with fewer than two methods or two clips."""
     clips = results.shared_clips(df)
     # noted as the aggregate counts it: over all the method's clips, left out ones included
     noted = clips.groupby(["dataset", "metric", "method"])["noted"].transform("sum") > 0
@@ -116,7 +123,9 @@ def against_best(df: pd.DataFrame, unranked: Collection[str] = ()) -> pd.DataFra
             continue
         higher = bool(sub["higher_is_better"].iloc[0])
         means = wide.mean()
-        best = means.idxmax() if higher else means.idxmin()
+        if reference is not None and reference not in wide.columns:
+            continue
+        best = reference if reference is not None else means.idxmax() if higher else means.idxmin()
         for method in wide.columns:
             if method == best:
                 continue

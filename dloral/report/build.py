@@ -330,6 +330,7 @@ def bench_section(
     max_clips: int,
     quality: str | None,
     rank_untrained: bool = False,
+    against: str | None = None,
 ) -> None:
     info = run.run
     suite = info.get("suite") or {}
@@ -386,7 +387,7 @@ def bench_section(
                 unranked=marks.unranked,
             )
             b.add(Table(t))
-        _paired(b, mine, sub, marks)
+        _paired(b, mine, sub, marks, against)
     _bench_plots(b, run, agg, df, marks, max_clips, quality)
     _bench_visuals(b, run, marks, max_clips)
     _skipped(b, run)
@@ -422,28 +423,72 @@ def _left_out_note(sub: pd.DataFrame) -> str:
     return out
 
 
-def _paired(b: _Builder, df: pd.DataFrame, agg: pd.DataFrame, marks: _Marks) -> None:
-    """Each ranked method against the best of each metric, clip by clip (dloral.bench.paired)."""
-    pairs = paired.against_best(df, unranked=marks.unranked)
+def _paired(
+    b: _Builder, df: pd.DataFrame, agg: pd.DataFrame, marks: _Marks, against: str | None = None
+) -> None:
+    """Each ranked method against the best of each metric, or against `against`, clip by clip
+    (dloral.bench.paired)."""
+    reference = None
+    if against is not None:
+        reference = _reference_label(against, list(dict.fromkeys(df["method"])), marks)
+        if isinstance(reference, Para):  # not here, untrained or ambiguous: say so
+            b.add(reference)
+            return
+    pairs = paired.against_best(df, unranked=marks.unranked, reference=reference)
     if pairs.empty:
         return
     order = _metric_order(agg, [])
     pairs = pairs.sort_values("metric", key=lambda m: m.map(order.index), kind="stable")
+    if reference is None:
+        head = "Each method against the best of each metric on the same clips"
+        family = (
+            "p (Holm) adjusts p for comparing several methods with the best of a metric "
+            "(Holm's step-down): read that one when there are many methods; neither undoes "
+            "picking the best from the same clips."
+        )
+    else:
+        head = f"Each method against {reference} (named with --against) on the same clips"
+        family = (
+            f"p (Holm) adjusts p for comparing several methods with {reference} (Holm's "
+            "step-down): read that one when there are many methods; the method compared with "
+            "was named, not picked from these clips."
+        )
     b.add(
         Grid(
             list(tables.PAIRED_HEADER),
             tables.paired_rows(pairs, tables.metric_scales(agg, None)),
-            "Each method against the best of each metric on the same clips: Δ mean is the "
+            f"{head}: Δ mean is the "
             "difference of the two means above, in their units; p a two-sided sign-flip "
             "permutation test over clips (exact up to 16 clips; with n clips no p is below "
             "2/2^n); 95% CI the shifts that test does not reject (– with 5 clips or fewer), so "
-            "it holds 0 exactly when p > 0.05. p (Holm) adjusts p for comparing several "
-            "methods with the best of a metric (Holm's step-down): read that one when there "
-            "are many methods; neither undoes picking the best from the same clips. A "
+            f"it holds 0 exactly when p > 0.05. {family} A "
             "difference whose interval holds 0 may be which clips the set has rather than the "
             "methods.",
         )
     )
+
+
+def _reference_label(against: str, methods: list[str], marks: _Marks) -> str | Para:
+    """The label `against` has in a table of `methods` (a run's own, or "name (run)" in the
+    joined table), or a note on why there are no comparisons with it here."""
+    plain = {m: m.removesuffix(f" {UNTRAINED}") for m in methods}
+    found = [m for m, p in plain.items() if against in (p, p.rsplit(" (", 1)[0])]
+    if not found:
+        return Para(
+            f"No clip-by-clip comparisons with {against} (--against): it has no results here."
+        )
+    if len(found) > 1:
+        return Para(
+            f"No clip-by-clip comparisons with {against} (--against) in this joined table: "
+            f"several runs have it ({', '.join(found)}); each run's own section compares with "
+            "its own."
+        )
+    if found[0] in marks.unranked:
+        return Para(
+            f"No clip-by-clip comparisons with {against} (--against): its weights are "
+            "untrained and it is not ranked (--rank-untrained ranks it)."
+        )
+    return found[0]
 
 
 def _run_labels(benches: list[BenchRun]) -> list[str]:
@@ -568,7 +613,9 @@ def combine(benches: list[BenchRun]) -> tuple[pd.DataFrame, pd.DataFrame, list[s
     return agg, table.drop(columns="run"), notes
 
 
-def combined_section(b: _Builder, benches: list[BenchRun], rank_untrained: bool = False) -> None:
+def combined_section(
+    b: _Builder, benches: list[BenchRun], rank_untrained: bool = False, against: str | None = None
+) -> None:
     agg, table, notes = combine(benches)
     if agg.empty:
         for note in notes:
@@ -607,7 +654,7 @@ def combined_section(b: _Builder, benches: list[BenchRun], rank_untrained: bool 
         )
         t = _dataset_table(sub, order, cap, marks.unranked)
         b.add(Heading(2, f"{dataset} (all runs)"), Table(t))
-        _paired(b, mine, sub, marks)
+        _paired(b, mine, sub, marks, against)
     for note in notes:
         b.add(Para(note + "."))
 
@@ -1080,13 +1127,22 @@ def build_report(
     max_clips: int = 3,
     quality: str | None = None,
     rank_untrained: bool = False,
+    against: str | None = None,
 ) -> Report:
     """Write out/index.html, out/report.md and out/images/*.png; return the Report.
-    `rank_untrained` ranks methods with untrained weights too (they stay marked)."""
+    `rank_untrained` ranks methods with untrained weights too (they stay marked). `against`:
+    the clip-by-clip comparisons set every method against this one, not the best."""
     from dloral import provenance
 
     if not benches and not sweeps:
         raise ValueError("a report needs at least one benchmark run or sweep")
+    if against is not None:
+        have = sorted({m for r in benches for m in r.aggregate["method"]})
+        if against not in have:
+            raise ValueError(
+                f"--against {against}: no benchmark run in this report has that method; they "
+                "have " + (", ".join(have) or "none")
+            )
     for folder in (Path(out) / "images", Path(out), *Path(out).parents):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{folder}: exists and is not a folder (a report is a folder)")
@@ -1130,9 +1186,9 @@ def build_report(
         )
     )
     if len(benches) > 1:
-        combined_section(b, benches, rank_untrained)
+        combined_section(b, benches, rank_untrained, against)
     for run in benches:
-        bench_section(b, run, per_clip, max_clips, quality, rank_untrained)
+        bench_section(b, run, per_clip, max_clips, quality, rank_untrained, against)
     for sweep in sweeps:
         sweep_section(b, sweep)
     atomic_write_text(report.markdown, to_markdown(report))
