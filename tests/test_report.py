@@ -420,3 +420,24 @@ def test_report_sets_every_method_against_a_named_one(bench_run, tmp_path, monke
     res = runner.invoke(app, ["report", "--bench", str(bench_run), "--against", "uav"])
     assert res.exit_code == 2 and "--against uav: no benchmark run" in res.output
     assert "bicubic, blur" in res.output
+
+
+def test_a_named_method_that_cannot_be_compared_with_is_said_why():
+    """--against in one table: the method as the table labels it (untrained ‡, "name (run)"
+    in a joined table), or a note: not here, untrained and unranked, or in several runs."""
+    from dloral.report.build import Para, _Marks, _reference_label
+
+    marks = _Marks({"dloral-tiny": "dloral-tiny ‡"}, {"dloral-tiny ‡": "random-init"})
+    methods = ["bicubic", "blur (a)", "blur (b)", "uav (b)", "dloral-tiny ‡"]
+    assert _reference_label("bicubic", methods, marks) == "bicubic"
+    assert _reference_label("uav", methods, marks) == "uav (b)"
+    said = {
+        name: _reference_label(name, methods, marks).text
+        for name in ("star", "blur", "dloral-tiny")
+    }
+    assert "it has no results here" in said["star"]
+    assert "several runs have it (blur (a), blur (b))" in said["blur"]
+    assert "its weights are untrained" in said["dloral-tiny"]
+    ranked = _Marks(marks.label, marks.why, rank=True)  # --rank-untrained
+    assert _reference_label("dloral-tiny", methods, ranked) == "dloral-tiny ‡"
+    assert isinstance(_reference_label("star", methods, marks), Para)
