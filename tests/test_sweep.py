@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from dloral.atomic import folder_lock
-from dloral.sweep.runner import run_sweep, start_ray
+from dloral.sweep.runner import evaluate_best, ray_is_own, run_sweep, start_ray
 from dloral.sweep.spec import SweepError, load_experiment
 from dloral.sweep.trial import trial_scratch
+from dloral.trials import SweepSpec
 
 BASE = """
 [model]
@@ -79,11 +80,25 @@ def _runs(uri):
 
 
 def test_two_trial_sweep_reports_checkpoints_and_an_mlflow_tree(
-    ray_local, mlflow_uri, tmp_path, data_roots
+    ray_local, mlflow_uri, tmp_path, data_roots, monkeypatch
 ):
+    import torch
+
+    from dloral.sweep import evaluate
+
     exp = _experiment(tmp_path, data_roots, '"model.cfr.variant" = ["full", "off"]\n')
     shown = []
+    # the Ray this process started: the best trials are scored here, not in Ray workers, and
+    # the driver's torch threads are left as they were
+    scored_here = []
+    score = evaluate.score_checkpoint
+    monkeypatch.setattr(
+        evaluate, "score_checkpoint", lambda *a: scored_here.append(a[0]) or score(*a)
+    )
+    threads = torch.get_num_threads()
+    assert ray_is_own()
     result = run_sweep(exp, on_table=lambda best, e: shown.append(best))
+    assert len(scored_here) == 2 and torch.get_num_threads() == threads
 
     assert result.status == "finished"
     assert sorted(t.values["model.cfr.variant"] for t in result.trials) == ["full", "off"]
@@ -102,6 +117,15 @@ def test_two_trial_sweep_reports_checkpoints_and_an_mlflow_tree(
     for b in result.best:
         assert math.isfinite(b["eval"]["psnr"]) and b["eval"]["s_per_frame"] > 0
         assert b["eval"]["frames"] == 2
+    # as Ray tasks (a cluster's driver: the trials' resources), the same scores
+    monkeypatch.setattr(evaluate, "score_checkpoint", score)
+    spec = SweepSpec.from_dict(
+        json.loads((Path(result.sweep_dir) / "sweep.json").read_text()), "sweep.json"
+    )
+    remote = [{"trial": b["trial"]} for b in result.best[:1]]
+    evaluate_best(remote, exp, spec, in_process=False)
+    assert remote[0]["eval"]["psnr"] == pytest.approx(result.best[0]["eval"]["psnr"], abs=1e-4)
+    assert remote[0]["eval"]["frames"] == 2 and not scored_here[2:]
     summary = json.loads((Path(result.sweep_dir) / "summary.json").read_text())
     assert summary["status"] == "finished" and len(summary["trials"]) == 2
     assert json.loads((Path(result.sweep_dir) / "sweep.json").read_text())["status"] == "finished"

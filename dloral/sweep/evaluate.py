@@ -15,7 +15,8 @@ from typing import Any
 def score_checkpoint(
     checkpoint: str, cfg_dict: dict[str, Any], clips: int, frames: int, threads: int = 1
 ) -> dict[str, Any]:
-    """checkpoint: a folder path or storage URI of a training step folder."""
+    """checkpoint: a folder path or storage URI of a training step folder. threads: torch's
+    threads for it (a Ray task's CPUs); 0 leaves the process's setting alone (the driver)."""
     import torch
     from ray.tune import Checkpoint
 
@@ -25,7 +26,8 @@ def score_checkpoint(
     from dloral.train.config import TrainConfig
     from dloral.train.recipe import validate
 
-    torch.set_num_threads(max(1, int(threads)))
+    if threads > 0:
+        torch.set_num_threads(int(threads))
     cfg = TrainConfig.from_dict(cfg_dict)
     device = resolve_device(cfg.run.device)
     with Checkpoint(checkpoint).as_directory() as folder:

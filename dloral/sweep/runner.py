@@ -279,8 +279,13 @@ def _drop_ray_resume_hints() -> None:
         tune_log.addFilter(_RayResumeHint())
 
 
+# the GCS address of the Ray this process started on this machine (ray.init without an address)
+_LOCAL_RAY: str | None = None
+
+
 def start_ray(address: str | None, verbose: bool = False) -> bool:
     """Join `address` (or $RAY_ADDRESS), else start Ray on this machine. True if started here."""
+    global _LOCAL_RAY
     _ray_environment()
     import ray
 
@@ -296,6 +301,7 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
     if address is None:
         try:
             ray.init(**options)
+            _LOCAL_RAY = ray.get_runtime_context().gcs_address
         except SystemExit as err:
             # ray.init installs a SIGTERM handler that calls sys.exit(15) before ours is back:
             # a SIGTERM while Ray starts stops the sweep as Ctrl-C does, resumable
@@ -328,6 +334,17 @@ def _ray_running() -> bool:
     import ray
 
     return ray.is_initialized()
+
+
+def ray_is_own() -> bool:
+    """Whether the Ray this process talks to is one it started on this machine (by an earlier
+    sweep in this process too): its trials ran here, and the driver can run their evaluation
+    itself instead of paying a Ray worker's start (~20 s of imports on CPU) per best trial."""
+    if not _ray_running():
+        return False
+    import ray
+
+    return _LOCAL_RAY is not None and ray.get_runtime_context().gcs_address == _LOCAL_RAY
 
 
 # ----- MLflow --------------------------------------------------------------------------------
@@ -553,9 +570,8 @@ def run_sweep(
         raise
 
     owns_ray = not _ray_running()
-    started_here = False
     try:
-        started_here = start_ray(address, verbose)
+        start_ray(address, verbose)
         grid = _fit(exp, spec, base, bool(resume), max_concurrent)
         result.trials = _rows(grid, spec, exp)
         # Tune turns Ctrl-C into a saved, resumable state and returns: trials left unfinished,
@@ -574,7 +590,7 @@ def run_sweep(
         result.best = best_per_arm(result.trials, exp)
         result.comparisons = arm_comparisons(result.trials, exp)
         if evaluate and result.best:
-            evaluate_best(result.best, exp, spec, in_process=started_here)
+            evaluate_best(result.best, exp, spec, in_process=ray_is_own())
         if on_table:
             on_table(result, exp)
         if tracker:  # the copies in MLflow (`report --sweep <run id>`) as the files end
