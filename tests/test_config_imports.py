@@ -116,3 +116,26 @@ def test_config_and_option_errors_of_every_command_import_no_heavy_library(tmp_p
     for text, name in zip(out["outputs"], named, strict=True):
         assert "error" in text and name in text, text
     assert _heavy(out["modules"]) == []
+
+
+def test_loading_the_model_does_not_import_bitsandbytes(tmp_path):
+    """pyiqa requires bitsandbytes, and peft imports it (with torch's inductor) where it is
+    installed: 3 s of every process that loads the model on a CPU. The locked environment
+    leaves it out (pyproject's override); the model and pyiqa's metrics work without it."""
+    script = (
+        "import json, sys; import dloral.train.recipe, dloral.upscale, pyiqa; "
+        "import torch; x = torch.rand(1, 3, 32, 32); "
+        "assert pyiqa.create_metric('ssim', device='cpu')(x, x).item() > 0.999; "
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modules = {m.split(".")[0] for m in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert {"peft", "pyiqa"} <= modules and "bitsandbytes" not in modules
