@@ -112,8 +112,10 @@ def test_tiled_encoder_is_the_references_hook_on_sides_not_a_multiple_of_8(bikes
 
 def test_in_bf16_the_tiles_stay_as_close_to_fp32_as_the_references_do(frames):
     """Statistics and normalisation in fp32 (the reference: in the activations' dtype): in
-    bf16 both are off the fp32 result by bf16's rounding, ours no more than the reference's."""
-    x = frames[:1]
+    bf16 both are off the fp32 result by bf16's rounding, ours no more than the reference's.
+    On a 136x168 crop (3x3 tiles of 64): CPU convolutions in bf16 are slow, 16 s here against
+    72 s for the whole 200x264 frame (4 x 5 tiles), where the ratio was 0.96 (0.83 here)."""
+    x = frames[:1, :, :136, :168]
     with torch.no_grad():
         fp32 = sd_layout_vae()
         exact = fp32.quant_conv(hooked(fp32.encoder, 64, False)(x))
