@@ -128,14 +128,5 @@ def test_loading_the_model_does_not_import_bitsandbytes(tmp_path):
         "assert pyiqa.create_metric('ssim', device='cpu')(x, x).item() > 0.999; "
         "print(json.dumps(sorted(sys.modules)))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    modules = {m.split(".")[0] for m in json.loads(proc.stdout.strip().splitlines()[-1])}
+    modules = {m.split(".")[0] for m in _run(script, tmp_path)}
     assert {"peft", "pyiqa"} <= modules and "bitsandbytes" not in modules
