@@ -283,15 +283,16 @@ def _drop_ray_resume_hints() -> None:
 _LOCAL_RAY: str | None = None
 
 
-def start_ray(address: str | None, verbose: bool = False) -> bool:
-    """Join `address` (or $RAY_ADDRESS), else start Ray on this machine. True if started here."""
+def start_ray(address: str | None, verbose: bool = False) -> None:
+    """Join `address` (or $RAY_ADDRESS), else start Ray on this machine (`ray_is_own` tells
+    which, afterwards)."""
     global _LOCAL_RAY
     _ray_environment()
     import ray
 
     _drop_ray_resume_hints()
     if ray.is_initialized():
-        return False
+        return
     address = address or os.environ.get("RAY_ADDRESS") or None
     options = dict(
         include_dashboard=False,
@@ -326,7 +327,6 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
     # Ray's core installs a C++ SIGTERM handler that dumps a stack and aborts the driver (-6):
     # SIGTERM must stop the sweep the way Ctrl-C does, saving its state
     signals.install()
-    return address is None
 
 
 def _ray_running() -> bool:
