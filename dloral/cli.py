@@ -1296,7 +1296,12 @@ def doctor(
 
     dev, s = facts["device"], facts["settings"]
     gpus = ", ".join(dev.get("gpus", [])) or "none"
-    console.print(escape(f"device: {dev['cpu_count']} CPU cores, CUDA {dev['cuda']} ({gpus})"))
+    console.print(
+        escape(
+            f"device: {dev['cpu_count']} CPU cores ({dev['cpu']}, kernels {dev['cpu_capability']}),"
+            f" CUDA {dev['cuda']} ({gpus})"
+        )
+    )
     console.print(
         escape("versions: " + ", ".join(f"{k} {v}" for k, v in facts["versions"].items()))
     )

@@ -46,6 +46,37 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor's model name ("AMD EPYC 9654 96-Core Processor"): Linux's /proc/cpuinfo
+    (`model name`, or `Model`/`Hardware` on ARM), where platform.processor() says nothing on
+    Linux; elsewhere platform.processor(), else the architecture."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:  # one block per core: the first core's value of each field
+                key, _, value = line.partition(":")
+                if value.strip():
+                    fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    for key in ("model name", "Model", "Hardware"):
+        if fields.get(key):
+            return fields[key]
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels were dispatched to (AVX512, AVX2, DEFAULT,
+    ...; $ATEN_CPU_CAPABILITY lowers it): kernels of another capability sum in another order,
+    so CPU results, trained weights included, can differ between machines in the last bits."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):  # an older torch
+        return "unknown"
+
+
 def device() -> dict[str, Any]:
     import torch
 
@@ -53,6 +84,8 @@ def device() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_name(),
+        "cpu_capability": cpu_capability(),
         "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
@@ -65,7 +98,8 @@ def cpu_environment() -> dict[str, Any]:
     versions and the checkout's commit."""
     return {
         "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
+        "cpu_capability": cpu_capability(),
         "python": platform.python_version(),
         "versions": versions(),
         **git_state(),

@@ -124,6 +124,9 @@ def test_report_provenance_names_data_metrics_flow_weights_versions_and_seed(rep
     assert "| metric ewarp@evalcrafter | dloral.bench.temporal.ewarp [evalcrafter/" in prov
     assert f"`{run['git_commit']}`" in prov
     assert f"torch {run['versions']['torch']}" in prov and "pyiqa" in prov
+    machine = run["machine"]  # which processor, and the instruction set its kernels used
+    (device,) = [line for line in prov.splitlines() if line.startswith("| device |")]
+    assert f"CPU cores ({machine['cpu']}, {machine['cpu_capability']})" in device
     assert "| seed | 7 |" in prov
     assert re.search(r"\| weights RAFT-large \| (missing|found)", prov)
     assert "| dataset mini-udm | udm10 at" in prov

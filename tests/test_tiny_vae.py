@@ -67,6 +67,8 @@ def test_training_is_seeded_and_learns_what_pooling_loses(bikes_path, smooth):
     assert all(torch.equal(v, sb[k]) for k, v in sa.items())
     assert not all(torch.equal(v, sc[k]) for k, v in sa.items())
     assert info["steps"] == 40 and info["frames"] == 4 and info["scaling_factor"] > 0
+    # the bits depend on the kernels' instruction set (README, Data): it is recorded
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     scaled = a.encode(smooth * 2 - 1).latent_dist.mean * info["scaling_factor"]
     assert 0.7 < float(scaled.detach().std()) < 1.4  # unit-variance scaled latents, as SD's 0.18215
     start = new_tiny_vae(TINY_VAE_TRAINED)

@@ -51,6 +51,7 @@ from torch import nn
 from dloral.atomic import atomic_write
 from dloral.model.backbone import TINY_VAE, TINY_VAE_FORMAT, TINY_VAE_META, new_tiny_vae
 from dloral.model.config import DLoRALConfig
+from dloral.provenance import cpu_capability
 from dloral.resize import bi_downsample, resize_frames
 from dloral.weights import TINY_VAE_ENV
 
@@ -288,6 +289,9 @@ def _train(frames, recipe: TinyVAERecipe, progress, start: float) -> tuple[nn.Mo
         "seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
         "torch_threads": 1,
+        # the same bits on every run of one machine; another kernel instruction set sums in
+        # another order, and its weights differ in the last bits (sha256 differs)
+        "cpu_capability": cpu_capability(),
         "final_train_psnr_db": round(psnr, 2) if recipe.steps else None,
         "scaling_factor": scaling,
     }

@@ -789,9 +789,11 @@ def _command(info: dict[str, Any]) -> str:
 def _machine_line(machine: dict[str, Any], device: str | None = None) -> str:
     gpus = ", ".join(machine.get("gpus", [])) or "no GPU"
     head = f"{device} on " if device else ""
+    # the processor and its kernels' instruction set (records from before 2026-12-02 have none)
+    cpu = ", ".join(machine[k] for k in ("cpu", "cpu_capability") if machine.get(k))
     return (
         f"{head}{machine.get('platform', '?')}, Python {machine.get('python', '?')}, "
-        f"{machine.get('cpu_count', '?')} CPU cores, {gpus}"
+        f"{machine.get('cpu_count', '?')} CPU cores{f' ({cpu})' if cpu else ''}, {gpus}"
     )
 
 
