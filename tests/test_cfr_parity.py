@@ -122,20 +122,28 @@ def test_factored_retrieval_trains_as_the_reference_does(bikes_lq):
 
 
 def test_in_half_precision_the_retrieval_is_as_exact_as_the_references(bikes_lq):
-    """bf16 and fp16 inference: the retrieved part (proj_out's output) of ours and of the
-    transcription, each run in that dtype, against the transcription in fp32. Ours rounds
-    differently (a (c+1)-wide score product, one reduction over heads) and must stay within
-    1.5x of the reference's own error (measured 0.92x in bf16, 0.86x in fp16)."""
+    """bf16 and fp16 inference, and bf16 autocast (mixed-precision training, here on the CPU):
+    the retrieved part (proj_out's output) of ours and of the transcription, each run so,
+    against the transcription in fp32. Ours rounds differently (a (c+1)-wide score product,
+    one reduction over heads) and must stay within 1.5x of the reference's own error (measured
+    0.92x in bf16, 0.86x in fp16, 0.57x under autocast, where our small products stay fp32)."""
     import copy
+    from contextlib import nullcontext
 
     ref, ours = _attention_pair()
     cur, prev = _latents(bikes_lq)
+    runs = {  # name: (dtype of weights and latents, context)
+        "bf16": (torch.bfloat16, nullcontext),
+        "fp16": (torch.float16, nullcontext),
+        "autocast": (torch.float32, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    }
     with torch.no_grad():
         exact = ref(cur, prev, cur, prev)[1]
-        for dtype in (torch.bfloat16, torch.float16):
+        for name, (dtype, context) in runs.items():
             r, o = copy.deepcopy(ref).to(dtype), copy.deepcopy(ours).to(dtype)
             c, p = cur.to(dtype), prev.to(dtype)
-            ref_err = (r(c, p, c, p)[1].float() - exact).abs().max()
-            our_err = (o.retrieve(c, p).float() - exact).abs().max()
-            assert 0 < ref_err < 0.05 * exact.abs().max(), dtype  # rounding, not a wrong result
-            assert our_err <= 1.5 * ref_err, (dtype, float(our_err), float(ref_err))
+            with context():
+                ref_err = (r(c, p, c, p)[1].float() - exact).abs().max()
+                our_err = (o.retrieve(c, p).float() - exact).abs().max()
+            assert 0 < ref_err < 0.05 * exact.abs().max(), name  # rounding, not a wrong result
+            assert our_err <= 1.5 * ref_err, (name, float(our_err), float(ref_err))

@@ -80,17 +80,19 @@ class CrossFrameAttention(nn.Module):
         (tests/test_cfr_parity.py, against a transcription of the reference)."""
         b, c, h, w = current.shape
         n = h * w
-        scores_of, values_of = self._factors()
-        heads = scores_of.shape[0]
-        ones = current.new_ones(b, 1, n, dtype=torch.float32)
-        xa = torch.cat([current.reshape(b, c, n).float(), ones], 1)  # (B, c+1, N)
-        ya = torch.cat([aligned_prev.reshape(b, c, n).float(), ones], 1)
-        # small (N x (c+1) per head), made in fp32 and rounded once to the latents' dtype:
-        # a row per (query, head), meeting y~ in the score product; each head's proj_out(v)
         dtype = current.dtype
-        q = torch.einsum("bcn,hce->bnhe", xa, scores_of).reshape(b, n * heads, c + 1).to(dtype)
-        v = torch.einsum("bcn,hce->bhne", ya, values_of).reshape(b, heads * n, c).to(dtype)
-        ya = ya.to(dtype)
+        # small (N x (c+1) per head), made in fp32 (under mixed precision too) and rounded once
+        # to the latents' dtype: a row per (query, head), meeting y~ in the score product, and
+        # each head's proj_out(v)
+        with torch.autocast(current.device.type, enabled=False):
+            scores_of, values_of = self._factors()
+            ones = current.new_ones(b, 1, n, dtype=torch.float32)
+            xa = torch.cat([current.reshape(b, c, n).float(), ones], 1)  # (B, c+1, N)
+            ya = torch.cat([aligned_prev.reshape(b, c, n).float(), ones], 1)
+            heads = scores_of.shape[0]
+            q = torch.einsum("bcn,hce->bnhe", xa, scores_of).reshape(b, n * heads, c + 1)
+            v = torch.einsum("bcn,hce->bhne", ya, values_of).reshape(b, heads * n, c)
+        q, v, ya = q.to(dtype), v.to(dtype), ya.to(dtype)
         topk = None if self.cfg.topk is None or self.cfg.topk >= n else self.cfg.topk
         block = max(1, self.cfg.max_block_elems // max(1, b * heads * n))
         gated = self.cfg.variant != "no_gate"
