@@ -31,7 +31,10 @@ separate commands; `--parts ""` only gathers them):
 - `x4-serial`: `x4` with one tile per UNet call (as the reference), to judge the tile batch;
 - `vae-wait`: the reference's tiled VAE with its tiles waiting on the device or on the host
   (`upscale --vae-tiles-wait`), at 2048x2048 and 2160x3840: seconds, peak GPU memory and the
-  difference between the two outputs (benchmarks/vae_wait.py).
+  difference between the two outputs (benchmarks/vae_wait.py);
+- `cfr`: one CFR retrieval, dloral's factored form against the reference's direct q.k form, in
+  bf16 on a batch of 4 latent tiles of a 720p frame and on the 16 tiles of an x4 frame:
+  seconds, speed-up and their difference (benchmarks/cfr_speed.py).
 bench-gpu.json's `targets` (also targets.md, and printed) judge issue 15's goals from the part
 records present.
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
@@ -65,7 +68,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-PARTS = ("latency", "train", "x4", "graphs", "x4-serial", "vae-wait")
+PARTS = ("latency", "train", "x4", "graphs", "x4-serial", "vae-wait", "cfr")
 GPU = {"profile": "sd21", "lq": "180x320", "clip": 8, "repeats": 3, "crop": 512, "steps": 20}
 CPU_FALLBACK = {"profile": "tiny", "lq": "16x24", "clip": 4, "repeats": 1, "crop": 64, "steps": 4}
 # the x4 part: the paper's 512 -> 2048 setting; on CPU a small square with small latent tiles
@@ -86,7 +89,12 @@ RECORDS = {
     "graphs": "latency-graphs.json",
     "x4-serial": "latency-x4-serial.json",
     "vae-wait": "vae-wait.json",
+    "cfr": "cfr-speed.json",
 }
+# the cfr part: one CFR call, factored vs the reference's direct form; on a GPU in bf16 a batch
+# of 4 latent tiles of a 720p frame (90x96) and the 16 tiles of an x4 frame (96x96)
+CFR = {"shapes": "4x90x96,16x96x96", "dtype": "bf16"}
+CFR_CPU = {"shapes": "2x16x20", "dtype": "fp32"}
 
 
 def prepare(args) -> None:
@@ -259,6 +267,11 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
             "--profile", opt["profile"], "--device", device, "--frames-dir", str(frames),
             *([] if cuda else ["--sizes", "288x512"]), "--out", str(out / RECORDS["vae-wait"]),
         ]),
+        "cfr": ("cfr_speed", [
+            "--device", device, "--shapes", (CFR if cuda else CFR_CPU)["shapes"],
+            "--dtype", (CFR if cuda else CFR_CPU)["dtype"], "--repeats", str(opt["repeats"]),
+            "--out", str(out / RECORDS["cfr"]),
+        ]),
         "graphs": ("latency", [
             *common, "--lq", opt["lq"], "--frames", str(opt["clip"]),
             "--repeats", str(opt["repeats"]), "--modes", "fast", "--compile", "unet",
@@ -337,6 +350,10 @@ def targets(records: dict) -> list[dict]:
         seconds = wait["host"]["seconds"], wait["device"]["seconds"]
         measured = f"{peaks[0]} vs {peaks[1]} GiB, {seconds[0]} vs {seconds[1]} s"
         row(f"VAE tiles on the host vs the device, {size}: peak memory, time", "reported", measured)
+    for cfr in (records.get("cfr") or {}).get("runs", []):
+        shape = "x".join(map(str, cfr["latent"]))
+        text = f"CFR retrieval, {shape} latents, {records['cfr']['dtype']}: factored vs direct"
+        row(text, "reported", f"x{cfr['speedup']} ({cfr['factored_seconds_median']} s)")
     return rows
 
 
@@ -355,6 +372,7 @@ def targets_markdown(rows: list[dict], mode: str) -> str:
 
 
 def run(args) -> int:
+    import cfr_speed
     import latency
     import train_speed
     import vae_wait
@@ -382,6 +400,7 @@ def run(args) -> int:
         "latency": latency.main,
         "train_speed": train_speed.main,
         "vae_wait": vae_wait.main,
+        "cfr_speed": cfr_speed.main,
     }
     from dloral.provenance import BENCH_VIA_ENV
 

@@ -80,15 +80,19 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
     assert record["mode"].startswith("cpu-fallback")
     assert record["command"] == "python benchmarks/bench_gpu.py " + shlex.join(command[1:])
     # each part's record: its own command, and the one that ran it (what reproduces it)
-    for part in ("latency", "train", "x4", "x4-serial", "vae-wait"):
+    for part in ("latency", "train", "x4", "x4-serial", "vae-wait", "cfr"):
         assert record[part]["command"].startswith("uv run python benchmarks/"), part
         assert record[part]["command"].endswith(f" (a part of `{record['command']}`)"), part
     env_ = record["environment"]
     assert env_["device"] == "cpu" and len(env_["git_commit"]) == 40
     assert all(env_["versions"][p] != "not installed" for p in ("torch", "diffusers", "peft"))
     # every part but CUDA graphs ran (the default), each with its own record and command
-    assert record["parts_run"] == ["latency", "train", "x4", "x4-serial", "vae-wait"]
+    assert record["parts_run"] == ["latency", "train", "x4", "x4-serial", "vae-wait", "cfr"]
     assert record["parts_failed"] == []
+    # CFR's factored retrieval against the reference's direct q.k form: the same outputs
+    (cfr,) = record["cfr"]["runs"]
+    assert cfr["latent"] == [2, 4, 16, 20] and record["cfr"]["forms_agree"] is True
+    assert 0 < cfr["max_abs_diff"] <= 1e-4 * cfr["output_max_abs"]
     # the VAE's tiles waiting on the host (on a CPU, the same memory) give the same frame
     (wait,) = record["vae-wait"]["rows"]
     assert wait["tiles"] == {"encoder": 2, "decoder": 2}
@@ -114,9 +118,10 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
         "target": "frames/s, fast, 180x320 -> 720x1280", "goal": ">= 25",
         "measured": None, "met": None,
     }  # fmt: skip
-    assert "| speed-up of x4 (tiles per call) over x4-serial | reported |" in (
-        (out / "targets.md").read_text()
-    )
+    table = (out / "targets.md").read_text()
+    assert "| speed-up of x4 (tiles per call) over x4-serial | reported |" in table
+    cfr_row = "| CFR retrieval, 2x4x16x20 latents, fp32: factored vs direct | reported |"
+    assert f"{cfr_row} x{cfr['speedup']} ({cfr['factored_seconds_median']} s) |" in table
     (serial,) = record["x4-serial"]["runs"]  # one tile per call: the same frames
     assert record["x4-serial"]["tiling"]["tile_batch"] == 1 and serial["sr_size"] == [128, 128]
     assert x4["clip_seconds_median"] == pytest.approx(4 * x4["seconds_per_frame_median"], rel=0.01)

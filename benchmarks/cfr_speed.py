@@ -1,0 +1,147 @@
+"""CFR's retrieval: dloral's factored form against the reference's direct form, side by side.
+
+    uv run python benchmarks/cfr_speed.py                                   # CPU, fp32
+    python benchmarks/cfr_speed.py --device cuda --dtype bf16 --shapes 4x90x96,16x96x96
+
+Both compute the same function (dloral/model/cfr.py, CrossFrameAttention.retrieve): the
+reference (yjsunnn/DLoRAL src/cross_frame_retrieval/uncertainty_topk.py) forms 64-wide queries,
+keys and values per head, sim = q.k / sqrt(d), relu((sim - threshold_fc(q)) / T) @ v, then
+proj_out; the factored form multiplies (4 + 1)-wide vectors (see that docstring). `direct`
+here is the reference's formula with dloral's memory bound (blocks of query positions, as
+dloral computed it before the factored form), on the same weights. Per shape (B x h x w
+latents, one CFR call, 9 heads of 64): seconds per call (median of --repeats after a warm-up,
+device synchronised), the speed-up, and the largest difference between the two outputs
+against the output's own scale. The record (command, device, versions, commit) goes to
+benchmarks/results/cfr-speed-<device>-<dtype>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from latency import environment, write_result  # noqa: E402
+
+from dloral.devices import resolve_device, synchronize  # noqa: E402
+from dloral.model.cfr import CFRConfig, CrossFrameAttention  # noqa: E402
+from dloral.provenance import bench_command  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def direct(attn: CrossFrameAttention, current: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """The reference's formula, gated variant over every key, in blocks of query positions."""
+    cfg = attn.cfg
+    b, _, h, w = current.shape
+    heads, d, n = cfg.heads, cfg.embed_dim, h * w
+    q = attn.query_conv(current).view(b, heads, d, n).transpose(2, 3).flatten(0, 1)
+    k = attn.key_conv(prev).view(b, heads, d, n).flatten(0, 1)
+    v = attn.value_conv(prev).view(b, heads, d, n).transpose(2, 3).flatten(0, 1)
+    block = max(1, cfg.max_block_elems // max(1, b * heads * n))
+    out = torch.empty_like(q)
+    for start in range(0, n, block):
+        qb = q[:, start : start + block]
+        sim = torch.bmm(qb, k) / math.sqrt(d)
+        weights = torch.relu_((sim - attn.threshold_fc(qb)) / cfg.temperature)
+        out[:, start : start + block] = torch.bmm(weights, v)
+    out = out.view(b, heads, n, d).transpose(2, 3).reshape(b, heads * d, h, w)
+    return attn.proj_out(out)
+
+
+def _time(fn, device: torch.device, repeats: int) -> list[float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(shape: tuple[int, int, int], device, dtype, repeats: int, seed: int = 0) -> dict:
+    b, h, w = shape
+    torch.manual_seed(seed)
+    attn = CrossFrameAttention(CFRConfig()).eval().to(device, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    cur, prev = (torch.randn(b, 4, h, w, generator=gen).to(device, dtype) for _ in range(2))
+    with torch.no_grad():
+        factored = _time(lambda: attn.retrieve(cur, prev), device, repeats)
+        reference = _time(lambda: direct(attn, cur, prev), device, repeats)
+        a, r = attn.retrieve(cur, prev).float(), direct(attn, cur, prev).float()
+    f_med, r_med = statistics.median(factored), statistics.median(reference)
+    return {
+        "latent": [b, 4, h, w],
+        "factored_seconds_median": round(f_med, 4),
+        "direct_seconds_median": round(r_med, 4),
+        "speedup": round(r_med / f_med, 2),
+        "max_abs_diff": float((a - r).abs().max()),
+        "output_max_abs": float(r.abs().max()),
+    }
+
+
+# how far the two forms may differ, relative to the output's largest value: fp32 rounding, or
+# the half precision's (each form rounds its own products)
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 1 when the two forms differ by more than TOLERANCE (the record says so)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument(
+        "--shapes",
+        default="4x72x88,1x96x96,4x45x80",
+        help="B x h x w latents, comma-separated (default: a batch of 4 at 576x704 output, "
+        "one 96x96 latent tile, a batch of 4 at 360x640)",
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    rows = []
+    for shape in shapes:
+        row = measure(shape, device, dtype, args.repeats)
+        rows.append(row)
+        print(
+            f"{'x'.join(map(str, row['latent']))}: factored {row['factored_seconds_median']} s, "
+            f"direct {row['direct_seconds_median']} s (x{row['speedup']}), "
+            f"max |diff| {row['max_abs_diff']:.1e} of {row['output_max_abs']:.2f}",
+            flush=True,
+        )
+    tolerance = TOLERANCE[args.dtype]
+    agree = all(r["max_abs_diff"] <= tolerance * r["output_max_abs"] for r in rows)
+    record = {
+        "benchmark": "cfr_speed",
+        "command": bench_command("cfr_speed.py", argv),
+        "dtype": args.dtype,
+        "heads": CFRConfig().heads,
+        "embed_dim": CFRConfig().embed_dim,
+        "repeats": args.repeats,
+        "note": "one CFR retrieval call (random latents, seeded init); direct = the reference's "
+        "q.k form in dloral's query blocks, factored = CrossFrameAttention.retrieve",
+        "runs": rows,
+        "tolerance_relative": tolerance,
+        "forms_agree": agree,
+        "environment": environment(device),
+    }
+    out = args.out or RESULTS / f"cfr-speed-{device.type}-{args.dtype}.json"
+    write_result(record, out)
+    print(f"wrote {out}" + ("" if agree else f"; the forms differ by more than {tolerance}"))
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
