@@ -29,10 +29,11 @@ Memory is bounded: similarities are computed for blocks of query positions, neve
 (HW x HW x heads) matrix at once. The retrieval is computed in a factored form that is the same
 function (CrossFrameAttention.retrieve): the latents have 4 channels, so every similarity and
 every value is a product of (4 + 1)-wide vectors, not 64-wide ones. On a 2-core CPU that made
-the retrieval 2.4-3.0x faster (fp32, 9 heads of 64: 72x88 latents in batches of 4, one 96x96
-tile; within 1e-5 of before) and the tiny profile's upscale of 144x176 frames 4.19 -> 2.70 s per
-frame (benchmarks/latency.py --profile tiny --lq 144x176 --frames 4 --modes sdpa, stage
-`spynet_cfr` 2.70 -> 1.25 s). A GPU has not measured it.
+the retrieval 2.3-3.3x faster than the direct form dloral computed before, within 7e-6 of it
+(fp32, 9 heads of 64; benchmarks/cfr_speed.py, benchmarks/results/cfr-speed-cpu-fp32.json) and
+the tiny profile's upscale of 144x176 frames 4.19 -> 2.70 s per frame (benchmarks/latency.py
+--profile tiny --lq 144x176 --frames 4 --modes sdpa at 6d8578d and 552b67c, stage `spynet_cfr`
+2.70 -> 1.25 s). A GPU has not measured it (bench_gpu.py's `cfr` part will).
 """
 
 from __future__ import annotations
