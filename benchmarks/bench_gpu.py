@@ -240,6 +240,7 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
     compile_ = args.compile if cuda else "none"
     x4_compile = "unet" if compile_ != "none" else "none"  # x4's VAE runs in tiles: UNet only
     x4 = X4 if cuda else X4_CPU
+    cfr = CFR if cuda else CFR_CPU
     # lpips builds its VGG with torchvision, which a node with torch may lack
     lpips = "on" if all(map(importlib.util.find_spec, ("lpips", "torchvision"))) else "off"
     return {
@@ -268,8 +269,8 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
             *([] if cuda else ["--sizes", "288x512"]), "--out", str(out / RECORDS["vae-wait"]),
         ]),
         "cfr": ("cfr_speed", [
-            "--device", device, "--shapes", (CFR if cuda else CFR_CPU)["shapes"],
-            "--dtype", (CFR if cuda else CFR_CPU)["dtype"], "--repeats", str(opt["repeats"]),
+            "--device", device, "--shapes", cfr["shapes"], "--dtype", cfr["dtype"],
+            "--repeats", str(opt["repeats"]),
             "--out", str(out / RECORDS["cfr"]),
         ]),
         "graphs": ("latency", [

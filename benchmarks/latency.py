@@ -351,10 +351,11 @@ def run_guarded(args, mode: str, device: torch.device) -> dict:
 def environment(device: torch.device) -> dict:
     from dloral.provenance import cpu_capability, cpu_name, git_state, versions
 
+    cpu = cpu_name()  # the host's, which also feeds a GPU (frame I/O, the host copies)
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu": cpu_name(),  # the host's, which also feeds a GPU (frame I/O, the host copies)
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "cpu": cpu,
         "cpu_capability": cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

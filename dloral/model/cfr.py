@@ -120,7 +120,7 @@ class CrossFrameAttention(nn.Module):
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, V): per head, the (c+1) x (c+1) score matrix and the (c+1) x c value matrix of
-        the factored retrieval (see forward), from the layers' weights in fp32."""
+        the factored retrieval (see retrieve), from the layers' weights in fp32."""
         cfg = self.cfg
         heads, d, c = cfg.heads, cfg.embed_dim, cfg.latent_channels
 
