@@ -121,6 +121,10 @@ def test_a_stop_outside_a_commands_own_handling_is_said(monkeypatch, capsys, sig
     monkeypatch.setattr(signals, "_received", [])
     monkeypatch.setattr(sys, "argv", ["dloral-exp", "train", "--no-tracking"])
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C as a terminal's process has it: a job put in the background by a non-interactive
+    # shell (`pytest ... &` in a script) inherits SIGINT ignored, and SIGINT then stops it no
+    # more than any other program
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit) as done:
             cli.entry()
