@@ -99,6 +99,7 @@ def run(args, checkpointing: bool) -> dict:
     out = {
         "gradient_checkpointing": checkpointing,
         "it_per_s": _stage_rates(stamps),
+        **({"it_per_s_not_measured": why} if (why := _unmeasured(stamps)) else {}),
         "steps": len(stamps),
         "crop": args.crop,
         "frames": args.frames,
@@ -128,6 +129,19 @@ def _stage_rates(stamps: list[tuple[int, str, float]]) -> dict[str, float]:
         if len(times) > 2:
             rates[stage] = round((len(times) - 2) / (times[-1] - times[1]), 3)
     return rates
+
+
+def _unmeasured(stamps: list[tuple[int, str, float]]) -> dict[str, str]:
+    """Why a stage that ran has no it/s (_stage_rates): too few steps (a smoke run)."""
+    out = {}
+    for stage in ("consistency", "detail"):
+        steps = sum(1 for _, st, _ in stamps if st == stage)
+        if 0 < steps <= 2:
+            out[stage] = (
+                f"{steps} step(s): it/s takes >= 3 (the first is left out as warm-up, the rate "
+                "is timed between the second and the last)"
+            )
+    return out
 
 
 def scaling(args) -> dict:
@@ -209,8 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else RESULTS / name
     write_result(record, out)
     for r in runs:
+        short = r.get("it_per_s_not_measured", {})
+        few = f" ({', '.join(short)}: too few steps to time)" if short else ""
         print(
-            f"checkpointing={r['gradient_checkpointing']}: {r['it_per_s']} it/s, "
+            f"checkpointing={r['gradient_checkpointing']}: {r['it_per_s']} it/s{few}, "
             f"peak {r.get('peak_gpu_memory_gib', r['peak_rss_gib_process'])} GiB"
         )
     print(f"wrote {out}")

@@ -127,6 +127,9 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
     assert x4["clip_seconds_median"] == pytest.approx(4 * x4["seconds_per_frame_median"], rel=0.01)
     (train,) = record["train"]["runs"]
     assert train["crop"] == 64 and train["steps"] == 2 and train["lpips"] == "not used (weight 0)"
+    # two steps (the smoke run) time no rate, and the record says why
+    assert train["it_per_s"] == {} and list(train["it_per_s_not_measured"]) == ["consistency"]
+    assert train["it_per_s_not_measured"]["consistency"].startswith("2 step(s): it/s takes >= 3")
     assert str(hires) in record["train"]["data"]
 
 
