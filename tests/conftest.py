@@ -1,4 +1,5 @@
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -82,6 +83,17 @@ def write_udm_set(
             if gt_peer:
                 write_png(g, root / "peers" / "gt" / clip / f"{i:04d}.png")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A test that runs a command in this process (`cli.entry` installs dloral.signals'
+    handlers) leaves SIGINT and SIGTERM as they were for the tests after it."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

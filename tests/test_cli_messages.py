@@ -120,17 +120,12 @@ def test_a_stop_outside_a_commands_own_handling_is_said(monkeypatch, capsys, sig
     monkeypatch.setattr("dloral.train.config.load_config", config_read_when_the_signal_comes)
     monkeypatch.setattr(signals, "_received", [])
     monkeypatch.setattr(sys, "argv", ["dloral-exp", "train", "--no-tracking"])
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     # Ctrl-C as a terminal's process has it: a job put in the background by a non-interactive
     # shell (`pytest ... &` in a script) inherits SIGINT ignored, and SIGINT then stops it no
-    # more than any other program
+    # more than any other program (conftest restores the handlers after the test)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(SystemExit) as done:
-            cli.entry()
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
+    with pytest.raises(SystemExit) as done:
+        cli.entry()
     assert done.value.code == code
     said = " ".join(capsys.readouterr().err.split())
     assert f"interrupted ({sig})" in said, said
