@@ -34,7 +34,8 @@ separate commands; `--parts ""` only gathers them):
   difference between the two outputs (benchmarks/vae_wait.py);
 - `cfr`: one CFR retrieval, dloral's factored form against the reference's direct q.k form, in
   bf16 on a batch of 4 latent tiles of a 720p frame and on the 16 tiles of an x4 frame:
-  seconds, speed-up and their difference (benchmarks/cfr_speed.py).
+  seconds, speed-up and their difference, and the factored form's time at blocks of 2^21 to
+  2^27 similarity entries, against the 2^23 it uses on a GPU (benchmarks/cfr_speed.py).
 bench-gpu.json's `targets` (also targets.md, and printed) judge issue 15's goals from the part
 records present.
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
@@ -92,9 +93,11 @@ RECORDS = {
     "cfr": "cfr-speed.json",
 }
 # the cfr part: one CFR call, factored vs the reference's direct form; on a GPU in bf16 a batch
-# of 4 latent tiles of a 720p frame (90x96) and the 16 tiles of an x4 frame (96x96)
-CFR = {"shapes": "4x90x96,16x96x96", "dtype": "bf16"}
-CFR_CPU = {"shapes": "2x16x20", "dtype": "fp32"}
+# of 4 latent tiles of a 720p frame (90x96) and the 16 tiles of an x4 frame (96x96); and the
+# factored form at blocks of 2^k similarity entries (the config's 2^23 is a memory bound, not
+# a measured choice on a GPU; 2^27 in bf16 is 256 MiB)
+CFR = {"shapes": "4x90x96,16x96x96", "dtype": "bf16", "blocks": "21,23,25,27"}
+CFR_CPU = {"shapes": "2x16x20", "dtype": "fp32", "blocks": "12,21"}
 
 
 def prepare(args) -> None:
@@ -270,7 +273,7 @@ def _part_commands(args, cuda: bool, opt: dict, root: Path, frames: Path, out: P
         ]),
         "cfr": ("cfr_speed", [
             "--device", device, "--shapes", cfr["shapes"], "--dtype", cfr["dtype"],
-            "--repeats", str(opt["repeats"]),
+            "--repeats", str(opt["repeats"]), "--block-elems", cfr["blocks"],
             "--out", str(out / RECORDS["cfr"]),
         ]),
         "graphs": ("latency", [
@@ -355,6 +358,12 @@ def targets(records: dict) -> list[dict]:
         shape = "x".join(map(str, cfr["latent"]))
         text = f"CFR retrieval, {shape} latents, {records['cfr']['dtype']}: factored vs direct"
         row(text, "reported", f"x{cfr['speedup']} ({cfr['factored_seconds_median']} s)")
+        if cfr.get("block_sweep"):
+            times = ", ".join(
+                f"{x['block_elems']} {x['seconds_median']} s" for x in cfr["block_sweep"]
+            )
+            text = f"CFR retrieval, {shape} latents: fastest block (used: {cfr['block_elems']})"
+            row(text, "reported", f"{cfr['fastest_block_elems']} ({times})")
     return rows
 
 

@@ -1,7 +1,8 @@
 """CFR's retrieval: dloral's factored form against the reference's direct form, side by side.
 
     uv run python benchmarks/cfr_speed.py                                   # CPU, fp32
-    python benchmarks/cfr_speed.py --device cuda --dtype bf16 --shapes 4x90x96,16x96x96
+    python benchmarks/cfr_speed.py --device cuda --dtype bf16 --shapes 4x90x96,16x96x96 \
+        --block-elems 21,23,25,27
 
 Both compute the same function (dloral/model/cfr.py, CrossFrameAttention.retrieve): the
 reference (yjsunnn/DLoRAL src/cross_frame_retrieval/uncertainty_topk.py) forms 64-wide queries,
@@ -12,7 +13,11 @@ query positions for its memory bound, 1/sqrt(d) and 1/T folded into the queries:
 fewer than the reference's own), on the same weights. Per shape (B x h x w
 latents, one CFR call, 9 heads of 64): seconds per call (median of --repeats after a warm-up,
 device synchronised), the speed-up, and the largest difference between the two outputs
-against the output's own scale. The record (command, device, versions, commit) goes to
+against the output's own scale. Both forms compute blocks of query positions of the size the
+device gets (dloral.model.cfr.block_elems: the config's 2^23 similarity entries, at most 2^21
+on CPU). `--block-elems` also times the factored form at each of the given block sizes (2^k
+entries; the device's cap lifted), to choose that size by measurement: the record's
+`block_sweep`, with the fastest. The record (command, device, versions, commit) goes to
 benchmarks/results/cfr-speed-<device>-<dtype>.json.
 """
 
@@ -31,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from latency import environment, write_result  # noqa: E402
 
 from dloral.devices import resolve_device, synchronize  # noqa: E402
-from dloral.model.cfr import CFRConfig, CrossFrameAttention  # noqa: E402
+from dloral.model.cfr import CFRConfig, CrossFrameAttention, block_elems  # noqa: E402
 from dloral.provenance import bench_command  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,7 +52,7 @@ def direct(attn: CrossFrameAttention, current: torch.Tensor, prev: torch.Tensor)
     q = attn.query_conv(current).view(b, heads, d, n).transpose(2, 3).flatten(0, 1)
     k = attn.key_conv(prev).view(b, heads, d, n).flatten(0, 1)
     v = attn.value_conv(prev).view(b, heads, d, n).transpose(2, 3).flatten(0, 1)
-    block = max(1, cfg.max_block_elems // max(1, b * heads * n))
+    block = max(1, block_elems(cfg, current.device) // max(1, b * heads * n))
     out = torch.empty_like(q)
     for start in range(0, n, block):
         qb = q[:, start : start + block]
@@ -71,7 +76,9 @@ def _time(fn, device: torch.device, repeats: int) -> list[float]:
     return times
 
 
-def measure(shape: tuple[int, int, int], device, dtype, repeats: int, seed: int = 0) -> dict:
+def measure(
+    shape: tuple[int, int, int], device, dtype, repeats: int, blocks: tuple[int, ...] = (), seed=0
+) -> dict:
     b, h, w = shape
     torch.manual_seed(seed)
     attn = CrossFrameAttention(CFRConfig()).eval().to(device, dtype)
@@ -81,15 +88,34 @@ def measure(shape: tuple[int, int, int], device, dtype, repeats: int, seed: int 
         factored = _time(lambda: attn.retrieve(cur, prev), device, repeats)
         reference = _time(lambda: direct(attn, cur, prev), device, repeats)
         a, r = attn.retrieve(cur, prev).float(), direct(attn, cur, prev).float()
+        sweep = []
+        for k in blocks:
+            attn.block_elems = 2**k
+            seconds = statistics.median(_time(lambda: attn.retrieve(cur, prev), device, repeats))
+            # against the device's block size: 0 where the GEMMs sum each row alike
+            diff = float((attn.retrieve(cur, prev).float() - a).abs().max())
+            sweep.append(
+                {
+                    "block_elems": f"2^{k}",
+                    "seconds_median": round(seconds, 4),
+                    "max_abs_diff_vs_block_elems": diff,
+                }
+            )
+        attn.block_elems = None
     f_med, r_med = statistics.median(factored), statistics.median(reference)
-    return {
+    row = {
         "latent": [b, 4, h, w],
+        "block_elems": f"2^{block_elems(attn.cfg, device).bit_length() - 1}",
         "factored_seconds_median": round(f_med, 4),
         "direct_seconds_median": round(r_med, 4),
         "speedup": round(r_med / f_med, 2),
         "max_abs_diff": float((a - r).abs().max()),
         "output_max_abs": float(r.abs().max()),
     }
+    if sweep:
+        row["block_sweep"] = sweep
+        row["fastest_block_elems"] = min(sweep, key=lambda x: x["seconds_median"])["block_elems"]
+    return row
 
 
 # how far the two forms may differ, relative to the output's largest value: fp32 rounding, or
@@ -109,23 +135,39 @@ def main(argv: list[str] | None = None) -> int:
         "one 96x96 latent tile, a batch of 4 at 360x640)",
     )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--block-elems",
+        default="",
+        help="exponents k, comma-separated: also time the factored form with blocks of 2^k "
+        "similarity entries (e.g. 21,23,25,27)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    blocks = tuple(int(k) for k in args.block_elems.split(",") if k)
     rows = []
     for shape in shapes:
-        row = measure(shape, device, dtype, args.repeats)
+        row = measure(shape, device, dtype, args.repeats, blocks)
         rows.append(row)
         print(
             f"{'x'.join(map(str, row['latent']))}: factored {row['factored_seconds_median']} s, "
             f"direct {row['direct_seconds_median']} s (x{row['speedup']}), "
-            f"max |diff| {row['max_abs_diff']:.1e} of {row['output_max_abs']:.2f}",
+            f"max |diff| {row['max_abs_diff']:.1e} of {row['output_max_abs']:.2f}"
+            + "".join(
+                f"; {x['block_elems']}: {x['seconds_median']} s" for x in row.get("block_sweep", [])
+            ),
             flush=True,
         )
     tolerance = TOLERANCE[args.dtype]
     agree = all(r["max_abs_diff"] <= tolerance * r["output_max_abs"] for r in rows)
+    # blocks change no value (each query's row is computed whole) but by a GEMM's rounding
+    agree = agree and all(
+        x["max_abs_diff_vs_block_elems"] <= tolerance * r["output_max_abs"]
+        for r in rows
+        for x in r.get("block_sweep", [])
+    )
     record = {
         "benchmark": "cfr_speed",
         "command": bench_command("cfr_speed.py", argv),
@@ -134,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         "embed_dim": CFRConfig().embed_dim,
         "repeats": args.repeats,
         "note": "one CFR retrieval call (random latents, seeded init); direct = the reference's "
-        "q.k form in dloral's query blocks, factored = CrossFrameAttention.retrieve",
+        "q.k form in dloral's query blocks, factored = CrossFrameAttention.retrieve; both in "
+        "blocks of block_elems similarity entries (the device's), block_sweep: the factored "
+        "form at other block sizes",
         "runs": rows,
         "tolerance_relative": tolerance,
         "forms_agree": agree,

@@ -93,6 +93,15 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
     (cfr,) = record["cfr"]["runs"]
     assert cfr["latent"] == [2, 4, 16, 20] and record["cfr"]["forms_agree"] is True
     assert 0 < cfr["max_abs_diff"] <= 1e-4 * cfr["output_max_abs"]
+    # the factored form at other block sizes (one query position per block at 2^12): the same
+    # values (to the bit here; another CPU's GEMM kernels may round a row otherwise)
+    assert cfr["block_elems"] == "2^21" and [x["block_elems"] for x in cfr["block_sweep"]] == [
+        "2^12",
+        "2^21",
+    ]
+    assert all(
+        x["max_abs_diff_vs_block_elems"] <= 1e-6 * cfr["output_max_abs"] for x in cfr["block_sweep"]
+    )
     # the VAE's tiles waiting on the host (on a CPU, the same memory) give the same frame
     (wait,) = record["vae-wait"]["rows"]
     assert wait["tiles"] == {"encoder": 2, "decoder": 2}
@@ -122,6 +131,8 @@ def test_bench_gpu_runs_without_av_skvideo_ray_mlflow_pyiqa_lpips_opencv_torchvi
     assert "| speed-up of x4 (tiles per call) over x4-serial | reported |" in table
     cfr_row = "| CFR retrieval, 2x4x16x20 latents, fp32: factored vs direct | reported |"
     assert f"{cfr_row} x{cfr['speedup']} ({cfr['factored_seconds_median']} s) |" in table
+    block_row = "| CFR retrieval, 2x4x16x20 latents: fastest block (used: 2^21) | reported |"
+    assert f"{block_row} {cfr['fastest_block_elems']} (2^12 " in table
     (serial,) = record["x4-serial"]["runs"]  # one tile per call: the same frames
     assert record["x4-serial"]["tiling"]["tile_batch"] == 1 and serial["sr_size"] == [128, 128]
     assert x4["clip_seconds_median"] == pytest.approx(4 * x4["seconds_per_frame_median"], rel=0.01)

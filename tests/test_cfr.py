@@ -51,6 +51,39 @@ def test_blocked_retrieval_matches_dense_formula(variant, topk):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_cpu_blocks_stay_under_8_mib_and_change_no_value(monkeypatch):
+    """On CPU a block holds at most 2^21 similarity entries (8 MiB in fp32; larger buffers are
+    mmap'd afresh per block by glibc), below the config's 2^23 bound; every block size gives
+    the same retrieval."""
+    from dloral.model.cfr import CPU_BLOCK_ELEMS, block_elems
+
+    torch.manual_seed(0)
+    cfg = CFRConfig()
+    attn = CrossFrameAttention(cfg).eval()
+    torch.nn.init.normal_(attn.proj_out.weight, std=0.02)
+    cur, prev = torch.randn(1, 4, 40, 48), torch.randn(1, 4, 40, 48)
+    rows = cfg.heads * 40 * 48  # similarity entries of one query position
+    sizes, bmm = [], torch.bmm
+
+    def counted(a, b):
+        out = bmm(a, b)
+        if b.shape[-1] == 40 * 48:  # the similarity product: (1, queries * heads, N)
+            sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "bmm", counted)
+    with torch.no_grad():
+        capped = attn(cur, prev)
+        assert block_elems(cfg, cur.device) == CPU_BLOCK_ELEMS == 2**21 < cfg.max_block_elems
+        queries = CPU_BLOCK_ELEMS // rows  # per block
+        assert max(sizes) == queries * rows and len(sizes) == math.ceil(40 * 48 / queries)
+        sizes.clear()
+        attn.block_elems = cfg.max_block_elems  # the bound alone, as on a GPU
+        whole = attn(cur, prev)
+    assert max(sizes) == (cfg.max_block_elems // rows) * rows
+    assert torch.allclose(capped, whole, rtol=0, atol=1e-6)
+
+
 def test_gate_rejects_matches_below_threshold():
     torch.manual_seed(0)
     attn = CrossFrameAttention(CFRConfig(heads=2, embed_dim=4))

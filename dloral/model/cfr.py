@@ -26,7 +26,8 @@ profile (`spynet: zero-flow`: it has no trained SPyNet, and a random one misalig
 frame), and `random` for tiny_init random and sd21 random_init. SPyNet is frozen in every stage.
 
 Memory is bounded: similarities are computed for blocks of query positions, never the full
-(HW x HW x heads) matrix at once. The retrieval is computed in a factored form that is the same
+(HW x HW x heads) matrix at once: at most `max_block_elems` entries (2^23) a block, on CPU at
+most 2^21 (CPU_BLOCK_ELEMS, below). The retrieval is computed in a factored form that is the same
 function (CrossFrameAttention.retrieve): the latents have 4 channels, so every similarity and
 every value is a product of (4 + 1)-wide vectors, not 64-wide ones. On a 2-core CPU that made
 the retrieval 2.3-3.3x faster than the direct form dloral computed before, within 7e-6 of it
@@ -47,6 +48,21 @@ from torch import nn
 from dloral.model.config import CFRConfig
 from dloral.model.spynet import SPyNet, flow_warp
 
+# On CPU a block's similarity buffer holds at most 2^21 entries (8 MiB in fp32). Larger ones
+# are past glibc's mmap threshold (at most 32 MiB), so every block maps and page-faults a fresh
+# buffer, which also falls out of the cache between the two products (the config's 2^23 against
+# 2^21: benchmarks/results/cfr-speed-cpu-fp32.json, `block_sweep`). On other devices the
+# config's bound alone applies (bench_gpu.py's cfr part measures other blocks there).
+CPU_BLOCK_ELEMS = 2**21
+
+
+def block_elems(cfg: CFRConfig, device: torch.device) -> int:
+    """Similarity entries computed at once on `device`: the config's memory bound, on CPU at
+    most CPU_BLOCK_ELEMS (blocks change no value: each query's row is computed whole)."""
+    if device.type == "cpu":
+        return min(cfg.max_block_elems, CPU_BLOCK_ELEMS)
+    return cfg.max_block_elems
+
 
 class CrossFrameAttention(nn.Module):
     """Thresholded (or softmax) retrieval from an aligned previous latent.
@@ -56,6 +72,8 @@ class CrossFrameAttention(nn.Module):
     def __init__(self, cfg: CFRConfig):
         super().__init__()
         self.cfg = cfg
+        # similarity entries per block; None: block_elems(cfg, device) (a benchmark sets it)
+        self.block_elems: int | None = None
         inner = cfg.heads * cfg.embed_dim
         c = cfg.latent_channels
         self.query_conv = nn.Conv2d(c, inner, 1)
@@ -95,7 +113,8 @@ class CrossFrameAttention(nn.Module):
             v = torch.einsum("bcn,hce->bhne", ya, values_of).reshape(b, heads * n, c)
         q, v, ya = q.to(dtype), v.to(dtype), ya.to(dtype)
         topk = None if self.cfg.topk is None or self.cfg.topk >= n else self.cfg.topk
-        block = max(1, self.cfg.max_block_elems // max(1, b * heads * n))
+        budget = self.block_elems or block_elems(self.cfg, current.device)
+        block = max(1, budget // max(1, b * heads * n))
         gated = self.cfg.variant != "no_gate"
         # One output buffer filled block by block: small per-block results kept alive between
         # the blocks' large similarity buffers fragment glibc's heap on CPU, and the process
