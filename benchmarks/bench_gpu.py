@@ -35,7 +35,7 @@ separate commands; `--parts ""` only gathers them):
 - `cfr`: one CFR retrieval, dloral's factored form against the reference's direct q.k form, in
   bf16 on a batch of 4 latent tiles of a 720p frame and on the 16 tiles of an x4 frame:
   seconds, speed-up and their difference, and the factored form's time at blocks of 2^21 to
-  2^27 similarity entries, against the 2^23 it uses on a GPU (benchmarks/cfr_speed.py).
+  2^27 similarity entries, against the 2^23 it uses (benchmarks/cfr_speed.py).
 bench-gpu.json's `targets` (also targets.md, and printed) judge issue 15's goals from the part
 records present.
 It needs torch, diffusers and peft (with what they bring: transformers, numpy, safetensors,
@@ -95,7 +95,7 @@ RECORDS = {
 # the cfr part: one CFR call, factored vs the reference's direct form; on a GPU in bf16 a batch
 # of 4 latent tiles of a 720p frame (90x96) and the 16 tiles of an x4 frame (96x96); and the
 # factored form at blocks of 2^k similarity entries (the config's 2^23 is a memory bound, not
-# a measured choice on a GPU; 2^27 in bf16 is 256 MiB)
+# a choice measured on a GPU, where fewer blocks launch fewer kernels; 2^27 in bf16: 256 MiB)
 CFR = {"shapes": "4x90x96,16x96x96", "dtype": "bf16", "blocks": "21,23,25,27"}
 CFR_CPU = {"shapes": "2x16x20", "dtype": "fp32", "blocks": "12,21"}
 

@@ -13,12 +13,11 @@ query positions for its memory bound, 1/sqrt(d) and 1/T folded into the queries:
 fewer than the reference's own), on the same weights. Per shape (B x h x w
 latents, one CFR call, 9 heads of 64): seconds per call (median of --repeats after a warm-up,
 device synchronised), the speed-up, and the largest difference between the two outputs
-against the output's own scale. Both forms compute blocks of query positions of the size the
-device gets (dloral.model.cfr.block_elems: the config's 2^23 similarity entries, at most 2^21
-on CPU). `--block-elems` also times the factored form at each of the given block sizes (2^k
-entries; the device's cap lifted), to choose that size by measurement: the record's
-`block_sweep`, with the fastest. The record (command, device, versions, commit) goes to
-benchmarks/results/cfr-speed-<device>-<dtype>.json.
+against the output's own scale. Both forms compute blocks of query positions of the config's
+size (2^23 similarity entries), the blocks of a call written into one buffer.
+`--block-elems` also times the factored form at each of the given block sizes (2^k entries),
+to choose that size by measurement: the record's `block_sweep`, with the fastest. The record
+(command, device, versions, commit) goes to benchmarks/results/cfr-speed-<device>-<dtype>.json.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from latency import environment, write_result  # noqa: E402
 
 from dloral.devices import resolve_device, synchronize  # noqa: E402
-from dloral.model.cfr import CFRConfig, CrossFrameAttention, block_elems  # noqa: E402
+from dloral.model.cfr import CFRConfig, CrossFrameAttention  # noqa: E402
 from dloral.provenance import bench_command  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,21 +44,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def direct(attn: CrossFrameAttention, current: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """The reference's formula (gated, every key) as dloral computed it before the factored
-    form: blocks of query positions, the scales folded into the queries."""
+    form: blocks of query positions, the scales folded into the queries; its blocks share one
+    similarity buffer, as the factored form's do (the comparison is of the formulas)."""
     cfg = attn.cfg
     b, _, h, w = current.shape
     heads, d, n = cfg.heads, cfg.embed_dim, h * w
     q = attn.query_conv(current).view(b, heads, d, n).transpose(2, 3).flatten(0, 1)
     k = attn.key_conv(prev).view(b, heads, d, n).flatten(0, 1)
     v = attn.value_conv(prev).view(b, heads, d, n).transpose(2, 3).flatten(0, 1)
-    block = max(1, block_elems(cfg, current.device) // max(1, b * heads * n))
-    out = torch.empty_like(q)
+    block = max(1, cfg.max_block_elems // max(1, b * heads * n))
+    out, buffer = torch.empty_like(q), None
     for start in range(0, n, block):
         qb = q[:, start : start + block]
+        if buffer is None or buffer.shape[1] != qb.shape[1]:
+            buffer = q.new_empty(b * heads, qb.shape[1], n)
         # relu((q.k / sqrt(d) - tau) / T) with the scales folded into q: one product, one pass
         tau = attn.threshold_fc(qb) / cfg.temperature
-        weights = torch.relu_(torch.bmm(qb / (math.sqrt(d) * cfg.temperature), k) - tau)
-        out[:, start : start + block] = torch.bmm(weights, v)
+        sim = torch.bmm(qb / (math.sqrt(d) * cfg.temperature), k, out=buffer)
+        out[:, start : start + block] = torch.bmm(torch.relu_(sim.sub_(tau)), v)
     out = out.view(b, heads, n, d).transpose(2, 3).reshape(b, heads * d, h, w)
     return attn.proj_out(out)
 
@@ -92,7 +94,7 @@ def measure(
         for k in blocks:
             attn.block_elems = 2**k
             seconds = statistics.median(_time(lambda: attn.retrieve(cur, prev), device, repeats))
-            # against the device's block size: 0 where the GEMMs sum each row alike
+            # against the config's block size: 0 where the GEMMs sum each row alike
             diff = float((attn.retrieve(cur, prev).float() - a).abs().max())
             sweep.append(
                 {
@@ -105,7 +107,7 @@ def measure(
     f_med, r_med = statistics.median(factored), statistics.median(reference)
     row = {
         "latent": [b, 4, h, w],
-        "block_elems": f"2^{block_elems(attn.cfg, device).bit_length() - 1}",
+        "block_elems": f"2^{attn.cfg.max_block_elems.bit_length() - 1}",
         "factored_seconds_median": round(f_med, 4),
         "direct_seconds_median": round(r_med, 4),
         "speedup": round(r_med / f_med, 2),

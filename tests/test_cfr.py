@@ -51,37 +51,46 @@ def test_blocked_retrieval_matches_dense_formula(variant, topk):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_cpu_blocks_stay_under_8_mib_and_change_no_value(monkeypatch):
-    """On CPU a block holds at most 2^21 similarity entries (8 MiB in fp32; larger buffers are
-    mmap'd afresh per block by glibc), below the config's 2^23 bound; every block size gives
-    the same retrieval."""
-    from dloral.model.cfr import CPU_BLOCK_ELEMS, block_elems
-
+def test_blocks_share_one_buffer_without_autograd_and_change_no_value(monkeypatch):
+    """Without autograd every block's similarities are written into one buffer (a buffer per
+    block was mapped and page-faulted afresh on CPU); with autograd each block has its own, as
+    backward needs. Any block size gives the same retrieval and the same gradients."""
     torch.manual_seed(0)
     cfg = CFRConfig()
-    attn = CrossFrameAttention(cfg).eval()
+    attn = CrossFrameAttention(cfg)
     torch.nn.init.normal_(attn.proj_out.weight, std=0.02)
-    cur, prev = torch.randn(1, 4, 40, 48), torch.randn(1, 4, 40, 48)
-    rows = cfg.heads * 40 * 48  # similarity entries of one query position
-    sizes, bmm = [], torch.bmm
+    cur, prev = torch.randn(1, 4, 20, 24), torch.randn(1, 4, 20, 24)
+    n = 20 * 24
+    written, bmm = [], torch.bmm
 
-    def counted(a, b):
-        out = bmm(a, b)
-        if b.shape[-1] == 40 * 48:  # the similarity product: (1, queries * heads, N)
-            sizes.append(out.numel())
-        return out
+    def bmm_noting_out(a, b, *, out=None):
+        if b.shape[-1] == n:  # the similarity product: (1, queries * heads, N)
+            written.append(out)
+        return bmm(a, b) if out is None else bmm(a, b, out=out)
 
-    monkeypatch.setattr(torch, "bmm", counted)
+    monkeypatch.setattr(torch, "bmm", bmm_noting_out)
+    attn.block_elems = 7 * cfg.heads * n  # 7 query positions a block: 68 full blocks, a last of 4
     with torch.no_grad():
-        capped = attn(cur, prev)
-        assert block_elems(cfg, cur.device) == CPU_BLOCK_ELEMS == 2**21 < cfg.max_block_elems
-        queries = CPU_BLOCK_ELEMS // rows  # per block
-        assert max(sizes) == queries * rows and len(sizes) == math.ceil(40 * 48 / queries)
-        sizes.clear()
-        attn.block_elems = cfg.max_block_elems  # the bound alone, as on a GPU
+        blocked = attn(cur, prev)
+    assert len(written) == 69 and written[0] is not None
+    assert all(out is written[0] for out in written[:-1])
+    assert written[0].shape == (1, 7 * cfg.heads, n) and written[-1].shape == (1, 4 * cfg.heads, n)
+    attn.block_elems = None  # the config's 2^23: one block here
+    with torch.no_grad():
         whole = attn(cur, prev)
-    assert max(sizes) == (cfg.max_block_elems // rows) * rows
-    assert torch.allclose(capped, whole, rtol=0, atol=1e-6)
+    assert torch.allclose(blocked, whole, rtol=0, atol=1e-6)
+
+    grads = []
+    for block in (7 * cfg.heads * n, None):
+        written.clear()
+        attn.block_elems = block
+        x = cur.clone().requires_grad_()
+        out = attn(x, prev)
+        out.square().sum().backward()
+        assert all(o is None for o in written)  # each block's similarities kept for backward
+        assert torch.allclose(out, whole, rtol=0, atol=1e-6)
+        grads.append(x.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 def test_gate_rejects_matches_below_threshold():

@@ -26,8 +26,8 @@ profile (`spynet: zero-flow`: it has no trained SPyNet, and a random one misalig
 frame), and `random` for tiny_init random and sd21 random_init. SPyNet is frozen in every stage.
 
 Memory is bounded: similarities are computed for blocks of query positions, never the full
-(HW x HW x heads) matrix at once: at most `max_block_elems` entries (2^23) a block, on CPU at
-most 2^21 (CPU_BLOCK_ELEMS, below). The retrieval is computed in a factored form that is the same
+(HW x HW x heads) matrix at once (at most `max_block_elems` entries, 2^23, a block; without
+autograd the blocks share one buffer). The retrieval is computed in a factored form that is the same
 function (CrossFrameAttention.retrieve): the latents have 4 channels, so every similarity and
 every value is a product of (4 + 1)-wide vectors, not 64-wide ones. On a 2-core CPU that made
 the retrieval 2.3-3.3x faster than the direct form dloral computed before, within 7e-6 of it
@@ -48,21 +48,6 @@ from torch import nn
 from dloral.model.config import CFRConfig
 from dloral.model.spynet import SPyNet, flow_warp
 
-# On CPU a block's similarity buffer holds at most 2^21 entries (8 MiB in fp32). Larger ones
-# are past glibc's mmap threshold (at most 32 MiB), so every block maps and page-faults a fresh
-# buffer, which also falls out of the cache between the two products (the config's 2^23 against
-# 2^21: benchmarks/results/cfr-speed-cpu-fp32.json, `block_sweep`). On other devices the
-# config's bound alone applies (bench_gpu.py's cfr part measures other blocks there).
-CPU_BLOCK_ELEMS = 2**21
-
-
-def block_elems(cfg: CFRConfig, device: torch.device) -> int:
-    """Similarity entries computed at once on `device`: the config's memory bound, on CPU at
-    most CPU_BLOCK_ELEMS (blocks change no value: each query's row is computed whole)."""
-    if device.type == "cpu":
-        return min(cfg.max_block_elems, CPU_BLOCK_ELEMS)
-    return cfg.max_block_elems
-
 
 class CrossFrameAttention(nn.Module):
     """Thresholded (or softmax) retrieval from an aligned previous latent.
@@ -72,7 +57,7 @@ class CrossFrameAttention(nn.Module):
     def __init__(self, cfg: CFRConfig):
         super().__init__()
         self.cfg = cfg
-        # similarity entries per block; None: block_elems(cfg, device) (a benchmark sets it)
+        # similarity entries per block; None: cfg.max_block_elems (a benchmark sweeps it)
         self.block_elems: int | None = None
         inner = cfg.heads * cfg.embed_dim
         c = cfg.latent_channels
@@ -113,17 +98,24 @@ class CrossFrameAttention(nn.Module):
             v = torch.einsum("bcn,hce->bhne", ya, values_of).reshape(b, heads * n, c)
         q, v, ya = q.to(dtype), v.to(dtype), ya.to(dtype)
         topk = None if self.cfg.topk is None or self.cfg.topk >= n else self.cfg.topk
-        budget = self.block_elems or block_elems(self.cfg, current.device)
-        block = max(1, budget // max(1, b * heads * n))
+        block = max(1, (self.block_elems or self.cfg.max_block_elems) // max(1, b * heads * n))
         gated = self.cfg.variant != "no_gate"
         # One output buffer filled block by block: small per-block results kept alive between
         # the blocks' large similarity buffers fragment glibc's heap on CPU, and the process
         # then grows by the whole (HW x HW x heads) matrix the blocks were meant to avoid.
         out = current.new_empty(b, n, c)
+        # Without autograd the similarity buffer is allocated once and every block written into
+        # it: a buffer per block was mapped and page-faulted afresh on CPU wherever glibc served
+        # it from mmap or trimmed the heap under it, at a cost that varied run to run.
+        reuse = not (torch.is_grad_enabled() and (q.requires_grad or ya.requires_grad))
+        buffer = None
         for start in range(0, n, block):
             nb = min(block, n - start)
             # gated: (sim - tau) / T; no_gate: sim. (B, nb * heads, N): row (query, head)
-            scores = torch.bmm(q[:, start * heads : (start + nb) * heads], ya)
+            rows = q[:, start * heads : (start + nb) * heads]
+            if reuse and (buffer is None or buffer.shape[1] != nb * heads):
+                buffer = q.new_empty(b, nb * heads, n)  # the full blocks' size, then the last's
+            scores = torch.bmm(rows, ya, out=buffer) if reuse else torch.bmm(rows, ya)
             if topk is None:
                 weights = torch.relu_(scores) if gated else scores.softmax(dim=-1)
                 # one product sums over every head's keys (fp32 accumulation, one rounding)
