@@ -27,14 +27,15 @@ frame), and `random` for tiny_init random and sd21 random_init. SPyNet is frozen
 
 Memory is bounded: similarities are computed for blocks of query positions, never the full
 (HW x HW x heads) matrix at once (at most `max_block_elems` entries, 2^23, a block; without
-autograd the blocks share one buffer). The retrieval is computed in a factored form that is the same
-function (CrossFrameAttention.retrieve): the latents have 4 channels, so every similarity and
-every value is a product of (4 + 1)-wide vectors, not 64-wide ones. On a 2-core CPU that made
-the retrieval 2.3-3.3x faster than the direct form dloral computed before, within 7e-6 of it
-(fp32, 9 heads of 64; benchmarks/cfr_speed.py, benchmarks/results/cfr-speed-cpu-fp32.json) and
-the tiny profile's upscale of 144x176 frames 4.19 -> 2.70 s per frame (benchmarks/latency.py
---profile tiny --lq 144x176 --frames 4 --modes sdpa at 6d8578d and 552b67c, stage `spynet_cfr`
-2.70 -> 1.25 s). A GPU has not measured it (bench_gpu.py's `cfr` part will).
+autograd the blocks share one buffer). The retrieval is computed in a factored form that is
+the same function (CrossFrameAttention.retrieve): the latents have 4 channels, so every
+similarity and every value is a product of (4 + 1)-wide vectors, not 64-wide ones. On a 2-core
+CPU that made the retrieval 2.0-3.2x faster than the direct form dloral computed before, within
+7e-6 of it (fp32, 9 heads of 64, both forms' blocks sharing a buffer; benchmarks/cfr_speed.py,
+benchmarks/results/cfr-speed-cpu-fp32.json) and the tiny profile's upscale of 144x176 frames
+4.19 -> 2.70 s per frame (benchmarks/latency.py --profile tiny --lq 144x176 --frames 4 --modes
+sdpa at 6d8578d and 552b67c, stage `spynet_cfr` 2.70 -> 1.25 s). A GPU has not measured it
+(bench_gpu.py's `cfr` part will).
 """
 
 from __future__ import annotations
