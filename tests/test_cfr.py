@@ -79,6 +79,11 @@ def test_blocks_share_one_buffer_without_autograd_and_change_no_value(monkeypatc
     with torch.no_grad():
         whole = attn(cur, prev)
     assert torch.allclose(blocked, whole, rtol=0, atol=1e-6)
+    # under autocast the products are cast, as before: a product into a buffer would not be
+    written.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(cur, prev)
+    assert written == [None]
 
     grads = []
     for block in (7 * cfg.heads * n, None):

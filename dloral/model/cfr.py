@@ -107,8 +107,10 @@ class CrossFrameAttention(nn.Module):
         out = current.new_empty(b, n, c)
         # Without autograd the similarity buffer is allocated once and every block written into
         # it: a buffer per block was mapped and page-faulted afresh on CPU wherever glibc served
-        # it from mmap or trimmed the heap under it, at a cost that varied run to run.
+        # it from mmap or trimmed the heap under it, at a cost that varied run to run. (Not
+        # under autocast either: a product into a given buffer is not cast, it keeps its dtype.)
         reuse = not (torch.is_grad_enabled() and (q.requires_grad or ya.requires_grad))
+        reuse = reuse and not torch.is_autocast_enabled(current.device.type)
         buffer = None
         for start in range(0, n, block):
             nb = min(block, n - start)
