@@ -79,7 +79,12 @@ def _time(fn, device: torch.device, repeats: int) -> list[float]:
 
 
 def measure(
-    shape: tuple[int, int, int], device, dtype, repeats: int, blocks: tuple[int, ...] = (), seed=0
+    shape: tuple[int, int, int],
+    device,
+    dtype,
+    repeats: int,
+    blocks: tuple[int, ...] = (),
+    seed: int = 0,
 ) -> dict:
     b, h, w = shape
     torch.manual_seed(seed)
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "note": "one CFR retrieval call (random latents, seeded init); direct = the reference's "
         "q.k form in dloral's query blocks, factored = CrossFrameAttention.retrieve; both in "
-        "blocks of block_elems similarity entries (the device's), block_sweep: the factored "
+        "blocks of block_elems similarity entries (the config's), block_sweep: the factored "
         "form at other block sizes",
         "runs": rows,
         "tolerance_relative": tolerance,

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -98,8 +99,8 @@ def run(args, checkpointing: bool) -> dict:
         )
     out = {
         "gradient_checkpointing": checkpointing,
-        "it_per_s": _stage_rates(stamps),
-        **({"it_per_s_not_measured": why} if (why := _unmeasured(stamps)) else {}),
+        "it_per_s": (rates := _stage_rates(stamps)),
+        **({"it_per_s_not_measured": why} if (why := _unmeasured(stamps, rates)) else {}),
         "steps": len(stamps),
         "crop": args.crop,
         "frames": args.frames,
@@ -131,17 +132,15 @@ def _stage_rates(stamps: list[tuple[int, str, float]]) -> dict[str, float]:
     return rates
 
 
-def _unmeasured(stamps: list[tuple[int, str, float]]) -> dict[str, str]:
-    """Why a stage that ran has no it/s (_stage_rates): too few steps (a smoke run)."""
-    out = {}
-    for stage in ("consistency", "detail"):
-        steps = sum(1 for _, st, _ in stamps if st == stage)
-        if 0 < steps <= 2:
-            out[stage] = (
-                f"{steps} step(s): it/s takes >= 3 (the first is left out as warm-up, the rate "
-                "is timed between the second and the last)"
-            )
-    return out
+def _unmeasured(stamps: list[tuple[int, str, float]], rates: dict[str, float]) -> dict[str, str]:
+    """Why a stage that ran has no rate in `rates` (_stage_rates): too few steps (a smoke run)."""
+    steps = Counter(stage for _, stage, _ in stamps)
+    return {
+        stage: f"{count} step(s): it/s takes >= 3 (the first is left out as warm-up, the rate "
+        "is timed between the second and the last)"
+        for stage, count in steps.items()
+        if stage not in rates
+    }
 
 
 def scaling(args) -> dict:

@@ -27,8 +27,8 @@ frame), and `random` for tiny_init random and sd21 random_init. SPyNet is frozen
 
 Memory is bounded: similarities are computed for blocks of query positions, never the full
 (HW x HW x heads) matrix at once (at most `max_block_elems` entries, 2^23, a block; without
-autograd the blocks share one buffer). The retrieval is computed in a factored form that is
-the same function (CrossFrameAttention.retrieve): the latents have 4 channels, so every
+autograd or autocast the blocks share one buffer). The retrieval is computed in a factored
+form that is the same function (CrossFrameAttention.retrieve): the latents have 4 channels, so every
 similarity and every value is a product of (4 + 1)-wide vectors, not 64-wide ones. On a 2-core
 CPU that made the retrieval 2.0-3.2x faster than the direct form dloral computed before, within
 7e-6 of it (fp32, 9 heads of 64, both forms' blocks sharing a buffer; benchmarks/cfr_speed.py,
